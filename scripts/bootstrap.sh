@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything xfgate needs on a fresh Debian 12 machine, as root, idempotently:
+# Debian packages (qemu, iptables, ipset, conntrack, httperf, busybox-static, build deps of
+# NetfilterQueue) and a venv at .venv with xfgate installed in it. Nothing else is downloaded.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+if [ "$(id -u)" != 0 ]; then
+  echo "bootstrap: must run as root (it installs Debian packages and builds a network lab)" >&2
+  exit 2
+fi
+debs=(qemu-system-x86 qemu-utils iptables ipset conntrack httperf busybox-static
+      libnetfilter-queue-dev libc6-dev gcc kmod cpio xz-utils iproute2 procps file)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing Debian packages: ${missing[*]}"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+py=${PYTHON:-python3}
+if [ ! -x "$here/.venv/bin/python" ]; then
+  echo "bootstrap: creating venv $here/.venv"
+  "$py" -m venv "$here/.venv"
+fi
+stamp="$here/.venv/.xfgate-installed"
+if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
+  echo "bootstrap: installing xfgate and its Python dependencies into .venv"
+  "$here/.venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev,xen]"
+  touch "$stamp"
+fi

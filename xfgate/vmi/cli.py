@@ -1,0 +1,12 @@
+"""Subcommands of the vmi subsystem (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Add this subsystem's subcommands to the top-level parser's subparsers."""
+    _ = sub
+    _ = argparse
