@@ -1,0 +1,72 @@
+"""What the verdict engine and the introspection agree on: a flow seen from the guest's side,
+and who owns it inside the guest.
+
+A flow is always stated from the guest's point of view: ``local`` is the guest's address/port,
+``remote`` the peer's, whichever direction the packet travels. That is also how the guest kernel
+keys its sockets (``skc_rcv_saddr``/``skc_num`` local, ``skc_daddr``/``skc_dport`` remote).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+IPAddress = IPv4Address | IPv6Address
+
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+
+
+class Direction(enum.Enum):
+    FROM_GUEST = "out"  # entered the host from the guest's vif (physdev-in)
+    TO_GUEST = "in"  # leaves the host into the guest's vif (physdev-out)
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    proto: int  # IPPROTO_TCP or IPPROTO_UDP
+    local: IPAddress
+    lport: int
+    remote: IPAddress
+    rport: int
+
+    @property
+    def family(self) -> int:
+        return self.local.version
+
+    def __str__(self) -> str:
+        name = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}.get(self.proto, str(self.proto))
+        return f"{name} {_hostport(self.local, self.lport)} -> {_hostport(self.remote, self.rport)}"
+
+
+def _hostport(addr: IPAddress, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """A guest task holding the socket in its file table (one per thread group and fd)."""
+
+    pid: int  # thread-group leader's pid as userspace sees it (task_struct.tgid)
+    uid: int  # real uid (cred.uid)
+    euid: int
+    comm: str
+    fd: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Ownership:
+    """The answer of a targeted lookup: the guest socket carrying a flow and its owners.
+
+    ``via`` says how the socket was found, e.g. "established", "listener", "udp",
+    "request-sock->listener" (the SYN-ACK of an incoming connection belongs to a request
+    socket no process holds yet: it is attributed to the listening socket's owners).
+    ``owners`` is empty when the socket is held by no task (TIME_WAIT, orphaned, kernel).
+    """
+
+    owners: tuple[Owner, ...]
+    sk_uid: int
+    state: str
+    via: str
+    sock_addr: int = 0
