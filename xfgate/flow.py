@@ -9,8 +9,10 @@ keys its sockets (``skc_rcv_saddr``/``skc_num`` local, ``skc_daddr``/``skc_dport
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+from typing import Protocol
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -70,3 +72,34 @@ class Ownership:
     state: str
     via: str
     sock_addr: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GuestSocket:
+    """One inet socket inside the guest, with every (task, fd) that holds it."""
+
+    proto: int
+    local: IPAddress
+    lport: int
+    remote: IPAddress
+    rport: int
+    state: str  # kernel tcp_states name: "ESTABLISHED", "LISTEN", "CLOSE" (unconnected UDP), ...
+    sk_uid: int
+    owners: tuple[Owner, ...]
+    sock_addr: int = 0
+
+
+class OwnerSource(Protocol):
+    """What the verdict engine needs from introspection (implemented by xfgate.vmi)."""
+
+    def lookup(self, flow: Flow) -> Ownership | None:
+        """The socket carrying `flow` and its owners; None if the guest has no such socket."""
+        ...
+
+    def sockets(self) -> Sequence[GuestSocket]:
+        """Every inet socket of the guest (a full walk)."""
+        ...
+
+    def generation(self) -> int:
+        """Changes whenever cached answers become invalid (guest reboot: new KASLR shift)."""
+        ...
