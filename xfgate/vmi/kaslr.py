@@ -1,0 +1,249 @@
+"""Where the guest kernel is: KASLR's virtual shift, the physical base and the page-table root.
+
+Three ways, all checked by reading `linux_banner` through the page tables found:
+  1. VMCOREINFO (memory alone, preferred): the kernel's crash-dump note carries KERNELOFFSET,
+     phys_base, SYMBOL(swapper_pg_dir) (the kernel's page-table root) and the paging level;
+  2. the vCPU's CR3/CR4 over QMP: the first mapped 2 MiB page of the kernel text range is `_text`;
+  3. a banner scan (as Volatility 3 does): `linux_banner` found physically, then `init_task`
+     beside it gives the virtual shift through `init_task.files == &init_files`.
+A guest running another kernel than the profile's is a ProfileMismatch, never garbage.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from xfgate.errors import GuestNotRunning, MemoryReadError, ProfileMismatch, QmpError, WalkError
+from xfgate.vmi.memory import PhysicalMemory
+from xfgate.vmi.paging import AddressSpace
+from xfgate.vmi.profile import Profile
+from xfgate.vmi.qmp import ControlRegisters
+
+START_KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map: kernel image virtual base
+KERNEL_TEXT_END = 0xFFFFFFFFC0000000  # KERNEL_IMAGE_SIZE is 1 GiB with KASLR
+STEP_2M = 1 << 21
+MAX_CANDIDATES = 64  # stale copies of notes/banners in free memory: bounded
+VMCOREINFO_MAX = 4096
+BANNER_PREFIX = b"Linux version "
+
+
+@dataclass(frozen=True, slots=True)
+class KernelLocation:
+    virt_shift: int  # runtime virtual address = link-time address + virt_shift
+    phys_base: int  # x86-64 phys_base: physical = virtual - __START_KERNEL_map + phys_base
+    root: int  # physical address of the kernel's top-level page table
+    levels: int  # 4 or 5
+    method: str  # "vmcoreinfo", "cr3", "banner-scan"
+
+    def symbol_paddr(self, link_vaddr: int) -> int:
+        """Physical address of a kernel-image symbol (the image is physically contiguous)."""
+        return link_vaddr + self.virt_shift - START_KERNEL_MAP + self.phys_base
+
+
+def parse_vmcoreinfo(text: str) -> dict[str, str]:
+    """KEY=VALUE lines of a VMCOREINFO note."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out.setdefault(key, value)
+    return out
+
+
+def _iter_finds(memory: PhysicalMemory, needle: bytes, limit: int) -> Iterator[int]:
+    pos = 0
+    for _ in range(limit):
+        hit = memory.find(needle, pos)
+        if hit < 0:
+            return
+        yield hit
+        pos = hit + 1
+
+
+def _read_banner(space: AddressSpace, profile: Profile, shift: int) -> bytes | None:
+    want = profile.banner.encode()
+    try:
+        return space.read(profile.symbol("linux_banner") + shift, len(want))
+    except MemoryReadError:
+        return None
+
+
+def _banner_matches(space: AddressSpace, profile: Profile, shift: int) -> bool:
+    return _read_banner(space, profile, shift) == profile.banner.encode()
+
+
+def guest_banner_text(memory: PhysicalMemory) -> str:
+    """The first `Linux version ...` line in guest memory, for error messages."""
+    hit = memory.find(BANNER_PREFIX)
+    if hit < 0:
+        return "(no Linux banner found in guest memory)"
+    try:
+        raw = memory.read(hit, 256)
+    except MemoryReadError:
+        return "(unreadable banner)"
+    return raw.split(b"\n", 1)[0].split(b"\0", 1)[0].decode(errors="replace")
+
+
+def from_vmcoreinfo(
+    memory: PhysicalMemory, profile: Profile, prefer_root: int = -1
+) -> KernelLocation | None:
+    """Location from the VMCOREINFO note; None when there is no usable note."""
+    release_mismatch = ""
+    found: list[KernelLocation] = []
+    for hit in _iter_finds(memory, b"OSRELEASE=", MAX_CANDIDATES):
+        try:
+            raw = memory.read(hit, min(VMCOREINFO_MAX, memory.size - hit))
+        except MemoryReadError:
+            continue
+        info = parse_vmcoreinfo(raw.split(b"\0", 1)[0].decode("ascii", errors="replace"))
+        try:
+            shift = int(info["KERNELOFFSET"], 16)
+            phys_base = int(info["NUMBER(phys_base)"])
+            pgd = int(info["SYMBOL(swapper_pg_dir)"], 16)
+        except (KeyError, ValueError):
+            continue
+        if info.get("OSRELEASE") != profile.release:
+            release_mismatch = info.get("OSRELEASE", "")
+            continue
+        levels = 5 if info.get("NUMBER(pgtable_l5_enabled)") == "1" else 4
+        loc = KernelLocation(
+            shift, phys_base, pgd - START_KERNEL_MAP + phys_base, levels, "vmcoreinfo"
+        )
+        if _banner_matches(AddressSpace(memory, loc.root, levels), profile, shift):
+            if loc.root == prefer_root:
+                return loc
+            found.append(loc)
+    if found:
+        return found[0]
+    if release_mismatch:
+        raise ProfileMismatch(profile.release, release_mismatch)
+    return None
+
+
+def from_cr3(memory: PhysicalMemory, profile: Profile, regs: ControlRegisters) -> KernelLocation:
+    """Location from the vCPU's page tables: the first mapped 2 MiB page of the kernel image
+    range is `_text`."""
+    levels = 5 if regs.la57 else 4
+    text_link = profile.symbol("_text")
+    for root in (regs.kernel_root, regs.cr3 & 0x000FFFFFFFFFF000):
+        space = AddressSpace(memory, root, levels)
+        for vaddr in range(START_KERNEL_MAP, KERNEL_TEXT_END, STEP_2M):
+            try:
+                paddr = space.translate(vaddr)
+            except MemoryReadError:
+                continue
+            shift = vaddr - text_link
+            phys_base = paddr - (vaddr - START_KERNEL_MAP)
+            if _banner_matches(space, profile, shift):
+                return KernelLocation(shift, phys_base, root, levels, "cr3")
+            break
+    raise ProfileMismatch(profile.banner.strip(), guest_banner_text(memory))
+
+
+def from_banner_scan(memory: PhysicalMemory, profile: Profile) -> KernelLocation | None:
+    """Location from `linux_banner` found in physical memory and `init_task` next to it."""
+    banner_link = profile.symbol("linux_banner")
+    init_task_link = profile.symbol("init_task")
+    files_off = profile.offset("task_struct", "files")
+    pid_off = profile.offset("task_struct", "pid")
+    comm_off = profile.offset("task_struct", "comm")
+    init_files = profile.symbol("init_files")
+    top_pgt = profile.symbol("init_top_pgt")
+    for hit in _iter_finds(memory, profile.banner.encode(), MAX_CANDIDATES):
+        task = hit + (init_task_link - banner_link)
+        try:
+            pid = struct.unpack("<i", memory.read(task + pid_off, 4))[0]
+            comm = memory.read(task + comm_off, 16)
+            files = struct.unpack("<Q", memory.read(task + files_off, 8))[0]
+        except MemoryReadError:
+            continue
+        if pid != 0 or not comm.startswith(b"swapper"):
+            continue
+        shift = files - init_files
+        if shift % STEP_2M:
+            continue
+        phys_base = hit - (banner_link + shift - START_KERNEL_MAP)
+        root = top_pgt + shift - START_KERNEL_MAP + phys_base
+        for levels in (4, 5):
+            if _banner_matches(AddressSpace(memory, root, levels), profile, shift):
+                return KernelLocation(shift, phys_base, root, levels, "banner-scan")
+    return None
+
+
+class KernelLocator:
+    """Finds the kernel once, re-checks it cheaply, re-finds it after a guest reboot.
+
+    `generation` grows whenever the location changes (new boot, new KASLR shift): anything
+    cached about the guest (owners, sockets) is invalid then.
+    """
+
+    def __init__(
+        self,
+        memory: PhysicalMemory,
+        profile: Profile,
+        registers: Callable[[], ControlRegisters] | None = None,
+    ) -> None:
+        self.memory = memory
+        self.profile = profile
+        self.registers = registers
+        self.location: KernelLocation | None = None
+        self.generation = 0
+
+    def locate(self) -> KernelLocation:
+        regs = self._registers()
+        loc = from_vmcoreinfo(
+            self.memory, self.profile, regs.kernel_root if regs is not None else -1
+        )
+        if loc is None and regs is not None:
+            loc = from_cr3(self.memory, self.profile, regs)
+        if loc is None:
+            loc = from_banner_scan(self.memory, self.profile)
+        if loc is None:
+            found = guest_banner_text(self.memory)
+            if not found.startswith("(") and found != self.profile.banner.strip():
+                raise ProfileMismatch(self.profile.banner.strip(), found)
+            raise WalkError(
+                "kernel location",
+                "no VMCOREINFO note, no usable CR3 and no linux_banner/init_task pair found: "
+                "is the guest booted (and is this the right memory file)?",
+            )
+        if loc != self.location:
+            self.location = loc
+            self.generation += 1
+        return loc
+
+    def _registers(self) -> ControlRegisters | None:
+        if self.registers is None:
+            return None
+        try:
+            return self.registers()
+        except (QmpError, GuestNotRunning, OSError):  # no monitor: memory alone will do
+            return None
+
+    def current(self) -> KernelLocation:
+        return self.location if self.location is not None else self.locate()
+
+    def still_valid(self) -> bool:
+        """The banner still reads right at the known location (cheap: one read)."""
+        if self.location is None:
+            return False
+        space = AddressSpace(self.memory, self.location.root, self.location.levels)
+        return _banner_matches(space, self.profile, self.location.virt_shift)
+
+    def revalidate(self) -> KernelLocation:
+        """The current location, re-found if the banner no longer reads (guest rebooted)."""
+        if self.still_valid():
+            assert self.location is not None
+            return self.location
+        return self.locate()
+
+
+_RELEASE_RE = re.compile(r"Linux version (\S+)")
+
+
+def banner_release(banner: str) -> str:
+    m = _RELEASE_RE.search(banner)
+    return m.group(1) if m else ""

@@ -1,0 +1,535 @@
+"""Walkers over Linux kernel structures in guest memory, named like the kernel's own helpers.
+
+`for_each_task` follows init_task.tasks (thread-group leaders), `task_files` reads a task's fd
+table, `socket_from_file` recognises socket files (f_op == &socket_file_ops), `inet_sock` decodes a
+struct sock. Every offset comes from the profile (KernelLayout), never from a kernel version.
+
+Guest memory is live and attacker-controlled: every walk is bounded in steps and time, lists are
+checked (`next->prev == pos`, a visited set against cycles), every pointer is checked before it is
+followed, and nothing but a WalkResult with `errors` comes out. `walk_guest` retries a walk that
+met inconsistent data (a torn read of memory the guest was changing) and, if that keeps happening
+and it may, pauses the guest for one last walk and reports how long.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+
+from xfgate.errors import MemoryReadError, ProfileError
+from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, IPAddress
+from xfgate.vmi.paging import AddressSpace
+from xfgate.vmi.profile import Profile
+from xfgate.vmi.qmp import PauseRecord
+
+AF_INET = 2
+AF_INET6 = 10
+SOCK_STREAM = 1
+SOCK_DGRAM = 2
+PID_MAX_LIMIT = 4 * 1024 * 1024  # include/linux/threads.h: PID_MAX_LIMIT on 64-bit
+KERNEL_SPACE_START = 0xFFFF800000000000  # lowest kernel address (4-level; 5-level is lower)
+KERNEL_SPACE_START_LA57 = 0xFF00000000000000
+TASK_COMM_LEN = 16
+
+# include/net/tcp_states.h, names as /proc/net/tcp readers (ss, the lab truth) spell them.
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW_SYN_RECV",
+}
+TCP_TIME_WAIT = 6
+TCP_LISTEN = 10
+TCP_NEW_SYN_RECV = 12
+
+
+def state_name(state: int) -> str:
+    return TCP_STATES.get(state, f"UNKNOWN({state})")
+
+
+_UNPACK = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One integer member: where it is inside a read span, and how to decode it."""
+
+    offset: int
+    fmt: str
+
+    def get(self, blob: bytes, base: int = 0) -> int:
+        value: int = struct.unpack_from(self.fmt, blob, self.offset - base)[0]
+        return value
+
+
+def _int_field(profile: Profile, struct_name: str, path: str, default_size: int) -> Field:
+    offset = profile.offset(struct_name, path)
+    size = profile.member(struct_name, path.rsplit(".", 1)[-1]).size if "." not in path else 0
+    fmt = _UNPACK.get(size or default_size)
+    if fmt is None:
+        raise ProfileError(f"{struct_name}.{path}: unexpected size {size}", symbol=path)
+    return Field(offset, fmt)
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """Every offset the walkers use, taken from the profile once (not per object)."""
+
+    task_tasks: int
+    task_pid: Field
+    task_tgid: Field
+    task_real_parent: int
+    task_real_cred: int
+    task_comm: int
+    task_files: int
+    task_span: tuple[int, int]  # [start, end) of task_struct holding all of the above
+    cred_uid: Field
+    cred_euid: Field
+    cred_span: tuple[int, int]
+    files_fdt: int
+    fdt_max_fds: Field
+    fdt_fd: int
+    file_f_op: int
+    file_private_data: int
+    file_span: tuple[int, int]
+    socket_sk: int
+    skc_daddr: int
+    skc_rcv_saddr: int
+    skc_dport: int
+    skc_num: int
+    skc_family: Field
+    skc_state: int
+    skc_v6_daddr: int
+    skc_v6_rcv_saddr: int
+    sk_type: Field
+    sk_protocol: Field
+    sk_uid: Field
+    sock_span: int  # bytes of struct sock read once: up to sk_uid
+    init_task: int  # link-time addresses (add the KASLR shift)
+    socket_file_ops: int
+
+    @classmethod
+    def from_profile(cls, p: Profile) -> KernelLayout:
+        t = {
+            name: p.offset("task_struct", name)
+            for name in ("tasks", "pid", "tgid", "real_parent", "real_cred", "comm", "files")
+        }
+        task_span = (min(t.values()), max(t.values()) + TASK_COMM_LEN)
+        cred_uid = _int_field(p, "cred", "uid", 4)
+        cred_euid = _int_field(p, "cred", "euid", 4)
+        f_op = p.offset("file", "f_op")
+        private_data = p.offset("file", "private_data")
+        sk = "sock_common"
+        common = p.offset("sock", "__sk_common") if p.has_member("sock", "__sk_common") else 0
+        sk_uid = _int_field(p, "sock", "sk_uid", 4)
+        return cls(
+            task_tasks=t["tasks"],
+            task_pid=_int_field(p, "task_struct", "pid", 4),
+            task_tgid=_int_field(p, "task_struct", "tgid", 4),
+            task_real_parent=t["real_parent"],
+            task_real_cred=t["real_cred"],
+            task_comm=t["comm"],
+            task_files=t["files"],
+            task_span=task_span,
+            cred_uid=cred_uid,
+            cred_euid=cred_euid,
+            cred_span=(0, max(cred_uid.offset, cred_euid.offset) + 4),
+            files_fdt=p.offset("files_struct", "fdt"),
+            fdt_max_fds=_int_field(p, "fdtable", "max_fds", 4),
+            fdt_fd=p.offset("fdtable", "fd"),
+            file_f_op=f_op,
+            file_private_data=private_data,
+            file_span=(min(f_op, private_data), max(f_op, private_data) + 8),
+            socket_sk=p.offset("socket", "sk"),
+            skc_daddr=common + p.offset(sk, "skc_daddr"),
+            skc_rcv_saddr=common + p.offset(sk, "skc_rcv_saddr"),
+            skc_dport=common + p.offset(sk, "skc_dport"),
+            skc_num=common + p.offset(sk, "skc_num"),
+            skc_family=Field(common + p.offset(sk, "skc_family"), "<H"),
+            skc_state=common + p.offset(sk, "skc_state"),
+            skc_v6_daddr=common + p.offset(sk, "skc_v6_daddr"),
+            skc_v6_rcv_saddr=common + p.offset(sk, "skc_v6_rcv_saddr"),
+            sk_type=_int_field(p, "sock", "sk_type", 2),
+            sk_protocol=_int_field(p, "sock", "sk_protocol", 2),
+            sk_uid=sk_uid,
+            sock_span=max(sk_uid.offset + 4, p.offset("sock", "sk_protocol") + 2),
+            init_task=p.symbol("init_task"),
+            socket_file_ops=p.symbol("socket_file_ops"),
+        )
+
+
+@dataclass(frozen=True)
+class WalkBounds:
+    """Limits no guest can push a walk past."""
+
+    max_tasks: int = 32768
+    max_fds: int = 65536  # per fd table, whatever fdtable.max_fds claims
+    max_sockets: int = 262144
+    seconds: float = 2.0  # per attempt
+    retries: int = 3  # unpaused attempts before pausing (or giving up)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    address: int
+    pid: int
+    tgid: int
+    ppid: int
+    uid: int
+    euid: int
+    comm: str
+    files: int  # struct files_struct *, 0 for none
+
+
+@dataclass(frozen=True, slots=True)
+class InetSock:
+    """A struct sock of family AF_INET/AF_INET6, protocol TCP or UDP (the shared
+    struct sock_common also heads inet_timewait_sock and request_sock)."""
+
+    address: int
+    family: int  # 4 or 6
+    proto: int  # IPPROTO_TCP or IPPROTO_UDP
+    state: int
+    local: IPAddress
+    lport: int
+    remote: IPAddress
+    rport: int
+    sk_uid: int
+
+    @property
+    def state_name(self) -> str:
+        return state_name(self.state)
+
+
+@dataclass(frozen=True, slots=True)
+class FdSocket:
+    """A socket held by a process's fd."""
+
+    pid: int  # tgid
+    fd: int
+    sock: InetSock
+
+
+@dataclass
+class WalkResult:
+    tasks: list[Task] = field(default_factory=list)
+    sockets: list[FdSocket] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    attempts: int = 0
+    paused_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return not self.errors
+
+
+class WalkAborted(Exception):
+    """Internal: this attempt met a bound or a broken list; the walk stops here."""
+
+
+class Walk:
+    """One bounded walk over a consistent-looking snapshot of guest memory."""
+
+    def __init__(
+        self,
+        space: AddressSpace,
+        layout: KernelLayout,
+        virt_shift: int,
+        bounds: WalkBounds,
+    ) -> None:
+        self.space = space
+        self.layout = layout
+        self.shift = virt_shift
+        self.bounds = bounds
+        self.deadline = time.monotonic() + bounds.seconds
+        self.errors: list[str] = []
+        self.kernel_min = KERNEL_SPACE_START_LA57 if space.levels == 5 else KERNEL_SPACE_START
+        self._creds: dict[int, tuple[int, int]] = {}
+        self._files: dict[int, list[tuple[int, int]]] = {}  # files_struct -> [(fd, file)]
+        self._socks: dict[int, InetSock | None] = {}  # file -> sock (None: not an inet sock)
+
+    def check_time(self, what: str) -> None:
+        if time.monotonic() > self.deadline:
+            raise WalkAborted(f"{what}: time bound of {self.bounds.seconds} s reached")
+
+    def is_kernel_pointer(self, value: int) -> bool:
+        return self.kernel_min <= value <= 0xFFFFFFFFFFFFF000
+
+    def read(self, vaddr: int, length: int) -> bytes | None:
+        try:
+            return self.space.read(vaddr, length)
+        except MemoryReadError as e:
+            self.errors.append(str(e))
+            return None
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def for_each_task(self) -> list[Task]:
+        """Thread-group leaders on init_task.tasks, init_task itself (pid 0) excluded."""
+        lay = self.layout
+        init_task = lay.init_task + self.shift
+        head = init_task + lay.task_tasks
+        lo, hi = lay.task_span
+        init_blob = self.read(init_task + lo, hi - lo)
+        if init_blob is None:
+            raise WalkAborted("init_task is unreadable: wrong profile or KASLR shift?")
+        tgids: dict[int, int] = {init_task: 0}
+        raw: list[tuple[int, bytes]] = []
+        pos, pos_next = head, self._u64(init_blob, lay.task_tasks - lo)
+        seen = {head}
+        for _ in range(self.bounds.max_tasks + 1):
+            nxt = pos_next
+            if nxt == head:
+                break
+            if not self.is_kernel_pointer(nxt):
+                raise WalkAborted(f"task list: wild pointer {nxt:#x} after {pos:#x}")
+            if nxt in seen:
+                raise WalkAborted(f"task list: cycle at {nxt:#x}")
+            seen.add(nxt)
+            task = nxt - lay.task_tasks
+            blob = self.read(task + lo, hi - lo)
+            if blob is None:
+                raise WalkAborted(f"task list: unreadable task at {task:#x}")
+            if self._u64(blob, lay.task_tasks - lo + 8) != pos:
+                raise WalkAborted(f"task list: next->prev != pos at {nxt:#x} (torn or corrupted)")
+            tgids[task] = lay.task_tgid.get(blob, lo)
+            raw.append((task, blob))
+            pos, pos_next = nxt, self._u64(blob, lay.task_tasks - lo)
+            self.check_time("task list")
+        else:
+            raise WalkAborted(f"task list longer than {self.bounds.max_tasks} tasks")
+        return [t for t in (self._task(addr, blob, tgids) for addr, blob in raw) if t is not None]
+
+    def _task(self, address: int, blob: bytes, tgids: dict[int, int]) -> Task | None:
+        lay = self.layout
+        lo = lay.task_span[0]
+        pid, tgid = lay.task_pid.get(blob, lo), lay.task_tgid.get(blob, lo)
+        if not (0 < pid < PID_MAX_LIMIT and 0 < tgid < PID_MAX_LIMIT):
+            self.errors.append(f"task {address:#x}: implausible pid {pid}/tgid {tgid}")
+            return None
+        parent = self._u64(blob, lay.task_real_parent - lo)
+        ppid = tgids.get(parent)
+        if ppid is None:
+            ppid = self._read_int(parent, lay.task_tgid, f"parent of pid {pid}")
+        uid, euid = self._cred(self._u64(blob, lay.task_real_cred - lo), pid)
+        comm_raw = blob[lay.task_comm - lo : lay.task_comm - lo + TASK_COMM_LEN]
+        comm = comm_raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+        return Task(address, pid, tgid, ppid, uid, euid, comm, self._u64(blob, lay.task_files - lo))
+
+    def _cred(self, cred: int, pid: int) -> tuple[int, int]:
+        cached = self._creds.get(cred)
+        if cached is not None:
+            return cached
+        lay = self.layout
+        if not self.is_kernel_pointer(cred):
+            self.errors.append(f"pid {pid}: wild cred pointer {cred:#x}")
+            return (-1, -1)
+        blob = self.read(cred, lay.cred_span[1])
+        if blob is None:
+            return (-1, -1)
+        ids = (lay.cred_uid.get(blob), lay.cred_euid.get(blob))
+        self._creds[cred] = ids
+        return ids
+
+    def _read_int(self, base: int, f: Field, what: str) -> int:
+        if not self.is_kernel_pointer(base):
+            self.errors.append(f"{what}: wild pointer {base:#x}")
+            return -1
+        size = struct.calcsize(f.fmt)
+        blob = self.read(base + f.offset, size)
+        return -1 if blob is None else f.get(blob, f.offset)
+
+    @staticmethod
+    def _u64(blob: bytes, offset: int) -> int:
+        value: int = struct.unpack_from("<Q", blob, offset)[0]
+        return value
+
+    # -- files and sockets ------------------------------------------------------------------
+
+    def task_files(self, task: Task) -> list[tuple[int, int]]:
+        """[(fd, struct file *)] of a task's fd table, bounded by max_fds and our own cap."""
+        files = task.files
+        if files == 0:
+            return []
+        cached = self._files.get(files)
+        if cached is not None:
+            return cached
+        lay = self.layout
+        out: list[tuple[int, int]] = []
+        self._files[files] = out
+        if not self.is_kernel_pointer(files):
+            self.errors.append(f"pid {task.pid}: wild files pointer {files:#x}")
+            return out
+        blob = self.read(files + lay.files_fdt, 8)
+        if blob is None:
+            return out
+        fdt = self._u64(blob, 0)
+        if not self.is_kernel_pointer(fdt):
+            self.errors.append(f"pid {task.pid}: wild fdtable pointer {fdt:#x}")
+            return out
+        head = self.read(fdt, max(lay.fdt_fd + 8, lay.fdt_max_fds.offset + 4))
+        if head is None:
+            return out
+        max_fds = lay.fdt_max_fds.get(head)
+        fd_array = self._u64(head, lay.fdt_fd)
+        count = min(max_fds, self.bounds.max_fds)
+        if max_fds > self.bounds.max_fds:
+            self.errors.append(
+                f"pid {task.pid}: fdtable claims {max_fds} fds, read only {self.bounds.max_fds}"
+            )
+        if count == 0:
+            return out
+        if not self.is_kernel_pointer(fd_array):
+            self.errors.append(f"pid {task.pid}: wild fd array pointer {fd_array:#x}")
+            return out
+        arr = self.read(fd_array, count * 8)
+        if arr is None:
+            return out
+        out.extend((fd, f) for fd, (f,) in enumerate(struct.iter_unpack("<Q", arr)) if f)
+        return out
+
+    def socket_from_file(self, file: int, pid: int, fd: int) -> InetSock | None:
+        """The inet sock behind a socket file (f_op == &socket_file_ops), else None."""
+        if file in self._socks:
+            return self._socks[file]
+        self._socks[file] = None
+        if not self.is_kernel_pointer(file):
+            self.errors.append(f"pid {pid} fd {fd}: wild file pointer {file:#x}")
+            return None
+        lay = self.layout
+        lo, hi = lay.file_span
+        blob = self.read(file + lo, hi - lo)
+        if blob is None:
+            return None
+        if self._u64(blob, lay.file_f_op - lo) != lay.socket_file_ops + self.shift:
+            return None
+        socket = self._u64(blob, lay.file_private_data - lo)
+        if not self.is_kernel_pointer(socket):
+            self.errors.append(f"pid {pid} fd {fd}: wild socket pointer {socket:#x}")
+            return None
+        sk_blob = self.read(socket + lay.socket_sk, 8)
+        if sk_blob is None:
+            return None
+        sk = self._u64(sk_blob, 0)
+        if sk == 0:  # a socket being set up or torn down
+            return None
+        if not self.is_kernel_pointer(sk):
+            self.errors.append(f"pid {pid} fd {fd}: wild sock pointer {sk:#x}")
+            return None
+        result = self.inet_sock(sk)
+        self._socks[file] = result
+        return result
+
+    def inet_sock(self, sk: int) -> InetSock | None:
+        blob = self.read(sk, self.layout.sock_span)
+        return None if blob is None else decode_inet_sock(self.layout, sk, blob)
+
+    def sockets(self, tasks: list[Task]) -> list[FdSocket]:
+        out: list[FdSocket] = []
+        for task in tasks:
+            self.check_time("fd tables")
+            for fd, file in self.task_files(task):
+                sock = self.socket_from_file(file, task.tgid, fd)
+                if sock is not None:
+                    out.append(FdSocket(task.tgid, fd, sock))
+                    if len(out) > self.bounds.max_sockets:
+                        raise WalkAborted(f"more than {self.bounds.max_sockets} sockets")
+        return out
+
+
+def decode_inet_sock(layout: KernelLayout, address: int, blob: bytes) -> InetSock | None:
+    """A struct sock (or its sock_common head) decoded; None unless inet TCP/UDP."""
+    lay = layout
+    family = lay.skc_family.get(blob)
+    if family not in (AF_INET, AF_INET6):
+        return None
+    if len(blob) >= lay.sock_span:
+        proto = lay.sk_protocol.get(blob)
+        if proto not in (IPPROTO_TCP, IPPROTO_UDP):
+            return None
+        if lay.sk_type.get(blob) not in (SOCK_STREAM, SOCK_DGRAM):
+            return None
+        sk_uid = lay.sk_uid.get(blob)
+    else:  # only the sock_common head (time-wait or request sock): TCP by construction
+        proto, sk_uid = IPPROTO_TCP, 0
+    local: IPAddress
+    remote: IPAddress
+    if family == AF_INET:
+        local = IPv4Address(blob[lay.skc_rcv_saddr : lay.skc_rcv_saddr + 4])
+        remote = IPv4Address(blob[lay.skc_daddr : lay.skc_daddr + 4])
+    else:
+        local = IPv6Address(blob[lay.skc_v6_rcv_saddr : lay.skc_v6_rcv_saddr + 16])
+        remote = IPv6Address(blob[lay.skc_v6_daddr : lay.skc_v6_daddr + 16])
+    return InetSock(
+        address=address,
+        family=4 if family == AF_INET else 6,
+        proto=proto,
+        state=blob[lay.skc_state],
+        local=local,
+        lport=struct.unpack_from("<H", blob, lay.skc_num)[0],
+        remote=remote,
+        rport=struct.unpack_from(">H", blob, lay.skc_dport)[0],
+        sk_uid=sk_uid,
+    )
+
+
+PauseFactory = Callable[[], AbstractContextManager[PauseRecord]]
+
+
+def walk_once(
+    space: AddressSpace, layout: KernelLayout, virt_shift: int, bounds: WalkBounds
+) -> WalkResult:
+    """One attempt: every task and its inet sockets. Never raises on guest data."""
+    space.new_snapshot()
+    walk = Walk(space, layout, virt_shift, bounds)
+    result = WalkResult(attempts=1)
+    try:
+        result.tasks = walk.for_each_task()
+        result.sockets = walk.sockets(result.tasks)
+    except WalkAborted as e:
+        walk.errors.append(str(e))
+    except (MemoryReadError, struct.error, ValueError) as e:  # belt and braces: bad guest data
+        walk.errors.append(f"unexpected bad data: {e}")
+    result.errors = walk.errors
+    return result
+
+
+def walk_guest(
+    space: AddressSpace,
+    layout: KernelLayout,
+    virt_shift: int,
+    bounds: WalkBounds | None = None,
+    pause: PauseFactory | None = None,
+) -> WalkResult:
+    """A full walk, retried while it meets inconsistent data; paused as a last resort."""
+    bounds = bounds or WalkBounds()
+    start = time.perf_counter()
+    result = WalkResult()
+    attempts = 0
+    for _ in range(max(1, bounds.retries)):
+        attempts += 1
+        result = walk_once(space, layout, virt_shift, bounds)
+        if result.complete:
+            break
+    else:
+        if pause is not None:
+            attempts += 1
+            with pause() as record:
+                result = walk_once(space, layout, virt_shift, bounds)
+            result.paused_seconds = record.seconds
+    result.attempts = attempts
+    result.seconds = time.perf_counter() - start
+    return result
