@@ -1,0 +1,341 @@
+"""What a Debian kernel package's vmlinuz tells us without its -dbg package.
+
+- ``decompress_vmlinuz``: bzImage -> the ELF vmlinux inside (its payload is xz on Debian);
+- ``read_elf_section`` / ``read_build_id`` / ``read_linux_banner``: the ``.BTF`` blob, the GNU
+  build-id note and the ``linux_banner`` string from that ELF;
+- ``kallsyms_symbols``: the symbol table rebuilt from the kernel's own kallsyms tables (via the
+  vmlinux-to-elf package), as a dict and as System.map text;
+- ``fetch_kernel_package``: download and unpack a ``linux-image-*`` package without installing it.
+
+Nothing here needs the lab; the kernel image is trusted input from a package, but it is still
+parsed with bounds so a truncated or foreign file gives a clear ``ProfileError``.
+"""
+
+from __future__ import annotations
+
+import bz2
+import lzma
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import zlib
+from pathlib import Path
+
+from xfgate.errors import PrerequisiteError, ProfileError
+
+MAX_VMLINUX = 512 << 20  # a decompressed x86-64 vmlinux is ~66 MB
+ELF_MAGIC = b"\x7fELF"
+ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
+ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")
+ELF64_PROGRAM = struct.Struct("<IIQQQQQQ")
+NOTE_HEADER = struct.Struct("<III")
+NT_GNU_BUILD_ID = 3
+PT_NOTE = 4
+BANNER_RE = re.compile(rb"Linux version (\S+) \([^\n\x00]{1,400}\n?\x00")
+
+# Magic bytes of the bzImage payload formats; the rest of the magic space is unsupported.
+PAYLOAD_MAGICS: tuple[tuple[str, bytes], ...] = (
+    ("xz", b"\xfd7zXZ\x00"),
+    ("gzip", b"\x1f\x8b"),
+    ("bzip2", b"BZh"),
+    ("lzma", b"\x5d\x00\x00"),
+    ("zstd", b"\x28\xb5\x2f\xfd"),
+    ("lz4", b"\x02\x21\x4c\x18"),
+    ("lzo", b"\x89LZO"),
+)
+
+
+def decompress_vmlinuz(path: Path | str, max_size: int = MAX_VMLINUX) -> bytes:
+    """The ELF vmlinux inside a bzImage (x86 boot protocol >= 2.08 gives the payload's place).
+
+    An ELF vmlinux is returned as is, so callers can pass either file."""
+    path = Path(path)
+    try:
+        image = path.read_bytes()
+    except OSError as e:
+        raise ProfileError(f"cannot read kernel image {path}: {e}") from e
+    if image[:4] == ELF_MAGIC:
+        return image
+    payload = _bzimage_payload(image, path)
+    fmt = next((name for name, magic in PAYLOAD_MAGICS if payload.startswith(magic)), "")
+    vmlinux = _decompress(payload, fmt, max_size, path)
+    if vmlinux[:4] != ELF_MAGIC:
+        raise ProfileError(f"{path}: the {fmt} payload does not decompress to an ELF vmlinux")
+    return vmlinux
+
+
+def _bzimage_payload(image: bytes, path: Path) -> bytes:
+    if len(image) < 0x250 or image[0x202:0x206] != b"HdrS":
+        raise ProfileError(
+            f"{path} is neither an ELF vmlinux nor an x86 bzImage (no 'HdrS' boot header)"
+        )
+    (version,) = struct.unpack_from("<H", image, 0x206)
+    if version < 0x208:
+        raise ProfileError(f"{path}: boot protocol {version:#x} < 2.08 has no payload offset")
+    setup_sects = image[0x1F1] or 4  # 0 means 4, for historical reasons
+    payload_offset, payload_length = struct.unpack_from("<II", image, 0x248)
+    start = (setup_sects + 1) * 512 + payload_offset
+    if payload_length == 0 or start + payload_length > len(image):
+        raise ProfileError(f"{path}: bzImage payload ({start}+{payload_length}) is truncated")
+    return image[start : start + payload_length]
+
+
+def _decompress(payload: bytes, fmt: str, max_size: int, path: Path) -> bytes:
+    too_big = ProfileError(f"{path}: vmlinux decompresses to more than {max_size} bytes")
+    try:
+        if fmt in ("xz", "lzma"):
+            xz = lzma.LZMADecompressor(lzma.FORMAT_XZ if fmt == "xz" else lzma.FORMAT_ALONE)
+            out = xz.decompress(payload, max_length=max_size)
+            if not xz.eof and not xz.needs_input:
+                raise too_big
+            return out
+        if fmt == "gzip":
+            # The kernel appends its size after the stream: decompress only the first member.
+            z = zlib.decompressobj(wbits=31)
+            out = z.decompress(payload, max_size)
+            if z.unconsumed_tail:
+                raise too_big
+            return out
+        if fmt == "bzip2":
+            bz = bz2.BZ2Decompressor()
+            out = bz.decompress(payload, max_length=max_size)
+            if not bz.eof and not bz.needs_input:
+                raise too_big
+            return out
+        if fmt == "lz4":
+            return _decompress_lz4_legacy(payload, max_size, path)
+        if fmt == "zstd":
+            import zstandard
+
+            return bytes(zstandard.ZstdDecompressor().decompress(payload, max_output_size=max_size))
+    except (lzma.LZMAError, OSError, zlib.error, EOFError, RuntimeError, ValueError) as e:
+        raise ProfileError(f"{path}: corrupt {fmt} payload: {e}") from e
+    if fmt:
+        raise ProfileError(
+            f"{path}: bzImage payload is {fmt}-compressed, which this tool cannot decompress "
+            "(supported: xz, lzma, gzip, bzip2, lz4, zstd); pass the ELF vmlinux instead"
+        )
+    raise ProfileError(f"{path}: unknown bzImage payload format (magic {payload[:6].hex()})")
+
+
+def _decompress_lz4_legacy(payload: bytes, max_size: int, path: Path) -> bytes:
+    """The kernel's lz4 payload: the legacy frame (magic 0x184C2102), 8 MiB blocks, each prefixed
+    by its compressed size; the kernel appends the total size, which is not a block."""
+    import lz4.block
+
+    block_max = 8 << 20
+    out = bytearray()
+    pos = 4
+    while pos + 4 <= len(payload):
+        (size,) = struct.unpack_from("<I", payload, pos)
+        if size == 0 or pos + 4 + size > len(payload):
+            break
+        pos += 4
+        out += lz4.block.decompress(payload[pos : pos + size], uncompressed_size=block_max)
+        pos += size
+        if len(out) > max_size:
+            raise ProfileError(f"{path}: vmlinux decompresses to more than {max_size} bytes")
+    return bytes(out)
+
+
+def _elf_sections(elf: bytes) -> list[tuple[str, int, int, int]]:
+    """(name, type, file offset, size) of every section of a little-endian ELF64 file."""
+    if len(elf) < ELF64_HEADER.size or elf[:4] != ELF_MAGIC:
+        raise ProfileError("not an ELF file")
+    if elf[4] != 2 or elf[5] != 1:
+        raise ProfileError("only little-endian 64-bit ELF kernels are supported")
+    header = ELF64_HEADER.unpack_from(elf)
+    shoff, shentsize, shnum, shstrndx = header[6], header[11], header[12], header[13]
+    if shentsize != ELF64_SECTION.size or shoff + shnum * shentsize > len(elf):
+        raise ProfileError("ELF section header table is truncated or malformed")
+    raw = [ELF64_SECTION.unpack_from(elf, shoff + i * shentsize) for i in range(shnum)]
+    if shstrndx >= shnum:
+        raise ProfileError("ELF section name table index out of range")
+    str_off, str_size = raw[shstrndx][4], raw[shstrndx][5]
+    names = elf[str_off : str_off + str_size]
+    sections = []
+    for name_off, sh_type, _flags, _addr, offset, size, *_ in raw:
+        end = names.find(b"\0", name_off)
+        name = names[name_off:end].decode("ascii", "replace") if end >= 0 else ""
+        sections.append((name, sh_type, offset, size))
+    return sections
+
+
+def read_elf_section(elf: bytes, name: str) -> bytes:
+    """The bytes of one ELF section, e.g. ``.BTF``."""
+    for sec_name, sh_type, offset, size in _elf_sections(elf):
+        if sec_name == name:
+            if sh_type == 8:  # SHT_NOBITS: no file contents
+                raise ProfileError(f"ELF section {name} has no contents in the file")
+            if offset + size > len(elf):
+                raise ProfileError(f"ELF section {name} runs past the end of the file")
+            return elf[offset : offset + size]
+    hint = " (kernel built without CONFIG_DEBUG_INFO_BTF?)" if name == ".BTF" else ""
+    raise ProfileError(f"the vmlinux has no {name} section{hint}")
+
+
+def read_build_id(elf: bytes) -> str:
+    """The GNU build-id (hex) from the ELF notes, or "" when the kernel has none."""
+    for sec_name, _type, offset, size in _elf_sections(elf):
+        if sec_name.startswith(".note"):
+            found = _find_build_id(elf[offset : offset + size])
+            if found:
+                return found
+    return ""
+
+
+def _find_build_id(notes: bytes) -> str:
+    pos = 0
+    for _ in range(256):  # bounded: a notes section holds a handful of entries
+        if pos + NOTE_HEADER.size > len(notes):
+            return ""
+        namesz, descsz, note_type = NOTE_HEADER.unpack_from(notes, pos)
+        pos += NOTE_HEADER.size
+        name = notes[pos : pos + namesz]
+        pos += (namesz + 3) & ~3
+        desc = notes[pos : pos + descsz]
+        pos += (descsz + 3) & ~3
+        if note_type == NT_GNU_BUILD_ID and name.rstrip(b"\0") == b"GNU":
+            return desc.hex()
+    return ""
+
+
+def read_linux_banner(image: bytes) -> str:
+    """The ``linux_banner`` string ("Linux version <release> (...) ...\\n"), found by pattern.
+
+    Its exact bytes (without the NUL) are what the guest holds at ``linux_banner``."""
+    for match in BANNER_RE.finditer(image):
+        text = match.group(0)[:-1].decode("utf-8", "replace")
+        if "%" not in text:  # skip printk format strings that look alike
+            return text
+    raise ProfileError("no 'Linux version ...' banner found in the kernel image")
+
+
+def banner_release(banner: str) -> str:
+    """The release ("6.1.0-56-amd64") out of a banner."""
+    parts = banner.split()
+    if len(parts) < 3 or parts[:2] != ["Linux", "version"]:
+        raise ProfileError(f"not a Linux banner: {banner[:80]!r}")
+    return parts[2]
+
+
+def kallsyms_symbols(vmlinux_or_vmlinuz: bytes) -> dict[str, int]:
+    """Every symbol of the kernel's kallsyms table, name -> link-time address (~3 s on a vmlinux).
+
+    Only the first address of a duplicated (static) name is kept, as System.map lookups do."""
+    symbols: dict[str, int] = {}
+    for address, _type, name in kallsyms_table(vmlinux_or_vmlinuz):
+        symbols.setdefault(name, address)
+    return symbols
+
+
+def kallsyms_table(vmlinux_or_vmlinuz: bytes) -> list[tuple[int, str, str]]:
+    """(address, nm type letter, name) for every kallsyms entry, in the kernel's order."""
+    try:
+        from vmlinux_to_elf.core.kallsyms import KallsymsFinder
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise PrerequisiteError(f"vmlinux-to-elf is not installed: {e}") from e
+    try:
+        finder = KallsymsFinder(vmlinux_or_vmlinuz, 64)
+    except Exception as e:  # the library raises bare ValueErrors and asserts on odd images
+        raise ProfileError(f"kallsyms tables not found in the kernel image: {e}") from e
+    return [
+        (address, name[:1], name[1:])
+        for address, name in zip(finder.kernel_addresses, finder.symbol_names, strict=True)
+    ]
+
+
+def system_map_text(table: list[tuple[int, str, str]]) -> str:
+    """System.map text: ``address type name`` lines sorted by address, as a kernel build has."""
+    return "".join(f"{a:016x} {t} {n}\n" for a, t, n in sorted(table))
+
+
+def parse_system_map(text: str) -> dict[str, int]:
+    """A System.map back to name -> address (first address of a duplicated name)."""
+    symbols: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            try:
+                symbols.setdefault(parts[2], int(parts[0], 16))
+            except ValueError:
+                continue
+    return symbols
+
+
+def resolve_kernel_package(name: str) -> str:
+    """A concrete ``linux-image-<release>`` name: meta packages are resolved through apt."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", name):
+        raise ProfileError(f"{name!r} is not a Debian package name")
+    if re.fullmatch(r"linux-image-\d.*", name):
+        return name
+    out = _run(["apt-cache", "depends", name], f"look up {name}")
+    for line in out.splitlines():
+        dep = line.strip().removeprefix("|").strip()
+        if dep.startswith("Depends:"):
+            target = dep.split(":", 1)[1].strip()
+            if re.fullmatch(r"linux-image-\d.*", target):
+                return target
+    raise ProfileError(
+        f"{name} is not a kernel image package (apt-cache depends names no linux-image-<version>); "
+        "try e.g. linux-image-amd64 or linux-image-cloud-amd64"
+    )
+
+
+def fetch_kernel_package(name: str, dest: Path | str) -> Path:
+    """Download ``name`` (meta names resolved) and unpack it into ``dest/<package>/tree``.
+
+    Returns ``dest/<package>`` (the lab's asset layout, so both share one download); an
+    existing unpacked copy is reused. The package is never installed on this machine."""
+    package = resolve_kernel_package(name)
+    root = Path(dest) / package
+    tree = root / "tree"
+    if any(tree.glob("boot/vmlinuz-*")):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
+    try:
+        _run(["apt-get", "download", "-q", package], f"download {package}", cwd=work)
+        debs = sorted(work.glob(f"{package}_*.deb"))
+        if not debs:
+            raise ProfileError(f"apt-get download {package} produced no .deb in {work}")
+        _run(["dpkg-deb", "-x", str(debs[0]), str(work / "tree")], f"unpack {debs[0].name}")
+        if not any(tree.glob("boot/vmlinuz-*")):  # another process may have won the race
+            shutil.rmtree(tree, ignore_errors=True)
+            (work / "tree").rename(tree)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return root
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
+    if shutil.which(cmd[0]) is None:
+        raise PrerequisiteError(f"cannot {what}: {cmd[0]} not found (a Debian host is needed)")
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        raise ProfileError(f"cannot {what}: {' '.join(cmd)} timed out") from e
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        raise ProfileError(
+            f"cannot {what}: {' '.join(cmd)} failed: {detail[-1] if detail else done.returncode}"
+            + (" (run apt-get update?)" if "Unable to locate" in done.stderr else "")
+        )
+    return done.stdout
+
+
+def vmlinuz_in(assets: Path | str) -> Path:
+    """The vmlinuz of an unpacked kernel package: ``assets`` itself if a file, else its
+    ``vmlinuz`` link (the lab's layout), ``tree/boot/vmlinuz-*`` or ``boot/vmlinuz-*``."""
+    assets = Path(assets)
+    if assets.is_file():
+        return assets
+    for pattern in ("vmlinuz", "tree/boot/vmlinuz-*", "boot/vmlinuz-*", "vmlinuz-*"):
+        found = sorted(p for p in assets.glob(pattern) if p.is_file())
+        if found:
+            return found[0]
+    raise ProfileError(
+        f"no vmlinuz in {assets} (expected vmlinuz, tree/boot/vmlinuz-* or boot/vmlinuz-*)"
+    )
