@@ -34,15 +34,24 @@ TypeDescriptor = dict[str, Any]
 
 
 def user_type_names(btf: Btf) -> dict[int, str]:
-    """ISF name of every struct, union and enum: its own name, ``unnamed_<id>`` if anonymous,
-    ``<name>_<id>`` for a later type that reuses a name (rare: a few driver-local structs)."""
+    """ISF name of every struct, union and enum: its own name; if anonymous, the name of a
+    typedef of it (``kuid_t``, ``atomic_t``) or else ``unnamed_<id>``; ``<name>_<id>`` for a
+    later type that reuses a name (rare: a few driver-local structs)."""
+    aggregate = (Kind.STRUCT, Kind.UNION, Kind.ENUM, Kind.ENUM64)
+    declared = {t.name for t in btf.types if t.kind in aggregate and t.name}
+    typedef_of: dict[int, str] = {}
+    for t in btf.types:
+        if t.kind == Kind.TYPEDEF and t.name not in declared:
+            target = btf.types[t.ref]
+            if target.kind in aggregate and not target.name:
+                typedef_of.setdefault(target.id, t.name)
     names: dict[int, str] = {}
     taken: set[tuple[str, str]] = set()
     for t in btf.types:
-        if t.kind in (Kind.STRUCT, Kind.UNION, Kind.ENUM, Kind.ENUM64):
+        if t.kind in aggregate:
             # Structs and unions share ISF's user_types; enums have their own table.
             space = "enum" if t.kind in (Kind.ENUM, Kind.ENUM64) else "user"
-            name = t.name or f"unnamed_{t.id}"
+            name = t.name or typedef_of.get(t.id) or f"unnamed_{t.id}"
             if (space, name) in taken:
                 name = f"{name}_{t.id}"
             taken.add((space, name))
