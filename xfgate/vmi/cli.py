@@ -1,12 +1,118 @@
-"""Subcommands of the vmi subsystem (placeholder until its issue lands)."""
+"""`xfgate ps`: a domain's processes, users and sockets, read from guest memory (and the hook
+for the Profile engineer's `xfgate profile ...` subcommands)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import sys
 from typing import Any
+
+from xfgate.config import DomainConfig, get_domain
+from xfgate.errors import ProfileError
+from xfgate.vmi.profile import Profile
 
 
 def register(sub: Any) -> None:
     """Add this subsystem's subcommands to the top-level parser's subparsers."""
-    _ = sub
-    _ = argparse
+    ps = sub.add_parser(
+        "ps",
+        help="list a domain's processes, users and sockets by introspecting its memory",
+        description="List a guest's processes (pid, ppid, uid, comm) and their TCP/UDP sockets "
+        "from the host, by reading the guest kernel's memory. The guest is never logged into.",
+    )
+    ps.add_argument("--domain", type=int, required=True, help="domain id (see the domains file)")
+    ps.add_argument("--json", action="store_true", help="the `xfgate lab truth --json` shape")
+    ps.add_argument("--pid", type=int, help="only this process")
+    ps.add_argument("--uid", type=int, help="only processes of this (real) uid")
+    ps.add_argument(
+        "--profile",
+        help="kernel profile or Volatility ISF file (default: built "
+        "from the domain's kernel and cached)",
+    )
+    ps.add_argument(
+        "--no-pause",
+        action="store_true",
+        help="never pause the guest, even when live reads keep tearing",
+    )
+    ps.set_defaults(handler=run_ps)
+    try:  # the `profile` subcommands live with the profile builder
+        profile_cli = importlib.import_module("xfgate.vmi.profile_cli")
+    except ModuleNotFoundError:
+        return
+    profile_cli.register(sub)
+
+
+def load_domain_profile(domain: DomainConfig, path: str | None) -> Profile:
+    try:
+        build = importlib.import_module("xfgate.vmi.profile_build")
+    except ModuleNotFoundError as e:
+        raise ProfileError(f"profile building is not available ({e})") from e
+    profile: Profile = build.load_profile(path) if path else build.profile_for_domain(domain)
+    return profile
+
+
+def filter_document(doc: dict[str, Any], pid: int | None, uid: int | None) -> dict[str, Any]:
+    procs = [
+        p
+        for p in doc["processes"]
+        if (pid is None or p["pid"] == pid) and (uid is None or p["uid"] == uid)
+    ]
+    keep = {p["pid"] for p in procs}
+    return {"processes": procs, "sockets": [s for s in doc["sockets"] if s["pid"] in keep]}
+
+
+def _endpoint(addr: str, port: int, family: int) -> str:
+    return f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """One line per (process, socket), a process without sockets on a line of its own."""
+    header = ("PID", "PPID", "UID", "COMM", "PROTO", "LOCAL", "REMOTE", "STATE")
+    rows: list[tuple[str, ...]] = []
+    socks: dict[int, list[dict[str, Any]]] = {}
+    for s in doc["sockets"]:
+        socks.setdefault(s["pid"], []).append(s)
+    for p in doc["processes"]:
+        base = (str(p["pid"]), str(p["ppid"]), str(p["uid"]), p["comm"])
+        mine = socks.get(p["pid"], [])
+        if not mine:
+            rows.append((*base, "", "", "", ""))
+        for s in mine:
+            rows.append(
+                (
+                    *base,
+                    f"{s['proto']}{'6' if s['family'] == 6 else ''}",
+                    _endpoint(s["local"], s["lport"], s["family"]),
+                    _endpoint(s["remote"], s["rport"], s["family"]),
+                    s["state"],
+                )
+            )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    )
+
+
+def run_ps(args: argparse.Namespace) -> int:
+    from xfgate.vmi.introspect import GuestIntrospector
+
+    domain = get_domain(args.domain)
+    profile = load_domain_profile(domain, args.profile)
+    with GuestIntrospector(domain, profile, allow_pause=not args.no_pause) as guest:
+        result = guest.walk()
+        doc = filter_document(guest.ps_json(result), args.pid, args.uid)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(format_table(doc))
+    for err in result.errors[:10]:
+        print(f"xfgate: warning: {err}", file=sys.stderr)
+    if result.paused_seconds:
+        print(
+            f"xfgate: paused the guest {result.paused_seconds * 1000:.1f} ms for a consistent read",
+            file=sys.stderr,
+        )
+    return 1 if result.errors else 0

@@ -1,0 +1,137 @@
+"""Bob Jenkins' lookup3 hash as the kernel implements it (include/linux/jhash.h), and the socket
+hash functions built on it (6.1: net/ipv4/inet_hashtables.c, net/ipv6/inet6_hashtables.c,
+include/net/ipv6.h, include/net/ip.h). Pure functions over 32-bit words."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+JHASH_INITVAL = 0xDEADBEEF
+M32 = 0xFFFFFFFF
+
+
+def _rol32(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & M32
+
+
+def _final(a: int, b: int, c: int) -> int:
+    c ^= b
+    c = (c - _rol32(b, 14)) & M32
+    a ^= c
+    a = (a - _rol32(c, 11)) & M32
+    b ^= a
+    b = (b - _rol32(a, 25)) & M32
+    c ^= b
+    c = (c - _rol32(b, 16)) & M32
+    a ^= c
+    a = (a - _rol32(c, 4)) & M32
+    b ^= a
+    b = (b - _rol32(a, 14)) & M32
+    c ^= b
+    c = (c - _rol32(b, 24)) & M32
+    return c
+
+
+def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
+    a = (a - c) & M32
+    a ^= _rol32(c, 4)
+    c = (c + b) & M32
+    b = (b - a) & M32
+    b ^= _rol32(a, 6)
+    a = (a + c) & M32
+    c = (c - b) & M32
+    c ^= _rol32(b, 8)
+    b = (b + a) & M32
+    a = (a - c) & M32
+    a ^= _rol32(c, 16)
+    c = (c + b) & M32
+    b = (b - a) & M32
+    b ^= _rol32(a, 19)
+    a = (a + c) & M32
+    c = (c - b) & M32
+    c ^= _rol32(b, 4)
+    b = (b + a) & M32
+    return a, b, c
+
+
+def jhash_3words(a: int, b: int, c: int, initval: int) -> int:
+    iv = (initval + JHASH_INITVAL + (3 << 2)) & M32
+    return _final((a + iv) & M32, (b + iv) & M32, (c + iv) & M32)
+
+
+def jhash_1word(a: int, initval: int) -> int:
+    iv = (initval + JHASH_INITVAL + (1 << 2)) & M32
+    return _final((a + iv) & M32, iv, iv)
+
+
+def jhash2(words: Sequence[int], initval: int) -> int:
+    length = len(words)
+    a = b = c = (JHASH_INITVAL + (length << 2) + initval) & M32
+    i = 0
+    while length > 3:
+        a = (a + words[i]) & M32
+        b = (b + words[i + 1]) & M32
+        c = (c + words[i + 2]) & M32
+        a, b, c = _mix(a, b, c)
+        length -= 3
+        i += 3
+    if length == 0:
+        return c
+    if length == 3:
+        c = (c + words[i + 2]) & M32
+    if length >= 2:
+        b = (b + words[i + 1]) & M32
+    a = (a + words[i]) & M32
+    return _final(a, b, c)
+
+
+def be32(addr: bytes) -> int:
+    """A __be32 (network-order bytes) as the little-endian CPU sees it when hashing."""
+    return int.from_bytes(addr[:4], "little")
+
+
+def be16(port: int) -> int:
+    """A __be16 holding `port` as the little-endian CPU sees it."""
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def inet_ehashfn(laddr: bytes, lport: int, faddr: bytes, fport: int, secret: int) -> int:
+    """__inet_ehashfn: `secret` = inet_ehash_secret + net_hash_mix(net)."""
+    return jhash_3words(be32(laddr), be32(faddr), ((lport << 16) | be16(fport)) & M32, secret)
+
+
+def _s6_addr32(addr: bytes) -> list[int]:
+    return [int.from_bytes(addr[i : i + 4], "little") for i in range(0, 16, 4)]
+
+
+def inet6_ehashfn(
+    laddr: bytes,
+    lport: int,
+    faddr: bytes,
+    fport: int,
+    ehash_secret: int,
+    ipv6_secret: int,
+    hash_mix: int,
+) -> int:
+    """inet6_ehashfn: lhash is the last word of laddr, fhash = __ipv6_addr_jhash(faddr)."""
+    lhash = _s6_addr32(laddr)[3]
+    fw = _s6_addr32(faddr)
+    fhash = jhash_3words(fw[0] ^ fw[1], fw[2], fw[3], ipv6_secret)
+    return jhash_3words(
+        lhash, fhash, ((lport << 16) | be16(fport)) & M32, (ehash_secret + hash_mix) & M32
+    )
+
+
+def ipv4_portaddr_hash(addr: bytes, port: int, hash_mix: int) -> int:
+    return jhash_1word(be32(addr), hash_mix) ^ port
+
+
+def ipv6_portaddr_hash(addr: bytes, port: int, hash_mix: int) -> int:
+    words = _s6_addr32(addr)
+    if not any(words):
+        h = jhash_1word(0, hash_mix)
+    elif words[0] == 0 and words[1] == 0 and words[2] == 0xFFFF0000:  # v4-mapped, LE view
+        h = jhash_1word(words[3], hash_mix)
+    else:
+        h = jhash2(words, hash_mix)
+    return h ^ port

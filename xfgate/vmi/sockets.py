@@ -1,0 +1,418 @@
+"""Targeted socket lookup: from a packet's 5-tuple to the guest's struct sock, without a walk.
+
+The kernel's own hash tables, as in Linux 6.1 (layouts from the profile, members tested by name):
+  - tcp_hashinfo.ehash: established, TIME_WAIT and request (TCP_NEW_SYN_RECV) socks, bucket by
+    inet_ehashfn/inet6_ehashfn with the secrets read from guest memory; chained on
+    sock_common.skc_nulls_node, ended by a "nulls" marker (odd pointer);
+  - tcp_hashinfo.lhash2: listeners by (address, port) (ipv4/ipv6_portaddr_hash), same chaining;
+  - udp_table.hash: UDP socks by local port ((port + net_hash_mix) & mask), on skc_node.
+Only the initial network namespace (init_net) is searched: that is the one holding the guest's NIC.
+Every chain walk is bounded; a broken chain ends the lookup with a reason, not an exception.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+from xfgate.errors import MemoryReadError, ProfileError
+from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Flow
+from xfgate.vmi import jhash
+from xfgate.vmi.linux import (
+    AF_INET,
+    AF_INET6,
+    TCP_LISTEN,
+    TCP_NEW_SYN_RECV,
+    TCP_TIME_WAIT,
+    InetSock,
+    KernelLayout,
+    decode_inet_sock,
+)
+from xfgate.vmi.paging import AddressSpace
+from xfgate.vmi.profile import Profile
+
+MAX_CHAIN = 4096  # sockets per hash bucket we are willing to look at
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+
+
+def _symbol_prefixed(profile: Profile, name: str) -> int:
+    """A function-local static (`static u32 inet_ehash_secret` in 6.1) is a kallsyms symbol
+    with a compiler suffix (inet_ehash_secret.5): accept either spelling."""
+    if profile.has_symbol(name):
+        return profile.symbol(name)
+    for sym, addr in profile.symbols.items():
+        if sym.startswith(name + "."):
+            return addr
+    raise ProfileError(f"profile for {profile.release} has no symbol {name}", symbol=name)
+
+
+@dataclass(frozen=True)
+class HashLayout:
+    """Offsets and symbols of the socket hash tables (6.1 names)."""
+
+    tcp_hashinfo: int
+    udp_table: int
+    init_net: int
+    hash_mix: int  # net.hash_mix
+    inet_ehash_secret: int
+    inet6_ehash_secret: int
+    ipv6_hash_secret: int
+    ehash: int
+    ehash_mask: int
+    lhash2: int
+    lhash2_mask: int
+    lbucket_size: int
+    lbucket_head: int
+    udp_hash: int
+    udp_mask: int
+    hslot_size: int
+    hslot_head: int
+    skc_nulls_node: int
+    skc_node: int
+    skc_listener: int
+    skc_net: int
+    sock_common_size: int
+
+    @classmethod
+    def from_profile(cls, p: Profile) -> HashLayout:
+        # 6.0+ chains listeners on hlist_nulls (inet_listen_hashbucket.nulls_head); before
+        # that on a plain hlist `head`. Either way the first pointer is the chain head.
+        lhead = "nulls_head" if p.has_member("inet_listen_hashbucket", "nulls_head") else "head"
+        return cls(
+            tcp_hashinfo=p.symbol("tcp_hashinfo"),
+            udp_table=p.symbol("udp_table"),
+            init_net=p.symbol("init_net"),
+            hash_mix=p.offset("net", "hash_mix"),
+            inet_ehash_secret=_symbol_prefixed(p, "inet_ehash_secret"),
+            inet6_ehash_secret=_symbol_prefixed(p, "inet6_ehash_secret"),
+            ipv6_hash_secret=_symbol_prefixed(p, "ipv6_hash_secret"),
+            ehash=p.offset("inet_hashinfo", "ehash"),
+            ehash_mask=p.offset("inet_hashinfo", "ehash_mask"),
+            lhash2=p.offset("inet_hashinfo", "lhash2"),
+            lhash2_mask=p.offset("inet_hashinfo", "lhash2_mask"),
+            lbucket_size=p.size("inet_listen_hashbucket"),
+            lbucket_head=p.offset("inet_listen_hashbucket", lhead),
+            udp_hash=p.offset("udp_table", "hash"),
+            udp_mask=p.offset("udp_table", "mask"),
+            hslot_size=p.size("udp_hslot"),
+            hslot_head=p.offset("udp_hslot", "head"),
+            skc_nulls_node=p.offset("sock_common", "skc_nulls_node"),
+            skc_node=p.offset("sock_common", "skc_node"),
+            skc_listener=p.offset("sock_common", "skc_listener"),
+            skc_net=p.offset("sock_common", "skc_net"),
+            sock_common_size=p.size("sock_common"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FoundSock:
+    """A struct sock found in a hash table. `table` is "established", "time-wait",
+    "request" (then `listener` is rsk_listener), "listener" or "udp"."""
+
+    sock: InetSock
+    table: str
+    listener: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Secrets:
+    hash_mix: int
+    ehash: int
+    ehash6: int
+    ipv6: int
+
+
+class SocketTables:
+    """Lookups in one guest boot's socket hash tables (make a new one per KASLR generation)."""
+
+    def __init__(
+        self, space: AddressSpace, layout: KernelLayout, hashes: HashLayout, virt_shift: int
+    ) -> None:
+        self.space = space
+        self.layout = layout
+        self.h = hashes
+        self.shift = virt_shift
+        self._secrets: _Secrets | None = None
+        self.errors: list[str] = []  # why the last lookup may have missed
+
+    def _u64(self, vaddr: int) -> int:
+        value: int = _U64.unpack(self.space.read(vaddr, 8))[0]
+        return value
+
+    def _u32(self, vaddr: int) -> int:
+        value: int = _U32.unpack(self.space.read(vaddr, 4))[0]
+        return value
+
+    def secrets(self) -> _Secrets:
+        """The hash secrets; cached once all are set (net_get_random_once fills them lazily)."""
+        if self._secrets is not None:
+            return self._secrets
+        h, s = self.h, self.shift
+        found = _Secrets(
+            hash_mix=self._u32(h.init_net + s + h.hash_mix),
+            ehash=self._u32(h.inet_ehash_secret + s),
+            ehash6=self._u32(h.inet6_ehash_secret + s),
+            ipv6=self._u32(h.ipv6_hash_secret + s),
+        )
+        if found.ehash and found.ehash6 and found.ipv6:
+            self._secrets = found
+        return found
+
+    def find(self, flow: Flow) -> FoundSock | None:
+        """The sock the guest kernel would deliver `flow` to; None if there is none."""
+        self.errors = []
+        flow = unmap_v4(flow)
+        try:
+            if flow.proto == IPPROTO_TCP:
+                return self._established(flow) or self._listener(flow)
+            if flow.proto == IPPROTO_UDP:
+                return self._udp(flow)
+        except MemoryReadError as e:
+            self.errors.append(str(e))
+        return None
+
+    def find_listener(self, flow: Flow) -> FoundSock | None:
+        """The TCP listener that would take a new connection for `flow`."""
+        self.errors = []
+        try:
+            return self._listener(unmap_v4(flow))
+        except MemoryReadError as e:
+            self.errors.append(str(e))
+        return None
+
+    # -- chains -------------------------------------------------------------------------------
+
+    def _chain(self, first: int, node_off: int, what: str) -> list[int]:
+        """Sock addresses on a (nulls) hlist, bounded, cycle-safe."""
+        socks: list[int] = []
+        seen: set[int] = set()
+        node = first
+        for _ in range(MAX_CHAIN):
+            if node == 0 or node & 1:  # NULL or a nulls marker: end of chain
+                return socks
+            if node in seen:
+                self.errors.append(f"{what}: cycle at {node:#x}")
+                return socks
+            seen.add(node)
+            socks.append(node - node_off)
+            node = self._u64(node)
+        self.errors.append(f"{what}: chain longer than {MAX_CHAIN}")
+        return socks
+
+    def _head(self, sk: int) -> bytes:
+        return self.space.read(sk, self.h.sock_common_size)
+
+    def _full(self, sk: int, head: bytes) -> InetSock | None:
+        """Decode a full struct sock (for sk_uid/protocol) or, for the sock_common-only
+        time-wait and request socks, just its head."""
+        state = head[self.layout.skc_state]
+        if state in (TCP_TIME_WAIT, TCP_NEW_SYN_RECV):
+            return decode_inet_sock(self.layout, sk, head)
+        return decode_inet_sock(self.layout, sk, self.space.read(sk, self.layout.sock_span))
+
+    def _in_init_net(self, head: bytes) -> bool:
+        net: int = _U64.unpack_from(head, self.h.skc_net)[0]
+        return net == self.h.init_net + self.shift
+
+    # -- TCP ------------------------------------------------------------------------------------
+
+    def _established(self, flow: Flow) -> FoundSock | None:
+        h, lay, sec = self.h, self.layout, self.secrets()
+        hashinfo = h.tcp_hashinfo + self.shift
+        ehash = self._u64(hashinfo + h.ehash)
+        mask = self._u32(hashinfo + h.ehash_mask)
+        local, remote = flow.local.packed, flow.remote.packed
+        if flow.family == 4:
+            key = jhash.inet_ehashfn(
+                local, flow.lport, remote, flow.rport, (sec.ehash + sec.hash_mix) & jhash.M32
+            )
+        else:
+            key = jhash.inet6_ehashfn(
+                local, flow.lport, remote, flow.rport, sec.ehash6, sec.ipv6, sec.hash_mix
+            )
+        first = self._u64(ehash + (key & mask) * 8)
+        for sk in self._chain(first, h.skc_nulls_node, "ehash"):
+            head = self._head(sk)
+            if not self._in_init_net(head) or not _ports_match(lay, head, flow):
+                continue
+            if not _addresses_match(lay, head, flow):
+                continue
+            state = head[lay.skc_state]
+            sock = self._full(sk, head)
+            if sock is None:
+                continue
+            if state == TCP_TIME_WAIT:
+                return FoundSock(sock, "time-wait")
+            if state == TCP_NEW_SYN_RECV:
+                listener: int = _U64.unpack_from(head, h.skc_listener)[0]
+                return FoundSock(sock, "request", listener)
+            return FoundSock(sock, "established")
+        return None
+
+    def _listener(self, flow: Flow) -> FoundSock | None:
+        """inet_lhash2_lookup: the (address, port) bucket, then the (any, port) one."""
+        h, sec = self.h, self.secrets()
+        hashinfo = h.tcp_hashinfo + self.shift
+        lhash2 = self._u64(hashinfo + h.lhash2)
+        mask = self._u32(hashinfo + h.lhash2_mask)
+        if flow.family == 4:
+            any_addr = IPv4Address(0).packed
+            keys = [
+                jhash.ipv4_portaddr_hash(flow.local.packed, flow.lport, sec.hash_mix),
+                jhash.ipv4_portaddr_hash(any_addr, flow.lport, sec.hash_mix),
+            ]
+        else:
+            any6 = IPv6Address(0).packed
+            keys = [
+                jhash.ipv6_portaddr_hash(flow.local.packed, flow.lport, sec.hash_mix),
+                jhash.ipv6_portaddr_hash(any6, flow.lport, sec.hash_mix),
+            ]
+        best: tuple[int, FoundSock] | None = None
+        for key in dict.fromkeys(keys):  # the two may coincide
+            bucket = lhash2 + (key & mask) * h.lbucket_size + h.lbucket_head
+            for sk in self._chain(self._u64(bucket), h.skc_nulls_node, "lhash2"):
+                head = self._head(sk)
+                score = _listener_score(self.layout, head, flow)
+                if score > 0 and self._in_init_net(head) and (best is None or score > best[0]):
+                    sock = self._full(sk, head)
+                    if sock is not None and sock.state == TCP_LISTEN:
+                        best = (score, FoundSock(sock, "listener"))
+        return best[1] if best else None
+
+    # -- UDP ------------------------------------------------------------------------------------
+
+    def _udp(self, flow: Flow) -> FoundSock | None:
+        """udp4/6_lib_lookup1 on the port-hashed table, with the kernel's scoring."""
+        h, sec = self.h, self.secrets()
+        table = h.udp_table + self.shift
+        hash_base = self._u64(table + h.udp_hash)
+        mask = self._u32(table + h.udp_mask)
+        slot = hash_base + ((flow.lport + sec.hash_mix) & mask) * h.hslot_size + h.hslot_head
+        best: tuple[int, FoundSock] | None = None
+        for sk in self._chain(self._u64(slot), h.skc_node, "udp hash"):
+            head = self._head(sk)
+            score = _udp_score(self.layout, head, flow)
+            if score > 0 and self._in_init_net(head) and (best is None or score > best[0]):
+                sock = self._full(sk, head)
+                if sock is not None and sock.proto == IPPROTO_UDP:
+                    best = (score, FoundSock(sock, "udp"))
+        return best[1] if best else None
+
+
+# -- matching (pure, over a sock_common head) ----------------------------------------------------
+
+
+def _u16(blob: bytes, off: int, fmt: str = "<H") -> int:
+    value: int = struct.unpack_from(fmt, blob, off)[0]
+    return value
+
+
+def _ports_match(lay: KernelLayout, head: bytes, flow: Flow) -> bool:
+    return _u16(head, lay.skc_num) == flow.lport and _u16(head, lay.skc_dport, ">H") == flow.rport
+
+
+def _v4_view(lay: KernelLayout, head: bytes) -> tuple[bytes, bytes]:
+    return (
+        head[lay.skc_rcv_saddr : lay.skc_rcv_saddr + 4],
+        head[lay.skc_daddr : lay.skc_daddr + 4],
+    )
+
+
+def _v6_view(lay: KernelLayout, head: bytes) -> tuple[bytes, bytes]:
+    return (
+        head[lay.skc_v6_rcv_saddr : lay.skc_v6_rcv_saddr + 16],
+        head[lay.skc_v6_daddr : lay.skc_v6_daddr + 16],
+    )
+
+
+def _family(lay: KernelLayout, head: bytes) -> int:
+    return lay.skc_family.get(head)
+
+
+def _addresses_match(lay: KernelLayout, head: bytes, flow: Flow) -> bool:
+    """INET_MATCH / inet6_match: an IPv4 flow matches the v4 address pair, which v4-mapped
+    IPv6 sockets fill in too; an IPv6 flow only AF_INET6 sockets."""
+    if flow.family == 4:
+        return _v4_view(lay, head) == (flow.local.packed, flow.remote.packed)
+    return _family(lay, head) == AF_INET6 and _v6_view(lay, head) == (
+        flow.local.packed,
+        flow.remote.packed,
+    )
+
+
+_ANY4 = bytes(4)
+_ANY6 = bytes(16)
+
+
+def _listener_score(lay: KernelLayout, head: bytes, flow: Flow) -> int:
+    """0 if the listener can't take `flow`, else higher for a better match (compute_score)."""
+    if _u16(head, lay.skc_num) != flow.lport:
+        return 0
+    fam = _family(lay, head)
+    if flow.family == 4:
+        if fam == AF_INET:
+            addr = _v4_view(lay, head)[0]
+            base = 2
+        elif fam == AF_INET6:
+            # A dual-stack listener takes IPv4 only bound to :: (ipv6only is not read here).
+            v6 = _v6_view(lay, head)[0]
+            if v6 != _ANY6:
+                return 0
+            addr, base = _ANY4, 1
+        else:
+            return 0
+        if addr == flow.local.packed:
+            return base + 4
+        return base if addr == _ANY4 else 0
+    if fam != AF_INET6:
+        return 0
+    v6 = _v6_view(lay, head)[0]
+    if v6 == flow.local.packed:
+        return 6
+    return 2 if v6 == _ANY6 else 0
+
+
+def _udp_score(lay: KernelLayout, head: bytes, flow: Flow) -> int:
+    """udp4/6 compute_score: bound local port, then each bound field must match and scores."""
+    if _u16(head, lay.skc_num) != flow.lport:
+        return 0
+    fam = _family(lay, head)
+    if flow.family == 4:
+        if (
+            fam == AF_INET6
+            and _v6_view(lay, head)[0] not in (_ANY6,)
+            and not _v6_view(lay, head)[0].startswith(b"\0" * 10 + b"\xff\xff")
+        ):
+            return 0
+        score = 2 if fam == AF_INET else 1
+        laddr, raddr = _v4_view(lay, head)
+        any_addr = _ANY4
+    else:
+        if fam != AF_INET6:
+            return 0
+        score = 2
+        laddr, raddr = _v6_view(lay, head)
+        any_addr = _ANY6
+    for bound, want in ((laddr, flow.local.packed), (raddr, flow.remote.packed)):
+        if bound != any_addr:
+            if bound != want:
+                return 0
+            score += 4
+    dport = _u16(head, lay.skc_dport, ">H")
+    if dport:
+        if dport != flow.rport:
+            return 0
+        score += 4
+    return score
+
+
+def unmap_v4(flow: Flow) -> Flow:
+    """An IPv6 flow between v4-mapped addresses is IPv4 on the wire and in the kernel's tables."""
+    if flow.family == 6:
+        local, remote = flow.local, flow.remote
+        assert isinstance(local, IPv6Address) and isinstance(remote, IPv6Address)
+        if local.ipv4_mapped is not None and remote.ipv4_mapped is not None:
+            return Flow(flow.proto, local.ipv4_mapped, flow.lport, remote.ipv4_mapped, flow.rport)
+    return flow
