@@ -1,0 +1,490 @@
+"""The gate process: sets up the kernel side, serves the queue(s), cleans up on exit.
+
+One process may serve several domains (all in one network namespace), each with its own queue
+number, chains, sets, control socket and refresher thread. The packet loop, the control sockets
+and poll-mode walks run in the main thread (select); only the periodic guest walk that feeds the
+kernel-side port sets runs in a thread, behind the owner source's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from xfgate.config import DomainConfig, get_domain
+from xfgate.errors import ConfigError, PrerequisiteError, QueueError, XfgateError
+from xfgate.flow import OwnerSource
+from xfgate.verdict import control
+from xfgate.verdict.cache import OwnerCache
+from xfgate.verdict.engine import Engine, LockedOwnerSource, QueuedPacket
+from xfgate.verdict.fastpath import (
+    Firewall,
+    GateLayout,
+    check_prerequisites,
+    make_backend,
+    poll_rules,
+)
+from xfgate.verdict.log import VerdictLog
+from xfgate.verdict.netns import enter_netns, ifindex
+from xfgate.verdict.policy import Policy, Verdict, blocked_ports
+
+DEFAULT_QUEUE_BASE = 100  # queue number = base + domain id unless --queue-num is given
+IDLE_TICK = 0.5
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    domains: tuple[int, ...]
+    policy: Policy
+    mode: str = "queue"  # queue | poll
+    interval: float = 5.0  # poll mode: seconds between walks
+    queue_num: int | None = None
+    queue_bypass: bool = False
+    on_error: Verdict | None = None
+    log_target: str | None = None
+    log_sample: int = 1
+    persist_blocks: bool = False
+    fastpath: bool = True
+    owners_json: str | None = None
+    refresh_interval: float = 2.0
+    cache_ttl: float = 10.0
+    negative_ttl: float = 1.0
+    domains_file: Path | None = None
+    profile: str | None = None  # profile file; default: built/cached for the domain's kernel
+
+
+def make_owner_source(
+    domain: DomainConfig, owners_json: str | None, profile_path: str | None = None
+) -> OwnerSource:
+    """The one place where the gate's owner source is built."""
+    if owners_json:
+        from xfgate.verdict.static_source import StaticOwnerSource
+
+        return StaticOwnerSource(Path(owners_json))
+    try:
+        from xfgate.vmi.cli import load_domain_profile
+        from xfgate.vmi.introspect import GuestIntrospector
+    except ImportError as e:
+        raise PrerequisiteError(
+            f"guest introspection is not available ({e}); use --owners-json FILE for a static"
+            " owner table"
+        ) from None
+    return GuestIntrospector(domain, load_domain_profile(domain, profile_path))
+
+
+def queue_counters() -> dict[int, dict[str, int]]:
+    """Per queue: packets waiting, dropped by the kernel (queue full) and by netlink (ENOBUFS)."""
+    out: dict[int, dict[str, int]] = {}
+    try:
+        text = Path("/proc/net/netfilter/nfnetlink_queue").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) >= 7:
+            out[int(f[0])] = {
+                "waiting": int(f[2]),
+                "queue_dropped": int(f[5]),
+                "user_dropped": int(f[6]),
+            }
+    return out
+
+
+class Refresher(threading.Thread):
+    """Walks the guest every few seconds and keeps the domain's port sets current, so known
+    ports of blocked owners stay dropped in the kernel (also after the gate dies)."""
+
+    def __init__(
+        self,
+        domain: int,
+        source: OwnerSource,
+        policy: Callable[[], Policy],
+        apply: Callable[[set[tuple[int, int]]], None],
+        interval: float,
+    ) -> None:
+        super().__init__(name=f"xfgate-refresh-{domain}", daemon=True)
+        self.domain = domain
+        self._source = source
+        self._policy = policy
+        self._apply = apply
+        self._interval = interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.ports: set[tuple[int, int]] | None = None
+        self.walks = 0
+        self.last_error = ""
+        self.last_walk_ms = 0.0
+
+    def trigger(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def refresh_once(self) -> None:
+        policy = self._policy()
+        start = time.monotonic()
+        if policy.blocks_anything:
+            sockets = self._source.sockets()
+            self.last_walk_ms = round((time.monotonic() - start) * 1000, 2)
+            ports = blocked_ports(sockets, policy)
+        else:
+            ports = set()
+        self.walks += 1
+        if ports != self.ports:
+            self._apply(ports)
+            self.ports = ports
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh_once()
+                self.last_error = ""
+            except Exception as e:  # a torn walk must not end the refresher
+                self.last_error = f"{type(e).__name__}: {e}"
+                print(f"xfgate: domain {self.domain}: refresh failed: {e}", file=sys.stderr)
+            self._wake.wait(self._interval)
+            self._wake.clear()
+
+
+@dataclass
+class DomainGate:
+    cfg: DomainConfig
+    layout: GateLayout
+    source: LockedOwnerSource
+    engine: Engine
+    queue: Any = None
+    control: control.ControlServer | None = None
+    refresher: Refresher | None = None
+    poll_ports: set[tuple[int, int]] | None = None
+    next_poll: float = 0.0
+    polls: list[float] = field(default_factory=list)
+
+
+class Gate:
+    def __init__(self, options: GateOptions) -> None:
+        self.options = options
+        self.domains: dict[int, DomainGate] = {}
+        self.firewall: Firewall | None = None
+        self.log: VerdictLog | None = None
+        self._stop = False
+        self._wake_r = self._wake_w = -1
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        opts = self.options
+        if opts.mode not in ("queue", "poll"):
+            raise ConfigError(f"--mode must be queue or poll, got {opts.mode!r}")
+        if not opts.domains:
+            raise ConfigError("give at least one --domain")
+        cfgs = [get_domain(d, opts.domains_file) for d in opts.domains]
+        namespaces = {c.netns for c in cfgs}
+        if len(namespaces) > 1:
+            raise ConfigError(
+                f"domains {', '.join(str(c.id) for c in cfgs)} live in different network"
+                f" namespaces ({', '.join(sorted(namespaces))}): run one gate per namespace"
+            )
+        for c in cfgs:
+            if not c.vifs:
+                raise ConfigError(f"domain {c.id} has no vifs in the domains file")
+        enter_netns(cfgs[0].netns)
+        for warning in check_prerequisites():
+            print(f"xfgate: warning: {warning}", file=sys.stderr)
+        self.firewall = Firewall(make_backend())
+        if opts.log_target:
+            self.log = VerdictLog.open(opts.log_target, opts.log_sample)
+        try:
+            for i, c in enumerate(cfgs):
+                self._start_domain(c, i)
+            self._clean_leftovers()
+            for dg in self.domains.values():
+                self._install(dg)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_domain(self, cfg: DomainConfig, index: int) -> None:
+        opts = self.options
+        vifs = {ifindex(v): v for v in cfg.vifs}
+        base = opts.queue_num if opts.queue_num is not None else DEFAULT_QUEUE_BASE + cfg.id
+        queue_num = base + index if opts.queue_num is not None else base
+        layout = GateLayout(cfg.id, cfg.vifs, queue_num, opts.queue_bypass, opts.fastpath)
+        source = LockedOwnerSource(make_owner_source(cfg, opts.owners_json, opts.profile))
+        cache = OwnerCache(opts.cache_ttl, opts.negative_ttl)
+        engine = Engine(
+            cfg.id, vifs, source, opts.policy, cache, self.log, opts.fastpath, opts.on_error
+        )
+        dg = DomainGate(cfg, layout, source, engine)
+        self.domains[cfg.id] = dg
+        dg.control = control.ControlServer(cfg.id, functools.partial(self._control, dg))
+        if opts.mode == "queue":
+            dg.queue = bind_queue(queue_num, engine.handle)
+
+    def _clean_leftovers(self) -> None:
+        """Remove chains/sets of domains whose gate is gone (a crash, kill -9). Ours are
+        rebuilt right after; sets are kept so persisted blocks hold until the first walk."""
+        assert self.firewall is not None
+        live = {d for d in control.running_domains() if control.answers(control.socket_path(d))}
+        for d in sorted(self.firewall.leftover_domains()):
+            if d in self.domains:
+                self.firewall.remove(d, persist_blocks=True)
+            elif d not in live:
+                print(f"xfgate: removing leftovers of domain {d}", file=sys.stderr)
+                self.firewall.remove(d, persist_blocks=False)
+
+    def _install(self, dg: DomainGate) -> None:
+        assert self.firewall is not None
+        fw = self.firewall
+        d = dg.cfg.id
+        if self.options.mode == "queue":
+            fw.install(dg.layout)
+            fw.reset_settled(d)  # marks of an earlier run may carry a different policy
+            dg.refresher = Refresher(
+                d,
+                dg.source,
+                lambda: dg.engine.policy,
+                lambda ports: fw.set_blocked_ports(d, ports),
+                self.options.refresh_interval,
+            )
+            dg.refresher.start()
+        else:
+            fw.set_poll_rules(d, dg.cfg.vifs, [])
+            dg.next_poll = time.monotonic()
+
+    def stop(self) -> None:
+        """Undo everything; safe to call twice and after a partial start."""
+        errors: list[str] = []
+        for dg in self.domains.values():
+            if dg.refresher is not None:
+                dg.refresher.stop()
+        if self.firewall is not None:
+            for d in self.domains:
+                try:
+                    # Jumps go first, so no packet is queued to a consumer about to vanish.
+                    self.firewall.remove(d, persist_blocks=self.options.persist_blocks)
+                except XfgateError as e:
+                    errors.append(str(e))
+        for dg in self.domains.values():
+            if dg.queue is not None:
+                with contextlib.suppress(Exception):
+                    dg.queue.unbind()
+                dg.queue = None
+            if dg.control is not None:
+                dg.control.close()
+                dg.control = None
+            dg.source.close()
+        if self.log is not None:
+            self.log.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+        if errors:
+            print("xfgate: cleanup incomplete: " + "; ".join(errors), file=sys.stderr)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def serve(self, until: Callable[[], bool] | None = None) -> None:
+        """Run until SIGINT/SIGTERM (or `until()` is true)."""
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        old_fd = signal.set_wakeup_fd(self._wake_w)
+        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        print(
+            f"xfgate: gate ready (pid {os.getpid()}, mode {self.options.mode}, domains "
+            + ", ".join(f"{d}:queue {g.layout.queue_num}" for d, g in self.domains.items())
+            + ")",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            while not self._stop and not (until and until()):
+                self._tick()
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _tick(self) -> None:
+        readers: dict[int, Callable[[], None]] = {self._wake_r: self._drain_wake}
+        for dg in self.domains.values():
+            if dg.queue is not None:
+                readers[dg.queue.get_fd()] = functools.partial(dg.queue.run, block=False)
+            if dg.control is not None:
+                readers[dg.control.fileno()] = dg.control.serve_one
+        timeout = IDLE_TICK
+        if self.options.mode == "poll":
+            now = time.monotonic()
+            timeout = max(0.0, min([timeout] + [g.next_poll - now for g in self.domains.values()]))
+        ready, _, _ = select.select(list(readers), [], [], timeout)
+        for fd in ready:
+            readers[fd]()
+        if self.options.mode == "poll":
+            now = time.monotonic()
+            for dg in self.domains.values():
+                if now >= dg.next_poll:
+                    self._poll(dg)
+                    dg.next_poll = now + self.options.interval
+        if not ready and self.log is not None:
+            self.log.flush()
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self._wake_r, 512):
+                pass
+
+    def _poll(self, dg: DomainGate) -> None:
+        """Poll mode: one full walk, then the thesis's DROP rules for blocked owners' ports."""
+        assert self.firewall is not None
+        start = time.monotonic()
+        try:
+            ports = blocked_ports(dg.source.sockets(), dg.engine.policy)
+        except Exception as e:
+            print(f"xfgate: domain {dg.cfg.id}: poll walk failed: {e}", file=sys.stderr)
+            return
+        dg.polls.append(round((time.monotonic() - start) * 1000, 2))
+        del dg.polls[:-100]
+        if ports == dg.poll_ports:
+            return
+        rules = poll_rules(dg.cfg.vifs, ports)
+        self.firewall.set_poll_rules(dg.cfg.id, dg.cfg.vifs, rules)
+        _append_rule_log(dg.cfg.id, dg.poll_ports or set(), ports)
+        dg.poll_ports = ports
+
+    # --- control -----------------------------------------------------------------------
+
+    def _control(self, dg: DomainGate, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "status":
+            return {"ok": True, **self.status(dg)}
+        if op in ("block", "unblock"):
+            new = dg.engine.policy.changed(str(op), str(req.get("kind")), str(req.get("value")))
+            self._set_policy(dg, new)
+            return {"ok": True, "policy": new.to_dict()}
+        if op == "unknown":
+            new = replace(dg.engine.policy, unknown=Verdict(str(req.get("value"))))
+            self._set_policy(dg, new)
+            return {"ok": True, "policy": new.to_dict()}
+        raise ConfigError(f"unknown control operation {op!r}")
+
+    def _set_policy(self, dg: DomainGate, new: Policy) -> None:
+        assert self.firewall is not None
+        dg.engine.set_policy(new)  # new snapshot + cache dropped
+        if self.options.mode == "queue":
+            # Settled flows are re-decided from their next packet: established flows of a
+            # newly blocked owner are cut, those of an unblocked one come back.
+            self.firewall.reset_settled(dg.cfg.id)
+            if dg.refresher is not None:
+                dg.refresher.trigger()
+        else:
+            dg.next_poll = time.monotonic()
+
+    def status(self, dg: DomainGate) -> dict[str, Any]:
+        q = queue_counters().get(dg.layout.queue_num, {})
+        ref = dg.refresher
+        return {
+            "pid": os.getpid(),
+            "domain": dg.cfg.id,
+            "name": dg.cfg.name,
+            "vifs": list(dg.cfg.vifs),
+            "mode": self.options.mode,
+            "queue_num": dg.layout.queue_num if self.options.mode == "queue" else None,
+            "queue_bypass": self.options.queue_bypass,
+            "fastpath": self.options.fastpath,
+            "policy": dg.engine.policy.to_dict(),
+            "stats": dg.engine.stats.to_dict(),
+            "cache": dg.engine.cache.stats().__dict__ if hasattr(dg.engine.cache, "stats") else {},
+            "queue": q,
+            "blocked_ports": _ports_text(
+                (ref.ports if ref else dg.poll_ports) or set(),
+            ),
+            "refresh": {
+                "walks": ref.walks,
+                "last_walk_ms": ref.last_walk_ms,
+                "error": ref.last_error,
+            }
+            if ref
+            else {"poll_walk_ms": dg.polls[-10:]},
+        }
+
+
+def _ports_text(ports: set[tuple[int, int]]) -> list[str]:
+    names = {6: "tcp", 17: "udp"}
+    return [f"{names.get(p, p)}/{port}" for p, port in sorted(ports)]
+
+
+def rule_log_path(domain: int) -> Path:
+    return control.run_dir() / f"rules-{domain}.log"
+
+
+def _append_rule_log(domain: int, old: set[tuple[int, int]], new: set[tuple[int, int]]) -> None:
+    """The thesis's rule log: what was added and removed, when."""
+    import json
+
+    path = rule_log_path(domain)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            for op, ports in (("add", new - old), ("remove", old - new)):
+                for p in _ports_text(ports):
+                    f.write(
+                        json.dumps({"time": stamp, "domain": domain, "op": op, "port": p}) + "\n"
+                    )
+    except OSError as e:
+        print(f"xfgate: cannot write rule log {path}: {e}", file=sys.stderr)
+
+
+def bind_queue(queue_num: int, callback: Callable[[QueuedPacket], None]) -> Any:
+    """Bind NFQUEUE `queue_num`, with errors that say what to do."""
+    try:
+        from netfilterqueue import NetfilterQueue
+    except ImportError as e:
+        raise PrerequisiteError(
+            f"NetfilterQueue is not importable ({e}): run scripts/bootstrap.sh"
+        ) from None
+    try:
+        q = NetfilterQueue()
+    except OSError as e:
+        raise PrerequisiteError(
+            f"cannot open NFQUEUE ({e}): need root and the nfnetlink_queue module"
+            " (`modprobe nfnetlink_queue`)"
+        ) from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # rcvbuf capped by rmem_max: fine
+            q.bind(queue_num, callback, max_len=4096)
+    except OSError:
+        raise QueueError(
+            f"NFQUEUE {queue_num} is already bound by another process (another gate? see"
+            " `xfgate status`): stop it or choose another --queue-num"
+        ) from None
+    return q
+
+
+def run_gate(options: GateOptions, until: Callable[[], bool] | None = None) -> int:
+    gate = Gate(options)
+    try:
+        gate.start()
+        gate.serve(until)
+    finally:
+        gate.stop()
+    return 0

@@ -1,0 +1,131 @@
+"""An OwnerSource read from a JSON table instead of guest memory.
+
+For tests, benchmarks and demos of the gate without introspection (``xfgate run --owners-json``).
+The file is re-read when it changes, which bumps the generation (as a guest reboot would)::
+
+    {"entries": [
+      {"proto": "tcp", "lport": 80, "owners": [{"pid": 1, "uid": 0, "comm": "httpd"}],
+       "state": "LISTEN", "sk_uid": 0},
+      {"proto": "tcp", "rport": 2222, "owners": [{"pid": 7, "uid": 1001, "comm": "spray"}]}
+    ]}
+
+``lport``/``rport``/``local``/``remote`` left out (or 0 / "") match anything; first match wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
+from typing import Any
+
+from xfgate.errors import ConfigError
+from xfgate.flow import Flow, GuestSocket, Owner, Ownership
+from xfgate.verdict.policy import PROTO_NAMES
+
+
+@dataclass(frozen=True)
+class StaticEntry:
+    proto: int
+    lport: int
+    rport: int
+    local: str
+    remote: str
+    ownership: Ownership
+
+    def matches(self, flow: Flow) -> bool:
+        return (
+            flow.proto == self.proto
+            and self.lport in (0, flow.lport)
+            and self.rport in (0, flow.rport)
+            and self.local in ("", str(flow.local))
+            and self.remote in ("", str(flow.remote))
+        )
+
+
+def parse_entries(data: Any, where: str) -> tuple[StaticEntry, ...]:
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise ConfigError(f"{where}: expected an object with an 'entries' list")
+    out = []
+    for i, e in enumerate(data["entries"]):
+        try:
+            owners = tuple(
+                Owner(
+                    pid=int(o["pid"]),
+                    uid=int(o["uid"]),
+                    euid=int(o.get("euid", o["uid"])),
+                    comm=str(o.get("comm", "")),
+                    fd=int(o.get("fd", -1)),
+                )
+                for o in e.get("owners", [])
+            )
+            proto = PROTO_NAMES[e["proto"]]
+            out.append(
+                StaticEntry(
+                    proto=proto,
+                    lport=int(e.get("lport", 0)),
+                    rport=int(e.get("rport", 0)),
+                    local=str(e.get("local", "")),
+                    remote=str(e.get("remote", "")),
+                    ownership=Ownership(
+                        owners=owners,
+                        sk_uid=int(e.get("sk_uid", owners[0].uid if owners else 0)),
+                        state=str(e.get("state", "ESTABLISHED")),
+                        via="static",
+                    ),
+                )
+            )
+        except (KeyError, ValueError, TypeError, IndexError) as err:
+            raise ConfigError(f"{where}: entry {i} is invalid: {err!r}") from None
+    return tuple(out)
+
+
+class StaticOwnerSource:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mtime: int | None = None
+        self._entries: tuple[StaticEntry, ...] = ()
+        self._generation = 0
+        self._reload()
+
+    def _reload(self) -> None:
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except OSError as e:
+            raise ConfigError(f"owner table {self.path}: {e}") from e
+        if mtime == self._mtime:
+            return
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"owner table {self.path} unreadable: {e}") from e
+        self._entries = parse_entries(data, str(self.path))
+        self._mtime = mtime
+        self._generation += 1
+
+    def lookup(self, flow: Flow) -> Ownership | None:
+        for entry in self._entries:
+            if entry.matches(flow):
+                return entry.ownership
+        return None
+
+    def sockets(self) -> Sequence[GuestSocket]:
+        self._reload()
+        out = []
+        for e in self._entries:
+            if not e.lport:
+                continue
+            local: IPv4Address | IPv6Address = ip_address(e.local or "0.0.0.0")
+            remote: IPv4Address | IPv6Address = ip_address(e.remote or "0.0.0.0")
+            o = e.ownership
+            out.append(
+                GuestSocket(e.proto, local, e.lport, remote, e.rport, o.state, o.sk_uid, o.owners)
+            )
+        return out
+
+    def generation(self) -> int:
+        self._reload()
+        return self._generation
