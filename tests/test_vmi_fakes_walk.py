@@ -1,0 +1,167 @@
+"""Walkers over the synthetic guest: what was built is what is read back; corruption is bounded."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from tests.vmi_fakes import FakeGuest, standard_guest
+from xfgate.vmi.introspect import ps_document
+from xfgate.vmi.kaslr import from_vmcoreinfo
+from xfgate.vmi.linux import KernelLayout, WalkBounds, walk_guest, walk_once
+from xfgate.vmi.paging import AddressSpace
+from xfgate.vmi.qmp import PauseRecord
+
+
+def _walk(g: FakeGuest, bounds: WalkBounds | None = None):  # type: ignore[no-untyped-def]
+    space = AddressSpace(g.memory, g.root, g.levels)
+    return walk_guest(space, KernelLayout.from_profile(g.profile), g.virt_shift, bounds)
+
+
+@pytest.mark.parametrize("levels", [4, 5])
+def test_walk_reads_back_every_task_and_socket(levels: int) -> None:
+    g = standard_guest(levels)
+    result = _walk(g)
+    assert result.errors == []
+    doc = ps_document(result)
+    want = [
+        {"pid": t.pid, "tgid": t.pid, "ppid": t.ppid, "uid": t.uid, "euid": t.euid, "comm": t.comm}
+        for t in sorted(g.tasks, key=lambda t: t.pid)
+    ]
+    assert doc["processes"] == want
+    got = {(s["pid"], s["fd"]): s for s in doc["sockets"]}
+    # bob's fd 8 is a file whose f_op is not socket_file_ops: not a socket.
+    assert sorted(got) == [(100, 3), (100, 4), (100, 5), (200, 3), (300, 7)]
+    assert got[(100, 4)] == {
+        "pid": 100,
+        "fd": 4,
+        "proto": "tcp",
+        "family": 6,
+        "local": "::",
+        "lport": 8080,
+        "remote": "::",
+        "rport": 0,
+        "state": "LISTEN",
+    }
+    assert got[(200, 3)]["remote"] == "2001:2::1" and got[(200, 3)]["rport"] == 443
+    assert got[(300, 7)]["proto"] == "udp" and got[(300, 7)]["state"] == "CLOSE"
+    assert got[(100, 5)]["state"] == "ESTABLISHED" and got[(100, 5)]["local"] == "198.18.1.1"
+
+
+def test_uids_come_from_real_cred_and_sk_uid_from_the_sock() -> None:
+    g = standard_guest()
+    result = _walk(g)
+    bob = next(t for t in result.tasks if t.pid == 300)
+    assert (bob.uid, bob.euid) == (1001, 0)
+    alice_sock = next(s for s in result.sockets if s.pid == 200)
+    assert alice_sock.sock.sk_uid == 1000
+
+
+def test_cyclic_task_list_stops_and_reports() -> None:
+    g = standard_guest()
+    t100 = next(t for t in g.tasks if t.pid == 100).address
+    t300 = next(t for t in g.tasks if t.pid == 300).address
+    tasks = g.off("task_struct", "tasks")
+    # 300.next -> 100 (a cycle that skips the head); keep prev consistent so only the cycle trips.
+    g.w(t300 + tasks, "<Q", t100 + tasks)
+    result = _walk(g)
+    assert any("cycle" in e or "next->prev" in e for e in result.errors)
+    assert result.attempts >= 1 and len(result.tasks) <= len(g.tasks)
+
+
+def test_self_loop_with_valid_prev_is_a_cycle() -> None:
+    g = standard_guest()
+    t = next(t for t in g.tasks if t.pid == 200).address
+    node = t + g.off("task_struct", "tasks")
+    g.w(node, "<QQ", node, node)  # next = prev = itself
+    result = _walk(g)
+    assert result.errors and result.tasks == []
+
+
+def test_wild_pointers_are_reported_not_followed() -> None:
+    g = standard_guest()
+    alice = next(t for t in g.tasks if t.pid == 200)
+    g.w(alice.fd_array + 3 * 8, "<Q", 0x4141414141414141)  # user-space garbage as a file
+    web = next(t for t in g.tasks if t.pid == 100)
+    g.w(web.address + g.off("task_struct", "real_cred"), "<Q", 0xFFFF999999999000)  # unmapped
+    result = _walk(g, WalkBounds(retries=1))
+    assert any("wild file pointer" in e for e in result.errors)
+    assert any("0xffff999999999000" in e for e in result.errors)
+    assert {t.pid for t in result.tasks} == {1, 2, 100, 200, 300}  # the rest still read
+
+
+def test_absurd_max_fds_is_capped() -> None:
+    g = standard_guest()
+    web = next(t for t in g.tasks if t.pid == 100)
+    fdt = struct.unpack_from("<Q", g.buf, g.pa(web.files + g.off("files_struct", "fdt")))[0]
+    g.w(fdt + g.off("fdtable", "max_fds"), "<I", 0xFFFFFFFF)
+    result = _walk(g, WalkBounds(max_fds=128, retries=1))
+    assert any("claims 4294967295 fds" in e for e in result.errors)
+    assert {(s.pid, s.fd) for s in result.sockets} >= {(100, 3), (100, 4), (100, 5)}
+
+
+def test_task_count_bound() -> None:
+    g = standard_guest()
+    result = _walk(g, WalkBounds(max_tasks=3, retries=1))
+    assert any("longer than 3 tasks" in e for e in result.errors)
+
+
+def test_time_bound_stops_a_long_walk() -> None:
+    g = FakeGuest()
+    for pid in range(1, 200):
+        g.add_task(pid, f"t{pid}")
+    result = _walk(g, WalkBounds(seconds=0.0, retries=1))
+    assert any("time bound" in e for e in result.errors)
+
+
+def test_persistent_errors_retry_then_pause_once() -> None:
+    g = standard_guest()
+    t = next(t for t in g.tasks if t.pid == 200)
+    g.w(t.address + g.off("task_struct", "tasks") + 8, "<Q", 0xFFFF888000001000)  # bad prev
+    pauses: list[int] = []
+
+    @contextmanager
+    def fake_pause() -> Iterator[PauseRecord]:
+        pauses.append(1)
+        yield PauseRecord(seconds=0.001)
+
+    space = AddressSpace(g.memory, g.root, g.levels)
+    result = walk_guest(
+        space, KernelLayout.from_profile(g.profile), g.virt_shift, WalkBounds(retries=2), fake_pause
+    )
+    assert result.attempts == 3 and pauses == [1]
+    assert result.paused_seconds == 0.001
+    assert any("next->prev" in e for e in result.errors)
+
+
+def test_clean_walk_never_pauses() -> None:
+    g = standard_guest()
+    called: list[int] = []
+
+    @contextmanager
+    def fake_pause() -> Iterator[PauseRecord]:
+        called.append(1)
+        yield PauseRecord()
+
+    space = AddressSpace(g.memory, g.root, g.levels)
+    result = walk_guest(space, KernelLayout.from_profile(g.profile), g.virt_shift, None, fake_pause)
+    assert result.complete and called == [] and result.attempts == 1
+
+
+def test_walk_once_with_wrong_shift_reports_instead_of_raising() -> None:
+    g = standard_guest()
+    space = AddressSpace(g.memory, g.root, g.levels)
+    result = walk_once(
+        space, KernelLayout.from_profile(g.profile), g.virt_shift + (2 << 20), WalkBounds()
+    )
+    assert result.tasks == [] and any("init_task" in e for e in result.errors)
+
+
+def test_kaslr_of_the_fake_matches_its_construction() -> None:
+    g = standard_guest()
+    loc = from_vmcoreinfo(g.memory, g.profile)
+    assert loc is not None
+    assert (loc.virt_shift, loc.phys_base, loc.root) == (g.virt_shift, g.phys_base, g.root)

@@ -1,0 +1,490 @@
+"""A synthetic guest in a byte buffer: page tables, a kernel image with KASLR, a VMCOREINFO note,
+tasks, creds, fd tables, files, sockets and the socket hash tables, laid out from a synthetic
+profile whose offsets differ from any real kernel's (so nothing hard-coded can pass).
+
+Built only with the public layout facts (profile offsets) and the kernel's hash functions; the
+tests then check that the walkers read back what was built.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, IPAddress
+from xfgate.vmi import jhash
+from xfgate.vmi.kaslr import START_KERNEL_MAP
+from xfgate.vmi.memory import BufferMemory
+from xfgate.vmi.profile import Member, Profile, StructLayout
+
+DIRECT_MAP = 0xFFFF888000000000  # where the fake kernel maps all physical memory (2 MiB pages)
+TEXT_LINK = 0xFFFFFFFF81000000
+BANNER = "Linux version 6.1.0-fake (fake@example) #1 SMP PREEMPT_DYNAMIC Debian 6.1.0-1\n"
+RELEASE = "6.1.0-fake"
+
+MB = 1 << 20
+
+
+def _layout(name: str, size: int, members: dict[str, tuple[int, str, int]]) -> StructLayout:
+    return StructLayout(name, size, {k: Member(o, t, s) for k, (o, t, s) in members.items()})
+
+
+P = "pointer"
+U32 = "unsigned int"
+
+
+def synthetic_structs() -> dict[str, StructLayout]:
+    """Offsets deliberately unlike 6.1's (tasks 2192, pid 2416, ...)."""
+    return {
+        s.name: s
+        for s in [
+            _layout(
+                "task_struct",
+                0x600,
+                {
+                    "tasks": (0x120, "struct list_head", 16),
+                    "pid": (0x200, "int", 4),
+                    "tgid": (0x204, "int", 4),
+                    "real_parent": (0x210, P, 8),
+                    "parent": (0x218, P, 8),
+                    "real_cred": (0x2A0, P, 8),
+                    "cred": (0x2A8, P, 8),
+                    "comm": (0x2B8, "array", 16),
+                    "files": (0x300, P, 8),
+                },
+            ),
+            _layout(
+                "cred", 0x60, {"uid": (0x8, "struct anon", 4), "euid": (0x18, "struct anon", 4)}
+            ),
+            _layout("files_struct", 0x80, {"fdt": (0x28, P, 8)}),
+            _layout("fdtable", 0x30, {"max_fds": (0x0, U32, 4), "fd": (0x10, P, 8)}),
+            _layout(
+                "file",
+                0x120,
+                {"f_inode": (0x18, P, 8), "f_op": (0x30, P, 8), "private_data": (0xD0, P, 8)},
+            ),
+            _layout("socket", 0x40, {"sk": (0x20, P, 8)}),
+            _layout(
+                "sock_common",
+                0x90,
+                {
+                    "skc_daddr": (0, "unsigned int", 4),
+                    "skc_rcv_saddr": (4, "unsigned int", 4),
+                    "skc_hash": (8, U32, 4),
+                    "skc_dport": (12, "short unsigned int", 2),
+                    "skc_num": (14, "short unsigned int", 2),
+                    "skc_family": (16, "short unsigned int", 2),
+                    "skc_state": (18, "unsigned char", 1),
+                    "skc_net": (48, "struct anon", 8),
+                    "skc_v6_daddr": (56, "struct in6_addr", 16),
+                    "skc_v6_rcv_saddr": (72, "struct in6_addr", 16),
+                    "skc_listener": (96, P, 8),
+                    "skc_nulls_node": (112, "struct hlist_nulls_node", 16),
+                    "skc_node": (112, "struct hlist_node", 16),
+                },
+            ),
+            _layout(
+                "sock",
+                0x340,
+                {
+                    "__sk_common": (0, "struct sock_common", 0x90),
+                    "sk_type": (0x212, "short unsigned int", 2),
+                    "sk_protocol": (0x214, "short unsigned int", 2),
+                    "sk_uid": (0x238, "struct anon", 4),
+                },
+            ),
+            _layout(
+                "inet_hashinfo",
+                0x50,
+                {
+                    "ehash": (0, P, 8),
+                    "ehash_mask": (16, U32, 4),
+                    "lhash2_mask": (60, U32, 4),
+                    "lhash2": (64, P, 8),
+                },
+            ),
+            _layout(
+                "inet_listen_hashbucket",
+                16,
+                {
+                    "lock": (0, "struct spinlock", 4),
+                    "nulls_head": (8, "struct hlist_nulls_head", 8),
+                },
+            ),
+            _layout("udp_table", 24, {"hash": (0, P, 8), "mask": (16, U32, 4)}),
+            _layout("udp_hslot", 16, {"head": (0, "struct hlist_head", 8), "count": (8, "int", 4)}),
+            _layout("net", 0x200, {"hash_mix": (0x148, U32, 4)}),
+        ]
+    }
+
+
+# Link-time symbol addresses inside the fake kernel image (2 MiB from _text).
+SYMBOL_OFFSETS = {
+    "_text": 0,
+    "linux_banner": 0x10000,
+    "socket_file_ops": 0x11000,
+    "init_task": 0x20000,
+    "init_files": 0x21000,
+    "tcp_hashinfo": 0x22000,
+    "udp_table": 0x22100,
+    "init_net": 0x23000,
+    "inet_ehash_secret.3": 0x24000,
+    "inet6_ehash_secret.3": 0x24004,
+    "ipv6_hash_secret.2": 0x24008,
+    "init_top_pgt": 0x1F0000,
+}
+
+
+def synthetic_profile(banner: str = BANNER, release: str = RELEASE) -> Profile:
+    return Profile(
+        release=release,
+        banner=banner,
+        structs=synthetic_structs(),
+        symbols={k: TEXT_LINK + v for k, v in SYMBOL_OFFSETS.items()},
+        symbol_types={"init_task": "task_struct"},
+    )
+
+
+@dataclass
+class FakeTask:
+    address: int
+    pid: int
+    comm: str
+    uid: int
+    euid: int
+    ppid: int
+    files: int
+    fd_array: int
+    max_fds: int
+
+
+@dataclass
+class FakeGuest:
+    """Build with the add_* methods, then read through `memory` with `profile`."""
+
+    size: int = 16 * MB
+    levels: int = 4
+    virt_shift: int = 0x2E000000
+    phys_text: int = 0x600000
+    vmcoreinfo: bool = True
+    ehash_buckets: int = 64
+    lhash2_buckets: int = 16
+    udp_buckets: int = 32
+    secrets: tuple[int, int, int, int] = (0x1234ABCD, 0x0BADF00D, 0xC0FFEE11, 0x5EED5EED)
+    profile: Profile = field(default_factory=synthetic_profile)
+
+    def __post_init__(self) -> None:
+        self.buf = bytearray(self.size)
+        self.memory = BufferMemory(self.buf, "fake guest")
+        self.phys_base = self.phys_text - (TEXT_LINK + self.virt_shift - START_KERNEL_MAP)
+        self._next_table = 0x100000  # page tables from 1 MiB
+        self._next_obj = 0x900000  # objects (slab) from 9 MiB
+        self.root = self.symbol_paddr("init_top_pgt")
+        self.tasks: list[FakeTask] = []
+        self._build_paging()
+        self._write_bytes(self.sym("linux_banner"), self.profile.banner.encode() + b"\0")
+        self._build_init_task()
+        self._build_hash_tables()
+        if self.vmcoreinfo:
+            self._write_vmcoreinfo()
+
+    # -- addresses -------------------------------------------------------------------------------
+
+    def sym(self, name: str) -> int:
+        """Runtime virtual address of a symbol."""
+        return self.profile.symbol(name) + self.virt_shift
+
+    def symbol_paddr(self, name: str) -> int:
+        return self.profile.symbol(name) + self.virt_shift - START_KERNEL_MAP + self.phys_base
+
+    def pa(self, vaddr: int) -> int:
+        """Physical address of a fake kernel virtual address (image or direct map)."""
+        if vaddr >= START_KERNEL_MAP:
+            return vaddr - START_KERNEL_MAP + self.phys_base
+        if DIRECT_MAP <= vaddr < DIRECT_MAP + self.size:
+            return vaddr - DIRECT_MAP
+        raise ValueError(f"{vaddr:#x} is not mapped in the fake guest")
+
+    def off(self, struct_name: str, member: str) -> int:
+        return self.profile.offset(struct_name, member)
+
+    def w(self, vaddr: int, fmt: str, *values: int) -> None:
+        struct.pack_into(fmt, self.buf, self.pa(vaddr), *values)
+
+    def _write_bytes(self, vaddr: int, data: bytes) -> None:
+        p = self.pa(vaddr)
+        self.buf[p : p + len(data)] = data
+
+    def alloc(self, size: int, align: int = 64) -> int:
+        """A zeroed object in the direct map (virtual address)."""
+        self._next_obj = (self._next_obj + align - 1) & ~(align - 1)
+        p = self._next_obj
+        self._next_obj += size
+        if self._next_obj > self.size:
+            raise MemoryError("fake guest full")
+        return DIRECT_MAP + p
+
+    # -- paging ----------------------------------------------------------------------------------
+
+    def _table(self) -> int:
+        p = self._next_table
+        self._next_table += 0x1000
+        return p
+
+    def _entry(self, table: int, index: int) -> int:
+        value: int = struct.unpack_from("<Q", self.buf, table + index * 8)[0]
+        return value
+
+    def _next_level(self, table: int, index: int) -> int:
+        e = self._entry(table, index)
+        if e & 1:
+            return e & 0x000FFFFFFFFFF000
+        t = self._table()
+        struct.pack_into("<Q", self.buf, table + index * 8, t | 0x63)
+        return t
+
+    def map_page(self, vaddr: int, paddr: int, page_size: int = 0x1000) -> None:
+        table = self.root
+        shifts = [48, 39] if self.levels == 5 else [39]
+        for s in shifts:
+            table = self._next_level(table, (vaddr >> s) & 0x1FF)
+        if page_size == 1 << 30:
+            struct.pack_into("<Q", self.buf, table + ((vaddr >> 30) & 0x1FF) * 8, paddr | 0xE3)
+            return
+        table = self._next_level(table, (vaddr >> 30) & 0x1FF)
+        if page_size == 1 << 21:
+            struct.pack_into("<Q", self.buf, table + ((vaddr >> 21) & 0x1FF) * 8, paddr | 0xE3)
+            return
+        table = self._next_level(table, (vaddr >> 21) & 0x1FF)
+        struct.pack_into("<Q", self.buf, table + ((vaddr >> 12) & 0x1FF) * 8, paddr | 0x63)
+
+    def _build_paging(self) -> None:
+        # Kernel image: 4 KiB pages (exercises the full walk), 2 MiB of it.
+        text = TEXT_LINK + self.virt_shift
+        for off in range(0, 2 * MB, 0x1000):
+            self.map_page(text + off, self.phys_text + off)
+        # Direct map: 2 MiB pages over all memory.
+        for off in range(0, self.size, 2 * MB):
+            self.map_page(DIRECT_MAP + off, off, 2 * MB)
+
+    def _write_vmcoreinfo(self) -> None:
+        text = (
+            f"OSRELEASE={self.profile.release}\nPAGESIZE=4096\n"
+            f"SYMBOL(swapper_pg_dir)={self.sym('init_top_pgt'):x}\n"
+            f"SYMBOL(_stext)={self.sym('_text'):x}\n"
+            f"NUMBER(phys_base)={self.phys_base}\n"
+            f"NUMBER(pgtable_l5_enabled)={1 if self.levels == 5 else 0}\n"
+            f"KERNELOFFSET={self.virt_shift:x}\n"
+        ).encode()
+        self.buf[0x80000 : 0x80000 + len(text) + 1] = text + b"\0"
+
+    # -- tasks -----------------------------------------------------------------------------------
+
+    def _build_init_task(self) -> None:
+        t = self.sym("init_task")
+        head = t + self.off("task_struct", "tasks")
+        self.w(head, "<QQ", head, head)  # empty list: next = prev = head
+        self.w(t + self.off("task_struct", "files"), "<Q", self.sym("init_files"))
+        self._write_bytes(t + self.off("task_struct", "comm"), b"swapper/0\0")
+        cred = self.alloc(0x60)
+        self.w(t + self.off("task_struct", "real_cred"), "<Q", cred)
+
+    def add_task(
+        self,
+        pid: int,
+        comm: str,
+        uid: int = 0,
+        euid: int | None = None,
+        parent: int = 0,
+        max_fds: int = 64,
+        with_files: bool = True,
+    ) -> int:
+        """A thread-group leader appended to init_task.tasks; returns its address."""
+        t = self.alloc(0x600)
+        ts = "task_struct"
+        self.w(t + self.off(ts, "pid"), "<ii", pid, pid)
+        parent = parent or self.sym("init_task")
+        self.w(t + self.off(ts, "real_parent"), "<QQ", parent, parent)
+        cred = self.alloc(0x60)
+        self.w(cred + self.off("cred", "uid"), "<I", uid)
+        self.w(cred + self.off("cred", "euid"), "<I", uid if euid is None else euid)
+        self.w(t + self.off(ts, "real_cred"), "<QQ", cred, cred)
+        self._write_bytes(t + self.off(ts, "comm"), comm.encode()[:15] + b"\0")
+        files = fd_array = 0
+        if with_files:
+            files = self.alloc(0x80)
+            fdt = self.alloc(0x30)
+            fd_array = self.alloc(max_fds * 8)
+            self.w(files + self.off("files_struct", "fdt"), "<Q", fdt)
+            self.w(fdt + self.off("fdtable", "max_fds"), "<I", max_fds)
+            self.w(fdt + self.off("fdtable", "fd"), "<Q", fd_array)
+        self.w(t + self.off(ts, "files"), "<Q", files)
+        self._list_add_tail(t + self.off(ts, "tasks"))
+        ppid = 0 if parent == self.sym("init_task") else self.task_at(parent).pid
+        self.tasks.append(
+            FakeTask(
+                t, pid, comm, uid, uid if euid is None else euid, ppid, files, fd_array, max_fds
+            )
+        )
+        return t
+
+    def task_at(self, address: int) -> FakeTask:
+        return next(t for t in self.tasks if t.address == address)
+
+    def _list_add_tail(self, node: int) -> None:
+        head = self.sym("init_task") + self.off("task_struct", "tasks")
+        prev = struct.unpack_from("<Q", self.buf, self.pa(head + 8))[0]
+        self.w(node, "<QQ", head, prev)
+        self.w(prev, "<Q", node)
+        self.w(head + 8, "<Q", node)
+
+    # -- sockets ---------------------------------------------------------------------------------
+
+    def new_sock(
+        self,
+        proto: int,
+        state: int,
+        local: str,
+        lport: int,
+        remote: str,
+        rport: int,
+        sk_uid: int = 0,
+        size: int = 0x340,
+    ) -> int:
+        sk = self.alloc(size)
+        loc, rem = ip_address(local), ip_address(remote)
+        sc = "sock_common"
+        if loc.version == 4:
+            self.w(sk + self.off(sc, "skc_family"), "<H", 2)
+            self._write_bytes(sk + self.off(sc, "skc_rcv_saddr"), loc.packed)
+            self._write_bytes(sk + self.off(sc, "skc_daddr"), rem.packed)
+        else:
+            self.w(sk + self.off(sc, "skc_family"), "<H", 10)
+            self._write_bytes(sk + self.off(sc, "skc_v6_rcv_saddr"), loc.packed)
+            self._write_bytes(sk + self.off(sc, "skc_v6_daddr"), rem.packed)
+            for v6, v4_member in ((loc, "skc_rcv_saddr"), (rem, "skc_daddr")):
+                assert isinstance(v6, IPv6Address)
+                if v6.ipv4_mapped is not None:
+                    self._write_bytes(sk + self.off(sc, v4_member), v6.ipv4_mapped.packed)
+        self.w(sk + self.off(sc, "skc_num"), "<H", lport)
+        self.w(sk + self.off(sc, "skc_dport"), ">H", rport)
+        self.w(sk + self.off(sc, "skc_state"), "<B", state)
+        self.w(sk + self.off(sc, "skc_net"), "<Q", self.sym("init_net"))
+        if size >= 0x340:
+            self.w(sk + self.off("sock", "sk_type"), "<HH", 1 if proto == IPPROTO_TCP else 2, proto)
+            self.w(sk + self.off("sock", "sk_uid"), "<I", sk_uid)
+        return sk
+
+    def add_fd(self, task: int, fd: int, sk: int, socket_file: bool = True) -> int:
+        """Put a file for `sk` at `fd` of `task`'s table; returns the struct file."""
+        fake = self.task_at(task)
+        file = self.alloc(0x120)
+        sock = self.alloc(0x40)
+        self.w(sock + self.off("socket", "sk"), "<Q", sk)
+        f_op = self.sym("socket_file_ops") if socket_file else self.sym("socket_file_ops") + 0x100
+        self.w(file + self.off("file", "f_op"), "<Q", f_op)
+        self.w(file + self.off("file", "private_data"), "<Q", sock)
+        self.w(fake.fd_array + fd * 8, "<Q", file)
+        return file
+
+    # -- hash tables -----------------------------------------------------------------------------
+
+    def _build_hash_tables(self) -> None:
+        hi = self.sym("tcp_hashinfo")
+        self.ehash = self.alloc(self.ehash_buckets * 8)
+        for i in range(self.ehash_buckets):  # empty nulls lists end in (slot << 1) | 1
+            self.w(self.ehash + i * 8, "<Q", (i << 1) | 1)
+        self.lhash2 = self.alloc(self.lhash2_buckets * 16)
+        for i in range(self.lhash2_buckets):
+            self.w(self.lhash2 + i * 16 + 8, "<Q", (i << 1) | 1)
+        self.w(hi + self.off("inet_hashinfo", "ehash"), "<Q", self.ehash)
+        self.w(hi + self.off("inet_hashinfo", "ehash_mask"), "<I", self.ehash_buckets - 1)
+        self.w(hi + self.off("inet_hashinfo", "lhash2"), "<Q", self.lhash2)
+        self.w(hi + self.off("inet_hashinfo", "lhash2_mask"), "<I", self.lhash2_buckets - 1)
+        self.udp_hash = self.alloc(self.udp_buckets * 16)
+        ut = self.sym("udp_table")
+        self.w(ut + self.off("udp_table", "hash"), "<Q", self.udp_hash)
+        self.w(ut + self.off("udp_table", "mask"), "<I", self.udp_buckets - 1)
+        mix, e4, e6, v6 = self.secrets
+        self.w(self.sym("init_net") + self.off("net", "hash_mix"), "<I", mix)
+        self.w(self.sym("inet_ehash_secret.3"), "<I", e4)
+        self.w(self.sym("inet6_ehash_secret.3"), "<I", e6)
+        self.w(self.sym("ipv6_hash_secret.2"), "<I", v6)
+
+    def _push(self, head: int, sk: int) -> None:
+        node = sk + self.off("sock_common", "skc_nulls_node")
+        first = struct.unpack_from("<Q", self.buf, self.pa(head))[0]
+        self.w(node, "<Q", first)
+        self.w(head, "<Q", node)
+
+    def hash_established(self, sk: int, local: str, lport: int, remote: str, rport: int) -> int:
+        """Insert into ehash where the kernel would (inet_ehashfn/inet6_ehashfn)."""
+        mix, e4, e6, v6 = self.secrets
+        loc, rem = ip_address(local), ip_address(remote)
+        if isinstance(loc, IPv6Address) and loc.ipv4_mapped is not None:
+            assert isinstance(rem, IPv6Address) and rem.ipv4_mapped is not None
+            loc, rem = loc.ipv4_mapped, rem.ipv4_mapped
+        if loc.version == 4:
+            key = jhash.inet_ehashfn(loc.packed, lport, rem.packed, rport, (e4 + mix) & jhash.M32)
+        else:
+            key = jhash.inet6_ehashfn(loc.packed, lport, rem.packed, rport, e6, v6, mix)
+        self.w(sk + self.off("sock_common", "skc_hash"), "<I", key)
+        slot = key & (self.ehash_buckets - 1)
+        self._push(self.ehash + slot * 8, sk)
+        return slot
+
+    def hash_listener(self, sk: int, local: str, lport: int) -> None:
+        mix = self.secrets[0]
+        loc = ip_address(local)
+        if loc.version == 4:
+            key = jhash.ipv4_portaddr_hash(loc.packed, lport, mix)
+        else:
+            key = jhash.ipv6_portaddr_hash(loc.packed, lport, mix)
+        slot = key & (self.lhash2_buckets - 1)
+        self._push(self.lhash2 + slot * 16 + 8, sk)
+
+    def hash_udp(self, sk: int, lport: int) -> None:
+        slot = (lport + self.secrets[0]) & (self.udp_buckets - 1)
+        node = sk + self.off("sock_common", "skc_node")
+        head = self.udp_hash + slot * 16
+        first = struct.unpack_from("<Q", self.buf, self.pa(head))[0]
+        self.w(node, "<Q", first)  # plain hlist: NULL-terminated
+        self.w(head, "<Q", node)
+
+    def set_request_listener(self, req: int, listener: int) -> None:
+        self.w(req + self.off("sock_common", "skc_listener"), "<Q", listener)
+
+
+def standard_guest(levels: int = 4) -> FakeGuest:
+    """A small guest: init, a root web server (listening v4 + v6 + one established conn),
+    alice's client, bob's UDP resolver, and a kernel thread."""
+    g = FakeGuest(levels=levels)
+    init = g.add_task(1, "init")
+    g.add_task(2, "kthreadd", with_files=False)
+    web = g.add_task(100, "httpd", parent=init)
+    lst = g.new_sock(IPPROTO_TCP, 10, "0.0.0.0", 80, "0.0.0.0", 0)
+    g.hash_listener(lst, "0.0.0.0", 80)
+    g.add_fd(web, 3, lst)
+    lst6 = g.new_sock(IPPROTO_TCP, 10, "::", 8080, "::", 0)
+    g.hash_listener(lst6, "::", 8080)
+    g.add_fd(web, 4, lst6)
+    conn = g.new_sock(IPPROTO_TCP, 1, "198.18.1.1", 80, "198.18.0.1", 40000)
+    g.hash_established(conn, "198.18.1.1", 80, "198.18.0.1", 40000)
+    g.add_fd(web, 5, conn)
+    alice = g.add_task(200, "curl", uid=1000, parent=init)
+    c6 = g.new_sock(IPPROTO_TCP, 1, "2001:2::1:1", 51000, "2001:2::1", 443, sk_uid=1000)
+    g.hash_established(c6, "2001:2::1:1", 51000, "2001:2::1", 443)
+    g.add_fd(alice, 3, c6)
+    bob = g.add_task(300, "resolver", uid=1001, euid=0, parent=init)
+    u = g.new_sock(IPPROTO_UDP, 7, "0.0.0.0", 5353, "0.0.0.0", 0, sk_uid=1001)
+    g.hash_udp(u, 5353)
+    g.add_fd(bob, 7, u)
+    g.add_fd(bob, 8, g.new_sock(IPPROTO_TCP, 1, "1.1.1.1", 1, "1.1.1.1", 2), socket_file=False)
+    return g
+
+
+def addr(text: str) -> IPAddress:
+    a = ip_address(text)
+    assert isinstance(a, IPv4Address | IPv6Address)
+    return a
