@@ -1,12 +1,151 @@
-"""Subcommands of the lab subsystem (placeholder until its issue lands)."""
+"""`xfgate lab ...`: the demo lab (a QEMU guest behind a bridge in network namespaces)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
 from typing import Any
+
+from xfgate.errors import ConfigError, GuestNotRunning
+from xfgate.lab import lab
+from xfgate.lab.control import GuestResult, run_in_guest
+from xfgate.lab.layout import LabLayout, layout_from_env
+from xfgate.lab.truth import TRUTH_SCRIPT, Truth, parse_truth
+
+
+def guest_exec(layout: LabLayout, domain: int, command: str, timeout: float = 30.0) -> GuestResult:
+    """Runs a shell command as root in a lab guest (tests and operators only)."""
+    state = lab.read_state(layout)
+    if state is None or domain not in state.domains:
+        raise GuestNotRunning(domain, f"lab {layout.prefix} has no such guest: `xfgate lab up`")
+    return run_in_guest(
+        layout.ctl_socket(domain), layout.ctl_lock(domain), command, timeout, domain
+    )
+
+
+def guest_truth(layout: LabLayout, domain: int) -> Truth:
+    """What the guest's own /proc says about its processes and inet sockets."""
+    # timeout 0: no `timeout` wrapper in the guest, whose process would show up in the truth.
+    result = guest_exec(layout, domain, TRUTH_SCRIPT, timeout=0)
+    return parse_truth(result.output.decode(errors="replace"))
+
+
+def _layout(args: argparse.Namespace) -> LabLayout:
+    return layout_from_env(args.prefix)
+
+
+def _up(args: argparse.Namespace) -> int:
+    result = lab.lab_up(
+        _layout(args),
+        domains=args.domains,
+        kernel_package=args.kernel_package,
+        boot_timeout=args.timeout,
+        force=args.force,
+    )
+    for dom in result.domains:
+        print(f"domain {dom.id}: {dom.name} vif {dom.vifs[0]} {' '.join(dom.addresses)}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    lab.lab_down(_layout(args), force=args.force)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = lab.lab_status(_layout(args))
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    return 0 if status["status"] == "up" else 1
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [f"lab {status['prefix']}: {status['status']}"]
+    if status["status"] == "foreign":
+        lines.append("  namespaces exist without lab state: `xfgate lab down --force`")
+    if "kernel_package" in status:
+        lines.append(f"  kernel {status['kernel_package']} ({status['kernel_release']})")
+        peers = "running" if status["peers_running"] else "NOT running"
+        lines.append(f"  client peers pid {status['peers_pid']} {peers}")
+    for ns, present in status["netns"].items():
+        lines.append(f"  netns {ns}: {'present' if present else 'absent'}")
+    for d in status["domains"]:
+        run = "running" if d["running"] else "NOT running"
+        lines.append(
+            f"  domain {d['id']} {d['name']}: qemu {d['qemu_pid']} {run}, {d['vif']}, "
+            f"{' '.join(d['addresses'])}, ram {d['ram']}"
+        )
+    return "\n".join(lines)
+
+
+def _exec(args: argparse.Namespace) -> int:
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise ConfigError("nothing to run: xfgate lab exec --domain D -- CMD ...")
+    text = command[0] if len(command) == 1 else shlex.join(command)
+    result = guest_exec(_layout(args), args.domain, text, args.timeout)
+    sys.stdout.buffer.write(result.output)
+    sys.stdout.flush()
+    return result.returncode
+
+
+def _truth(args: argparse.Namespace) -> int:
+    truth = guest_truth(_layout(args), args.domain)
+    if args.json:
+        print(json.dumps(truth.to_json(), indent=2))
+        return 0
+    print(f"{'PID':>6} {'PPID':>6} {'UID':>5} {'EUID':>5} COMM")
+    for p in truth.processes:
+        print(f"{p.pid:>6} {p.ppid:>6} {p.uid:>5} {p.euid:>5} {p.comm}")
+    print(f"\n{'PID':>6} {'FD':>4} PROTO LOCAL -> REMOTE STATE")
+    for s in truth.sockets:
+        print(
+            f"{s.pid:>6} {s.fd:>4} {s.proto}{s.family} {s.local}:{s.lport} -> "
+            f"{s.remote}:{s.rport} {s.state}"
+        )
+    return 0
 
 
 def register(sub: Any) -> None:
-    """Add this subsystem's subcommands to the top-level parser's subparsers."""
-    _ = sub
-    _ = argparse
+    """Add `lab` and its subcommands to the top-level parser's subparsers."""
+    p = sub.add_parser("lab", help="the demo lab: a QEMU guest behind a bridge, in namespaces")
+    p.add_argument(
+        "--prefix",
+        help="lab instance name prefix (default $XFGATE_LAB_PREFIX or 'xfgate'): "
+        "a second, private lab uses other namespace and file names",
+    )
+    lsub = p.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+
+    up = lsub.add_parser("up", help="build assets if needed, boot the guest(s), start the peers")
+    up.add_argument("--domains", type=int, default=1, help="number of guests (1..N)")
+    up.add_argument(
+        "--kernel-package",
+        help="Debian 12 kernel image package (default: what linux-image-amd64 depends on), "
+        "e.g. linux-image-cloud-amd64",
+    )
+    up.add_argument("--timeout", type=float, default=lab.DEFAULT_BOOT_TIMEOUT, help="boot bound, s")
+    up.add_argument("--force", action="store_true", help="remove unrecorded leftovers first")
+    up.set_defaults(handler=_up)
+
+    down = lsub.add_parser("down", help="stop and remove everything the lab created")
+    down.add_argument("--force", action="store_true", help="also remove unrecorded namespaces")
+    down.set_defaults(handler=_down)
+
+    status = lsub.add_parser("status", help="what is up (exit 0 only if fully up)")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_status)
+
+    ex = lsub.add_parser("exec", help="run a shell command as root in a guest (lab only)")
+    ex.add_argument("--domain", type=int, default=1)
+    ex.add_argument("--timeout", type=float, default=30.0)
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ...")
+    ex.set_defaults(handler=_exec)
+
+    tr = lsub.add_parser("truth", help="the guest's own view of processes and sockets (tests)")
+    tr.add_argument("--domain", type=int, default=1)
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(handler=_truth)

@@ -1,0 +1,544 @@
+"""`xfgate lab up | down | status`: the demo lab's life cycle. Orchestration only; the pieces
+(assets, network, qemu, control channel) live in their own modules.
+
+The lab's state (what it created: pids, names, kernel) is a JSON file in its run dir, written
+before anything is created, so `down` can always find and remove a half-built lab.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xfgate.config import (
+    DomainConfig,
+    KernelConfig,
+    MemoryConfig,
+    QmpConfig,
+    domains_file_path,
+    load_domains,
+    save_domains,
+)
+from xfgate.errors import LabError, PrerequisiteError
+from xfgate.lab import netns as labnet
+from xfgate.lab.assets import KernelAssets, ensure_assets, resolve_kernel_package
+from xfgate.lab.layout import (
+    GUEST_RAM_MB,
+    MAX_DOMAINS,
+    LabLayout,
+    guest_mac,
+    guest_v4,
+    guest_v6,
+    vif_name,
+)
+from xfgate.lab.qemu import GuestSpec, is_our_qemu, start_qemu, stop_qemu
+
+Log = Callable[[str], None]
+READY_MARK = "XFGATE-READY"
+SERVICE_PORTS_V4 = (80, 8080, 8000)
+SERVICE_PORT_V6 = 9000
+REQUIRED_PROGRAMS = ("qemu-system-x86_64", "ip", "iptables", "apt-get", "dpkg-deb", "modinfo")
+DEFAULT_BOOT_TIMEOUT = 90.0
+
+
+# ---- prerequisites ---------------------------------------------------------------------------
+
+
+def prerequisite_problems(euid: int, which: Callable[[str], str | None]) -> list[str]:
+    """What is missing to run a lab, as actionable sentences (pure: inputs injected)."""
+    problems = []
+    if euid != 0:
+        problems.append(
+            "must run as root (the lab creates network namespaces, taps and /dev/shm files)"
+        )
+    missing = [p for p in REQUIRED_PROGRAMS if which(p) is None]
+    if missing:
+        problems.append(f"missing program(s): {', '.join(missing)}; run scripts/bootstrap.sh")
+    return problems
+
+
+def check_prerequisites() -> None:
+    problems = prerequisite_problems(os.geteuid(), shutil.which)
+    if problems:
+        raise PrerequisiteError("; ".join(problems))
+
+
+# ---- state -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LabState:
+    prefix: str
+    domains: list[int]
+    kernel_package: str = ""
+    kernel_release: str = ""
+    assets: str = ""
+    phase: str = "starting"  # starting | up
+    peers_pid: int = 0
+    qemu_pids: dict[str, int] = field(default_factory=dict)  # JSON keys are strings
+    domains_file: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def qemu_pid(self, domain: int) -> int:
+        return self.qemu_pids.get(str(domain), 0)
+
+
+def read_state(layout: LabLayout) -> LabState | None:
+    try:
+        data = json.loads(layout.state_path.read_text())
+        return LabState(**data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as e:
+        raise LabError(
+            f"lab state {layout.state_path} is unreadable ({e}): run `xfgate lab down --force`"
+        ) from e
+
+
+def write_state(layout: LabLayout, state: LabState) -> None:
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = layout.state_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=2))
+    os.replace(tmp, layout.state_path)
+
+
+@contextmanager
+def lab_lock(layout: LabLayout) -> Iterator[None]:
+    """One up/down at a time per lab (tests in parallel sessions share the default lab)."""
+    layout.base_run_dir.mkdir(parents=True, exist_ok=True)
+    with layout.lock_path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+# ---- processes we own ------------------------------------------------------------------------
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def is_our_peers(pid: int, layout: LabLayout) -> bool:
+    args = _cmdline(pid) if pid > 0 else []
+    return "xfgate.lab.peers" in args and str(layout.peers_stats_path) in args
+
+
+def find_lab_qemus(layout: LabLayout) -> dict[int, Path]:
+    """qemu pid -> RAM file, for every qemu whose RAM file carries this lab's prefix
+    (also finds orphans a crashed `up` never recorded)."""
+    pattern = re.compile(r"mem-path=(/dev/shm/" + re.escape(layout.prefix) + r"-guest\d+\.mem),")
+    found = {}
+    for pid in _pids():
+        args = _cmdline(pid)
+        if args and args[0].endswith("qemu-system-x86_64"):
+            for a in args:
+                m = pattern.search(a + ",") if "mem-path=" in a else None
+                if m:
+                    found[pid] = Path(m.group(1))
+    return found
+
+
+def find_lab_peers(layout: LabLayout) -> list[int]:
+    return [pid for pid in _pids() if is_our_peers(pid, layout)]
+
+
+def stop_pid(pid: int, still_ours: Callable[[int], bool], grace: float = 3.0) -> None:
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 3.0)):
+        if not still_ours(pid):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and still_ours(pid):
+            time.sleep(0.05)
+
+
+def start_peers(layout: LabLayout) -> int:
+    log = layout.peers_log_path.open("ab")
+    argv = ["ip", "netns", "exec", layout.client_netns, sys.executable, "-m", "xfgate.lab.peers"]
+    argv += ["--stats", str(layout.peers_stats_path)]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+    )
+    log.close()
+    # `ip netns exec` execs the program: proc.pid is the peers process itself.
+    return proc.pid
+
+
+def read_peer_stats(layout: LabLayout) -> dict[str, Any]:
+    try:
+        data = json.loads(layout.peers_stats_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# ---- readiness -------------------------------------------------------------------------------
+
+
+def serial_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no serial log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def client_http_get(layout: LabLayout, host: str, port: int, timeout: float = 3.0) -> str | None:
+    """Body of http://host:port/ fetched from inside the client netns, or None."""
+    argv = [sys.executable, "-I", "-m", "xfgate.lab.probe", host, str(port), str(timeout)]
+    env_cwd = Path(__file__).resolve().parents[2]  # -I ignores PYTHONPATH: run from the repo
+    try:
+        r = subprocess.run(
+            ["ip", "netns", "exec", layout.client_netns, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout + 10,
+            cwd=env_cwd,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def service_endpoints(domain: int) -> list[tuple[str, int]]:
+    v4 = str(guest_v4(domain))
+    return [(v4, p) for p in SERVICE_PORTS_V4] + [(str(guest_v6(domain)), SERVICE_PORT_V6)]
+
+
+def wait_guest_ready(layout: LabLayout, domain: int, pid: int, deadline: float, log: Log) -> None:
+    """Until the guest's init says READY and every service answers the client; bounded."""
+    serial = layout.serial_log(domain)
+    ram = layout.ram_path(domain)
+    pending = service_endpoints(domain)
+    ready_seen = False
+
+    def fail(why: str) -> LabError:
+        return LabError(f"guest{domain} {why}. Last lines of {serial}:\n{serial_tail(serial)}")
+
+    while pending:
+        if time.monotonic() > deadline:
+            waiting = f"services {pending}" if ready_seen else "its init to say READY"
+            raise fail(f"not ready in time (waiting for {waiting})")
+        if not is_our_qemu(pid, ram):
+            raise fail("stopped: qemu exited (kernel panic or bad command line?)")
+        if not ready_seen:
+            with suppress(OSError):
+                ready_seen = READY_MARK in serial.read_text(errors="replace")
+            if not ready_seen:
+                time.sleep(0.2)
+                continue
+        host, port = pending[0]
+        if client_http_get(layout, host, port, timeout=2.0) is not None:
+            pending.pop(0)
+        else:
+            time.sleep(0.2)
+    endpoints = ", ".join(f"{h}:{p}" for h, p in service_endpoints(domain))
+    log(f"guest{domain}: services answering on {endpoints}")
+
+
+# ---- domains file ----------------------------------------------------------------------------
+
+
+def domain_config(
+    layout: LabLayout, domain: int, qemu_pid: int, assets: KernelAssets
+) -> DomainConfig:
+    return DomainConfig(
+        id=domain,
+        name=f"guest{domain}",
+        vifs=(vif_name(domain),),
+        memory=MemoryConfig(backend="qemu-shm", path=str(layout.ram_path(domain))),
+        qmp=QmpConfig(socket=str(layout.qmp_socket(domain)), pid=qemu_pid),
+        kernel=KernelConfig(package=assets.package, release=assets.release, assets=str(assets.dir)),
+        netns=layout.dom0_netns,
+        addresses=(str(guest_v4(domain)), str(guest_v6(domain))),
+    )
+
+
+def is_lab_domain(layout: LabLayout, dom: DomainConfig) -> bool:
+    return dom.memory.path.startswith(f"/dev/shm/{layout.prefix}-guest")
+
+
+# ---- up / down / status ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpResult:
+    already_up: bool
+    state: LabState
+    domains: tuple[DomainConfig, ...]
+
+
+def health_problems(
+    layout: LabLayout, state: LabState, want_domains: int, want_package: str | None
+) -> list[str]:
+    """Why a recorded lab is not fully up as requested (empty list: healthy)."""
+    problems = []
+    if state.phase != "up":
+        problems.append(f"the previous `lab up` did not finish (phase {state.phase})")
+    if state.domains != list(range(1, want_domains + 1)):
+        problems.append(f"it runs domains {state.domains}, {want_domains} requested")
+    if want_package and want_package != state.kernel_package:
+        problems.append(f"it runs {state.kernel_package}, {want_package} requested")
+    for ns in (layout.dom0_netns, layout.client_netns):
+        if not labnet.netns_exists(ns):
+            problems.append(f"netns {ns} is gone")
+    if not is_our_peers(state.peers_pid, layout):
+        problems.append("the client peers process is gone")
+    for d in state.domains:
+        if not is_our_qemu(state.qemu_pid(d), layout.ram_path(d)):
+            problems.append(f"qemu of guest{d} (pid {state.qemu_pid(d)}) is not running")
+    if problems:
+        return problems
+    for d in state.domains:
+        if client_http_get(layout, str(guest_v4(d)), 80, timeout=3.0) is None:
+            problems.append(f"guest{d}'s web server does not answer the client")
+    return problems
+
+
+def foreign_leftovers(layout: LabLayout) -> list[str]:
+    names = [ns for ns in (layout.dom0_netns, layout.client_netns) if labnet.netns_exists(ns)]
+    return [f"netns {ns}" for ns in names]
+
+
+def lab_up(
+    layout: LabLayout,
+    domains: int = 1,
+    kernel_package: str | None = None,
+    boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+    force: bool = False,
+    log: Log = print,
+) -> UpResult:
+    check_prerequisites()
+    if not 1 <= domains <= MAX_DOMAINS:
+        raise LabError(f"--domains must be 1..{MAX_DOMAINS}, got {domains}")
+    want_package = resolve_kernel_package(kernel_package, log) if kernel_package else None
+    with lab_lock(layout):
+        state = read_state(layout)
+        if state is not None:
+            problems = health_problems(layout, state, domains, want_package)
+            if not problems:
+                what = f"domains {state.domains}, {state.kernel_package}"
+                log(f"lab {layout.prefix} already up: {what}")
+                return UpResult(True, state, _lab_domain_configs(layout, state))
+            log(
+                "lab is not fully up (" + "; ".join(problems) + "): tearing it down, starting again"
+            )
+            _down_locked(layout, force=True, log=log)
+        else:
+            leftovers = foreign_leftovers(layout)
+            if leftovers and not force:
+                raise LabError(
+                    f"{', '.join(leftovers)} exist(s) but no lab state ({layout.state_path}): "
+                    "not created by `xfgate lab up`, or by a crashed one. Remove with "
+                    f"`xfgate lab down --force` (prefix {layout.prefix}) or pick another "
+                    "lab with --prefix/$XFGATE_LAB_PREFIX"
+                )
+            if leftovers or find_lab_qemus(layout):
+                log("removing leftovers of an earlier lab")
+                _down_locked(layout, force=True, log=log)
+        return _up_locked(layout, domains, want_package or kernel_package, boot_timeout, log)
+
+
+def _lab_domain_configs(layout: LabLayout, state: LabState) -> tuple[DomainConfig, ...]:
+    known = load_domains()
+    return tuple(known[d] for d in state.domains if d in known)
+
+
+def _up_locked(
+    layout: LabLayout, domains: int, package: str | None, boot_timeout: float, log: Log
+) -> UpResult:
+    t0 = time.monotonic()
+    assets = ensure_assets(package, log)
+    t_assets = time.monotonic()
+    ids = list(range(1, domains + 1))
+    state = LabState(
+        prefix=layout.prefix,
+        domains=ids,
+        kernel_package=assets.package,
+        kernel_release=assets.release,
+        assets=str(assets.dir),
+        domains_file=str(domains_file_path()),
+    )
+    shutil.rmtree(layout.run_dir, ignore_errors=True)
+    write_state(layout, state)
+    try:
+        labnet.create_network(layout)
+        state.peers_pid = start_peers(layout)
+        write_state(layout, state)
+        for d in ids:
+            layout.guest_dir(d).mkdir(parents=True, exist_ok=True)
+            layout.ram_path(d).unlink(missing_ok=True)
+            labnet.add_vif(layout, vif_name(d))
+            spec = GuestSpec(
+                domain=d,
+                kernel=assets.vmlinuz,
+                initrd=assets.initramfs,
+                ram_path=layout.ram_path(d),
+                ram_mb=GUEST_RAM_MB,
+                vif=vif_name(d),
+                mac=guest_mac(d),
+                serial_log=layout.serial_log(d),
+                ctl_socket=layout.ctl_socket(d),
+                qmp_socket=layout.qmp_socket(d),
+                pidfile=layout.pidfile(d),
+            )
+            state.qemu_pids[str(d)] = start_qemu(spec, layout.dom0_netns)
+            write_state(layout, state)
+            log(f"guest{d}: qemu pid {state.qemu_pid(d)}, booting {assets.release}")
+        t_started = time.monotonic()
+        deadline = t_started + boot_timeout
+        for d in ids:
+            wait_guest_ready(layout, d, state.qemu_pid(d), deadline, log)
+        t_ready = time.monotonic()
+    except BaseException:
+        log("lab up failed: tearing down what was started")
+        _down_locked(layout, force=True, log=lambda _m: None)
+        raise
+    configs = tuple(domain_config(layout, d, state.qemu_pid(d), assets) for d in ids)
+    known = {k: v for k, v in load_domains().items() if not is_lab_domain(layout, v)}
+    known.update({c.id: c for c in configs})
+    save_domains(known)
+    state.phase = "up"
+    state.timings = {
+        "assets_s": round(t_assets - t0, 2),
+        "start_to_ready_s": round(t_ready - t_assets, 2),
+        "qemu_to_ready_s": round(t_ready - t_started, 2),
+        "total_s": round(time.monotonic() - t0, 2),
+    }
+    write_state(layout, state)
+    log(
+        f"lab {layout.prefix} up in {state.timings['total_s']:.1f} s "
+        f"(assets {state.timings['assets_s']:.1f} s, network+boot+services "
+        f"{state.timings['start_to_ready_s']:.1f} s); domains file {domains_file_path()}"
+    )
+    return UpResult(False, state, configs)
+
+
+def lab_down(layout: LabLayout, force: bool = False, log: Log = print) -> list[str]:
+    with lab_lock(layout):
+        return _down_locked(layout, force, log)
+
+
+def _down_locked(layout: LabLayout, force: bool, log: Log) -> list[str]:
+    """Removes everything the lab may have created; returns what it removed. Idempotent."""
+    state = read_state(layout) if layout.state_path.exists() else None
+    removed: list[str] = []
+    if state is None and not force:
+        leftovers = foreign_leftovers(layout)
+        if leftovers:
+            raise LabError(
+                f"{', '.join(leftovers)} exist(s) but no lab state ({layout.state_path}): "
+                "refusing to delete what this lab did not record; use `xfgate lab down --force`"
+            )
+    qemus = find_lab_qemus(layout)
+    if state is not None:
+        for d in state.domains:
+            pid = state.qemu_pid(d)
+            if pid and is_our_qemu(pid, layout.ram_path(d)):
+                qemus[pid] = layout.ram_path(d)
+    for pid, ram in sorted(qemus.items()):
+        if stop_qemu(pid, ram):
+            removed.append(f"qemu pid {pid}")
+    peers = set(find_lab_peers(layout))
+    if state is not None and is_our_peers(state.peers_pid, layout):
+        peers.add(state.peers_pid)
+    for pid in sorted(peers):
+        stop_pid(pid, lambda p: is_our_peers(p, layout))
+        removed.append(f"peers pid {pid}")
+    for ns in (layout.dom0_netns, layout.client_netns):
+        if labnet.delete_netns(ns):
+            removed.append(f"netns {ns}")
+    for ram in sorted(Path("/dev/shm").glob(f"{layout.prefix}-guest*.mem")):
+        ram.unlink(missing_ok=True)
+        removed.append(str(ram))
+    domains_file = Path(state.domains_file) if state and state.domains_file else None
+    for path in {domains_file or domains_file_path(), domains_file_path()}:
+        known = load_domains(path)
+        ours = [k for k, v in known.items() if is_lab_domain(layout, v)]
+        if ours:
+            save_domains({k: v for k, v in known.items() if k not in ours}, path)
+            removed.append(f"domains {ours} from {path}")
+    if layout.run_dir.exists():
+        shutil.rmtree(layout.run_dir)
+        removed.append(str(layout.run_dir))
+    log(f"lab {layout.prefix} down" + (f": removed {', '.join(removed)}" if removed else ""))
+    return removed
+
+
+def lab_status(layout: LabLayout) -> dict[str, Any]:
+    """What is up, for `lab status` (text and --json)."""
+    state = read_state(layout)
+    netns = {ns: labnet.netns_exists(ns) for ns in (layout.dom0_netns, layout.client_netns)}
+    if state is None:
+        return {
+            "prefix": layout.prefix,
+            "status": "down" if not any(netns.values()) else "foreign",
+            "netns": netns,
+            "domains": [],
+        }
+    domains = []
+    for d in state.domains:
+        pid = state.qemu_pid(d)
+        domains.append(
+            {
+                "id": d,
+                "name": f"guest{d}",
+                "qemu_pid": pid,
+                "running": is_our_qemu(pid, layout.ram_path(d)),
+                "vif": vif_name(d),
+                "addresses": [str(guest_v4(d)), str(guest_v6(d))],
+                "ram": str(layout.ram_path(d)),
+                "qmp": str(layout.qmp_socket(d)),
+                "serial_log": str(layout.serial_log(d)),
+            }
+        )
+    healthy = (
+        state.phase == "up"
+        and all(netns.values())
+        and is_our_peers(state.peers_pid, layout)
+        and all(x["running"] for x in domains)
+    )
+    return {
+        "prefix": layout.prefix,
+        "status": "up" if healthy else "broken",
+        "phase": state.phase,
+        "kernel_package": state.kernel_package,
+        "kernel_release": state.kernel_release,
+        "assets": state.assets,
+        "netns": netns,
+        "peers_pid": state.peers_pid,
+        "peers_running": is_our_peers(state.peers_pid, layout),
+        "peer_stats": read_peer_stats(layout),
+        "domains_file": state.domains_file,
+        "domains": domains,
+        "timings": state.timings,
+    }
+
+
+def lab_domain_ids(layout: LabLayout) -> Sequence[int]:
+    state = read_state(layout)
+    return state.domains if state else []

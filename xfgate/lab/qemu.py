@@ -1,0 +1,108 @@
+"""QEMU for a lab guest: the command line (pure), starting it daemonized, stopping it by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from xfgate.errors import LabError, PrerequisiteError
+
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """Everything that differs between two lab guests' command lines."""
+
+    domain: int
+    kernel: Path
+    initrd: Path
+    ram_path: Path
+    ram_mb: int
+    vif: str
+    mac: str
+    serial_log: Path
+    ctl_socket: Path
+    qmp_socket: Path
+    pidfile: Path
+
+
+def kernel_append(domain: int) -> str:
+    # KASLR stays on (Debian's default): no nokaslr. panic=-1 + -no-reboot: a panic stops qemu.
+    return f"console=ttyS0 panic=-1 loglevel=4 xfgate.domain={domain}"
+
+
+def qemu_argv(spec: GuestSpec) -> list[str]:
+    """The qemu command line. RAM is a shared file: file offset = guest physical address."""
+    size = f"{spec.ram_mb}M"
+    return [
+        QEMU,
+        "-name", f"guest{spec.domain}",
+        "-accel", "tcg",  # KVM-PVM on these hosts hangs a stock kernel
+        "-smp", "1",
+        "-m", size,
+        "-object", f"memory-backend-file,id=mem,size={size},mem-path={spec.ram_path},share=on",
+        "-machine", "pc,memory-backend=mem",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", kernel_append(spec.domain),
+        "-netdev", f"tap,id=n0,ifname={spec.vif},script=no,downscript=no",
+        "-device", f"virtio-net-pci,netdev=n0,mac={spec.mac}",
+        "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+        "-serial", f"file:{spec.serial_log}",
+        # Second UART: the lab-only control channel (/dev/ttyS1 in the guest).
+        "-serial", f"unix:{spec.ctl_socket},server=on,wait=off",
+        "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
+        "-no-reboot",
+        "-daemonize",
+        "-pidfile", str(spec.pidfile),
+    ]  # fmt: skip
+
+
+def start_qemu(spec: GuestSpec, netns: str, timeout: float = 30.0) -> int:
+    """Starts qemu inside ``netns`` (where its tap is) and returns its pid."""
+    argv = ["ip", "netns", "exec", netns, *qemu_argv(spec)]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError as e:
+        raise PrerequisiteError(f"{e.filename} not found: run scripts/bootstrap.sh") from e
+    except subprocess.TimeoutExpired as e:
+        raise LabError(f"qemu for guest{spec.domain} did not daemonize in {timeout:.0f} s") from e
+    if r.returncode != 0:
+        raise LabError(f"qemu for guest{spec.domain} failed to start:\n{r.stderr.strip()[-2000:]}")
+    try:
+        return int(spec.pidfile.read_text().strip())
+    except (OSError, ValueError) as e:
+        raise LabError(f"qemu started but its pidfile {spec.pidfile} is unreadable: {e}") from e
+
+
+def is_our_qemu(pid: int, ram_path: Path) -> bool:
+    """pid is alive and is the qemu using ram_path (a recycled pid is someone else's)."""
+    if pid <= 0:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return QEMU.encode() in cmdline and f"mem-path={ram_path},".encode() in cmdline
+
+
+def stop_qemu(pid: int, ram_path: Path, grace: float = 5.0) -> bool:
+    """SIGTERM, then SIGKILL after ``grace`` s. False if pid was not our qemu (left alone)."""
+    if not is_our_qemu(pid, ram_path):
+        return False
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not is_our_qemu(pid, ram_path):
+                return True
+            time.sleep(0.05)
+    raise LabError(f"qemu pid {pid} survived SIGKILL (stuck in the kernel?)")
