@@ -1,0 +1,102 @@
+"""Owner cache: TTLs on a fake clock, negative entries, generations, single flight."""
+
+from __future__ import annotations
+
+import threading
+from ipaddress import ip_address
+
+import pytest
+
+from xfgate.flow import IPPROTO_TCP, Flow, Owner, Ownership
+from xfgate.verdict.cache import OwnerCache
+
+FLOW = Flow(IPPROTO_TCP, ip_address("198.18.1.1"), 80, ip_address("198.18.0.1"), 5000)
+OWNED = Ownership((Owner(1, 0, 0, "httpd"),), 0, "LISTEN", "listener")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_positive_entries_live_for_the_ttl() -> None:
+    clock = Clock()
+    cache = OwnerCache(ttl=10, negative_ttl=1, timer=clock)
+    cache.put(FLOW, OWNED)
+    clock.now += 9.9
+    assert cache.get(FLOW) == (True, OWNED)
+    clock.now += 0.2
+    assert cache.get(FLOW) == (False, None)
+
+
+def test_negative_entries_expire_sooner() -> None:
+    clock = Clock()
+    cache = OwnerCache(ttl=10, negative_ttl=1, timer=clock)
+    cache.put(FLOW, None)
+    assert cache.get(FLOW) == (True, None)
+    clock.now += 1.01
+    assert cache.get(FLOW) == (False, None)
+
+
+def test_generation_change_drops_everything() -> None:
+    cache = OwnerCache(timer=Clock())
+    assert cache.check_generation(1) is False  # first sight: nothing to drop
+    cache.put(FLOW, OWNED)
+    assert cache.check_generation(1) is False and cache.get(FLOW)[0]
+    assert cache.check_generation(2) is True
+    assert cache.get(FLOW) == (False, None)
+
+
+def test_get_or_load_loads_once_then_hits() -> None:
+    calls: list[Flow] = []
+
+    def loader(flow: Flow) -> Ownership:
+        calls.append(flow)
+        return OWNED
+
+    cache = OwnerCache(timer=Clock())
+    assert cache.get_or_load(FLOW, loader) == (OWNED, False)
+    assert cache.get_or_load(FLOW, loader) == (OWNED, True)
+    assert calls == [FLOW]
+    s = cache.stats()
+    assert (s.hits, s.misses, s.loads) == (1, 1, 1)
+
+
+def test_concurrent_misses_for_one_flow_trigger_one_lookup() -> None:
+    cache = OwnerCache()
+    release = threading.Event()
+    calls = []
+
+    def slow_loader(flow: Flow) -> Ownership:
+        calls.append(flow)
+        release.wait(10)
+        return OWNED
+
+    results: list[tuple[Ownership | None, bool]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.get_or_load(FLOW, slow_loader)))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    while not cache._inflight:  # the leader is inside the loader
+        threading.Event().wait(0.001)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 1
+    assert len(results) == 8 and all(r[0] == OWNED for r in results)
+
+
+def test_a_failing_load_does_not_wedge_the_key() -> None:
+    cache = OwnerCache(timer=Clock())
+
+    def broken(flow: Flow) -> Ownership:
+        raise RuntimeError("torn pointer")
+
+    with pytest.raises(RuntimeError, match="torn pointer"):
+        cache.get_or_load(FLOW, broken)
+    assert cache.get_or_load(FLOW, lambda f: OWNED) == (OWNED, False)

@@ -1,0 +1,263 @@
+"""The engine on fake packets: exactly one verdict, always; marks; the log; rule builders."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from scapy.layers.inet import IP, TCP
+
+from xfgate.flow import IPPROTO_TCP, Flow, GuestSocket, Owner, Ownership
+from xfgate.verdict.cache import OwnerCache
+from xfgate.verdict.engine import Engine
+from xfgate.verdict.fastpath import (
+    MARK_MASK,
+    GateLayout,
+    block_rules,
+    conntrack_reset_argvs,
+    domain_of_chain,
+    forward_jumps,
+    ipset_replace_script,
+    poll_rules,
+    queue_rules,
+    settle_mark,
+)
+from xfgate.verdict.log import VerdictLog
+from xfgate.verdict.policy import compile_policy
+
+G, C = "198.18.9.2", "198.18.9.1"
+VIF = 7
+SPRAY = Owner(300, 1001, 1001, "spray")
+WEB = Owner(200, 1000, 1000, "httpd")
+
+
+class FakePacket:
+    def __init__(self, payload: bytes, physindev: int = VIF, physoutdev: int = 0) -> None:
+        self.payload = payload
+        self.physindev = physindev
+        self.physoutdev = physoutdev
+        self.mark = 0
+        self.verdicts: list[str] = []
+
+    def get_payload(self) -> bytes:
+        return self.payload
+
+    def get_mark(self) -> int:
+        return self.mark
+
+    def set_mark(self, mark: int) -> None:
+        self.mark = mark
+
+    def accept(self) -> None:
+        self.verdicts.append("accept")
+
+    def drop(self) -> None:
+        self.verdicts.append("drop")
+
+    def repeat(self) -> None:
+        self.verdicts.append("repeat")
+
+
+class TableSource:
+    def __init__(self, table: dict[int, Ownership], fail: int = 0) -> None:
+        self.table = table  # by guest port
+        self.lookups = 0
+        self.fail = fail
+        self.gen = 1
+
+    def lookup(self, flow: Flow) -> Ownership | None:
+        self.lookups += 1
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("torn list")
+        return self.table.get(flow.lport)
+
+    def sockets(self) -> Sequence[GuestSocket]:
+        return []
+
+    def generation(self) -> int:
+        return self.gen
+
+
+def engine(
+    policy_kw: dict[str, Any], source: TableSource, fastpath: bool = True
+) -> tuple[Engine, io.StringIO]:
+    out = io.StringIO()
+    e = Engine(
+        9,
+        {VIF: "vif9.0"},
+        source,
+        compile_policy(**policy_kw),
+        OwnerCache(),
+        VerdictLog(out, flush_every=1),
+        fastpath=fastpath,
+    )
+    return e, out
+
+
+def syn(sport: int, dport: int) -> bytes:
+    return bytes(IP(src=G, dst=C) / TCP(sport=sport, dport=dport, flags="S"))
+
+
+SOURCE_TABLE = {
+    40000: Ownership((SPRAY,), 1001, "SYN_SENT", "established"),
+    8080: Ownership((WEB,), 1000, "LISTEN", "listener"),
+}
+
+
+def test_blocked_flow_is_marked_drop_and_repeated() -> None:
+    e, out = engine({"uids": [1001]}, TableSource(SOURCE_TABLE))
+    p = FakePacket(syn(40000, 2222))
+    e.handle(p)
+    assert p.verdicts == ["repeat"]
+    assert p.mark & MARK_MASK == settle_mark(9, accept=False)
+    rec = json.loads(out.getvalue().splitlines()[-1])
+    assert (rec["verdict"], rec["pid"], rec["uid"], rec["comm"]) == ("drop", 300, 1001, "spray")
+    assert (rec["source"], rec["direction"], rec["vif"], rec["settled"]) == (
+        "introspection",
+        "out",
+        "vif9.0",
+        True,
+    )
+
+
+def test_second_packet_of_a_flow_is_a_cache_hit() -> None:
+    src = TableSource(SOURCE_TABLE)
+    e, out = engine({"uids": [1001]}, src, fastpath=False)
+    for _ in range(3):
+        p = FakePacket(bytes(IP(src=C, dst=G) / TCP(sport=5000, dport=8080)), 3, VIF)
+        e.handle(p)
+        assert p.verdicts == ["accept"]
+    assert src.lookups == 1
+    sources = [json.loads(line)["source"] for line in out.getvalue().splitlines()]
+    assert sources == ["introspection", "cache", "cache"]
+
+
+def test_unknown_owner_uses_the_default_and_is_not_settled() -> None:
+    e, out = engine({"uids": [1001], "unknown": "drop"}, TableSource({}))
+    p = FakePacket(syn(41000, 9999))
+    e.handle(p)
+    assert p.verdicts == ["drop"] and p.mark == 0
+    assert "unknown owner" in json.loads(out.getvalue())["reason"]
+
+
+def test_malformed_and_foreign_packets_get_one_verdict() -> None:
+    e, out = engine({"unknown": "accept"}, TableSource({}))
+    for pkt in (FakePacket(b"\x45\x00"), FakePacket(syn(1, 2), 55, 56), FakePacket(b"")):
+        e.handle(pkt)
+        assert pkt.verdicts == ["accept"]
+    reasons = [json.loads(line)["reason"] for line in out.getvalue().splitlines()]
+    assert "malformed" in reasons[0] and "not on a vif" in reasons[1]
+
+
+def test_lookup_errors_are_retried_once_then_the_error_verdict() -> None:
+    src = TableSource(SOURCE_TABLE, fail=1)
+    e, _ = engine({"uids": [1001]}, src)
+    p = FakePacket(syn(40000, 2222))
+    e.handle(p)
+    assert p.verdicts == ["repeat"] and src.lookups == 2  # retried, then decided
+    src2 = TableSource(SOURCE_TABLE, fail=5)
+    e2, out2 = engine({"uids": [1001], "unknown": "drop"}, src2)
+    p2 = FakePacket(syn(40000, 2222))
+    e2.handle(p2)
+    assert p2.verdicts == ["drop"] and e2.stats.errors == 1
+    assert "internal error" in json.loads(out2.getvalue())["reason"]
+
+
+def test_a_packet_that_comes_back_marked_is_not_repeated_again() -> None:
+    e, _ = engine({"uids": [1001]}, TableSource(SOURCE_TABLE))
+    p = FakePacket(syn(40000, 2222))
+    p.mark = settle_mark(9, accept=False)
+    e.handle(p)
+    assert p.verdicts == ["drop"]
+
+
+def test_verdict_failure_is_counted_not_raised() -> None:
+    class Refusing(FakePacket):
+        def repeat(self) -> None:
+            raise RuntimeError("Parent queue has already been unbound")
+
+    e, _ = engine({}, TableSource(SOURCE_TABLE))
+    e.handle(Refusing(syn(40000, 2222)))
+    assert e.stats.verdict_failures == 1 and e.stats.packets == 1
+
+
+def test_generation_change_empties_the_cache() -> None:
+    src = TableSource(SOURCE_TABLE)
+    e, _ = engine({}, src, fastpath=False)
+    e.handle(FakePacket(syn(40000, 2222)))
+    e.handle(FakePacket(syn(40000, 2222)))
+    src.gen = 2
+    e.handle(FakePacket(syn(40000, 2222)))
+    assert src.lookups == 2
+
+
+def test_policy_swap_applies_to_the_next_packet() -> None:
+    e, _ = engine({}, TableSource(SOURCE_TABLE), fastpath=False)
+    p1 = FakePacket(syn(40000, 2222))
+    e.handle(p1)
+    e.set_policy(e.policy.changed("block", "comm", "spray"))
+    p2 = FakePacket(syn(40000, 2222))
+    e.handle(p2)
+    assert (p1.verdicts, p2.verdicts) == (["accept"], ["drop"])
+
+
+def test_log_sampling_keeps_drops() -> None:
+    out = io.StringIO()
+    log = VerdictLog(out, sample=10, flush_every=1)
+    for i in range(30):
+        log.record({"i": i, "verdict": "accept"})
+    log.record({"verdict": "drop"}, always=True)
+    log.flush()
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [x.get("i") for x in lines] == [0, 10, 20, None]
+
+
+# --- rule builders ----------------------------------------------------------------------
+
+
+def test_chain_layout() -> None:
+    layout = GateLayout(9, ("vif9.0",), 109, queue_bypass=True)
+    jumps = forward_jumps(9, layout.vifs)
+    assert jumps == [
+        ("-m", "physdev", "--physdev-in", "vif9.0", "--physdev-is-bridged", "-j", "XFGATE-9"),
+        ("-m", "physdev", "--physdev-out", "vif9.0", "--physdev-is-bridged", "-j", "XFGATE-9"),
+    ]
+    rules = queue_rules(layout)
+    assert rules[0] == ("-j", "XFGATE-9-BLK")
+    assert rules[-1] == ("-j", "NFQUEUE", "--queue-num", "109", "--queue-bypass")
+    assert any("CONNMARK" in r for r in rules)
+    no_fast = queue_rules(GateLayout(9, ("vif9.0",), 109, fastpath=False))
+    assert no_fast == [("-j", "XFGATE-9-BLK"), ("-j", "NFQUEUE", "--queue-num", "109")]
+
+
+def test_marks_are_per_domain_and_verdict() -> None:
+    marks = {settle_mark(d, a) for d in (1, 2) for a in (True, False)}
+    assert len(marks) == 4 and all(m & ~MARK_MASK == 0 for m in marks)
+    assert any("0x60000/0x3fff0000" in argv for argv in conntrack_reset_argvs(1))
+
+
+def test_block_and_poll_rules() -> None:
+    rules = block_rules(9, ["vif9.0"])
+    assert len(rules) == 4 and all(r[-2:] == ("-j", "DROP") for r in rules)
+    assert rules[0][-5:-2] == ("--match-set", "xfgate-9-tcp", "src")
+    polls = poll_rules(["vif9.0"], [(IPPROTO_TCP, 80), (IPPROTO_TCP, 80), (17, 53)])
+    assert len(polls) == 4  # no duplicate for the repeated port
+    assert polls[0][-4:-2] == ("--sport", "80") and polls[1][-4:-2] == ("--dport", "80")
+
+
+def test_ipset_script_swaps_atomically() -> None:
+    script = ipset_replace_script(9, [(IPPROTO_TCP, 80), (17, 53), (IPPROTO_TCP, 0)])
+    lines = script.splitlines()
+    assert "add xfgate-9-tcp-new 80" in lines and "add xfgate-9-udp-new 53" in lines
+    assert "add xfgate-9-tcp-new 0" not in lines
+    assert lines.index("swap xfgate-9-tcp-new xfgate-9-tcp") > lines.index(
+        "add xfgate-9-tcp-new 80"
+    )
+
+
+def test_chain_names_round_trip() -> None:
+    assert domain_of_chain("XFGATE-12-BLK") == 12 and domain_of_chain("XFGATE-3") == 3
+    assert domain_of_chain("DOCKER") is None and domain_of_chain("XFGATE-x") is None

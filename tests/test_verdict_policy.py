@@ -1,0 +1,124 @@
+"""Policy compilation, live changes and the pure decision."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+from typing import Any
+
+import pytest
+
+from xfgate.errors import ConfigError
+from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Flow, GuestSocket, Owner, Ownership
+from xfgate.verdict.policy import Verdict, blocked_ports, compile_policy, decide, policy_from_dict
+
+ROOT = Owner(pid=100, uid=0, euid=0, comm="httpd")
+WEB = Owner(pid=200, uid=1000, euid=1000, comm="httpd")
+SPRAY = Owner(pid=300, uid=1001, euid=1001, comm="spray")
+FLOW = Flow(IPPROTO_TCP, ip_address("198.18.1.1"), 80, ip_address("198.18.0.1"), 5000)
+
+
+def own(*owners: Owner, sk_uid: int = 0, state: str = "ESTABLISHED") -> Ownership:
+    return Ownership(tuple(owners), sk_uid, state, "established")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "owner", "verdict", "reason"),
+    [
+        ({"uids": [1001]}, SPRAY, Verdict.DROP, "uid 1001 blocked"),
+        ({"uids": [1001]}, WEB, Verdict.ACCEPT, "owner not blocked"),
+        ({"pids": [200]}, WEB, Verdict.DROP, "pid 200 blocked"),
+        ({"pids": [200]}, ROOT, Verdict.ACCEPT, "owner not blocked"),
+        ({"comms": ["spray"]}, SPRAY, Verdict.DROP, "comm 'spray' blocked"),
+        ({"comms": ["spray"]}, WEB, Verdict.ACCEPT, "owner not blocked"),
+    ],
+)
+def test_decide_by_owner(
+    kwargs: dict[str, Any], owner: Owner, verdict: Verdict, reason: str
+) -> None:
+    d = decide(own(owner, sk_uid=owner.uid), FLOW, compile_policy(**kwargs))
+    assert (d.verdict, d.reason) == (verdict, reason)
+    assert d.owner == owner and d.known
+
+
+def test_effective_uid_counts() -> None:
+    setuid = Owner(pid=5, uid=0, euid=1001, comm="x")
+    assert decide(own(setuid), FLOW, compile_policy(uids=[1001])).reason == "euid 1001 blocked"
+
+
+def test_comm_compared_as_the_kernel_truncates_it() -> None:
+    long_name = Owner(pid=5, uid=5, euid=5, comm="averyveryverylo")  # kernel keeps 15 chars
+    p = compile_policy(comms=["averyveryverylo"])
+    assert decide(own(long_name), FLOW, p).verdict is Verdict.DROP
+    with pytest.raises(ConfigError, match="1 to 15 characters"):
+        compile_policy(comms=["averyveryverylong"])
+
+
+def test_any_blocked_owner_blocks_a_shared_socket() -> None:
+    d = decide(own(ROOT, SPRAY), FLOW, compile_policy(uids=[1001]))
+    assert d.verdict is Verdict.DROP and d.owner == SPRAY
+
+
+def test_unknown_owner_follows_the_configured_default() -> None:
+    for unknown in ("accept", "drop"):
+        p = compile_policy(uids=[0], unknown=unknown)
+        d = decide(None, FLOW, p, "icmp error")
+        assert d.verdict is Verdict(unknown) and not d.known and "icmp error" in d.reason
+        tw = decide(own(sk_uid=0, state="TIME_WAIT"), FLOW, p)
+        assert tw.verdict is Verdict(unknown) and "TIME_WAIT" in tw.reason
+
+
+def test_sk_uid_and_port_blocks() -> None:
+    orphan = own(sk_uid=1001, state="FIN_WAIT1")
+    assert decide(orphan, FLOW, compile_policy(sk_uids=[1001])).reason == "sk_uid 1001 blocked"
+    d = decide(own(WEB), FLOW, compile_policy(ports=["tcp/80"]))
+    assert d.verdict is Verdict.DROP and "port 80" in d.reason
+    assert decide(own(WEB), FLOW, compile_policy(ports=["udp/80"])).verdict is Verdict.ACCEPT
+
+
+def test_live_changes_make_new_snapshots() -> None:
+    p0 = compile_policy()
+    p1 = p0.changed("block", "uid", "1001")
+    p2 = p1.changed("unblock", "uid", "1001")
+    assert p0.block_uids == frozenset() and p1.block_uids == {1001} and p2.block_uids == set()
+    assert p0.version < p1.version < p2.version
+    assert policy_from_dict(p1.to_dict()).block_uids == {1001}
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "message"),
+    [
+        ("uid", "-1", "must be >= 0"),
+        ("uid", "root", "bad uid"),
+        ("port", "80", "tcp/PORT"),
+        ("port", "tcp/0", "out of range"),
+        ("colour", "red", "unknown block kind"),
+    ],
+)
+def test_bad_entries_are_refused_clearly(kind: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        compile_policy().changed("block", kind, value)
+
+
+def test_unknown_option_validated() -> None:
+    with pytest.raises(ConfigError, match="accept or drop"):
+        compile_policy(unknown="maybe")
+
+
+def test_blocked_ports_from_a_walk() -> None:
+    g, c, any4 = ip_address("198.18.1.1"), ip_address("198.18.0.1"), ip_address("0.0.0.0")
+    sockets = [
+        GuestSocket(IPPROTO_TCP, any4, 80, any4, 0, "LISTEN", 0, (ROOT,)),
+        GuestSocket(IPPROTO_TCP, any4, 8080, any4, 0, "LISTEN", 1000, (WEB,)),
+        GuestSocket(IPPROTO_TCP, g, 40000, c, 2222, "SYN_SENT", 1001, (SPRAY,)),
+        GuestSocket(IPPROTO_UDP, any4, 41000, any4, 0, "CLOSE", 1001, (SPRAY,)),
+        GuestSocket(IPPROTO_TCP, g, 40001, c, 2222, "TIME_WAIT", 0, ()),
+    ]
+    assert blocked_ports(sockets, compile_policy(uids=[1001])) == {
+        (IPPROTO_TCP, 40000),
+        (IPPROTO_UDP, 41000),
+    }
+    assert blocked_ports(sockets, compile_policy(uids=[0], ports=["udp/53"])) == {
+        (IPPROTO_TCP, 80),
+        (IPPROTO_UDP, 53),
+    }
+    assert blocked_ports(sockets, compile_policy()) == set()
