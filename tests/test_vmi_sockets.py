@@ -1,0 +1,192 @@
+"""Targeted lookups in the synthetic guest's hash tables, and the introspector on top."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tests.vmi_fakes import FakeGuest, addr, standard_guest
+from xfgate.config import DomainConfig, MemoryConfig
+from xfgate.errors import ProfileMismatch
+from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Flow
+from xfgate.vmi import jhash
+from xfgate.vmi.introspect import GuestIntrospector
+from xfgate.vmi.kaslr import KernelLocator, from_banner_scan, from_vmcoreinfo
+from xfgate.vmi.linux import KernelLayout
+from xfgate.vmi.paging import AddressSpace
+from xfgate.vmi.sockets import HashLayout, SocketTables
+
+
+def _tables(g: FakeGuest) -> SocketTables:
+    space = AddressSpace(g.memory, g.root, g.levels)
+    return SocketTables(
+        space,
+        KernelLayout.from_profile(g.profile),
+        HashLayout.from_profile(g.profile),
+        g.virt_shift,
+    )
+
+
+def _domain() -> DomainConfig:
+    return DomainConfig(1, "fake", ("vif1.0",), MemoryConfig("raw", "/nonexistent/fake.mem"))
+
+
+def _flow(proto: int, local: str, lport: int, remote: str, rport: int) -> Flow:
+    return Flow(proto, addr(local), lport, addr(remote), rport)
+
+
+def test_jhash_matches_hashes_the_real_6_1_kernel_stored() -> None:
+    # sk_hash values read from a 6.1.0-56-amd64 guest's sockets with its secrets
+    # (inet_ehash_secret 0xe0789f83, init_net.hash_mix 0xee6cb531): an external oracle.
+    secret = (0xE0789F83 + 0xEE6CB531) & jhash.M32
+    lo = bytes([127, 0, 0, 1])
+    assert jhash.inet_ehashfn(lo, 57954, lo, 5000, secret) == 0xF6BC8CC4
+    assert jhash.inet_ehashfn(lo, 5000, lo, 57954, secret) == 0x71CE52DD
+
+
+def test_established_v4_v6_listener_udp() -> None:
+    g = standard_guest()
+    t = _tables(g)
+    est = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
+    assert est is not None and est.table == "established" and est.sock.rport == 40000
+    est6 = t.find(_flow(IPPROTO_TCP, "2001:2::1:1", 51000, "2001:2::1", 443))
+    assert est6 is not None and est6.table == "established" and est6.sock.sk_uid == 1000
+    lst = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.9", 1234))
+    assert lst is not None and lst.table == "listener" and lst.sock.lport == 80
+    # An IPv4 packet to a dual-stack [::]:8080 listener.
+    dual = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 8080, "198.18.0.9", 1234))
+    assert dual is not None and dual.table == "listener" and dual.sock.family == 6
+    udp = t.find(_flow(IPPROTO_UDP, "198.18.1.1", 5353, "198.18.0.1", 9999))
+    assert udp is not None and udp.table == "udp" and udp.sock.sk_uid == 1001
+    assert t.find(_flow(IPPROTO_TCP, "198.18.1.1", 81, "198.18.0.1", 1)) is None
+    assert t.find(_flow(IPPROTO_UDP, "198.18.1.1", 53, "198.18.0.1", 1)) is None
+
+
+def test_v4_mapped_flow_is_looked_up_as_ipv4() -> None:
+    g = standard_guest()
+    t = _tables(g)
+    found = t.find(_flow(IPPROTO_TCP, "::ffff:198.18.1.1", 80, "::ffff:198.18.0.1", 40000))
+    assert found is not None and found.table == "established"
+
+
+def test_request_and_time_wait_socks() -> None:
+    g = standard_guest()
+    listener = g.tasks[2].address  # httpd task, to find its listener below
+    lst_sock = _tables(g).find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.7", 1))
+    assert lst_sock is not None and listener
+    req = g.new_sock(IPPROTO_TCP, 12, "198.18.1.1", 80, "198.18.0.7", 5555, size=0x90)
+    g.set_request_listener(req, lst_sock.sock.address)
+    g.hash_established(req, "198.18.1.1", 80, "198.18.0.7", 5555)
+    tw = g.new_sock(IPPROTO_TCP, 6, "198.18.1.1", 80, "198.18.0.8", 6666, size=0x90)
+    g.hash_established(tw, "198.18.1.1", 80, "198.18.0.8", 6666)
+    t = _tables(g)
+    r = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.7", 5555))
+    assert r is not None and r.table == "request" and r.listener == lst_sock.sock.address
+    w = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.8", 6666))
+    assert w is not None and w.table == "time-wait"
+
+
+def test_cyclic_bucket_is_bounded() -> None:
+    g = standard_guest()
+    est = _tables(g).find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
+    assert est is not None
+    node = est.sock.address + g.off("sock_common", "skc_nulls_node")
+    g.w(node, "<Q", node)  # the sock points at itself
+    mix, e4 = g.secrets[0], g.secrets[1]
+    here = bytes([198, 18, 1, 1])
+
+    def slot(rport: int) -> int:
+        peer = bytes([198, 18, 0, 1])
+        return jhash.inet_ehashfn(here, 80, peer, rport, (e4 + mix) & jhash.M32) & 63
+
+    # Another flow that lands in the same bucket but matches nothing there.
+    rport = next(p for p in range(1, 65536) if p != 40000 and slot(p) == slot(40000))
+    t = _tables(g)
+    found = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", rport))
+    assert found is not None and found.table == "listener"
+    assert any("cycle" in e for e in t.errors)
+
+
+def test_introspector_lookup_owners_and_request_attribution() -> None:
+    g = standard_guest()
+    lst = _tables(g).find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.7", 1))
+    assert lst is not None
+    req = g.new_sock(IPPROTO_TCP, 12, "198.18.1.1", 80, "198.18.0.7", 5555, size=0x90)
+    g.set_request_listener(req, lst.sock.address)
+    g.hash_established(req, "198.18.1.1", 80, "198.18.0.7", 5555)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+        own = gi.lookup(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.7", 5555))
+        assert own is not None and own.via == "request-sock->listener"
+        assert [(o.pid, o.fd, o.comm) for o in own.owners] == [(100, 3, "httpd")]
+        own = gi.lookup(_flow(IPPROTO_TCP, "2001:2::1:1", 51000, "2001:2::1", 443))
+        assert own is not None and own.via == "established" and own.owners[0].uid == 1000
+        own = gi.lookup(_flow(IPPROTO_UDP, "198.18.1.1", 5353, "198.18.0.1", 53))
+        assert own is not None and (own.owners[0].pid, own.owners[0].euid) == (300, 0)
+        assert gi.lookup(_flow(IPPROTO_TCP, "198.18.1.1", 22, "198.18.0.1", 1)) is None
+        assert gi.generation() == 1
+
+
+def test_new_socket_triggers_a_rewalk_and_unaccepted_goes_to_listener() -> None:
+    g = standard_guest()
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+        gi.walk()
+        # A socket created after the walk, held by a new process.
+        t = g.add_task(400, "late", uid=42)
+        sk = g.new_sock(IPPROTO_TCP, 1, "198.18.1.1", 33000, "198.18.0.1", 22, sk_uid=42)
+        g.hash_established(sk, "198.18.1.1", 33000, "198.18.0.1", 22)
+        g.add_fd(t, 3, sk)
+        own = gi.lookup(_flow(IPPROTO_TCP, "198.18.1.1", 33000, "198.18.0.1", 22))
+        assert own is not None and [(o.pid, o.uid) for o in own.owners] == [(400, 42)]
+        # Established by the kernel, not accepted yet: attributed to the listener's owner.
+        child = g.new_sock(IPPROTO_TCP, 1, "198.18.1.1", 80, "198.18.0.3", 41000)
+        g.hash_established(child, "198.18.1.1", 80, "198.18.0.3", 41000)
+        own = gi.lookup(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.3", 41000))
+        assert own is not None and own.via == "established->listener"
+        assert [o.pid for o in own.owners] == [100]
+
+
+def test_sockets_groups_owners_per_sock() -> None:
+    g = standard_guest()
+    web = g.tasks[2].address
+    shared = g.new_sock(IPPROTO_UDP, 7, "0.0.0.0", 6000, "0.0.0.0", 0)
+    g.add_fd(web, 9, shared)
+    child = g.add_task(101, "httpd-child", parent=web)
+    g.add_fd(child, 0, shared)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+        socks = [s for s in gi.sockets() if s.lport == 6000]
+    assert len(socks) == 1 and [(o.pid, o.fd) for o in socks[0].owners] == [(100, 9), (101, 0)]
+    assert next(p for p in gi.processes() if p.pid == 101).ppid == 100
+
+
+def test_kaslr_three_ways_agree_and_mismatch_is_clear() -> None:
+    g = FakeGuest(levels=5)
+    a = from_vmcoreinfo(g.memory, g.profile)
+    b = from_banner_scan(g.memory, g.profile)
+    assert a is not None and b is not None
+    assert (a.virt_shift, a.phys_base, a.root, a.levels) == (b.virt_shift, b.phys_base, b.root, 5)
+    other = dataclasses.replace(
+        g.profile, release="6.1.0-other", banner="Linux version 6.1.0-other x\n"
+    )
+    with pytest.raises(ProfileMismatch, match=r"6\.1\.0-other"):
+        KernelLocator(g.memory, other).locate()
+    nonote = FakeGuest(vmcoreinfo=False)
+    loc = KernelLocator(nonote.memory, nonote.profile).locate()
+    assert loc.method == "banner-scan" and loc.virt_shift == nonote.virt_shift
+
+
+def test_reboot_changes_generation(tmp_path: Path) -> None:
+    g1 = FakeGuest(virt_shift=0x10000000)
+    path = tmp_path / "ram.mem"
+    path.write_bytes(g1.buf)
+    dom = DomainConfig(1, "f", (), MemoryConfig("raw", str(path)))
+    with GuestIntrospector(dom, g1.profile) as gi:
+        assert gi.boot().location.virt_shift == 0x10000000
+        gen = gi.generation()
+        g2 = FakeGuest(virt_shift=0x20000000)
+        tmp = tmp_path / "ram.new"
+        tmp.write_bytes(g2.buf)
+        tmp.replace(path)  # a new QEMU: a new RAM file
+        assert gi.boot().location.virt_shift == 0x20000000
+        assert gi.generation() > gen
