@@ -1,0 +1,239 @@
+"""Unit tests of the lab's pure parts: truth parser, qemu command line, module order, cpio,
+apt output parsing, control-channel framing, prerequisites. No root, no guest."""
+
+from __future__ import annotations
+
+import base64
+import stat
+from ipaddress import IPv6Address
+from pathlib import Path
+
+import pytest
+
+from xfgate.errors import ConfigError, LabError
+from xfgate.lab import assets, control, cpio, layout, modules, qemu, truth
+from xfgate.lab.lab import prerequisite_problems
+
+# Trimmed from a real guest's TRUTH_SCRIPT output (/proc of the lab guest, kernel 6.1), with
+# an extra fd holding the same socket, a non-inet socket and a process that exited mid-listing.
+RAW_TRUTH = (Path(__file__).parent / "test_lab_truth_raw.txt").read_text()
+
+
+def test_truth_processes_from_status() -> None:
+    t = truth.parse_truth(RAW_TRUTH)
+    by_pid = {p.pid: p for p in t.processes}
+    assert sorted(by_pid) == [1, 2, 100, 109, 112, 115]  # 130 lacks fields: left out
+    assert by_pid[109] == truth.TruthProcess(109, 109, 1, 1001, 1001, "spray")
+    assert (by_pid[115].uid, by_pid[115].euid) == (1002, 1003)
+    assert by_pid[2].ppid == 0
+
+
+def test_truth_sockets_joined_per_fd() -> None:
+    t = truth.parse_truth(RAW_TRUTH)
+    got = {(s.pid, s.fd): s for s in t.sockets}
+    # 115 holds the same socket on two fds: listed once per (pid, fd); inode 7777 is not inet.
+    assert sorted(got) == [(100, 3), (109, 3), (112, 3), (115, 3), (115, 7)]
+    assert got[(100, 3)] == truth.TruthSocket(
+        100, 3, "tcp", 4, "0.0.0.0", 80, "0.0.0.0", 0, "LISTEN"
+    )
+    assert got[(109, 3)].proto == "udp" and got[(109, 3)].state == "CLOSE"
+    assert got[(109, 3)].lport == 0x8E74
+    assert got[(112, 3)].local == "2001:2::1:1" and got[(112, 3)].family == 6
+    assert got[(115, 7)].remote == "198.18.0.1" and got[(115, 7)].rport == 7000
+    assert got[(115, 7)].state == "ESTABLISHED"
+    # TIME_WAIT (inode 0) is held by nobody: absent.
+    assert all(s.state != "TIME_WAIT" for s in t.sockets)
+
+
+def test_truth_json_shape_is_exact() -> None:
+    j = truth.parse_truth(RAW_TRUTH).to_json()
+    assert set(j) == {"processes", "sockets"}
+    assert set(j["processes"][0]) == {"pid", "tgid", "ppid", "uid", "euid", "comm"}
+    assert set(j["sockets"][0]) == {
+        "pid", "fd", "proto", "family", "local", "lport", "remote", "rport", "state",
+    }  # fmt: skip
+    assert j["sockets"] == sorted(j["sockets"], key=lambda s: (s["pid"], s["fd"]))
+
+
+def test_truth_missing_section_is_an_error() -> None:
+    with pytest.raises(LabError, match="lacks section"):
+        truth.parse_truth(RAW_TRUTH.split("@@xftruth udp6")[0])
+
+
+@pytest.mark.parametrize(
+    ("hex_addr", "text"),
+    [
+        ("010012C6", "198.18.0.1"),
+        ("00000000", "0.0.0.0"),
+        ("02000120000000000000000001000100", "2001:2::1:1"),
+        ("0000000000000000FFFF00000100007F", str(IPv6Address("::ffff:127.0.0.1"))),
+    ],
+)
+def test_decode_proc_net_address(hex_addr: str, text: str) -> None:
+    assert truth.decode_proc_net_address(hex_addr) == text
+
+
+def test_proc_net_skips_junk_lines() -> None:
+    assert truth.parse_proc_net("garbage\n  1: zz:zz\n", "tcp") == ()
+
+
+def test_qemu_argv_essentials(tmp_path: Path) -> None:
+    spec = qemu.GuestSpec(
+        domain=2,
+        kernel=tmp_path / "vmlinuz",
+        initrd=tmp_path / "initrd",
+        ram_path=Path("/dev/shm/x-guest2.mem"),
+        ram_mb=256,
+        vif="vif2.0",
+        mac=layout.guest_mac(2),
+        serial_log=tmp_path / "serial.log",
+        ctl_socket=tmp_path / "ctl.sock",
+        qmp_socket=tmp_path / "qmp.sock",
+        pidfile=tmp_path / "qemu.pid",
+    )
+    argv = qemu.qemu_argv(spec)
+    joined = " ".join(argv)
+    assert argv[0] == "qemu-system-x86_64"
+    assert argv[argv.index("-accel") + 1] == "tcg"
+    assert "mem-path=/dev/shm/x-guest2.mem,share=on" in joined
+    assert "pc,memory-backend=mem" in argv
+    assert "ifname=vif2.0" in joined and "virtio-net-pci" in joined
+    assert "-daemonize" in argv and "-no-reboot" in argv and "-nodefaults" in argv
+    append = argv[argv.index("-append") + 1]
+    assert "nokaslr" not in append and "panic=-1" in append and "xfgate.domain=2" in append
+    assert argv.count("-serial") == 2
+
+
+def test_module_order_dependencies_first_builtins_skipped() -> None:
+    deps = {
+        "virtio_net": ["virtio_ring", "virtio", "net_failover"],
+        "net_failover": ["failover"],
+        "virtio_pci": ["virtio_ring", "virtio"],
+        "virtio_ring": [],
+        "failover": [],
+    }
+    order = modules.module_load_order(
+        ["virtio_pci", "virtio-net"], lambda n: deps[n], frozenset({"virtio"})
+    )
+    assert order == ["virtio_ring", "virtio_pci", "failover", "net_failover", "virtio_net"]
+    for name, ds in deps.items():
+        for d in ds:
+            if d != "virtio":
+                assert order.index(d) < order.index(name)
+
+
+def test_module_cycle_is_an_error() -> None:
+    deps = {"a": ["b"], "b": ["a"]}
+    with pytest.raises(LabError, match="cycle: a -> b -> a"):
+        modules.module_load_order(["a"], lambda n: deps[n], frozenset())
+
+
+def test_module_names() -> None:
+    assert modules.parse_depends("virtio_ring,virtio,net-failover\n") == (
+        "virtio_ring", "virtio", "net_failover",
+    )  # fmt: skip
+    assert modules.parse_depends("\n") == ()
+    assert modules.module_name("kernel/drivers/net/virtio_net.ko.xz") == "virtio_net"
+    assert "virtio" in modules.parse_builtin("kernel/drivers/virtio/virtio.ko\n")
+
+
+def _read_cpio(data: bytes) -> list[tuple[str, int, bytes, tuple[int, int]]]:
+    """An independent newc reader: (name, mode, data, rdev) per entry."""
+    out: list[tuple[str, int, bytes, tuple[int, int]]] = []
+    off = 0
+    while True:
+        assert data[off : off + 6] == b"070701"
+        f = [int(data[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]
+        namesize, size = f[11], f[6]
+        name = data[off + 110 : off + 110 + namesize - 1].decode()
+        off += 110 + namesize
+        off += -off % 4
+        body = data[off : off + size]
+        off += size + (-size % 4)
+        if name == "TRAILER!!!":
+            return out
+        out.append((name, f[1], body, (f[9], f[10])))
+
+
+def test_cpio_roundtrip() -> None:
+    entries = [
+        cpio.CpioEntry.directory("bin"),
+        cpio.CpioEntry.file("bin/x", b"hello", 0o755),
+        cpio.CpioEntry.symlink("bin/sh", "x"),
+        cpio.CpioEntry.char_device("dev/console", 5, 1),
+    ]
+    got = _read_cpio(cpio.cpio_newc(entries))
+    assert [g[0] for g in got] == ["bin", "bin/x", "bin/sh", "dev/console"]
+    assert stat.S_ISDIR(got[0][1]) and stat.S_ISREG(got[1][1]) and stat.S_IMODE(got[1][1]) == 0o755
+    assert got[1][2] == b"hello" and got[2][2] == b"x" and stat.S_ISLNK(got[2][1])
+    assert got[3][3] == (5, 1) and stat.S_ISCHR(got[3][1])
+    with pytest.raises(ValueError):
+        cpio.cpio_newc([cpio.CpioEntry.file("/", b"")])
+
+
+def test_initramfs_has_workload_and_modules_in_order() -> None:
+    src = assets.guest_sources()
+    entries = assets.initramfs_entries(
+        b"BB", src, {"spray": b"S"}, [("virtio_ring", b"R"), ("virtio_net", b"N")]
+    )
+    files = {e.path: e.data for e in entries}
+    assert files["etc/xfgate/modules"] == b"virtio_ring\nvirtio_net\n"
+    assert files["lib/modules/virtio_net.ko"] == b"N"
+    assert b"mallory:x:1001:" in files["etc/passwd"] and b"ops:x:1002:" in files["etc/passwd"]
+    assert files["init"].startswith(b"#!/bin/busybox sh")
+
+
+def test_apt_depends_parsing() -> None:
+    text = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n |Depends: <virt>\n"
+    assert assets.parse_apt_depends(text) == ["linux-image-6.1.0-56-amd64", "virt"]
+    assert assets.is_concrete_kernel_package("linux-image-6.1.0-56-cloud-amd64")
+    assert not assets.is_concrete_kernel_package("linux-image-cloud-amd64")
+
+
+@pytest.mark.parametrize("bad", ["vim", "linux-image-; rm -rf /", "", "LINUX-IMAGE-X"])
+def test_bad_package_names_rejected_before_apt(bad: str) -> None:
+    with pytest.raises(ConfigError, match="not a Debian kernel image package"):
+        assets.check_package_name(bad)
+
+
+def test_elf_is_static_on_real_binaries() -> None:
+    assert assets.elf_is_static(Path("/bin/busybox").read_bytes())
+    assert not assets.elf_is_static(Path("/bin/ls").read_bytes())
+    assert not assets.elf_is_static(b"#!/bin/sh\n")
+
+
+def test_prerequisites() -> None:
+    everything = prerequisite_problems(0, lambda p: f"/usr/bin/{p}")
+    assert everything == []
+    not_root = prerequisite_problems(1000, lambda p: f"/usr/bin/{p}")
+    assert len(not_root) == 1 and "must run as root" in not_root[0]
+    no_qemu = prerequisite_problems(0, lambda p: None if p.startswith("qemu") else p)
+    assert len(no_qemu) == 1 and "qemu-system-x86_64" in no_qemu[0]
+
+
+def test_control_framing() -> None:
+    req = control.encode_request("xf1a", "echo hi", 5)
+    rid, tmo, b64 = req.decode().split()
+    assert (rid, tmo, base64.b64decode(b64)) == ("xf1a", "5", b"echo hi")
+    assert req.startswith(b"\n") and req.endswith(b"\n")
+    out = base64.b64encode(b"line1\nline2\n")
+    stale = b"@@XFB xf09@@\nb2xk\n@@XFE xf09 0@@\n"
+    reply = stale + b"\r\n@@XFB xf1a@@\r\n" + out[:8] + b"\r\n" + out[8:] + b"\r\n@@XFE xf1a 3@@"
+    assert control.parse_reply(reply[:-10], "xf1a") is None  # incomplete
+    result = control.parse_reply(reply, "xf1a")
+    assert result == control.GuestResult(3, b"line1\nline2\n")
+    with pytest.raises(LabError, match="garbled"):
+        control.parse_reply(b"@@XFB xf1a@@\n!!!\n@@XFE xf1a 0@@", "xf1a")
+
+
+def test_layout_names_and_addresses() -> None:
+    lay = layout.LabLayout()
+    assert (lay.dom0_netns, lay.client_netns) == ("xfgate-dom0", "xfgate-client")
+    assert lay.ram_path(1) == Path("/dev/shm/xfgate-guest1.mem")
+    assert lay.run_dir == Path("/run/xfgate/lab")
+    assert str(layout.guest_v4(2)) == "198.18.1.2" and str(layout.guest_v6(2)) == "2001:2::1:2"
+    assert layout.vif_name(3) == "vif3.0"
+    with pytest.raises(ConfigError):
+        layout.LabLayout("Bad Prefix")
+    with pytest.raises(ConfigError):
+        layout.guest_v4(0)
