@@ -165,7 +165,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             out.append(control.request(d, {"op": "status"}, timeout=3.0))
         except control.ControlError as e:
-            out.append({"domain": d, "error": str(e)})
+            stale = control.socket_path(d).exists()
+            hint = (
+                " (stale socket: the gate died; its kernel rules stay until the next start or"
+                f" `xfgate cleanup --domain {d}`)"
+                if stale
+                else ""
+            )
+            out.append({"domain": d, "error": f"{e}{hint}"})
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -223,4 +230,5 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         raise ConfigError(f"a gate for domain {args.domain} is running: stop it (SIGTERM) instead")
     _enter_domain_netns(args.domain)
     Firewall(make_backend("cli")).remove(args.domain, persist_blocks=False)
+    control.socket_path(args.domain).unlink(missing_ok=True)
     return 0

@@ -77,6 +77,8 @@ class ControlServer:
                 reply = {"ok": False, "error": str(e)}
             except (OSError, ValueError) as e:
                 reply = {"ok": False, "error": f"bad request: {e}"}
+            except Exception as e:  # a bug in a handler must not end the gate
+                reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
             with contextlib.suppress(OSError):
                 conn.sendall((json.dumps(reply) + "\n").encode())
 

@@ -9,6 +9,7 @@ kernel-side port sets runs in a thread, behind the owner source's lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import select
@@ -180,6 +181,7 @@ class Gate:
         self.firewall: Firewall | None = None
         self.log: VerdictLog | None = None
         self._stop = False
+        self.loop_errors = 0
         self._wake_r = self._wake_w = -1
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -336,7 +338,11 @@ class Gate:
             timeout = max(0.0, min([timeout] + [g.next_poll - now for g in self.domains.values()]))
         ready, _, _ = select.select(list(readers), [], [], timeout)
         for fd in ready:
-            readers[fd]()
+            try:
+                readers[fd]()
+            except Exception as e:  # e.g. recv() failing on the queue socket: keep serving
+                self.loop_errors += 1
+                print(f"xfgate: loop error: {type(e).__name__}: {e}", file=sys.stderr)
         if self.options.mode == "poll":
             now = time.monotonic()
             for dg in self.domains.values():
@@ -411,7 +417,7 @@ class Gate:
             "fastpath": self.options.fastpath,
             "policy": dg.engine.policy.to_dict(),
             "stats": dg.engine.stats.to_dict(),
-            "cache": dg.engine.cache.stats().__dict__ if hasattr(dg.engine.cache, "stats") else {},
+            "cache": dataclasses.asdict(dg.engine.cache.stats()),
             "queue": q,
             "blocked_ports": _ports_text(
                 (ref.ports if ref else dg.poll_ports) or set(),
