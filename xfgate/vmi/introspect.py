@@ -272,7 +272,7 @@ def ps_document(result: WalkResult) -> dict[str, Any]:
             "ppid": t.ppid,
             "uid": t.uid,
             "euid": t.euid,
-            "comm": t.comm,
+            "comm": t.name or t.comm,
         }
         for t in sorted(result.tasks, key=lambda t: t.tgid)
     ]

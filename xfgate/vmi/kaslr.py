@@ -137,8 +137,13 @@ def from_cr3(memory: PhysicalMemory, profile: Profile, regs: ControlRegisters) -
                 continue
             shift = vaddr - text_link
             phys_base = paddr - (vaddr - START_KERNEL_MAP)
-            if _banner_matches(space, profile, shift):
+            found = _read_banner(space, profile, shift)
+            if found == profile.banner.encode():
                 return KernelLocation(shift, phys_base, root, levels, "cr3")
+            if found is not None and found.startswith(BANNER_PREFIX):
+                # Same symbol address holds another banner: the guest runs another build.
+                text = space.read_cstring(profile.symbol("linux_banner") + shift, 512)
+                raise ProfileMismatch(profile.banner, text.decode(errors="replace"))
             break
     raise ProfileMismatch(profile.banner.strip(), guest_banner_text(memory))
 

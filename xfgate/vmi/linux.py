@@ -34,6 +34,9 @@ PID_MAX_LIMIT = 4 * 1024 * 1024  # include/linux/threads.h: PID_MAX_LIMIT on 64-
 KERNEL_SPACE_START = 0xFFFF800000000000  # lowest kernel address (4-level; 5-level is lower)
 KERNEL_SPACE_START_LA57 = 0xFF00000000000000
 TASK_COMM_LEN = 16
+PROC_NAME_LEN = 64  # fs/proc/array.c proc_task_name(): char tcomm[64]
+PF_WQ_WORKER = 0x00000020  # include/linux/sched.h
+PF_KTHREAD = 0x00200000
 
 # include/net/tcp_states.h, names as /proc/net/tcp readers (ss, the lab truth) spell them.
 TCP_STATES = {
@@ -119,6 +122,15 @@ class KernelLayout:
     sock_span: int  # bytes of struct sock read once: up to sk_uid
     init_task: int  # link-time addresses (add the KASLR shift)
     socket_file_ops: int
+    # /proc's name of kernel threads (optional: plain comm without them).
+    task_flags: Field | None = None
+    task_kthread: int = -1  # task_struct.worker_private (5.17+) or set_child_tid (before)
+    kthread_full_name: int = -1
+    kthread_data: int = -1
+    worker_desc: int = -1
+    worker_desc_len: int = 0
+    worker_current_work: int = -1
+    worker_pool: int = -1
 
     @classmethod
     def from_profile(cls, p: Profile) -> KernelLayout:
@@ -126,6 +138,10 @@ class KernelLayout:
             name: p.offset("task_struct", name)
             for name in ("tasks", "pid", "tgid", "real_parent", "real_cred", "comm", "files")
         }
+        names = _proc_name_layout(p)
+        if names.get("task_flags") is not None:
+            t["flags"] = p.offset("task_struct", "flags")
+            t["kthread"] = int(str(names["task_kthread"]))
         task_span = (min(t.values()), max(t.values()) + TASK_COMM_LEN)
         cred_uid = _int_field(p, "cred", "uid", 4)
         cred_euid = _int_field(p, "cred", "euid", 4)
@@ -167,7 +183,30 @@ class KernelLayout:
             sock_span=max(sk_uid.offset + 4, p.offset("sock", "sk_protocol") + 2),
             init_task=p.symbol("init_task"),
             socket_file_ops=p.symbol("socket_file_ops"),
+            **names,  # type: ignore[arg-type]
         )
+
+
+def _proc_name_layout(p: Profile) -> dict[str, Field | int | None]:
+    """Members behind /proc's names of kernel threads, or {} if the profile lacks one."""
+    # 5.17 moved the kthread pointer from set_child_tid to worker_private (commit e32cf5dfbe22).
+    kthread_ptr = next(
+        (m for m in ("worker_private", "set_child_tid") if p.has_member("task_struct", m)), ""
+    )
+    needed = [("task_struct", "flags"), ("kthread", "full_name"), ("kthread", "data")]
+    needed += [("worker", "desc"), ("worker", "current_work"), ("worker", "pool")]
+    if not kthread_ptr or not all(p.has_member(s, m) for s, m in needed):
+        return {}
+    return {
+        "task_flags": _int_field(p, "task_struct", "flags", 4),
+        "task_kthread": p.offset("task_struct", kthread_ptr),
+        "kthread_full_name": p.offset("kthread", "full_name"),
+        "kthread_data": p.offset("kthread", "data"),
+        "worker_desc": p.offset("worker", "desc"),
+        "worker_desc_len": p.member("worker", "desc").size,
+        "worker_current_work": p.offset("worker", "current_work"),
+        "worker_pool": p.offset("worker", "pool"),
+    }
 
 
 @dataclass(frozen=True)
@@ -189,8 +228,9 @@ class Task:
     ppid: int
     uid: int
     euid: int
-    comm: str
+    comm: str  # task_struct.comm
     files: int  # struct files_struct *, 0 for none
+    name: str = ""  # what /proc/PID/status shows as Name (kernel threads: longer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +367,51 @@ class Walk:
         uid, euid = self._cred(self._u64(blob, lay.task_real_cred - lo), pid)
         comm_raw = blob[lay.task_comm - lo : lay.task_comm - lo + TASK_COMM_LEN]
         comm = comm_raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
-        return Task(address, pid, tgid, ppid, uid, euid, comm, self._u64(blob, lay.task_files - lo))
+        files = self._u64(blob, lay.task_files - lo)
+        return Task(address, pid, tgid, ppid, uid, euid, comm, files, self._proc_name(blob, comm))
+
+    def _proc_name(self, blob: bytes, comm: str) -> str:
+        """proc_task_name(): workqueue workers get "-desc"/"+desc" appended, other kernel
+        threads their full name (kthread->full_name, 6.1+)."""
+        lay = self.layout
+        if lay.task_flags is None:
+            return comm
+        lo = lay.task_span[0]
+        flags = lay.task_flags.get(blob, lo)
+        if not flags & (PF_KTHREAD | PF_WQ_WORKER):
+            return comm
+        kthread = self._u64(blob, lay.task_kthread - lo)
+        if not self.is_kernel_pointer(kthread):
+            return comm
+        try:
+            if flags & PF_WQ_WORKER:
+                worker = self.space.read_u64(kthread + lay.kthread_data)
+                if not self.is_kernel_pointer(worker):
+                    return comm
+                end = max(
+                    lay.worker_desc + lay.worker_desc_len,
+                    lay.worker_pool + 8,
+                    lay.worker_current_work + 8,
+                )
+                w = self.space.read(worker, end)
+                pool, current = (
+                    self._u64(w, lay.worker_pool),
+                    self._u64(w, lay.worker_current_work),
+                )
+                desc = w[lay.worker_desc :].split(b"\0", 1)[0].decode(errors="replace")
+                if pool and desc:
+                    comm = f"{comm}{'+' if current else '-'}{desc}"
+                return comm[: PROC_NAME_LEN - 1]
+            full = self.space.read_u64(kthread + lay.kthread_full_name)
+            if full == 0:
+                return comm
+            if not self.is_kernel_pointer(full):
+                return comm
+            raw = self.space.read_cstring(full, PROC_NAME_LEN - 1)
+            return raw.decode(errors="replace")
+        except MemoryReadError as e:
+            self.errors.append(f"name of {comm}: {e}")
+            return comm
 
     def _cred(self, cred: int, pid: int) -> tuple[int, int]:
         cached = self._creds.get(cred)
