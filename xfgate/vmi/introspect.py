@@ -9,8 +9,8 @@ hash tables and asks the index, walking again only for a sock it has not seen ye
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,9 +64,8 @@ class GuestIntrospector:
         self.allow_pause = allow_pause
         self._owns_memory = memory is None
         self.memory = memory if memory is not None else open_memory(domain.memory)
-        self._qmp: QmpClient | None = (
-            QmpClient(domain.qmp.socket, domain=domain.id) if domain.qmp else None
-        )
+        # QEMU serves one QMP client at a time: connect per use, never hold the monitor.
+        self._qmp_socket = domain.qmp.socket if domain.qmp else ""
         self.layout = KernelLayout.from_profile(profile)
         try:
             self.hashes: HashLayout | None = HashLayout.from_profile(profile)
@@ -74,7 +73,7 @@ class GuestIntrospector:
         except ProfileError as e:  # lookups fall back to the walk index
             self.hashes, self.hash_problem = None, str(e)
         self.locator = KernelLocator(
-            self.memory, profile, self._registers if self._qmp is not None else None
+            self.memory, profile, self._registers if self._qmp_socket else None
         )
         self._boot: _Boot | None = None
         self.pause_records: list[float] = []  # seconds of every pause we caused
@@ -82,8 +81,6 @@ class GuestIntrospector:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._qmp is not None:
-            self._qmp.close()
         self.memory.close()
 
     def __enter__(self) -> GuestIntrospector:
@@ -93,12 +90,13 @@ class GuestIntrospector:
         self.close()
 
     def _registers(self) -> ControlRegisters:
-        assert self._qmp is not None
-        return self._qmp.control_registers()
+        with QmpClient(self._qmp_socket, domain=self.domain.id) as qmp:
+            return qmp.control_registers()
 
-    def _pause(self) -> AbstractContextManager[PauseRecord]:
-        assert self._qmp is not None
-        return paused(self._qmp)
+    @contextmanager
+    def _pause(self) -> Iterator[PauseRecord]:
+        with QmpClient(self._qmp_socket, domain=self.domain.id) as qmp, paused(qmp) as record:
+            yield record
 
     def _memory_replaced(self) -> bool:
         """A new QEMU (or a new dump) behind the same path: our mapping shows the old one."""
@@ -116,7 +114,7 @@ class GuestIntrospector:
             self.memory.close()
             self.memory = open_memory(self.domain.memory)
             self.locator = KernelLocator(
-                self.memory, self.profile, self._registers if self._qmp is not None else None
+                self.memory, self.profile, self._registers if self._qmp_socket else None
             )
             self.locator.generation = self.generation() + 1
             self._boot = None
@@ -142,7 +140,7 @@ class GuestIntrospector:
     def walk(self) -> WalkResult:
         """Every process and inet socket; refreshes the owner index."""
         boot = self.boot()
-        pause = self._pause if (self._qmp is not None and self.allow_pause) else None
+        pause = self._pause if (self._qmp_socket and self.allow_pause) else None
         result = walk_guest(boot.space, self.layout, boot.location.virt_shift, self.bounds, pause)
         if result.paused_seconds:
             self.pause_records.append(result.paused_seconds)

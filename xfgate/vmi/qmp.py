@@ -95,7 +95,13 @@ class QmpClient:
         self._sock = sock
         self._buf = b""
         try:
-            greeting = self._read_message()
+            try:
+                greeting = self._read_message()
+            except QmpError:
+                raise QmpError(
+                    f"QMP {self.path} sent no greeting within {self.timeout} s: another client "
+                    "holds the monitor (QEMU serves one QMP client at a time) or QEMU is hung"
+                ) from None
             if "QMP" not in greeting:
                 raise QmpError(f"{self.path} is not a QMP socket (greeting {greeting!r})")
             self.execute("qmp_capabilities")
