@@ -252,6 +252,9 @@ class LibvmiMemory:
                 f"the libvmi backend needs the `libvmi` wheel: pip install 'xfgate[xen]' ({e})"
             ) from e
         mode = VMIMode.FILE if file_mode else VMIMode.XEN
+        if file_mode and not os.access(source, os.R_OK):
+            # libvmi 3.7's file driver crashes the process on a missing file: check first.
+            raise GuestNotRunning(source, f"LibVMI could not open it: cannot read {source}")
         try:
             self._vmi = Libvmi(source, INIT_DOMAINNAME, mode=mode, partial=True)
         except Exception as e:  # libvmi raises its own LibvmiError; any failure means "not open"
