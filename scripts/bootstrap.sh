@@ -2,6 +2,9 @@
 # Installs everything xfgate needs on a fresh Debian 12 machine, as root, idempotently:
 # Debian packages (qemu, iptables, ipset, conntrack, httperf, busybox-static, build deps of
 # NetfilterQueue) and a venv at .venv with xfgate installed in it. Nothing else is downloaded.
+# The lab needs: qemu-system-x86, iproute2, busybox-static (guest userland), gcc + libc6-dev
+# (static workload binaries), kmod (modinfo: NIC module order); kernels come later from
+# `apt-get download` into the cache, never installed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 if [ "$(id -u)" != 0 ]; then
@@ -9,7 +12,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 2
 fi
 debs=(qemu-system-x86 qemu-utils iptables ipset conntrack httperf busybox-static
-      libnetfilter-queue-dev libc6-dev gcc kmod cpio xz-utils iproute2 procps file)
+      libnetfilter-queue-dev libc6-dev gcc kmod cpio xz-utils iproute2 procps file
+      python3-dev python3-venv)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

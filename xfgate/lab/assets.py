@@ -170,12 +170,12 @@ def static_busybox() -> bytes:
     return data
 
 
-def inputs_digest(sources: dict[str, bytes], busybox: bytes, module_paths: list[Path]) -> str:
-    h = hashlib.sha256(f"format {ASSETS_FORMAT}\n".encode())
+def inputs_digest(sources: dict[str, bytes], busybox: bytes, release: str) -> str:
+    """What the initramfs is built from (the kernel tree itself never changes once extracted)."""
+    h = hashlib.sha256(f"format {ASSETS_FORMAT}\nrelease {release}\n".encode())
     for name in sorted(sources):
         h.update(name.encode() + b"\0" + sources[name])
     h.update(busybox)
-    h.update("\n".join(str(p) for p in module_paths).encode())
     return h.hexdigest()
 
 
@@ -283,14 +283,16 @@ def ensure_assets(package_name: str | None, log: Log = print) -> KernelAssets:
             d.mkdir(parents=True, exist_ok=True)
             _download_and_extract(package, tree, log)
         release = _kernel_release(tree, package)
-        module_paths = modules.nic_modules(tree / "lib" / "modules" / release)
         sources = guest_sources()
         busybox = static_busybox()
-        digest = inputs_digest(sources, busybox, module_paths)
-        names = [modules.module_name(p.name) for p in module_paths]
+        digest = inputs_digest(sources, busybox, release)
         manifest = load_manifest(d)
         if manifest and manifest.get("inputs") == digest and (d / "initramfs.cpio.gz").exists():
+            listed = manifest.get("modules")
+            names = [str(n) for n in listed] if isinstance(listed, list) else []
             return _assets_from(d, package, release, names)
+        module_paths = modules.nic_modules(tree / "lib" / "modules" / release)
+        names = [modules.module_name(p.name) for p in module_paths]
         log(f"building initramfs for {package} (modules: {' '.join(names) or 'all built in'})")
         binaries = compile_guest_programs(sources, d / "guest-bin")
         module_files = [(n, p.read_bytes()) for n, p in zip(names, module_paths, strict=True)]

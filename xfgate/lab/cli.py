@@ -110,6 +110,15 @@ def _truth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    path = layout.serial_log(args.domain)
+    if not path.exists():
+        raise GuestNotRunning(args.domain, f"no console log {path}: `xfgate lab up`")
+    print(lab.serial_tail(path, args.lines))
+    return 0
+
+
 def register(sub: Any) -> None:
     """Add `lab` and its subcommands to the top-level parser's subparsers."""
     p = sub.add_parser("lab", help="the demo lab: a QEMU guest behind a bridge, in namespaces")
@@ -144,6 +153,11 @@ def register(sub: Any) -> None:
     ex.add_argument("--timeout", type=float, default=30.0)
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ...")
     ex.set_defaults(handler=_exec)
+
+    lg = lsub.add_parser("log", help="the tail of a guest's console (serial.log)")
+    lg.add_argument("--domain", type=int, default=1)
+    lg.add_argument("--lines", type=int, default=50)
+    lg.set_defaults(handler=_log)
 
     tr = lsub.add_parser("truth", help="the guest's own view of processes and sockets (tests)")
     tr.add_argument("--domain", type=int, default=1)

@@ -31,9 +31,10 @@ from xfgate.config import (
     load_domains,
     save_domains,
 )
-from xfgate.errors import LabError, PrerequisiteError
+from xfgate.errors import LabError, PrerequisiteError, XfgateError
 from xfgate.lab import netns as labnet
 from xfgate.lab.assets import KernelAssets, ensure_assets, resolve_kernel_package
+from xfgate.lab.control import run_in_guest
 from xfgate.lab.layout import (
     GUEST_RAM_MB,
     MAX_DOMAINS,
@@ -180,7 +181,12 @@ def start_peers(layout: LabLayout) -> int:
     argv = ["ip", "netns", "exec", layout.client_netns, sys.executable, "-m", "xfgate.lab.peers"]
     argv += ["--stats", str(layout.peers_stats_path)]
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+        env=python_env(),
     )
     log.close()
     # `ip netns exec` execs the program: proc.pid is the peers process itself.
@@ -206,17 +212,24 @@ def serial_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def python_env() -> dict[str, str]:
+    """Environment for our own modules run as `python -m` inside a namespace: importable even
+    from a checkout that is not installed."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": f"{root}:{path}" if path else root}
+
+
 def client_http_get(layout: LabLayout, host: str, port: int, timeout: float = 3.0) -> str | None:
     """Body of http://host:port/ fetched from inside the client netns, or None."""
-    argv = [sys.executable, "-I", "-m", "xfgate.lab.probe", host, str(port), str(timeout)]
-    env_cwd = Path(__file__).resolve().parents[2]  # -I ignores PYTHONPATH: run from the repo
+    argv = [sys.executable, "-m", "xfgate.lab.probe", host, str(port), str(timeout)]
     try:
         r = subprocess.run(
             ["ip", "netns", "exec", layout.client_netns, *argv],
             capture_output=True,
             text=True,
             timeout=timeout + 10,
-            cwd=env_cwd,
+            env=python_env(),
             check=False,
         )
     except subprocess.TimeoutExpired:
@@ -313,9 +326,16 @@ def health_problems(
             problems.append(f"qemu of guest{d} (pid {state.qemu_pid(d)}) is not running")
     if problems:
         return problems
+    # Liveness over the control channel, not the network: tests may well be dropping the
+    # guest's packets on purpose, and that must not make `up` restart a shared lab.
     for d in state.domains:
-        if client_http_get(layout, str(guest_v4(d)), 80, timeout=3.0) is None:
-            problems.append(f"guest{d}'s web server does not answer the client")
+        try:
+            r = run_in_guest(layout.ctl_socket(d), layout.ctl_lock(d), "echo ok", 10.0, d)
+            alive = r.output.strip() == b"ok"
+        except XfgateError:
+            alive = False
+        if not alive:
+            problems.append(f"guest{d} does not answer on its control channel")
     return problems
 
 
