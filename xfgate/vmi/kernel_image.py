@@ -176,6 +176,29 @@ def read_elf_section(elf: bytes, name: str) -> bytes:
     raise ProfileError(f"the vmlinux has no {name} section{hint}")
 
 
+def read_elf_virtual(elf: bytes, address: int, length: int) -> bytes:
+    """``length`` bytes at link-time virtual ``address`` of an ELF vmlinux, through its program
+    headers (the initialised data a guest starts from, before KASLR relocates it)."""
+    if len(elf) < ELF64_HEADER.size or elf[:4] != ELF_MAGIC:
+        raise ProfileError("not an ELF file")
+    header = ELF64_HEADER.unpack_from(elf)
+    phoff, phentsize, phnum = header[5], header[9], header[10]
+    if phentsize != ELF64_PROGRAM.size or phoff + phnum * phentsize > len(elf):
+        raise ProfileError("ELF program header table is truncated or malformed")
+    for i in range(phnum):
+        _type, _flags, offset, vaddr, _paddr, filesz, _memsz, _align = ELF64_PROGRAM.unpack_from(
+            elf, phoff + i * phentsize
+        )
+        if vaddr <= address and address + length <= vaddr + filesz:
+            start = offset + address - vaddr
+            if start + length > len(elf):
+                break
+            return elf[start : start + length]
+    raise ProfileError(
+        f"address {address:#x}+{length} is not in the vmlinux's file-backed segments"
+    )
+
+
 def read_build_id(elf: bytes) -> str:
     """The GNU build-id (hex) from the ELF notes, or "" when the kernel has none."""
     for sec_name, _type, offset, size in _elf_sections(elf):
@@ -202,10 +225,17 @@ def _find_build_id(notes: bytes) -> str:
     return ""
 
 
-def read_linux_banner(image: bytes) -> str:
-    """The ``linux_banner`` string ("Linux version <release> (...) ...\\n"), found by pattern.
+def read_linux_banner(image: bytes, address: int = 0) -> str:
+    """The ``linux_banner`` string ("Linux version <release> (...) ...\\n"): read at its symbol's
+    link-time ``address`` when given (a vmlinux holds two lookalikes: init/version.c's has the
+    build number, "#1 SMP", the other not), else the first banner-shaped string.
 
     Its exact bytes (without the NUL) are what the guest holds at ``linux_banner``."""
+    if address:
+        raw = read_elf_virtual(image, address, 512).split(b"\0", 1)[0]
+        if not raw.startswith(b"Linux version "):
+            raise ProfileError(f"no 'Linux version ...' banner at linux_banner ({address:#x})")
+        return raw.decode("utf-8", "replace")
     for match in BANNER_RE.finditer(image):
         text = match.group(0)[:-1].decode("utf-8", "replace")
         if "%" not in text:  # skip printk format strings that look alike
@@ -271,7 +301,13 @@ def resolve_kernel_package(name: str) -> str:
         raise ProfileError(f"{name!r} is not a Debian package name")
     if re.fullmatch(r"linux-image-\d.*", name):
         return name
-    out = _run(["apt-cache", "depends", name], f"look up {name}")
+    try:
+        out = _run(["apt-cache", "depends", name], f"look up {name}")
+    except ProfileError as e:
+        raise ProfileError(
+            f"no Debian package named {name!r} (try linux-image-amd64, linux-image-cloud-amd64 "
+            f"or a concrete linux-image-<release>; run apt-get update if it should exist): {e}"
+        ) from e
     for line in out.splitlines():
         dep = line.strip().removeprefix("|").strip()
         if dep.startswith("Depends:"):

@@ -133,7 +133,7 @@ def build_profile_files(
     symbols: dict[str, int] = {}
     for address, _type, name in table:
         symbols.setdefault(name, address)
-    banner = kernel_image.read_linux_banner(vmlinux)
+    banner = kernel_image.read_linux_banner(vmlinux, symbols.get("linux_banner", 0))
     source_info = {"name": vmlinuz.name, "sha256": key.rsplit("-", 1)[1]}
     doc = isf.isf_from_btf(btf, symbols, banner, WELL_KNOWN_SYMBOL_TYPES, source_info)
     profile = isf.profile_from_isf(doc)
