@@ -1,0 +1,73 @@
+"""`xfgate ps` end to end over a raw image of the synthetic guest, plus its pure formatters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.vmi_fakes import standard_guest
+from xfgate.cli import main
+from xfgate.config import DomainConfig, MemoryConfig, save_domains
+from xfgate.vmi.cli import filter_document, format_table
+from xfgate.vmi.profile_build import save_profile
+
+
+@pytest.fixture
+def fake_domain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    g = standard_guest()
+    image = tmp_path / "guest.raw"
+    image.write_bytes(g.buf)
+    save_domains(
+        {7: DomainConfig(7, "fake", ("vif7.0",), MemoryConfig("raw", str(image)))},
+        tmp_path / "domains.toml",
+    )
+    monkeypatch.setenv("XFGATE_DOMAINS", str(tmp_path / "domains.toml"))
+    profile = tmp_path / "profile.json"
+    save_profile(g.profile, profile)
+    return profile
+
+
+def test_ps_json_and_filters(fake_domain: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ps", "--domain", "7", "--json", "--profile", str(fake_domain)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [p["pid"] for p in doc["processes"]] == [1, 2, 100, 200, 300]
+    assert (
+        main(["ps", "--domain", "7", "--json", "--uid", "1000", "--profile", str(fake_domain)]) == 0
+    )
+    doc = json.loads(capsys.readouterr().out)
+    assert [p["comm"] for p in doc["processes"]] == ["curl"]
+    assert [(s["pid"], s["remote"], s["rport"]) for s in doc["sockets"]] == [
+        (200, "2001:2::1", 443)
+    ]
+
+
+def test_ps_table(fake_domain: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ps", "--domain", "7", "--pid", "100", "--profile", str(fake_domain)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["PID", "PPID", "UID", "COMM", "PROTO", "LOCAL", "REMOTE", "STATE"]
+    assert [line.split()[4:] for line in lines[1:]] == [
+        ["tcp", "0.0.0.0:80", "0.0.0.0:0", "LISTEN"],
+        ["tcp6", "[::]:8080", "[::]:0", "LISTEN"],
+        ["tcp", "198.18.1.1:80", "198.18.0.1:40000", "ESTABLISHED"],
+    ]
+
+
+def test_unknown_domain_and_missing_memory(
+    fake_domain: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ps", "--domain", "3", "--profile", str(fake_domain)]) == 2
+    assert "unknown domain 3" in capsys.readouterr().err
+    (tmp_path / "guest.raw").unlink()
+    assert main(["ps", "--domain", "7", "--profile", str(fake_domain)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_format_table_lists_processes_without_sockets() -> None:
+    doc = {
+        "processes": [{"pid": 5, "tgid": 5, "ppid": 1, "uid": 0, "euid": 0, "comm": "idle"}],
+        "sockets": [],
+    }
+    assert format_table(doc).splitlines()[1].split() == ["5", "1", "0", "idle"]
+    assert filter_document(doc, pid=6, uid=None) == {"processes": [], "sockets": []}
