@@ -1,0 +1,287 @@
+"""The benchmark suite: the thesis's httperf measurements on the lab guest, every xfgate mode
+side by side, a rate sweep, micro-benchmarks and the leak benchmark.
+
+    .venv/bin/python -m bench --profile quick      # < 10 minutes
+    .venv/bin/python -m bench --profile full       # the thesis-length runs (hours)
+
+Writes raw outputs, summary.json, results.md and sweep.png under bench/results/<time>/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.gate import running_gate
+from bench.httperf import run_httperf
+from bench.leak import LeakResult, run_leak
+from bench.report import (
+    RunRow,
+    aggregate,
+    interleaved_schedule,
+    thesis_table,
+    with_ratios,
+    write_sweep_plot,
+)
+from xfgate.config import DomainConfig, get_domain
+from xfgate.errors import LabError, PrerequisiteError
+
+CLIENT_NETNS = "xfgate-client"
+SERVER_PORT = 8000  # the guest's static epoll server (uid 1000): busybox httpd saturates ~150/s
+BLOCK = ("--block-uid", "1001")  # a rule in force that matches none of the measured traffic
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    thesis_conns: int  # connections per run at 150 conn/s
+    thesis_repeats: int
+    thesis_configs: tuple[str, ...]
+    sweep_rates: tuple[float, ...]
+    sweep_seconds: float
+    sweep_configs: tuple[str, ...]
+    sweep_repeats: int
+    leak_conns: int
+    leak_configs: tuple[str, ...]
+
+
+ALL_CONFIGS = ("none", "gate", "gate-nofastpath", "poll-3", "poll-5", "poll-10", "poll-15")
+PROFILES = {
+    # A minute or two: proves the harness end to end (used by the test suite), no numbers to quote.
+    "smoke": Profile(
+        name="smoke",
+        thesis_conns=150,
+        thesis_repeats=1,
+        thesis_configs=("none", "gate", "poll-3"),
+        sweep_rates=(300,),
+        sweep_seconds=1,
+        sweep_configs=("none", "gate"),
+        sweep_repeats=1,
+        leak_conns=3,
+        leak_configs=("poll-3", "gate"),
+    ),
+    "quick": Profile(
+        name="quick",
+        thesis_conns=1200,
+        thesis_repeats=2,
+        thesis_configs=ALL_CONFIGS,
+        sweep_rates=(150, 400, 800, 1200),
+        sweep_seconds=5,
+        sweep_configs=("none", "gate", "gate-nofastpath"),
+        sweep_repeats=1,
+        leak_conns=20,
+        leak_configs=("poll-3", "poll-15", "gate"),
+    ),
+    "full": Profile(
+        name="full",
+        thesis_conns=30000,  # 200 s at 150/s: >= 30 reply-rate samples (one per 5 s)
+        thesis_repeats=3,
+        thesis_configs=ALL_CONFIGS,
+        sweep_rates=(150, 300, 500, 800, 1000, 1200, 1500, 2000),
+        sweep_seconds=60,
+        sweep_configs=("none", "gate", "gate-nofastpath", "poll-3"),
+        sweep_repeats=2,
+        leak_conns=100,
+        leak_configs=("poll-3", "poll-5", "poll-10", "poll-15", "gate", "gate-nofastpath"),
+    ),
+}
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def preflight(domain: int) -> DomainConfig:
+    if os.geteuid() != 0:
+        raise PrerequisiteError("the benchmarks need root (namespaces, iptables, NFQUEUE)")
+    dom = get_domain(domain)
+    if not Path(f"/run/netns/{CLIENT_NETNS}").exists():
+        raise LabError(f"the lab is not up (no netns {CLIENT_NETNS}): run `xfgate lab up` first")
+    if not dom.addresses:
+        raise LabError(f"domain {domain} has no address in the domains file")
+    return dom
+
+
+def run_one(
+    dom: DomainConfig, config: str, rate: float, conns: int, rep: int, raw: Path
+) -> tuple[RunRow, dict[str, Any]]:
+    server = dom.addresses[0]
+    tag = f"{config}-r{rate:g}-n{conns}-{rep}"
+    load = loadavg()
+    with running_gate(dom.id, config, BLOCK, raw / f"{tag}.gate.log"):
+        # Warm-up: the listener's owner gets cached and the server's accept path is hot.
+        run_httperf(CLIENT_NETNS, server, SERVER_PORT, min(rate, 150), 50)
+        result, text = run_httperf(CLIENT_NETNS, server, SERVER_PORT, rate, conns)
+    (raw / f"{tag}.httperf.txt").write_text(text)
+    row = RunRow(
+        config=config,
+        rate=rate,
+        repeat=rep,
+        valid=result.valid,
+        conn_time_min=result.conn_time_min,
+        conn_time_avg=result.conn_time_avg,
+        conn_time_max=result.conn_time_max,
+        conn_time_median=result.conn_time_median,
+        conn_time_stddev=result.conn_time_stddev,
+        connect_ms=result.connect_ms,
+        test_duration_s=result.test_duration_s,
+        reply_rate_avg=result.reply_rate_avg,
+        errors_total=result.errors.get("total", 0),
+        loadavg_before=load,
+        problems=result.problems,
+    )
+    status = "ok" if result.valid else "INVALID " + "; ".join(result.problems)
+    print(
+        f"  {config:16s} rate {rate:>6g} conns {conns:>6d}: avg {result.conn_time_avg:.2f} ms"
+        f" connect {result.connect_ms:.2f} ms, {result.conn_rate:.0f} conn/s, load {load:.2f}"
+        f" [{status}]",
+        flush=True,
+    )
+    return row, result.to_dict()
+
+
+def run_micro(out: Path) -> dict[str, Any]:
+    """The parts' micro-benchmarks, each a script printing one JSON object."""
+    results: dict[str, Any] = {}
+    for name in ("vmi_bench", "verdict_bench"):
+        script = Path(__file__).with_name(f"{name}.py")
+        if not script.exists():
+            results[name] = {"error": f"{script.name} missing"}
+            continue
+        proc = subprocess.run(
+            [sys.executable, "-m", f"bench.{name}", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=Path(__file__).parent.parent,
+        )
+        (out / f"{name}.txt").write_text(proc.stdout + proc.stderr)
+        try:
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (json.JSONDecodeError, IndexError):
+            results[name] = {"error": f"exit {proc.returncode}: {proc.stderr[-400:]}"}
+    return results
+
+
+def client_limited(agg: dict[tuple[str, float], dict[str, Any]], rate: float) -> bool:
+    """The baseline itself could not sustain `rate`: the client or the guest is the limit, not
+    xfgate, and the rate is reported as such."""
+    base = agg.get(("none", rate))
+    return base is not None and float(base.get("reply_rate_avg", 0.0)) < 0.9 * rate
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    ap.add_argument("--domain", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--skip", action="append", default=[], choices=["thesis", "sweep", "micro", "leak"]
+    )
+    args = ap.parse_args(argv)
+    prof = PROFILES[args.profile]
+    dom = preflight(args.domain)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path(__file__).parent / "results" / stamp
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    rows: list[RunRow] = []
+    raw_results: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {
+        "profile": asdict(prof),
+        "machine": {"nproc": os.cpu_count(), "uname": os.uname().release, "loadavg": loadavg()},
+        "guest": {"kernel": dom.kernel.release, "server": f"{dom.addresses[0]}:{SERVER_PORT}"},
+    }
+    if "thesis" not in args.skip:
+        print(f"thesis table: 150 conn/s x {prof.thesis_conns} connections", flush=True)
+        for rep, rate, config in interleaved_schedule(
+            prof.thesis_configs, [150], prof.thesis_repeats
+        ):
+            row, res = run_one(dom, config, rate, prof.thesis_conns, rep, raw)
+            rows.append(row)
+            raw_results.append({"config": config, "rate": rate, "repeat": rep, **res})
+    sweep_rows: list[RunRow] = []
+    if "sweep" not in args.skip:
+        print("rate sweep", flush=True)
+        plan = interleaved_schedule(prof.sweep_configs, prof.sweep_rates, prof.sweep_repeats)
+        for rep, rate, config in plan:
+            conns = int(rate * prof.sweep_seconds)
+            row, res = run_one(dom, config, rate, conns, rep, raw)
+            sweep_rows.append(row)
+            raw_results.append(
+                {"config": config, "rate": rate, "repeat": rep, "sweep": True, **res}
+            )
+    thesis_agg = with_ratios(aggregate(rows), baseline="none")
+    sweep_agg = with_ratios(aggregate(sweep_rows), baseline="none")
+    if sweep_agg:
+        write_sweep_plot(sweep_agg, out / "sweep.png")
+    micro = run_micro(raw) if "micro" not in args.skip else {}
+    leaks: list[LeakResult] = []
+    if "leak" not in args.skip:
+        print(f"leak: a blocked user opens {prof.leak_conns} new connections", flush=True)
+        for config in prof.leak_configs:
+            leak = run_leak(dom, config, prof.leak_conns, raw)
+            print(
+                f"  {config:16s} {leak.packets_out} packets / {leak.syns_out} SYNs got out",
+                flush=True,
+            )
+            leaks.append(leak)
+    summary.update(
+        {
+            "thesis": {f"{c}@{r:g}": f for (c, r), f in thesis_agg.items()},
+            "sweep": {f"{c}@{r:g}": f for (c, r), f in sweep_agg.items()},
+            "client_limited_rates": [r for r in prof.sweep_rates if client_limited(sweep_agg, r)],
+            "micro": micro,
+            "leak": [asdict(x) for x in leaks],
+            "runs": raw_results,
+            "elapsed_s": time.monotonic() - started,
+        }
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    md = render_markdown(summary, thesis_agg, leaks)
+    (out / "results.md").write_text(md)
+    print(md)
+    print(f"results in {out} ({summary['elapsed_s']:.0f} s)")
+    return 0
+
+
+def render_markdown(
+    summary: dict[str, Any],
+    thesis_agg: dict[tuple[str, float], dict[str, Any]],
+    leaks: Sequence[LeakResult],
+) -> str:
+    parts = [
+        f"### Connection time at 150 conn/s (ms), profile {summary['profile']['name']}",
+        "",
+        thesis_table(thesis_agg, 150) if thesis_agg else "(not run)",
+        "",
+    ]
+    if summary.get("client_limited_rates"):
+        parts += [
+            "Rates the baseline itself could not sustain (client/guest limit, not xfgate's): "
+            + ", ".join(f"{r:g}" for r in summary["client_limited_rates"]),
+            "",
+        ]
+    micro = summary.get("micro") or {}
+    if micro:
+        parts += ["### Micro-benchmarks", "", "```json", json.dumps(micro, indent=1), "```", ""]
+    if leaks:
+        parts += [
+            "### Leak: packets of a blocked user's new connections that reached the client",
+            "",
+            "| configuration | connections | packets out | SYNs out |",
+            "|---|---|---|---|",
+            *[f"| {x.config} | {x.connections} | {x.packets_out} | {x.syns_out} |" for x in leaks],
+            "",
+        ]
+    return "\n".join(parts)
