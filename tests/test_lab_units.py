@@ -231,6 +231,9 @@ def test_layout_names_and_addresses() -> None:
     assert (lay.dom0_netns, lay.client_netns) == ("xfgate-dom0", "xfgate-client")
     assert lay.ram_path(1) == Path("/dev/shm/xfgate-guest1.mem")
     assert lay.run_dir == Path("/run/xfgate/lab")
+    private = layout.LabLayout("xfgt1")
+    assert private.run_dir == Path("/run/xfgate/lab-xfgt1") and private.dom0_netns == "xfgt1-dom0"
+    assert private.lock_path.parent == Path("/run/xfgate") != private.run_dir
     assert str(layout.guest_v4(2)) == "198.18.1.2" and str(layout.guest_v6(2)) == "2001:2::1:2"
     assert layout.vif_name(3) == "vif3.0"
     with pytest.raises(ConfigError):

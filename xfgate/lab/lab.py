@@ -118,7 +118,7 @@ def write_state(layout: LabLayout, state: LabState) -> None:
 @contextmanager
 def lab_lock(layout: LabLayout) -> Iterator[None]:
     """One up/down at a time per lab (tests in parallel sessions share the default lab)."""
-    layout.base_run_dir.mkdir(parents=True, exist_ok=True)
+    layout.lock_path.parent.mkdir(parents=True, exist_ok=True)
     with layout.lock_path.open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield

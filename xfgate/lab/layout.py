@@ -1,7 +1,8 @@
 """Names, paths and addresses of one lab instance: pure values, no I/O.
 
 The default instance uses the names other parts of xfgate and the README document
-(netns ``xfgate-dom0``/``xfgate-client``, run dir ``/run/xfgate/lab``). ``$XFGATE_LAB_PREFIX``
+(netns ``xfgate-dom0``/``xfgate-client``, run dir ``/run/xfgate/lab``, RAM files
+``/dev/shm/xfgate-guestD.mem``). ``$XFGATE_LAB_PREFIX``
 (or ``--prefix``) gives a second, private instance that can coexist with it, e.g. for a test
 that tears its lab down.
 """
@@ -27,6 +28,7 @@ CLIENT_V6 = IPv6Address("2001:2::1")
 V4_PREFIXLEN = 16
 V6_PREFIXLEN = 64
 GUEST_RAM_MB = 256
+RUN_ROOT = Path("/run/xfgate")
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
 
@@ -74,17 +76,15 @@ class LabLayout:
         return f"{self.prefix}-client"
 
     @property
-    def base_run_dir(self) -> Path:
-        return Path("/run") / self.prefix
-
-    @property
     def run_dir(self) -> Path:
-        return self.base_run_dir / "lab"
+        # Everything under xfgate's own /run dir; a private lab gets lab-PREFIX beside it.
+        name = "lab" if self.prefix == DEFAULT_PREFIX else f"lab-{self.prefix}"
+        return RUN_ROOT / name
 
     @property
     def lock_path(self) -> Path:
         # Outside run_dir, so `down` can delete run_dir while holding the lock.
-        return self.base_run_dir / "lab.lock"
+        return RUN_ROOT / f"{self.run_dir.name}.lock"
 
     @property
     def state_path(self) -> Path:
