@@ -26,8 +26,10 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import require_lab_prerequisites
 from xfgate.config import DomainConfig
 from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Flow
+from xfgate.lab import lab
 from xfgate.lab.cli import guest_exec, guest_truth
 from xfgate.lab.layout import LabLayout
 from xfgate.vmi.cli import load_domain_profile
@@ -288,3 +290,95 @@ def test_walker_survives_thousands_of_corruptions_of_a_real_image(
     assert worst < bounds.seconds + 1.5, worst
     assert differed > 0  # the corruptions did reach data the walker uses
     assert walk_guest(space, layout, loc.virt_shift, bounds).tasks == clean.tasks
+
+
+@pytest.fixture(scope="module")
+def cloud_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabLayout, DomainConfig]]:
+    """A private lab running the other Debian flavour (-cloud-amd64: other struct layouts)."""
+    require_lab_prerequisites()
+    layout = LabLayout(f"xfwk{os.getpid() % 100000}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XFGATE_DOMAINS", str(tmp_path_factory.mktemp("cloud") / "domains.toml"))
+        try:
+            up = lab.lab_up(
+                layout, domains=1, kernel_package="linux-image-cloud-amd64", log=lambda _m: None
+            )
+            yield layout, up.domains[0]
+        finally:
+            lab.lab_down(layout, force=True, log=lambda _m: None)
+
+
+def test_second_kernel_flavour_ps_equals_truth(cloud_lab: tuple[LabLayout, DomainConfig]) -> None:
+    layout, domain = cloud_lab
+    assert domain.kernel.release.endswith("-cloud-amd64")
+    profile = load_domain_profile(domain, None)
+    diffs: list[str] = []
+    with workload_stopped(layout) as ctl, GuestIntrospector(domain, profile) as guest:
+        assert guest.boot().location.virt_shift != 0
+        for _ in range(3):
+            ps = guest.ps_json()
+            truth = guest_truth(layout, 1).to_json()
+            truth = _without_collector(truth, ps, ctl)
+            diffs = _diff(_normalise_kworkers(ps), _normalise_kworkers(truth))
+            if not diffs:
+                break
+    assert diffs == []
+    assert {s["family"] for s in ps["sockets"]} == {4, 6}
+
+
+def _volatility_sockets(rows: list[dict[str, Any]]) -> set[tuple[object, ...]]:
+    out = set()
+    for r in rows:
+        if r["PID"] != r["TID"] or r["Family"] not in ("AF_INET", "AF_INET6"):
+            continue
+        if r["Proto"] not in ("TCP", "UDP"):
+            continue
+        proto = r["Proto"].lower()
+        out.add(
+            (
+                r["PID"],
+                r["FD"],
+                proto,
+                4 if r["Family"] == "AF_INET" else 6,
+                str(ip_address(r["Source Addr"])),
+                int(r["Source Port"]),
+                str(ip_address(r["Destination Addr"])),
+                int(r["Destination Port"]),
+                r["State"] if proto == "tcp" else "",
+            )
+        )
+    return out
+
+
+def test_volatility_sockstat_with_our_isf_lists_what_xfgate_reads(
+    lab_domain: DomainConfig, tmp_path: Path
+) -> None:
+    """Volatility 3 as an oracle: its linux.sockstat over xfgate's ISF export and a QMP dump."""
+    from xfgate.config import MemoryConfig
+    from xfgate.vmi.profile_build import build_profile_files
+
+    build = build_profile_files(lab_domain.kernel.assets)
+    (tmp_path / "symbols" / "linux").mkdir(parents=True)
+    (tmp_path / "symbols" / "linux" / build.isf_path.name).write_bytes(build.isf_path.read_bytes())
+    dump = tmp_path / "guest.elf"
+    assert lab_domain.qmp is not None
+    with QmpClient(lab_domain.qmp.socket) as qmp:
+        qmp.dump_guest_memory(str(dump))  # QEMU stops the vCPUs while it writes
+    offline = DomainConfig(1, "dump", (), MemoryConfig("elf-dump", str(dump)))
+    with GuestIntrospector(offline, build.profile) as guest:
+        ours = {
+            (
+                s["pid"], s["fd"], s["proto"], s["family"], s["local"], s["lport"],
+                s["remote"], s["rport"], s["state"] if s["proto"] == "tcp" else "",
+            )
+            for s in guest.ps_json()["sockets"]
+        }  # fmt: skip
+    vol = Path(sys.executable).parent / "vol"
+    run = subprocess.run(
+        [str(vol), "-q", "-s", str(tmp_path / "symbols"), "-f", str(dump), "-r", "json",
+         "linux.sockstat.Sockstat"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = _volatility_sockets(json.loads(run.stdout))
+    assert ours == theirs and len(ours) >= 5
