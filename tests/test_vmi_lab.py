@@ -327,7 +327,7 @@ def test_second_kernel_flavour_ps_equals_truth(cloud_lab: tuple[LabLayout, Domai
 
 
 def _volatility_sockets(rows: list[dict[str, Any]]) -> set[tuple[object, ...]]:
-    out = set()
+    out: set[tuple[object, ...]] = set()
     for r in rows:
         if r["PID"] != r["TID"] or r["Family"] not in ("AF_INET", "AF_INET6"):
             continue
