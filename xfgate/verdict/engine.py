@@ -159,10 +159,11 @@ class Engine:
 
     def evaluate(self, payload: bytes, physindev: int, physoutdev: int) -> Evaluation:
         policy = self._policy
+        direction = direction_of(physindev, physoutdev, self._vif_indexes)
         parsed = parse(payload)
         if isinstance(parsed, Malformed):
-            return Evaluation(decide(None, None, policy, f"malformed: {parsed.reason}"), "parse")
-        direction = direction_of(physindev, physoutdev, self._vif_indexes)
+            decision = decide(None, None, policy, f"malformed: {parsed.reason}")
+            return Evaluation(decision, "parse", direction=direction)
         if direction is None:
             why = f"packet not on a vif of domain {self.domain} (in {physindev}, out {physoutdev})"
             return Evaluation(decide(None, None, policy, why), "parse", parsed)

@@ -150,8 +150,9 @@ def poll_rules(vifs: Sequence[str], ports: Iterable[tuple[int, int]]) -> list[Ru
         for vif in vifs:
             physdev_in = ("-m", "physdev", "--physdev-in", vif)
             physdev_out = ("-m", "physdev", "--physdev-out", vif)
-            rules.append(("-p", name, *physdev_in, "--sport", str(port), *DROP))
-            rules.append(("-p", name, *physdev_out, "--dport", str(port), *DROP))
+            # An explicit "-m tcp|udp": libiptc does not load the protocol match implicitly.
+            rules.append(("-p", name, *physdev_in, "-m", name, "--sport", str(port), *DROP))
+            rules.append(("-p", name, *physdev_out, "-m", name, "--dport", str(port), *DROP))
     return rules
 
 

@@ -371,7 +371,11 @@ class Gate:
         if ports == dg.poll_ports:
             return
         rules = poll_rules(dg.cfg.vifs, ports)
-        self.firewall.set_poll_rules(dg.cfg.id, dg.cfg.vifs, rules)
+        try:
+            self.firewall.set_poll_rules(dg.cfg.id, dg.cfg.vifs, rules)
+        except XfgateError as e:  # retried at the next poll
+            print(f"xfgate: domain {dg.cfg.id}: poll rules not applied: {e}", file=sys.stderr)
+            return
         _append_rule_log(dg.cfg.id, dg.poll_ports or set(), ports)
         dg.poll_ports = ports
 
