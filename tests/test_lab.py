@@ -262,6 +262,12 @@ def test_cloud_kernel_two_domains_repair_and_down(private_lab: LabLayout) -> Non
         check_workload(guest_truth(layout, d), d)
         assert lab.client_http_get(layout, str(guest_v4(d)), 8000) is not None
 
+    # A workload process gone is noticed too (over the control channel, not the network).
+    assert lab.health_problems(layout, up.state, 2, up.state.kernel_package) == []
+    guest_exec(layout, 1, "kill -9 $(pidof keeper)")
+    problems = lab.health_problems(layout, up.state, 2, None)
+    assert problems == ["guest1's workload lacks 1 keeper"]
+
     # Half-broken: guest 2's qemu dies. `up` notices, rebuilds, and says so.
     dead = up.state.qemu_pid(2)
     os.kill(dead, 9)

@@ -12,7 +12,7 @@ import pytest
 
 from xfgate.errors import ConfigError, LabError
 from xfgate.lab import assets, control, cpio, layout, modules, qemu, truth
-from xfgate.lab.lab import prerequisite_problems
+from xfgate.lab.lab import prerequisite_problems, workload_missing
 
 # Trimmed from a real guest's TRUTH_SCRIPT output (/proc of the lab guest, kernel 6.1), with
 # an extra fd holding the same socket, a non-inet socket and a process that exited mid-listing.
@@ -240,3 +240,13 @@ def test_layout_names_and_addresses() -> None:
         layout.LabLayout("Bad Prefix")
     with pytest.raises(ConfigError):
         layout.guest_v4(0)
+
+
+def test_workload_missing() -> None:
+    full = "httpd 112 103 100\nfastweb 106\nspray 109\nkeeper 115\n"
+    assert workload_missing(full) == []
+    assert workload_missing("httpd 100\nfastweb\nspray 109\nkeeper 115\n") == [
+        "2 httpd",
+        "1 fastweb",
+    ]
+    assert len(workload_missing("")) == 4

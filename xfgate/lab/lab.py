@@ -52,6 +52,9 @@ SERVICE_PORTS_V4 = (80, 8080, 8000)
 SERVICE_PORT_V6 = 9000
 REQUIRED_PROGRAMS = ("qemu-system-x86_64", "ip", "iptables", "apt-get", "dpkg-deb", "modinfo")
 DEFAULT_BOOT_TIMEOUT = 90.0
+# comm -> how many processes of the workload carry it (guest/init starts them).
+WORKLOAD_COMMS = {"httpd": 3, "fastweb": 1, "spray": 1, "keeper": 1}
+WORKLOAD_CHECK = "for c in " + " ".join(WORKLOAD_COMMS) + '; do echo "$c $(pidof $c)"; done'
 
 
 # ---- prerequisites ---------------------------------------------------------------------------
@@ -330,13 +333,27 @@ def health_problems(
     # guest's packets on purpose, and that must not make `up` restart a shared lab.
     for d in state.domains:
         try:
-            r = run_in_guest(layout.ctl_socket(d), layout.ctl_lock(d), "echo ok", 10.0, d)
-            alive = r.output.strip() == b"ok"
-        except XfgateError:
-            alive = False
-        if not alive:
-            problems.append(f"guest{d} does not answer on its control channel")
+            r = run_in_guest(layout.ctl_socket(d), layout.ctl_lock(d), WORKLOAD_CHECK, 10.0, d)
+            missing = workload_missing(r.output.decode(errors="replace"))
+        except XfgateError as e:
+            problems.append(f"guest{d} does not answer on its control channel ({e})")
+            continue
+        if missing:
+            problems.append(f"guest{d}'s workload lacks {', '.join(missing)}")
     return problems
+
+
+def workload_missing(pidof_output: str) -> list[str]:
+    """Workload processes absent from WORKLOAD_CHECK's output ("comm pid pid..." lines)."""
+    counts = {}
+    for line in pidof_output.splitlines():
+        comm, *pids = line.split()
+        counts[comm] = len(pids)
+    return [
+        f"{want - counts.get(comm, 0)} {comm}"
+        for comm, want in WORKLOAD_COMMS.items()
+        if counts.get(comm, 0) < want
+    ]
 
 
 def foreign_leftovers(layout: LabLayout) -> list[str]:
