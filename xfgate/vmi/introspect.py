@@ -9,6 +9,7 @@ hash tables and asks the index, walking again only for a sock it has not seen ye
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from xfgate.vmi.qmp import ControlRegisters, PauseRecord, QmpClient, paused
 from xfgate.vmi.sockets import HashLayout, SocketTables
 
 PROTO_NAMES = {6: "tcp", 17: "udp"}
+LOOKUP_RETRIES = 2
 
 
 @dataclass
@@ -57,11 +59,17 @@ class GuestIntrospector:
         memory: PhysicalMemory | None = None,
         bounds: WalkBounds | None = None,
         allow_pause: bool = True,
+        min_rewalk_seconds: float = 0.0,
     ) -> None:
+        """`min_rewalk_seconds`: a lookup meeting a socket the index does not know walks again
+        unless the last walk is younger than this (0: always, exact; more: cheaper under a
+        flood of new connections, at the risk of answering with no owner)."""
         self.domain = domain
         self.profile = profile
         self.bounds = bounds or WalkBounds()
         self.allow_pause = allow_pause
+        self.min_rewalk_seconds = min_rewalk_seconds
+        self._last_walk = -1e9
         self._owns_memory = memory is None
         self.memory = memory if memory is not None else open_memory(domain.memory)
         # QEMU serves one QMP client at a time: connect per use, never hold the monitor.
@@ -141,6 +149,7 @@ class GuestIntrospector:
         """Every process and inet socket; refreshes the owner index."""
         boot = self.boot()
         pause = self._pause if (self._qmp_socket and self.allow_pause) else None
+        self._last_walk = time.monotonic()
         result = walk_guest(boot.space, self.layout, boot.location.virt_shift, self.bounds, pause)
         if result.paused_seconds:
             self.pause_records.append(result.paused_seconds)
@@ -173,6 +182,10 @@ class GuestIntrospector:
         if boot.tables is None:
             return self._lookup_by_walk(flow)
         found = boot.tables.find(flow)
+        for _ in range(LOOKUP_RETRIES):
+            if found is not None or not boot.tables.errors:
+                break
+            found = boot.tables.find(flow)  # a chain torn by the guest changing it: again
         if found is None:
             return None
         sock = found.sock
@@ -204,11 +217,12 @@ class GuestIntrospector:
 
     def _owners_of(self, boot: _Boot, sock_addr: int) -> tuple[Owner, ...]:
         owners = boot.owners.get(sock_addr)
-        if owners is None:  # a socket newer than our last walk
+        recent = time.monotonic() - self._last_walk < self.min_rewalk_seconds
+        if owners is None and not recent:  # a socket newer than our last walk
             self.walk()
             boot = self.boot()
             owners = boot.owners.get(sock_addr, ())
-        return owners
+        return owners or ()
 
     def _lookup_by_walk(self, flow: Flow) -> Ownership | None:
         """Without hash-table layouts in the profile: match the walk's sockets by 5-tuple."""
