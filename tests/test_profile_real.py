@@ -258,6 +258,19 @@ def test_cache_reload_and_isf_round_trip(generic: Kernel, profile_cache: Path) -
         profile_build.profile_for_banner(generic.profile.banner.replace("#", "#9"), profile_cache)
 
 
+def test_stale_or_corrupt_cache_entries_are_rebuilt(generic: Kernel, tmp_path: Path) -> None:
+    first = profile_build.build_profile_files(generic.assets, tmp_path)
+    doc = json.loads(first.profile_path.read_text())
+    doc["builder"] = profile_build.BUILDER_VERSION - 1
+    doc["banner"] = "stale"
+    first.profile_path.write_text(json.dumps(doc))
+    again = profile_build.build_profile_files(generic.assets, tmp_path)
+    assert not again.from_cache and again.profile.banner == generic.profile.banner
+    first.profile_path.write_text("{truncated")
+    assert not profile_build.build_profile_files(generic.assets, tmp_path).from_cache
+    assert profile_build.build_profile_files(generic.assets, tmp_path).from_cache
+
+
 def test_real_isf_is_accepted_by_volatility_schema(generic: Kernel) -> None:
     import jsonschema  # without it volatility3 reports success on anything
     from volatility3 import schemas

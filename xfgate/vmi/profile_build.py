@@ -31,6 +31,8 @@ from xfgate.vmi.btf import parse_btf
 from xfgate.vmi.profile import Member, Profile, StructLayout
 
 PROFILE_FORMAT = "xfgate-profile-1"
+# Bumped whenever a build would produce different content: older cached builds are redone.
+BUILDER_VERSION = 2
 
 # BTF names no type for global variables; these are the ones introspection and Volatility use.
 WELL_KNOWN_SYMBOL_TYPES: Mapping[str, str] = {
@@ -118,10 +120,17 @@ def build_profile_files(
     paths = (out / f"{key}.json", out / f"{key}.isf.json.xz", out / f"{key}.System.map")
     if not rebuild and all(p.exists() for p in paths):
         t0 = time.perf_counter()
-        profile = load_profile(paths[0])
-        return ProfileBuild(
-            profile, *paths, from_cache=True, timings={"load": time.perf_counter() - t0}
-        )
+        try:
+            doc = isf.read_isf(paths[0])
+            if doc.get("builder") == BUILDER_VERSION:
+                return ProfileBuild(
+                    profile_from_dict(doc),
+                    *paths,
+                    from_cache=True,
+                    timings={"load": time.perf_counter() - t0},
+                )
+        except ProfileError:
+            pass  # a corrupt or foreign cache entry is rebuilt, not an error
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     vmlinux = kernel_image.decompress_vmlinuz(vmlinuz)
@@ -149,6 +158,7 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
     """The compact cache form: members as lists, in struct order."""
     return {
         "format": PROFILE_FORMAT,
+        "builder": BUILDER_VERSION,
         "release": profile.release,
         "banner": profile.banner,
         "symbol_types": dict(profile.symbol_types),
