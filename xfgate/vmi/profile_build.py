@@ -32,7 +32,7 @@ from xfgate.vmi.profile import Member, Profile, StructLayout
 
 PROFILE_FORMAT = "xfgate-profile-1"
 # Bumped whenever a build would produce different content: older cached builds are redone.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 
 # BTF names no type for global variables; these are the ones introspection and Volatility use.
 WELL_KNOWN_SYMBOL_TYPES: Mapping[str, str] = {
@@ -55,6 +55,9 @@ WELL_KNOWN_SYMBOL_TYPES: Mapping[str, str] = {
     "modules": "list_head",
     "net_namespace_list": "list_head",
     "super_blocks": "list_head",
+    # Volatility's linux.sockstat/lsof recognise socket files by these (object_from_symbol).
+    "socket_file_ops": "file_operations",
+    "sockfs_dentry_operations": "dentry_operations",
 }
 
 
