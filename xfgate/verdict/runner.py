@@ -134,10 +134,11 @@ class Refresher(threading.Thread):
         self._stop.set()
         self._wake.set()
 
-    def refresh_once(self) -> None:
+    def refresh_once(self, walk: bool = False) -> None:
+        """One walk (skipped when nothing is blocked, unless `walk`) and a set update."""
         policy = self._policy()
         start = time.monotonic()
-        if policy.blocks_anything:
+        if policy.blocks_anything or walk:
             sockets = self._source.sockets()
             self.last_walk_ms = round((time.monotonic() - start) * 1000, 2)
             ports = blocked_ports(sockets, policy)
@@ -252,8 +253,6 @@ class Gate:
         fw = self.firewall
         d = dg.cfg.id
         if self.options.mode == "queue":
-            fw.install(dg.layout)
-            fw.reset_settled(d)  # marks of an earlier run may carry a different policy
             dg.refresher = Refresher(
                 d,
                 dg.source,
@@ -261,6 +260,14 @@ class Gate:
                 lambda ports: fw.set_blocked_ports(d, ports),
                 self.options.refresh_interval,
             )
+            # One walk before the first packet: it locates the guest kernel (KASLR) and fills
+            # the owner index, so the first verdicts do not pay for it, and seeds the port sets.
+            try:
+                dg.refresher.refresh_once(walk=True)
+            except Exception as e:
+                print(f"xfgate: domain {d}: first walk failed: {e}", file=sys.stderr)
+            fw.install(dg.layout)
+            fw.reset_settled(d)  # marks of an earlier run may carry a different policy
             dg.refresher.start()
         else:
             fw.set_poll_rules(d, dg.cfg.vifs, [])
