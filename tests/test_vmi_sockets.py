@@ -190,3 +190,21 @@ def test_reboot_changes_generation(tmp_path: Path) -> None:
         tmp.replace(path)  # a new QEMU: a new RAM file
         assert gi.boot().location.virt_shift == 0x20000000
         assert gi.generation() > gen
+
+
+def test_kaslr_from_cr3_with_a_pti_user_root() -> None:
+    from xfgate.vmi.kaslr import from_cr3
+    from xfgate.vmi.qmp import ControlRegisters
+
+    g = FakeGuest()
+    # CR3 as seen while user space runs under PTI: the user copy, one page above, plus a PCID.
+    loc = from_cr3(g.memory, g.profile, ControlRegisters(g.root | 0x1000 | 0x5, 0x6F0))
+    assert (loc.virt_shift, loc.phys_base, loc.root, loc.method) == (
+        g.virt_shift,
+        g.phys_base,
+        g.root,
+        "cr3",
+    )
+    other = dataclasses.replace(g.profile, banner="Linux version 9.9.9 (someone) #2\n")
+    with pytest.raises(ProfileMismatch, match=r"6\.1\.0-fake"):
+        from_cr3(g.memory, other, ControlRegisters(g.root, 0x6F0))
