@@ -95,18 +95,24 @@ def _run(
         raise LabError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from e
 
 
-def _apt_known(name: str) -> bool:
-    return _run(["apt-cache", "show", "--no-all-versions", name], 60).returncode == 0
+def _apt_depends(name: str) -> list[str] | None:
+    """Dependencies of a package apt knows, None if it does not (one apt-cache call, ~1 s)."""
+    r = _run(["apt-cache", "depends", "--no-recommends", "--no-suggests", name], 60)
+    return parse_apt_depends(r.stdout) if r.returncode == 0 and r.stdout.strip() else None
 
 
 def resolve_kernel_package(name: str | None, log: Log = print) -> str:
     """A concrete linux-image package for a name or meta-package (linux-image-amd64 ->
     linux-image-6.1.0-56-amd64), running `apt-get update` once if apt does not know it."""
     name = check_package_name(name or DEFAULT_KERNEL_PACKAGE)
-    if not _apt_known(name):
+    if is_concrete_kernel_package(name) and load_manifest(assets_dir(name)) is not None:
+        return name  # built before: no need to ask apt again
+    depends = _apt_depends(name)
+    if depends is None:
         log(f"apt does not know {name}: running apt-get update")
         _run(["apt-get", "update", "-q"], 300)
-        if not _apt_known(name):
+        depends = _apt_depends(name)
+        if depends is None:
             raise LabError(
                 f"no Debian package named {name!r}: choose a Debian 12 kernel image such as "
                 "linux-image-amd64, linux-image-cloud-amd64 or linux-image-rt-amd64 "
@@ -114,14 +120,15 @@ def resolve_kernel_package(name: str | None, log: Log = print) -> str:
             )
     seen = [name]
     while not is_concrete_kernel_package(seen[-1]):
-        out = _run(["apt-cache", "depends", "--no-recommends", seen[-1]], 60).stdout
-        images = [d for d in parse_apt_depends(out) if d.startswith("linux-image-")]
+        images = [d for d in depends or [] if d.startswith("linux-image-")]
         if not images or len(seen) > 4:
             raise LabError(
                 f"{name!r} is neither a kernel image package nor a meta-package depending on "
-                f"one (apt-cache depends gave {parse_apt_depends(out)})"
+                f"one (apt-cache depends gave {depends})"
             )
         seen.append(images[0])
+        if not is_concrete_kernel_package(images[0]):
+            depends = _apt_depends(images[0])
     if len(seen) > 1:
         log(f"{name} -> {seen[-1]}")
     return seen[-1]
