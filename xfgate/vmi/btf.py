@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from xfgate.errors import ProfileError
 
@@ -171,28 +171,32 @@ class Btf:
         raise ProfileError(f"BTF type {type_id}: array nesting deeper than {MAX_CHAIN}")
 
 
-def _string_table(blob: bytes, start: int, length: int) -> tuple[bytes, dict[int, str]]:
-    """The string section and every string in it by offset (names may also point mid-string)."""
+class _Names(dict[int, str]):
+    """Strings of the string section by offset; a name may also point mid-string (valid BTF
+    never does, hostile BTF may), which ``__missing__`` decodes on demand, bounds-checked."""
+
+    def __init__(self, section: bytes) -> None:
+        super().__init__()
+        self.section = section
+        offset = 0
+        for raw in section.split(b"\0"):
+            self[offset] = raw.decode("utf-8", "replace")
+            offset += len(raw) + 1
+
+    def __missing__(self, offset: int) -> str:
+        if offset >= len(self.section):
+            raise ProfileError(f"BTF name offset {offset} beyond the string section")
+        end = self.section.index(b"\0", offset)  # found: the section ends with NUL
+        name = self.section[offset:end].decode("utf-8", "replace")
+        self[offset] = name
+        return name
+
+
+def _string_table(blob: bytes, start: int, length: int) -> _Names:
     section = blob[start : start + length]
     if length and section[-1:] != b"\0":
         raise ProfileError("BTF string section is not NUL-terminated")
-    names: dict[int, str] = {}
-    offset = 0
-    for raw in section.split(b"\0"):
-        names[offset] = raw.decode("utf-8", "replace")
-        offset += len(raw) + 1
-    return section, names
-
-
-def _name(section: bytes, names: dict[int, str], offset: int) -> str:
-    name = names.get(offset)
-    if name is None:
-        if offset >= len(section):
-            raise ProfileError(f"BTF name offset {offset} beyond the string section")
-        end = section.index(b"\0", offset)  # found: the section ends with NUL
-        name = section[offset:end].decode("utf-8", "replace")
-        names[offset] = name
-    return name
+    return _Names(section)
 
 
 def parse_btf(blob: bytes) -> Btf:
@@ -213,8 +217,8 @@ def parse_btf(blob: bytes) -> Btf:
             raise ProfileError(
                 f"BTF {what} section ({off}+{length}) runs past the blob ({len(blob)} bytes)"
             )
-    strings, names = _string_table(blob, hdr_len + str_off, str_len)
-    return Btf(_parse_types(blob, hdr_len + type_off, type_len, strings, names))
+    names = _string_table(blob, hdr_len + str_off, str_len)
+    return Btf(_parse_types(blob, hdr_len + type_off, type_len, names))
 
 
 # Bytes of kind-specific data after the 12-byte header: (fixed, per vlen item), by kind number.
@@ -234,9 +238,7 @@ _KINDS = tuple(Kind)
 _IS_REFERENCE = tuple(k in REFERENCE_KINDS for k in Kind)
 
 
-def _parse_types(
-    blob: bytes, start: int, length: int, strings: bytes, names: dict[int, str]
-) -> tuple[BtfType, ...]:
+def _parse_types(blob: bytes, start: int, length: int, names: _Names) -> tuple[BtfType, ...]:
     end = start + length
     pos = start
     types: list[BtfType] = [BtfType(0, Kind.UNKN, "void", False, 0, 0, 0)]
@@ -249,94 +251,61 @@ def _parse_types(
         raw_kind = (info >> 24) & 0x1F
         if raw_kind == 0 or raw_kind > Kind.ENUM64:
             raise ProfileError(f"BTF type {len(types)}: unknown kind {raw_kind}")
+        kind = _KINDS[raw_kind]
         vlen = info & 0xFFFF
         fixed, per_item = _EXTRA_SIZE[raw_kind]
         extra_len = fixed + per_item * vlen
         if pos + extra_len > end:
-            raise ProfileError(
-                f"BTF type {len(types)} ({_KINDS[raw_kind].name}) runs past the type section"
-            )
-        name = names.get(name_off)
-        if name is None:
-            name = _name(strings, names, name_off)
-        if _IS_REFERENCE[raw_kind]:
-            size, ref = 0, size_or_type
-        else:
-            size, ref = size_or_type, 0
+            raise ProfileError(f"BTF type {len(types)} ({kind.name}) runs past the type section")
         kind_flag = bool(info >> 31)
-        if extra_len or raw_kind == Kind.VAR:
-            t = _with_extra(
-                len(types),
-                _KINDS[raw_kind],
-                name,
-                kind_flag,
-                vlen,
-                size,
-                ref,
-                blob,
-                pos,
-                strings,
-                names,
-            )
+        if _IS_REFERENCE[raw_kind]:
+            t = BtfType(len(types), kind, names[name_off], kind_flag, vlen, 0, size_or_type)
         else:
-            t = BtfType(len(types), _KINDS[raw_kind], name, kind_flag, vlen, size, ref)
+            t = BtfType(len(types), kind, names[name_off], kind_flag, vlen, size_or_type, 0)
+        if extra_len:
+            t = t._replace(**_extra_fields(kind, kind_flag, vlen, blob, pos, names))
         pos += extra_len
         types.append(t)
     _check_references(types)
     return tuple(types)
 
 
-def _with_extra(
-    type_id: int,
-    kind: Kind,
-    name: str,
-    kind_flag: bool,
-    vlen: int,
-    size: int,
-    ref: int,
-    blob: bytes,
-    pos: int,
-    strings: bytes,
-    names: dict[int, str],
-) -> BtfType:
-    def base(**extra: object) -> BtfType:
-        return BtfType(type_id, kind, name, kind_flag, vlen, size, ref, **extra)  # type: ignore[arg-type]
-
-    def name_at(offset: int) -> str:
-        found = names.get(offset)
-        return found if found is not None else _name(strings, names, offset)
-
+def _extra_fields(
+    kind: Kind, kind_flag: bool, vlen: int, blob: bytes, pos: int, names: _Names
+) -> dict[str, Any]:
+    """The kind-specific data after a type's header, as BtfType fields."""
+    if kind == Kind.STRUCT or kind == Kind.UNION:
+        words = struct.unpack_from(f"<{3 * vlen}I", blob, pos)
+        member_names = map(names.__getitem__, words[0::3])
+        if kind_flag:  # offset word = bitfield_size << 24 | bit_offset
+            offsets = words[2::3]
+            return {
+                "members": tuple(
+                    map(
+                        BtfMember,
+                        member_names,
+                        words[1::3],
+                        [w & 0xFFFFFF for w in offsets],
+                        [w >> 24 for w in offsets],
+                    )
+                )
+            }
+        zeros = [0] * vlen
+        return {"members": tuple(map(BtfMember, member_names, words[1::3], words[2::3], zeros))}
+    if kind == Kind.FUNC_PROTO:
+        words = struct.unpack_from(f"<{2 * vlen}I", blob, pos)
+        return {"params": tuple(map(BtfParam, map(names.__getitem__, words[0::2]), words[1::2]))}
     if kind == Kind.INT:
         (word,) = struct.unpack_from("<I", blob, pos)
-        return base(int_info=BtfInt((word >> 24) & 0x0F, (word >> 16) & 0xFF, word & 0xFF))
-    if kind in (Kind.VAR, Kind.DECL_TAG):
-        (word,) = struct.unpack_from("<i", blob, pos)
-        return base(extra=word)
+        return {"int_info": BtfInt((word >> 24) & 0x0F, (word >> 16) & 0xFF, word & 0xFF)}
+    if kind == Kind.VAR or kind == Kind.DECL_TAG:
+        return {"extra": struct.unpack_from("<i", blob, pos)[0]}
     if kind == Kind.ARRAY:
-        return base(array=BtfArray(*struct.unpack_from("<III", blob, pos)))
-    if kind in (Kind.STRUCT, Kind.UNION):
-        words = struct.unpack_from(f"<{3 * vlen}I", blob, pos)
-        if kind_flag:  # offset word = bitfield_size << 24 | bit_offset
-            members = tuple(
-                BtfMember(name_at(words[i]), words[i + 1], w & 0xFFFFFF, w >> 24)
-                for i in range(0, 3 * vlen, 3)
-                for w in (words[i + 2],)
-            )
-        else:
-            members = tuple(
-                BtfMember(name_at(words[i]), words[i + 1], words[i + 2], 0)
-                for i in range(0, 3 * vlen, 3)
-            )
-        return base(members=members)
+        return {"array": BtfArray(*struct.unpack_from("<III", blob, pos))}
     if kind == Kind.ENUM:
-        fmt = f"<{2 * vlen}{'i' if kind_flag else 'I'}"
-        words = struct.unpack_from(fmt, blob, pos)
-        return base(
-            enum_values=tuple(
-                BtfEnumValue(name_at(words[i] & 0xFFFFFFFF), words[i + 1])
-                for i in range(0, 2 * vlen, 2)
-            )
-        )
+        words = struct.unpack_from(f"<{2 * vlen}{'i' if kind_flag else 'I'}", blob, pos)
+        value_names = map(names.__getitem__, [w & 0xFFFFFFFF for w in words[0::2]])
+        return {"enum_values": tuple(map(BtfEnumValue, value_names, words[1::2]))}
     if kind == Kind.ENUM64:
         words = struct.unpack_from(f"<{3 * vlen}I", blob, pos)
         values = []
@@ -344,17 +313,12 @@ def _with_extra(
             value = words[i + 1] | words[i + 2] << 32
             if kind_flag and value >= 1 << 63:
                 value -= 1 << 64
-            values.append(BtfEnumValue(name_at(words[i]), value))
-        return base(enum_values=tuple(values))
-    if kind == Kind.FUNC_PROTO:
-        words = struct.unpack_from(f"<{2 * vlen}I", blob, pos)
-        return base(
-            params=tuple(BtfParam(name_at(words[i]), words[i + 1]) for i in range(0, 2 * vlen, 2))
-        )
+            values.append(BtfEnumValue(names[words[i]], value))
+        return {"enum_values": tuple(values)}
     if kind == Kind.DATASEC:
         words = struct.unpack_from(f"<{3 * vlen}I", blob, pos)
-        return base(secinfos=tuple(BtfVarSecinfo(*words[i : i + 3]) for i in range(0, 3 * vlen, 3)))
-    return base()
+        return {"secinfos": tuple(map(BtfVarSecinfo, words[0::3], words[1::3], words[2::3]))}
+    return {}
 
 
 def _check_references(types: list[BtfType]) -> None:
