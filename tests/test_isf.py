@@ -142,10 +142,16 @@ def test_import_bitfields_as_byte_and_bit() -> None:
     assert (exiting.offset, exiting.bit_offset, exiting.bit_size) == (40, 3, 1)
 
 
-def test_signed_addresses_from_libvmi_style_isf_are_normalised() -> None:
+def test_signed_addresses_for_libvmi_round_trip() -> None:
+    from volatility3 import schemas
+
     doc = sample_isf()
-    doc["symbols"]["init_task"]["address"] = 0xFFFFFFFF82A1AA40 - (1 << 64)
-    assert isf.profile_from_isf(doc).symbol("init_task") == 0xFFFFFFFF82A1AA40
+    signed = isf.with_signed_addresses(doc)
+    assert signed["symbols"]["init_task"]["address"] == 0xFFFFFFFF82A1AA40 - (1 << 64)
+    assert signed["symbols"]["init_task"]["type"] == doc["symbols"]["init_task"]["type"]
+    assert doc["symbols"]["init_task"]["address"] == 0xFFFFFFFF82A1AA40  # input untouched
+    assert schemas.validate(signed, use_cache=False)
+    assert isf.profile_from_isf(signed) == isf.profile_from_isf(doc)
 
 
 @pytest.mark.parametrize("name", ["profile.json", "profile.json.xz"])

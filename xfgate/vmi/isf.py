@@ -241,6 +241,18 @@ def _metadata(source: Mapping[str, str] | None) -> dict[str, Any]:
     }
 
 
+def with_signed_addresses(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy whose symbol addresses >= 2**63 are written as negative numbers: LibVMI's json-c
+    mangles unsigned 64-bit integers in an ISF (lab notes). Our import reads both forms."""
+    symbols = {
+        name: {**entry, "address": entry["address"] - (1 << 64)}
+        if entry.get("address", 0) >= 1 << 63
+        else entry
+        for name, entry in doc["symbols"].items()
+    }
+    return {**doc, "symbols": symbols}
+
+
 # ---------------------------------------------------------------- import: ISF -> Profile
 
 

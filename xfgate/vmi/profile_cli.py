@@ -37,6 +37,11 @@ def register(sub: Any) -> None:
     source.add_argument("--vmlinuz", metavar="PATH", help="a vmlinuz, vmlinux or unpacked package")
     source.add_argument("--domain", type=int, metavar="N", help="the kernel of configured domain N")
     build.add_argument("--isf", metavar="OUT", help="also write the Volatility 3 ISF (.json|.xz)")
+    build.add_argument(
+        "--signed-addresses",
+        action="store_true",
+        help="write ISF symbol addresses as signed 64-bit numbers (for LibVMI)",
+    )
     build.add_argument("--system-map", metavar="OUT", help="also write the rebuilt System.map")
     build.add_argument("--rebuild", action="store_true", help="ignore a cached profile")
     build.set_defaults(handler=run_build)
@@ -81,10 +86,11 @@ def run_build(args: argparse.Namespace) -> int:
         print("  seconds    " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     if args.isf:
         out = Path(args.isf)
-        if out.suffix == ".xz":
+        if out.suffix == ".xz" and not args.signed_addresses:
             shutil.copyfile(result.isf_path, out)
         else:
-            isf.write_isf(isf.read_isf(result.isf_path), out)
+            doc = isf.read_isf(result.isf_path)
+            isf.write_isf(isf.with_signed_addresses(doc) if args.signed_addresses else doc, out)
         print(f"wrote ISF {out}")
     if args.system_map:
         shutil.copyfile(result.system_map_path, args.system_map)
