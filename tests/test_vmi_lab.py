@@ -382,3 +382,24 @@ def test_volatility_sockstat_with_our_isf_lists_what_xfgate_reads(
     assert run.returncode == 0, run.stderr[-2000:]
     theirs = _volatility_sockets(json.loads(run.stdout))
     assert ours == theirs and len(ours) >= 5
+
+
+def test_native_ipv6_established_lookup(
+    lab_domain: DomainConfig, lab_layout: LabLayout, guest_profile: Profile
+) -> None:
+    """Both ends of a guest-local IPv6 connection are found through inet6_ehashfn's bucket
+    (with secrets read from guest memory) and attributed to the processes holding them."""
+    guest_exec(lab_layout, 1, "(sleep 15 | busybox nc 2001:2::1:1 9000 >/dev/null 2>&1 &)")
+    time.sleep(1)
+    truth = guest_truth(lab_layout, 1).to_json()
+    pairs = [
+        s
+        for s in truth["sockets"]
+        if s["family"] == 6 and s["state"] == "ESTABLISHED" and 9000 in (s["lport"], s["rport"])
+    ]
+    assert len(pairs) >= 2, truth["sockets"]
+    with GuestIntrospector(lab_domain, guest_profile) as guest:
+        for s in pairs:
+            own = guest.lookup(_flow_for(s))
+            assert own is not None and own.via == "established", (s, own)
+            assert (s["pid"], s["fd"]) in {(o.pid, o.fd) for o in own.owners}

@@ -44,6 +44,12 @@ def test_jhash_matches_hashes_the_real_6_1_kernel_stored() -> None:
     lo = bytes([127, 0, 0, 1])
     assert jhash.inet_ehashfn(lo, 57954, lo, 5000, secret) == 0xF6BC8CC4
     assert jhash.inet_ehashfn(lo, 5000, lo, 57954, secret) == 0x71CE52DD
+    # IPv6, from the lab guest: inet6_ehash_secret 0x170220a4, ipv6_hash_secret 0xbb80fed0,
+    # hash_mix 0x0d9d55bc; both ends of [2001:2::1:1]:56618 <-> [2001:2::1:1]:9000.
+    a6 = bytes.fromhex("20010002000000000000000000010001")
+    e6, v6, mix = 0x170220A4, 0xBB80FED0, 0x0D9D55BC
+    assert jhash.inet6_ehashfn(a6, 56618, a6, 9000, e6, v6, mix) == 0xA8BD073C
+    assert jhash.inet6_ehashfn(a6, 9000, a6, 56618, e6, v6, mix) == 0x1C3427CF
 
 
 def test_established_v4_v6_listener_udp() -> None:

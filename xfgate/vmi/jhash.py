@@ -113,10 +113,10 @@ def inet6_ehashfn(
     ipv6_secret: int,
     hash_mix: int,
 ) -> int:
-    """inet6_ehashfn: lhash is the last word of laddr, fhash = __ipv6_addr_jhash(faddr)."""
+    """inet6_ehashfn: lhash is the last word of laddr, fhash = __ipv6_addr_jhash(faddr), which
+    is jhash2 over the four words (include/net/ipv6.h, 6.1)."""
     lhash = _s6_addr32(laddr)[3]
-    fw = _s6_addr32(faddr)
-    fhash = jhash_3words(fw[0] ^ fw[1], fw[2], fw[3], ipv6_secret)
+    fhash = jhash2(_s6_addr32(faddr), ipv6_secret)
     return jhash_3words(
         lhash, fhash, ((lport << 16) | be16(fport)) & M32, (ehash_secret + hash_mix) & M32
     )
