@@ -180,11 +180,12 @@ def _connect(proto: str, host: str, port: int, timeout: float, count: int, gap: 
     return 0 if good == count else 1
 
 
-def _hold(proto: str, host: str, port: int, lifetime: float) -> None:
-    """Keep one TCP connection open; on each line on stdin send it and print the echo/fail."""
+def _hold(proto: str, host: str, port: int, lifetime: float, timeout: float) -> None:
+    """Keep one TCP connection open; on each line on stdin send it (a literal backslash-n
+    becomes a newline) and print "ok" once any answer arrives, else "fail ..."."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.settimeout(3.0)
+        s.settimeout(timeout)
         s.connect((host, port))
         print("connected", flush=True)
         end = time.monotonic() + min(lifetime, MAX_PEER_LIFETIME)
@@ -193,7 +194,7 @@ def _hold(proto: str, host: str, port: int, lifetime: float) -> None:
             if not line:
                 return
             try:
-                s.send(line.encode())
+                s.send(line.replace("\\n", "\n").encode())
                 print("ok" if s.recv(100) else "fail closed", flush=True)
             except OSError as e:
                 print(f"fail {e}", flush=True)
@@ -216,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("host")
     h.add_argument("port", type=int)
     h.add_argument("--lifetime", type=float, default=60.0)
+    h.add_argument("--timeout", type=float, default=3.0)
     args = p.parse_args(argv)
     if args.cmd == "serve":
         with contextlib.suppress(KeyboardInterrupt):
             _serve(args.specs, args.lifetime)
         return 0
     if args.cmd == "hold":
-        _hold("tcp", args.host, args.port, args.lifetime)
+        _hold("tcp", args.host, args.port, args.lifetime, args.timeout)
         return 0
     return _connect(args.proto, args.host, args.port, args.timeout, args.count, args.gap)
 
