@@ -9,6 +9,7 @@ import pytest
 
 from tests.btf_fakes import BtfBuilder, sample_kernel
 from xfgate.errors import ProfileError
+from xfgate.vmi import isf
 from xfgate.vmi.btf import Kind, parse_btf
 
 
@@ -140,7 +141,8 @@ def test_struct_whose_members_run_past_the_section_is_rejected() -> None:
 
 
 def test_random_corruption_never_escapes_as_another_exception() -> None:
-    """Guest RAM is attacker-controlled: any mutation parses or fails with ProfileError."""
+    """Guest RAM is attacker-controlled: any mutation parses, exports to ISF and imports, or
+    fails with ProfileError."""
     b, _ = sample_kernel()
     pristine = b.blob()
     rng = random.Random(20261126)
@@ -156,6 +158,7 @@ def test_random_corruption_never_escapes_as_another_exception() -> None:
             btf = parse_btf(bytes(blob))
             for t in btf.types:  # walks over whatever parsed stay bounded too
                 btf.type_size(t.id)
+            isf.profile_from_isf(isf.isf_from_btf(btf, {}, "Linux version 6.1.0-x (f) #1\n"))
         except ProfileError:
             failures += 1
     assert (
