@@ -3,7 +3,7 @@
 One QMP ``dump-guest-memory`` of the running lab guest (KASLR on); Volatility finds the ISF
 by its banner (``symbols.linux_banner.constant_data``), and its ``linux.pslist`` must list the
 processes xfgate's walker reads from the same dump. The other flavour's ISF must not match.
-(The ``linux.sockstat`` comparison lives in tests/test_vmi_lab.py.)
+Its ``linux.sockstat`` must list the sockets xfgate reads from that dump.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +108,47 @@ def test_volatility_does_not_match_the_other_flavours_isf(
     run = _volatility(symbols, guest_dump.path, "linux.pslist.PsList", tmp_path / "cache")
     assert run.returncode != 0
     assert "symbol_table_name" in run.stderr or "Unsatisfied requirement" in run.stderr
+
+
+def _volatility_sockets(rows: list[dict[str, Any]]) -> set[tuple[object, ...]]:
+    out: set[tuple[object, ...]] = set()
+    for r in rows:
+        if r["PID"] != r["TID"] or r["Family"] not in ("AF_INET", "AF_INET6"):
+            continue
+        if r["Proto"] not in ("TCP", "UDP"):
+            continue
+        proto = r["Proto"].lower()
+        out.add(
+            (
+                r["PID"],
+                r["FD"],
+                proto,
+                4 if r["Family"] == "AF_INET" else 6,
+                str(ip_address(r["Source Addr"])),
+                int(r["Source Port"]),
+                str(ip_address(r["Destination Addr"])),
+                int(r["Destination Port"]),
+                r["State"] if proto == "tcp" else "",
+            )
+        )
+    return out
+
+
+def test_volatility_sockstat_with_our_isf_lists_what_xfgate_reads(
+    guest_dump: GuestDump, tmp_path: Path
+) -> None:
+    """Volatility 3 as an oracle: its linux.sockstat over xfgate's ISF export and a QMP dump."""
+    offline = DomainConfig(1, "dump", (), MemoryConfig("elf-dump", str(guest_dump.path)))
+    with GuestIntrospector(offline, guest_dump.build.profile) as guest:
+        ours = {
+            (
+                s["pid"], s["fd"], s["proto"], s["family"], s["local"], s["lport"],
+                s["remote"], s["rport"], s["state"] if s["proto"] == "tcp" else "",
+            )
+            for s in guest.ps_json()["sockets"]
+        }  # fmt: skip
+    symbols = _symbols_dir(tmp_path, guest_dump.build.isf_path)
+    run = _volatility(symbols, guest_dump.path, "linux.sockstat.Sockstat", tmp_path / "cache")
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = _volatility_sockets(json.loads(run.stdout))
+    assert ours == theirs and len(ours) >= 5

@@ -326,64 +326,6 @@ def test_second_kernel_flavour_ps_equals_truth(cloud_lab: tuple[LabLayout, Domai
     assert {s["family"] for s in ps["sockets"]} == {4, 6}
 
 
-def _volatility_sockets(rows: list[dict[str, Any]]) -> set[tuple[object, ...]]:
-    out: set[tuple[object, ...]] = set()
-    for r in rows:
-        if r["PID"] != r["TID"] or r["Family"] not in ("AF_INET", "AF_INET6"):
-            continue
-        if r["Proto"] not in ("TCP", "UDP"):
-            continue
-        proto = r["Proto"].lower()
-        out.add(
-            (
-                r["PID"],
-                r["FD"],
-                proto,
-                4 if r["Family"] == "AF_INET" else 6,
-                str(ip_address(r["Source Addr"])),
-                int(r["Source Port"]),
-                str(ip_address(r["Destination Addr"])),
-                int(r["Destination Port"]),
-                r["State"] if proto == "tcp" else "",
-            )
-        )
-    return out
-
-
-def test_volatility_sockstat_with_our_isf_lists_what_xfgate_reads(
-    lab_domain: DomainConfig, tmp_path: Path
-) -> None:
-    """Volatility 3 as an oracle: its linux.sockstat over xfgate's ISF export and a QMP dump."""
-    from xfgate.config import MemoryConfig
-    from xfgate.vmi.profile_build import build_profile_files
-
-    build = build_profile_files(lab_domain.kernel.assets)
-    (tmp_path / "symbols" / "linux").mkdir(parents=True)
-    (tmp_path / "symbols" / "linux" / build.isf_path.name).write_bytes(build.isf_path.read_bytes())
-    dump = tmp_path / "guest.elf"
-    assert lab_domain.qmp is not None
-    with QmpClient(lab_domain.qmp.socket) as qmp:
-        qmp.dump_guest_memory(str(dump))  # QEMU stops the vCPUs while it writes
-    offline = DomainConfig(1, "dump", (), MemoryConfig("elf-dump", str(dump)))
-    with GuestIntrospector(offline, build.profile) as guest:
-        ours = {
-            (
-                s["pid"], s["fd"], s["proto"], s["family"], s["local"], s["lport"],
-                s["remote"], s["rport"], s["state"] if s["proto"] == "tcp" else "",
-            )
-            for s in guest.ps_json()["sockets"]
-        }  # fmt: skip
-    vol = Path(sys.executable).parent / "vol"
-    run = subprocess.run(
-        [str(vol), "-q", "-s", str(tmp_path / "symbols"), "-f", str(dump), "-r", "json",
-         "linux.sockstat.Sockstat"],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
-    theirs = _volatility_sockets(json.loads(run.stdout))
-    assert ours == theirs and len(ours) >= 5
-
-
 def test_native_ipv6_established_lookup(
     lab_domain: DomainConfig, lab_layout: LabLayout, guest_profile: Profile
 ) -> None:
