@@ -62,7 +62,7 @@ OWNERS: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetLab]:
     prefix = f"xfv{os.getpid() % 100000}"
-    lab = netlab.create(prefix, tmp_path_factory.mktemp("xfv"))
+    lab = netlab.create(prefix, tmp_path_factory.mktemp("xfv"), second_guest=True)
     (lab.workdir / "owners.json").write_text(json.dumps(OWNERS))
     servers = [
         subprocess.Popen(
@@ -80,10 +80,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetLab]:
             assert s.stdout is not None and s.stdout.readline().strip() == "ready"
         # Counters on the client's side: what really arrived from the guest.
         for proto, port in (("tcp", 2222), ("udp", 5353), ("udp", 5354), ("tcp", 7000)):
-            for prog, src in (("iptables-legacy", GUEST4), ("ip6tables-legacy", GUEST6)):
-                lab.ns(
-                    lab.client, [prog, "-A", "INPUT", "-s", src, "-p", proto, "--dport", str(port)]
-                )
+            for prog in ("iptables-legacy", "ip6tables-legacy"):
+                lab.ns(lab.client, [prog, "-A", "INPUT", "-p", proto, "--dport", str(port)])
         yield lab
     finally:
         for s in servers:
@@ -120,8 +118,8 @@ class RunningGate:
     proc: subprocess.Popen[str]
     log: Path
 
-    def status(self) -> dict[str, Any]:
-        out = xfgate(self.lab, ["status", "--domain", "9", "--json"])
+    def status(self, domain: int = 9) -> dict[str, Any]:
+        out = xfgate(self.lab, ["status", "--domain", str(domain), "--json"])
         result: dict[str, Any] = json.loads(out.stdout)[0]
         return result
 
@@ -195,6 +193,7 @@ def gate(lab: NetLab) -> Iterator[Any]:
             g.proc.stderr.close()
     # Whatever a test did, leave no rule behind for the next one.
     xfgate(lab, ["cleanup", "--domain", "9"])
+    xfgate(lab, ["cleanup", "--domain", "8"])
     for prog in ("iptables-legacy", "ip6tables-legacy"):
         lab.ns(lab.client, [prog, "-Z", "INPUT"])
 
@@ -439,7 +438,8 @@ def test_queue_already_bound_is_a_clear_error(lab: NetLab, gate: Any) -> None:
 
 def test_unknown_domain_is_a_clear_error(lab: NetLab) -> None:
     p = xfgate(lab, ["run", "--domain", "77", "--owners-json", "/dev/null"])
-    assert p.returncode == 2 and "unknown domain 77" in p.stderr and "known domains: 9" in p.stderr
+    assert p.returncode == 2 and "unknown domain 77" in p.stderr
+    assert "known domains: 8, 9" in p.stderr
 
 
 def test_poll_mode_leaks_until_the_next_walk(lab: NetLab, gate: Any) -> None:
@@ -484,3 +484,21 @@ def test_poll_mode_leaks_until_the_next_walk(lab: NetLab, gate: Any) -> None:
         assert not talk(lab, lab.client, "tcp", GUEST4, 9001)
     finally:
         owners.write_text(json.dumps(OWNERS))
+
+
+def test_one_gate_serves_two_domains_each_with_its_own_queue_and_policy(
+    lab: NetLab, gate: Any
+) -> None:
+    g = gate("--domain", "8", "--block-uid", "1001")
+    assert not talk(lab, lab.guest, "tcp", CLIENT4, 2222)
+    assert not talk(lab, lab.guest8, "tcp", CLIENT4, 2222)
+    assert arrived(lab, "tcp", 2222) == 0
+    s9, s8 = g.status(9), g.status(8)
+    assert (s9["queue_num"], s8["queue_num"]) == (109, 108)
+    assert s9["stats"]["dropped"] >= 1 and s8["stats"]["dropped"] >= 1
+    g.ctl("block", "--domain", "8", "--uid", "1000")  # domain 8 only
+    assert not talk(lab, lab.guest8, "udp", CLIENT4, 5354)
+    assert talk(lab, lab.guest, "udp", CLIENT4, 5354)
+    assert g.status(9)["policy"]["block_uids"] == [1001]
+    assert g.stop() == 0
+    assert xfgate_leftovers(lab) == []

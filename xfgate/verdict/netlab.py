@@ -25,6 +25,8 @@ GUEST4, CLIENT4 = "198.18.9.2", "198.18.9.1"
 GUEST6, CLIENT6 = "2001:2:0:9::2", "2001:2:0:9::1"
 DOMAIN = 9
 VIF = "vif9.0"
+# The optional second guest (domain 8), for a gate serving two domains.
+GUEST8_4, GUEST8_6, VIF8 = "198.18.9.3", "2001:2:0:9::3", "vif8.0"
 MAX_PEER_LIFETIME = 300.0
 
 
@@ -53,6 +55,10 @@ class NetLab:
         return f"{self.prefix}-c"
 
     @property
+    def guest8(self) -> str:
+        return f"{self.prefix}-g8"
+
+    @property
     def domains_file(self) -> Path:
         return self.workdir / "domains.toml"
 
@@ -74,7 +80,21 @@ class NetLab:
         return ["ip", "netns", "exec", name, sys.executable, "-m", "xfgate.verdict.netlab", *args]
 
 
-def create(prefix: str, workdir: Path) -> NetLab:
+def _domain_toml(domain: int, name: str, vif: str, netns: str, addrs: tuple[str, str]) -> str:
+    return (
+        "[[domain]]\n"
+        f"id = {domain}\n"
+        f'name = "{name}"\n'
+        f'vifs = ["{vif}"]\n'
+        f'netns = "{netns}"\n'
+        f'addresses = ["{addrs[0]}", "{addrs[1]}"]\n'
+        "[domain.memory]\n"
+        'backend = "raw"\n'
+        'path = "/dev/null"\n'
+    )
+
+
+def create(prefix: str, workdir: Path, second_guest: bool = False) -> NetLab:
     lab = NetLab(prefix, workdir)
     destroy(lab)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -94,23 +114,41 @@ def create(prefix: str, workdir: Path) -> NetLab:
         sh(["ip", "-n", n, "addr", "add", f"{a4}/24", "dev", "eth0"])
         sh(["ip", "-n", n, "addr", "add", f"{a6}/64", "dev", "eth0", "nodad"])
         sh(["ip", "-n", n, "link", "set", "eth0", "up"])
-    lab.domains_file.write_text(
-        "[[domain]]\n"
-        f"id = {DOMAIN}\n"
-        f'name = "{prefix}-guest"\n'
-        f'vifs = ["{VIF}"]\n'
-        f'netns = "{d}"\n'
-        f'addresses = ["{GUEST4}", "{GUEST6}"]\n'
-        "[domain.memory]\n"
-        'backend = "raw"\n'
-        'path = "/dev/null"\n'
-    )
+    toml = _domain_toml(DOMAIN, f"{prefix}-guest", VIF, d, (GUEST4, GUEST6))
+    if second_guest:
+        g8 = lab.guest8
+        sh(["ip", "netns", "add", g8])
+        sh(
+            [
+                "ip",
+                "-n",
+                d,
+                "link",
+                "add",
+                VIF8,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                g8,
+            ]
+        )
+        sh(["ip", "-n", d, "link", "set", VIF8, "master", "xfbr0", "up"])
+        sh(["ip", "-n", g8, "addr", "add", f"{GUEST8_4}/24", "dev", "eth0"])
+        sh(["ip", "-n", g8, "addr", "add", f"{GUEST8_6}/64", "dev", "eth0", "nodad"])
+        sh(["ip", "-n", g8, "link", "set", "eth0", "up"])
+        sh(["ip", "-n", g8, "link", "set", "lo", "up"])
+        toml += _domain_toml(8, f"{prefix}-guest8", VIF8, d, (GUEST8_4, GUEST8_6))
+    lab.domains_file.write_text(toml)
     return lab
 
 
 def destroy(lab: NetLab) -> None:
-    for n in (lab.dom0, lab.guest, lab.client):
-        sh(["ip", "netns", "del", n], check=False)
+    for n in (lab.dom0, lab.guest, lab.client, lab.guest8):
+        if os.path.exists(f"/run/netns/{n}"):
+            sh(["ip", "netns", "del", n], check=False)
 
 
 # --- the traffic peer ---------------------------------------------------------------------
