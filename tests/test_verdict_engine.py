@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from scapy.layers.inet import IP, TCP
 
 from xfgate.flow import IPPROTO_TCP, Flow, GuestSocket, Owner, Ownership
@@ -261,3 +262,12 @@ def test_ipset_script_swaps_atomically() -> None:
 def test_chain_names_round_trip() -> None:
     assert domain_of_chain("XFGATE-12-BLK") == 12 and domain_of_chain("XFGATE-3") == 3
     assert domain_of_chain("DOCKER") is None and domain_of_chain("XFGATE-x") is None
+
+
+def test_not_root_is_refused_before_anything_is_touched(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xfgate.errors import PrerequisiteError
+    from xfgate.verdict import fastpath
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    with pytest.raises(PrerequisiteError, match="needs root"):
+        fastpath.check_prerequisites()

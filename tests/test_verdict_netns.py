@@ -502,3 +502,19 @@ def test_one_gate_serves_two_domains_each_with_its_own_queue_and_policy(
     assert g.status(9)["policy"]["block_uids"] == [1001]
     assert g.stop() == 0
     assert xfgate_leftovers(lab) == []
+
+
+def test_unknown_vif_is_a_clear_error(lab: NetLab, tmp_path: Path) -> None:
+    bad = tmp_path / "domains.toml"
+    bad.write_text(lab.domains_file.read_text().replace('vifs = ["vif9.0"]', 'vifs = ["vif7.0"]'))
+    env = {**lab.env(), "XFGATE_DOMAINS": str(bad)}
+    p = subprocess.run(
+        [*XFGATE, "run", "--domain", "9", "--owners-json", str(lab.workdir / "owners.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert p.returncode == 2
+    assert "interface 'vif7.0' not found" in p.stderr
+    assert xfgate_leftovers(lab) == []
