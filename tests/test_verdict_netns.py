@@ -518,3 +518,17 @@ def test_unknown_vif_is_a_clear_error(lab: NetLab, tmp_path: Path) -> None:
     assert p.returncode == 2
     assert "interface 'vif7.0' not found" in p.stderr
     assert xfgate_leftovers(lab) == []
+
+
+def test_poll_mode_persisted_rules_survive_exit_and_queue_mode_replaces_them(
+    lab: NetLab, gate: Any
+) -> None:
+    g = gate("--mode", "poll", "--interval", "1", "--block-uid", "0", "--persist-blocks")
+    g.wait_blocked_ports("tcp/80")
+    assert g.stop() == 0
+    assert any("XFGATE-9-POLL" in x and "--dport 80" in x for x in xfgate_leftovers(lab))
+    assert not talk(lab, lab.client, "tcp", GUEST4, 80)
+    g2 = gate("--block-uid", "1000")  # queue mode drops the old poll rules
+    assert talk(lab, lab.client, "tcp", GUEST4, 80)
+    assert g2.stop() == 0
+    assert xfgate_leftovers(lab) == []

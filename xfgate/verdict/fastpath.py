@@ -459,23 +459,29 @@ class Firewall:
             )
 
     def remove(self, domain: int, persist_blocks: bool = False) -> None:
-        """Remove the domain's chains, jumps, sets and conntrack marks; with ``persist_blocks``
-        keep the set drops (XFGATE-D reduced to its jump into XFGATE-D-BLK)."""
+        """Remove the domain's chains, jumps, sets and conntrack marks. With ``persist_blocks``
+        keep the kernel-side blocks of known ports: the sets (XFGATE-D reduced to its jump into
+        XFGATE-D-BLK) in queue mode, the XFGATE-D-POLL rules in poll mode."""
         for family in FAMILIES:
-            self.backend.delete_jumps(family, "FORWARD", poll_chain_name(domain))
-            self.backend.delete_chain(family, poll_chain_name(domain))
-            if persist_blocks:
-                self.backend.replace_rules(
-                    family, chain_name(domain), persisted_queue_rules(domain)
-                )
-                continue
-            self.backend.delete_jumps(family, "FORWARD", chain_name(domain))
-            self.backend.delete_chain(family, chain_name(domain))
-            self.backend.delete_chain(family, block_chain_name(domain))
+            chains = set(self.backend.chains(family))
+            queue, block = chain_name(domain), block_chain_name(domain)
+            if persist_blocks and queue in chains and block in chains:
+                self.backend.replace_rules(family, queue, persisted_queue_rules(domain))
+            else:
+                self.backend.delete_jumps(family, "FORWARD", queue)
+                self.backend.delete_chain(family, queue)
+                if not persist_blocks:
+                    self.backend.delete_chain(family, block)
+            if not persist_blocks:
+                self.remove_poll(domain, family)
         self.reset_settled(domain)
         if not persist_blocks:
             for proto in PROTOS:
                 run(["ipset", "destroy", set_name(domain, proto)], check=False)
+
+    def remove_poll(self, domain: int, family: int) -> None:
+        self.backend.delete_jumps(family, "FORWARD", poll_chain_name(domain))
+        self.backend.delete_chain(family, poll_chain_name(domain))
 
     def leftover_domains(self) -> set[int]:
         """Domains with xfgate chains or sets in this network namespace."""

@@ -266,6 +266,8 @@ class Gate:
                 dg.refresher.refresh_once(walk=True)
             except Exception as e:
                 print(f"xfgate: domain {d}: first walk failed: {e}", file=sys.stderr)
+            for family in (4, 6):
+                fw.remove_poll(d, family)  # persisted by an earlier poll-mode gate
             fw.install(dg.layout)
             fw.reset_settled(d)  # marks of an earlier run may carry a different policy
             dg.refresher.start()
