@@ -192,6 +192,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             f" settled {st['settled']} errors {st['errors']} avg {st['latency_us_avg']} us;"
             f" blocked ports {', '.join(s['blocked_ports']) or '-'}"
         )
+        if s.get("kernel"):
+            k = s["kernel"]
+            print(
+                f"  kernel fast path: accepted {k['fastpath_accept']} dropped"
+                f" {k['fastpath_drop']} set-dropped {k['set_drop']} queued {k['queued']}"
+            )
     return 0
 
 

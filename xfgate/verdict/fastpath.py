@@ -498,6 +498,26 @@ class Firewall:
                     found.add(int(head))
         return found
 
+    def counters(self, domain: int) -> dict[str, int]:
+        """Packets the kernel decided without us (the fast path), from the rule counters:
+        settled flows accepted/dropped, set drops, and what went to the queue."""
+        out = {"fastpath_accept": 0, "fastpath_drop": 0, "set_drop": 0, "queued": 0}
+        for family in FAMILIES:
+            for line in self.backend.dump(family, chain_name(domain)):
+                words = line.split()
+                if "-c" not in words:
+                    continue
+                packets = int(words[words.index("-c") + 1])
+                if "connmark" in words:
+                    out["fastpath_accept" if words[-1] == "ACCEPT" else "fastpath_drop"] += packets
+                elif "NFQUEUE" in words:
+                    out["queued"] += packets
+            for line in self.backend.dump(family, block_chain_name(domain)):
+                words = line.split()
+                if "-c" in words:
+                    out["set_drop"] += int(words[words.index("-c") + 1])
+        return out
+
     def dump(self, domain: int) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for family in FAMILIES:

@@ -416,6 +416,14 @@ class Gate:
         else:
             dg.next_poll = time.monotonic()
 
+    def _kernel_counters(self, domain: int) -> dict[str, int]:
+        if self.firewall is None or self.options.mode != "queue":
+            return {}
+        try:
+            return self.firewall.counters(domain)
+        except XfgateError:
+            return {}
+
     def status(self, dg: DomainGate) -> dict[str, Any]:
         q = queue_counters().get(dg.layout.queue_num, {})
         ref = dg.refresher
@@ -432,6 +440,7 @@ class Gate:
             "stats": dg.engine.stats.to_dict(),
             "cache": dataclasses.asdict(dg.engine.cache.stats()),
             "queue": q,
+            "kernel": self._kernel_counters(dg.cfg.id),
             "blocked_ports": _ports_text(
                 (ref.ports if ref else dg.poll_ports) or set(),
             ),
