@@ -105,3 +105,7 @@ class FirewallError(XfgateError):
 
 class QueueError(XfgateError):
     """The NFQUEUE could not be bound (already bound, not root, module missing)."""
+
+
+class ControlError(XfgateError):
+    """No running gate answers for a domain on its control socket, or it refused the request."""

@@ -15,16 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from xfgate.errors import XfgateError
+from xfgate.errors import ControlError, XfgateError
 
 REQUEST_TIMEOUT = 2.0
 MAX_REQUEST = 4096
 
+__all__ = ["ControlError", "ControlServer", "request"]
+
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-class ControlError(XfgateError):
-    """No gate answers for this domain, or it refused the request."""
 
 
 def run_dir() -> Path:
