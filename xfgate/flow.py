@@ -20,6 +20,23 @@ IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 
 
+# include/net/tcp_states.h, names as /proc/net/tcp readers (ss, the lab truth) spell them.
+TCP_STATES: dict[int, str] = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW_SYN_RECV",
+}
+
+
 class Direction(enum.Enum):
     FROM_GUEST = "out"  # entered the host from the guest's vif (physdev-in)
     TO_GUEST = "in"  # leaves the host into the guest's vif (physdev-out)

@@ -14,6 +14,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from xfgate.errors import LabError
+from xfgate.flow import TCP_STATES
 
 SECTION_MARK = "@@xftruth "
 # Only leaders are listed under /proc (threads live under /proc/PID/task). stderr is dropped:
@@ -27,21 +28,6 @@ TRUTH_SCRIPT = (
     "true"
 )
 
-# include/net/tcp_states.h
-TCP_STATES: Mapping[int, str] = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-    12: "NEW_SYN_RECV",
-}
 
 NET_TABLES: Mapping[str, tuple[str, int]] = {
     "tcp": ("tcp", 4),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 from xfgate.errors import MemoryReadError, ProfileError
-from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, IPAddress
+from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, TCP_STATES, IPAddress
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.qmp import PauseRecord
@@ -38,21 +38,6 @@ PROC_NAME_LEN = 64  # fs/proc/array.c proc_task_name(): char tcomm[64]
 PF_WQ_WORKER = 0x00000020  # include/linux/sched.h
 PF_KTHREAD = 0x00200000
 
-# include/net/tcp_states.h, names as /proc/net/tcp readers (ss, the lab truth) spell them.
-TCP_STATES = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-    12: "NEW_SYN_RECV",
-}
 TCP_TIME_WAIT = 6
 TCP_LISTEN = 10
 TCP_NEW_SYN_RECV = 12
