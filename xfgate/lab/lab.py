@@ -45,6 +45,7 @@ from xfgate.lab.layout import (
     vif_name,
 )
 from xfgate.lab.qemu import GuestSpec, is_our_qemu, start_qemu, stop_qemu
+from xfgate.vmi.profile_build import build_profile_files
 
 Log = Callable[[str], None]
 READY_MARK = "XFGATE-READY"
@@ -448,6 +449,11 @@ def _up_locked(
             log(f"guest{d}: qemu pid {state.qemu_pid(d)}, booting {assets.release}")
         t_started = time.monotonic()
         deadline = t_started + boot_timeout
+        # The introspection profile of this kernel (BTF + kallsyms, ~5 s once per kernel build,
+        # then cached): built on the other core while the guests boot under TCG, so that the
+        # first `xfgate ps` or gate start does not pay for it.
+        built = build_profile_files(assets.dir)
+        log(f"profile {built.profile_path.name} ({'cached' if built.from_cache else 'built'})")
         for d in ids:
             wait_guest_ready(layout, d, state.qemu_pid(d), deadline, log)
         t_ready = time.monotonic()
