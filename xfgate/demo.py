@@ -50,7 +50,9 @@ def attack_count(layout: LabLayout) -> tuple[int, int]:
 
 
 def watch_attack(layout: LabLayout, seconds: float) -> tuple[int, int]:
-    """How many attack connections/datagrams reached the client in `seconds`."""
+    """How many attack connections/datagrams reached the client in `seconds`. The peers write
+    their counters once a second: wait for a fresh write before taking the first reading."""
+    time.sleep(2.0)
     tcp0, udp0 = attack_count(layout)
     time.sleep(seconds)
     tcp1, udp1 = attack_count(layout)

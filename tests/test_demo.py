@@ -1,0 +1,34 @@
+"""The README's demo command tells the truth: run it on the lab and check what it shows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from xfgate.config import DomainConfig
+
+pytestmark = pytest.mark.lab
+
+
+def test_demo_blocks_the_attacker_and_keeps_the_web_servers(lab_domain: DomainConfig) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "xfgate.demo", "--keep"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = run.stdout
+    assert run.returncode == 0, out[-3000:] + run.stderr[-2000:]
+    received = [line for line in out.splitlines() if "the client received" in line]
+    assert len(received) == 2, out
+    assert "received 0 connections and 0 datagrams" not in received[0]  # attacking before
+    assert "received 0 connections and 0 datagrams" in received[1]  # nothing after the block
+    after_block = out.split("Stop user 1001")[1].split("Block root")[0]
+    assert "198.18.1.1:80: answers" in after_block and "198.18.1.1:8080: answers" in after_block
+    live = out.split("Block root")[1].split("$ xfgate unblock")[0]
+    assert "198.18.1.1:80: NO ANSWER" in live and "198.18.1.1:8080: answers" in live
+    assert "'uid': 1001, 'comm': 'spray'" in out  # the verdict log names the owner
+    assert "XFGATE" not in out.split("5. Stop the gate")[1]  # nothing of the gate left
