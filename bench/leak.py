@@ -12,8 +12,8 @@ from pathlib import Path
 
 from bench.gate import running_gate
 from xfgate.config import DomainConfig
+from xfgate.lab.layout import layout_from_env
 
-CLIENT_NETNS = "xfgate-client"
 CLIENT_ADDR = "198.18.0.1"
 LEAK_PORT = 2223  # nothing listens: each attempt is a SYN (answered by RST if it gets out)
 CHAIN = "XFBENCH-LEAK"
@@ -56,7 +56,7 @@ def parse_counters(listing: str) -> tuple[int, int]:
 
 def _ipt(*args: str, check: bool = True) -> str:
     proc = subprocess.run(
-        ["ip", "netns", "exec", CLIENT_NETNS, "iptables-legacy", "-w", *args],
+        ["ip", "netns", "exec", layout_from_env().client_netns, "iptables-legacy", "-w", *args],
         capture_output=True,
         text=True,
         timeout=30,

@@ -50,6 +50,7 @@ class RunRow:
     connect_ms: float
     test_duration_s: float
     reply_rate_avg: float
+    conn_rate: float
     errors_total: int
     loadavg_before: float
     problems: tuple[str, ...] = ()
@@ -93,6 +94,7 @@ def aggregate(rows: Iterable[RunRow]) -> dict[tuple[str, float], dict[str, Any]]
             "connect_ms",
             "test_duration_s",
             "reply_rate_avg",
+            "conn_rate",
         ):
             vals = [float(getattr(r, fld)) for r in rs]
             agg[fld] = statistics.fmean(vals) if vals else math.nan

@@ -32,8 +32,8 @@ from bench.report import (
 )
 from xfgate.config import DomainConfig, get_domain
 from xfgate.errors import LabError, PrerequisiteError
+from xfgate.lab.layout import layout_from_env
 
-CLIENT_NETNS = "xfgate-client"
 SERVER_PORT = 8000  # the guest's static epoll server (uid 1000): busybox httpd saturates ~150/s
 BLOCK = ("--block-uid", "1001")  # a rule in force that matches none of the measured traffic
 
@@ -102,8 +102,9 @@ def preflight(domain: int) -> DomainConfig:
     if os.geteuid() != 0:
         raise PrerequisiteError("the benchmarks need root (namespaces, iptables, NFQUEUE)")
     dom = get_domain(domain)
-    if not Path(f"/run/netns/{CLIENT_NETNS}").exists():
-        raise LabError(f"the lab is not up (no netns {CLIENT_NETNS}): run `xfgate lab up` first")
+    client = layout_from_env().client_netns
+    if not Path(f"/run/netns/{client}").exists():
+        raise LabError(f"the lab is not up (no netns {client}): run `xfgate lab up` first")
     if not dom.addresses:
         raise LabError(f"domain {domain} has no address in the domains file")
     return dom
@@ -115,10 +116,11 @@ def run_one(
     server = dom.addresses[0]
     tag = f"{config}-r{rate:g}-n{conns}-{rep}"
     load = loadavg()
+    client = layout_from_env().client_netns  # $XFGATE_LAB_PREFIX selects a private lab
     with running_gate(dom.id, config, BLOCK, raw / f"{tag}.gate.log"):
         # Warm-up: the listener's owner gets cached and the server's accept path is hot.
-        run_httperf(CLIENT_NETNS, server, SERVER_PORT, min(rate, 150), 50)
-        result, text = run_httperf(CLIENT_NETNS, server, SERVER_PORT, rate, conns)
+        run_httperf(client, server, SERVER_PORT, min(rate, 150), 50)
+        result, text = run_httperf(client, server, SERVER_PORT, rate, conns)
     (raw / f"{tag}.httperf.txt").write_text(text)
     row = RunRow(
         config=config,
@@ -133,6 +135,7 @@ def run_one(
         connect_ms=result.connect_ms,
         test_duration_s=result.test_duration_s,
         reply_rate_avg=result.reply_rate_avg,
+        conn_rate=result.conn_rate,
         errors_total=result.errors.get("total", 0),
         loadavg_before=load,
         problems=result.problems,
@@ -147,25 +150,25 @@ def run_one(
     return row, result.to_dict()
 
 
-def run_micro(out: Path) -> dict[str, Any]:
-    """The parts' micro-benchmarks, each a script printing one JSON object."""
+def run_micro(out: Path, domain: int) -> dict[str, Any]:
+    """The parts' micro-benchmarks, each a module printing one JSON document."""
+    scripts = {
+        "vmi_bench": ["--domain", str(domain)],  # full walk, targeted lookup, pause
+        "verdict_bench": ["--netns"],  # cache-hit decision, NFQUEUE pkt/s
+    }
     results: dict[str, Any] = {}
-    for name in ("vmi_bench", "verdict_bench"):
-        script = Path(__file__).with_name(f"{name}.py")
-        if not script.exists():
-            results[name] = {"error": f"{script.name} missing"}
-            continue
+    for name, extra in scripts.items():
         proc = subprocess.run(
-            [sys.executable, "-m", f"bench.{name}", "--json"],
+            [sys.executable, "-m", f"bench.{name}", *extra],
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=900,
             cwd=Path(__file__).parent.parent,
         )
         (out / f"{name}.txt").write_text(proc.stdout + proc.stderr)
         try:
-            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        except (json.JSONDecodeError, IndexError):
+            results[name] = json.loads(proc.stdout[proc.stdout.index("{") :])
+        except ValueError:
             results[name] = {"error": f"exit {proc.returncode}: {proc.stderr[-400:]}"}
     return results
 
@@ -174,7 +177,7 @@ def client_limited(agg: dict[tuple[str, float], dict[str, Any]], rate: float) ->
     """The baseline itself could not sustain `rate`: the client or the guest is the limit, not
     xfgate, and the rate is reported as such."""
     base = agg.get(("none", rate))
-    return base is not None and float(base.get("reply_rate_avg", 0.0)) < 0.9 * rate
+    return base is not None and float(base.get("conn_rate", 0.0)) < 0.9 * rate
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_agg = with_ratios(aggregate(sweep_rows), baseline="none")
     if sweep_agg:
         write_sweep_plot(sweep_agg, out / "sweep.png")
-    micro = run_micro(raw) if "micro" not in args.skip else {}
+    micro = run_micro(raw, dom.id) if "micro" not in args.skip else {}
     leaks: list[LeakResult] = []
     if "leak" not in args.skip:
         print(f"leak: a blocked user opens {prof.leak_conns} new connections", flush=True)

@@ -18,7 +18,9 @@ from bench.report import (
 
 
 def row(config: str, avg: float, valid: bool = True, rate: float = 150, rep: int = 0) -> RunRow:
-    return RunRow(config, rate, rep, valid, 0.2, avg, 30.0, 0.5, 0.3, 0.1, 10.0, 150.0, 0, 0.5)
+    return RunRow(
+        config, rate, rep, valid, 0.2, avg, 30.0, 0.5, 0.3, 0.1, 10.0, 150.0, 149.9, 0, 0.5
+    )
 
 
 def test_percentile_nearest_rank() -> None:
