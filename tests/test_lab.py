@@ -243,6 +243,8 @@ def assert_nothing_left(layout: LabLayout, pids: list[int], domains_file: Path) 
     assert not netns_exists(layout.dom0_netns) and not netns_exists(layout.client_netns)
     assert list(Path("/dev/shm").glob(f"{layout.prefix}-guest*.mem")) == []
     assert not layout.run_dir.exists()
+    # No lock file or anything else of this lab's beside the run dir (/run/xfgate/lab-P*).
+    assert list(layout.run_root.glob(f"{layout.run_dir.name}*")) == []
     assert load_domains(domains_file) == {}
     assert lab.find_lab_peers(layout) == [] and lab.find_lab_qemus(layout) == {}
 

@@ -4,14 +4,18 @@ apt output parsing, control-channel framing, prerequisites. No root, no guest.""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import stat
+import threading
+import time
 from ipaddress import IPv6Address
 from pathlib import Path
 
 import pytest
 
+from xfgate.config import DomainConfig, MemoryConfig, save_domains
 from xfgate.errors import ConfigError, LabError
-from xfgate.lab import assets, control, cpio, layout, modules, qemu, truth
+from xfgate.lab import assets, control, cpio, lab, layout, modules, qemu, truth
 from xfgate.lab.lab import prerequisite_problems, workload_missing
 
 # Trimmed from a real guest's TRUTH_SCRIPT output (/proc of the lab guest, kernel 6.1), with
@@ -102,6 +106,12 @@ def test_qemu_argv_essentials(tmp_path: Path) -> None:
     append = argv[argv.index("-append") + 1]
     assert "nokaslr" not in append and "panic=-1" in append and "xfgate.domain=2" in append
     assert argv.count("-serial") == 2
+    assert argv[argv.index("-cpu") + 1] == qemu.DEFAULT_CPU == "qemu64"  # QEMU's own default
+    la57 = qemu.qemu_argv(dataclasses.replace(spec, cpu="max"))
+    assert la57[la57.index("-cpu") + 1] == "max"
+    for bad in ("", "max,+la57", "-m 1G", "max;reboot"):
+        with pytest.raises(ConfigError, match="CPU model"):
+            qemu.qemu_argv(dataclasses.replace(spec, cpu=bad))
 
 
 def test_module_order_dependencies_first_builtins_skipped() -> None:
@@ -233,7 +243,7 @@ def test_layout_names_and_addresses() -> None:
     assert lay.run_dir == Path("/run/xfgate/lab")
     private = layout.LabLayout("xfgt1")
     assert private.run_dir == Path("/run/xfgate/lab-xfgt1") and private.dom0_netns == "xfgt1-dom0"
-    assert private.lock_path.parent == Path("/run/xfgate") != private.run_dir
+    assert private.legacy_lock_path == Path("/run/xfgate/lab-xfgt1.lock")
     assert str(layout.guest_v4(2)) == "198.18.1.2" and str(layout.guest_v6(2)) == "2001:2::1:2"
     assert layout.vif_name(3) == "vif3.0"
     with pytest.raises(ConfigError):
@@ -250,3 +260,92 @@ def test_workload_missing() -> None:
         "1 fastweb",
     ]
     assert len(workload_missing("")) == 4
+
+
+# ---- lab state and lock (no root: a run root under tmp_path) ---------------------------------
+
+
+def _lab_dom(lay: layout.LabLayout, domain: int) -> DomainConfig:
+    return DomainConfig(
+        id=domain,
+        name=f"guest{domain}",
+        vifs=(layout.vif_name(domain),),
+        memory=MemoryConfig(backend="qemu-shm", path=str(lay.ram_path(domain))),
+    )
+
+
+def test_domains_of_an_up_lab_come_from_its_own_domains_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lay = layout.LabLayout("xfunit", run_root=tmp_path / "run")
+    lab_file, other_file = tmp_path / "lab.toml", tmp_path / "other.toml"
+    save_domains({1: _lab_dom(lay, 1), 2: _lab_dom(lay, 2)}, lab_file)
+    # The current $XFGATE_DOMAINS holds a domain 1 of another lab (other RAM file).
+    save_domains({1: _lab_dom(layout.LabLayout("xfother"), 1)}, other_file)
+    monkeypatch.setenv("XFGATE_DOMAINS", str(other_file))
+    state = lab.LabState(prefix=lay.prefix, domains=[1, 2], domains_file=str(lab_file))
+    got = lab.lab_domain_configs(lay, state)
+    assert [d.id for d in got] == [1, 2]
+    assert got[0].memory.path == str(lay.ram_path(1))
+    # A state of an older version without the file falls back to the current file; another
+    # lab's domain of the same id is not taken for ours.
+    assert lab.lab_domain_configs(lay, dataclasses.replace(state, domains_file="")) == ()
+
+
+def test_state_without_cpu_reads_as_the_default(tmp_path: Path) -> None:
+    lay = layout.LabLayout("xfunit", run_root=tmp_path)
+    lay.run_dir.mkdir()
+    lay.state_path.write_text('{"prefix": "xfunit", "domains": [1], "phase": "up"}')
+    state = lab.read_state(lay)
+    assert state is not None and state.cpu == qemu.DEFAULT_CPU
+    state.cpu = "max"
+    lab.write_state(lay, state)
+    assert lab.read_state(lay) == state
+
+
+def test_lock_leaves_nothing_once_the_run_dir_is_emptied(tmp_path: Path) -> None:
+    lay = layout.LabLayout("xfunit", run_root=tmp_path)
+    with lab.lab_lock(lay):
+        (lay.run_dir / "guest1").mkdir()
+        (lay.run_dir / "guest1" / "serial.log").write_text("x")
+        (lay.run_dir / "lab.json").write_text("{}")
+    assert lay.run_dir.is_dir()  # a lab that is up keeps its run dir
+    with lab.lab_lock(lay):
+        assert lab.clear_dir(lay.run_dir) is True
+        assert lab.clear_dir(lay.run_dir) is False
+    assert not lay.run_dir.exists()
+    with lab.lab_lock(lay):  # an idle lock (e.g. `down` of a lab that is down) leaves nothing
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lock_excludes_across_removal_of_the_run_dir(tmp_path: Path) -> None:
+    """A waiter that got the lock of a run dir removed meanwhile locks the new one: the two
+    critical sections never overlap, and nothing is left at the end."""
+    lay = layout.LabLayout("xfunit", run_root=tmp_path)
+    inside: list[int] = []
+    overlaps: list[tuple[int, int]] = []
+    holding = threading.Event()
+
+    def critical(n: int, fill: bool) -> None:
+        with lab.lab_lock(lay):
+            holding.set()
+            inside.append(n)
+            if len(inside) > 1:
+                overlaps.append((inside[0], n))
+            if fill:
+                (lay.run_dir / "lab.json").write_text("{}")
+            time.sleep(0.05)
+            lab.clear_dir(lay.run_dir)  # a `down`: the release removes the run dir
+            inside.remove(n)
+
+    first = threading.Thread(target=critical, args=(0, True))
+    first.start()
+    assert holding.wait(5)
+    others = [threading.Thread(target=critical, args=(n, n % 2 == 0)) for n in range(1, 6)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(30)
+    assert overlaps == [] and inside == []
+    assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,7 @@ from xfgate.errors import ConfigError, GuestNotRunning
 from xfgate.lab import lab
 from xfgate.lab.control import GuestResult, run_in_guest
 from xfgate.lab.layout import LabLayout, layout_from_env
+from xfgate.lab.qemu import DEFAULT_CPU
 from xfgate.lab.truth import TRUTH_SCRIPT, Truth, parse_truth
 
 
@@ -43,6 +44,7 @@ def _up(args: argparse.Namespace) -> int:
         kernel_package=args.kernel_package,
         boot_timeout=args.timeout,
         force=args.force,
+        cpu=args.cpu,
     )
     for dom in result.domains:
         print(f"domain {dom.id}: {dom.name} vif {dom.vifs[0]} {' '.join(dom.addresses)}")
@@ -69,6 +71,7 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("  namespaces exist without lab state: `xfgate lab down --force`")
     if "kernel_package" in status:
         lines.append(f"  kernel {status['kernel_package']} ({status['kernel_release']})")
+        lines.append(f"  CPU model {status['cpu']}")
         peers = "running" if status["peers_running"] else "NOT running"
         lines.append(f"  client peers pid {status['peers_pid']} {peers}")
     for ns, present in status["netns"].items():
@@ -135,6 +138,12 @@ def register(sub: Any) -> None:
         "--kernel-package",
         help="Debian 12 kernel image package (default: what linux-image-amd64 depends on), "
         "e.g. linux-image-cloud-amd64",
+    )
+    up.add_argument(
+        "--cpu",
+        default=DEFAULT_CPU,
+        help=f"QEMU CPU model of the guests (default {DEFAULT_CPU}: 4-level paging; "
+        "max: 5-level paging, LA57)",
     )
     up.add_argument("--timeout", type=float, default=lab.DEFAULT_BOOT_TIMEOUT, help="boot bound, s")
     up.add_argument("--force", action="store_true", help="remove unrecorded leftovers first")

@@ -44,7 +44,14 @@ from xfgate.lab.layout import (
     guest_v6,
     vif_name,
 )
-from xfgate.lab.qemu import GuestSpec, is_our_qemu, start_qemu, stop_qemu
+from xfgate.lab.qemu import (
+    DEFAULT_CPU,
+    GuestSpec,
+    check_cpu_model,
+    is_our_qemu,
+    start_qemu,
+    stop_qemu,
+)
 from xfgate.vmi.profile_build import build_profile_files
 
 Log = Callable[[str], None]
@@ -89,6 +96,7 @@ class LabState:
     domains: list[int]
     kernel_package: str = ""
     kernel_release: str = ""
+    cpu: str = DEFAULT_CPU  # QEMU CPU model; `max` gives the guest 5-level paging (LA57)
     assets: str = ""
     phase: str = "starting"  # starting | up
     peers_pid: int = 0
@@ -119,13 +127,67 @@ def write_state(layout: LabLayout, state: LabState) -> None:
     os.replace(tmp, layout.state_path)
 
 
+LOCK_ATTEMPTS = 100
+
+
 @contextmanager
 def lab_lock(layout: LabLayout) -> Iterator[None]:
-    """One up/down at a time per lab (tests in parallel sessions share the default lab)."""
-    layout.lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with layout.lock_path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    """One up/down at a time per lab (tests in parallel sessions share the default lab).
+
+    The lock is a flock on the run dir itself, so no lock file outlives the lab: on release
+    the holder removes the run dir if it is empty (what `down` leaves). A waiter may then hold
+    a lock on a removed directory; it sees that the path no longer names the inode it locked
+    and starts again on the new one, so two holders never overlap on the same lab.
+    """
+    for _ in range(LOCK_ATTEMPTS):
+        layout.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(layout.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:  # removed by a releasing holder between mkdir and open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _names_same_inode(fd, layout.run_dir):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    else:
+        raise LabError(
+            f"could not lock {layout.run_dir}: it was removed and recreated "
+            f"{LOCK_ATTEMPTS} times in a row (another process looping `lab up/down`?)"
+        )
+    try:
         yield
+    finally:
+        with suppress(OSError):  # not empty (the lab is up) or already gone: keep it
+            layout.run_dir.rmdir()
+        os.close(fd)
+
+
+def _names_same_inode(fd: int, path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def clear_dir(path: Path) -> bool:
+    """Removes what `path` contains (not `path` itself: it carries the lab's lock).
+    True if there was anything."""
+    try:
+        entries = list(path.iterdir())
+    except FileNotFoundError:
+        return False
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return bool(entries)
 
 
 # ---- processes we own ------------------------------------------------------------------------
@@ -310,7 +372,11 @@ class UpResult:
 
 
 def health_problems(
-    layout: LabLayout, state: LabState, want_domains: int, want_package: str | None
+    layout: LabLayout,
+    state: LabState,
+    want_domains: int,
+    want_package: str | None,
+    want_cpu: str | None = None,
 ) -> list[str]:
     """Why a recorded lab is not fully up as requested (empty list: healthy)."""
     problems = []
@@ -320,6 +386,8 @@ def health_problems(
         problems.append(f"it runs domains {state.domains}, {want_domains} requested")
     if want_package and want_package != state.kernel_package:
         problems.append(f"it runs {state.kernel_package}, {want_package} requested")
+    if want_cpu and want_cpu != state.cpu:
+        problems.append(f"its guests have CPU model {state.cpu}, {want_cpu} requested")
     for ns in (layout.dom0_netns, layout.client_netns):
         if not labnet.netns_exists(ns):
             problems.append(f"netns {ns} is gone")
@@ -369,19 +437,23 @@ def lab_up(
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
     force: bool = False,
     log: Log = print,
+    cpu: str = DEFAULT_CPU,
 ) -> UpResult:
+    """Brings the lab up (or finds it healthy as requested). `cpu` is the guests' QEMU CPU
+    model: the default keeps 4-level paging, `max` turns 5-level paging (LA57) on."""
     check_prerequisites()
+    check_cpu_model(cpu)
     if not 1 <= domains <= MAX_DOMAINS:
         raise LabError(f"--domains must be 1..{MAX_DOMAINS}, got {domains}")
     want_package = resolve_kernel_package(kernel_package, log) if kernel_package else None
     with lab_lock(layout):
         state = read_state(layout)
         if state is not None:
-            problems = health_problems(layout, state, domains, want_package)
+            problems = health_problems(layout, state, domains, want_package, cpu)
             if not problems:
-                what = f"domains {state.domains}, {state.kernel_package}"
+                what = f"domains {state.domains}, {state.kernel_package}, CPU {state.cpu}"
                 log(f"lab {layout.prefix} already up: {what}")
-                return UpResult(True, state, _lab_domain_configs(layout, state))
+                return UpResult(True, state, lab_domain_configs(layout, state))
             log(
                 "lab is not fully up (" + "; ".join(problems) + "): tearing it down, starting again"
             )
@@ -398,16 +470,23 @@ def lab_up(
             if leftovers or find_lab_qemus(layout):
                 log("removing leftovers of an earlier lab")
                 _down_locked(layout, force=True, log=log)
-        return _up_locked(layout, domains, want_package or kernel_package, boot_timeout, log)
+        return _up_locked(layout, domains, want_package or kernel_package, boot_timeout, log, cpu)
 
 
-def _lab_domain_configs(layout: LabLayout, state: LabState) -> tuple[DomainConfig, ...]:
-    known = load_domains()
-    return tuple(known[d] for d in state.domains if d in known)
+def lab_domain_configs(layout: LabLayout, state: LabState) -> tuple[DomainConfig, ...]:
+    """The lab's domains as recorded in the domains file it was brought up with (not the one
+    $XFGATE_DOMAINS names now: a caller may point it elsewhere)."""
+    known = load_domains(Path(state.domains_file) if state.domains_file else None)
+    return tuple(known[d] for d in state.domains if d in known and is_lab_domain(layout, known[d]))
 
 
 def _up_locked(
-    layout: LabLayout, domains: int, package: str | None, boot_timeout: float, log: Log
+    layout: LabLayout,
+    domains: int,
+    package: str | None,
+    boot_timeout: float,
+    log: Log,
+    cpu: str,
 ) -> UpResult:
     t0 = time.monotonic()
     assets = ensure_assets(package, log)
@@ -419,9 +498,10 @@ def _up_locked(
         kernel_package=assets.package,
         kernel_release=assets.release,
         assets=str(assets.dir),
+        cpu=cpu,
         domains_file=str(domains_file_path()),
     )
-    shutil.rmtree(layout.run_dir, ignore_errors=True)
+    clear_dir(layout.run_dir)
     write_state(layout, state)
     try:
         labnet.create_network(layout)
@@ -443,10 +523,11 @@ def _up_locked(
                 ctl_socket=layout.ctl_socket(d),
                 qmp_socket=layout.qmp_socket(d),
                 pidfile=layout.pidfile(d),
+                cpu=cpu,
             )
             state.qemu_pids[str(d)] = start_qemu(spec, layout.dom0_netns)
             write_state(layout, state)
-            log(f"guest{d}: qemu pid {state.qemu_pid(d)}, booting {assets.release}")
+            log(f"guest{d}: qemu pid {state.qemu_pid(d)}, CPU {cpu}, booting {assets.release}")
         t_started = time.monotonic()
         deadline = t_started + boot_timeout
         # The introspection profile of this kernel (BTF + kallsyms, ~5 s once per kernel build,
@@ -525,9 +606,11 @@ def _down_locked(layout: LabLayout, force: bool, log: Log) -> list[str]:
         if ours:
             save_domains({k: v for k, v in known.items() if k not in ours}, path)
             removed.append(f"domains {ours} from {path}")
-    if layout.run_dir.exists():
-        shutil.rmtree(layout.run_dir)
+    if clear_dir(layout.run_dir):
         removed.append(str(layout.run_dir))
+    if layout.legacy_lock_path.exists():  # left by versions that locked a file beside run_dir
+        layout.legacy_lock_path.unlink(missing_ok=True)
+        removed.append(str(layout.legacy_lock_path))
     log(f"lab {layout.prefix} down" + (f": removed {', '.join(removed)}" if removed else ""))
     return removed
 
@@ -571,6 +654,7 @@ def lab_status(layout: LabLayout) -> dict[str, Any]:
         "phase": state.phase,
         "kernel_package": state.kernel_package,
         "kernel_release": state.kernel_release,
+        "cpu": state.cpu,
         "assets": state.assets,
         "netns": netns,
         "peers_pid": state.peers_pid,

@@ -59,6 +59,7 @@ def check_domain_id(domain: int) -> int:
 @dataclass(frozen=True)
 class LabLayout:
     prefix: str = DEFAULT_PREFIX
+    run_root: Path = RUN_ROOT  # another root only for tests of the run dir's life cycle
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -79,12 +80,13 @@ class LabLayout:
     def run_dir(self) -> Path:
         # Everything under xfgate's own /run dir; a private lab gets lab-PREFIX beside it.
         name = "lab" if self.prefix == DEFAULT_PREFIX else f"lab-{self.prefix}"
-        return RUN_ROOT / name
+        return self.run_root / name
 
     @property
-    def lock_path(self) -> Path:
-        # Outside run_dir, so `down` can delete run_dir while holding the lock.
-        return RUN_ROOT / f"{self.run_dir.name}.lock"
+    def legacy_lock_path(self) -> Path:
+        # Where earlier versions kept a lock file (it outlived the lab): removed by `down`.
+        # The lock is now a flock on run_dir itself (lab.lab_lock).
+        return self.run_root / f"{self.run_dir.name}.lock"
 
     @property
     def state_path(self) -> Path:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xfgate.errors import LabError, PrerequisiteError
+from xfgate.errors import ConfigError, LabError, PrerequisiteError
 
 QEMU = "qemu-system-x86_64"
+# QEMU's own default model for `pc` (4-level paging). `max` enables everything TCG can
+# emulate, LA57 included: a stock Debian kernel then runs with 5-level paging.
+DEFAULT_CPU = "qemu64"
+_CPU_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class GuestSpec:
     ctl_socket: Path
     qmp_socket: Path
     pidfile: Path
+    cpu: str = DEFAULT_CPU
 
 
 def kernel_append(domain: int) -> str:
@@ -43,6 +49,7 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
         QEMU,
         "-name", f"guest{spec.domain}",
         "-accel", "tcg",  # KVM-PVM on these hosts hangs a stock kernel
+        "-cpu", check_cpu_model(spec.cpu),
         "-smp", "1",
         "-m", size,
         "-object", f"memory-backend-file,id=mem,size={size},mem-path={spec.ram_path},share=on",
@@ -61,6 +68,16 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
         "-daemonize",
         "-pidfile", str(spec.pidfile),
     ]  # fmt: skip
+
+
+def check_cpu_model(cpu: str) -> str:
+    """A QEMU CPU model name (no feature list: `+la57` style flags are not offered)."""
+    if not _CPU_RE.match(cpu):
+        raise ConfigError(
+            f"CPU model {cpu!r} invalid: a QEMU model name such as {DEFAULT_CPU} or max "
+            "(see `qemu-system-x86_64 -cpu help`)"
+        )
+    return cpu
 
 
 def start_qemu(spec: GuestSpec, netns: str, timeout: float = 30.0) -> int:
