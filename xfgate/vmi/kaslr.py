@@ -28,6 +28,7 @@ STEP_2M = 1 << 21
 MAX_CANDIDATES = 64  # stale copies of notes/banners in free memory: bounded
 VMCOREINFO_MAX = 4096
 BANNER_PREFIX = b"Linux version "
+L5_ENABLED = "__pgtable_l5_enabled"  # arch/x86/kernel/head64.c, with CONFIG_X86_5LEVEL
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,29 @@ def guest_banner_text(memory: PhysicalMemory) -> str:
     return raw.split(b"\n", 1)[0].split(b"\0", 1)[0].decode(errors="replace")
 
 
+def kernel_paging_levels(
+    memory: PhysicalMemory, profile: Profile, paddr_of: int
+) -> tuple[int, ...]:
+    """Paging levels to try, from the guest kernel's own `__pgtable_l5_enabled` (an int set at
+    boot when CR4.LA57 is on), read physically at ``paddr_of`` - the physical address the
+    caller computed for that symbol - so no page-table guess is involved. Without the symbol
+    or a sane value (0 or 1): both, 4 first (a 5-level root read as 4-level does not reach
+    the banner, so the banner check still decides)."""
+    if paddr_of < 0:
+        return (4, 5)
+    try:
+        value = struct.unpack("<I", memory.read(paddr_of, 4))[0]
+    except MemoryReadError:
+        return (4, 5)
+    return {0: (4,), 1: (5,)}.get(value, (4, 5))
+
+
+def _l5_paddr(profile: Profile, shift: int, phys_base: int) -> int:
+    if not profile.has_symbol(L5_ENABLED):
+        return -1
+    return profile.symbol(L5_ENABLED) + shift - START_KERNEL_MAP + phys_base
+
+
 def from_vmcoreinfo(
     memory: PhysicalMemory, profile: Profile, prefer_root: int = -1
 ) -> KernelLocation | None:
@@ -108,14 +132,19 @@ def from_vmcoreinfo(
         if info.get("OSRELEASE") != profile.release:
             release_mismatch = info.get("OSRELEASE", "")
             continue
-        levels = 5 if info.get("NUMBER(pgtable_l5_enabled)") == "1" else 4
-        loc = KernelLocation(
-            shift, phys_base, pgd - START_KERNEL_MAP + phys_base, levels, "vmcoreinfo"
-        )
-        if _banner_matches(AddressSpace(memory, loc.root, levels), profile, shift):
-            if loc.root == prefer_root:
-                return loc
-            found.append(loc)
+        note_l5 = info.get("NUMBER(pgtable_l5_enabled)")
+        if note_l5 in ("0", "1"):
+            candidates: tuple[int, ...] = (5,) if note_l5 == "1" else (4,)
+        else:  # older kernels' notes lack the number: ask the kernel's variable
+            candidates = kernel_paging_levels(memory, profile, _l5_paddr(profile, shift, phys_base))
+        root = pgd - START_KERNEL_MAP + phys_base
+        for levels in candidates:
+            loc = KernelLocation(shift, phys_base, root, levels, "vmcoreinfo")
+            if _banner_matches(AddressSpace(memory, loc.root, levels), profile, shift):
+                if loc.root == prefer_root:
+                    return loc
+                found.append(loc)
+                break
     if found:
         return found[0]
     if release_mismatch:
@@ -172,7 +201,7 @@ def from_banner_scan(memory: PhysicalMemory, profile: Profile) -> KernelLocation
             continue
         phys_base = hit - (banner_link + shift - START_KERNEL_MAP)
         root = top_pgt + shift - START_KERNEL_MAP + phys_base
-        for levels in (4, 5):
+        for levels in kernel_paging_levels(memory, profile, _l5_paddr(profile, shift, phys_base)):
             if _banner_matches(AddressSpace(memory, root, levels), profile, shift):
                 return KernelLocation(shift, phys_base, root, levels, "banner-scan")
     return None
