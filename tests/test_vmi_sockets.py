@@ -214,3 +214,63 @@ def test_kaslr_from_cr3_with_a_pti_user_root() -> None:
     other = dataclasses.replace(g.profile, banner="Linux version 9.9.9 (someone) #2\n")
     with pytest.raises(ProfileMismatch, match=r"6\.1\.0-fake"):
         from_cr3(g.memory, other, ControlRegisters(g.root, 0x6F0))
+
+
+def test_lookups_trust_a_checked_boot_for_revalidate_seconds_walks_always_check(
+    tmp_path: Path,
+) -> None:
+    g1 = standard_guest()
+    path = tmp_path / "ram.mem"
+    path.write_bytes(g1.buf)
+    dom = DomainConfig(1, "f", (), MemoryConfig("raw", str(path)))
+    flow = _flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000)
+    with (
+        GuestIntrospector(dom, g1.profile, revalidate_seconds=3600) as lazy,
+        GuestIntrospector(dom, g1.profile, revalidate_seconds=0) as eager,
+    ):
+        assert lazy.lookup(flow) is not None and eager.lookup(flow) is not None
+        gen_lazy, gen_eager = lazy.generation(), eager.generation()
+        g2 = FakeGuest(virt_shift=0x20000000)
+        tmp = tmp_path / "ram.new"
+        tmp.write_bytes(g2.buf)
+        tmp.replace(path)  # a new QEMU
+        assert eager.lookup(flow) is None and eager.generation() > gen_eager
+        lazy.lookup(flow)  # inside its window: the boot checked a moment ago is trusted
+        assert lazy.generation() == gen_lazy
+        lazy.walk()  # a walk always checks
+        assert lazy.generation() > gen_lazy
+        assert lazy.boot().location.virt_shift == 0x20000000
+
+
+def test_listener_lookup_for_a_syn_meeting_time_wait() -> None:
+    g = standard_guest()
+    tw = g.new_sock(IPPROTO_TCP, 6, "198.18.1.1", 80, "198.18.0.9", 7000, size=0x90)
+    g.hash_established(tw, "198.18.1.1", 80, "198.18.0.9", 7000)
+    flow = _flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.9", 7000)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+        own = gi.lookup(flow)
+        assert own is not None and own.via == "time-wait" and own.owners == ()
+        lst = gi.lookup_listener(flow)
+        assert lst is not None and (lst.via, lst.state) == ("listener", "LISTEN")
+        assert [(o.pid, o.fd) for o in lst.owners] == [(100, 3)]
+        assert gi.lookup_listener(_flow(IPPROTO_TCP, "198.18.1.1", 81, "198.18.0.9", 1)) is None
+        assert gi.lookup_listener(_flow(IPPROTO_UDP, "198.18.1.1", 5353, "198.18.0.1", 1)) is None
+
+
+def test_bucket_arrays_are_read_once_per_boot(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = standard_guest()
+    t = _tables(g)
+    first = t.tables()
+    assert first.ehash and first.lhash2 and first.udp_hash
+    reads: list[int] = []
+    real_read = t.space.read
+
+    def counting_read(vaddr: int, length: int) -> bytes:
+        reads.append(vaddr)
+        return real_read(vaddr, length)
+
+    monkeypatch.setattr(t.space, "read", counting_read)
+    h = t.h
+    hashinfo = h.tcp_hashinfo + t.shift
+    assert t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000)) is not None
+    assert hashinfo + h.ehash not in reads and hashinfo + h.lhash2 not in reads

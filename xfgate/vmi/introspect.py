@@ -31,10 +31,14 @@ from xfgate.vmi.memory import PhysicalMemory, open_memory
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.qmp import ControlRegisters, PauseRecord, QmpClient, paused
-from xfgate.vmi.sockets import HashLayout, SocketTables
+from xfgate.vmi.sockets import FoundSock, HashLayout, SocketTables
 
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 LOOKUP_RETRIES = 2
+# How long a checked boot is trusted by lookups before the RAM file's identity and the banner
+# are checked again. A reboot takes seconds before the new kernel has any socket, a lookup
+# that meets unreadable memory re-checks at once, and every walk checks: 50 ms loses nothing.
+REVALIDATE_SECONDS = 0.05
 
 
 @dataclass
@@ -60,16 +64,21 @@ class GuestIntrospector:
         bounds: WalkBounds | None = None,
         allow_pause: bool = True,
         min_rewalk_seconds: float = 0.0,
+        revalidate_seconds: float = REVALIDATE_SECONDS,
     ) -> None:
         """`min_rewalk_seconds`: a lookup meeting a socket the index does not know walks again
         unless the last walk is younger than this (0: always, exact; more: cheaper under a
-        flood of new connections, at the risk of answering with no owner)."""
+        flood of new connections, at the risk of answering with no owner).
+        `revalidate_seconds`: lookups re-check the boot (RAM file identity, banner) at most
+        this often (0: on every lookup); walks always re-check."""
         self.domain = domain
         self.profile = profile
         self.bounds = bounds or WalkBounds()
         self.allow_pause = allow_pause
         self.min_rewalk_seconds = min_rewalk_seconds
+        self.revalidate_seconds = revalidate_seconds
         self._last_walk = -1e9
+        self._checked_at = -1e9  # monotonic time of the last boot check that passed
         self._owns_memory = memory is None
         self.memory = memory if memory is not None else open_memory(domain.memory)
         # QEMU serves one QMP client at a time: connect per use, never hold the monitor.
@@ -116,8 +125,21 @@ class GuestIntrospector:
             return True
         return (st.st_dev, st.st_ino, st.st_size) != self.memory.identity()
 
-    def boot(self) -> _Boot:
-        """The current boot's state; the kernel re-located after a reboot or a new QEMU."""
+    def boot(self, *, recheck: bool = True) -> _Boot:
+        """The current boot's state; the kernel re-located after a reboot or a new QEMU.
+        With `recheck` False, a boot checked less than `revalidate_seconds` ago is trusted
+        without the stat and banner read (the per-lookup fast path)."""
+        if (
+            not recheck
+            and self._boot is not None
+            and time.monotonic() - self._checked_at < self.revalidate_seconds
+        ):
+            return self._boot
+        boot = self._checked_boot()
+        self._checked_at = time.monotonic()
+        return boot
+
+    def _checked_boot(self) -> _Boot:
         if self._memory_replaced():
             self.memory.close()
             self.memory = open_memory(self.domain.memory)
@@ -177,15 +199,35 @@ class GuestIntrospector:
 
     # -- targeted lookup ------------------------------------------------------------------------
 
+    def _find(self, tables: SocketTables, flow: Flow, listener_only: bool) -> FoundSock | None:
+        find = tables.find_listener if listener_only else tables.find
+        found = find(flow)
+        for _ in range(LOOKUP_RETRIES):
+            if found is not None or not tables.errors:
+                break
+            found = find(flow)  # a chain torn by the guest changing it: again
+        if found is None and tables.errors:
+            self._checked_at = -1e9  # unreadable: the next lookup re-checks the boot first
+        return found
+
+    def lookup_listener(self, flow: Flow) -> Ownership | None:
+        """The TCP listener that would take a new connection to `flow`'s local end (what a
+        SYN meeting a TIME_WAIT sock is handed to), with its owners; None if none listens."""
+        boot = self.boot(recheck=False)
+        if boot.tables is None or flow.proto != IPPROTO_TCP:
+            return None
+        found = self._find(boot.tables, flow, listener_only=True)
+        if found is None:
+            return None
+        sock = found.sock
+        owners = self._owners_of(boot, sock.address)
+        return Ownership(owners, sock.sk_uid, sock.state_name, "listener", sock.address)
+
     def lookup(self, flow: Flow) -> Ownership | None:
-        boot = self.boot()
+        boot = self.boot(recheck=False)
         if boot.tables is None:
             return self._lookup_by_walk(flow)
-        found = boot.tables.find(flow)
-        for _ in range(LOOKUP_RETRIES):
-            if found is not None or not boot.tables.errors:
-                break
-            found = boot.tables.find(flow)  # a chain torn by the guest changing it: again
+        found = self._find(boot.tables, flow, listener_only=False)
         if found is None:
             return None
         sock = found.sock
@@ -220,7 +262,7 @@ class GuestIntrospector:
         recent = time.monotonic() - self._last_walk < self.min_rewalk_seconds
         if owners is None and not recent:  # a socket newer than our last walk
             self.walk()
-            boot = self.boot()
+            boot = self.boot(recheck=False)  # the walk just checked it
             owners = boot.owners.get(sock_addr, ())
         return owners or ()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv6Address
 
 from xfgate.errors import MemoryReadError, ProfileError
 from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Flow
@@ -124,6 +124,18 @@ class _Secrets:
     ipv6: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Tables:
+    """Bucket arrays and masks: allocated once at boot (tcp_init, udp_table_init), fixed after."""
+
+    ehash: int
+    ehash_mask: int
+    lhash2: int
+    lhash2_mask: int
+    udp_hash: int
+    udp_mask: int
+
+
 class SocketTables:
     """Lookups in one guest boot's socket hash tables (make a new one per KASLR generation)."""
 
@@ -135,6 +147,7 @@ class SocketTables:
         self.h = hashes
         self.shift = virt_shift
         self._secrets: _Secrets | None = None
+        self._tables: _Tables | None = None
         self.errors: list[str] = []  # why the last lookup may have missed
 
     def _u64(self, vaddr: int) -> int:
@@ -158,6 +171,25 @@ class SocketTables:
         )
         if found.ehash and found.ehash6 and found.ipv6:
             self._secrets = found
+        return found
+
+    def tables(self) -> _Tables:
+        """The bucket arrays; cached once all are allocated (read on every lookup before)."""
+        if self._tables is not None:
+            return self._tables
+        h = self.h
+        hashinfo = h.tcp_hashinfo + self.shift
+        udp = h.udp_table + self.shift
+        found = _Tables(
+            ehash=self._u64(hashinfo + h.ehash),
+            ehash_mask=self._u32(hashinfo + h.ehash_mask),
+            lhash2=self._u64(hashinfo + h.lhash2),
+            lhash2_mask=self._u32(hashinfo + h.lhash2_mask),
+            udp_hash=self._u64(udp + h.udp_hash),
+            udp_mask=self._u32(udp + h.udp_mask),
+        )
+        if found.ehash and found.lhash2 and found.udp_hash:
+            self._tables = found
         return found
 
     def find(self, flow: Flow) -> FoundSock | None:
@@ -219,10 +251,8 @@ class SocketTables:
     # -- TCP ------------------------------------------------------------------------------------
 
     def _established(self, flow: Flow) -> FoundSock | None:
-        h, lay, sec = self.h, self.layout, self.secrets()
-        hashinfo = h.tcp_hashinfo + self.shift
-        ehash = self._u64(hashinfo + h.ehash)
-        mask = self._u32(hashinfo + h.ehash_mask)
+        h, lay, sec, tab = self.h, self.layout, self.secrets(), self.tables()
+        ehash, mask = tab.ehash, tab.ehash_mask
         local, remote = flow.local.packed, flow.remote.packed
         if flow.family == 4:
             key = jhash.inet_ehashfn(
@@ -253,21 +283,17 @@ class SocketTables:
 
     def _listener(self, flow: Flow) -> FoundSock | None:
         """inet_lhash2_lookup: the (address, port) bucket, then the (any, port) one."""
-        h, sec = self.h, self.secrets()
-        hashinfo = h.tcp_hashinfo + self.shift
-        lhash2 = self._u64(hashinfo + h.lhash2)
-        mask = self._u32(hashinfo + h.lhash2_mask)
+        h, sec, tab = self.h, self.secrets(), self.tables()
+        lhash2, mask = tab.lhash2, tab.lhash2_mask
         if flow.family == 4:
-            any_addr = IPv4Address(0).packed
             keys = [
                 jhash.ipv4_portaddr_hash(flow.local.packed, flow.lport, sec.hash_mix),
-                jhash.ipv4_portaddr_hash(any_addr, flow.lport, sec.hash_mix),
+                jhash.ipv4_portaddr_hash(_ANY4, flow.lport, sec.hash_mix),
             ]
         else:
-            any6 = IPv6Address(0).packed
             keys = [
                 jhash.ipv6_portaddr_hash(flow.local.packed, flow.lport, sec.hash_mix),
-                jhash.ipv6_portaddr_hash(any6, flow.lport, sec.hash_mix),
+                jhash.ipv6_portaddr_hash(_ANY6, flow.lport, sec.hash_mix),
             ]
         best: tuple[int, FoundSock] | None = None
         for key in dict.fromkeys(keys):  # the two may coincide
@@ -285,10 +311,8 @@ class SocketTables:
 
     def _udp(self, flow: Flow) -> FoundSock | None:
         """udp4/6_lib_lookup1 on the port-hashed table, with the kernel's scoring."""
-        h, sec = self.h, self.secrets()
-        table = h.udp_table + self.shift
-        hash_base = self._u64(table + h.udp_hash)
-        mask = self._u32(table + h.udp_mask)
+        h, sec, tab = self.h, self.secrets(), self.tables()
+        hash_base, mask = tab.udp_hash, tab.udp_mask
         slot = hash_base + ((flow.lport + sec.hash_mix) & mask) * h.hslot_size + h.hslot_head
         best: tuple[int, FoundSock] | None = None
         for sk in self._chain(self._u64(slot), h.skc_node, "udp hash"):
