@@ -8,7 +8,7 @@ from ipaddress import ip_address
 import pytest
 
 from xfgate.flow import IPPROTO_TCP, Flow, Owner, Ownership
-from xfgate.verdict.cache import OwnerCache
+from xfgate.verdict.cache import ListenerKey, OwnerCache
 
 FLOW = Flow(IPPROTO_TCP, ip_address("198.18.1.1"), 80, ip_address("198.18.0.1"), 5000)
 OWNED = Ownership((Owner(1, 0, 0, "httpd"),), 0, "LISTEN", "listener")
@@ -100,3 +100,40 @@ def test_a_failing_load_does_not_wedge_the_key() -> None:
     with pytest.raises(RuntimeError, match="torn pointer"):
         cache.get_or_load(FLOW, broken)
     assert cache.get_or_load(FLOW, lambda f: OWNED) == (OWNED, False)
+
+
+def test_listener_keys_and_flows_are_separate_entries() -> None:
+    cache = OwnerCache(timer=Clock())
+    listener = ListenerKey.of(FLOW)
+    assert listener == ListenerKey(IPPROTO_TCP, ip_address("198.18.1.1"), 80)
+    cache.put(listener, OWNED)
+    assert cache.get(listener) == (True, OWNED)
+    assert cache.get(FLOW) == (False, None)
+    other_client = Flow(IPPROTO_TCP, FLOW.local, 80, ip_address("198.18.7.7"), 6000)
+    assert ListenerKey.of(other_client) == listener
+
+
+def test_get_or_load_can_store_under_the_key_the_answer_names() -> None:
+    calls: list[Flow] = []
+
+    def loader(flow: Flow) -> Ownership:
+        calls.append(flow)
+        return OWNED
+
+    cache = OwnerCache(timer=Clock())
+    listener = ListenerKey.of(FLOW)
+    # Asked under the listener, stored under the flow: the next ask misses the listener key.
+    assert cache.get_or_load(FLOW, loader, key=listener, store_as=lambda o: FLOW) == (OWNED, False)
+    assert cache.get(FLOW) == (True, OWNED) and cache.get(listener) == (False, None)
+    assert cache.get_or_load(FLOW, loader, key=listener) == (OWNED, False)
+    assert cache.get_or_load(FLOW, loader, key=listener) == (OWNED, True)
+    assert len(calls) == 2
+
+
+def test_answers_without_owners_live_the_negative_ttl() -> None:
+    clock = Clock()
+    cache = OwnerCache(ttl=10, negative_ttl=1, timer=clock)
+    cache.put(FLOW, Ownership((), -1, "TIME_WAIT", "time-wait"))
+    assert cache.get(FLOW)[0]
+    clock.now += 1.01
+    assert cache.get(FLOW) == (False, None)

@@ -12,7 +12,7 @@ from scapy.layers.inet import IP, TCP
 
 from xfgate.flow import IPPROTO_TCP, Flow, GuestSocket, Owner, Ownership
 from xfgate.verdict.cache import OwnerCache
-from xfgate.verdict.engine import Engine
+from xfgate.verdict.engine import Engine, LockedOwnerSource
 from xfgate.verdict.fastpath import (
     MARK_MASK,
     GateLayout,
@@ -271,3 +271,151 @@ def test_not_root_is_refused_before_anything_is_touched(monkeypatch: pytest.Monk
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     with pytest.raises(PrerequisiteError, match="needs root"):
         fastpath.check_prerequisites()
+
+
+# --- incoming SYNs: one lookup per listener, not per connection ----------------------------
+
+
+class SynSource(TableSource):
+    """A guest with listeners by port, per-5-tuple sockets by (lport, rport), and a
+    listener-only lookup (what GuestIntrospector offers for SYNs meeting TIME_WAIT)."""
+
+    def __init__(
+        self,
+        listeners: dict[int, Ownership],
+        connections: dict[tuple[int, int], Ownership] | None = None,
+    ) -> None:
+        super().__init__(listeners)
+        self.connections = connections or {}
+        self.listener_lookups = 0
+
+    def lookup(self, flow: Flow) -> Ownership | None:
+        self.lookups += 1
+        own = self.connections.get((flow.lport, flow.rport))
+        return own if own is not None else self.table.get(flow.lport)
+
+    def lookup_listener(self, flow: Flow) -> Ownership | None:
+        self.listener_lookups += 1
+        return self.table.get(flow.lport)
+
+
+def inbound(sport: int, dport: int, flags: str = "S", client: str = C) -> FakePacket:
+    return FakePacket(
+        bytes(IP(src=client, dst=G) / TCP(sport=sport, dport=dport, flags=flags)), 3, VIF
+    )
+
+
+def test_hundred_syns_from_distinct_client_ports_cost_one_lookup() -> None:
+    src = SynSource({8080: SOURCE_TABLE[8080]})
+    e, out = engine({"uids": [1001]}, src)
+    for port in range(30000, 30100):
+        p = inbound(port, 8080)
+        e.handle(p)
+        assert p.verdicts == ["repeat"] and p.mark & MARK_MASK == settle_mark(9, accept=True)
+    assert src.lookups == 1
+    recs = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["source"] for r in recs] == ["introspection"] + ["cache"] * 99
+    assert {(r["pid"], r["comm"], r["via"]) for r in recs} == {(200, "httpd", "listener")}
+    # Another client address finds the same listener entry; another port is another service.
+    e.handle(inbound(40000, 8080, client="198.18.9.77"))
+    assert src.lookups == 1
+    e.handle(inbound(40001, 8081))
+    assert src.lookups == 2
+
+
+def test_syn_cache_serves_only_syns_and_keeps_blocking_the_listener_owner() -> None:
+    src = SynSource({8080: SOURCE_TABLE[8080]})
+    e, _ = engine({"uids": [1000]}, src)
+    for port in (30000, 30001):
+        p = inbound(port, 8080)
+        e.handle(p)
+        assert p.mark & MARK_MASK == settle_mark(9, accept=False)
+    assert src.lookups == 1
+    # An ACK of a connection, a SYN-ACK leaving the guest: still per 5-tuple.
+    e.handle(inbound(30000, 8080, flags="A"))
+    e.handle(FakePacket(bytes(IP(src=G, dst=C) / TCP(sport=8080, dport=30001, flags="SA"))))
+    assert src.lookups == 3
+
+
+def test_policy_and_generation_changes_drop_the_listener_entry() -> None:
+    src = SynSource({8080: SOURCE_TABLE[8080]})
+    e, _ = engine({}, src)
+    e.handle(inbound(30000, 8080))
+    e.handle(inbound(30001, 8080))
+    assert src.lookups == 1
+    e.set_policy(compile_policy(uids=[1000]))
+    p = inbound(30002, 8080)
+    e.handle(p)
+    assert src.lookups == 2 and p.mark & MARK_MASK == settle_mark(9, accept=False)
+    src.gen += 1  # the guest rebooted
+    e.handle(inbound(30003, 8080))
+    assert src.lookups == 3
+
+
+def test_no_listener_is_cached_only_briefly() -> None:
+    src = SynSource({})
+    now = [100.0]
+    e = Engine(9, {VIF: "vif9.0"}, src, compile_policy(), OwnerCache(timer=lambda: now[0]))
+    e.handle(inbound(30000, 9999))
+    e.handle(inbound(30001, 9999))
+    assert src.lookups == 1
+    now[0] += 1.5  # past the negative TTL (1 s), inside the positive one (10 s)
+    src.table[9999] = SOURCE_TABLE[8080]  # a service started listening
+    p = inbound(30002, 9999)
+    e.handle(p)
+    assert src.lookups == 2 and p.verdicts == ["repeat"]
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_syn_meeting_time_wait_goes_to_the_listener(locked: bool) -> None:
+    tw = Ownership((), -1, "TIME_WAIT", "time-wait")
+    src = SynSource({8080: SOURCE_TABLE[8080]}, {(8080, 30000): tw})
+    out = io.StringIO()
+    e = Engine(
+        9,
+        {VIF: "vif9.0"},
+        LockedOwnerSource(src) if locked else src,
+        compile_policy(uids=[1000]),
+        OwnerCache(),
+        VerdictLog(out, flush_every=1),
+    )
+    p = inbound(30000, 8080)
+    e.handle(p)
+    assert src.listener_lookups == 1
+    assert p.mark & MARK_MASK == settle_mark(9, accept=False)  # the listener's owner is blocked
+    rec = json.loads(out.getvalue().splitlines()[-1])
+    assert (rec["pid"], rec["via"]) == (200, "time-wait->listener")
+    e.handle(inbound(30001, 8080))  # a fresh client port: the listener entry answers
+    assert src.lookups == 1
+
+
+def test_syn_meeting_a_connection_is_cached_per_connection() -> None:
+    # A simultaneous open: the guest's own connecting socket receives the SYN.
+    sent = Ownership((SPRAY,), 1001, "SYN_SENT", "established")
+    src = SynSource({8080: SOURCE_TABLE[8080]}, {(8080, 30000): sent})
+    e, _ = engine({"uids": [1001]}, src)
+    p = inbound(30000, 8080)
+    e.handle(p)
+    assert p.mark & MARK_MASK == settle_mark(9, accept=False)
+    p = inbound(30001, 8080)  # not that connection: the listener, looked up anew
+    e.handle(p)
+    assert p.mark & MARK_MASK == settle_mark(9, accept=True)
+    assert src.lookups == 2
+    e.handle(inbound(30002, 8080))
+    assert src.lookups == 2
+
+
+def test_syn_time_wait_without_listener_lookup_stays_unknown() -> None:
+    # A source without lookup_listener (e.g. the owners-json one): the old answer, not cached long.
+    tw = Ownership((), -1, "TIME_WAIT", "time-wait")
+
+    class Plain(TableSource):
+        def lookup(self, flow: Flow) -> Ownership | None:
+            self.lookups += 1
+            return tw
+
+    src = Plain({})
+    e, out = engine({}, src)
+    e.handle(inbound(30000, 8080))
+    rec = json.loads(out.getvalue().splitlines()[-1])
+    assert rec["via"] == "time-wait" and rec["pid"] is None

@@ -3,6 +3,11 @@
 Ownership (not the verdict) is cached, so a policy change never needs a guest walk to take
 effect; the cache is still dropped on a policy change (a pid may have been reused meanwhile)
 and whenever the owner source's generation changes (guest reboot: every answer is stale).
+
+Keys are a flow's 5-tuple, or a ``ListenerKey`` (proto, guest address, guest port) for the
+answers that belong to a listening socket rather than to one connection (see the engine's
+inbound-SYN path). An answer without any owner (no socket, or a TIME_WAIT/orphaned one) lives
+only ``negative_ttl``: the tuple is reused by the next connection, the listener appears soon.
 """
 
 from __future__ import annotations
@@ -14,9 +19,27 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from xfgate.flow import Flow, Ownership
+from xfgate.flow import Flow, IPAddress, Ownership
 
 Timer = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerKey:
+    """Where the guest kernel looks for the listener of a new connection: the destination
+    (proto, guest address, guest port) of an incoming SYN, whatever its source."""
+
+    proto: int
+    local: IPAddress
+    lport: int
+
+    @classmethod
+    def of(cls, flow: Flow) -> ListenerKey:
+        return cls(flow.proto, flow.local, flow.lport)
+
+
+CacheKey = Flow | ListenerKey
+Loader = Callable[[Flow], Ownership | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +67,11 @@ class OwnerCache:
         self._timer = timer
         self._negative_ttl = negative_ttl
         # One TTLCache with the long TTL; negative entries carry their own, shorter, expiry.
-        self._entries: TTLCache[Flow, tuple[Ownership | None, float]] = TTLCache(
+        self._entries: TTLCache[CacheKey, tuple[Ownership | None, float]] = TTLCache(
             maxsize=maxsize, ttl=ttl, timer=timer
         )
         self._lock = threading.Lock()
-        self._inflight: dict[Flow, threading.Event] = {}
+        self._inflight: dict[CacheKey, threading.Event] = {}
         self._generation: int | None = None
         self._hits = self._misses = self._loads = self._clears = 0
 
@@ -69,63 +92,78 @@ class OwnerCache:
             self._entries.clear()
             self._clears += 1
 
-    def get(self, flow: Flow) -> tuple[bool, Ownership | None]:
-        """(found, ownership); found False on a miss or an expired negative entry."""
+    def get(self, key: CacheKey) -> tuple[bool, Ownership | None]:
+        """(found, ownership); found False on a miss or an expired short-lived entry."""
         with self._lock:
-            return self._get_locked(flow)
+            return self._get_locked(key)
 
-    def _get_locked(self, flow: Flow) -> tuple[bool, Ownership | None]:
-        entry = self._entries.get(flow)
+    def _get_locked(self, key: CacheKey) -> tuple[bool, Ownership | None]:
+        entry = self._entries.get(key)
         if entry is None:
             return False, None
         value, expires = entry
-        if value is None and self._timer() >= expires:
-            del self._entries[flow]
+        if expires and self._timer() >= expires:
+            del self._entries[key]
             return False, None
         return True, value
 
-    def put(self, flow: Flow, value: Ownership | None) -> None:
+    def put(self, key: CacheKey, value: Ownership | None) -> None:
         with self._lock:
-            self._put_locked(flow, value)
+            self._put_locked(key, value)
 
-    def _put_locked(self, flow: Flow, value: Ownership | None) -> None:
-        expires = self._timer() + self._negative_ttl if value is None else 0.0
-        self._entries[flow] = (value, expires)
+    def _put_locked(self, key: CacheKey, value: Ownership | None) -> None:
+        ownerless = value is None or not value.owners
+        expires = self._timer() + self._negative_ttl if ownerless else 0.0
+        self._entries[key] = (value, expires)
 
     def get_or_load(
-        self, flow: Flow, loader: Callable[[Flow], Ownership | None], wait: float = 5.0
+        self,
+        flow: Flow,
+        loader: Loader,
+        wait: float = 5.0,
+        *,
+        key: CacheKey | None = None,
+        store_as: Callable[[Ownership | None], CacheKey] | None = None,
     ) -> tuple[Ownership | None, bool]:
-        """(ownership, from_cache). A loader exception propagates to its caller only; waiters
-        of that load then try loading themselves."""
+        """(ownership, from_cache), looked up under `key` (default the flow) and, on a miss,
+        loaded with `loader(flow)` and stored under `store_as(answer)` (default `key`). A loader
+        exception propagates to its caller only; waiters of that load then try themselves."""
+        want: CacheKey = flow if key is None else key
         for _ in range(3):  # bounded: a waiter whose leader failed retries at most twice
             with self._lock:
-                found, value = self._get_locked(flow)
+                found, value = self._get_locked(want)
                 if found:
                     self._hits += 1
                     return value, True
-                event = self._inflight.get(flow)
+                event = self._inflight.get(want)
                 if event is None:
                     event = threading.Event()
-                    self._inflight[flow] = event
+                    self._inflight[want] = event
                     leader = True
                     self._misses += 1
                 else:
                     leader = False
             if leader:
                 try:
-                    self._loads += 1
-                    value = loader(flow)
-                    self.put(flow, value)
-                    return value, False
+                    return self._load(flow, loader, want, store_as), False
                 finally:
                     with self._lock:
-                        del self._inflight[flow]
+                        del self._inflight[want]
                     event.set()
             event.wait(wait)
+        return self._load(flow, loader, want, store_as), False
+
+    def _load(
+        self,
+        flow: Flow,
+        loader: Loader,
+        want: CacheKey,
+        store_as: Callable[[Ownership | None], CacheKey] | None,
+    ) -> Ownership | None:
         self._loads += 1
         value = loader(flow)
-        self.put(flow, value)
-        return value, False
+        self.put(want if store_as is None else store_as(value), value)
+        return value
 
     def stats(self) -> CacheStats:
         with self._lock:

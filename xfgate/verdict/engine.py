@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from xfgate.flow import Direction, Flow, GuestSocket, Ownership, OwnerSource
-from xfgate.verdict.cache import OwnerCache
+from xfgate.flow import IPPROTO_TCP, Direction, Flow, GuestSocket, Ownership, OwnerSource
+from xfgate.verdict.cache import CacheKey, ListenerKey, OwnerCache
 from xfgate.verdict.fastpath import MARK_MASK, settle_mark
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.packet import (
@@ -30,6 +30,19 @@ from xfgate.verdict.policy import Decision, Policy, Verdict, decide
 
 PROTO_LOG_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 LOOKUP_ATTEMPTS = 2  # live memory tears now and then: one retry, then give up
+TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
+# Answers that are the listening socket's, not one connection's (see Engine._syn_owner).
+LISTENER_VIAS = frozenset({"listener", "request-sock->listener", "time-wait->listener"})
+
+
+def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:
+    """An incoming TCP SYN (no ACK, no RST): the guest kernel hands it to a listener."""
+    return (
+        direction is Direction.TO_GUEST
+        and parsed.proto == IPPROTO_TCP
+        and parsed.embedded is None
+        and parsed.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+    )
 
 
 class QueuedPacket(Protocol):
@@ -62,6 +75,19 @@ class LockedOwnerSource:
         self._acquire()
         try:
             return self._source.lookup(flow)
+        finally:
+            self._lock.release()
+
+    def lookup_listener(self, flow: Flow) -> Ownership | None:
+        """The listener's answer for a new connection to `flow`'s local end, if the source
+        can look listeners up on their own (GuestIntrospector can); else None."""
+        find = getattr(self._source, "lookup_listener", None)
+        if not callable(find):
+            return None
+        self._acquire()
+        try:
+            answer: Ownership | None = find(flow)
+            return answer
         finally:
             self._lock.release()
 
@@ -181,17 +207,61 @@ class Engine:
             return Evaluation(decide(None, None, policy, why), "parse", parsed, None, direction)
         if self.cache.check_generation(self.source.generation()):
             pass  # guest rebooted: the cache was emptied, this lookup goes to the guest
-        ownership, cached = self.cache.get_or_load(flow, self._lookup)
+        if is_connection_request(parsed, direction):
+            listener = ListenerKey.of(flow)
+            ownership, cached = self.cache.get_or_load(
+                flow, self._syn_owner, key=listener, store_as=lambda o: _syn_key(o, flow, listener)
+            )
+        else:
+            ownership, cached = self.cache.get_or_load(flow, self._lookup)
         why = "icmp error, no socket for the embedded flow" if parsed.is_icmp_error else ""
         decision = decide(ownership, flow, policy, why)
         source = "cache" if cached else "introspection"
         return Evaluation(decision, source, parsed, flow, direction, ownership)
 
     def _lookup(self, flow: Flow) -> Ownership | None:
+        return self._attempts(self.source.lookup, flow)
+
+    def _syn_owner(self, flow: Flow) -> Ownership | None:
+        """Who receives an incoming SYN, the way the guest kernel decides it.
+
+        tcp_v4_rcv/tcp_v6_rcv look the 4-tuple up in ehash first, then the listeners. A SYN
+        that finds no connection (the normal case) or a request sock (a retransmitted SYN) is
+        the listener's: tcp_conn_request creates a request sock under it. A SYN that finds a
+        TIME_WAIT sock is handed to the listener too (tcp_timewait_state_process ->
+        TCP_TW_SYN; if the SYN is not acceptable the TIME_WAIT sock only ACKs it, no
+        connection is made). So the answer depends on (proto, local address, local port) only
+        and is cached under that ListenerKey: one lookup serves every later connection
+        attempt to that service, whatever the client's address and port. Sound because:
+        the cache holds ownership, not verdicts, and is dropped on a policy or generation
+        change like every entry; the key is the SYN's own destination address, so a wildcard
+        listener (0.0.0.0, ::) is found for the address that was asked and a more specific
+        listener bound later (SO_REUSEPORT) shows within the TTL at most; an answer without
+        owners (no listener) lives only the negative TTL. A SYN that finds an established or
+        SYN_SENT sock (a simultaneous open, an RFC 5961 challenge ACK) is that socket's and is
+        cached under its 5-tuple as before. Known limit, as in the uncached lookup: members
+        of an SO_REUSEPORT group are not told apart (the kernel picks one per 4-tuple).
+        """
+        ownership = self._lookup(flow)
+        if ownership is not None and ownership.via == "time-wait":
+            finder = getattr(self.source, "lookup_listener", None)
+            listener = self._attempts(finder, flow) if callable(finder) else None
+            if listener is not None:
+                return Ownership(
+                    listener.owners,
+                    listener.sk_uid,
+                    listener.state,
+                    "time-wait->listener",
+                    listener.sock_addr,
+                )
+        return ownership
+
+    @staticmethod
+    def _attempts(lookup: Callable[[Flow], Ownership | None], flow: Flow) -> Ownership | None:
         last: Exception | None = None
         for _ in range(LOOKUP_ATTEMPTS):
             try:
-                return self.source.lookup(flow)
+                return lookup(flow)
             except Exception as e:  # guest memory is hostile and live: retry once
                 last = e
         assert last is not None
@@ -295,3 +365,11 @@ class Engine:
         if p is not None and p.icmp_type >= 0:
             entry["icmp_type"] = p.icmp_type
         return entry
+
+
+def _syn_key(ownership: Ownership | None, flow: Flow, listener: ListenerKey) -> CacheKey:
+    """Where an incoming SYN's answer is cached: under the listener when it is the listener's
+    (or there is none: the short negative entry), else under the connection's 5-tuple."""
+    if ownership is None or ownership.via in LISTENER_VIAS:
+        return listener
+    return flow
