@@ -137,3 +137,16 @@ def test_answers_without_owners_live_the_negative_ttl() -> None:
     assert cache.get(FLOW)[0]
     clock.now += 1.01
     assert cache.get(FLOW) == (False, None)
+
+
+def test_listener_entries_live_the_listener_ttl() -> None:
+    clock = Clock()
+    cache = OwnerCache(ttl=10, negative_ttl=1, listener_ttl=2, timer=clock)
+    listener = ListenerKey.of(FLOW)
+    cache.put(listener, OWNED)
+    cache.put(FLOW, OWNED)
+    clock.now += 1.5
+    assert cache.get(listener) == (True, OWNED)
+    clock.now += 1.0
+    assert cache.get(listener) == (False, None)  # a new listener on the port is looked up
+    assert cache.get(FLOW) == (True, OWNED)

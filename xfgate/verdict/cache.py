@@ -8,6 +8,9 @@ Keys are a flow's 5-tuple, or a ``ListenerKey`` (proto, guest address, guest por
 answers that belong to a listening socket rather than to one connection (see the engine's
 inbound-SYN path). An answer without any owner (no socket, or a TIME_WAIT/orphaned one) lives
 only ``negative_ttl``: the tuple is reused by the next connection, the listener appears soon.
+A listener's answer lives ``listener_ttl`` (default 1 s, shorter than the refresher's 2 s walk
+that fills the kernel's blocked-port sets): a port taken over by another process's listener is
+seen within that, while a service under load still costs one lookup per second, not per SYN.
 """
 
 from __future__ import annotations
@@ -61,11 +64,13 @@ class OwnerCache:
         negative_ttl: float = 1.0,
         maxsize: int = 65536,
         timer: Timer = time.monotonic,
+        listener_ttl: float = 1.0,
     ) -> None:
         if negative_ttl > ttl:
             raise ValueError("negative_ttl must not exceed ttl")
         self._timer = timer
         self._negative_ttl = negative_ttl
+        self._listener_ttl = listener_ttl  # the TTLCache's ttl bounds it too
         # One TTLCache with the long TTL; negative entries carry their own, shorter, expiry.
         self._entries: TTLCache[CacheKey, tuple[Ownership | None, float]] = TTLCache(
             maxsize=maxsize, ttl=ttl, timer=timer
@@ -112,8 +117,13 @@ class OwnerCache:
             self._put_locked(key, value)
 
     def _put_locked(self, key: CacheKey, value: Ownership | None) -> None:
-        ownerless = value is None or not value.owners
-        expires = self._timer() + self._negative_ttl if ownerless else 0.0
+        # 0.0: the TTLCache's own (long) ttl; else the earlier of the short ones that apply.
+        short = []
+        if value is None or not value.owners:
+            short.append(self._negative_ttl)
+        if isinstance(key, ListenerKey):
+            short.append(self._listener_ttl)
+        expires = self._timer() + min(short) if short else 0.0
         self._entries[key] = (value, expires)
 
     def get_or_load(

@@ -235,12 +235,14 @@ class Engine:
         attempt to that service, whatever the client's address and port. Sound because:
         the cache holds ownership, not verdicts, and is dropped on a policy or generation
         change like every entry; the key is the SYN's own destination address, so a wildcard
-        listener (0.0.0.0, ::) is found for the address that was asked and a more specific
-        listener bound later (SO_REUSEPORT) shows within the TTL at most; an answer without
-        owners (no listener) lives only the negative TTL. A SYN that finds an established or
-        SYN_SENT sock (a simultaneous open, an RFC 5961 challenge ACK) is that socket's and is
-        cached under its 5-tuple as before. Known limit, as in the uncached lookup: members
-        of an SO_REUSEPORT group are not told apart (the kernel picks one per 4-tuple).
+        listener (0.0.0.0, ::) is found for the address that was asked; the entry lives the
+        cache's listener_ttl (1 s), so a port taken over by another process's listener (or a
+        more specific one bound beside it) is seen within that, sooner than the refresher's
+        blocked-port sets; an answer without owners (no listener) lives the negative TTL.
+        A SYN that finds an established or SYN_SENT sock (a simultaneous open, an RFC 5961
+        challenge ACK) is that socket's and is cached under its 5-tuple as before. Known
+        limit, as in the uncached lookup: members of an SO_REUSEPORT group are not told apart
+        (the kernel picks one per 4-tuple).
         """
         ownership = self._lookup(flow)
         if ownership is not None and ownership.via == "time-wait":
