@@ -73,14 +73,11 @@ def make_owner_source(
         from xfgate.verdict.static_source import StaticOwnerSource
 
         return StaticOwnerSource(Path(owners_json))
-    try:
-        from xfgate.vmi.cli import load_domain_profile
-        from xfgate.vmi.introspect import GuestIntrospector
-    except ImportError as e:
-        raise PrerequisiteError(
-            f"guest introspection is not available ({e}); use --owners-json FILE for a static"
-            " owner table"
-        ) from None
+    from xfgate.vmi.cli import load_domain_profile
+    from xfgate.vmi.introspect import GuestIntrospector
+    from xfgate.vmi.liveness import require_running
+
+    require_running(domain)  # a dead VM's RAM file would answer with stale owners
     return GuestIntrospector(domain, load_domain_profile(domain, profile_path))
 
 

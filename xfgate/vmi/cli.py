@@ -98,8 +98,10 @@ def format_table(doc: dict[str, Any]) -> str:
 
 def run_ps(args: argparse.Namespace) -> int:
     from xfgate.vmi.introspect import GuestIntrospector
+    from xfgate.vmi.liveness import require_running
 
     domain = get_domain(args.domain)
+    require_running(domain)
     profile = load_domain_profile(domain, args.profile)
     with GuestIntrospector(domain, profile, allow_pause=not args.no_pause) as guest:
         result = guest.walk()
