@@ -275,6 +275,13 @@ def test_cloud_kernel_two_domains_repair_and_down(private_lab: LabLayout) -> Non
     os.kill(dead, 9)
     wait_for(lambda: not is_our_qemu(dead, layout.ram_path(2)), 10, "qemu to die")
     assert lab.lab_status(layout)["status"] == "broken"
+    # Its RAM file is still there, but nothing may read it as a live guest.
+    for command in (["ps", "--domain", "2"], ["run", "--domain", "2", "--block-uid", "0"]):
+        ps = subprocess.run(
+            [sys.executable, "-m", "xfgate.cli", *command],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert ps.returncode == 2 and "domain 2 is not running" in ps.stderr, ps.stderr
     messages: list[str] = []
     again = lab.lab_up(
         layout, domains=2, kernel_package="linux-image-cloud-amd64", log=messages.append
