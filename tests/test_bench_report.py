@@ -51,12 +51,14 @@ def test_invalid_runs_are_counted_not_averaged() -> None:
 
 
 def test_ratios_are_to_the_same_runs_baseline(tmp_path: Path) -> None:
-    agg = with_ratios(aggregate([row("none", 0.5), row("gate", 0.75)]), baseline="none")
+    rows = [row("none", 0.5), row("gate", 0.75), row("hung", 9.0, valid=False)]
+    agg = with_ratios(aggregate(rows), baseline="none")
     assert agg[("gate", 150)]["conn_time_avg_ratio"] == 1.5
     assert agg[("none", 150)]["conn_time_avg_ratio"] == 1.0
     table = thesis_table(agg, 150)
     assert "| gate | 0.2 | 0.8 | 30.0 |" in table
-    assert table.count("\n") == 3
+    assert table.count("\n") == 4
+    assert "| hung | n/a |" in table and "| 0/1 |" in table  # shown, never averaged
     out = tmp_path / "sweep.png"
     write_sweep_plot(agg, out)
     assert out.read_bytes()[:4] == b"\x89PNG"
