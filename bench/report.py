@@ -165,7 +165,7 @@ def write_sweep_plot(
     top = max(values) * 1.5 if values else 1.0
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.set_title("x: no valid run at that rate (httperf hung or ran out of fds)", fontsize=8)
-    for config in configs:
+    for i, config in enumerate(configs):
         pts = sorted((rate, f[figure]) for (c, rate), f in agg.items() if c == config)
         pts = [(x, y) for x, y in pts if not math.isnan(y)]
         if pts:
@@ -173,7 +173,7 @@ def write_sweep_plot(
         failed = sorted(r for (c, r), f in agg.items() if c == config and not f["valid_runs"])
         if failed:  # hung or fd-exhausted runs: shown, never averaged
             color = line[0].get_color() if pts else None
-            ax.scatter(failed, [top] * len(failed), marker="x", s=80, color=color)
+            ax.scatter(failed, [top * 1.25**i] * len(failed), marker="x", s=80, color=color)
     ax.set_xlabel("offered rate (conn/s)")
     ax.set_ylabel(figure.replace("_", " ") + " (ms)")
     ax.set_yscale("log")
