@@ -181,8 +181,10 @@ def test_verdict_failure_is_counted_not_raised() -> None:
             raise RuntimeError("Parent queue has already been unbound")
 
     e, _ = engine({}, TableSource(SOURCE_TABLE))
-    e.handle(Refusing(syn(40000, 2222)))
+    refused = Refusing(syn(40000, 2222))
+    e.handle(refused)
     assert e.stats.verdict_failures == 1 and e.stats.packets == 1
+    assert refused.verdicts == ["accept"]  # the settling repeat failed: a plain verdict instead
 
 
 def test_generation_change_empties_the_cache() -> None:

@@ -288,6 +288,15 @@ class Engine:
             settled = self._apply(pkt, ev)
         except Exception:
             self.stats.verdict_failures += 1
+            # The kernel is still owed a verdict unless the failing call gave it (the binding
+            # then refuses a second one): answer plainly, never leave the packet queued.
+            try:
+                if ev.decision.verdict is Verdict.ACCEPT:
+                    pkt.accept()
+                else:
+                    pkt.drop()
+            except Exception:
+                pass
         elapsed = self._clock() - start
         self._account(ev, settled, elapsed)
         if self.log is not None:
