@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +188,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--domain", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
+        "--conns",
+        type=int,
+        default=0,
+        help="connections per thesis-table run (the thesis used 100000: 11 min per run)",
+    )
+    ap.add_argument(
         "--skip", action="append", default=[], choices=["thesis", "sweep", "micro", "leak"]
     )
     args = ap.parse_args(argv)
     prof = PROFILES[args.profile]
+    if args.conns:
+        prof = replace(prof, thesis_conns=args.conns)
     dom = preflight(args.domain)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or Path(__file__).parent / "results" / stamp
