@@ -1,5 +1,10 @@
 import sys
 
 from bench.suite import main
+from xfgate.errors import XfgateError
 
-sys.exit(main())
+try:
+    sys.exit(main())
+except XfgateError as e:
+    print(f"bench: error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
