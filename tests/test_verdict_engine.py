@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 from scapy.layers.inet import IP, TCP
 
+from xfgate.errors import FirewallError
 from xfgate.flow import IPPROTO_TCP, Flow, GuestSocket, Owner, Ownership
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource
 from xfgate.verdict.fastpath import (
     MARK_MASK,
+    Firewall,
     GateLayout,
     block_rules,
     conntrack_reset_argvs,
@@ -22,7 +24,9 @@ from xfgate.verdict.fastpath import (
     forward_jumps,
     ipset_replace_script,
     poll_rules,
+    postrouting_jumps,
     queue_rules,
+    save_rules,
     settle_mark,
 )
 from xfgate.verdict.log import VerdictLog
@@ -106,6 +110,20 @@ SOURCE_TABLE = {
     40000: Ownership((SPRAY,), 1001, "SYN_SENT", "established"),
     8080: Ownership((WEB,), 1000, "LISTEN", "listener"),
 }
+
+
+def test_with_the_save_chain_accepts_carry_the_mark_without_repeat_drops_still_repeat() -> None:
+    e, _ = engine({"uids": [1001]}, TableSource(SOURCE_TABLE))
+    e.save_in_postrouting = True
+    accepted = inbound(50000, 8080)
+    e.handle(accepted)
+    assert accepted.verdicts == ["accept"]
+    assert accepted.mark & MARK_MASK == settle_mark(9, accept=True)
+    dropped = FakePacket(syn(40000, 2222))
+    e.handle(dropped)
+    assert dropped.verdicts == ["repeat"]
+    assert dropped.mark & MARK_MASK == settle_mark(9, accept=False)
+    assert e.stats.settled == 2
 
 
 def test_blocked_flow_is_marked_drop_and_repeated() -> None:
@@ -234,6 +252,71 @@ def test_chain_layout() -> None:
     assert any("CONNMARK" in r for r in rules)
     no_fast = queue_rules(GateLayout(9, ("vif9.0",), 109, fastpath=False))
     assert no_fast == [("-j", "XFGATE-9-BLK"), ("-j", "NFQUEUE", "--queue-num", "109")]
+
+
+def test_save_chain_stores_only_accept_marks_and_is_reached_both_ways() -> None:
+    assert domain_of_chain("XFGATE-9-SAVE") == 9
+    assert postrouting_jumps(9, ("vif9.0", "vif9.1")) == [
+        ("-m", "physdev", f"--physdev-{way}", vif, "--physdev-is-bridged", "-j", "XFGATE-9-SAVE")
+        for vif in ("vif9.0", "vif9.1")
+        for way in ("in", "out")
+    ]
+    (rule,) = save_rules(9)
+    assert rule[:4] == ("-m", "mark", "--mark", f"{settle_mark(9, True):#x}/{MARK_MASK:#x}")
+    assert rule[4:7] == ("-j", "CONNMARK", "--save-mark")
+
+
+class NoMangleBackend:
+    """Filter works, the mangle table does not (a kernel without iptable_mangle)."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    def _call(self, op: str, chain: str, table: str) -> None:
+        self.calls.append((op, chain, table))
+        if table == "mangle" and op != "delete_jumps":
+            raise FirewallError(f"iptables -t mangle: table does not exist ({op} {chain})")
+
+    def chains(self, family: int, table: str = "filter") -> list[str]:
+        self._call("chains", "", table)
+        return []
+
+    def ensure_chain(self, family: int, chain: str, table: str = "filter") -> None:
+        self._call("ensure_chain", chain, table)
+
+    def replace_rules(
+        self, family: int, chain: str, rules: Sequence[Any], table: str = "filter"
+    ) -> None:
+        self._call("replace_rules", chain, table)
+
+    def delete_chain(self, family: int, chain: str, table: str = "filter") -> None:
+        self._call("delete_chain", chain, table)
+
+    def insert_rules(
+        self, family: int, chain: str, rules: Sequence[Any], table: str = "filter"
+    ) -> None:
+        self._call("insert_rules", chain, table)
+
+    def delete_jumps(self, family: int, chain: str, target: str, table: str = "filter") -> int:
+        self._call("delete_jumps", chain, table)
+        return 0
+
+    def dump(self, family: int, chain: str, table: str = "filter") -> list[str]:
+        self._call("dump", chain, table)
+        return []
+
+
+def test_save_chain_failure_is_reported_and_cleaned_not_raised() -> None:
+    backend = NoMangleBackend()
+    fw = Firewall(backend)
+    why = fw.install_save(GateLayout(9, ("vif9.0",), 109))
+    assert why is not None and "mangle" in why
+    # It tried to undo its part (jumps first) for both families, and nothing else.
+    undo = [c for c in backend.calls if c[0] == "delete_jumps"]
+    assert undo == [("delete_jumps", "POSTROUTING", "mangle")] * 2
+    assert all(table == "mangle" for _, _, table in backend.calls)
 
 
 def test_marks_are_per_domain_and_verdict() -> None:

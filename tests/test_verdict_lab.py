@@ -204,10 +204,14 @@ def leftovers(lab: Lab) -> list[str]:
     ns = lab.layout.dom0_netns
     found: list[str] = []
     for prog in ("iptables-legacy", "ip6tables-legacy"):
-        out = subprocess.run(
-            ["ip", "netns", "exec", ns, prog, "-S"], capture_output=True, text=True, timeout=30
-        ).stdout
-        found += [line for line in out.splitlines() if "XFGATE" in line]
+        for table in ("filter", "mangle"):
+            out = subprocess.run(
+                ["ip", "netns", "exec", ns, prog, "-t", table, "-S"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout
+            found += [f"{table} {line}" for line in out.splitlines() if "XFGATE" in line]
     sets = subprocess.run(
         ["ip", "netns", "exec", ns, "ipset", "list", "-n"],
         capture_output=True,

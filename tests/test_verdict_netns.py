@@ -201,7 +201,9 @@ def gate(lab: NetLab) -> Iterator[Any]:
 def xfgate_leftovers(lab: NetLab) -> list[str]:
     found = []
     for prog in ("iptables-legacy", "ip6tables-legacy"):
-        found += [ln for ln in lab.ns(lab.dom0, [prog, "-S"]).splitlines() if "XFGATE" in ln]
+        for table in ("filter", "mangle"):
+            out = lab.ns(lab.dom0, [prog, "-t", table, "-S"])
+            found += [f"{table} {ln}" for ln in out.splitlines() if "XFGATE" in ln]
     found += [n for n in lab.ns(lab.dom0, ["ipset", "list", "-n"]).split() if "xfgate" in n]
     conntrack = lab.ns(lab.dom0, ["conntrack", "-L", "-m", "0x0/0x3fff0000"], check=False)
     everything = lab.ns(lab.dom0, ["conntrack", "-L"], check=False)
@@ -278,6 +280,13 @@ def test_fast_path_settles_flows_in_the_kernel(lab: NetLab, gate: Any) -> None:
     fast = fast_status["stats"]
     # What Python did not see, the kernel's settled-flow rules did: the fast path.
     assert fast_status["kernel"]["fastpath_accept"] >= 2 * messages
+    # Accepts settle in mangle POSTROUTING: FORWARD never sees a repeated (marked) packet.
+    save = lab.ns(lab.dom0, ["iptables-legacy", "-t", "mangle", "-S", "XFGATE-9-SAVE", "-v"])
+    saved = [int(w.split()[w.split().index("-c") + 1]) for w in save.splitlines() if "-c" in w]
+    assert saved and saved[0] >= 1
+    forward = lab.ns(lab.dom0, ["iptables-legacy", "-S", "XFGATE-9", "-v"]).splitlines()
+    repeated = [ln for ln in forward if "-m mark" in ln]
+    assert len(repeated) == 4 and all(" -c 0 0 " in ln for ln in repeated)
     g.stop()
     slow_gate = gate("--no-fastpath")
     assert talk(lab, lab.client, "tcp", GUEST4, 8080, count=messages)

@@ -170,6 +170,10 @@ class Engine:
         self._clock = clock
         self._mark_accept = settle_mark(domain, True)
         self._mark_drop = settle_mark(domain, False)
+        # True once the mangle POSTROUTING save chain is in place (the runner sets it): an
+        # accept then carries its mark with a plain NF_ACCEPT, saved into conntrack there,
+        # instead of NF_REPEAT's second FORWARD traversal.
+        self.save_in_postrouting = False
         self.stats = EngineStats()
 
     @property
@@ -316,10 +320,14 @@ class Engine:
         except Exception:
             mark = 0
         # Settle only answers about a known owner; a packet already carrying our mark came back
-        # (rules missing?): answer it directly instead of repeating it forever.
+        # (rules missing?): answer it directly instead of repeating it forever. DROP always
+        # repeats: FORWARD saves the mark into an already confirmed (unsettled) flow's entry.
         if self.fastpath and ev.decision.known and not (mark & MARK_MASK):
             pkt.set_mark((mark & ~MARK_MASK) | (self._mark_accept if accept else self._mark_drop))
-            pkt.repeat()
+            if accept and self.save_in_postrouting:
+                pkt.accept()
+            else:
+                pkt.repeat()
             return True
         if accept:
             pkt.accept()

@@ -11,6 +11,13 @@ Layout (filter table, IPv4 and IPv6 alike; bridged packets cross FORWARD via br_
               -m mark --mark ACCEPT(D) -j ACCEPT                 (NF_REPEAT) so the rule set
               (the same two for DROP(D))                         stores it in conntrack
               -j NFQUEUE --queue-num Q [--queue-bypass]
+
+    mangle POSTROUTING  -m physdev --physdev-in|--physdev-out vifD.N --physdev-is-bridged
+                        -j XFGATE-D-SAVE
+    XFGATE-D-SAVE  -m mark --mark ACCEPT(D) -j CONNMARK --save-mark
+                   an accepted first packet (plain NF_ACCEPT with our mark) settles its flow
+                   here, before conntrack confirms it: no second FORWARD traversal. Without
+                   this chain the engine falls back to NF_REPEAT for accepts too.
     XFGATE-D-BLK  -p tcp -m physdev --physdev-in vif -m set --match-set xfgate-D-tcp src -j DROP
                   -p tcp -m physdev --physdev-out vif -m set --match-set xfgate-D-tcp dst -j DROP
                   (and udp)
@@ -25,6 +32,7 @@ python-iptables (libiptc, i.e. the iptables-legacy backend), ``LegacyCliBackend`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -48,6 +56,7 @@ MARK_ACCEPT = 0x1
 MARK_DROP = 0x2
 MAX_DOMAIN_TAG = 0xFFF
 SUBPROCESS_TIMEOUT = 10.0
+MANGLE = "mangle"
 DROP = ("-j", "DROP")
 
 
@@ -57,6 +66,10 @@ def chain_name(domain: int) -> str:
 
 def block_chain_name(domain: int) -> str:
     return f"{CHAIN_PREFIX}{domain}-BLK"
+
+
+def save_chain_name(domain: int) -> str:
+    return f"{CHAIN_PREFIX}{domain}-SAVE"
 
 
 def poll_chain_name(domain: int) -> str:
@@ -137,6 +150,19 @@ def queue_rules(layout: GateLayout) -> list[Rule]:
     return rules
 
 
+def postrouting_jumps(domain: int, vifs: Sequence[str]) -> list[Rule]:
+    """mangle POSTROUTING rules sending the domain's bridged packets to its save chain."""
+    return forward_jumps(domain, vifs, save_chain_name(domain))
+
+
+def save_rules(domain: int) -> list[Rule]:
+    """Store an accepted packet's mark in its conntrack entry. Only ACCEPT: a dropped first
+    packet never gets here (and DROP answers still go through NF_REPEAT)."""
+    mask = f"{MARK_MASK:#x}"
+    save = ("-j", "CONNMARK", "--save-mark", "--nfmask", mask, "--ctmask", mask)
+    return [("-m", "mark", "--mark", _mark(settle_mark(domain, True)), *save)]
+
+
 def persisted_queue_rules(domain: int) -> list[Rule]:
     """What XFGATE-D keeps after a clean exit with --persist-blocks: the set drops only."""
     return [("-j", block_chain_name(domain))]
@@ -196,13 +222,17 @@ def conntrack_reset_argvs(domain: int) -> list[list[str]]:
 class RuleBackend(Protocol):
     name: str
 
-    def chains(self, family: int) -> list[str]: ...
-    def ensure_chain(self, family: int, chain: str) -> None: ...
-    def replace_rules(self, family: int, chain: str, rules: Sequence[Rule]) -> None: ...
-    def delete_chain(self, family: int, chain: str) -> None: ...
-    def insert_rules(self, family: int, chain: str, rules: Sequence[Rule]) -> None: ...
-    def delete_jumps(self, family: int, chain: str, target: str) -> int: ...
-    def dump(self, family: int, chain: str) -> list[str]: ...
+    def chains(self, family: int, table: str = "filter") -> list[str]: ...
+    def ensure_chain(self, family: int, chain: str, table: str = "filter") -> None: ...
+    def replace_rules(
+        self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
+    ) -> None: ...
+    def delete_chain(self, family: int, chain: str, table: str = "filter") -> None: ...
+    def insert_rules(
+        self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
+    ) -> None: ...
+    def delete_jumps(self, family: int, chain: str, target: str, table: str = "filter") -> int: ...
+    def dump(self, family: int, chain: str, table: str = "filter") -> list[str]: ...
 
 
 def run(argv: Sequence[str], stdin: str | None = None, check: bool = True) -> str:
@@ -240,46 +270,50 @@ class LegacyCliBackend:
     def _prog(family: int) -> str:
         return "iptables-legacy" if family == 4 else "ip6tables-legacy"
 
-    def _run(self, family: int, *args: str, check: bool = True) -> str:
+    def _run(self, family: int, table: str, *args: str, check: bool = True) -> str:
         with self._lock:
-            return run([self._prog(family), "-w", "5", "-t", "filter", *args], check=check)
+            return run([self._prog(family), "-w", "5", "-t", table, *args], check=check)
 
-    def chains(self, family: int) -> list[str]:
-        out = self._run(family, "-S")
+    def chains(self, family: int, table: str = "filter") -> list[str]:
+        out = self._run(family, table, "-S")
         return [line.split()[1] for line in out.splitlines() if line.startswith("-N ")]
 
-    def ensure_chain(self, family: int, chain: str) -> None:
-        if chain not in self.chains(family):
-            self._run(family, "-N", chain)
+    def ensure_chain(self, family: int, chain: str, table: str = "filter") -> None:
+        if chain not in self.chains(family, table):
+            self._run(family, table, "-N", chain)
 
-    def replace_rules(self, family: int, chain: str, rules: Sequence[Rule]) -> None:
-        self.ensure_chain(family, chain)
-        self._run(family, "-F", chain)
+    def replace_rules(
+        self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
+    ) -> None:
+        self.ensure_chain(family, chain, table)
+        self._run(family, table, "-F", chain)
         for rule in rules:
-            self._run(family, "-A", chain, *rule)
+            self._run(family, table, "-A", chain, *rule)
 
-    def delete_chain(self, family: int, chain: str) -> None:
-        if chain in self.chains(family):
-            self._run(family, "-F", chain)
-            self._run(family, "-X", chain)
+    def delete_chain(self, family: int, chain: str, table: str = "filter") -> None:
+        if chain in self.chains(family, table):
+            self._run(family, table, "-F", chain)
+            self._run(family, table, "-X", chain)
 
-    def insert_rules(self, family: int, chain: str, rules: Sequence[Rule]) -> None:
+    def insert_rules(
+        self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
+    ) -> None:
         for pos, rule in enumerate(rules, start=1):
-            self._run(family, "-I", chain, str(pos), *rule)
+            self._run(family, table, "-I", chain, str(pos), *rule)
 
-    def delete_jumps(self, family: int, chain: str, target: str) -> int:
+    def delete_jumps(self, family: int, chain: str, target: str, table: str = "filter") -> int:
         removed = 0
-        for line in self._run(family, "-S", chain).splitlines():
+        for line in self._run(family, table, "-S", chain).splitlines():
             words = line.split()
             if words[:2] == ["-A", chain] and words[-2:] == ["-j", target]:
-                self._run(family, "-D", chain, *words[2:])
+                self._run(family, table, "-D", chain, *words[2:])
                 removed += 1
         return removed
 
-    def dump(self, family: int, chain: str) -> list[str]:
-        if chain not in self.chains(family):
+    def dump(self, family: int, chain: str, table: str = "filter") -> list[str]:
+        if chain not in self.chains(family, table):
             return []
-        return self._run(family, "-S", chain, "-v").splitlines()
+        return self._run(family, table, "-S", chain, "-v").splitlines()
 
 
 class IptcBackend(LegacyCliBackend):
@@ -296,9 +330,9 @@ class IptcBackend(LegacyCliBackend):
             raise PrerequisiteError(f"python-iptables cannot load libiptc/libxtables: {e}") from e
         self._iptc: Any = iptc
 
-    def _table(self, family: int) -> Any:
+    def _table(self, family: int, name: str) -> Any:
         iptc = self._iptc
-        table = iptc.Table(iptc.Table.FILTER) if family == 4 else iptc.Table6(iptc.Table6.FILTER)
+        table = iptc.Table(name) if family == 4 else iptc.Table6(name)
         table.autocommit = True  # batched commits hit EAGAIN on a freshly created table here
         table.refresh()  # drop libiptc's cached copy: the CLI or another gate may have changed it
         return table
@@ -331,19 +365,21 @@ class IptcBackend(LegacyCliBackend):
                 raise FirewallError(f"rule token {token!r} not understood in {' '.join(spec)}")
         return rule
 
-    def _chain(self, family: int, chain: str) -> Any:
-        table = self._table(family)
+    def _chain(self, family: int, chain: str, table_name: str) -> Any:
+        table = self._table(family, table_name)
         if not table.is_chain(chain):
             table.create_chain(chain)
         return self._iptc.Chain(table, chain)
 
-    def ensure_chain(self, family: int, chain: str) -> None:
+    def ensure_chain(self, family: int, chain: str, table: str = "filter") -> None:
         with self._lock:
-            self._wrap(lambda: self._chain(family, chain), f"create chain {chain}")
+            self._wrap(lambda: self._chain(family, chain, table), f"create chain {chain}")
 
-    def replace_rules(self, family: int, chain: str, rules: Sequence[Rule]) -> None:
+    def replace_rules(
+        self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
+    ) -> None:
         def do() -> None:
-            c = self._chain(family, chain)
+            c = self._chain(family, chain, table)
             c.flush()
             for spec in rules:
                 c.append_rule(self._rule(family, spec))
@@ -351,9 +387,11 @@ class IptcBackend(LegacyCliBackend):
         with self._lock:
             self._wrap(do, f"fill chain {chain}")
 
-    def insert_rules(self, family: int, chain: str, rules: Sequence[Rule]) -> None:
+    def insert_rules(
+        self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
+    ) -> None:
         def do() -> None:
-            c = self._chain(family, chain)
+            c = self._chain(family, chain, table)
             for spec in reversed(rules):
                 c.insert_rule(self._rule(family, spec))
 
@@ -435,6 +473,30 @@ class Firewall:
             self.backend.delete_jumps(family, "FORWARD", chain_name(d))
             self.backend.insert_rules(family, "FORWARD", forward_jumps(d, layout.vifs))
 
+    def install_save(self, layout: GateLayout) -> str | None:
+        """The mangle POSTROUTING save chain (both families), so accepts settle without
+        NF_REPEAT. Returns None when installed, else why not (nothing of it is left behind)."""
+        d = layout.domain
+        try:
+            for family in FAMILIES:
+                self.backend.replace_rules(family, save_chain_name(d), save_rules(d), MANGLE)
+                self.backend.delete_jumps(family, "POSTROUTING", save_chain_name(d), MANGLE)
+                jumps = postrouting_jumps(d, layout.vifs)
+                self.backend.insert_rules(family, "POSTROUTING", jumps, MANGLE)
+        except FirewallError as e:
+            self.remove_save(d)
+            return str(e)
+        return None
+
+    def remove_save(self, domain: int) -> None:
+        """Best effort: a kernel without the mangle table has nothing of ours there."""
+        for family in FAMILIES:
+            try:
+                self.backend.delete_jumps(family, "POSTROUTING", save_chain_name(domain), MANGLE)
+                self.backend.delete_chain(family, save_chain_name(domain), MANGLE)
+            except FirewallError:
+                pass
+
     def set_blocked_ports(self, domain: int, ports: Iterable[tuple[int, int]]) -> None:
         run(["ipset", "restore", "-exist"], stdin=ipset_replace_script(domain, ports))
 
@@ -474,6 +536,7 @@ class Firewall:
                     self.backend.delete_chain(family, block)
             if not persist_blocks:
                 self.remove_poll(domain, family)
+        self.remove_save(domain)
         self.reset_settled(domain)
         if not persist_blocks:
             for proto in PROTOS:
@@ -487,7 +550,10 @@ class Firewall:
         """Domains with xfgate chains or sets in this network namespace."""
         found: set[int] = set()
         for family in FAMILIES:
-            for chain in self.backend.chains(family):
+            names = list(self.backend.chains(family))
+            with contextlib.suppress(FirewallError):  # no mangle table: nothing of ours there
+                names += self.backend.chains(family, MANGLE)
+            for chain in names:
                 d = domain_of_chain(chain)
                 if d is not None:
                     found.add(d)
@@ -525,4 +591,10 @@ class Firewall:
                 lines = self.backend.dump(family, chain)
                 if lines:
                     out[f"ipv{family} {chain}"] = lines
+            try:
+                lines = self.backend.dump(family, save_chain_name(domain), MANGLE)
+            except FirewallError:
+                lines = []
+            if lines:
+                out[f"ipv{family} mangle {save_chain_name(domain)}"] = lines
         return out

@@ -266,6 +266,15 @@ class Gate:
             for family in (4, 6):
                 fw.remove_poll(d, family)  # persisted by an earlier poll-mode gate
             fw.install(dg.layout)
+            if dg.layout.fastpath:
+                why = fw.install_save(dg.layout)
+                dg.engine.save_in_postrouting = why is None
+                if why is not None:
+                    print(
+                        f"xfgate: domain {d}: cannot save marks in mangle POSTROUTING ({why}):"
+                        " settling accepted flows with NF_REPEAT instead",
+                        file=sys.stderr,
+                    )
             fw.reset_settled(d)  # marks of an earlier run may carry a different policy
             dg.refresher.start()
         else:
