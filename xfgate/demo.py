@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,7 @@ from pathlib import Path
 
 from xfgate.lab.lab import client_http_get, read_peer_stats
 from xfgate.lab.layout import LabLayout, guest_v4
-
-XFGATE = (sys.executable, "-m", "xfgate.cli")
+from xfgate.verdict.gate_process import XFGATE, gate_process
 
 
 def say(text: str) -> None:
@@ -67,31 +65,6 @@ def show_services(layout: LabLayout) -> None:
         print(f"  client -> {guest}:{port}: {state}", flush=True)
 
 
-def start_gate(args: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
-    print(f"$ xfgate {' '.join(args)} &", flush=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([*XFGATE, *args], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while "gate ready" not in log_path.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            print(log_path.read_text(errors="replace"))
-            raise SystemExit("demo: the gate did not start")
-        time.sleep(0.2)
-    print(f"  gate pid {proc.pid} ready", flush=True)
-    return proc
-
-
-def stop_gate(proc: subprocess.Popen[bytes]) -> None:
-    print(f"$ kill -INT {proc.pid}", flush=True)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def show_verdicts(verdict_log: Path, limit: int = 4) -> None:
     drops = []
     for line in verdict_log.read_text(errors="replace").splitlines():
@@ -115,7 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("demo: run as root (it builds namespaces, a bridge and a QEMU guest)")
     layout = LabLayout()
     workdir = Path(tempfile.mkdtemp(prefix="xfgate-demo-"))
-    gate: subprocess.Popen[bytes] | None = None
     try:
         say("1. The demo domain: a Debian kernel under QEMU behind vif1.0 on bridge xenbr0")
         xfgate("lab", "up")
@@ -126,26 +98,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  in 4 s the client received {tcp} connections and {udp} datagrams from spray")
         say("3. Stop user 1001 at once, without logging into the guest")
         verdicts = workdir / "verdicts.jsonl"
-        gate = start_gate(
-            ["run", "--domain", "1", "--block-uid", "1001", "--log", str(verdicts)],
-            workdir / "gate.log",
-        )
-        tcp, udp = watch_attack(layout, 4)
-        print(f"  in 4 s the client received {tcp} connections and {udp} datagrams from spray")
-        show_services(layout)
-        show_verdicts(verdicts)
-        say("4. Block root's processes too, live (the running gate takes the change)")
-        xfgate("block", "--domain", "1", "--uid", "0")
-        show_services(layout)
-        xfgate("unblock", "--domain", "1", "--uid", "0")
-        xfgate("status", "--domain", "1")
-        say("5. Stop the gate: every chain, set and mark it added goes away")
-        stop_gate(gate)
-        gate = None
+        run_args = ["--domain", "1", "--block-uid", "1001", "--log", str(verdicts)]
+        print(f"$ xfgate run {' '.join(run_args)} &", flush=True)
+        with gate_process(run_args, workdir / "gate.log") as gate:
+            print(f"  gate pid {gate.pid} ready", flush=True)
+            tcp, udp = watch_attack(layout, 4)
+            print(f"  in 4 s the client received {tcp} connections and {udp} datagrams from spray")
+            show_services(layout)
+            show_verdicts(verdicts)
+            say("4. Block root's processes too, live (the running gate takes the change)")
+            xfgate("block", "--domain", "1", "--uid", "0")
+            show_services(layout)
+            xfgate("unblock", "--domain", "1", "--uid", "0")
+            xfgate("status", "--domain", "1")
+            say("5. Stop the gate: every chain, set and mark it added goes away")
+            print(f"$ kill -INT {gate.pid}", flush=True)
         xfgate("rules", "--domain", "1")
     finally:
-        if gate is not None:
-            stop_gate(gate)
         if not args.keep:
             say("Tearing the lab down")
             xfgate("lab", "down", check=False)
