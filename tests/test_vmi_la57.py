@@ -9,22 +9,19 @@ module; the unit tests beside them check the level detection on a synthetic gues
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import struct
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require_lab_prerequisites
-from tests.test_vmi_lab import _diff, _normalise_kworkers, _without_collector, workload_stopped
+from tests.test_vmi_lab import cli_ps_json, ps_against_truth
 from tests.vmi_fakes import TEXT_LINK, FakeGuest, synthetic_profile
 from xfgate.config import DomainConfig
 from xfgate.lab import lab
-from xfgate.lab.cli import guest_exec, guest_truth
+from xfgate.lab.cli import guest_exec
 from xfgate.lab.layout import LabLayout
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.kaslr import (
@@ -168,23 +165,7 @@ def test_kaslr_found_by_every_method_on_la57(
 def test_ps_json_equals_lab_truth_on_la57(la57_lab: tuple[LabLayout, DomainConfig, Path]) -> None:
     layout, domain, domains_file = la57_lab
     env = {**os.environ, "XFGATE_DOMAINS": str(domains_file)}
-    diffs: list[str] = []
-    with workload_stopped(layout) as ctl:
-        for _ in range(3):
-            run = subprocess.run(
-                [sys.executable, "-m", "xfgate.cli", "ps", "--domain", str(domain.id), "--json"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-                env=env,
-            )
-            assert run.returncode == 0, run.stderr
-            ps = json.loads(run.stdout)
-            truth = _without_collector(guest_truth(layout, 1).to_json(), ps, ctl)
-            diffs = _diff(_normalise_kworkers(ps), _normalise_kworkers(truth))
-            if not diffs:
-                break
+    diffs, ps = ps_against_truth(layout, cli_ps_json(domain.id, env=env))
     assert diffs == []
     assert len({p["uid"] for p in ps["processes"]}) >= 3
     assert {s["family"] for s in ps["sockets"]} == {4, 6}

@@ -18,7 +18,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from ipaddress import ip_address
 from pathlib import Path
@@ -54,14 +54,31 @@ def guest_profile(lab_domain: DomainConfig) -> Profile:
     return load_domain_profile(lab_domain, os.environ.get("XFGATE_PROFILE"))
 
 
-def _xfgate(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _xfgate(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "xfgate.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env=env,
     )
+
+
+def cli_ps_json(
+    domain: int, *extra: str, env: dict[str, str] | None = None
+) -> Callable[[], dict[str, Any]]:
+    """`xfgate ps --domain D --json` as a reader for `ps_against_truth`."""
+
+    def read() -> dict[str, Any]:
+        run = _xfgate("ps", "--domain", str(domain), "--json", *extra, env=env)
+        assert run.returncode == 0, run.stderr
+        doc: dict[str, Any] = json.loads(run.stdout)
+        return doc
+
+    return read
 
 
 def _control_loop_pid(layout: LabLayout) -> int:
@@ -118,24 +135,33 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return out
 
 
+def ps_against_truth(
+    layout: LabLayout, read_ps: Callable[[], dict[str, Any]], max_collector: int | None = None
+) -> tuple[list[str], dict[str, Any]]:
+    """Differences between xfgate's view (`read_ps`) and the guest's own /proc, with the
+    workload stopped; up to three tries (a kernel thread may come or go between the reads).
+    `max_collector`: at most that many truth processes may be the collector's own."""
+    diffs: list[str] = []
+    ps: dict[str, Any] = {}
+    with workload_stopped(layout) as ctl:
+        for _ in range(3):
+            ps = read_ps()
+            raw = guest_truth(layout, 1).to_json()
+            truth = _without_collector(raw, ps, ctl)
+            if max_collector is not None:
+                assert len(raw["processes"]) - len(truth["processes"]) <= max_collector
+            diffs = _diff(_normalise_kworkers(ps), _normalise_kworkers(truth))
+            if not diffs:
+                break
+    return diffs, ps
+
+
 def test_ps_json_equals_lab_truth(lab_domain: DomainConfig, lab_layout: LabLayout) -> None:
     profile_args = (
         ["--profile", os.environ["XFGATE_PROFILE"]] if "XFGATE_PROFILE" in os.environ else []
     )
-    diffs: list[str] = []
-    with workload_stopped(lab_layout) as ctl:
-        for _ in range(3):
-            run = _xfgate("ps", "--domain", str(lab_domain.id), "--json", *profile_args)
-            assert run.returncode == 0, run.stderr
-            ps = json.loads(run.stdout)
-            truth = guest_truth(lab_layout, 1).to_json()
-            assert (
-                len(truth["processes"]) - len(_without_collector(truth, ps, ctl)["processes"]) <= 3
-            )
-            truth = _without_collector(truth, ps, ctl)
-            diffs = _diff(_normalise_kworkers(ps), _normalise_kworkers(truth))
-            if not diffs:
-                break
+    read_ps = cli_ps_json(lab_domain.id, *profile_args)
+    diffs, ps = ps_against_truth(lab_layout, read_ps, max_collector=3)
     assert diffs == []
     # The workload is really in there: several users and both address families.
     assert len({p["uid"] for p in ps["processes"]}) >= 3
@@ -312,16 +338,9 @@ def test_second_kernel_flavour_ps_equals_truth(cloud_lab: tuple[LabLayout, Domai
     layout, domain = cloud_lab
     assert domain.kernel.release.endswith("-cloud-amd64")
     profile = load_domain_profile(domain, None)
-    diffs: list[str] = []
-    with workload_stopped(layout) as ctl, GuestIntrospector(domain, profile) as guest:
+    with GuestIntrospector(domain, profile) as guest:
         assert guest.boot().location.virt_shift != 0
-        for _ in range(3):
-            ps = guest.ps_json()
-            truth = guest_truth(layout, 1).to_json()
-            truth = _without_collector(truth, ps, ctl)
-            diffs = _diff(_normalise_kworkers(ps), _normalise_kworkers(truth))
-            if not diffs:
-                break
+        diffs, ps = ps_against_truth(layout, guest.ps_json)
     assert diffs == []
     assert {s["family"] for s in ps["sockets"]} == {4, 6}
 
