@@ -14,6 +14,7 @@ from xfgate.vmi.kaslr import from_vmcoreinfo
 from xfgate.vmi.linux import KernelLayout, WalkBounds, walk_guest, walk_once
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.qmp import PauseRecord
+from xfgate.vmi.walk import WalkIssue, WalkReason
 
 
 def _walk(g: FakeGuest, bounds: WalkBounds | None = None):  # type: ignore[no-untyped-def]
@@ -60,25 +61,76 @@ def test_uids_come_from_real_cred_and_sk_uid_from_the_sock() -> None:
     assert alice_sock.sock.sk_uid == 1000
 
 
-def test_cyclic_task_list_stops_and_reports() -> None:
+def _list_order(g: FakeGuest) -> list[int]:
+    """pids in task-list order (the walk reads them in this order)."""
+    return [t.pid for t in _walk(g).tasks]
+
+
+def test_cyclic_task_list_stops_at_the_cycle_check() -> None:
     g = standard_guest()
+    order = _list_order(g)
+    assert order == [1, 2, 100, 200, 300]
     t100 = next(t for t in g.tasks if t.pid == 100).address
     t300 = next(t for t in g.tasks if t.pid == 300).address
     tasks = g.off("task_struct", "tasks")
-    # 300.next -> 100 (a cycle that skips the head); keep prev consistent so only the cycle trips.
+    # 300.next -> 100 (a cycle that skips the head). Every prev pointer is left as built, so the
+    # walk meets 100 again before reading it: the cycle check, not next->prev, must stop it.
     g.w(t300 + tasks, "<Q", t100 + tasks)
-    result = _walk(g)
-    assert any("cycle" in e or "next->prev" in e for e in result.errors)
-    assert result.attempts >= 1 and len(result.tasks) <= len(g.tasks)
+    result = _walk(g, WalkBounds(retries=1))
+    assert result.errors == [WalkIssue("task list", WalkReason.CYCLE, t100 + tasks, step=5)]
+    assert result.attempts == 1
+    assert [t.pid for t in result.tasks] == order  # what it read before the cycle
 
 
 def test_self_loop_with_valid_prev_is_a_cycle() -> None:
     g = standard_guest()
     t = next(t for t in g.tasks if t.pid == 200).address
     node = t + g.off("task_struct", "tasks")
-    g.w(node, "<QQ", node, node)  # next = prev = itself
-    result = _walk(g)
-    assert result.errors and result.tasks == []
+    g.w(node, "<Q", node)  # next = itself; prev still the task before it (consistent)
+    result = _walk(g, WalkBounds(retries=1))
+    assert result.errors == [WalkIssue("task list", WalkReason.CYCLE, node, step=4)]
+    assert [t.pid for t in result.tasks] == [1, 2, 100, 200]  # read before the loop
+
+
+def test_bad_prev_is_reported_as_such() -> None:
+    g = standard_guest()
+    t = next(t for t in g.tasks if t.pid == 200).address
+    node = t + g.off("task_struct", "tasks")
+    g.w(node + 8, "<Q", 0xFFFF888000001000)  # prev of 200 points elsewhere
+    result = _walk(g, WalkBounds(retries=1))
+    [issue] = result.errors
+    assert (issue.what, issue.reason, issue.address, issue.step) == (
+        "task list",
+        WalkReason.BAD_PREV,
+        node,
+        3,
+    )
+
+
+def test_wild_next_pointer_is_out_of_range() -> None:
+    g = standard_guest()
+    t = next(t for t in g.tasks if t.pid == 100).address
+    g.w(t + g.off("task_struct", "tasks"), "<Q", 0x4141414141414141)
+    result = _walk(g, WalkBounds(retries=1))
+    [issue] = result.errors
+    assert (issue.reason, issue.address, issue.step) == (
+        WalkReason.POINTER_OUT_OF_RANGE,
+        0x4141414141414141,
+        3,
+    )
+
+
+def test_unmapped_next_is_unreadable() -> None:
+    g = standard_guest()
+    t = next(t for t in g.tasks if t.pid == 100).address
+    g.w(t + g.off("task_struct", "tasks"), "<Q", 0xFFFF999999999000)  # kernel half, unmapped
+    result = _walk(g, WalkBounds(retries=1))
+    [issue] = result.errors
+    assert (issue.reason, issue.address, issue.step) == (
+        WalkReason.UNREADABLE,
+        0xFFFF999999999000,
+        3,
+    )
 
 
 def test_wild_pointers_are_reported_not_followed() -> None:
@@ -88,8 +140,11 @@ def test_wild_pointers_are_reported_not_followed() -> None:
     web = next(t for t in g.tasks if t.pid == 100)
     g.w(web.address + g.off("task_struct", "real_cred"), "<Q", 0xFFFF999999999000)  # unmapped
     result = _walk(g, WalkBounds(retries=1))
-    assert any("wild file pointer" in e for e in result.errors)
-    assert any("0xffff999999999000" in e for e in result.errors)
+    assert WalkIssue(
+        "file of pid 200 fd 3", WalkReason.POINTER_OUT_OF_RANGE, 0x4141414141414141
+    ) in (result.errors)
+    unread = [e for e in result.errors if e.what == "cred of pid 100"]
+    assert [(e.reason, e.address) for e in unread] == [(WalkReason.UNREADABLE, 0xFFFF999999999000)]
     assert {t.pid for t in result.tasks} == {1, 2, 100, 200, 300}  # the rest still read
 
 
@@ -99,14 +154,24 @@ def test_absurd_max_fds_is_capped() -> None:
     fdt = struct.unpack_from("<Q", g.buf, g.pa(web.files + g.off("files_struct", "fdt")))[0]
     g.w(fdt + g.off("fdtable", "max_fds"), "<I", 0xFFFFFFFF)
     result = _walk(g, WalkBounds(max_fds=128, retries=1))
-    assert any("claims 4294967295 fds" in e for e in result.errors)
+    issue, *rest = result.errors
+    # The 128 slots read run past the fake's real array: other data there is no file pointer.
+    assert {e.reason for e in rest} <= {WalkReason.POINTER_OUT_OF_RANGE}
+    assert (issue.what, issue.reason, issue.address) == (
+        "fd table of pid 100",
+        WalkReason.STEP_BOUND,
+        fdt,
+    )
+    assert "claims 4294967295 fds" in str(issue)
     assert {(s.pid, s.fd) for s in result.sockets} >= {(100, 3), (100, 4), (100, 5)}
 
 
 def test_task_count_bound() -> None:
     g = standard_guest()
     result = _walk(g, WalkBounds(max_tasks=3, retries=1))
-    assert any("longer than 3 tasks" in e for e in result.errors)
+    [issue] = result.errors
+    assert (issue.what, issue.reason, issue.step) == ("task list", WalkReason.STEP_BOUND, 3)
+    assert [t.pid for t in result.tasks] == [1, 2, 100]  # exactly the bound, no more
 
 
 def test_time_bound_stops_a_long_walk() -> None:
@@ -114,7 +179,8 @@ def test_time_bound_stops_a_long_walk() -> None:
     for pid in range(1, 200):
         g.add_task(pid, f"t{pid}")
     result = _walk(g, WalkBounds(seconds=0.0, retries=1))
-    assert any("time bound" in e for e in result.errors)
+    [issue] = result.errors
+    assert (issue.what, issue.reason, issue.step) == ("task list", WalkReason.TIME_BOUND, 0)
 
 
 def test_persistent_errors_retry_then_pause_once() -> None:
@@ -134,7 +200,7 @@ def test_persistent_errors_retry_then_pause_once() -> None:
     )
     assert result.attempts == 3 and pauses == [1]
     assert result.paused_seconds == 0.001
-    assert any("next->prev" in e for e in result.errors)
+    assert [e.reason for e in result.errors] == [WalkReason.BAD_PREV]
 
 
 def test_clean_walk_never_pauses() -> None:
@@ -157,7 +223,9 @@ def test_walk_once_with_wrong_shift_reports_instead_of_raising() -> None:
     result = walk_once(
         space, KernelLayout.from_profile(g.profile), g.virt_shift + (2 << 20), WalkBounds()
     )
-    assert result.tasks == [] and any("init_task" in e for e in result.errors)
+    [issue] = result.errors
+    assert result.tasks == [] and (issue.what, issue.reason) == ("task list", WalkReason.UNREADABLE)
+    assert "init_task" in str(issue)
 
 
 def test_kaslr_of_the_fake_matches_its_construction() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,13 @@ from tests.vmi_fakes import FakeGuest, addr, standard_guest
 from xfgate.config import DomainConfig, MemoryConfig
 from xfgate.errors import ProfileMismatch
 from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Flow
-from xfgate.vmi import jhash
+from xfgate.vmi import jhash, sockets
 from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.kaslr import KernelLocator, from_banner_scan, from_vmcoreinfo
 from xfgate.vmi.linux import KernelLayout
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.sockets import HashLayout, SocketTables
+from xfgate.vmi.walk import WalkReason
 
 
 def _tables(g: FakeGuest) -> SocketTables:
@@ -112,7 +114,61 @@ def test_cyclic_bucket_is_bounded() -> None:
     t = _tables(g)
     found = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", rport))
     assert found is not None and found.table == "listener"
-    assert any("cycle" in e for e in t.errors)
+    [issue] = t.errors
+    assert (issue.what, issue.reason, issue.address) == ("ehash", WalkReason.CYCLE, node)
+
+
+def _established_node(g: FakeGuest) -> int:
+    est = _tables(g).find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
+    assert est is not None and est.table == "established"
+    return est.sock.address + g.off("sock_common", "skc_nulls_node")
+
+
+def test_bad_pprev_in_a_bucket_stops_the_chain() -> None:
+    g = standard_guest()
+    node = _established_node(g)
+    g.w(node + 8, "<Q", 0xFFFF888000001000)  # pprev no longer points at the bucket or previous
+    t = _tables(g)
+    found = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
+    assert found is not None and found.table == "listener"  # the chain gave nothing: listener
+    [issue] = t.errors
+    assert (issue.what, issue.reason, issue.address) == ("ehash", WalkReason.BAD_PREV, node)
+
+
+def test_wild_chain_pointer_is_not_followed() -> None:
+    g = standard_guest()
+    node = _established_node(g)
+    bucket = struct.unpack_from("<Q", g.buf, g.pa(node + 8))[0]  # pprev of the first: the bucket
+    g.w(bucket, "<Q", 0x4141414141414140)
+    t = _tables(g)
+    t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
+    [issue] = t.errors
+    assert (issue.what, issue.reason, issue.address, issue.step) == (
+        "ehash",
+        WalkReason.POINTER_OUT_OF_RANGE,
+        0x4141414141414140,
+        0,
+    )
+
+
+def test_chain_step_and_time_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = standard_guest()
+    flow = _flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000)
+    monkeypatch.setattr(sockets, "MAX_CHAIN", 0)
+    t = _tables(g)
+    assert t.find(flow) is None
+    assert [(e.what, e.reason, e.step) for e in t.errors] == [
+        ("ehash", WalkReason.STEP_BOUND, 0),
+        ("lhash2", WalkReason.STEP_BOUND, 0),
+    ]
+    monkeypatch.setattr(sockets, "MAX_CHAIN", 4096)
+    monkeypatch.setattr(sockets, "LOOKUP_SECONDS", -1.0)
+    t = _tables(g)
+    assert t.find(flow) is None
+    assert {(e.what, e.reason, e.step) for e in t.errors} == {
+        ("ehash", WalkReason.TIME_BOUND, 0),
+        ("lhash2", WalkReason.TIME_BOUND, 0),
+    }
 
 
 def test_introspector_lookup_owners_and_request_attribution() -> None:

@@ -413,9 +413,14 @@ class FakeGuest:
         self.w(self.sym("ipv6_hash_secret.2"), "<I", v6)
 
     def _push(self, head: int, sk: int) -> None:
-        node = sk + self.off("sock_common", "skc_nulls_node")
+        self._hlist_add_head(head, sk + self.off("sock_common", "skc_nulls_node"))
+
+    def _hlist_add_head(self, head: int, node: int) -> None:
+        """hlist_add_head / hlist_nulls_add_head: next, pprev == &head->first, next->pprev."""
         first = struct.unpack_from("<Q", self.buf, self.pa(head))[0]
-        self.w(node, "<Q", first)
+        self.w(node, "<QQ", first, head)
+        if first and not first & 1:
+            self.w(first + 8, "<Q", node)
         self.w(head, "<Q", node)
 
     def hash_established(self, sk: int, local: str, lport: int, remote: str, rport: int) -> int:
@@ -446,11 +451,8 @@ class FakeGuest:
 
     def hash_udp(self, sk: int, lport: int) -> None:
         slot = (lport + self.secrets[0]) & (self.udp_buckets - 1)
-        node = sk + self.off("sock_common", "skc_node")
-        head = self.udp_hash + slot * 16
-        first = struct.unpack_from("<Q", self.buf, self.pa(head))[0]
-        self.w(node, "<Q", first)  # plain hlist: NULL-terminated
-        self.w(head, "<Q", node)
+        # plain hlist: NULL-terminated
+        self._hlist_add_head(self.udp_hash + slot * 16, sk + self.off("sock_common", "skc_node"))
 
     def set_request_listener(self, req: int, listener: int) -> None:
         self.w(req + self.off("sock_common", "skc_listener"), "<Q", listener)

@@ -91,10 +91,13 @@ class ProfileMismatch(ProfileError):
 class WalkError(XfgateError):
     """A walk over guest kernel structures hit its step/time bound or inconsistent data."""
 
-    def __init__(self, what: str, reason: str, address: int = 0) -> None:
+    def __init__(
+        self, what: str, reason: str, address: int = 0, issues: tuple[object, ...] = ()
+    ) -> None:
         self.what = what
         self.reason = reason
         self.address = address
+        self.issues = issues  # the structured records (xfgate.vmi.walk.WalkIssue) behind it
         at = f" at {address:#x}" if address else ""
         super().__init__(f"walk of {what} stopped{at}: {reason}")
 

@@ -350,4 +350,4 @@ def ps_document(result: WalkResult) -> dict[str, Any]:
 def require_complete(result: WalkResult, what: str = "walk") -> None:
     """Raise when a walk could not read everything (for callers that need exact answers)."""
     if result.errors:
-        raise WalkError(what, "; ".join(result.errors[:5]))
+        raise WalkError(what, "; ".join(map(str, result.errors[:5])), issues=tuple(result.errors))

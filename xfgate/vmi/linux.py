@@ -25,6 +25,7 @@ from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, TCP_STATES, IPAddress
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.qmp import PauseRecord
+from xfgate.vmi.walk import Deadline, Links, ListSpec, WalkIssue, WalkReason, walk_list
 
 AF_INET = 2
 AF_INET6 = 10
@@ -41,6 +42,12 @@ PF_KTHREAD = 0x00200000
 TCP_TIME_WAIT = 6
 TCP_LISTEN = 10
 TCP_NEW_SYN_RECV = 12
+
+
+def is_kernel_pointer(value: int, levels: int = 4) -> bool:
+    """True if `value` may point into the kernel half of a 4- or 5-level address space."""
+    low = KERNEL_SPACE_START_LA57 if levels == 5 else KERNEL_SPACE_START
+    return low <= value <= 0xFFFFFFFFFFFFF000
 
 
 def state_name(state: int) -> str:
@@ -251,7 +258,7 @@ class FdSocket:
 class WalkResult:
     tasks: list[Task] = field(default_factory=list)
     sockets: list[FdSocket] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[WalkIssue] = field(default_factory=list)
     attempts: int = 0
     paused_seconds: float = 0.0
     seconds: float = 0.0
@@ -263,6 +270,10 @@ class WalkResult:
 
 class WalkAborted(Exception):
     """Internal: this attempt met a bound or a broken list; the walk stops here."""
+
+    def __init__(self, issue: WalkIssue) -> None:
+        super().__init__(str(issue))
+        self.issue = issue
 
 
 class Walk:
@@ -279,63 +290,65 @@ class Walk:
         self.layout = layout
         self.shift = virt_shift
         self.bounds = bounds
-        self.deadline = time.monotonic() + bounds.seconds
-        self.errors: list[str] = []
-        self.kernel_min = KERNEL_SPACE_START_LA57 if space.levels == 5 else KERNEL_SPACE_START
+        self.deadline = Deadline.after(bounds.seconds)
+        self.errors: list[WalkIssue] = []
         self._creds: dict[int, tuple[int, int]] = {}
         self._files: dict[int, list[tuple[int, int]]] = {}  # files_struct -> [(fd, file)]
         self._socks: dict[int, InetSock | None] = {}  # file -> sock (None: not an inet sock)
 
     def check_time(self, what: str) -> None:
-        if time.monotonic() > self.deadline:
-            raise WalkAborted(f"{what}: time bound of {self.bounds.seconds} s reached")
+        if self.deadline.expired():
+            detail = f"{self.bounds.seconds} s reached"
+            raise WalkAborted(WalkIssue(what, WalkReason.TIME_BOUND, detail=detail))
 
     def is_kernel_pointer(self, value: int) -> bool:
-        return self.kernel_min <= value <= 0xFFFFFFFFFFFFF000
+        return is_kernel_pointer(value, self.space.levels)
 
-    def read(self, vaddr: int, length: int) -> bytes | None:
+    def issue(self, what: str, reason: WalkReason, address: int = 0, detail: str = "") -> None:
+        self.errors.append(WalkIssue(what, reason, address, detail=detail))
+
+    def wild(self, what: str, address: int) -> None:
+        self.issue(what, WalkReason.POINTER_OUT_OF_RANGE, address)
+
+    def read(self, vaddr: int, length: int, what: str) -> bytes | None:
         try:
             return self.space.read(vaddr, length)
         except MemoryReadError as e:
-            self.errors.append(str(e))
+            self.issue(what, WalkReason.UNREADABLE, e.address, f"{length} bytes at {vaddr:#x}")
             return None
 
     # -- tasks ------------------------------------------------------------------------------
 
     def for_each_task(self) -> list[Task]:
-        """Thread-group leaders on init_task.tasks, init_task itself (pid 0) excluded."""
+        """Thread-group leaders on init_task.tasks, init_task itself (pid 0) excluded; a broken
+        list gives the tasks before the break (and an issue)."""
         lay = self.layout
         init_task = lay.init_task + self.shift
         head = init_task + lay.task_tasks
         lo, hi = lay.task_span
-        init_blob = self.read(init_task + lo, hi - lo)
-        if init_blob is None:
-            raise WalkAborted("init_task is unreadable: wrong profile or KASLR shift?")
+        try:
+            init_blob = self.space.read(init_task + lo, hi - lo)
+        except MemoryReadError:
+            detail = "init_task is unreadable: wrong profile or KASLR shift?"
+            raise WalkAborted(
+                WalkIssue("task list", WalkReason.UNREADABLE, init_task, detail=detail)
+            ) from None
+
+        def read_task(node: int) -> Links[bytes]:
+            blob = self.space.read(node - lay.task_tasks + lo, hi - lo)
+            nxt, prev = struct.unpack_from("<QQ", blob, lay.task_tasks - lo)
+            return Links(nxt, prev, blob)
+
+        spec = ListSpec(
+            "task list", head, head.__eq__, self.is_kernel_pointer, self.bounds.max_tasks
+        )
+        first = self._u64(init_blob, lay.task_tasks - lo)
+        walked = walk_list(spec, first, read_task, self.deadline)
+        if walked.issue is not None:  # keep what was read before it
+            self.errors.append(walked.issue)
+        raw = [(node - lay.task_tasks, blob) for node, blob in walked.nodes]
         tgids: dict[int, int] = {init_task: 0}
-        raw: list[tuple[int, bytes]] = []
-        pos, pos_next = head, self._u64(init_blob, lay.task_tasks - lo)
-        seen = {head}
-        for _ in range(self.bounds.max_tasks + 1):
-            nxt = pos_next
-            if nxt == head:
-                break
-            if not self.is_kernel_pointer(nxt):
-                raise WalkAborted(f"task list: wild pointer {nxt:#x} after {pos:#x}")
-            if nxt in seen:
-                raise WalkAborted(f"task list: cycle at {nxt:#x}")
-            seen.add(nxt)
-            task = nxt - lay.task_tasks
-            blob = self.read(task + lo, hi - lo)
-            if blob is None:
-                raise WalkAborted(f"task list: unreadable task at {task:#x}")
-            if self._u64(blob, lay.task_tasks - lo + 8) != pos:
-                raise WalkAborted(f"task list: next->prev != pos at {nxt:#x} (torn or corrupted)")
-            tgids[task] = lay.task_tgid.get(blob, lo)
-            raw.append((task, blob))
-            pos, pos_next = nxt, self._u64(blob, lay.task_tasks - lo)
-            self.check_time("task list")
-        else:
-            raise WalkAborted(f"task list longer than {self.bounds.max_tasks} tasks")
+        tgids.update((task, lay.task_tgid.get(blob, lo)) for task, blob in raw)
         return [t for t in (self._task(addr, blob, tgids) for addr, blob in raw) if t is not None]
 
     def _task(self, address: int, blob: bytes, tgids: dict[int, int]) -> Task | None:
@@ -343,7 +356,7 @@ class Walk:
         lo = lay.task_span[0]
         pid, tgid = lay.task_pid.get(blob, lo), lay.task_tgid.get(blob, lo)
         if not (0 < pid < PID_MAX_LIMIT and 0 < tgid < PID_MAX_LIMIT):
-            self.errors.append(f"task {address:#x}: implausible pid {pid}/tgid {tgid}")
+            self.issue("task", WalkReason.IMPLAUSIBLE, address, f"pid {pid}/tgid {tgid}")
             return None
         parent = self._u64(blob, lay.task_real_parent - lo)
         ppid = tgids.get(parent)
@@ -395,7 +408,7 @@ class Walk:
             raw = self.space.read_cstring(full, PROC_NAME_LEN - 1)
             return raw.decode(errors="replace")
         except MemoryReadError as e:
-            self.errors.append(f"name of {comm}: {e}")
+            self.issue(f"name of {comm}", WalkReason.UNREADABLE, e.address, e.reason)
             return comm
 
     def _cred(self, cred: int, pid: int) -> tuple[int, int]:
@@ -404,9 +417,9 @@ class Walk:
             return cached
         lay = self.layout
         if not self.is_kernel_pointer(cred):
-            self.errors.append(f"pid {pid}: wild cred pointer {cred:#x}")
+            self.wild(f"cred of pid {pid}", cred)
             return (-1, -1)
-        blob = self.read(cred, lay.cred_span[1])
+        blob = self.read(cred, lay.cred_span[1], f"cred of pid {pid}")
         if blob is None:
             return (-1, -1)
         ids = (lay.cred_uid.get(blob), lay.cred_euid.get(blob))
@@ -415,10 +428,10 @@ class Walk:
 
     def _read_int(self, base: int, f: Field, what: str) -> int:
         if not self.is_kernel_pointer(base):
-            self.errors.append(f"{what}: wild pointer {base:#x}")
+            self.wild(what, base)
             return -1
         size = struct.calcsize(f.fmt)
-        blob = self.read(base + f.offset, size)
+        blob = self.read(base + f.offset, size, what)
         return -1 if blob is None else f.get(blob, f.offset)
 
     @staticmethod
@@ -440,31 +453,32 @@ class Walk:
         out: list[tuple[int, int]] = []
         self._files[files] = out
         if not self.is_kernel_pointer(files):
-            self.errors.append(f"pid {task.pid}: wild files pointer {files:#x}")
+            self.wild(f"files of pid {task.pid}", files)
             return out
-        blob = self.read(files + lay.files_fdt, 8)
+        blob = self.read(files + lay.files_fdt, 8, f"files of pid {task.pid}")
         if blob is None:
             return out
         fdt = self._u64(blob, 0)
         if not self.is_kernel_pointer(fdt):
-            self.errors.append(f"pid {task.pid}: wild fdtable pointer {fdt:#x}")
+            self.wild(f"fdtable of pid {task.pid}", fdt)
             return out
-        head = self.read(fdt, max(lay.fdt_fd + 8, lay.fdt_max_fds.offset + 4))
+        head = self.read(
+            fdt, max(lay.fdt_fd + 8, lay.fdt_max_fds.offset + 4), f"fdtable of pid {task.pid}"
+        )
         if head is None:
             return out
         max_fds = lay.fdt_max_fds.get(head)
         fd_array = self._u64(head, lay.fdt_fd)
         count = min(max_fds, self.bounds.max_fds)
         if max_fds > self.bounds.max_fds:
-            self.errors.append(
-                f"pid {task.pid}: fdtable claims {max_fds} fds, read only {self.bounds.max_fds}"
-            )
+            detail = f"fdtable claims {max_fds} fds, read only {self.bounds.max_fds}"
+            self.issue(f"fd table of pid {task.pid}", WalkReason.STEP_BOUND, fdt, detail)
         if count == 0:
             return out
         if not self.is_kernel_pointer(fd_array):
-            self.errors.append(f"pid {task.pid}: wild fd array pointer {fd_array:#x}")
+            self.wild(f"fd array of pid {task.pid}", fd_array)
             return out
-        arr = self.read(fd_array, count * 8)
+        arr = self.read(fd_array, count * 8, f"fd array of pid {task.pid}")
         if arr is None:
             return out
         out.extend((fd, f) for fd, (f,) in enumerate(struct.iter_unpack("<Q", arr)) if f)
@@ -476,34 +490,34 @@ class Walk:
             return self._socks[file]
         self._socks[file] = None
         if not self.is_kernel_pointer(file):
-            self.errors.append(f"pid {pid} fd {fd}: wild file pointer {file:#x}")
+            self.wild(f"file of pid {pid} fd {fd}", file)
             return None
         lay = self.layout
         lo, hi = lay.file_span
-        blob = self.read(file + lo, hi - lo)
+        blob = self.read(file + lo, hi - lo, f"file of pid {pid} fd {fd}")
         if blob is None:
             return None
         if self._u64(blob, lay.file_f_op - lo) != lay.socket_file_ops + self.shift:
             return None
         socket = self._u64(blob, lay.file_private_data - lo)
         if not self.is_kernel_pointer(socket):
-            self.errors.append(f"pid {pid} fd {fd}: wild socket pointer {socket:#x}")
+            self.wild(f"socket of pid {pid} fd {fd}", socket)
             return None
-        sk_blob = self.read(socket + lay.socket_sk, 8)
+        sk_blob = self.read(socket + lay.socket_sk, 8, f"socket of pid {pid} fd {fd}")
         if sk_blob is None:
             return None
         sk = self._u64(sk_blob, 0)
         if sk == 0:  # a socket being set up or torn down
             return None
         if not self.is_kernel_pointer(sk):
-            self.errors.append(f"pid {pid} fd {fd}: wild sock pointer {sk:#x}")
+            self.wild(f"sock of pid {pid} fd {fd}", sk)
             return None
         result = self.inet_sock(sk)
         self._socks[file] = result
         return result
 
     def inet_sock(self, sk: int) -> InetSock | None:
-        blob = self.read(sk, self.layout.sock_span)
+        blob = self.read(sk, self.layout.sock_span, "struct sock")
         return None if blob is None else decode_inet_sock(self.layout, sk, blob)
 
     def sockets(self, tasks: list[Task]) -> list[FdSocket]:
@@ -515,7 +529,9 @@ class Walk:
                 if sock is not None:
                     out.append(FdSocket(task.tgid, fd, sock))
                     if len(out) > self.bounds.max_sockets:
-                        raise WalkAborted(f"more than {self.bounds.max_sockets} sockets")
+                        detail = f"more than {self.bounds.max_sockets} sockets"
+                        issue = WalkIssue("fd tables", WalkReason.STEP_BOUND, detail=detail)
+                        raise WalkAborted(issue)
         return out
 
 
@@ -569,9 +585,9 @@ def walk_once(
         result.tasks = walk.for_each_task()
         result.sockets = walk.sockets(result.tasks)
     except WalkAborted as e:
-        walk.errors.append(str(e))
+        walk.errors.append(e.issue)
     except (MemoryReadError, struct.error, ValueError) as e:  # belt and braces: bad guest data
-        walk.errors.append(f"unexpected bad data: {e}")
+        walk.errors.append(WalkIssue("walk", WalkReason.IMPLAUSIBLE, detail=f"bad data: {e}"))
     result.errors = walk.errors
     return result
 

@@ -7,7 +7,9 @@ The kernel's own hash tables, as in Linux 6.1 (layouts from the profile, members
   - tcp_hashinfo.lhash2: listeners by (address, port) (ipv4/ipv6_portaddr_hash), same chaining;
   - udp_table.hash: UDP socks by local port ((port + net_hash_mix) & mask), on skc_node.
 Only the initial network namespace (init_net) is searched: that is the one holding the guest's NIC.
-Every chain walk is bounded; a broken chain ends the lookup with a reason, not an exception.
+Every chain is followed by `walk.walk_list`: bounded in steps and time, cycle-safe, each node's
+`pprev` checked against where the walk came from; a broken chain ends the lookup with a structured
+reason (`SocketTables.errors`), not an exception.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from xfgate.vmi.linux import (
     InetSock,
     KernelLayout,
     decode_inet_sock,
+    is_kernel_pointer,
 )
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
+from xfgate.vmi.walk import Deadline, Links, ListSpec, WalkIssue, WalkReason, walk_list
 
 MAX_CHAIN = 4096  # sockets per hash bucket we are willing to look at
+LOOKUP_SECONDS = 1.0  # time bound of one lookup (every chain it follows)
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
@@ -148,7 +153,8 @@ class SocketTables:
         self.shift = virt_shift
         self._secrets: _Secrets | None = None
         self._tables: _Tables | None = None
-        self.errors: list[str] = []  # why the last lookup may have missed
+        self.errors: list[WalkIssue] = []  # why the last lookup may have missed
+        self._deadline = Deadline.after(LOOKUP_SECONDS)
 
     def _u64(self, vaddr: int) -> int:
         value: int = _U64.unpack(self.space.read(vaddr, 8))[0]
@@ -194,7 +200,7 @@ class SocketTables:
 
     def find(self, flow: Flow) -> FoundSock | None:
         """The sock the guest kernel would deliver `flow` to; None if there is none."""
-        self.errors = []
+        self._start()
         flow = unmap_v4(flow)
         try:
             if flow.proto == IPPROTO_TCP:
@@ -202,36 +208,47 @@ class SocketTables:
             if flow.proto == IPPROTO_UDP:
                 return self._udp(flow)
         except MemoryReadError as e:
-            self.errors.append(str(e))
+            self._unreadable(e)
         return None
 
     def find_listener(self, flow: Flow) -> FoundSock | None:
         """The TCP listener that would take a new connection for `flow`."""
-        self.errors = []
+        self._start()
         try:
             return self._listener(unmap_v4(flow))
         except MemoryReadError as e:
-            self.errors.append(str(e))
+            self._unreadable(e)
         return None
+
+    def _start(self) -> None:
+        self.errors = []
+        self._deadline = Deadline.after(LOOKUP_SECONDS)
+
+    def _unreadable(self, e: MemoryReadError) -> None:
+        self.errors.append(WalkIssue("socket lookup", WalkReason.UNREADABLE, e.address, -1, str(e)))
 
     # -- chains -------------------------------------------------------------------------------
 
-    def _chain(self, first: int, node_off: int, what: str) -> list[int]:
-        """Sock addresses on a (nulls) hlist, bounded, cycle-safe."""
-        socks: list[int] = []
-        seen: set[int] = set()
-        node = first
-        for _ in range(MAX_CHAIN):
-            if node == 0 or node & 1:  # NULL or a nulls marker: end of chain
-                return socks
-            if node in seen:
-                self.errors.append(f"{what}: cycle at {node:#x}")
-                return socks
-            seen.add(node)
-            socks.append(node - node_off)
-            node = self._u64(node)
-        self.errors.append(f"{what}: chain longer than {MAX_CHAIN}")
-        return socks
+    def _chain(self, bucket: int, node_off: int, what: str) -> list[int]:
+        """Sock addresses on the (nulls) hlist headed at `bucket`, bounded, cycle-safe, each
+        node's pprev checked (== &previous->next, the bucket for the first)."""
+
+        def read_node(node: int) -> Links[None]:
+            nxt, pprev = struct.unpack("<QQ", self.space.read(node, 16))
+            return Links(nxt, pprev, None)
+
+        levels = self.space.levels
+        spec = ListSpec(
+            what,
+            bucket,
+            lambda node: node == 0 or bool(node & 1),  # NULL or a nulls marker: end of chain
+            lambda node: is_kernel_pointer(node, levels),
+            MAX_CHAIN,
+        )
+        walked = walk_list(spec, self._u64(bucket), read_node, self._deadline)
+        if walked.issue is not None:
+            self.errors.append(walked.issue)
+        return [node - node_off for node, _ in walked.nodes]
 
     def _head(self, sk: int) -> bytes:
         return self.space.read(sk, self.h.sock_common_size)
@@ -262,8 +279,7 @@ class SocketTables:
             key = jhash.inet6_ehashfn(
                 local, flow.lport, remote, flow.rport, sec.ehash6, sec.ipv6, sec.hash_mix
             )
-        first = self._u64(ehash + (key & mask) * 8)
-        for sk in self._chain(first, h.skc_nulls_node, "ehash"):
+        for sk in self._chain(ehash + (key & mask) * 8, h.skc_nulls_node, "ehash"):
             head = self._head(sk)
             if not self._in_init_net(head) or not _ports_match(lay, head, flow):
                 continue
@@ -298,7 +314,7 @@ class SocketTables:
         best: tuple[int, FoundSock] | None = None
         for key in dict.fromkeys(keys):  # the two may coincide
             bucket = lhash2 + (key & mask) * h.lbucket_size + h.lbucket_head
-            for sk in self._chain(self._u64(bucket), h.skc_nulls_node, "lhash2"):
+            for sk in self._chain(bucket, h.skc_nulls_node, "lhash2"):
                 head = self._head(sk)
                 score = _listener_score(self.layout, head, flow)
                 if score > 0 and self._in_init_net(head) and (best is None or score > best[0]):
@@ -315,7 +331,7 @@ class SocketTables:
         hash_base, mask = tab.udp_hash, tab.udp_mask
         slot = hash_base + ((flow.lport + sec.hash_mix) & mask) * h.hslot_size + h.hslot_head
         best: tuple[int, FoundSock] | None = None
-        for sk in self._chain(self._u64(slot), h.skc_node, "udp hash"):
+        for sk in self._chain(slot, h.skc_node, "udp hash"):
             head = self._head(sk)
             score = _udp_score(self.layout, head, flow)
             if score > 0 and self._in_init_net(head) and (best is None or score > best[0]):

@@ -1,0 +1,151 @@
+"""One bounded walk over a linked list in guest memory, and the structured record of why it stopped.
+
+Every list the walkers follow goes through `walk_list`: the task list (a circular `list_head`),
+and the socket hash chains (`hlist_nulls` and `hlist`, ended by NULL or an odd "nulls" marker).
+Guest memory is live and attacker-controlled, so a walk is
+
+  - bounded in steps (`max_steps` nodes) and in time (a `Deadline` shared by a whole walk),
+  - cycle-safe (a visited set),
+  - checked pointer by pointer before a pointer is followed (`valid`),
+  - checked backwards where the list is doubly linked: a `list_head`'s `next->prev` and an
+    `hlist_node`'s `next->pprev` must point back at the position the walk came from.
+
+A walk never raises on guest data: it returns the nodes it could read and, if it stopped early,
+one `WalkIssue` saying where and why. Callers keep the issues as records and render them to text
+only at the edge (log lines, `xfgate ps` warnings).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from xfgate.errors import MemoryReadError
+
+T = TypeVar("T")
+
+
+class WalkReason(enum.Enum):
+    """Why a walk (or one object in it) could not be read as the kernel would."""
+
+    CYCLE = "cycle"
+    BAD_PREV = "bad next->prev"
+    STEP_BOUND = "step bound"
+    TIME_BOUND = "time bound"
+    UNREADABLE = "unreadable"
+    POINTER_OUT_OF_RANGE = "pointer out of range"
+    IMPLAUSIBLE = "implausible value"
+
+
+@dataclass(frozen=True, slots=True)
+class WalkIssue:
+    """Where a walk met guest data it could not follow: which list or object (`what`), the address
+    involved, the step (node index, -1 when not on a list), the reason and a human detail."""
+
+    what: str
+    reason: WalkReason
+    address: int = 0
+    step: int = -1
+    detail: str = ""
+
+    def __str__(self) -> str:
+        at = f" at {self.address:#x}" if self.address else ""
+        step = f" (step {self.step})" if self.step >= 0 else ""
+        detail = f": {self.detail}" if self.detail else ""
+        return f"{self.what}: {self.reason.value}{at}{step}{detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """The time bound of one walk attempt (shared by every list it follows)."""
+
+    seconds: float
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(seconds, time.monotonic() + seconds)
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.at
+
+
+@dataclass(frozen=True, slots=True)
+class Links(Generic[T]):
+    """What reading one node gives: its forward pointer, its back pointer (`prev` of a
+    `list_head`, `pprev` of an `hlist_node`; None when the list is singly linked) and whatever
+    else the caller read with it (e.g. the whole task_struct span)."""
+
+    next: int
+    back: int | None
+    payload: T
+
+
+@dataclass(frozen=True, slots=True)
+class ListSpec:
+    """The shape of one list: `what` names it in issues; `origin` is the address whose forward
+    pointer is the first node (a list_head head, an hlist bucket); `is_end` tells the end marker
+    (the head of a circular list, NULL or a nulls marker); `valid` checks a pointer before it is
+    followed."""
+
+    what: str
+    origin: int
+    is_end: Callable[[int], bool]
+    valid: Callable[[int], bool]
+    max_steps: int
+
+
+@dataclass
+class ListWalk(Generic[T]):
+    """The nodes read in order (node address, payload), and the issue that stopped the walk."""
+
+    nodes: list[tuple[int, T]] = field(default_factory=list)
+    issue: WalkIssue | None = None
+
+
+def walk_list(
+    spec: ListSpec,
+    first: int,
+    read_node: Callable[[int], Links[T]],
+    deadline: Deadline,
+) -> ListWalk[T]:
+    """Follow `first` and each node's forward pointer until `spec.is_end`. `read_node` may raise
+    MemoryReadError (reported as UNREADABLE). Never raises on guest data."""
+    out: ListWalk[T] = ListWalk()
+    seen: set[int] = set()
+    pos, node = spec.origin, first
+    for step in range(spec.max_steps + 1):
+        if spec.is_end(node):
+            return out
+        if step == spec.max_steps:
+            out.issue = WalkIssue(
+                spec.what, WalkReason.STEP_BOUND, node, step, f"longer than {spec.max_steps}"
+            )
+            return out
+        if deadline.expired():
+            detail = f"{deadline.seconds} s reached"
+            out.issue = WalkIssue(spec.what, WalkReason.TIME_BOUND, node, step, detail)
+            return out
+        if not spec.valid(node):
+            detail = f"after {pos:#x}"
+            out.issue = WalkIssue(spec.what, WalkReason.POINTER_OUT_OF_RANGE, node, step, detail)
+            return out
+        if node in seen:
+            out.issue = WalkIssue(spec.what, WalkReason.CYCLE, node, step)
+            return out
+        seen.add(node)
+        try:
+            links = read_node(node)
+        except MemoryReadError as e:
+            out.issue = WalkIssue(spec.what, WalkReason.UNREADABLE, node, step, e.reason)
+            return out
+        if links.back is not None and links.back != pos:
+            detail = f"points back at {links.back:#x}, came from {pos:#x} (torn or corrupted)"
+            out.issue = WalkIssue(spec.what, WalkReason.BAD_PREV, node, step, detail)
+            return out
+        out.nodes.append((node, links.payload))
+        pos, node = node, links.next
+    raise AssertionError("unreachable: the loop returns at step max_steps")  # pragma: no cover
