@@ -157,6 +157,7 @@ def test_absurd_max_fds_is_capped() -> None:
     issue, *rest = result.errors
     # The 128 slots read run past the fake's real array: other data there is no file pointer.
     assert {e.reason for e in rest} <= {WalkReason.POINTER_OUT_OF_RANGE}
+    assert all(int(e.what.rsplit(" ", 1)[1]) < 128 for e in rest)  # nothing past the cap
     assert (issue.what, issue.reason, issue.address) == (
         "fd table of pid 100",
         WalkReason.STEP_BOUND,
