@@ -12,6 +12,7 @@ page, not per 4 KiB.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from xfgate.errors import MemoryReadError, TranslationError
 from xfgate.vmi.memory import PhysicalMemory
@@ -23,9 +24,33 @@ PTE_PRESENT = 1 << 0
 PTE_PSE = 1 << 7  # page size: a 1 GiB (PDPTE) or 2 MiB (PDE) page
 PHYS_MASK = 0x000FFFFFFFFFF000  # bits 12..51: next table or page frame
 _U64 = struct.Struct("<Q")
-_SHIFT_2M = 21
-_SHIFT_1G = 30
 MAX_READ = 64 << 20  # one read of more than this is a bug or hostile data, never a real object
+
+
+@dataclass(frozen=True, slots=True)
+class PagingLevel:
+    """One level of the x86-64 page-table tree (Intel SDM vol. 3 4.5, the Linux names)."""
+
+    name: str
+    shift: int  # the virtual-address bits [shift, shift + 9) index this level's table
+    # When a present entry maps a page (rather than the next table): None never (pgd, p4d),
+    # PTE_PSE if that bit is set (pud: 1 GiB, pmd: 2 MiB), 0 always (pte; bit 7 is PAT there).
+    page_flag: int | None
+
+    @property
+    def offset_mask(self) -> int:
+        return (1 << self.shift) - 1
+
+
+# pgd/p4d/pud/pmd/pte as Linux names them; p4d is the extra (PML5) level of 5-level paging.
+LEVELS_4 = (
+    PagingLevel("pgd", 39, None),
+    PagingLevel("pud", 30, PTE_PSE),
+    PagingLevel("pmd", 21, PTE_PSE),
+    PagingLevel("pte", 12, 0),
+)
+LEVELS_5 = (PagingLevel("pgd", 48, None), PagingLevel("p4d", 39, None), *LEVELS_4[1:])
+PAGE_SHIFTS = (12, 21, 30)  # the page sizes a translation is cached at: 4 KiB, 2 MiB, 1 GiB
 
 
 def canonical(vaddr: int, levels: int = 4) -> bool:
@@ -45,16 +70,21 @@ class AddressSpace:
         self.root = root & PHYS_MASK
         self.levels = levels
         self.name = name or f"{memory.name} cr3={self.root:#x}"
-        # Three maps (4 KiB, 2 MiB, 1 GiB frames), each virtual frame number -> physical base.
-        self._cache4k: dict[int, int] = {}
-        self._cache2m: dict[int, int] = {}
-        self._cache1g: dict[int, int] = {}
+        self.paging_levels = LEVELS_5 if levels == 5 else LEVELS_4
+        # One map per page size (4 KiB, 2 MiB, 1 GiB): virtual frame number -> physical base.
+        self._caches: dict[int, dict[int, int]] = {shift: {} for shift in PAGE_SHIFTS}
+        self._cache4k, self._cache2m, self._cache1g = (self._caches[s] for s in PAGE_SHIFTS)
+        # The level table as plain tuples for the walk loop: (shift, page_flag, offset mask,
+        # cache of the pages mapped at this level).
+        self._plan = tuple(
+            (lv.shift, lv.page_flag, lv.offset_mask, self._caches.get(lv.shift, {}))
+            for lv in self.paging_levels
+        )
 
     def new_snapshot(self) -> None:
         """Forget cached translations: call at the start of every walk of live memory."""
-        self._cache4k.clear()
-        self._cache2m.clear()
-        self._cache1g.clear()
+        for cache in self._caches.values():
+            cache.clear()
 
     def _entry(self, table: int, index: int, vaddr: int) -> int:
         try:
@@ -68,47 +98,34 @@ class AddressSpace:
 
     def translate(self, vaddr: int) -> int:
         """Guest physical address of `vaddr`; TranslationError if not mapped."""
-        pa = self._cache4k.get(vaddr >> PAGE_SHIFT)
+        # The cache probes are unrolled (smallest page first): this is the hottest line.
+        pa = self._cache4k.get(vaddr >> 12)
         if pa is not None:
             return pa | (vaddr & 0xFFF)
-        pa = self._cache2m.get(vaddr >> _SHIFT_2M)
+        pa = self._cache2m.get(vaddr >> 21)
         if pa is not None:
             return pa | (vaddr & 0x1FFFFF)
-        pa = self._cache1g.get(vaddr >> _SHIFT_1G)
+        pa = self._cache1g.get(vaddr >> 30)
         if pa is not None:
             return pa | (vaddr & 0x3FFFFFFF)
         return self._walk(vaddr)
 
     def _walk(self, vaddr: int) -> int:
+        """One loop over the levels (volatility3's Intel32e does the same): a not-present entry
+        ends it, an entry that maps a page gives the page, any other entry the next table."""
         if not canonical(vaddr, self.levels):
             raise TranslationError(vaddr, self.name, "not a canonical address")
         table = self.root
-        # Level 5 (PML5) and 4 (PML4) never map pages directly.
-        for shift in (48, 39) if self.levels == 5 else (39,):
+        for shift, flag, mask, cache in self._plan:
             entry = self._entry(table, (vaddr >> shift) & 0x1FF, vaddr)
             if not entry & PTE_PRESENT:
                 raise TranslationError(vaddr, self.name)
+            if flag is not None and entry & flag == flag:
+                base = entry & PHYS_MASK & ~mask
+                cache[vaddr >> shift] = base
+                return base | (vaddr & mask)
             table = entry & PHYS_MASK
-        entry = self._entry(table, (vaddr >> 30) & 0x1FF, vaddr)  # PDPTE
-        if not entry & PTE_PRESENT:
-            raise TranslationError(vaddr, self.name)
-        if entry & PTE_PSE:
-            base = entry & PHYS_MASK & ~((1 << _SHIFT_1G) - 1)
-            self._cache1g[vaddr >> _SHIFT_1G] = base
-            return base | (vaddr & 0x3FFFFFFF)
-        entry = self._entry(entry & PHYS_MASK, (vaddr >> 21) & 0x1FF, vaddr)  # PDE
-        if not entry & PTE_PRESENT:
-            raise TranslationError(vaddr, self.name)
-        if entry & PTE_PSE:
-            base = entry & PHYS_MASK & ~((1 << _SHIFT_2M) - 1)
-            self._cache2m[vaddr >> _SHIFT_2M] = base
-            return base | (vaddr & 0x1FFFFF)
-        entry = self._entry(entry & PHYS_MASK, (vaddr >> 12) & 0x1FF, vaddr)  # PTE
-        if not entry & PTE_PRESENT:
-            raise TranslationError(vaddr, self.name)
-        base = entry & PHYS_MASK
-        self._cache4k[vaddr >> PAGE_SHIFT] = base
-        return base | (vaddr & 0xFFF)
+        raise AssertionError("unreachable: the pte level always maps a page")  # pragma: no cover
 
     def is_mapped(self, vaddr: int) -> bool:
         try:
