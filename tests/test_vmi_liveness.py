@@ -38,5 +38,10 @@ def test_stale_ram_file_of_a_dead_qemu_is_refused(tmp_path: Path) -> None:
 
 
 def test_offline_backends_need_no_running_vm(tmp_path: Path) -> None:
-    dump = DomainConfig(1, "d", (), MemoryConfig("elf-dump", str(tmp_path / "x.elf")))
-    require_running(dump)  # nothing raised: a dump is read as it is
+    missing = str(tmp_path / "x.elf")
+    for backend in ("elf-dump", "raw", "libvmi"):
+        offline = DomainConfig(1, "d", (), MemoryConfig(backend, missing), QmpConfig("/no.sock", 1))
+        assert require_running(offline) is None  # a dump is read as it is: nothing checked
+    live = DomainConfig(1, "d", (), MemoryConfig("qemu-shm", missing), QmpConfig("/no.sock", 1))
+    with pytest.raises(GuestNotRunning, match="does not exist"):
+        require_running(live)  # the same missing file and dead pid: refused for a live backend
