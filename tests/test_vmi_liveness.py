@@ -9,6 +9,7 @@ import pytest
 
 from xfgate.config import DomainConfig, MemoryConfig, QmpConfig
 from xfgate.errors import GuestNotRunning
+from xfgate.vmi import liveness
 from xfgate.vmi.liveness import is_domains_qemu, require_running
 
 
@@ -37,11 +38,23 @@ def test_stale_ram_file_of_a_dead_qemu_is_refused(tmp_path: Path) -> None:
         require_running(_domain(tmp_path / "missing.mem", 0))
 
 
-def test_offline_backends_need_no_running_vm(tmp_path: Path) -> None:
-    missing = str(tmp_path / "x.elf")
+def test_offline_backends_need_no_running_vm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[int] = []
+
+    def cmdline(pid: int) -> list[str]:
+        asked.append(pid)
+        return []
+
+    monkeypatch.setattr(liveness, "qemu_cmdline", cmdline)
+    ram = tmp_path / "x.mem"
+    ram.write_bytes(b"\0" * 4096)
     for backend in ("elf-dump", "raw", "libvmi"):
-        offline = DomainConfig(1, "d", (), MemoryConfig(backend, missing), QmpConfig("/no.sock", 1))
-        assert require_running(offline) is None  # a dump is read as it is: nothing checked
-    live = DomainConfig(1, "d", (), MemoryConfig("qemu-shm", missing), QmpConfig("/no.sock", 1))
-    with pytest.raises(GuestNotRunning, match="does not exist"):
-        require_running(live)  # the same missing file and dead pid: refused for a live backend
+        offline = DomainConfig(1, "d", (), MemoryConfig(backend, str(ram)), QmpConfig("/no", 1))
+        require_running(offline)  # no GuestNotRunning: a dump is read as it is...
+    assert asked == []  # ...and no process was even looked at
+    live = DomainConfig(1, "d", (), MemoryConfig("qemu-shm", str(ram)), QmpConfig("/no", 1))
+    with pytest.raises(GuestNotRunning, match="is gone"):
+        require_running(live)  # the same file and pid, for a live backend: checked, refused
+    assert asked == [1]
