@@ -1,0 +1,146 @@
+"""The fast path's pure rule builders (chains, jumps, marks, ipset scripts) and the firewall's
+failure handling, without touching the kernel."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from xfgate.errors import FirewallError
+from xfgate.flow import IPPROTO_TCP
+from xfgate.verdict.fastpath import (
+    MARK_MASK,
+    Firewall,
+    GateLayout,
+    block_rules,
+    conntrack_reset_argvs,
+    domain_of_chain,
+    forward_jumps,
+    ipset_replace_script,
+    poll_rules,
+    postrouting_jumps,
+    queue_rules,
+    save_rules,
+    settle_mark,
+)
+
+
+def test_chain_layout() -> None:
+    layout = GateLayout(9, ("vif9.0",), 109, queue_bypass=True)
+    jumps = forward_jumps(9, layout.vifs)
+    assert jumps == [
+        ("-m", "physdev", "--physdev-in", "vif9.0", "--physdev-is-bridged", "-j", "XFGATE-9"),
+        ("-m", "physdev", "--physdev-out", "vif9.0", "--physdev-is-bridged", "-j", "XFGATE-9"),
+    ]
+    rules = queue_rules(layout)
+    assert rules[0] == ("-j", "XFGATE-9-BLK")
+    assert rules[-1] == ("-j", "NFQUEUE", "--queue-num", "109", "--queue-bypass")
+    assert any("CONNMARK" in r for r in rules)
+    no_fast = queue_rules(GateLayout(9, ("vif9.0",), 109, fastpath=False))
+    assert no_fast == [("-j", "XFGATE-9-BLK"), ("-j", "NFQUEUE", "--queue-num", "109")]
+
+
+def test_save_chain_stores_only_accept_marks_and_is_reached_both_ways() -> None:
+    assert domain_of_chain("XFGATE-9-SAVE") == 9
+    assert postrouting_jumps(9, ("vif9.0", "vif9.1")) == [
+        ("-m", "physdev", f"--physdev-{way}", vif, "--physdev-is-bridged", "-j", "XFGATE-9-SAVE")
+        for vif in ("vif9.0", "vif9.1")
+        for way in ("in", "out")
+    ]
+    (rule,) = save_rules(9)
+    assert rule[:4] == ("-m", "mark", "--mark", f"{settle_mark(9, True):#x}/{MARK_MASK:#x}")
+    assert rule[4:7] == ("-j", "CONNMARK", "--save-mark")
+
+
+class NoMangleBackend:
+    """Filter works, the mangle table does not (a kernel without iptable_mangle)."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    def _call(self, op: str, chain: str, table: str) -> None:
+        self.calls.append((op, chain, table))
+        if table == "mangle" and op != "delete_jumps":
+            raise FirewallError(f"iptables -t mangle: table does not exist ({op} {chain})")
+
+    def chains(self, family: int, table: str = "filter") -> list[str]:
+        self._call("chains", "", table)
+        return []
+
+    def ensure_chain(self, family: int, chain: str, table: str = "filter") -> None:
+        self._call("ensure_chain", chain, table)
+
+    def replace_rules(
+        self, family: int, chain: str, rules: Sequence[Any], table: str = "filter"
+    ) -> None:
+        self._call("replace_rules", chain, table)
+
+    def delete_chain(self, family: int, chain: str, table: str = "filter") -> None:
+        self._call("delete_chain", chain, table)
+
+    def insert_rules(
+        self, family: int, chain: str, rules: Sequence[Any], table: str = "filter"
+    ) -> None:
+        self._call("insert_rules", chain, table)
+
+    def delete_jumps(self, family: int, chain: str, target: str, table: str = "filter") -> int:
+        self._call("delete_jumps", chain, table)
+        return 0
+
+    def dump(self, family: int, chain: str, table: str = "filter") -> list[str]:
+        self._call("dump", chain, table)
+        return []
+
+
+def test_save_chain_failure_is_reported_and_cleaned_not_raised() -> None:
+    backend = NoMangleBackend()
+    fw = Firewall(backend)
+    why = fw.install_save(GateLayout(9, ("vif9.0",), 109))
+    assert why is not None and "mangle" in why
+    # It tried to undo its part (jumps first) for both families, and nothing else.
+    undo = [c for c in backend.calls if c[0] == "delete_jumps"]
+    assert undo == [("delete_jumps", "POSTROUTING", "mangle")] * 2
+    assert all(table == "mangle" for _, _, table in backend.calls)
+
+
+def test_marks_are_per_domain_and_verdict() -> None:
+    marks = {settle_mark(d, a) for d in (1, 2) for a in (True, False)}
+    assert len(marks) == 4 and all(m & ~MARK_MASK == 0 for m in marks)
+    assert any("0x60000/0x3fff0000" in argv for argv in conntrack_reset_argvs(1))
+
+
+def test_block_and_poll_rules() -> None:
+    rules = block_rules(9, ["vif9.0"])
+    assert len(rules) == 4 and all(r[-2:] == ("-j", "DROP") for r in rules)
+    assert rules[0][-5:-2] == ("--match-set", "xfgate-9-tcp", "src")
+    polls = poll_rules(["vif9.0"], [(IPPROTO_TCP, 80), (IPPROTO_TCP, 80), (17, 53)])
+    assert len(polls) == 4  # no duplicate for the repeated port
+    assert polls[0][-4:-2] == ("--sport", "80") and polls[1][-4:-2] == ("--dport", "80")
+
+
+def test_ipset_script_swaps_atomically() -> None:
+    script = ipset_replace_script(9, [(IPPROTO_TCP, 80), (17, 53), (IPPROTO_TCP, 0)])
+    lines = script.splitlines()
+    assert "add xfgate-9-tcp-new 80" in lines and "add xfgate-9-udp-new 53" in lines
+    assert "add xfgate-9-tcp-new 0" not in lines
+    assert lines.index("swap xfgate-9-tcp-new xfgate-9-tcp") > lines.index(
+        "add xfgate-9-tcp-new 80"
+    )
+
+
+def test_chain_names_round_trip() -> None:
+    assert domain_of_chain("XFGATE-12-BLK") == 12 and domain_of_chain("XFGATE-3") == 3
+    assert domain_of_chain("DOCKER") is None and domain_of_chain("XFGATE-x") is None
+
+
+def test_not_root_is_refused_before_anything_is_touched(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xfgate.errors import PrerequisiteError
+    from xfgate.verdict import fastpath
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    with pytest.raises(PrerequisiteError, match="needs root"):
+        fastpath.check_prerequisites()
