@@ -7,10 +7,11 @@ from ipaddress import ip_address
 
 import pytest
 
-from xfgate.flow import IPPROTO_TCP, Flow, Owner, Ownership
+from xfgate.flow import Flow, Owner, Ownership
+from xfgate.inet import IPProto
 from xfgate.verdict.cache import ListenerKey, OwnerCache
 
-FLOW = Flow(IPPROTO_TCP, ip_address("198.18.1.1"), 80, ip_address("198.18.0.1"), 5000)
+FLOW = Flow(IPProto.TCP, ip_address("198.18.1.1"), 80, ip_address("198.18.0.1"), 5000)
 OWNED = Ownership((Owner(1, 0, 0, "httpd"),), 0, "LISTEN", "listener")
 
 
@@ -105,11 +106,11 @@ def test_a_failing_load_does_not_wedge_the_key() -> None:
 def test_listener_keys_and_flows_are_separate_entries() -> None:
     cache = OwnerCache(timer=Clock())
     listener = ListenerKey.of(FLOW)
-    assert listener == ListenerKey(IPPROTO_TCP, ip_address("198.18.1.1"), 80)
+    assert listener == ListenerKey(IPProto.TCP, ip_address("198.18.1.1"), 80)
     cache.put(listener, OWNED)
     assert cache.get(listener) == (True, OWNED)
     assert cache.get(FLOW) == (False, None)
-    other_client = Flow(IPPROTO_TCP, FLOW.local, 80, ip_address("198.18.7.7"), 6000)
+    other_client = Flow(IPProto.TCP, FLOW.local, 80, ip_address("198.18.7.7"), 6000)
     assert ListenerKey.of(other_client) == listener
 
 

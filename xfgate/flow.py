@@ -9,32 +9,18 @@ keys its sockets (``skc_rcv_saddr``/``skc_num`` local, ``skc_daddr``/``skc_dport
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+from types import MappingProxyType
 from typing import Protocol
 
+from xfgate.inet import proto_label
+from xfgate.vmi.kernel_constants import TCPState
+
 IPAddress = IPv4Address | IPv6Address
-
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
-
-
-# include/net/tcp_states.h, names as /proc/net/tcp readers (ss, the lab truth) spell them.
-TCP_STATES: dict[int, str] = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-    12: "NEW_SYN_RECV",
-}
+# Harness compatibility (xfgate/lab/truth.py reads it): the names of TCPState, by number.
+TCP_STATES: Mapping[int, str] = MappingProxyType({s.value: s.name for s in TCPState})
 
 
 class Direction(enum.Enum):
@@ -44,7 +30,7 @@ class Direction(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Flow:
-    proto: int  # IPPROTO_TCP or IPPROTO_UDP
+    proto: int  # IPProto.TCP or IPProto.UDP
     local: IPAddress
     lport: int
     remote: IPAddress
@@ -55,8 +41,8 @@ class Flow:
         return self.local.version
 
     def __str__(self) -> str:
-        name = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}.get(self.proto, str(self.proto))
-        return f"{name} {_hostport(self.local, self.lport)} -> {_hostport(self.remote, self.rport)}"
+        local, remote = _hostport(self.local, self.lport), _hostport(self.remote, self.rport)
+        return f"{proto_label(self.proto)} {local} -> {remote}"
 
 
 def _hostport(addr: IPAddress, port: int) -> str:

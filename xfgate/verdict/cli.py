@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from xfgate.errors import ConfigError
+from xfgate.inet import proto_label
 
 
 def register(sub: Any) -> None:
@@ -219,8 +220,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
         for line in lines:
             print(line)
     ports = fw.blocked_ports(args.domain)
-    names = {6: "tcp", 17: "udp"}
-    print("# blocked-port sets: " + (", ".join(f"{names[p]}/{n}" for p, n in ports) or "-"))
+    print("# blocked-port sets: " + (", ".join(f"{proto_label(p)}/{n}" for p, n in ports) or "-"))
     log = rule_log_path(args.domain)
     if log.exists():
         print(f"# rule log {log}")

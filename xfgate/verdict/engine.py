@@ -13,13 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from xfgate.flow import IPPROTO_TCP, Direction, Flow, GuestSocket, Ownership, OwnerSource
+from xfgate.flow import Direction, Flow, GuestSocket, Ownership, OwnerSource
+from xfgate.inet import IPProto, TCPFlag, proto_label
 from xfgate.verdict.cache import CacheKey, ListenerKey, OwnerCache
 from xfgate.verdict.fastpath import MARK_MASK, settle_mark
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.packet import (
     ICMPV6_NDP_TYPES,
-    IPPROTO_ICMPV6,
     Malformed,
     ParsedPacket,
     direction_of,
@@ -28,9 +28,7 @@ from xfgate.verdict.packet import (
 )
 from xfgate.verdict.policy import Decision, Policy, Verdict, decide
 
-PROTO_LOG_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 LOOKUP_ATTEMPTS = 2  # live memory tears now and then: one retry, then give up
-TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
 # Answers that are the listening socket's, not one connection's (see Engine._syn_owner).
 LISTENER_VIAS = frozenset({"listener", "request-sock->listener", "time-wait->listener"})
 
@@ -39,9 +37,9 @@ def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:
     """An incoming TCP SYN (no ACK, no RST): the guest kernel hands it to a listener."""
     return (
         direction is Direction.TO_GUEST
-        and parsed.proto == IPPROTO_TCP
+        and parsed.proto == IPProto.TCP
         and parsed.embedded is None
-        and parsed.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+        and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST) == TCPFlag.SYN
     )
 
 
@@ -197,7 +195,7 @@ class Engine:
         if direction is None:
             why = f"packet not on a vif of domain {self.domain} (in {physindev}, out {physoutdev})"
             return Evaluation(decide(None, None, policy, why), "parse", parsed)
-        if parsed.proto == IPPROTO_ICMPV6 and parsed.icmp_type in ICMPV6_NDP_TYPES:
+        if parsed.proto == IPProto.ICMPV6 and parsed.icmp_type in ICMPV6_NDP_TYPES:
             # Neighbour discovery is the link itself: dropping it would cut all IPv6.
             decision = Decision(Verdict.ACCEPT, "icmpv6 neighbour discovery", known=False)
             return Evaluation(decision, "parse", parsed, direction=direction)
@@ -206,7 +204,7 @@ class Engine:
             why = (
                 "non-first fragment"
                 if parsed.fragment
-                else f"{PROTO_LOG_NAMES.get(parsed.proto, parsed.proto)} has no ports"
+                else f"{proto_label(parsed.proto)} has no ports"
             )
             return Evaluation(decide(None, None, policy, why), "parse", parsed, None, direction)
         if self.cache.check_generation(self.source.generation()):
@@ -359,7 +357,7 @@ class Engine:
             "domain": self.domain,
             "vif": self.vifs.get(vif_index, ""),
             "direction": ev.direction.value if ev.direction else "",
-            "proto": PROTO_LOG_NAMES.get(p.proto, str(p.proto)) if p else "",
+            "proto": proto_label(p.proto) if p else "",
             "src": str(p.src) if p else "",
             "sport": p.sport if p else 0,
             "dst": str(p.dst) if p else "",

@@ -26,6 +26,7 @@ from typing import Any
 from xfgate.config import DomainConfig, get_domain
 from xfgate.errors import ConfigError, PrerequisiteError, QueueError, XfgateError
 from xfgate.flow import OwnerSource
+from xfgate.inet import proto_label
 from xfgate.verdict import control
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource, QueuedPacket
@@ -461,8 +462,7 @@ class Gate:
 
 
 def _ports_text(ports: set[tuple[int, int]]) -> list[str]:
-    names = {6: "tcp", 17: "udp"}
-    return [f"{names.get(p, p)}/{port}" for p, port in sorted(ports)]
+    return [f"{proto_label(p)}/{port}" for p, port in sorted(ports)]
 
 
 def rule_log_path(domain: int) -> Path:

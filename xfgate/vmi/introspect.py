@@ -17,7 +17,8 @@ from typing import Any
 
 from xfgate.config import DomainConfig
 from xfgate.errors import MemoryReadError, ProfileError, WalkError
-from xfgate.flow import IPPROTO_TCP, Flow, GuestSocket, Owner, Ownership
+from xfgate.flow import Flow, GuestSocket, Owner, Ownership
+from xfgate.inet import IPProto
 from xfgate.vmi.kaslr import KernelLocation, KernelLocator
 from xfgate.vmi.linux import (
     FdSocket,
@@ -33,7 +34,6 @@ from xfgate.vmi.profile import Profile
 from xfgate.vmi.qmp import ControlRegisters, PauseRecord, QmpClient, paused
 from xfgate.vmi.sockets import FoundSock, HashLayout, SocketTables
 
-PROTO_NAMES = {6: "tcp", 17: "udp"}
 LOOKUP_RETRIES = 2
 # How long a checked boot is trusted by lookups before the RAM file's identity and the banner
 # are checked again. A reboot takes seconds before the new kernel has any socket, a lookup
@@ -214,7 +214,7 @@ class GuestIntrospector:
         """The TCP listener that would take a new connection to `flow`'s local end (what a
         SYN meeting a TIME_WAIT sock is handed to), with its owners; None if none listens."""
         boot = self.boot(recheck=False)
-        if boot.tables is None or flow.proto != IPPROTO_TCP:
+        if boot.tables is None or flow.proto != IPProto.TCP:
             return None
         found = self._find(boot.tables, flow, listener_only=True)
         if found is None:
@@ -244,7 +244,7 @@ class GuestIntrospector:
                 owners, sk_uid, "NEW_SYN_RECV", "request-sock->listener", found.listener
             )
         owners = self._owners_of(boot, sock.address)
-        if not owners and found.table == "established" and flow.proto == IPPROTO_TCP:
+        if not owners and found.table == "established" and flow.proto == IPProto.TCP:
             # Accepted by the kernel, not yet by the process: it waits in the listener's queue.
             listener = boot.tables.find_listener(flow)
             if listener is not None:
@@ -334,7 +334,7 @@ def ps_document(result: WalkResult) -> dict[str, Any]:
         {
             "pid": s.pid,
             "fd": s.fd,
-            "proto": PROTO_NAMES[s.sock.proto],
+            "proto": IPProto(s.sock.proto).label,
             "family": s.sock.family,
             "local": str(s.sock.local),
             "lport": s.sock.lport,
