@@ -23,6 +23,24 @@ IPAddress = IPv4Address | IPv6Address
 TCP_STATES: Mapping[int, str] = MappingProxyType({s.value: s.name for s in TCPState})
 
 
+class Via(enum.StrEnum):
+    """How the socket of an answer was found (``Ownership.via``, the verdict log's ``via``)."""
+
+    ESTABLISHED = "established"  # tcp_hashinfo.ehash: a full socket of the flow
+    TIME_WAIT = "time-wait"  # ehash: an inet_timewait_sock (no task holds it)
+    LISTENER = "listener"  # lhash2: the listening socket of the flow's local end
+    UDP = "udp"  # udp_table
+    # The SYN-ACK of an incoming connection: a request sock no task holds yet, attributed to
+    # the listener that created it.
+    REQUEST_SOCK_LISTENER = "request-sock->listener"
+    # An accepted connection no task holds yet (still in the accept queue): the listener's.
+    ESTABLISHED_LISTENER = "established->listener"
+    # A SYN meeting a TIME_WAIT sock: the kernel hands it to the listener (TCP_TW_SYN).
+    TIME_WAIT_LISTENER = "time-wait->listener"
+    WALK = "walk"  # matched against a full walk's sockets (no hash-table layouts)
+    STATIC = "static"  # a static owner table, not a guest
+
+
 class Direction(enum.Enum):
     FROM_GUEST = "out"  # entered the host from the guest's vif (physdev-in)
     TO_GUEST = "in"  # leaves the host into the guest's vif (physdev-out)
@@ -64,16 +82,16 @@ class Owner:
 class Ownership:
     """The answer of a targeted lookup: the guest socket carrying a flow and its owners.
 
-    ``via`` says how the socket was found, e.g. "established", "listener", "udp",
-    "request-sock->listener" (the SYN-ACK of an incoming connection belongs to a request
-    socket no process holds yet: it is attributed to the listening socket's owners).
+    ``via`` says how the socket was found, a ``Via`` value (the SYN-ACK of an incoming
+    connection belongs to a request socket no process holds yet: it is attributed to the
+    listening socket's owners, ``Via.REQUEST_SOCK_LISTENER``).
     ``owners`` is empty when the socket is held by no task (TIME_WAIT, orphaned, kernel).
     """
 
     owners: tuple[Owner, ...]
     sk_uid: int
     state: str
-    via: str
+    via: str  # a Via; typed str while the static owner table still passes a literal
     sock_addr: int = 0
 
 

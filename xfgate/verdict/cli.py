@@ -9,6 +9,8 @@ from typing import Any
 
 from xfgate.errors import ConfigError
 from xfgate.inet import proto_label
+from xfgate.verdict.options import GateMode, GateOptions
+from xfgate.verdict.policy import Verdict
 
 
 def register(sub: Any) -> None:
@@ -40,7 +42,7 @@ def register(sub: Any) -> None:
         metavar="PROTO/PORT",
         help="block a guest-local port outright, e.g. tcp/23",
     )
-    run.add_argument("--mode", choices=("queue", "poll"), default="queue")
+    run.add_argument("--mode", choices=[m.value for m in GateMode], default=GateMode.QUEUE.value)
     run.add_argument("--interval", type=float, default=5.0, help="poll mode: seconds between walks")
     run.add_argument("--queue-num", type=int, help="NFQUEUE number (default 100 + domain id)")
     run.add_argument(
@@ -50,13 +52,13 @@ def register(sub: Any) -> None:
     )
     run.add_argument(
         "--unknown",
-        choices=("accept", "drop"),
-        default="accept",
+        choices=[v.value for v in Verdict],
+        default=Verdict.ACCEPT.value,
         help="verdict when the owner cannot be known (kernel RST, ICMP, TIME_WAIT, malformed)",
     )
     run.add_argument(
         "--on-error",
-        choices=("accept", "drop"),
+        choices=[v.value for v in Verdict],
         help="verdict on an internal error (default: same as --unknown)",
     )
     run.add_argument("--log", metavar="FILE|-", help="per-packet verdict log (JSON lines)")
@@ -109,8 +111,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from xfgate.verdict.policy import Verdict, compile_policy
-    from xfgate.verdict.runner import GateOptions, run_gate
+    from xfgate.verdict.policy import compile_policy
+    from xfgate.verdict.runner import run_gate
 
     if args.log_sample < 1:
         raise ConfigError("--log-sample must be >= 1")
@@ -127,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = GateOptions(
         domains=tuple(dict.fromkeys(args.domain)),
         policy=policy,
-        mode=args.mode,
+        mode=GateMode(args.mode),
         interval=args.interval,
         queue_num=args.queue_num,
         queue_bypass=args.queue_bypass,

@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from xfgate.errors import ConfigError
-from xfgate.flow import Flow, GuestSocket, Owner, Ownership
+from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
 from xfgate.inet import PORT_PROTOS, IPProto, proto_label
 from xfgate.vmi.kernel_constants import COMM_MAX_CHARS, comm_key
 
@@ -21,7 +21,7 @@ from xfgate.vmi.kernel_constants import COMM_MAX_CHARS, comm_key
 PROTO_NAMES: Mapping[str, IPProto] = MappingProxyType({p.label: p for p in PORT_PROTOS})
 
 
-class Verdict(enum.Enum):
+class Verdict(enum.StrEnum):
     ACCEPT = "accept"
     DROP = "drop"
 
@@ -207,7 +207,7 @@ def blocked_ports(sockets: Iterable[GuestSocket], policy: Policy) -> set[tuple[i
     for s in sockets:
         if s.proto not in PORT_PROTOS or not 0 < s.lport < 65536:
             continue
-        ownership = Ownership(s.owners, s.sk_uid, s.state, "walk", s.sock_addr)
+        ownership = Ownership(s.owners, s.sk_uid, s.state, Via.WALK, s.sock_addr)
         if not s.owners and s.sk_uid not in policy.block_sk_uids:
             continue  # TIME_WAIT & co: nobody to block, and the port is about to be reused
         if decide(ownership, None, policy).verdict is Verdict.DROP:

@@ -39,31 +39,11 @@ from xfgate.verdict.fastpath import (
 )
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.netns import enter_netns, ifindex
+from xfgate.verdict.options import GateMode, GateOptions
 from xfgate.verdict.policy import Policy, Verdict, blocked_ports
 
 DEFAULT_QUEUE_BASE = 100  # queue number = base + domain id unless --queue-num is given
 IDLE_TICK = 0.5
-
-
-@dataclass(frozen=True)
-class GateOptions:
-    domains: tuple[int, ...]
-    policy: Policy
-    mode: str = "queue"  # queue | poll
-    interval: float = 5.0  # poll mode: seconds between walks
-    queue_num: int | None = None
-    queue_bypass: bool = False
-    on_error: Verdict | None = None
-    log_target: str | None = None
-    log_sample: int = 1
-    persist_blocks: bool = False
-    fastpath: bool = True
-    owners_json: str | None = None
-    refresh_interval: float = 2.0
-    cache_ttl: float = 10.0
-    negative_ttl: float = 1.0
-    domains_file: Path | None = None
-    profile: str | None = None  # profile file; default: built/cached for the domain's kernel
 
 
 def make_owner_source(
@@ -187,8 +167,6 @@ class Gate:
 
     def start(self) -> None:
         opts = self.options
-        if opts.mode not in ("queue", "poll"):
-            raise ConfigError(f"--mode must be queue or poll, got {opts.mode!r}")
         if not opts.domains:
             raise ConfigError("give at least one --domain")
         cfgs = [get_domain(d, opts.domains_file) for d in opts.domains]
@@ -231,7 +209,7 @@ class Gate:
         dg = DomainGate(cfg, layout, source, engine)
         self.domains[cfg.id] = dg
         dg.control = control.ControlServer(cfg.id, functools.partial(self._control, dg))
-        if opts.mode == "queue":
+        if opts.mode is GateMode.QUEUE:
             dg.queue = bind_queue(queue_num, engine.handle)
 
     def _clean_leftovers(self) -> None:
@@ -250,7 +228,7 @@ class Gate:
         assert self.firewall is not None
         fw = self.firewall
         d = dg.cfg.id
-        if self.options.mode == "queue":
+        if self.options.mode is GateMode.QUEUE:
             dg.refresher = Refresher(
                 d,
                 dg.source,
@@ -349,7 +327,7 @@ class Gate:
             if dg.control is not None:
                 readers[dg.control.fileno()] = dg.control.serve_one
         timeout = IDLE_TICK
-        if self.options.mode == "poll":
+        if self.options.mode is GateMode.POLL:
             now = time.monotonic()
             timeout = max(0.0, min([timeout] + [g.next_poll - now for g in self.domains.values()]))
         ready, _, _ = select.select(list(readers), [], [], timeout)
@@ -359,7 +337,7 @@ class Gate:
             except Exception as e:  # e.g. recv() failing on the queue socket: keep serving
                 self.loop_errors += 1
                 print(f"xfgate: loop error: {type(e).__name__}: {e}", file=sys.stderr)
-        if self.options.mode == "poll":
+        if self.options.mode is GateMode.POLL:
             now = time.monotonic()
             for dg in self.domains.values():
                 if now >= dg.next_poll:
@@ -414,7 +392,7 @@ class Gate:
     def _set_policy(self, dg: DomainGate, new: Policy) -> None:
         assert self.firewall is not None
         dg.engine.set_policy(new)  # new snapshot + cache dropped
-        if self.options.mode == "queue":
+        if self.options.mode is GateMode.QUEUE:
             # Settled flows are re-decided from their next packet: established flows of a
             # newly blocked owner are cut, those of an unblocked one come back.
             self.firewall.reset_settled(dg.cfg.id)
@@ -424,7 +402,7 @@ class Gate:
             dg.next_poll = time.monotonic()
 
     def _kernel_counters(self, domain: int) -> dict[str, int]:
-        if self.firewall is None or self.options.mode != "queue":
+        if self.firewall is None or self.options.mode is not GateMode.QUEUE:
             return {}
         try:
             return self.firewall.counters(domain)
@@ -440,7 +418,7 @@ class Gate:
             "name": dg.cfg.name,
             "vifs": list(dg.cfg.vifs),
             "mode": self.options.mode,
-            "queue_num": dg.layout.queue_num if self.options.mode == "queue" else None,
+            "queue_num": dg.layout.queue_num if self.options.mode is GateMode.QUEUE else None,
             "queue_bypass": self.options.queue_bypass,
             "fastpath": self.options.fastpath,
             "policy": dg.engine.policy.to_dict(),

@@ -12,6 +12,7 @@ Every chain walk is bounded; a broken chain ends the lookup with a reason, not a
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass
 from ipaddress import IPv6Address
@@ -103,13 +104,22 @@ class HashLayout:
         )
 
 
+class HashTable(enum.StrEnum):
+    """Which kernel hash table (and which kind of entry in it) a sock was found in."""
+
+    ESTABLISHED = "established"  # tcp_hashinfo.ehash, a full socket
+    TIME_WAIT = "time-wait"  # ehash, an inet_timewait_sock
+    REQUEST = "request"  # ehash, a request_sock (TCP_NEW_SYN_RECV)
+    LISTENER = "listener"  # tcp_hashinfo.lhash2
+    UDP = "udp"  # udp_table
+
+
 @dataclass(frozen=True, slots=True)
 class FoundSock:
-    """A struct sock found in a hash table. `table` is "established", "time-wait",
-    "request" (then `listener` is rsk_listener), "listener" or "udp"."""
+    """A struct sock found in a hash table; for HashTable.REQUEST `listener` is rsk_listener."""
 
     sock: InetSock
-    table: str
+    table: HashTable
     listener: int = 0
 
 
@@ -271,11 +281,11 @@ class SocketTables:
             if sock is None:
                 continue
             if state == TCPState.TIME_WAIT:
-                return FoundSock(sock, "time-wait")
+                return FoundSock(sock, HashTable.TIME_WAIT)
             if state == TCPState.NEW_SYN_RECV:
                 listener: int = _U64.unpack_from(head, h.skc_listener)[0]
-                return FoundSock(sock, "request", listener)
-            return FoundSock(sock, "established")
+                return FoundSock(sock, HashTable.REQUEST, listener)
+            return FoundSock(sock, HashTable.ESTABLISHED)
         return None
 
     def _listener(self, flow: Flow) -> FoundSock | None:
@@ -301,7 +311,7 @@ class SocketTables:
                 if score > 0 and self._in_init_net(head) and (best is None or score > best[0]):
                     sock = self._full(sk, head)
                     if sock is not None and sock.state == TCPState.LISTEN:
-                        best = (score, FoundSock(sock, "listener"))
+                        best = (score, FoundSock(sock, HashTable.LISTENER))
         return best[1] if best else None
 
     # -- UDP ------------------------------------------------------------------------------------
@@ -318,7 +328,7 @@ class SocketTables:
             if score > 0 and self._in_init_net(head) and (best is None or score > best[0]):
                 sock = self._full(sk, head)
                 if sock is not None and sock.proto == IPProto.UDP:
-                    best = (score, FoundSock(sock, "udp"))
+                    best = (score, FoundSock(sock, HashTable.UDP))
         return best[1] if best else None
 
 
