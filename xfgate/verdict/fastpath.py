@@ -408,9 +408,8 @@ class IptcBackend(LegacyCliBackend):
             raise FirewallError(f"python-iptables could not {what}: {e}") from e
 
 
-def make_backend(name: str = "") -> RuleBackend:
-    """``$XFGATE_IPTABLES`` = "cli" selects the iptables-legacy programs; default libiptc."""
-    name = name or os.environ.get("XFGATE_IPTABLES", "iptc")
+def make_backend(name: str = "iptc") -> RuleBackend:
+    """ "cli" selects the iptables-legacy programs (``--iptables cli``); default libiptc."""
     if name == "cli":
         return LegacyCliBackend()
     return IptcBackend()

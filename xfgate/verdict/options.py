@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from xfgate.config import DEFAULT_CACHE_DIR, DEFAULT_DOMAINS_FILE, DEFAULT_RUN_DIR
 from xfgate.verdict.policy import Policy, Verdict
 
 
@@ -31,5 +32,8 @@ class GateOptions:
     refresh_interval: float = 2.0
     cache_ttl: float = 10.0
     negative_ttl: float = 1.0
-    domains_file: Path | None = None
+    domains_file: Path = DEFAULT_DOMAINS_FILE
     profile: str | None = None  # profile file; default: built/cached for the domain's kernel
+    run_dir: Path = DEFAULT_RUN_DIR  # control sockets, poll-mode rule logs
+    cache_dir: Path = DEFAULT_CACHE_DIR  # kernel assets and profiles
+    iptables: str = "iptc"  # rule backend: "iptc" (libiptc) or "cli" (iptables-legacy)
