@@ -27,7 +27,8 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from xfgate.flow import IPPROTO_TCP, Flow, GuestSocket, Owner, Ownership
+from xfgate.flow import Flow, GuestSocket, Owner, Ownership
+from xfgate.inet import IPProto
 from xfgate.verdict import netlab
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine
@@ -62,7 +63,7 @@ def percentiles_us(samples_ns: list[int]) -> dict[str, float]:
 def bench_decision(rounds: int) -> dict[str, Any]:
     # Built with raw bytes (no scapy): an IPv4 TCP ACK, client -> guest:8080.
     src, dst = ip_address("198.18.9.1").packed, ip_address("198.18.9.2").packed
-    ip = bytes([0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, IPPROTO_TCP, 0, 0]) + src + dst
+    ip = bytes([0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, IPProto.TCP, 0, 0]) + src + dst
     tcp = (5000).to_bytes(2, "big") + (8080).to_bytes(2, "big") + bytes(8) + b"\x50\x10" + bytes(6)
     payload = ip + tcp
     engine = Engine(9, {7: "vif9.0"}, _Table(), compile_policy(uids=[1001]), OwnerCache())

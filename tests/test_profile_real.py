@@ -8,7 +8,6 @@ second, direct walk over the BTF graph written here.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import struct
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from xfgate.cli import build_parser
 from xfgate.errors import PrerequisiteError, ProfileError
-from xfgate.vmi import isf, kernel_image, profile_build, profile_cli
+from xfgate.vmi import isf, kernel_image, profile_build
 from xfgate.vmi.btf import Btf, Kind, parse_btf
 from xfgate.vmi.profile import Profile
 
@@ -281,9 +281,8 @@ def test_real_isf_is_accepted_by_volatility_schema(generic: Kernel) -> None:
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="xfgate")
-    profile_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """The real parser (its --cache-dir defaults to $XFGATE_CACHE), errors raised, not printed."""
+    args = build_parser().parse_args(argv)
     code: int = args.handler(args)
     return code
 

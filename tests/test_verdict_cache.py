@@ -7,10 +7,12 @@ from ipaddress import ip_address
 
 import pytest
 
-from xfgate.flow import IPPROTO_TCP, Flow, Owner, Ownership
-from xfgate.verdict.cache import ListenerKey, OwnerCache
+from xfgate.flow import Flow, Owner, Ownership
+from xfgate.inet import IPProto
+from xfgate.verdict.cache import Answer, AnswerSource, ListenerKey, OwnerCache
 
-FLOW = Flow(IPPROTO_TCP, ip_address("198.18.1.1"), 80, ip_address("198.18.0.1"), 5000)
+CACHED, LOADED = AnswerSource.CACHE, AnswerSource.INTROSPECTION
+FLOW = Flow(IPProto.TCP, ip_address("198.18.1.1"), 80, ip_address("198.18.0.1"), 5000)
 OWNED = Ownership((Owner(1, 0, 0, "httpd"),), 0, "LISTEN", "listener")
 
 
@@ -27,27 +29,27 @@ def test_positive_entries_live_for_the_ttl() -> None:
     cache = OwnerCache(ttl=10, negative_ttl=1, timer=clock)
     cache.put(FLOW, OWNED)
     clock.now += 9.9
-    assert cache.get(FLOW) == (True, OWNED)
+    assert cache.get(FLOW) == Answer(OWNED, CACHED)
     clock.now += 0.2
-    assert cache.get(FLOW) == (False, None)
+    assert cache.get(FLOW) is None
 
 
 def test_negative_entries_expire_sooner() -> None:
     clock = Clock()
     cache = OwnerCache(ttl=10, negative_ttl=1, timer=clock)
     cache.put(FLOW, None)
-    assert cache.get(FLOW) == (True, None)
+    assert cache.get(FLOW) == Answer(None, CACHED)
     clock.now += 1.01
-    assert cache.get(FLOW) == (False, None)
+    assert cache.get(FLOW) is None
 
 
 def test_generation_change_drops_everything() -> None:
     cache = OwnerCache(timer=Clock())
     assert cache.check_generation(1) is False  # first sight: nothing to drop
     cache.put(FLOW, OWNED)
-    assert cache.check_generation(1) is False and cache.get(FLOW)[0]
+    assert cache.check_generation(1) is False and cache.get(FLOW) is not None
     assert cache.check_generation(2) is True
-    assert cache.get(FLOW) == (False, None)
+    assert cache.get(FLOW) is None
 
 
 def test_get_or_load_loads_once_then_hits() -> None:
@@ -58,8 +60,8 @@ def test_get_or_load_loads_once_then_hits() -> None:
         return OWNED
 
     cache = OwnerCache(timer=Clock())
-    assert cache.get_or_load(FLOW, loader) == (OWNED, False)
-    assert cache.get_or_load(FLOW, loader) == (OWNED, True)
+    assert cache.get_or_load(FLOW, loader) == Answer(OWNED, LOADED)
+    assert cache.get_or_load(FLOW, loader) == Answer(OWNED, CACHED)
     assert calls == [FLOW]
     s = cache.stats()
     assert (s.hits, s.misses, s.loads) == (1, 1, 1)
@@ -75,7 +77,7 @@ def test_concurrent_misses_for_one_flow_trigger_one_lookup() -> None:
         release.wait(10)
         return OWNED
 
-    results: list[tuple[Ownership | None, bool]] = []
+    results: list[Answer] = []
     threads = [
         threading.Thread(target=lambda: results.append(cache.get_or_load(FLOW, slow_loader)))
         for _ in range(8)
@@ -88,7 +90,7 @@ def test_concurrent_misses_for_one_flow_trigger_one_lookup() -> None:
     for t in threads:
         t.join(10)
     assert len(calls) == 1
-    assert len(results) == 8 and all(r[0] == OWNED for r in results)
+    assert len(results) == 8 and all(r.ownership == OWNED for r in results)
 
 
 def test_a_failing_load_does_not_wedge_the_key() -> None:
@@ -99,17 +101,17 @@ def test_a_failing_load_does_not_wedge_the_key() -> None:
 
     with pytest.raises(RuntimeError, match="torn pointer"):
         cache.get_or_load(FLOW, broken)
-    assert cache.get_or_load(FLOW, lambda f: OWNED) == (OWNED, False)
+    assert cache.get_or_load(FLOW, lambda f: OWNED) == Answer(OWNED, LOADED)
 
 
 def test_listener_keys_and_flows_are_separate_entries() -> None:
     cache = OwnerCache(timer=Clock())
     listener = ListenerKey.of(FLOW)
-    assert listener == ListenerKey(IPPROTO_TCP, ip_address("198.18.1.1"), 80)
+    assert listener == ListenerKey(IPProto.TCP, ip_address("198.18.1.1"), 80)
     cache.put(listener, OWNED)
-    assert cache.get(listener) == (True, OWNED)
-    assert cache.get(FLOW) == (False, None)
-    other_client = Flow(IPPROTO_TCP, FLOW.local, 80, ip_address("198.18.7.7"), 6000)
+    assert cache.get(listener) == Answer(OWNED, CACHED)
+    assert cache.get(FLOW) is None
+    other_client = Flow(IPProto.TCP, FLOW.local, 80, ip_address("198.18.7.7"), 6000)
     assert ListenerKey.of(other_client) == listener
 
 
@@ -123,10 +125,12 @@ def test_get_or_load_can_store_under_the_key_the_answer_names() -> None:
     cache = OwnerCache(timer=Clock())
     listener = ListenerKey.of(FLOW)
     # Asked under the listener, stored under the flow: the next ask misses the listener key.
-    assert cache.get_or_load(FLOW, loader, key=listener, store_as=lambda o: FLOW) == (OWNED, False)
-    assert cache.get(FLOW) == (True, OWNED) and cache.get(listener) == (False, None)
-    assert cache.get_or_load(FLOW, loader, key=listener) == (OWNED, False)
-    assert cache.get_or_load(FLOW, loader, key=listener) == (OWNED, True)
+    assert cache.get_or_load(FLOW, loader, key=listener, store_as=lambda o: FLOW) == Answer(
+        OWNED, LOADED
+    )
+    assert cache.get(FLOW) == Answer(OWNED, CACHED) and cache.get(listener) is None
+    assert cache.get_or_load(FLOW, loader, key=listener) == Answer(OWNED, LOADED)
+    assert cache.get_or_load(FLOW, loader, key=listener) == Answer(OWNED, CACHED)
     assert len(calls) == 2
 
 
@@ -134,9 +138,9 @@ def test_answers_without_owners_live_the_negative_ttl() -> None:
     clock = Clock()
     cache = OwnerCache(ttl=10, negative_ttl=1, timer=clock)
     cache.put(FLOW, Ownership((), -1, "TIME_WAIT", "time-wait"))
-    assert cache.get(FLOW)[0]
+    assert cache.get(FLOW) is not None
     clock.now += 1.01
-    assert cache.get(FLOW) == (False, None)
+    assert cache.get(FLOW) is None
 
 
 def test_listener_entries_live_the_listener_ttl() -> None:
@@ -146,7 +150,7 @@ def test_listener_entries_live_the_listener_ttl() -> None:
     cache.put(listener, OWNED)
     cache.put(FLOW, OWNED)
     clock.now += 1.5
-    assert cache.get(listener) == (True, OWNED)
+    assert cache.get(listener) == Answer(OWNED, CACHED)
     clock.now += 1.0
-    assert cache.get(listener) == (False, None)  # a new listener on the port is looked up
-    assert cache.get(FLOW) == (True, OWNED)
+    assert cache.get(listener) is None  # a new listener on the port is looked up
+    assert cache.get(FLOW) == Answer(OWNED, CACHED)

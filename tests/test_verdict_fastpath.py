@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from xfgate.errors import FirewallError
-from xfgate.flow import IPPROTO_TCP
+from xfgate.inet import IPProto
 from xfgate.verdict.fastpath import (
     MARK_MASK,
     Firewall,
@@ -117,13 +117,13 @@ def test_block_and_poll_rules() -> None:
     rules = block_rules(9, ["vif9.0"])
     assert len(rules) == 4 and all(r[-2:] == ("-j", "DROP") for r in rules)
     assert rules[0][-5:-2] == ("--match-set", "xfgate-9-tcp", "src")
-    polls = poll_rules(["vif9.0"], [(IPPROTO_TCP, 80), (IPPROTO_TCP, 80), (17, 53)])
+    polls = poll_rules(["vif9.0"], [(IPProto.TCP, 80), (IPProto.TCP, 80), (17, 53)])
     assert len(polls) == 4  # no duplicate for the repeated port
     assert polls[0][-4:-2] == ("--sport", "80") and polls[1][-4:-2] == ("--dport", "80")
 
 
 def test_ipset_script_swaps_atomically() -> None:
-    script = ipset_replace_script(9, [(IPPROTO_TCP, 80), (17, 53), (IPPROTO_TCP, 0)])
+    script = ipset_replace_script(9, [(IPProto.TCP, 80), (17, 53), (IPProto.TCP, 0)])
     lines = script.splitlines()
     assert "add xfgate-9-tcp-new 80" in lines and "add xfgate-9-udp-new 53" in lines
     assert "add xfgate-9-tcp-new 0" not in lines

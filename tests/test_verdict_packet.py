@@ -16,11 +16,10 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrRouting,
 )
 
-from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Direction, Flow
+from xfgate.flow import Direction, Flow
+from xfgate.inet import IPProto, TCPFlag
 from xfgate.verdict.packet import (
     MAX_IPV6_EXT_HEADERS,
-    TCP_ACK,
-    TCP_SYN,
     Malformed,
     ParsedPacket,
     direction_of,
@@ -42,23 +41,23 @@ def test_tcp_syn_ipv4() -> None:
     p = ok(bytes(IP(src=G4, dst=C4) / TCP(sport=40000, dport=2222, flags="S")))
     assert (p.family, p.proto, str(p.src), p.sport, str(p.dst), p.dport) == (
         4,
-        IPPROTO_TCP,
+        IPProto.TCP,
         G4,
         40000,
         C4,
         2222,
     )
-    assert p.tcp_flags == TCP_SYN
+    assert p.tcp_flags == TCPFlag.SYN
     assert to_flow(p, Direction.FROM_GUEST) == Flow(
-        IPPROTO_TCP, ip_address(G4), 40000, ip_address(C4), 2222
+        IPProto.TCP, ip_address(G4), 40000, ip_address(C4), 2222
     )
 
 
 def test_to_guest_flow_is_seen_from_the_guest() -> None:
     p = ok(bytes(IP(src=C4, dst=G4) / TCP(sport=5555, dport=80, flags="SA")))
-    assert p.tcp_flags == TCP_SYN | TCP_ACK
+    assert p.tcp_flags == TCPFlag.SYN | TCPFlag.ACK
     assert to_flow(p, Direction.TO_GUEST) == Flow(
-        IPPROTO_TCP, ip_address(G4), 80, ip_address(C4), 5555
+        IPProto.TCP, ip_address(G4), 80, ip_address(C4), 5555
     )
 
 
@@ -71,7 +70,7 @@ def test_udp_ipv6_through_extension_headers() -> None:
         / UDP(sport=9000, dport=5353)
     )
     p = ok(bytes(pkt))
-    assert (p.family, p.proto, p.sport, p.dport) == (6, IPPROTO_UDP, 9000, 5353)
+    assert (p.family, p.proto, p.sport, p.dport) == (6, IPProto.UDP, 9000, 5353)
 
 
 def test_ipv6_first_fragment_has_ports_later_ones_not() -> None:
@@ -84,7 +83,7 @@ def test_ipv6_first_fragment_has_ports_later_ones_not() -> None:
     later = IPv6(src=G6, dst=C6) / IPv6ExtHdrFragment(offset=3, m=0, id=7, nh=17) / (b"y" * 16)
     p1, p2 = ok(bytes(first)), ok(bytes(later))
     assert (p1.sport, p1.dport, p1.fragment) == (1, 2, False)
-    assert p2.fragment and p2.proto == IPPROTO_UDP and not p2.has_ports
+    assert p2.fragment and p2.proto == IPProto.UDP and not p2.has_ports
     assert to_flow(p2, Direction.FROM_GUEST) is None
 
 
@@ -104,7 +103,7 @@ def test_icmp_error_carries_the_embedded_flow() -> None:
     p = ok(bytes(err))
     assert p.is_icmp_error and p.icmp_type == 3
     assert to_flow(p, Direction.TO_GUEST) == Flow(
-        IPPROTO_UDP, ip_address(G4), 41000, ip_address(C4), 5353
+        IPProto.UDP, ip_address(G4), 41000, ip_address(C4), 5353
     )
 
 
@@ -112,7 +111,7 @@ def test_icmpv6_error_and_ndp() -> None:
     inner = IPv6(src=G6, dst=C6) / TCP(sport=9000, dport=7000)
     err = ok(bytes(IPv6(src=C6, dst=G6) / ICMPv6DestUnreach() / bytes(inner)[:48]))
     assert to_flow(err, Direction.TO_GUEST) == Flow(
-        IPPROTO_TCP, ip_address(G6), 9000, ip_address(C6), 7000
+        IPProto.TCP, ip_address(G6), 9000, ip_address(C6), 7000
     )
     ns = ok(bytes(IPv6(src=G6, dst="ff02::1:ff00:1") / ICMPv6ND_NS(tgt=C6)))
     assert ns.icmp_type == 135 and to_flow(ns, Direction.FROM_GUEST) is None

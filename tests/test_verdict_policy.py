@@ -8,13 +8,14 @@ from typing import Any
 import pytest
 
 from xfgate.errors import ConfigError
-from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Flow, GuestSocket, Owner, Ownership
+from xfgate.flow import Flow, GuestSocket, Owner, Ownership
+from xfgate.inet import IPProto
 from xfgate.verdict.policy import Verdict, blocked_ports, compile_policy, decide, policy_from_dict
 
 ROOT = Owner(pid=100, uid=0, euid=0, comm="httpd")
 WEB = Owner(pid=200, uid=1000, euid=1000, comm="httpd")
 SPRAY = Owner(pid=300, uid=1001, euid=1001, comm="spray")
-FLOW = Flow(IPPROTO_TCP, ip_address("198.18.1.1"), 80, ip_address("198.18.0.1"), 5000)
+FLOW = Flow(IPProto.TCP, ip_address("198.18.1.1"), 80, ip_address("198.18.0.1"), 5000)
 
 
 def own(*owners: Owner, sk_uid: int = 0, state: str = "ESTABLISHED") -> Ownership:
@@ -107,18 +108,18 @@ def test_unknown_option_validated() -> None:
 def test_blocked_ports_from_a_walk() -> None:
     g, c, any4 = ip_address("198.18.1.1"), ip_address("198.18.0.1"), ip_address("0.0.0.0")
     sockets = [
-        GuestSocket(IPPROTO_TCP, any4, 80, any4, 0, "LISTEN", 0, (ROOT,)),
-        GuestSocket(IPPROTO_TCP, any4, 8080, any4, 0, "LISTEN", 1000, (WEB,)),
-        GuestSocket(IPPROTO_TCP, g, 40000, c, 2222, "SYN_SENT", 1001, (SPRAY,)),
-        GuestSocket(IPPROTO_UDP, any4, 41000, any4, 0, "CLOSE", 1001, (SPRAY,)),
-        GuestSocket(IPPROTO_TCP, g, 40001, c, 2222, "TIME_WAIT", 0, ()),
+        GuestSocket(IPProto.TCP, any4, 80, any4, 0, "LISTEN", 0, (ROOT,)),
+        GuestSocket(IPProto.TCP, any4, 8080, any4, 0, "LISTEN", 1000, (WEB,)),
+        GuestSocket(IPProto.TCP, g, 40000, c, 2222, "SYN_SENT", 1001, (SPRAY,)),
+        GuestSocket(IPProto.UDP, any4, 41000, any4, 0, "CLOSE", 1001, (SPRAY,)),
+        GuestSocket(IPProto.TCP, g, 40001, c, 2222, "TIME_WAIT", 0, ()),
     ]
     assert blocked_ports(sockets, compile_policy(uids=[1001])) == {
-        (IPPROTO_TCP, 40000),
-        (IPPROTO_UDP, 41000),
+        (IPProto.TCP, 40000),
+        (IPProto.UDP, 41000),
     }
     assert blocked_ports(sockets, compile_policy(uids=[0], ports=["udp/53"])) == {
-        (IPPROTO_TCP, 80),
-        (IPPROTO_UDP, 53),
+        (IPProto.TCP, 80),
+        (IPProto.UDP, 53),
     }
     assert blocked_ports(sockets, compile_policy()) == set()

@@ -28,7 +28,8 @@ import pytest
 
 from tests.conftest import require_lab_prerequisites
 from xfgate.config import DomainConfig
-from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Flow
+from xfgate.flow import Flow
+from xfgate.inet import IPProto
 from xfgate.lab import lab
 from xfgate.lab.cli import guest_exec, guest_truth
 from xfgate.lab.layout import LabLayout
@@ -183,9 +184,9 @@ def test_table_output_and_filters(lab_domain: DomainConfig) -> None:
 
 
 def _flow_for(sock: dict[str, Any]) -> Flow:
-    proto = IPPROTO_TCP if sock["proto"] == "tcp" else IPPROTO_UDP
+    proto = IPProto.TCP if sock["proto"] == "tcp" else IPProto.UDP
     local = ip_address(sock["local"])
-    if sock["state"] == "LISTEN" or (proto == IPPROTO_UDP and sock["rport"] == 0):
+    if sock["state"] == "LISTEN" or (proto == IPProto.UDP and sock["rport"] == 0):
         peer = PEER4 if sock["family"] == 4 else PEER6
         if local.version == 6 and local.ipv4_mapped is not None:
             peer = f"::ffff:{PEER4}"
@@ -207,7 +208,7 @@ def test_targeted_lookup_finds_every_socket_owner(
             own = guest.lookup(flow)
             assert own is not None, f"no socket found for {flow} ({sock})"
             want_via = {"LISTEN": "listener"}.get(
-                sock["state"], "udp" if flow.proto == IPPROTO_UDP else "established"
+                sock["state"], "udp" if flow.proto == IPProto.UDP else "established"
             )
             assert own.via == want_via, (flow, own)
             assert (sock["pid"], sock["fd"]) in {(o.pid, o.fd) for o in own.owners}, (flow, own)

@@ -11,7 +11,8 @@ import pytest
 from tests.vmi_fakes import FakeGuest, addr, standard_guest
 from xfgate.config import DomainConfig, MemoryConfig
 from xfgate.errors import ProfileMismatch
-from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Flow
+from xfgate.flow import Flow
+from xfgate.inet import IPProto
 from xfgate.vmi import jhash, sockets
 from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.kaslr import KernelLocator, from_banner_scan, from_vmcoreinfo
@@ -57,48 +58,48 @@ def test_jhash_matches_hashes_the_real_6_1_kernel_stored() -> None:
 def test_established_v4_v6_listener_udp() -> None:
     g = standard_guest()
     t = _tables(g)
-    est = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
+    est = t.find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
     assert est is not None and est.table == "established" and est.sock.rport == 40000
-    est6 = t.find(_flow(IPPROTO_TCP, "2001:2::1:1", 51000, "2001:2::1", 443))
+    est6 = t.find(_flow(IPProto.TCP, "2001:2::1:1", 51000, "2001:2::1", 443))
     assert est6 is not None and est6.table == "established" and est6.sock.sk_uid == 1000
-    lst = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.9", 1234))
+    lst = t.find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.9", 1234))
     assert lst is not None and lst.table == "listener" and lst.sock.lport == 80
     # An IPv4 packet to a dual-stack [::]:8080 listener.
-    dual = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 8080, "198.18.0.9", 1234))
+    dual = t.find(_flow(IPProto.TCP, "198.18.1.1", 8080, "198.18.0.9", 1234))
     assert dual is not None and dual.table == "listener" and dual.sock.family == 6
-    udp = t.find(_flow(IPPROTO_UDP, "198.18.1.1", 5353, "198.18.0.1", 9999))
+    udp = t.find(_flow(IPProto.UDP, "198.18.1.1", 5353, "198.18.0.1", 9999))
     assert udp is not None and udp.table == "udp" and udp.sock.sk_uid == 1001
-    assert t.find(_flow(IPPROTO_TCP, "198.18.1.1", 81, "198.18.0.1", 1)) is None
-    assert t.find(_flow(IPPROTO_UDP, "198.18.1.1", 53, "198.18.0.1", 1)) is None
+    assert t.find(_flow(IPProto.TCP, "198.18.1.1", 81, "198.18.0.1", 1)) is None
+    assert t.find(_flow(IPProto.UDP, "198.18.1.1", 53, "198.18.0.1", 1)) is None
 
 
 def test_v4_mapped_flow_is_looked_up_as_ipv4() -> None:
     g = standard_guest()
     t = _tables(g)
-    found = t.find(_flow(IPPROTO_TCP, "::ffff:198.18.1.1", 80, "::ffff:198.18.0.1", 40000))
+    found = t.find(_flow(IPProto.TCP, "::ffff:198.18.1.1", 80, "::ffff:198.18.0.1", 40000))
     assert found is not None and found.table == "established"
 
 
 def test_request_and_time_wait_socks() -> None:
     g = standard_guest()
     listener = g.tasks[2].address  # httpd task, to find its listener below
-    lst_sock = _tables(g).find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.7", 1))
+    lst_sock = _tables(g).find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.7", 1))
     assert lst_sock is not None and listener
-    req = g.new_sock(IPPROTO_TCP, 12, "198.18.1.1", 80, "198.18.0.7", 5555, size=0x90)
+    req = g.new_sock(IPProto.TCP, 12, "198.18.1.1", 80, "198.18.0.7", 5555, size=0x90)
     g.set_request_listener(req, lst_sock.sock.address)
     g.hash_established(req, "198.18.1.1", 80, "198.18.0.7", 5555)
-    tw = g.new_sock(IPPROTO_TCP, 6, "198.18.1.1", 80, "198.18.0.8", 6666, size=0x90)
+    tw = g.new_sock(IPProto.TCP, 6, "198.18.1.1", 80, "198.18.0.8", 6666, size=0x90)
     g.hash_established(tw, "198.18.1.1", 80, "198.18.0.8", 6666)
     t = _tables(g)
-    r = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.7", 5555))
+    r = t.find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.7", 5555))
     assert r is not None and r.table == "request" and r.listener == lst_sock.sock.address
-    w = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.8", 6666))
+    w = t.find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.8", 6666))
     assert w is not None and w.table == "time-wait"
 
 
 def test_cyclic_bucket_is_bounded() -> None:
     g = standard_guest()
-    est = _tables(g).find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
+    est = _tables(g).find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
     assert est is not None
     node = est.sock.address + g.off("sock_common", "skc_nulls_node")
     g.w(node, "<Q", node)  # the sock points at itself
@@ -112,14 +113,14 @@ def test_cyclic_bucket_is_bounded() -> None:
     # Another flow that lands in the same bucket but matches nothing there.
     rport = next(p for p in range(1, 65536) if p != 40000 and slot(p) == slot(40000))
     t = _tables(g)
-    found = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", rport))
+    found = t.find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", rport))
     assert found is not None and found.table == "listener"
     [issue] = t.errors
     assert (issue.what, issue.reason, issue.address) == ("ehash", WalkReason.CYCLE, node)
 
 
 def _established_node(g: FakeGuest) -> int:
-    est = _tables(g).find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
+    est = _tables(g).find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
     assert est is not None and est.table == "established"
     return est.sock.address + g.off("sock_common", "skc_nulls_node")
 
@@ -129,7 +130,7 @@ def test_bad_pprev_in_a_bucket_stops_the_chain() -> None:
     node = _established_node(g)
     g.w(node + 8, "<Q", 0xFFFF888000001000)  # pprev no longer points at the bucket or previous
     t = _tables(g)
-    found = t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
+    found = t.find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
     assert found is not None and found.table == "listener"  # the chain gave nothing: listener
     [issue] = t.errors
     assert (issue.what, issue.reason, issue.address) == ("ehash", WalkReason.BAD_PREV, node)
@@ -141,7 +142,7 @@ def test_wild_chain_pointer_is_not_followed() -> None:
     bucket = struct.unpack_from("<Q", g.buf, g.pa(node + 8))[0]  # pprev of the first: the bucket
     g.w(bucket, "<Q", 0x4141414141414140)
     t = _tables(g)
-    t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
+    t.find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
     [issue] = t.errors
     assert (issue.what, issue.reason, issue.address, issue.step) == (
         "ehash",
@@ -153,7 +154,7 @@ def test_wild_chain_pointer_is_not_followed() -> None:
 
 def test_chain_step_and_time_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     g = standard_guest()
-    flow = _flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000)
+    flow = _flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000)
     monkeypatch.setattr(sockets, "MAX_CHAIN", 0)
     t = _tables(g)
     assert t.find(flow) is None
@@ -173,20 +174,20 @@ def test_chain_step_and_time_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_introspector_lookup_owners_and_request_attribution() -> None:
     g = standard_guest()
-    lst = _tables(g).find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.7", 1))
+    lst = _tables(g).find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.7", 1))
     assert lst is not None
-    req = g.new_sock(IPPROTO_TCP, 12, "198.18.1.1", 80, "198.18.0.7", 5555, size=0x90)
+    req = g.new_sock(IPProto.TCP, 12, "198.18.1.1", 80, "198.18.0.7", 5555, size=0x90)
     g.set_request_listener(req, lst.sock.address)
     g.hash_established(req, "198.18.1.1", 80, "198.18.0.7", 5555)
     with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
-        own = gi.lookup(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.7", 5555))
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.7", 5555))
         assert own is not None and own.via == "request-sock->listener"
         assert [(o.pid, o.fd, o.comm) for o in own.owners] == [(100, 3, "httpd")]
-        own = gi.lookup(_flow(IPPROTO_TCP, "2001:2::1:1", 51000, "2001:2::1", 443))
+        own = gi.lookup(_flow(IPProto.TCP, "2001:2::1:1", 51000, "2001:2::1", 443))
         assert own is not None and own.via == "established" and own.owners[0].uid == 1000
-        own = gi.lookup(_flow(IPPROTO_UDP, "198.18.1.1", 5353, "198.18.0.1", 53))
+        own = gi.lookup(_flow(IPProto.UDP, "198.18.1.1", 5353, "198.18.0.1", 53))
         assert own is not None and (own.owners[0].pid, own.owners[0].euid) == (300, 0)
-        assert gi.lookup(_flow(IPPROTO_TCP, "198.18.1.1", 22, "198.18.0.1", 1)) is None
+        assert gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 22, "198.18.0.1", 1)) is None
         assert gi.generation() == 1
 
 
@@ -196,15 +197,15 @@ def test_new_socket_triggers_a_rewalk_and_unaccepted_goes_to_listener() -> None:
         gi.walk()
         # A socket created after the walk, held by a new process.
         t = g.add_task(400, "late", uid=42)
-        sk = g.new_sock(IPPROTO_TCP, 1, "198.18.1.1", 33000, "198.18.0.1", 22, sk_uid=42)
+        sk = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 33000, "198.18.0.1", 22, sk_uid=42)
         g.hash_established(sk, "198.18.1.1", 33000, "198.18.0.1", 22)
         g.add_fd(t, 3, sk)
-        own = gi.lookup(_flow(IPPROTO_TCP, "198.18.1.1", 33000, "198.18.0.1", 22))
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 33000, "198.18.0.1", 22))
         assert own is not None and [(o.pid, o.uid) for o in own.owners] == [(400, 42)]
         # Established by the kernel, not accepted yet: attributed to the listener's owner.
-        child = g.new_sock(IPPROTO_TCP, 1, "198.18.1.1", 80, "198.18.0.3", 41000)
+        child = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 80, "198.18.0.3", 41000)
         g.hash_established(child, "198.18.1.1", 80, "198.18.0.3", 41000)
-        own = gi.lookup(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.3", 41000))
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.3", 41000))
         assert own is not None and own.via == "established->listener"
         assert [o.pid for o in own.owners] == [100]
 
@@ -212,7 +213,7 @@ def test_new_socket_triggers_a_rewalk_and_unaccepted_goes_to_listener() -> None:
 def test_sockets_groups_owners_per_sock() -> None:
     g = standard_guest()
     web = g.tasks[2].address
-    shared = g.new_sock(IPPROTO_UDP, 7, "0.0.0.0", 6000, "0.0.0.0", 0)
+    shared = g.new_sock(IPProto.UDP, 7, "0.0.0.0", 6000, "0.0.0.0", 0)
     g.add_fd(web, 9, shared)
     child = g.add_task(101, "httpd-child", parent=web)
     g.add_fd(child, 0, shared)
@@ -279,7 +280,7 @@ def test_lookups_trust_a_checked_boot_for_revalidate_seconds_walks_always_check(
     path = tmp_path / "ram.mem"
     path.write_bytes(g1.buf)
     dom = DomainConfig(1, "f", (), MemoryConfig("raw", str(path)))
-    flow = _flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000)
+    flow = _flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000)
     with (
         GuestIntrospector(dom, g1.profile, revalidate_seconds=3600) as lazy,
         GuestIntrospector(dom, g1.profile, revalidate_seconds=0) as eager,
@@ -300,17 +301,17 @@ def test_lookups_trust_a_checked_boot_for_revalidate_seconds_walks_always_check(
 
 def test_listener_lookup_for_a_syn_meeting_time_wait() -> None:
     g = standard_guest()
-    tw = g.new_sock(IPPROTO_TCP, 6, "198.18.1.1", 80, "198.18.0.9", 7000, size=0x90)
+    tw = g.new_sock(IPProto.TCP, 6, "198.18.1.1", 80, "198.18.0.9", 7000, size=0x90)
     g.hash_established(tw, "198.18.1.1", 80, "198.18.0.9", 7000)
-    flow = _flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.9", 7000)
+    flow = _flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.9", 7000)
     with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
         own = gi.lookup(flow)
         assert own is not None and own.via == "time-wait" and own.owners == ()
         lst = gi.lookup_listener(flow)
         assert lst is not None and (lst.via, lst.state) == ("listener", "LISTEN")
         assert [(o.pid, o.fd) for o in lst.owners] == [(100, 3)]
-        assert gi.lookup_listener(_flow(IPPROTO_TCP, "198.18.1.1", 81, "198.18.0.9", 1)) is None
-        assert gi.lookup_listener(_flow(IPPROTO_UDP, "198.18.1.1", 5353, "198.18.0.1", 1)) is None
+        assert gi.lookup_listener(_flow(IPProto.TCP, "198.18.1.1", 81, "198.18.0.9", 1)) is None
+        assert gi.lookup_listener(_flow(IPProto.UDP, "198.18.1.1", 5353, "198.18.0.1", 1)) is None
 
 
 def test_bucket_arrays_are_read_once_per_boot(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -328,5 +329,5 @@ def test_bucket_arrays_are_read_once_per_boot(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(t.space, "read", counting_read)
     h = t.h
     hashinfo = h.tcp_hashinfo + t.shift
-    assert t.find(_flow(IPPROTO_TCP, "198.18.1.1", 80, "198.18.0.1", 40000)) is not None
+    assert t.find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000)) is not None
     assert hashinfo + h.ehash not in reads and hashinfo + h.lhash2 not in reads

@@ -12,7 +12,8 @@ import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, IPAddress
+from xfgate.flow import IPAddress
+from xfgate.inet import IPProto
 from xfgate.vmi import jhash
 from xfgate.vmi.kaslr import START_KERNEL_MAP
 from xfgate.vmi.memory import BufferMemory
@@ -372,7 +373,7 @@ class FakeGuest:
         self.w(sk + self.off(sc, "skc_state"), "<B", state)
         self.w(sk + self.off(sc, "skc_net"), "<Q", self.sym("init_net"))
         if size >= 0x340:
-            self.w(sk + self.off("sock", "sk_type"), "<HH", 1 if proto == IPPROTO_TCP else 2, proto)
+            self.w(sk + self.off("sock", "sk_type"), "<HH", 1 if proto == IPProto.TCP else 2, proto)
             self.w(sk + self.off("sock", "sk_uid"), "<I", sk_uid)
         return sk
 
@@ -465,24 +466,24 @@ def standard_guest(levels: int = 4) -> FakeGuest:
     init = g.add_task(1, "init")
     g.add_task(2, "kthreadd", with_files=False)
     web = g.add_task(100, "httpd", parent=init)
-    lst = g.new_sock(IPPROTO_TCP, 10, "0.0.0.0", 80, "0.0.0.0", 0)
+    lst = g.new_sock(IPProto.TCP, 10, "0.0.0.0", 80, "0.0.0.0", 0)
     g.hash_listener(lst, "0.0.0.0", 80)
     g.add_fd(web, 3, lst)
-    lst6 = g.new_sock(IPPROTO_TCP, 10, "::", 8080, "::", 0)
+    lst6 = g.new_sock(IPProto.TCP, 10, "::", 8080, "::", 0)
     g.hash_listener(lst6, "::", 8080)
     g.add_fd(web, 4, lst6)
-    conn = g.new_sock(IPPROTO_TCP, 1, "198.18.1.1", 80, "198.18.0.1", 40000)
+    conn = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 80, "198.18.0.1", 40000)
     g.hash_established(conn, "198.18.1.1", 80, "198.18.0.1", 40000)
     g.add_fd(web, 5, conn)
     alice = g.add_task(200, "curl", uid=1000, parent=init)
-    c6 = g.new_sock(IPPROTO_TCP, 1, "2001:2::1:1", 51000, "2001:2::1", 443, sk_uid=1000)
+    c6 = g.new_sock(IPProto.TCP, 1, "2001:2::1:1", 51000, "2001:2::1", 443, sk_uid=1000)
     g.hash_established(c6, "2001:2::1:1", 51000, "2001:2::1", 443)
     g.add_fd(alice, 3, c6)
     bob = g.add_task(300, "resolver", uid=1001, euid=0, parent=init)
-    u = g.new_sock(IPPROTO_UDP, 7, "0.0.0.0", 5353, "0.0.0.0", 0, sk_uid=1001)
+    u = g.new_sock(IPProto.UDP, 7, "0.0.0.0", 5353, "0.0.0.0", 0, sk_uid=1001)
     g.hash_udp(u, 5353)
     g.add_fd(bob, 7, u)
-    g.add_fd(bob, 8, g.new_sock(IPPROTO_TCP, 1, "1.1.1.1", 1, "1.1.1.1", 2), socket_file=False)
+    g.add_fd(bob, 8, g.new_sock(IPProto.TCP, 1, "1.1.1.1", 1, "1.1.1.1", 2), socket_file=False)
     return g
 
 

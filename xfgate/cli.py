@@ -1,17 +1,49 @@
-"""`xfgate` command line: wiring only. Each subsystem registers its own subcommands."""
+"""`xfgate` command line: wiring only. Each subsystem registers its own subcommands.
+
+This is the one place that reads the environment: ``$XFGATE_DOMAINS``, ``$XFGATE_RUN_DIR``,
+``$XFGATE_CACHE`` and ``$XFGATE_IPTABLES`` are the defaults of --domains-file, --run-dir,
+--cache-dir and --iptables, and the paths are handed down as arguments from here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
+from xfgate.config import DEFAULT_CACHE_DIR, DEFAULT_DOMAINS_FILE, DEFAULT_RUN_DIR
 from xfgate.errors import XfgateError
 
 Handler = Callable[[argparse.Namespace], int]
+log = logging.getLogger("xfgate")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_path_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    for flag, var, default, what in (
+        ("--domains-file", "XFGATE_DOMAINS", DEFAULT_DOMAINS_FILE, "domains file"),
+        ("--run-dir", "XFGATE_RUN_DIR", DEFAULT_RUN_DIR, "control sockets and rule logs"),
+        ("--cache-dir", "XFGATE_CACHE", DEFAULT_CACHE_DIR, "kernel assets and profiles"),
+    ):
+        parser.add_argument(
+            flag,
+            type=Path,
+            default=Path(env.get(var, str(default))),
+            metavar="PATH",
+            help=f"{what} (default: ${var} or {default})",
+        )
+    parser.add_argument(
+        "--iptables",
+        choices=("iptc", "cli"),
+        default=env.get("XFGATE_IPTABLES", "iptc"),
+        help="rule backend: libiptc, or the iptables-legacy programs (default: $XFGATE_IPTABLES"
+        " or iptc)",
+    )
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     # Imported here so that `xfgate --help` works even if one subsystem's optional
     # dependency is broken: the error then names that subsystem.
     from xfgate.lab import cli as lab_cli
@@ -22,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xfgate",
         description="Filter a virtual machine's packets per guest process and user, from the host.",
     )
-    parser.add_argument(
-        "--domains-file",
-        help="domains file (default: $XFGATE_DOMAINS or /run/xfgate/domains.toml)",
+    _add_path_options(parser, os.environ if env is None else env)
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument(
+        "-v", "--verbose", action="store_true", help="also print debugging diagnostics"
     )
+    noise.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     lab_cli.register(sub)
     vmi_cli.register(sub)
@@ -33,18 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Formatter(logging.Formatter):
+    """``xfgate: message``, and ``xfgate: warning: message`` from warnings up."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"xfgate: {record.levelname.lower()}: {text}"
+        return f"xfgate: {text}"
+
+
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Diagnostics go to stderr through the "xfgate" logger; results stay on stdout."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.domains_file:
-        import os
-
-        os.environ["XFGATE_DOMAINS"] = args.domains_file
+    configure_logging(args.verbose, args.quiet)
     handler: Handler = args.handler
     try:
         return handler(args)
     except XfgateError as e:
-        print(f"xfgate: error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return e.exit_code
     except KeyboardInterrupt:
         return 130

@@ -34,16 +34,20 @@ import tomli_w
 from xfgate.errors import ConfigError, DomainNotFound
 
 DEFAULT_DOMAINS_FILE = Path("/run/xfgate/domains.toml")
-DEFAULT_CACHE_DIR = Path("/var/cache/xfgate")
+DEFAULT_CACHE_DIR = Path("/var/cache/xfgate")  # kernel assets and profiles, kept across runs
+DEFAULT_RUN_DIR = Path("/run/xfgate")  # control sockets, poll-mode rule logs
 
 
+# Harness compatibility: the lab (xfgate/lab) still finds its paths through these two. The
+# product never calls them: xfgate/cli.py reads $XFGATE_DOMAINS/$XFGATE_CACHE as the defaults
+# of --domains-file/--cache-dir and passes the paths down.
 def domains_file_path() -> Path:
     """$XFGATE_DOMAINS, else /run/xfgate/domains.toml."""
     return Path(os.environ.get("XFGATE_DOMAINS", str(DEFAULT_DOMAINS_FILE)))
 
 
 def cache_dir() -> Path:
-    """$XFGATE_CACHE, else /var/cache/xfgate (kernel assets and profiles, kept across runs)."""
+    """$XFGATE_CACHE, else /var/cache/xfgate."""
     return Path(os.environ.get("XFGATE_CACHE", str(DEFAULT_CACHE_DIR)))
 
 

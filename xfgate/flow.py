@@ -9,32 +9,36 @@ keys its sockets (``skc_rcv_saddr``/``skc_num`` local, ``skc_daddr``/``skc_dport
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+from types import MappingProxyType
 from typing import Protocol
 
+from xfgate.inet import proto_label
+from xfgate.vmi.kernel_constants import TCPState
+
 IPAddress = IPv4Address | IPv6Address
+# Harness compatibility (xfgate/lab/truth.py reads it): the names of TCPState, by number.
+TCP_STATES: Mapping[int, str] = MappingProxyType({s.value: s.name for s in TCPState})
 
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
 
+class Via(enum.StrEnum):
+    """How the socket of an answer was found (``Ownership.via``, the verdict log's ``via``)."""
 
-# include/net/tcp_states.h, names as /proc/net/tcp readers (ss, the lab truth) spell them.
-TCP_STATES: dict[int, str] = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-    12: "NEW_SYN_RECV",
-}
+    ESTABLISHED = "established"  # tcp_hashinfo.ehash: a full socket of the flow
+    TIME_WAIT = "time-wait"  # ehash: an inet_timewait_sock (no task holds it)
+    LISTENER = "listener"  # lhash2: the listening socket of the flow's local end
+    UDP = "udp"  # udp_table
+    # The SYN-ACK of an incoming connection: a request sock no task holds yet, attributed to
+    # the listener that created it.
+    REQUEST_SOCK_LISTENER = "request-sock->listener"
+    # An accepted connection no task holds yet (still in the accept queue): the listener's.
+    ESTABLISHED_LISTENER = "established->listener"
+    # A SYN meeting a TIME_WAIT sock: the kernel hands it to the listener (TCP_TW_SYN).
+    TIME_WAIT_LISTENER = "time-wait->listener"
+    WALK = "walk"  # matched against a full walk's sockets (no hash-table layouts)
+    STATIC = "static"  # a static owner table, not a guest
 
 
 class Direction(enum.Enum):
@@ -44,7 +48,7 @@ class Direction(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Flow:
-    proto: int  # IPPROTO_TCP or IPPROTO_UDP
+    proto: int  # IPProto.TCP or IPProto.UDP
     local: IPAddress
     lport: int
     remote: IPAddress
@@ -55,8 +59,8 @@ class Flow:
         return self.local.version
 
     def __str__(self) -> str:
-        name = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}.get(self.proto, str(self.proto))
-        return f"{name} {_hostport(self.local, self.lport)} -> {_hostport(self.remote, self.rport)}"
+        local, remote = _hostport(self.local, self.lport), _hostport(self.remote, self.rport)
+        return f"{proto_label(self.proto)} {local} -> {remote}"
 
 
 def _hostport(addr: IPAddress, port: int) -> str:
@@ -78,16 +82,16 @@ class Owner:
 class Ownership:
     """The answer of a targeted lookup: the guest socket carrying a flow and its owners.
 
-    ``via`` says how the socket was found, e.g. "established", "listener", "udp",
-    "request-sock->listener" (the SYN-ACK of an incoming connection belongs to a request
-    socket no process holds yet: it is attributed to the listening socket's owners).
+    ``via`` says how the socket was found, a ``Via`` value (the SYN-ACK of an incoming
+    connection belongs to a request socket no process holds yet: it is attributed to the
+    listening socket's owners, ``Via.REQUEST_SOCK_LISTENER``).
     ``owners`` is empty when the socket is held by no task (TIME_WAIT, orphaned, kernel).
     """
 
     owners: tuple[Owner, ...]
     sk_uid: int
     state: str
-    via: str
+    via: str  # a Via; typed str while the static owner table still passes a literal
     sock_addr: int = 0
 
 

@@ -15,6 +15,7 @@ seen within that, while a service under load still costs one lookup per second, 
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,23 @@ class ListenerKey:
     @classmethod
     def of(cls, flow: Flow) -> ListenerKey:
         return cls(flow.proto, flow.local, flow.lport)
+
+
+class AnswerSource(enum.StrEnum):
+    """Where a verdict's owner answer came from (the verdict log's and status's ``source``)."""
+
+    CACHE = "cache"  # an entry of this cache
+    INTROSPECTION = "introspection"  # the owner source (guest memory), just now
+    PARSE = "parse"  # decided from the packet alone, without an owner
+    ERROR = "error"  # an internal error: the --on-error verdict
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An owner answer and where it came from. ``ownership`` None: the guest has no socket."""
+
+    ownership: Ownership | None
+    source: AnswerSource
 
 
 CacheKey = Flow | ListenerKey
@@ -97,20 +115,20 @@ class OwnerCache:
             self._entries.clear()
             self._clears += 1
 
-    def get(self, key: CacheKey) -> tuple[bool, Ownership | None]:
-        """(found, ownership); found False on a miss or an expired short-lived entry."""
+    def get(self, key: CacheKey) -> Answer | None:
+        """The cached answer (source CACHE); None on a miss or an expired short-lived entry."""
         with self._lock:
             return self._get_locked(key)
 
-    def _get_locked(self, key: CacheKey) -> tuple[bool, Ownership | None]:
+    def _get_locked(self, key: CacheKey) -> Answer | None:
         entry = self._entries.get(key)
         if entry is None:
-            return False, None
+            return None
         value, expires = entry
         if expires and self._timer() >= expires:
             del self._entries[key]
-            return False, None
-        return True, value
+            return None
+        return Answer(value, AnswerSource.CACHE)
 
     def put(self, key: CacheKey, value: Ownership | None) -> None:
         with self._lock:
@@ -134,17 +152,18 @@ class OwnerCache:
         *,
         key: CacheKey | None = None,
         store_as: Callable[[Ownership | None], CacheKey] | None = None,
-    ) -> tuple[Ownership | None, bool]:
-        """(ownership, from_cache), looked up under `key` (default the flow) and, on a miss,
-        loaded with `loader(flow)` and stored under `store_as(answer)` (default `key`). A loader
+    ) -> Answer:
+        """The answer looked up under `key` (default the flow), source CACHE, or, on a miss,
+        loaded with `loader(flow)` (source INTROSPECTION) and stored under `store_as(answer)`
+        (default `key`). A loader
         exception propagates to its caller only; waiters of that load then try themselves."""
         want: CacheKey = flow if key is None else key
         for _ in range(3):  # bounded: a waiter whose leader failed retries at most twice
             with self._lock:
-                found, value = self._get_locked(want)
-                if found:
+                cached = self._get_locked(want)
+                if cached is not None:
                     self._hits += 1
-                    return value, True
+                    return cached
                 event = self._inflight.get(want)
                 if event is None:
                     event = threading.Event()
@@ -155,13 +174,13 @@ class OwnerCache:
                     leader = False
             if leader:
                 try:
-                    return self._load(flow, loader, want, store_as), False
+                    return self._load(flow, loader, want, store_as)
                 finally:
                     with self._lock:
                         del self._inflight[want]
                     event.set()
             event.wait(wait)
-        return self._load(flow, loader, want, store_as), False
+        return self._load(flow, loader, want, store_as)
 
     def _load(
         self,
@@ -169,11 +188,11 @@ class OwnerCache:
         loader: Loader,
         want: CacheKey,
         store_as: Callable[[Ownership | None], CacheKey] | None,
-    ) -> Ownership | None:
+    ) -> Answer:
         self._loads += 1
         value = loader(flow)
         self.put(want if store_as is None else store_as(value), value)
-        return value
+        return Answer(value, AnswerSource.INTROSPECTION)
 
     def stats(self) -> CacheStats:
         with self._lock:

@@ -1,84 +1,27 @@
-"""Subcommands of the verdict subsystem: run, block, unblock, status, rules, cleanup."""
+"""Subcommands of the verdict subsystem: run, block, unblock, status, rules, cleanup.
+
+Paths (domains file, run directory, cache) come from the top-level options of xfgate/cli.py.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from xfgate.errors import ConfigError
+from xfgate.inet import proto_label
+from xfgate.verdict.options import GateMode, GateOptions
+from xfgate.verdict.policy import Verdict
+
+BLOCK_KINDS = ("uid", "pid", "comm", "sk_uid", "port")
 
 
 def register(sub: Any) -> None:
     """Add this subsystem's subcommands to the top-level parser's subparsers."""
-    run = sub.add_parser(
-        "run",
-        help="filter a domain's packets by guest process/user (NFQUEUE verdict engine)",
-        description="Start a gate: every new flow of the domain is decided by who owns its"
-        " socket inside the guest. SIGINT/SIGTERM remove everything it installed.",
-    )
-    run.add_argument(
-        "--domain", type=int, action="append", required=True, help="domain id (repeatable)"
-    )
-    run.add_argument("--block-uid", type=int, action="append", default=[], metavar="UID")
-    run.add_argument("--block-pid", type=int, action="append", default=[], metavar="PID")
-    run.add_argument("--block-comm", action="append", default=[], metavar="NAME")
-    run.add_argument(
-        "--block-sk-uid",
-        type=int,
-        action="append",
-        default=[],
-        metavar="UID",
-        help="block sockets created by UID (sock.sk_uid), whoever holds them now",
-    )
-    run.add_argument(
-        "--block-port",
-        action="append",
-        default=[],
-        metavar="PROTO/PORT",
-        help="block a guest-local port outright, e.g. tcp/23",
-    )
-    run.add_argument("--mode", choices=("queue", "poll"), default="queue")
-    run.add_argument("--interval", type=float, default=5.0, help="poll mode: seconds between walks")
-    run.add_argument("--queue-num", type=int, help="NFQUEUE number (default 100 + domain id)")
-    run.add_argument(
-        "--queue-bypass",
-        action="store_true",
-        help="fail open: while no gate is bound, queued packets pass (default: they are dropped)",
-    )
-    run.add_argument(
-        "--unknown",
-        choices=("accept", "drop"),
-        default="accept",
-        help="verdict when the owner cannot be known (kernel RST, ICMP, TIME_WAIT, malformed)",
-    )
-    run.add_argument(
-        "--on-error",
-        choices=("accept", "drop"),
-        help="verdict on an internal error (default: same as --unknown)",
-    )
-    run.add_argument("--log", metavar="FILE|-", help="per-packet verdict log (JSON lines)")
-    run.add_argument("--log-sample", type=int, default=1, metavar="N", help="log 1 accept in N")
-    run.add_argument(
-        "--persist-blocks",
-        action="store_true",
-        help="on exit keep dropping the known ports of blocked owners (ipset)",
-    )
-    run.add_argument(
-        "--no-fastpath",
-        action="store_true",
-        help="do not settle flows in conntrack: every packet goes through Python",
-    )
-    run.add_argument("--refresh", type=float, default=2.0, help="seconds between port-set walks")
-    run.add_argument("--cache-ttl", type=float, default=10.0)
-    run.add_argument("--negative-ttl", type=float, default=1.0)
-    run.add_argument(
-        "--owners-json", metavar="FILE", help="static owner table instead of introspection"
-    )
-    run.add_argument("--profile", metavar="FILE", help="kernel profile (default: the domain's)")
-    run.set_defaults(handler=cmd_run)
-
+    _register_run(sub)
     for name, helptext in (
         ("block", "block an owner in a running gate"),
         ("unblock", "undo a block"),
@@ -107,9 +50,98 @@ def register(sub: Any) -> None:
     cl.set_defaults(handler=cmd_cleanup)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from xfgate.verdict.policy import Verdict, compile_policy
-    from xfgate.verdict.runner import GateOptions, run_gate
+def _register_run(sub: Any) -> None:
+    run = sub.add_parser(
+        "run",
+        help="filter a domain's packets by guest process/user (NFQUEUE verdict engine)",
+        description="Start a gate: every new flow of the domain is decided by who owns its"
+        " socket inside the guest. SIGINT/SIGTERM remove everything it installed.",
+    )
+    run.add_argument(
+        "--domain", type=int, action="append", required=True, help="domain id (repeatable)"
+    )
+    _add_policy_arguments(run)
+    _add_queue_arguments(run)
+    _add_log_arguments(run)
+    _add_lookup_arguments(run)
+    run.set_defaults(handler=cmd_run)
+
+
+def _add_policy_arguments(run: argparse.ArgumentParser) -> None:
+    g = run.add_argument_group("policy")
+    g.add_argument("--block-uid", type=int, action="append", default=[], metavar="UID")
+    g.add_argument("--block-pid", type=int, action="append", default=[], metavar="PID")
+    g.add_argument("--block-comm", action="append", default=[], metavar="NAME")
+    g.add_argument(
+        "--block-sk-uid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="block sockets created by UID (sock.sk_uid), whoever holds them now",
+    )
+    g.add_argument(
+        "--block-port",
+        action="append",
+        default=[],
+        metavar="PROTO/PORT",
+        help="block a guest-local port outright, e.g. tcp/23",
+    )
+    g.add_argument(
+        "--unknown",
+        choices=[v.value for v in Verdict],
+        default=Verdict.ACCEPT.value,
+        help="verdict when the owner cannot be known (kernel RST, ICMP, TIME_WAIT, malformed)",
+    )
+    g.add_argument(
+        "--on-error",
+        choices=[v.value for v in Verdict],
+        help="verdict on an internal error (default: same as --unknown)",
+    )
+
+
+def _add_queue_arguments(run: argparse.ArgumentParser) -> None:
+    g = run.add_argument_group("interception")
+    g.add_argument("--mode", choices=[m.value for m in GateMode], default=GateMode.QUEUE.value)
+    g.add_argument("--interval", type=float, default=5.0, help="poll mode: seconds between walks")
+    g.add_argument("--queue-num", type=int, help="NFQUEUE number (default 100 + domain id)")
+    g.add_argument(
+        "--queue-bypass",
+        action="store_true",
+        help="fail open: while no gate is bound, queued packets pass (default: they are dropped)",
+    )
+    g.add_argument(
+        "--persist-blocks",
+        action="store_true",
+        help="on exit keep dropping the known ports of blocked owners (ipset)",
+    )
+    g.add_argument(
+        "--no-fastpath",
+        action="store_true",
+        help="do not settle flows in conntrack: every packet goes through Python",
+    )
+    g.add_argument("--refresh", type=float, default=2.0, help="seconds between port-set walks")
+
+
+def _add_log_arguments(run: argparse.ArgumentParser) -> None:
+    g = run.add_argument_group("verdict log")
+    g.add_argument("--log", metavar="FILE|-", help="per-packet verdict log (JSON lines)")
+    g.add_argument("--log-sample", type=int, default=1, metavar="N", help="log 1 accept in N")
+
+
+def _add_lookup_arguments(run: argparse.ArgumentParser) -> None:
+    g = run.add_argument_group("owner lookup")
+    g.add_argument("--cache-ttl", type=float, default=10.0)
+    g.add_argument("--negative-ttl", type=float, default=1.0)
+    g.add_argument(
+        "--owners-json", metavar="FILE", help="static owner table instead of introspection"
+    )
+    g.add_argument("--profile", metavar="FILE", help="kernel profile (default: the domain's)")
+
+
+def gate_options(args: argparse.Namespace) -> GateOptions:
+    """The gate's options from the parsed command line, validated."""
+    from xfgate.verdict.policy import compile_policy
 
     if args.log_sample < 1:
         raise ConfigError("--log-sample must be >= 1")
@@ -123,10 +155,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.block_port,
         args.unknown,
     )
-    options = GateOptions(
+    return GateOptions(
         domains=tuple(dict.fromkeys(args.domain)),
         policy=policy,
-        mode=args.mode,
+        mode=GateMode(args.mode),
         interval=args.interval,
         queue_num=args.queue_num,
         queue_bypass=args.queue_bypass,
@@ -139,18 +171,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         refresh_interval=args.refresh,
         cache_ttl=args.cache_ttl,
         negative_ttl=args.negative_ttl,
+        domains_file=args.domains_file,
         profile=args.profile,
+        run_dir=args.run_dir,
+        cache_dir=args.cache_dir,
+        iptables=args.iptables,
     )
-    return run_gate(options)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from xfgate.verdict.runner import run_gate
+
+    return run_gate(gate_options(args))
 
 
 def cmd_block(args: argparse.Namespace) -> int:
     from xfgate.verdict import control
 
-    for kind in ("uid", "pid", "comm", "sk_uid", "port"):
+    for kind in BLOCK_KINDS:
         value = getattr(args, kind)
         if value is not None:
-            reply = control.request(args.domain, {"op": args.op, "kind": kind, "value": value})
+            request = {"op": args.op, "kind": kind, "value": value}
+            reply = control.request(args.run_dir, args.domain, request)
             print(json.dumps(reply["policy"]))
             return 0
     raise ConfigError("give one of --uid, --pid, --comm, --sk-uid, --port")
@@ -159,69 +201,81 @@ def cmd_block(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from xfgate.verdict import control
 
-    domains = [args.domain] if args.domain is not None else control.running_domains()
+    run_dir = args.run_dir
+    domains = [args.domain] if args.domain is not None else control.running_domains(run_dir)
     out = []
     for d in domains:
         try:
-            out.append(control.request(d, {"op": "status"}, timeout=3.0))
+            out.append(control.request(run_dir, d, {"op": "status"}, timeout=3.0))
         except control.ControlError as e:
-            stale = control.socket_path(d).exists()
-            hint = (
-                " (stale socket: the gate died; its kernel rules stay until the next start or"
-                f" `xfgate cleanup --domain {d}`)"
-                if stale
-                else ""
-            )
-            out.append({"domain": d, "error": f"{e}{hint}"})
+            stale = control.socket_path(run_dir, d).exists()
+            out.append({"domain": d, "error": status_error(d, str(e), stale)})
     if args.json:
         print(json.dumps(out, indent=2))
-        return 0
-    if not out:
-        print("no gate is running")
-    for s in out:
-        if "error" in s:
-            print(f"domain {s['domain']}: {s['error']}")
-            continue
-        st = s["stats"]
-        print(
-            f"domain {s['domain']} ({s['name']}, {', '.join(s['vifs'])}): pid {s['pid']},"
-            f" mode {s['mode']}, queue {s['queue_num']}, policy {json.dumps(s['policy'])}"
-        )
-        print(
-            f"  packets {st['packets']} accepted {st['accepted']} dropped {st['dropped']}"
-            f" settled {st['settled']} errors {st['errors']} avg {st['latency_us_avg']} us;"
-            f" blocked ports {', '.join(s['blocked_ports']) or '-'}"
-        )
-        if s.get("kernel"):
-            k = s["kernel"]
-            print(
-                f"  kernel fast path: accepted {k['fastpath_accept']} dropped"
-                f" {k['fastpath_drop']} set-dropped {k['set_drop']} queued {k['queued']}"
-            )
+    else:
+        print(render_status(out))
     return 0
 
 
-def _enter_domain_netns(domain: int) -> None:
+def status_error(domain: int, error: str, stale_socket: bool) -> str:
+    if not stale_socket:
+        return error
+    return (
+        f"{error} (stale socket: the gate died; its kernel rules stay until the next start or"
+        f" `xfgate cleanup --domain {domain}`)"
+    )
+
+
+def render_status(statuses: Sequence[dict[str, Any]]) -> str:
+    """`xfgate status` as text: a pure function of the gates' status replies."""
+    if not statuses:
+        return "no gate is running"
+    return "\n".join(line for s in statuses for line in _status_lines(s))
+
+
+def _status_lines(s: dict[str, Any]) -> list[str]:
+    if "error" in s:
+        return [f"domain {s['domain']}: {s['error']}"]
+    st = s["stats"]
+    lines = [
+        f"domain {s['domain']} ({s['name']}, {', '.join(s['vifs'])}): pid {s['pid']},"
+        f" mode {s['mode']}, queue {s['queue_num']}, policy {json.dumps(s['policy'])}",
+        f"  packets {st['packets']} accepted {st['accepted']} dropped {st['dropped']}"
+        f" settled {st['settled']} errors {st['errors']} avg {st['latency_us_avg']} us;"
+        f" blocked ports {', '.join(s['blocked_ports']) or '-'}",
+    ]
+    k = s.get("kernel")
+    if k:
+        lines.append(
+            f"  kernel fast path: accepted {k['fastpath_accept']} dropped"
+            f" {k['fastpath_drop']} set-dropped {k['set_drop']} queued {k['queued']}"
+        )
+    return lines
+
+
+def _enter_domain_netns(args: argparse.Namespace) -> None:
     from xfgate.config import get_domain
     from xfgate.verdict.netns import enter_netns
 
-    enter_netns(get_domain(domain).netns)
+    enter_netns(get_domain(args.domain, args.domains_file).netns)
+
+
+def render_blocked_ports(ports: Iterable[tuple[int, int]]) -> str:
+    return ", ".join(f"{proto_label(p)}/{n}" for p, n in ports) or "-"
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
     from xfgate.verdict.fastpath import Firewall, make_backend
     from xfgate.verdict.runner import rule_log_path
 
-    _enter_domain_netns(args.domain)
+    _enter_domain_netns(args)
     fw = Firewall(make_backend("cli"))
     for chain, lines in fw.dump(args.domain).items():
         print(f"# {chain}")
         for line in lines:
             print(line)
-    ports = fw.blocked_ports(args.domain)
-    names = {6: "tcp", 17: "udp"}
-    print("# blocked-port sets: " + (", ".join(f"{names[p]}/{n}" for p, n in ports) or "-"))
-    log = rule_log_path(args.domain)
+    print("# blocked-port sets: " + render_blocked_ports(fw.blocked_ports(args.domain)))
+    log = rule_log_path(args.run_dir, args.domain)
     if log.exists():
         print(f"# rule log {log}")
         sys.stdout.write(log.read_text())
@@ -232,9 +286,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from xfgate.verdict import control
     from xfgate.verdict.fastpath import Firewall, make_backend
 
-    if control.answers(control.socket_path(args.domain)):
+    path = control.socket_path(args.run_dir, args.domain)
+    if control.answers(path):
         raise ConfigError(f"a gate for domain {args.domain} is running: stop it (SIGTERM) instead")
-    _enter_domain_netns(args.domain)
+    _enter_domain_netns(args)
     Firewall(make_backend("cli")).remove(args.domain, persist_blocks=False)
-    control.socket_path(args.domain).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
     return 0

@@ -1,6 +1,6 @@
 """The running gate's control socket: `xfgate block|unblock|status` talk to it.
 
-One unix stream socket per served domain, ``$XFGATE_RUN_DIR/gate-D.sock`` (default
+One unix stream socket per served domain, ``RUN_DIR/gate-D.sock`` (``--run-dir``, default
 /run/xfgate), mode 0600. One JSON request line, one JSON reply line. The server side is polled by
 the gate's own loop, so a policy change never races a packet verdict.
 """
@@ -25,18 +25,14 @@ __all__ = ["ControlError", "ControlServer", "request"]
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def run_dir() -> Path:
-    return Path(os.environ.get("XFGATE_RUN_DIR", "/run/xfgate"))
-
-
-def socket_path(domain: int) -> Path:
-    return run_dir() / f"gate-{domain}.sock"
+def socket_path(run_dir: Path, domain: int) -> Path:
+    return run_dir / f"gate-{domain}.sock"
 
 
 class ControlServer:
-    def __init__(self, domain: int, handler: Handler) -> None:
+    def __init__(self, run_dir: Path, domain: int, handler: Handler) -> None:
         self.domain = domain
-        self.path = socket_path(domain)
+        self.path = socket_path(run_dir, domain)
         self._handler = handler
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
@@ -108,8 +104,10 @@ def answers(path: Path) -> bool:
         s.close()
 
 
-def request(domain: int, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    path = socket_path(domain)
+def request(
+    run_dir: Path, domain: int, payload: dict[str, Any], timeout: float = 10.0
+) -> dict[str, Any]:
+    path = socket_path(run_dir, domain)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
@@ -139,9 +137,9 @@ def request(domain: int, payload: dict[str, Any], timeout: float = 10.0) -> dict
     return reply
 
 
-def running_domains() -> list[int]:
+def running_domains(run_dir: Path) -> list[int]:
     out = []
-    for p in sorted(run_dir().glob("gate-*.sock")):
+    for p in sorted(run_dir.glob("gate-*.sock")):
         head = p.name[len("gate-") : -len(".sock")]
         if head.isdigit():
             out.append(int(head))

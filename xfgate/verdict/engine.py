@@ -13,13 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from xfgate.flow import IPPROTO_TCP, Direction, Flow, GuestSocket, Ownership, OwnerSource
-from xfgate.verdict.cache import CacheKey, ListenerKey, OwnerCache
+from xfgate.flow import Direction, Flow, GuestSocket, Ownership, OwnerSource, Via
+from xfgate.inet import IPProto, TCPFlag, proto_label
+from xfgate.verdict.cache import AnswerSource, CacheKey, ListenerKey, OwnerCache
 from xfgate.verdict.fastpath import MARK_MASK, settle_mark
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.packet import (
     ICMPV6_NDP_TYPES,
-    IPPROTO_ICMPV6,
     Malformed,
     ParsedPacket,
     direction_of,
@@ -28,20 +28,18 @@ from xfgate.verdict.packet import (
 )
 from xfgate.verdict.policy import Decision, Policy, Verdict, decide
 
-PROTO_LOG_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 LOOKUP_ATTEMPTS = 2  # live memory tears now and then: one retry, then give up
-TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
 # Answers that are the listening socket's, not one connection's (see Engine._syn_owner).
-LISTENER_VIAS = frozenset({"listener", "request-sock->listener", "time-wait->listener"})
+LISTENER_VIAS = frozenset({Via.LISTENER, Via.REQUEST_SOCK_LISTENER, Via.TIME_WAIT_LISTENER})
 
 
 def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:
     """An incoming TCP SYN (no ACK, no RST): the guest kernel hands it to a listener."""
     return (
         direction is Direction.TO_GUEST
-        and parsed.proto == IPPROTO_TCP
+        and parsed.proto == IPProto.TCP
         and parsed.embedded is None
-        and parsed.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+        and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST) == TCPFlag.SYN
     )
 
 
@@ -117,7 +115,7 @@ class LockedOwnerSource:
 @dataclass(frozen=True, slots=True)
 class Evaluation:
     decision: Decision
-    source: str  # "cache", "introspection", "parse" (decided without an owner), "error"
+    source: AnswerSource
     parsed: ParsedPacket | None = None
     flow: Flow | None = None
     direction: Direction | None = None
@@ -132,7 +130,7 @@ class EngineStats:
     settled: int = 0
     errors: int = 0
     verdict_failures: int = 0  # the binding refused our verdict (should stay 0)
-    by_source: dict[str, int] = field(default_factory=dict)
+    by_source: dict[AnswerSource, int] = field(default_factory=dict)
     latency_ns_total: int = 0
     latency_ns_max: int = 0
 
@@ -193,35 +191,36 @@ class Engine:
         parsed = parse(payload)
         if isinstance(parsed, Malformed):
             decision = decide(None, None, policy, f"malformed: {parsed.reason}")
-            return Evaluation(decision, "parse", direction=direction)
+            return Evaluation(decision, AnswerSource.PARSE, direction=direction)
         if direction is None:
             why = f"packet not on a vif of domain {self.domain} (in {physindev}, out {physoutdev})"
-            return Evaluation(decide(None, None, policy, why), "parse", parsed)
-        if parsed.proto == IPPROTO_ICMPV6 and parsed.icmp_type in ICMPV6_NDP_TYPES:
+            return Evaluation(decide(None, None, policy, why), AnswerSource.PARSE, parsed)
+        if parsed.proto == IPProto.ICMPV6 and parsed.icmp_type in ICMPV6_NDP_TYPES:
             # Neighbour discovery is the link itself: dropping it would cut all IPv6.
             decision = Decision(Verdict.ACCEPT, "icmpv6 neighbour discovery", known=False)
-            return Evaluation(decision, "parse", parsed, direction=direction)
+            return Evaluation(decision, AnswerSource.PARSE, parsed, direction=direction)
         flow = to_flow(parsed, direction)
         if flow is None:
             why = (
                 "non-first fragment"
                 if parsed.fragment
-                else f"{PROTO_LOG_NAMES.get(parsed.proto, parsed.proto)} has no ports"
+                else f"{proto_label(parsed.proto)} has no ports"
             )
-            return Evaluation(decide(None, None, policy, why), "parse", parsed, None, direction)
+            return Evaluation(
+                decide(None, None, policy, why), AnswerSource.PARSE, parsed, None, direction
+            )
         if self.cache.check_generation(self.source.generation()):
             pass  # guest rebooted: the cache was emptied, this lookup goes to the guest
         if is_connection_request(parsed, direction):
             listener = ListenerKey.of(flow)
-            ownership, cached = self.cache.get_or_load(
+            answer = self.cache.get_or_load(
                 flow, self._syn_owner, key=listener, store_as=lambda o: _syn_key(o, flow, listener)
             )
         else:
-            ownership, cached = self.cache.get_or_load(flow, self._lookup)
+            answer = self.cache.get_or_load(flow, self._lookup)
         why = "icmp error, no socket for the embedded flow" if parsed.is_icmp_error else ""
-        decision = decide(ownership, flow, policy, why)
-        source = "cache" if cached else "introspection"
-        return Evaluation(decision, source, parsed, flow, direction, ownership)
+        decision = decide(answer.ownership, flow, policy, why)
+        return Evaluation(decision, answer.source, parsed, flow, direction, answer.ownership)
 
     def _lookup(self, flow: Flow) -> Ownership | None:
         return self._attempts(self.source.lookup, flow)
@@ -249,7 +248,7 @@ class Engine:
         (the kernel picks one per 4-tuple).
         """
         ownership = self._lookup(flow)
-        if ownership is not None and ownership.via == "time-wait":
+        if ownership is not None and ownership.via == Via.TIME_WAIT:
             finder = getattr(self.source, "lookup_listener", None)
             listener = self._attempts(finder, flow) if callable(finder) else None
             if listener is not None:
@@ -257,7 +256,7 @@ class Engine:
                     listener.owners,
                     listener.sk_uid,
                     listener.state,
-                    "time-wait->listener",
+                    Via.TIME_WAIT_LISTENER,
                     listener.sock_addr,
                 )
         return ownership
@@ -284,7 +283,8 @@ class Engine:
         except Exception as e:
             verdict = self.on_error or self._policy.unknown
             ev = Evaluation(
-                Decision(verdict, f"internal error: {type(e).__name__}: {e}", known=False), "error"
+                Decision(verdict, f"internal error: {type(e).__name__}: {e}", known=False),
+                AnswerSource.ERROR,
             )
             self.stats.errors += 1
         settled = False
@@ -307,7 +307,7 @@ class Engine:
             try:
                 self.log.record(
                     self._log_entry(pkt, ev, settled, elapsed),
-                    always=ev.decision.verdict is Verdict.DROP or ev.source == "error",
+                    always=ev.decision.verdict is Verdict.DROP or ev.source is AnswerSource.ERROR,
                 )
             except Exception:
                 self.stats.errors += 1
@@ -359,7 +359,7 @@ class Engine:
             "domain": self.domain,
             "vif": self.vifs.get(vif_index, ""),
             "direction": ev.direction.value if ev.direction else "",
-            "proto": PROTO_LOG_NAMES.get(p.proto, str(p.proto)) if p else "",
+            "proto": proto_label(p.proto) if p else "",
             "src": str(p.src) if p else "",
             "sport": p.sport if p else 0,
             "dst": str(p.dst) if p else "",

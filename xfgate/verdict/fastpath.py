@@ -42,11 +42,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from xfgate.errors import FirewallError, PrerequisiteError
-from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP
+from xfgate.inet import PORT_PROTOS, IPProto
 
 Rule = tuple[str, ...]
 FAMILIES = (4, 6)
-PROTOS = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+PROTOS = PORT_PROTOS  # the protocols a blocked-port set exists for
 CHAIN_PREFIX = "XFGATE-"
 SET_PREFIX = "xfgate-"
 # Our bits of the packet mark / connmark: verdict in bits 16-17, domain id in bits 18-29, so
@@ -77,7 +77,7 @@ def poll_chain_name(domain: int) -> str:
 
 
 def set_name(domain: int, proto: int) -> str:
-    return f"{SET_PREFIX}{domain}-{PROTOS[proto]}"
+    return f"{SET_PREFIX}{domain}-{IPProto(proto).label}"
 
 
 def domain_of_chain(name: str) -> int | None:
@@ -120,7 +120,8 @@ def forward_jumps(domain: int, vifs: Sequence[str], target: str | None = None) -
 def block_rules(domain: int, vifs: Sequence[str]) -> list[Rule]:
     """Drop packets to/from guest ports listed in the domain's sets."""
     rules: list[Rule] = []
-    for proto, name in PROTOS.items():
+    for proto in PROTOS:
+        name = proto.label
         match = ("-m", "set", "--match-set", set_name(domain, proto))
         for vif in vifs:
             rules.append(("-p", name, "-m", "physdev", "--physdev-in", vif, *match, "src", *DROP))
@@ -172,7 +173,7 @@ def poll_rules(vifs: Sequence[str], ports: Iterable[tuple[int, int]]) -> list[Ru
     """The thesis's rules: per blocked (proto, guest port), one DROP each way, sorted, no dups."""
     rules: list[Rule] = []
     for proto, port in sorted(set(ports)):
-        name = PROTOS[proto]
+        name = IPProto(proto).label
         for vif in vifs:
             physdev_in = ("-m", "physdev", "--physdev-in", vif)
             physdev_out = ("-m", "physdev", "--physdev-out", vif)
@@ -407,9 +408,8 @@ class IptcBackend(LegacyCliBackend):
             raise FirewallError(f"python-iptables could not {what}: {e}") from e
 
 
-def make_backend(name: str = "") -> RuleBackend:
-    """``$XFGATE_IPTABLES`` = "cli" selects the iptables-legacy programs; default libiptc."""
-    name = name or os.environ.get("XFGATE_IPTABLES", "iptc")
+def make_backend(name: str = "iptc") -> RuleBackend:
+    """ "cli" selects the iptables-legacy programs (``--iptables cli``); default libiptc."""
     if name == "cli":
         return LegacyCliBackend()
     return IptcBackend()

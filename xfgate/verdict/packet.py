@@ -9,23 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Direction, Flow, IPAddress
+from xfgate.flow import Direction, Flow, IPAddress
+from xfgate.inet import IPProto
 
-IPPROTO_ICMP = 1
-IPPROTO_ICMPV6 = 58
-IPPROTO_ESP = 50
-IPPROTO_AH = 51
-IPPROTO_FRAGMENT = 44
-IPPROTO_NONE = 59
 # IPv6 extension headers with the generic (next header, length in 8-octet units - 1) layout.
-IPV6_GENERIC_EXT = frozenset({0, 43, 60, 135, 139, 140})
+IPV6_GENERIC_EXT = frozenset(
+    {IPProto.HOPOPTS, IPProto.ROUTING, IPProto.DSTOPTS, IPProto.MH, IPProto.HIP, IPProto.SHIM6}
+)
 MAX_IPV6_EXT_HEADERS = 8  # a hostile chain of extension headers must not cost more than this
 
 ICMP_ERROR_TYPES = frozenset({3, 4, 5, 11, 12})  # unreach, quench, redirect, time exceeded, param
 ICMPV6_ERROR_TYPES = frozenset({1, 2, 3, 4})  # unreach, too big, time exceeded, param problem
 ICMPV6_NDP_TYPES = frozenset({133, 134, 135, 136, 137})  # RS, RA, NS, NA, redirect
-
-TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +39,7 @@ class ParsedPacket:
 
     @property
     def has_ports(self) -> bool:
-        return self.proto in (IPPROTO_TCP, IPPROTO_UDP) and not self.fragment
+        return self.proto in (IPProto.TCP, IPProto.UDP) and not self.fragment
 
     @property
     def is_icmp_error(self) -> bool:
@@ -100,17 +95,17 @@ def _parse_ipv6(data: bytes, allow_embedded: bool) -> ParseResult:
     next_header = data[6]
     offset = 40
     for _ in range(MAX_IPV6_EXT_HEADERS):
-        if next_header in IPV6_GENERIC_EXT or next_header == IPPROTO_AH:
+        if next_header in IPV6_GENERIC_EXT or next_header == IPProto.AH:
             if len(data) < offset + 2:
                 return Malformed(f"truncated IPv6 extension header {next_header}")
             # AH counts its length in 4-octet units (RFC 4302), the others in 8-octet units.
-            unit = 4 if next_header == IPPROTO_AH else 8
-            length = (data[offset + 1] + (2 if next_header == IPPROTO_AH else 1)) * unit
+            unit = 4 if next_header == IPProto.AH else 8
+            length = (data[offset + 1] + (2 if next_header == IPProto.AH else 1)) * unit
             next_header = data[offset]
             offset += length
             if len(data) < offset:
                 return Malformed("IPv6 extension header runs past the packet end")
-        elif next_header == IPPROTO_FRAGMENT:
+        elif next_header == IPProto.FRAGMENT:
             if len(data) < offset + 8:
                 return Malformed("truncated IPv6 fragment header")
             frag_offset = int.from_bytes(data[offset + 2 : offset + 4], "big") >> 3
@@ -132,7 +127,7 @@ def _parse_transport(
     l4: bytes,
     allow_embedded: bool,
 ) -> ParseResult:
-    if proto == IPPROTO_TCP:
+    if proto == IPProto.TCP:
         # Inside an ICMP error only the first 8 bytes of the transport header are guaranteed.
         need = 20 if allow_embedded else 4
         if len(l4) < need:
@@ -141,16 +136,16 @@ def _parse_transport(
         return ParsedPacket(
             family, proto, src, dst, _u16(l4, 0), _u16(l4, 2), tcp_flags=flags & 0x3F
         )
-    if proto == IPPROTO_UDP:
+    if proto == IPProto.UDP:
         need = 8 if allow_embedded else 4
         if len(l4) < need:
             return Malformed(f"truncated UDP header ({len(l4)} bytes)")
         return ParsedPacket(family, proto, src, dst, _u16(l4, 0), _u16(l4, 2))
-    if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+    if proto in (IPProto.ICMP, IPProto.ICMPV6):
         if len(l4) < 4:
             return Malformed(f"truncated ICMP header ({len(l4)} bytes)")
         icmp_type = l4[0]
-        errors = ICMP_ERROR_TYPES if proto == IPPROTO_ICMP else ICMPV6_ERROR_TYPES
+        errors = ICMP_ERROR_TYPES if proto == IPProto.ICMP else ICMPV6_ERROR_TYPES
         embedded: ParsedPacket | None = None
         if allow_embedded and icmp_type in errors:
             inner = _parse(l4[8:], allow_embedded=False)

@@ -9,16 +9,19 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 from xfgate.errors import ConfigError
-from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Flow, GuestSocket, Owner, Ownership
+from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
+from xfgate.inet import PORT_PROTOS, IPProto, proto_label
+from xfgate.vmi.kernel_constants import COMM_MAX_CHARS, comm_key
 
-TASK_COMM_LEN = 15  # the kernel keeps 15 characters of a process name (TASK_COMM_LEN - 1)
-PROTO_NAMES = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}
+# Harness compatibility (xfgate/verdict/static_source.py reads it): use IPProto.from_label.
+PROTO_NAMES: Mapping[str, IPProto] = MappingProxyType({p.label: p for p in PORT_PROTOS})
 
 
-class Verdict(enum.Enum):
+class Verdict(enum.StrEnum):
     ACCEPT = "accept"
     DROP = "drop"
 
@@ -42,10 +45,10 @@ class Policy:
     block_ports: frozenset[tuple[int, int]] = frozenset()  # (proto, guest-local port)
     unknown: Verdict = Verdict.ACCEPT  # owner cannot be known (kernel RST, ICMP, TIME_WAIT, ...)
     version: int = 0  # bumped on every change; lets caches and logs tell snapshots apart
-    _comms15: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+    _comm_keys: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_comms15", frozenset(c[:TASK_COMM_LEN] for c in self.block_comms))
+        object.__setattr__(self, "_comm_keys", frozenset(comm_key(c) for c in self.block_comms))
 
     @property
     def blocks_anything(self) -> bool:
@@ -65,7 +68,7 @@ class Policy:
             return f"uid {owner.uid} blocked"
         if owner.euid in self.block_uids:
             return f"euid {owner.euid} blocked"
-        if owner.comm[:TASK_COMM_LEN] in self._comms15:
+        if comm_key(owner.comm) in self._comm_keys:
             return f"comm {owner.comm!r} blocked"
         return None
 
@@ -83,13 +86,12 @@ class Policy:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        names = {v: k for k, v in PROTO_NAMES.items()}
         return {
             "block_pids": sorted(self.block_pids),
             "block_uids": sorted(self.block_uids),
             "block_comms": sorted(self.block_comms),
             "block_sk_uids": sorted(self.block_sk_uids),
-            "block_ports": [f"{names.get(p, p)}/{port}" for p, port in sorted(self.block_ports)],
+            "block_ports": [f"{proto_label(p)}/{port}" for p, port in sorted(self.block_ports)],
             "unknown": self.unknown.value,
             "version": self.version,
         }
@@ -104,8 +106,8 @@ def _parse_entry(kind: str, value: str) -> tuple[str, Any]:
         if kind == "sk_uid":
             return "block_sk_uids", _non_negative(int(value), kind)
         if kind == "comm":
-            if not value or len(value) > TASK_COMM_LEN:
-                raise ConfigError(f"process name {value!r}: 1 to {TASK_COMM_LEN} characters")
+            if not value or len(value) > COMM_MAX_CHARS:
+                raise ConfigError(f"process name {value!r}: 1 to {COMM_MAX_CHARS} characters")
             return "block_comms", value
         if kind == "port":
             return "block_ports", parse_port(value)
@@ -123,12 +125,13 @@ def _non_negative(n: int, kind: str) -> int:
 def parse_port(text: str) -> tuple[int, int]:
     """``tcp/80`` or ``udp/5353`` to (proto, port)."""
     proto_name, sep, port_text = text.partition("/")
-    if not sep or proto_name not in PROTO_NAMES:
+    proto = next((p for p in PORT_PROTOS if p.label == proto_name), None)
+    if not sep or proto is None:
         raise ConfigError(f"port {text!r}: write tcp/PORT or udp/PORT")
     port = int(port_text)
     if not 0 < port < 65536:
         raise ConfigError(f"port {text!r}: out of range 1-65535")
-    return PROTO_NAMES[proto_name], port
+    return proto, port
 
 
 def compile_policy(
@@ -202,9 +205,9 @@ def blocked_ports(sockets: Iterable[GuestSocket], policy: Policy) -> set[tuple[i
     what the kernel-side sets (queue mode) or the thesis's DROP rules (poll mode) hold."""
     ports = set(policy.block_ports)
     for s in sockets:
-        if s.proto not in (IPPROTO_TCP, IPPROTO_UDP) or not 0 < s.lport < 65536:
+        if s.proto not in PORT_PROTOS or not 0 < s.lport < 65536:
             continue
-        ownership = Ownership(s.owners, s.sk_uid, s.state, "walk", s.sock_addr)
+        ownership = Ownership(s.owners, s.sk_uid, s.state, Via.WALK, s.sock_addr)
         if not s.owners and s.sk_uid not in policy.block_sk_uids:
             continue  # TIME_WAIT & co: nobody to block, and the port is about to be reused
         if decide(ownership, None, policy).verdict is Verdict.DROP:

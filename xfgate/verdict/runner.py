@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import select
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -26,6 +26,7 @@ from typing import Any
 from xfgate.config import DomainConfig, get_domain
 from xfgate.errors import ConfigError, PrerequisiteError, QueueError, XfgateError
 from xfgate.flow import OwnerSource
+from xfgate.inet import proto_label
 from xfgate.verdict import control
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource, QueuedPacket
@@ -38,35 +39,19 @@ from xfgate.verdict.fastpath import (
 )
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.netns import enter_netns, ifindex
+from xfgate.verdict.options import GateMode, GateOptions
 from xfgate.verdict.policy import Policy, Verdict, blocked_ports
 
+log = logging.getLogger(__name__)
 DEFAULT_QUEUE_BASE = 100  # queue number = base + domain id unless --queue-num is given
 IDLE_TICK = 0.5
 
 
-@dataclass(frozen=True)
-class GateOptions:
-    domains: tuple[int, ...]
-    policy: Policy
-    mode: str = "queue"  # queue | poll
-    interval: float = 5.0  # poll mode: seconds between walks
-    queue_num: int | None = None
-    queue_bypass: bool = False
-    on_error: Verdict | None = None
-    log_target: str | None = None
-    log_sample: int = 1
-    persist_blocks: bool = False
-    fastpath: bool = True
-    owners_json: str | None = None
-    refresh_interval: float = 2.0
-    cache_ttl: float = 10.0
-    negative_ttl: float = 1.0
-    domains_file: Path | None = None
-    profile: str | None = None  # profile file; default: built/cached for the domain's kernel
-
-
 def make_owner_source(
-    domain: DomainConfig, owners_json: str | None, profile_path: str | None = None
+    domain: DomainConfig,
+    owners_json: str | None,
+    profile_path: str | None = None,
+    cache_dir: Path | None = None,
 ) -> OwnerSource:
     """The one place where the gate's owner source is built."""
     if owners_json:
@@ -78,7 +63,7 @@ def make_owner_source(
     from xfgate.vmi.liveness import require_running
 
     require_running(domain)  # a dead VM's RAM file would answer with stale owners
-    return GuestIntrospector(domain, load_domain_profile(domain, profile_path))
+    return GuestIntrospector(domain, load_domain_profile(domain, profile_path, cache_dir))
 
 
 def queue_counters() -> dict[int, dict[str, int]]:
@@ -153,7 +138,7 @@ class Refresher(threading.Thread):
                 self.last_error = ""
             except Exception as e:  # a torn walk must not end the refresher
                 self.last_error = f"{type(e).__name__}: {e}"
-                print(f"xfgate: domain {self.domain}: refresh failed: {e}", file=sys.stderr)
+                log.warning("domain %d: refresh failed: %s", self.domain, e)
             self._wake.wait(self._interval)
             self._wake.clear()
 
@@ -186,8 +171,6 @@ class Gate:
 
     def start(self) -> None:
         opts = self.options
-        if opts.mode not in ("queue", "poll"):
-            raise ConfigError(f"--mode must be queue or poll, got {opts.mode!r}")
         if not opts.domains:
             raise ConfigError("give at least one --domain")
         cfgs = [get_domain(d, opts.domains_file) for d in opts.domains]
@@ -202,8 +185,8 @@ class Gate:
                 raise ConfigError(f"domain {c.id} has no vifs in the domains file")
         enter_netns(cfgs[0].netns)
         for warning in check_prerequisites():
-            print(f"xfgate: warning: {warning}", file=sys.stderr)
-        self.firewall = Firewall(make_backend())
+            log.warning("%s", warning)
+        self.firewall = Firewall(make_backend(opts.iptables))
         if opts.log_target:
             self.log = VerdictLog.open(opts.log_target, opts.log_sample)
         try:
@@ -222,34 +205,43 @@ class Gate:
         base = opts.queue_num if opts.queue_num is not None else DEFAULT_QUEUE_BASE + cfg.id
         queue_num = base + index if opts.queue_num is not None else base
         layout = GateLayout(cfg.id, cfg.vifs, queue_num, opts.queue_bypass, opts.fastpath)
-        source = LockedOwnerSource(make_owner_source(cfg, opts.owners_json, opts.profile))
+        source = LockedOwnerSource(
+            make_owner_source(cfg, opts.owners_json, opts.profile, opts.cache_dir)
+        )
         cache = OwnerCache(opts.cache_ttl, opts.negative_ttl)
         engine = Engine(
             cfg.id, vifs, source, opts.policy, cache, self.log, opts.fastpath, opts.on_error
         )
         dg = DomainGate(cfg, layout, source, engine)
         self.domains[cfg.id] = dg
-        dg.control = control.ControlServer(cfg.id, functools.partial(self._control, dg))
-        if opts.mode == "queue":
+        dg.control = control.ControlServer(
+            opts.run_dir, cfg.id, functools.partial(self._control, dg)
+        )
+        if opts.mode is GateMode.QUEUE:
             dg.queue = bind_queue(queue_num, engine.handle)
 
     def _clean_leftovers(self) -> None:
         """Remove chains/sets of domains whose gate is gone (a crash, kill -9). Ours are
         rebuilt right after; sets are kept so persisted blocks hold until the first walk."""
         assert self.firewall is not None
-        live = {d for d in control.running_domains() if control.answers(control.socket_path(d))}
+        run_dir = self.options.run_dir
+        live = {
+            d
+            for d in control.running_domains(run_dir)
+            if control.answers(control.socket_path(run_dir, d))
+        }
         for d in sorted(self.firewall.leftover_domains()):
             if d in self.domains:
                 self.firewall.remove(d, persist_blocks=True)
             elif d not in live:
-                print(f"xfgate: removing leftovers of domain {d}", file=sys.stderr)
+                log.info("removing leftovers of domain %d", d)
                 self.firewall.remove(d, persist_blocks=False)
 
     def _install(self, dg: DomainGate) -> None:
         assert self.firewall is not None
         fw = self.firewall
         d = dg.cfg.id
-        if self.options.mode == "queue":
+        if self.options.mode is GateMode.QUEUE:
             dg.refresher = Refresher(
                 d,
                 dg.source,
@@ -262,7 +254,7 @@ class Gate:
             try:
                 dg.refresher.refresh_once(walk=True)
             except Exception as e:
-                print(f"xfgate: domain {d}: first walk failed: {e}", file=sys.stderr)
+                log.warning("domain %d: first walk failed: %s", d, e)
             for family in (4, 6):
                 fw.remove_poll(d, family)  # persisted by an earlier poll-mode gate
             fw.install(dg.layout)
@@ -270,10 +262,11 @@ class Gate:
                 why = fw.install_save(dg.layout)
                 dg.engine.save_in_postrouting = why is None
                 if why is not None:
-                    print(
-                        f"xfgate: domain {d}: cannot save marks in mangle POSTROUTING ({why}):"
+                    log.warning(
+                        "domain %d: cannot save marks in mangle POSTROUTING (%s):"
                         " settling accepted flows with NF_REPEAT instead",
-                        file=sys.stderr,
+                        d,
+                        why,
                     )
             fw.reset_settled(d)  # marks of an earlier run may carry a different policy
             dg.refresher.start()
@@ -311,7 +304,7 @@ class Gate:
                     os.close(fd)
         self._wake_r = self._wake_w = -1
         if errors:
-            print("xfgate: cleanup incomplete: " + "; ".join(errors), file=sys.stderr)
+            log.error("cleanup incomplete: %s", "; ".join(errors))
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -325,13 +318,8 @@ class Gate:
         os.set_blocking(self._wake_w, False)
         old_fd = signal.set_wakeup_fd(self._wake_w)
         old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        print(
-            f"xfgate: gate ready (pid {os.getpid()}, mode {self.options.mode}, domains "
-            + ", ".join(f"{d}:queue {g.layout.queue_num}" for d, g in self.domains.items())
-            + ")",
-            file=sys.stderr,
-            flush=True,
-        )
+        queues = ", ".join(f"{d}:queue {g.layout.queue_num}" for d, g in self.domains.items())
+        log.info("gate ready (pid %d, mode %s, domains %s)", os.getpid(), self.options.mode, queues)
         try:
             while not self._stop and not (until and until()):
                 self._tick()
@@ -348,7 +336,7 @@ class Gate:
             if dg.control is not None:
                 readers[dg.control.fileno()] = dg.control.serve_one
         timeout = IDLE_TICK
-        if self.options.mode == "poll":
+        if self.options.mode is GateMode.POLL:
             now = time.monotonic()
             timeout = max(0.0, min([timeout] + [g.next_poll - now for g in self.domains.values()]))
         ready, _, _ = select.select(list(readers), [], [], timeout)
@@ -357,8 +345,8 @@ class Gate:
                 readers[fd]()
             except Exception as e:  # e.g. recv() failing on the queue socket: keep serving
                 self.loop_errors += 1
-                print(f"xfgate: loop error: {type(e).__name__}: {e}", file=sys.stderr)
-        if self.options.mode == "poll":
+                log.error("loop error: %s: %s", type(e).__name__, e)
+        if self.options.mode is GateMode.POLL:
             now = time.monotonic()
             for dg in self.domains.values():
                 if now >= dg.next_poll:
@@ -379,7 +367,7 @@ class Gate:
         try:
             ports = blocked_ports(dg.source.sockets(), dg.engine.policy)
         except Exception as e:
-            print(f"xfgate: domain {dg.cfg.id}: poll walk failed: {e}", file=sys.stderr)
+            log.warning("domain %d: poll walk failed: %s", dg.cfg.id, e)
             return
         dg.polls.append(round((time.monotonic() - start) * 1000, 2))
         del dg.polls[:-100]
@@ -389,9 +377,10 @@ class Gate:
         try:
             self.firewall.set_poll_rules(dg.cfg.id, dg.cfg.vifs, rules)
         except XfgateError as e:  # retried at the next poll
-            print(f"xfgate: domain {dg.cfg.id}: poll rules not applied: {e}", file=sys.stderr)
+            log.warning("domain %d: poll rules not applied: %s", dg.cfg.id, e)
             return
-        _append_rule_log(dg.cfg.id, dg.poll_ports or set(), ports)
+        path = rule_log_path(self.options.run_dir, dg.cfg.id)
+        _append_rule_log(path, dg.cfg.id, dg.poll_ports or set(), ports)
         dg.poll_ports = ports
 
     # --- control -----------------------------------------------------------------------
@@ -413,7 +402,7 @@ class Gate:
     def _set_policy(self, dg: DomainGate, new: Policy) -> None:
         assert self.firewall is not None
         dg.engine.set_policy(new)  # new snapshot + cache dropped
-        if self.options.mode == "queue":
+        if self.options.mode is GateMode.QUEUE:
             # Settled flows are re-decided from their next packet: established flows of a
             # newly blocked owner are cut, those of an unblocked one come back.
             self.firewall.reset_settled(dg.cfg.id)
@@ -423,7 +412,7 @@ class Gate:
             dg.next_poll = time.monotonic()
 
     def _kernel_counters(self, domain: int) -> dict[str, int]:
-        if self.firewall is None or self.options.mode != "queue":
+        if self.firewall is None or self.options.mode is not GateMode.QUEUE:
             return {}
         try:
             return self.firewall.counters(domain)
@@ -439,7 +428,7 @@ class Gate:
             "name": dg.cfg.name,
             "vifs": list(dg.cfg.vifs),
             "mode": self.options.mode,
-            "queue_num": dg.layout.queue_num if self.options.mode == "queue" else None,
+            "queue_num": dg.layout.queue_num if self.options.mode is GateMode.QUEUE else None,
             "queue_bypass": self.options.queue_bypass,
             "fastpath": self.options.fastpath,
             "policy": dg.engine.policy.to_dict(),
@@ -461,19 +450,19 @@ class Gate:
 
 
 def _ports_text(ports: set[tuple[int, int]]) -> list[str]:
-    names = {6: "tcp", 17: "udp"}
-    return [f"{names.get(p, p)}/{port}" for p, port in sorted(ports)]
+    return [f"{proto_label(p)}/{port}" for p, port in sorted(ports)]
 
 
-def rule_log_path(domain: int) -> Path:
-    return control.run_dir() / f"rules-{domain}.log"
+def rule_log_path(run_dir: Path, domain: int) -> Path:
+    return run_dir / f"rules-{domain}.log"
 
 
-def _append_rule_log(domain: int, old: set[tuple[int, int]], new: set[tuple[int, int]]) -> None:
+def _append_rule_log(
+    path: Path, domain: int, old: set[tuple[int, int]], new: set[tuple[int, int]]
+) -> None:
     """The thesis's rule log: what was added and removed, when."""
     import json
 
-    path = rule_log_path(domain)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -484,7 +473,7 @@ def _append_rule_log(domain: int, old: set[tuple[int, int]], new: set[tuple[int,
                         json.dumps({"time": stamp, "domain": domain, "op": op, "port": p}) + "\n"
                     )
     except OSError as e:
-        print(f"xfgate: cannot write rule log {path}: {e}", file=sys.stderr)
+        log.warning("cannot write rule log %s: %s", path, e)
 
 
 def bind_queue(queue_num: int, callback: Callable[[QueuedPacket], None]) -> Any:

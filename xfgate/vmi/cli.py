@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
+import logging
+from pathlib import Path
 from typing import Any
 
 from xfgate.config import DomainConfig, get_domain
 from xfgate.errors import ProfileError
 from xfgate.vmi.profile import Profile
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: Any) -> None:
@@ -44,12 +47,17 @@ def register(sub: Any) -> None:
     profile_cli.register(sub)
 
 
-def load_domain_profile(domain: DomainConfig, path: str | None) -> Profile:
+def load_domain_profile(
+    domain: DomainConfig, path: str | None, cache_dir: Path | None = None
+) -> Profile:
+    """The profile in `path`, else the one built (and cached in `cache_dir`) for the domain."""
     try:
         build = importlib.import_module("xfgate.vmi.profile_build")
     except ModuleNotFoundError as e:
         raise ProfileError(f"profile building is not available ({e})") from e
-    profile: Profile = build.load_profile(path) if path else build.profile_for_domain(domain)
+    profile: Profile = (
+        build.load_profile(path) if path else build.profile_for_domain(domain, cache_dir)
+    )
     return profile
 
 
@@ -100,9 +108,9 @@ def run_ps(args: argparse.Namespace) -> int:
     from xfgate.vmi.introspect import GuestIntrospector
     from xfgate.vmi.liveness import require_running
 
-    domain = get_domain(args.domain)
+    domain = get_domain(args.domain, args.domains_file)
     require_running(domain)
-    profile = load_domain_profile(domain, args.profile)
+    profile = load_domain_profile(domain, args.profile, args.cache_dir)
     with GuestIntrospector(domain, profile, allow_pause=not args.no_pause) as guest:
         result = guest.walk()
         doc = filter_document(guest.ps_json(result), args.pid, args.uid)
@@ -111,10 +119,7 @@ def run_ps(args: argparse.Namespace) -> int:
     else:
         print(format_table(doc))
     for err in result.errors[:10]:
-        print(f"xfgate: warning: {err}", file=sys.stderr)
+        log.warning("%s", err)
     if result.paused_seconds:
-        print(
-            f"xfgate: paused the guest {result.paused_seconds * 1000:.1f} ms for a consistent read",
-            file=sys.stderr,
-        )
+        log.info("paused the guest %.1f ms for a consistent read", result.paused_seconds * 1000)
     return 1 if result.errors else 0

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from xfgate.config import DomainConfig
 from xfgate.errors import MemoryReadError, ProfileError, WalkError
-from xfgate.flow import IPPROTO_TCP, Flow, GuestSocket, Owner, Ownership
+from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
+from xfgate.inet import IPProto
 from xfgate.vmi.kaslr import KernelLocation, KernelLocator
+from xfgate.vmi.kernel_constants import TCPState
 from xfgate.vmi.linux import (
     FdSocket,
     KernelLayout,
@@ -31,10 +34,19 @@ from xfgate.vmi.memory import PhysicalMemory, open_memory
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.qmp import ControlRegisters, PauseRecord, QmpClient, paused
-from xfgate.vmi.sockets import FoundSock, HashLayout, SocketTables
+from xfgate.vmi.sockets import FoundSock, HashLayout, HashTable, SocketTables
 
-PROTO_NAMES = {6: "tcp", 17: "udp"}
 LOOKUP_RETRIES = 2
+# What an answer's `via` is when the sock's table says it all (the other cases are decided
+# in GuestIntrospector.lookup).
+VIA_OF_TABLE: Mapping[HashTable, Via] = MappingProxyType(
+    {
+        HashTable.ESTABLISHED: Via.ESTABLISHED,
+        HashTable.TIME_WAIT: Via.TIME_WAIT,
+        HashTable.LISTENER: Via.LISTENER,
+        HashTable.UDP: Via.UDP,
+    }
+)
 # How long a checked boot is trusted by lookups before the RAM file's identity and the banner
 # are checked again. A reboot takes seconds before the new kernel has any socket, a lookup
 # that meets unreadable memory re-checks at once, and every walk checks: 50 ms loses nothing.
@@ -214,14 +226,14 @@ class GuestIntrospector:
         """The TCP listener that would take a new connection to `flow`'s local end (what a
         SYN meeting a TIME_WAIT sock is handed to), with its owners; None if none listens."""
         boot = self.boot(recheck=False)
-        if boot.tables is None or flow.proto != IPPROTO_TCP:
+        if boot.tables is None or flow.proto != IPProto.TCP:
             return None
         found = self._find(boot.tables, flow, listener_only=True)
         if found is None:
             return None
         sock = found.sock
         owners = self._owners_of(boot, sock.address)
-        return Ownership(owners, sock.sk_uid, sock.state_name, "listener", sock.address)
+        return Ownership(owners, sock.sk_uid, sock.state_name, Via.LISTENER, sock.address)
 
     def lookup(self, flow: Flow) -> Ownership | None:
         boot = self.boot(recheck=False)
@@ -231,9 +243,9 @@ class GuestIntrospector:
         if found is None:
             return None
         sock = found.sock
-        if found.table == "time-wait":
-            return Ownership((), sock.sk_uid, sock.state_name, "time-wait", sock.address)
-        if found.table == "request":
+        if found.table is HashTable.TIME_WAIT:
+            return Ownership((), sock.sk_uid, sock.state_name, Via.TIME_WAIT, sock.address)
+        if found.table is HashTable.REQUEST:
             owners = self._owners_of(boot, found.listener)
             try:
                 listener_sock = boot.space.read(found.listener, self.layout.sock_span)
@@ -241,10 +253,14 @@ class GuestIntrospector:
             except MemoryReadError:
                 sk_uid = -1
             return Ownership(
-                owners, sk_uid, "NEW_SYN_RECV", "request-sock->listener", found.listener
+                owners,
+                sk_uid,
+                TCPState.NEW_SYN_RECV.name,
+                Via.REQUEST_SOCK_LISTENER,
+                found.listener,
             )
         owners = self._owners_of(boot, sock.address)
-        if not owners and found.table == "established" and flow.proto == IPPROTO_TCP:
+        if not owners and found.table is HashTable.ESTABLISHED and flow.proto == IPProto.TCP:
             # Accepted by the kernel, not yet by the process: it waits in the listener's queue.
             listener = boot.tables.find_listener(flow)
             if listener is not None:
@@ -252,10 +268,12 @@ class GuestIntrospector:
                     self._owners_of(boot, listener.sock.address),
                     sock.sk_uid,
                     sock.state_name,
-                    "established->listener",
+                    Via.ESTABLISHED_LISTENER,
                     sock.address,
                 )
-        return Ownership(owners, sock.sk_uid, sock.state_name, found.table, sock.address)
+        return Ownership(
+            owners, sock.sk_uid, sock.state_name, VIA_OF_TABLE[found.table], sock.address
+        )
 
     def _owners_of(self, boot: _Boot, sock_addr: int) -> tuple[Owner, ...]:
         owners = boot.owners.get(sock_addr)
@@ -275,7 +293,7 @@ class GuestIntrospector:
             if (k.proto, k.lport) != (flow.proto, flow.lport) or k.local != flow.local:
                 continue
             if k.remote == flow.remote and k.rport == flow.rport:
-                return Ownership(index[k.address], k.sk_uid, k.state_name, "walk", k.address)
+                return Ownership(index[k.address], k.sk_uid, k.state_name, Via.WALK, k.address)
         return None
 
 
@@ -334,7 +352,7 @@ def ps_document(result: WalkResult) -> dict[str, Any]:
         {
             "pid": s.pid,
             "fd": s.fd,
-            "proto": PROTO_NAMES[s.sock.proto],
+            "proto": IPProto(s.sock.proto).label,
             "family": s.sock.family,
             "local": str(s.sock.local),
             "lport": s.sock.lport,

@@ -21,37 +21,30 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 from xfgate.errors import MemoryReadError, ProfileError
-from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, TCP_STATES, IPAddress
+from xfgate.flow import IPAddress
+from xfgate.inet import AddressFamily, IPProto
+from xfgate.vmi.kernel_constants import (
+    PF_KTHREAD,
+    PF_WQ_WORKER,
+    PID_MAX_LIMIT,
+    PROC_NAME_LEN,
+    TASK_COMM_LEN,
+    SockType,
+    tcp_state_name,
+)
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.qmp import PauseRecord
 from xfgate.vmi.walk import Deadline, Links, ListSpec, WalkIssue, WalkReason, walk_list
 
-AF_INET = 2
-AF_INET6 = 10
-SOCK_STREAM = 1
-SOCK_DGRAM = 2
-PID_MAX_LIMIT = 4 * 1024 * 1024  # include/linux/threads.h: PID_MAX_LIMIT on 64-bit
 KERNEL_SPACE_START = 0xFFFF800000000000  # lowest kernel address (4-level; 5-level is lower)
 KERNEL_SPACE_START_LA57 = 0xFF00000000000000
-TASK_COMM_LEN = 16
-PROC_NAME_LEN = 64  # fs/proc/array.c proc_task_name(): char tcomm[64]
-PF_WQ_WORKER = 0x00000020  # include/linux/sched.h
-PF_KTHREAD = 0x00200000
-
-TCP_TIME_WAIT = 6
-TCP_LISTEN = 10
-TCP_NEW_SYN_RECV = 12
 
 
 def is_kernel_pointer(value: int, levels: int = 4) -> bool:
     """True if `value` may point into the kernel half of a 4- or 5-level address space."""
     low = KERNEL_SPACE_START_LA57 if levels == 5 else KERNEL_SPACE_START
     return low <= value <= 0xFFFFFFFFFFFFF000
-
-
-def state_name(state: int) -> str:
-    return TCP_STATES.get(state, f"UNKNOWN({state})")
 
 
 _UNPACK = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
@@ -232,7 +225,7 @@ class InetSock:
 
     address: int
     family: int  # 4 or 6
-    proto: int  # IPPROTO_TCP or IPPROTO_UDP
+    proto: int  # IPProto.TCP or IPProto.UDP
     state: int
     local: IPAddress
     lport: int
@@ -242,7 +235,7 @@ class InetSock:
 
     @property
     def state_name(self) -> str:
-        return state_name(self.state)
+        return tcp_state_name(self.state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,20 +532,20 @@ def decode_inet_sock(layout: KernelLayout, address: int, blob: bytes) -> InetSoc
     """A struct sock (or its sock_common head) decoded; None unless inet TCP/UDP."""
     lay = layout
     family = lay.skc_family.get(blob)
-    if family not in (AF_INET, AF_INET6):
+    if family not in (AddressFamily.INET, AddressFamily.INET6):
         return None
     if len(blob) >= lay.sock_span:
         proto = lay.sk_protocol.get(blob)
-        if proto not in (IPPROTO_TCP, IPPROTO_UDP):
+        if proto not in (IPProto.TCP, IPProto.UDP):
             return None
-        if lay.sk_type.get(blob) not in (SOCK_STREAM, SOCK_DGRAM):
+        if lay.sk_type.get(blob) not in (SockType.SOCK_STREAM, SockType.SOCK_DGRAM):
             return None
         sk_uid = lay.sk_uid.get(blob)
     else:  # only the sock_common head (time-wait or request sock): TCP by construction
-        proto, sk_uid = IPPROTO_TCP, 0
+        proto, sk_uid = IPProto.TCP, 0
     local: IPAddress
     remote: IPAddress
-    if family == AF_INET:
+    if family == AddressFamily.INET:
         local = IPv4Address(blob[lay.skc_rcv_saddr : lay.skc_rcv_saddr + 4])
         remote = IPv4Address(blob[lay.skc_daddr : lay.skc_daddr + 4])
     else:
@@ -560,7 +553,7 @@ def decode_inet_sock(layout: KernelLayout, address: int, blob: bytes) -> InetSoc
         remote = IPv6Address(blob[lay.skc_v6_daddr : lay.skc_v6_daddr + 16])
     return InetSock(
         address=address,
-        family=4 if family == AF_INET else 6,
+        family=4 if family == AddressFamily.INET else 6,
         proto=proto,
         state=blob[lay.skc_state],
         local=local,

@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
         "build",
         help="build (or reuse) the profile of a kernel from its vmlinuz: BTF + kallsyms",
         description="Build a kernel profile from a Debian kernel package's vmlinuz (no -dbg "
-        "package needed) and cache it under $XFGATE_CACHE/profiles.",
+        "package needed) and cache it under CACHE_DIR/profiles (--cache-dir).",
     )
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -60,14 +60,14 @@ def register(sub: Any) -> None:
 
 def _build_source(args: argparse.Namespace) -> Path:
     if args.kernel_package:
-        return profile_build.kernel_assets_for(args.kernel_package)
+        return profile_build.kernel_assets_for(args.kernel_package, args.cache_dir)
     if args.vmlinuz:
         return Path(args.vmlinuz)
-    domain = get_domain(args.domain)
+    domain = get_domain(args.domain, args.domains_file)
     if domain.kernel.assets:
         return Path(domain.kernel.assets)
     if domain.kernel.package:
-        return profile_build.kernel_assets_for(domain.kernel.package)
+        return profile_build.kernel_assets_for(domain.kernel.package, args.cache_dir)
     raise ConfigError(
         f"domain {args.domain} names no kernel assets or package in the domains file: "
         "use --kernel-package or --vmlinuz"
@@ -75,7 +75,9 @@ def _build_source(args: argparse.Namespace) -> Path:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    result = profile_build.build_profile_files(_build_source(args), rebuild=args.rebuild)
+    result = profile_build.build_profile_files(
+        _build_source(args), args.cache_dir, rebuild=args.rebuild
+    )
     p = result.profile
     how = "cached" if result.from_cache else "built"
     print(f"{how} profile for {p.release}: {len(p.structs)} structs, {len(p.symbols)} symbols")
@@ -100,11 +102,12 @@ def run_build(args: argparse.Namespace) -> int:
 
 def _show_profile(args: argparse.Namespace) -> Profile:
     if args.domain is not None:
-        return profile_build.profile_for_domain(get_domain(args.domain))
+        domain = get_domain(args.domain, args.domains_file)
+        return profile_build.profile_for_domain(domain, args.cache_dir)
     path = Path(args.path)
     if path.is_file() and (path.name.endswith(".json") or path.name.endswith(".json.xz")):
         return profile_build.load_profile(path)
-    return profile_build.build_profile(path)
+    return profile_build.build_profile(path, args.cache_dir)
 
 
 def run_show(args: argparse.Namespace) -> int:

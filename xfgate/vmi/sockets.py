@@ -1,7 +1,7 @@
 """Targeted socket lookup: from a packet's 5-tuple to the guest's struct sock, without a walk.
 
 The kernel's own hash tables, as in Linux 6.1 (layouts from the profile, members tested by name):
-  - tcp_hashinfo.ehash: established, TIME_WAIT and request (TCP_NEW_SYN_RECV) socks, bucket by
+  - tcp_hashinfo.ehash: established, TIME_WAIT and request (TCPState.NEW_SYN_RECV) socks, bucket by
     inet_ehashfn/inet6_ehashfn with the secrets read from guest memory; chained on
     sock_common.skc_nulls_node, ended by a "nulls" marker (odd pointer);
   - tcp_hashinfo.lhash2: listeners by (address, port) (ipv4/ipv6_portaddr_hash), same chaining;
@@ -14,19 +14,17 @@ reason (`SocketTables.errors`), not an exception.
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass
 from ipaddress import IPv6Address
 
 from xfgate.errors import MemoryReadError, ProfileError
-from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Flow
+from xfgate.flow import Flow
+from xfgate.inet import AddressFamily, IPProto
 from xfgate.vmi import jhash
+from xfgate.vmi.kernel_constants import TCPState
 from xfgate.vmi.linux import (
-    AF_INET,
-    AF_INET6,
-    TCP_LISTEN,
-    TCP_NEW_SYN_RECV,
-    TCP_TIME_WAIT,
     InetSock,
     KernelLayout,
     decode_inet_sock,
@@ -111,13 +109,22 @@ class HashLayout:
         )
 
 
+class HashTable(enum.StrEnum):
+    """Which kernel hash table (and which kind of entry in it) a sock was found in."""
+
+    ESTABLISHED = "established"  # tcp_hashinfo.ehash, a full socket
+    TIME_WAIT = "time-wait"  # ehash, an inet_timewait_sock
+    REQUEST = "request"  # ehash, a request_sock (TCP_NEW_SYN_RECV)
+    LISTENER = "listener"  # tcp_hashinfo.lhash2
+    UDP = "udp"  # udp_table
+
+
 @dataclass(frozen=True, slots=True)
 class FoundSock:
-    """A struct sock found in a hash table. `table` is "established", "time-wait",
-    "request" (then `listener` is rsk_listener), "listener" or "udp"."""
+    """A struct sock found in a hash table; for HashTable.REQUEST `listener` is rsk_listener."""
 
     sock: InetSock
-    table: str
+    table: HashTable
     listener: int = 0
 
 
@@ -203,9 +210,9 @@ class SocketTables:
         self._start()
         flow = unmap_v4(flow)
         try:
-            if flow.proto == IPPROTO_TCP:
+            if flow.proto == IPProto.TCP:
                 return self._established(flow) or self._listener(flow)
-            if flow.proto == IPPROTO_UDP:
+            if flow.proto == IPProto.UDP:
                 return self._udp(flow)
         except MemoryReadError as e:
             self._unreadable(e)
@@ -257,7 +264,7 @@ class SocketTables:
         """Decode a full struct sock (for sk_uid/protocol) or, for the sock_common-only
         time-wait and request socks, just its head."""
         state = head[self.layout.skc_state]
-        if state in (TCP_TIME_WAIT, TCP_NEW_SYN_RECV):
+        if state in (TCPState.TIME_WAIT, TCPState.NEW_SYN_RECV):
             return decode_inet_sock(self.layout, sk, head)
         return decode_inet_sock(self.layout, sk, self.space.read(sk, self.layout.sock_span))
 
@@ -289,12 +296,12 @@ class SocketTables:
             sock = self._full(sk, head)
             if sock is None:
                 continue
-            if state == TCP_TIME_WAIT:
-                return FoundSock(sock, "time-wait")
-            if state == TCP_NEW_SYN_RECV:
+            if state == TCPState.TIME_WAIT:
+                return FoundSock(sock, HashTable.TIME_WAIT)
+            if state == TCPState.NEW_SYN_RECV:
                 listener: int = _U64.unpack_from(head, h.skc_listener)[0]
-                return FoundSock(sock, "request", listener)
-            return FoundSock(sock, "established")
+                return FoundSock(sock, HashTable.REQUEST, listener)
+            return FoundSock(sock, HashTable.ESTABLISHED)
         return None
 
     def _listener(self, flow: Flow) -> FoundSock | None:
@@ -319,8 +326,8 @@ class SocketTables:
                 score = _listener_score(self.layout, head, flow)
                 if score > 0 and self._in_init_net(head) and (best is None or score > best[0]):
                     sock = self._full(sk, head)
-                    if sock is not None and sock.state == TCP_LISTEN:
-                        best = (score, FoundSock(sock, "listener"))
+                    if sock is not None and sock.state == TCPState.LISTEN:
+                        best = (score, FoundSock(sock, HashTable.LISTENER))
         return best[1] if best else None
 
     # -- UDP ------------------------------------------------------------------------------------
@@ -336,8 +343,8 @@ class SocketTables:
             score = _udp_score(self.layout, head, flow)
             if score > 0 and self._in_init_net(head) and (best is None or score > best[0]):
                 sock = self._full(sk, head)
-                if sock is not None and sock.proto == IPPROTO_UDP:
-                    best = (score, FoundSock(sock, "udp"))
+                if sock is not None and sock.proto == IPProto.UDP:
+                    best = (score, FoundSock(sock, HashTable.UDP))
         return best[1] if best else None
 
 
@@ -373,10 +380,10 @@ def _family(lay: KernelLayout, head: bytes) -> int:
 
 def _addresses_match(lay: KernelLayout, head: bytes, flow: Flow) -> bool:
     """INET_MATCH / inet6_match: an IPv4 flow matches the v4 address pair, which v4-mapped
-    IPv6 sockets fill in too; an IPv6 flow only AF_INET6 sockets."""
+    IPv6 sockets fill in too; an IPv6 flow only AddressFamily.INET6 sockets."""
     if flow.family == 4:
         return _v4_view(lay, head) == (flow.local.packed, flow.remote.packed)
-    return _family(lay, head) == AF_INET6 and _v6_view(lay, head) == (
+    return _family(lay, head) == AddressFamily.INET6 and _v6_view(lay, head) == (
         flow.local.packed,
         flow.remote.packed,
     )
@@ -392,10 +399,10 @@ def _listener_score(lay: KernelLayout, head: bytes, flow: Flow) -> int:
         return 0
     fam = _family(lay, head)
     if flow.family == 4:
-        if fam == AF_INET:
+        if fam == AddressFamily.INET:
             addr = _v4_view(lay, head)[0]
             base = 2
-        elif fam == AF_INET6:
+        elif fam == AddressFamily.INET6:
             # A dual-stack listener takes IPv4 only bound to :: (ipv6only is not read here).
             v6 = _v6_view(lay, head)[0]
             if v6 != _ANY6:
@@ -406,7 +413,7 @@ def _listener_score(lay: KernelLayout, head: bytes, flow: Flow) -> int:
         if addr == flow.local.packed:
             return base + 4
         return base if addr == _ANY4 else 0
-    if fam != AF_INET6:
+    if fam != AddressFamily.INET6:
         return 0
     v6 = _v6_view(lay, head)[0]
     if v6 == flow.local.packed:
@@ -421,16 +428,16 @@ def _udp_score(lay: KernelLayout, head: bytes, flow: Flow) -> int:
     fam = _family(lay, head)
     if flow.family == 4:
         if (
-            fam == AF_INET6
+            fam == AddressFamily.INET6
             and _v6_view(lay, head)[0] not in (_ANY6,)
             and not _v6_view(lay, head)[0].startswith(b"\0" * 10 + b"\xff\xff")
         ):
             return 0
-        score = 2 if fam == AF_INET else 1
+        score = 2 if fam == AddressFamily.INET else 1
         laddr, raddr = _v4_view(lay, head)
         any_addr = _ANY4
     else:
-        if fam != AF_INET6:
+        if fam != AddressFamily.INET6:
             return 0
         score = 2
         laddr, raddr = _v6_view(lay, head)

@@ -1,0 +1,39 @@
+"""What a gate is asked to do: its mode and options, as the command line hands them over."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+from xfgate.config import DEFAULT_CACHE_DIR, DEFAULT_DOMAINS_FILE, DEFAULT_RUN_DIR
+from xfgate.verdict.policy import Policy, Verdict
+
+
+class GateMode(enum.StrEnum):
+    QUEUE = "queue"  # a verdict per new flow (NFQUEUE)
+    POLL = "poll"  # the thesis's baseline: DROP rules from a walk every --interval seconds
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    domains: tuple[int, ...]
+    policy: Policy
+    mode: GateMode = GateMode.QUEUE
+    interval: float = 5.0  # poll mode: seconds between walks
+    queue_num: int | None = None
+    queue_bypass: bool = False
+    on_error: Verdict | None = None
+    log_target: str | None = None
+    log_sample: int = 1
+    persist_blocks: bool = False
+    fastpath: bool = True
+    owners_json: str | None = None
+    refresh_interval: float = 2.0
+    cache_ttl: float = 10.0
+    negative_ttl: float = 1.0
+    domains_file: Path = DEFAULT_DOMAINS_FILE
+    profile: str | None = None  # profile file; default: built/cached for the domain's kernel
+    run_dir: Path = DEFAULT_RUN_DIR  # control sockets, poll-mode rule logs
+    cache_dir: Path = DEFAULT_CACHE_DIR  # kernel assets and profiles
+    iptables: str = "iptc"  # rule backend: "iptc" (libiptc) or "cli" (iptables-legacy)

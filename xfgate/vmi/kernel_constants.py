@@ -1,0 +1,54 @@
+"""Constants of the Linux kernel that xfgate mirrors, each defined once, named as the kernel
+names them (the header each comes from is given)."""
+
+from __future__ import annotations
+
+import enum
+
+# include/linux/sched.h: task_struct.comm is char[TASK_COMM_LEN], NUL-terminated, so a task
+# name keeps at most TASK_COMM_LEN - 1 characters. A comm match compares that many.
+TASK_COMM_LEN = 16
+COMM_MAX_CHARS = TASK_COMM_LEN - 1
+
+
+def comm_key(name: str) -> str:
+    """What the kernel would keep of `name` as a task's comm: the part a comm match compares."""
+    return name[:COMM_MAX_CHARS]
+
+
+PROC_NAME_LEN = 64  # fs/proc/array.c proc_task_name(): char tcomm[64]
+PID_MAX_LIMIT = 4 * 1024 * 1024  # include/linux/threads.h: PID_MAX_LIMIT on 64-bit
+PF_WQ_WORKER = 0x00000020  # include/linux/sched.h
+PF_KTHREAD = 0x00200000
+
+
+class SockType(enum.IntEnum):
+    """include/linux/net.h enum sock_type (the values x86 uses)."""
+
+    SOCK_STREAM = 1
+    SOCK_DGRAM = 2
+
+
+class TCPState(enum.IntEnum):
+    """include/net/tcp_states.h; names as /proc/net/tcp readers (ss, the lab truth) spell them."""
+
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    SYN_RECV = 3
+    FIN_WAIT1 = 4
+    FIN_WAIT2 = 5
+    TIME_WAIT = 6
+    CLOSE = 7
+    CLOSE_WAIT = 8
+    LAST_ACK = 9
+    LISTEN = 10
+    CLOSING = 11
+    NEW_SYN_RECV = 12
+
+
+def tcp_state_name(state: int) -> str:
+    """The state's name, or UNKNOWN(n) for a value the kernel does not define."""
+    try:
+        return TCPState(state).name
+    except ValueError:
+        return f"UNKNOWN({state})"
