@@ -32,7 +32,7 @@ from bench.report import (
 )
 from xfgate.config import DomainConfig, get_domain
 from xfgate.errors import LabError, PrerequisiteError
-from xfgate.lab.layout import layout_from_env
+from xfgate_lab.layout import layout_from_env
 
 SERVER_PORT = 8000  # the guest's static epoll server (uid 1000): busybox httpd saturates ~150/s
 BLOCK = ("--block-uid", "1001")  # a rule in force that matches none of the measured traffic

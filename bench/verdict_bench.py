@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from xfgate.flow import IPPROTO_TCP, Flow, GuestSocket, Owner, Ownership
-from xfgate.verdict import netlab
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine
 from xfgate.verdict.packet import parse
 from xfgate.verdict.policy import compile_policy
+from xfgate_lab import netlab
 
 
 class _Table:

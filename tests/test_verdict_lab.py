@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 
 from xfgate.config import load_domains, save_domains
-from xfgate.lab import lab as labmod
-from xfgate.lab.layout import LabLayout
+from xfgate_lab import lab as labmod
+from xfgate_lab.layout import LabLayout
 
 pytestmark = [pytest.mark.lab]
 
@@ -297,7 +297,7 @@ def test_live_block_and_unblock_on_new_and_established_flows(vlab: Lab, gate: An
     g = gate()
     netns = ["ip", "netns", "exec", vlab.layout.client_netns, sys.executable, "-m"]
     hold = subprocess.Popen(
-        [*netns, "xfgate.verdict.netlab", "hold", GUEST4, "8080", "--timeout", "5"],
+        [*netns, "xfgate_lab.netlab", "hold", GUEST4, "8080", "--timeout", "5"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

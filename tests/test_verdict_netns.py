@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from xfgate.verdict import netlab
-from xfgate.verdict.netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, NetLab
+from xfgate_lab import netlab
+from xfgate_lab.netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, NetLab
 
 pytestmark = [
     pytest.mark.netns,

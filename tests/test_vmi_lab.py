@@ -29,9 +29,6 @@ import pytest
 from tests.conftest import require_lab_prerequisites
 from xfgate.config import DomainConfig
 from xfgate.flow import IPPROTO_TCP, IPPROTO_UDP, Flow
-from xfgate.lab import lab
-from xfgate.lab.cli import guest_exec, guest_truth
-from xfgate.lab.layout import LabLayout
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.kaslr import from_banner_scan, from_cr3, from_vmcoreinfo
@@ -41,6 +38,9 @@ from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.qmp import QmpClient, paused
 from xfgate.vmi.sockets import HashLayout, SocketTables
+from xfgate_lab import lab
+from xfgate_lab.cli import guest_exec, guest_truth
+from xfgate_lab.layout import LabLayout
 
 pytestmark = pytest.mark.lab
 

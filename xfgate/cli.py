@@ -14,9 +14,9 @@ Handler = Callable[[argparse.Namespace], int]
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so that `xfgate --help` works even if one subsystem's optional
     # dependency is broken: the error then names that subsystem.
-    from xfgate.lab import cli as lab_cli
     from xfgate.verdict import cli as verdict_cli
     from xfgate.vmi import cli as vmi_cli
+    from xfgate_lab import cli as lab_cli
 
     parser = argparse.ArgumentParser(
         prog="xfgate",

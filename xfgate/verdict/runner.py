@@ -70,7 +70,7 @@ def make_owner_source(
 ) -> OwnerSource:
     """The one place where the gate's owner source is built."""
     if owners_json:
-        from xfgate.verdict.static_source import StaticOwnerSource
+        from xfgate_lab.static_source import StaticOwnerSource
 
         return StaticOwnerSource(Path(owners_json))
     from xfgate.vmi.cli import load_domain_profile

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from xfgate.errors import LabError, PrerequisiteError
-from xfgate.lab.layout import (
+from xfgate_lab.layout import (
     BRIDGE,
     CLIENT_IFACE,
     CLIENT_V4,

@@ -4,7 +4,7 @@ Three namespaces, no route out of them: ``<prefix>-d`` ("dom0": bridge + the gue
 the gate runs), ``<prefix>-g`` (a stand-in guest behind ``vif9.0``, a veth) and ``<prefix>-c``
 (the client). Addresses from 198.18.0.0/15 and 2001:2::/48 only.
 
-Also a tiny traffic peer (``python -m xfgate.verdict.netlab serve|connect|udp``) with bounded
+Also a tiny traffic peer (``python -m xfgate_lab.netlab serve|connect|udp``) with bounded
 lifetimes, run inside a namespace with ``ip netns exec``.
 """
 
@@ -77,7 +77,7 @@ class NetLab:
         return sh(["ip", "netns", "exec", name, *argv], timeout, check)
 
     def python(self, name: str, args: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", name, sys.executable, "-m", "xfgate.verdict.netlab", *args]
+        return ["ip", "netns", "exec", name, sys.executable, "-m", "xfgate_lab.netlab", *args]
 
 
 def _domain_toml(domain: int, name: str, vif: str, netns: str, addrs: tuple[str, str]) -> str:

@@ -22,9 +22,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from xfgate.lab.lab import client_http_get, read_peer_stats
-from xfgate.lab.layout import LabLayout, guest_v4
-from xfgate.verdict.gate_process import XFGATE, gate_process
+from xfgate_lab.gate_process import XFGATE, gate_process
+from xfgate_lab.lab import client_http_get, read_peer_stats
+from xfgate_lab.layout import LabLayout, guest_v4
 
 
 def say(text: str) -> None:

@@ -9,11 +9,11 @@ import sys
 from typing import Any
 
 from xfgate.errors import ConfigError, GuestNotRunning
-from xfgate.lab import lab
-from xfgate.lab.control import GuestResult, run_in_guest
-from xfgate.lab.layout import LabLayout, layout_from_env
-from xfgate.lab.qemu import DEFAULT_CPU
-from xfgate.lab.truth import TRUTH_SCRIPT, Truth, parse_truth
+from xfgate_lab import lab
+from xfgate_lab.guest_channel import GuestResult, run_in_guest
+from xfgate_lab.layout import LabLayout, layout_from_env
+from xfgate_lab.qemu import DEFAULT_CPU
+from xfgate_lab.truth import TRUTH_SCRIPT, Truth, parse_truth
 
 
 def guest_exec(layout: LabLayout, domain: int, command: str, timeout: float = 30.0) -> GuestResult:

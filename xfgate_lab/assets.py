@@ -27,8 +27,8 @@ from pathlib import Path
 
 from xfgate.config import cache_dir
 from xfgate.errors import ConfigError, LabError, PrerequisiteError
-from xfgate.lab import modules
-from xfgate.lab.cpio import CpioEntry, cpio_newc
+from xfgate_lab import modules
+from xfgate_lab.cpio import CpioEntry, cpio_newc
 
 DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"  # Debian's meta-package: resolved to a concrete one
 ASSETS_FORMAT = 1
@@ -144,7 +144,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def guest_sources() -> dict[str, bytes]:
     """The guest's package-data files (init script, users, C sources) by name."""
-    base = resources.files("xfgate.lab") / "guest"
+    base = resources.files("xfgate_lab") / "guest"
     return {name: (base / name).read_bytes() for name in GUEST_FILES}
 
 

@@ -32,10 +32,11 @@ from xfgate.config import (
     save_domains,
 )
 from xfgate.errors import LabError, PrerequisiteError, XfgateError
-from xfgate.lab import netns as labnet
-from xfgate.lab.assets import KernelAssets, ensure_assets, resolve_kernel_package
-from xfgate.lab.control import run_in_guest
-from xfgate.lab.layout import (
+from xfgate.vmi.profile_build import build_profile_files
+from xfgate_lab import namespaces as labnet
+from xfgate_lab.assets import KernelAssets, ensure_assets, resolve_kernel_package
+from xfgate_lab.guest_channel import run_in_guest
+from xfgate_lab.layout import (
     GUEST_RAM_MB,
     MAX_DOMAINS,
     LabLayout,
@@ -44,7 +45,7 @@ from xfgate.lab.layout import (
     guest_v6,
     vif_name,
 )
-from xfgate.lab.qemu import (
+from xfgate_lab.qemu import (
     DEFAULT_CPU,
     GuestSpec,
     check_cpu_model,
@@ -52,7 +53,6 @@ from xfgate.lab.qemu import (
     start_qemu,
     stop_qemu,
 )
-from xfgate.vmi.profile_build import build_profile_files
 
 Log = Callable[[str], None]
 READY_MARK = "XFGATE-READY"
@@ -206,7 +206,7 @@ def _pids() -> list[int]:
 
 def is_our_peers(pid: int, layout: LabLayout) -> bool:
     args = _cmdline(pid) if pid > 0 else []
-    return "xfgate.lab.peers" in args and str(layout.peers_stats_path) in args
+    return "xfgate_lab.peers" in args and str(layout.peers_stats_path) in args
 
 
 def find_lab_qemus(layout: LabLayout) -> dict[int, Path]:
@@ -244,7 +244,7 @@ def stop_pid(pid: int, still_ours: Callable[[int], bool], grace: float = 3.0) ->
 
 def start_peers(layout: LabLayout) -> int:
     log = layout.peers_log_path.open("ab")
-    argv = ["ip", "netns", "exec", layout.client_netns, sys.executable, "-m", "xfgate.lab.peers"]
+    argv = ["ip", "netns", "exec", layout.client_netns, sys.executable, "-m", "xfgate_lab.peers"]
     argv += ["--stats", str(layout.peers_stats_path)]
     proc = subprocess.Popen(
         argv,
@@ -288,7 +288,7 @@ def python_env() -> dict[str, str]:
 
 def client_http_get(layout: LabLayout, host: str, port: int, timeout: float = 3.0) -> str | None:
     """Body of http://host:port/ fetched from inside the client netns, or None."""
-    argv = [sys.executable, "-m", "xfgate.lab.probe", host, str(port), str(timeout)]
+    argv = [sys.executable, "-m", "xfgate_lab.probe", host, str(port), str(timeout)]
     try:
         r = subprocess.run(
             ["ip", "netns", "exec", layout.client_netns, *argv],

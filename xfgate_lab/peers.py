@@ -3,7 +3,7 @@ TCP 2222 accept+close (the attacker's target), UDP 5353 sink, TCP 7000 long-live
 (held open, input discarded). Listens on [::] (dual stack) inside the client netns only.
 Counters go to a JSON stats file once a second, so tests can see the guest's traffic arrive.
 
-    python -m xfgate.lab.peers --stats FILE [--max-seconds N]
+    python -m xfgate_lab.peers --stats FILE [--max-seconds N]
 """
 
 from __future__ import annotations

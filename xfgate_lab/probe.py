@@ -1,8 +1,8 @@
-"""A bounded HTTP GET, run inside a namespace by `ip netns exec ... python -m xfgate.lab.probe`
+"""A bounded HTTP GET, run inside a namespace by `ip netns exec ... python -m xfgate_lab.probe`
 (a socket belongs to the netns of the process that creates it). Exit 0 and the body on stdout
 when the server answered 200.
 
-    python -m xfgate.lab.probe HOST PORT [TIMEOUT]
+    python -m xfgate_lab.probe HOST PORT [TIMEOUT]
 """
 
 from __future__ import annotations
