@@ -92,8 +92,7 @@ def run_leak(dom: DomainConfig, config: str, n: int, raw: Path) -> LeakResult:
                 [
                     sys.executable,
                     "-m",
-                    "xfgate.cli",
-                    "lab",
+                    "xfgate_lab.cli",
                     "exec",
                     "--domain",
                     str(dom.id),

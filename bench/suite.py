@@ -104,7 +104,7 @@ def preflight(domain: int) -> DomainConfig:
     dom = get_domain(domain)
     client = layout_from_env().client_netns
     if not Path(f"/run/netns/{client}").exists():
-        raise LabError(f"the lab is not up (no netns {client}): run `xfgate lab up` first")
+        raise LabError(f"the lab is not up (no netns {client}): run `xfgate-lab up` first")
     if not dom.addresses:
         raise LabError(f"domain {domain} has no address in the domains file")
     return dom

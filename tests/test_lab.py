@@ -161,7 +161,7 @@ def test_truth_lists_workload(lab_domain: DomainConfig, lab_layout: LabLayout) -
 
 def test_truth_cli_json(lab_domain: DomainConfig) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "xfgate.cli", "lab", "truth", "--domain", "1", "--json"],
+        [sys.executable, "-m", "xfgate_lab.cli", "truth", "--domain", "1", "--json"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -182,8 +182,7 @@ def test_exec_output_exit_code_and_concurrency(
         [
             sys.executable,
             "-m",
-            "xfgate.cli",
-            "lab",
+            "xfgate_lab.cli",
             "exec",
             "--domain",
             "1",
@@ -201,7 +200,7 @@ def test_exec_output_exit_code_and_concurrency(
     # Several callers at once are serialized, each gets its own answer.
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "xfgate.cli", "lab", "exec", "--", f"echo caller{i}"],
+            [sys.executable, "-m", "xfgate_lab.cli", "exec", "--", f"echo caller{i}"],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -31,6 +31,7 @@ from xfgate_lab.layout import LabLayout
 pytestmark = [pytest.mark.lab]
 
 XFGATE = [sys.executable, "-m", "xfgate.cli"]
+XFGATE_LAB = [sys.executable, "-m", "xfgate_lab.cli"]
 GUEST4, GUEST6, CLIENT4 = "198.18.1.1", "2001:2::1:1", "198.18.0.1"
 SPRAY_PERIOD = 0.5  # the attacker's interval between attempts (init: spray ... 500)
 
@@ -63,7 +64,13 @@ class Lab:
         return stats
 
     def truth(self) -> dict[str, Any]:
-        p = self.xfgate(["lab", "truth", "--domain", "1", "--json"])
+        p = subprocess.run(
+            [*XFGATE_LAB, "truth", "--domain", "1", "--json"],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
+        )
         assert p.returncode == 0, p.stderr
         doc: dict[str, Any] = json.loads(p.stdout)
         return doc

@@ -1,5 +1,5 @@
 """Introspection of the real lab guest (QEMU TCG, Debian 6.1 kernel, KASLR on), checked against
-the guest's own /proc (`xfgate lab truth`).
+the guest's own /proc (`xfgate-lab truth`).
 
 The workload churns (the attacker opens and closes connections all the time), so for exact
 comparisons its processes are stopped with SIGSTOP through the control channel and resumed

@@ -16,7 +16,6 @@ def build_parser() -> argparse.ArgumentParser:
     # dependency is broken: the error then names that subsystem.
     from xfgate.verdict import cli as verdict_cli
     from xfgate.vmi import cli as vmi_cli
-    from xfgate_lab import cli as lab_cli
 
     parser = argparse.ArgumentParser(
         prog="xfgate",
@@ -27,7 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="domains file (default: $XFGATE_DOMAINS or /run/xfgate/domains.toml)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    lab_cli.register(sub)
     vmi_cli.register(sub)
     verdict_cli.register(sub)
     return parser

@@ -1,6 +1,6 @@
 """The domains file: which guests xfgate knows, where their memory, monitor and vifs are.
 
-Written by `xfgate lab up` for the demo guest, or by hand (or by a hosting stack) for real ones.
+Written by `xfgate-lab up` for the demo guest, or by hand (or by a hosting stack) for real ones.
 Read-only for the rest of xfgate. Format (TOML)::
 
     [[domain]]

@@ -30,7 +30,7 @@ class DomainNotFound(XfgateError):
         hint = (
             f"known domains: {', '.join(map(str, self.known))}"
             if self.known
-            else "no domains configured: start the demo guest with `xfgate lab up`"
+            else "no domains configured: start the demo guest with `xfgate-lab up`"
         )
         super().__init__(f"unknown domain {domain}{where} ({hint})")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from xfgate.errors import XfgateError
 
 XFGATE = (sys.executable, "-m", "xfgate.cli")
+XFGATE_LAB = (sys.executable, "-m", "xfgate_lab.cli")
 READY_LINE = "gate ready"
 
 

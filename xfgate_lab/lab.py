@@ -1,4 +1,4 @@
-"""`xfgate lab up | down | status`: the demo lab's life cycle. Orchestration only; the pieces
+"""`xfgate-lab up | down | status`: the demo lab's life cycle. Orchestration only; the pieces
 (assets, network, qemu, control channel) live in their own modules.
 
 The lab's state (what it created: pids, names, kernel) is a JSON file in its run dir, written
@@ -116,7 +116,7 @@ def read_state(layout: LabLayout) -> LabState | None:
         return None
     except (OSError, ValueError, TypeError) as e:
         raise LabError(
-            f"lab state {layout.state_path} is unreadable ({e}): run `xfgate lab down --force`"
+            f"lab state {layout.state_path} is unreadable ({e}): run `xfgate-lab down --force`"
         ) from e
 
 
@@ -463,8 +463,8 @@ def lab_up(
             if leftovers and not force:
                 raise LabError(
                     f"{', '.join(leftovers)} exist(s) but no lab state ({layout.state_path}): "
-                    "not created by `xfgate lab up`, or by a crashed one. Remove with "
-                    f"`xfgate lab down --force` (prefix {layout.prefix}) or pick another "
+                    "not created by `xfgate-lab up`, or by a crashed one. Remove with "
+                    f"`xfgate-lab down --force` (prefix {layout.prefix}) or pick another "
                     "lab with --prefix/$XFGATE_LAB_PREFIX"
                 )
             if leftovers or find_lab_qemus(layout):
@@ -576,7 +576,7 @@ def _down_locked(layout: LabLayout, force: bool, log: Log) -> list[str]:
         if leftovers:
             raise LabError(
                 f"{', '.join(leftovers)} exist(s) but no lab state ({layout.state_path}): "
-                "refusing to delete what this lab did not record; use `xfgate lab down --force`"
+                "refusing to delete what this lab did not record; use `xfgate-lab down --force`"
             )
     qemus = find_lab_qemus(layout)
     if state is not None:
