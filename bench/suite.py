@@ -31,7 +31,8 @@ from bench.report import (
     write_sweep_plot,
 )
 from xfgate.config import DomainConfig, get_domain
-from xfgate.errors import LabError, PrerequisiteError
+from xfgate.errors import PrerequisiteError
+from xfgate_lab.errors import LabError
 from xfgate_lab.layout import layout_from_env
 
 SERVER_PORT = 8000  # the guest's static epoll server (uid 1000): busybox httpd saturates ~150/s

@@ -19,10 +19,10 @@ import pytest
 
 from tests.conftest import ClientNetns, require_lab_prerequisites
 from xfgate.config import DomainConfig, load_domains
-from xfgate.errors import LabError
 from xfgate_lab import lab
 from xfgate_lab.assets import assets_dir, resolve_kernel_package
 from xfgate_lab.cli import guest_exec, guest_truth
+from xfgate_lab.errors import LabError
 from xfgate_lab.layout import LabLayout, guest_v4, guest_v6
 from xfgate_lab.namespaces import netns_exists
 from xfgate_lab.qemu import is_our_qemu

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from xfgate.config import DomainConfig, MemoryConfig, save_domains
-from xfgate.errors import ConfigError, LabError
+from xfgate.errors import ConfigError
 from xfgate_lab import assets, cpio, guest_channel, lab, layout, modules, qemu, truth
+from xfgate_lab.errors import LabError
 from xfgate_lab.lab import prerequisite_problems, workload_missing
 
 # Trimmed from a real guest's TRUTH_SCRIPT output (/proc of the lab guest, kernel 6.1), with

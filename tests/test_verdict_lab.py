@@ -26,6 +26,7 @@ import pytest
 
 from xfgate.config import load_domains, save_domains
 from xfgate_lab import lab as labmod
+from xfgate_lab.gate_process import GateProcess, start_gate
 from xfgate_lab.layout import LabLayout
 
 pytestmark = [pytest.mark.lab]
@@ -148,9 +149,12 @@ def arrived(lab: Lab, proto: str, port: int) -> int:
 @dataclass
 class Gate:
     lab: Lab
-    proc: subprocess.Popen[str]
+    process: GateProcess
     log: Path
-    stderr: Path
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.process.proc
 
     def status(self) -> dict[str, Any]:
         p = self.lab.xfgate(["status", "--domain", "1", "--json"])
@@ -158,9 +162,7 @@ class Gate:
         return result
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(30)
+        return self.process.stop(sig, timeout=30)
 
     def records(self) -> list[dict[str, Any]]:
         text = self.log.read_text() if self.log.exists() else ""
@@ -181,22 +183,11 @@ def gate(vlab: Lab) -> Iterator[Any]:
 
     def start(*args: str) -> Gate:
         n = len(started)
-        log, err = vlab.workdir / f"verdicts-{n}.log", vlab.workdir / f"gate-{n}.err"
-        with err.open("w") as errf:
-            proc = subprocess.Popen(
-                [*XFGATE, "run", "--domain", "1", "--log", str(log), *args],
-                stdout=subprocess.DEVNULL,
-                stderr=errf,
-                text=True,
-                env=vlab.env,
-            )
-        g = Gate(vlab, proc, log, err)
+        log, out = vlab.workdir / f"verdicts-{n}.log", vlab.workdir / f"gate-{n}.out"
+        process = start_gate(["--domain", "1", "--log", str(log), *args], out, env=vlab.env)
+        g = Gate(vlab, process, log)
         started.append(g)
-        deadline = time.monotonic() + 90
-        while "gate ready" not in err.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"gate did not start: {err.read_text()}")
-            time.sleep(0.1)
+        process.wait_ready(90)
         return g
 
     yield start

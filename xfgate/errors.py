@@ -35,10 +35,6 @@ class DomainNotFound(XfgateError):
         super().__init__(f"unknown domain {domain}{where} ({hint})")
 
 
-class LabError(XfgateError):
-    """The demo lab could not be built, started or stopped."""
-
-
 class GuestNotRunning(XfgateError):
     def __init__(self, domain: int | str, detail: str) -> None:
         self.domain = domain

@@ -26,9 +26,10 @@ from importlib import resources
 from pathlib import Path
 
 from xfgate.config import cache_dir
-from xfgate.errors import ConfigError, LabError, PrerequisiteError
+from xfgate.errors import ConfigError, PrerequisiteError
 from xfgate_lab import modules
 from xfgate_lab.cpio import CpioEntry, cpio_newc
+from xfgate_lab.errors import LabError
 
 DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"  # Debian's meta-package: resolved to a concrete one
 ASSETS_FORMAT = 1

@@ -10,10 +10,11 @@ import json
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from xfgate.errors import ConfigError, GuestNotRunning, XfgateError
-from xfgate_lab import lab
+from xfgate_lab import gate, lab
 from xfgate_lab.guest_channel import GuestResult, run_in_guest
 from xfgate_lab.layout import LabLayout, layout_from_env
 from xfgate_lab.qemu import DEFAULT_CPU
@@ -179,11 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--domain", type=int, default=1)
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(handler=_truth)
+
+    gt = lsub.add_parser(
+        "gate",
+        help="xfgate's gate with a static owner table instead of introspection (tests, bench)",
+        description="Runs the product's gate (every flag of `xfgate run` follows) with the "
+        "owners of a JSON table instead of the guest's memory.",
+    )
+    gate.add_arguments(gt)
+    gt.set_defaults(handler=_gate)
     return p
 
 
+def _gate(args: argparse.Namespace) -> int:
+    return gate.run_static_gate(Path(args.owners_json), args.run_flags)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `gate` passes every flag it does not know on to `xfgate run`'s parser.
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.handler is not _gate:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.run_flags = rest
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

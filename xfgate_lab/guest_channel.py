@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from xfgate.errors import GuestNotRunning, LabError
+from xfgate.errors import GuestNotRunning
+from xfgate_lab.errors import LabError
 
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 

@@ -31,10 +31,11 @@ from xfgate.config import (
     load_domains,
     save_domains,
 )
-from xfgate.errors import LabError, PrerequisiteError, XfgateError
+from xfgate.errors import PrerequisiteError, XfgateError
 from xfgate.vmi.profile_build import build_profile_files
 from xfgate_lab import namespaces as labnet
 from xfgate_lab.assets import KernelAssets, ensure_assets, resolve_kernel_package
+from xfgate_lab.errors import LabError
 from xfgate_lab.guest_channel import run_in_guest
 from xfgate_lab.layout import (
     GUEST_RAM_MB,
@@ -281,7 +282,7 @@ def serial_tail(path: Path, lines: int = 30) -> str:
 def python_env() -> dict[str, str]:
     """Environment for our own modules run as `python -m` inside a namespace: importable even
     from a checkout that is not installed."""
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[1])
     path = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": f"{root}:{path}" if path else root}
 

@@ -7,7 +7,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from xfgate.errors import LabError, PrerequisiteError
+from xfgate.errors import PrerequisiteError
+from xfgate_lab.errors import LabError
 from xfgate_lab.layout import (
     BRIDGE,
     CLIENT_IFACE,

@@ -1,6 +1,6 @@
 """An OwnerSource read from a JSON table instead of guest memory.
 
-For tests, benchmarks and demos of the gate without introspection (``xfgate run --owners-json``).
+For tests and benchmarks of the gate without introspection (``xfgate-lab gate --owners-json``).
 The file is re-read when it changes, which bumps the generation (as a guest reboot would)::
 
     {"entries": [

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from xfgate.errors import LabError
 from xfgate.flow import TCP_STATES
+from xfgate_lab.errors import LabError
 
 SECTION_MARK = "@@xftruth "
 # Only leaders are listed under /proc (threads live under /proc/PID/task). stderr is dropped:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xfgate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from xfgate.verdict.runner import GateOptions
 
 
 def register(sub: Any) -> None:
@@ -73,9 +76,6 @@ def register(sub: Any) -> None:
     run.add_argument("--refresh", type=float, default=2.0, help="seconds between port-set walks")
     run.add_argument("--cache-ttl", type=float, default=10.0)
     run.add_argument("--negative-ttl", type=float, default=1.0)
-    run.add_argument(
-        "--owners-json", metavar="FILE", help="static owner table instead of introspection"
-    )
     run.add_argument("--profile", metavar="FILE", help="kernel profile (default: the domain's)")
     run.set_defaults(handler=cmd_run)
 
@@ -108,8 +108,15 @@ def register(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from xfgate.verdict.runner import run_gate
+
+    return run_gate(gate_options(args))
+
+
+def gate_options(args: argparse.Namespace) -> GateOptions:
+    """GateOptions from the parsed `xfgate run` arguments."""
     from xfgate.verdict.policy import Verdict, compile_policy
-    from xfgate.verdict.runner import GateOptions, run_gate
+    from xfgate.verdict.runner import GateOptions
 
     if args.log_sample < 1:
         raise ConfigError("--log-sample must be >= 1")
@@ -123,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.block_port,
         args.unknown,
     )
-    options = GateOptions(
+    return GateOptions(
         domains=tuple(dict.fromkeys(args.domain)),
         policy=policy,
         mode=args.mode,
@@ -135,13 +142,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_sample=args.log_sample,
         persist_blocks=args.persist_blocks,
         fastpath=not args.no_fastpath,
-        owners_json=args.owners_json,
         refresh_interval=args.refresh,
         cache_ttl=args.cache_ttl,
         negative_ttl=args.negative_ttl,
         profile=args.profile,
     )
-    return run_gate(options)
 
 
 def cmd_block(args: argparse.Namespace) -> int:

@@ -57,7 +57,6 @@ class GateOptions:
     log_sample: int = 1
     persist_blocks: bool = False
     fastpath: bool = True
-    owners_json: str | None = None
     refresh_interval: float = 2.0
     cache_ttl: float = 10.0
     negative_ttl: float = 1.0
@@ -65,14 +64,12 @@ class GateOptions:
     profile: str | None = None  # profile file; default: built/cached for the domain's kernel
 
 
-def make_owner_source(
-    domain: DomainConfig, owners_json: str | None, profile_path: str | None = None
-) -> OwnerSource:
-    """The one place where the gate's owner source is built."""
-    if owners_json:
-        from xfgate_lab.static_source import StaticOwnerSource
+# Builds a domain's owner source from its configuration and the --profile path (or None).
+OwnerSourceFactory = Callable[[DomainConfig, str | None], OwnerSource]
 
-        return StaticOwnerSource(Path(owners_json))
+
+def introspection_source(domain: DomainConfig, profile_path: str | None = None) -> OwnerSource:
+    """The gate's owner source: the guest kernel's memory, read by introspection."""
     from xfgate.vmi.cli import load_domain_profile
     from xfgate.vmi.introspect import GuestIntrospector
     from xfgate.vmi.liveness import require_running
@@ -173,8 +170,11 @@ class DomainGate:
 
 
 class Gate:
-    def __init__(self, options: GateOptions) -> None:
+    def __init__(
+        self, options: GateOptions, owner_source_factory: OwnerSourceFactory = introspection_source
+    ) -> None:
         self.options = options
+        self._owner_source_factory = owner_source_factory
         self.domains: dict[int, DomainGate] = {}
         self.firewall: Firewall | None = None
         self.log: VerdictLog | None = None
@@ -222,7 +222,7 @@ class Gate:
         base = opts.queue_num if opts.queue_num is not None else DEFAULT_QUEUE_BASE + cfg.id
         queue_num = base + index if opts.queue_num is not None else base
         layout = GateLayout(cfg.id, cfg.vifs, queue_num, opts.queue_bypass, opts.fastpath)
-        source = LockedOwnerSource(make_owner_source(cfg, opts.owners_json, opts.profile))
+        source = LockedOwnerSource(self._owner_source_factory(cfg, opts.profile))
         cache = OwnerCache(opts.cache_ttl, opts.negative_ttl)
         engine = Engine(
             cfg.id, vifs, source, opts.policy, cache, self.log, opts.fastpath, opts.on_error
@@ -514,8 +514,14 @@ def bind_queue(queue_num: int, callback: Callable[[QueuedPacket], None]) -> Any:
     return q
 
 
-def run_gate(options: GateOptions, until: Callable[[], bool] | None = None) -> int:
-    gate = Gate(options)
+def run_gate(
+    options: GateOptions,
+    until: Callable[[], bool] | None = None,
+    owner_source_factory: OwnerSourceFactory = introspection_source,
+) -> int:
+    """Runs a gate until `until()` or a signal. The owner source is injected: the default reads
+    the guest's memory; a test harness may pass its own."""
+    gate = Gate(options, owner_source_factory)
     try:
         gate.start()
         gate.serve(until)
