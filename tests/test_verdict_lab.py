@@ -295,7 +295,7 @@ def test_live_block_and_unblock_on_new_and_established_flows(vlab: Lab, gate: An
     g = gate()
     netns = ["ip", "netns", "exec", vlab.layout.client_netns, sys.executable, "-m"]
     hold = subprocess.Popen(
-        [*netns, "xfgate_lab.netlab", "hold", GUEST4, "8080", "--timeout", "5"],
+        [*netns, "xfgate_lab.peers", "hold", GUEST4, "8080", "--timeout", "5"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

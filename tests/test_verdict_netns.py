@@ -15,12 +15,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from xfgate.config import load_domains, save_domains
 from xfgate_lab import netlab
 from xfgate_lab.gate_process import GateProcess, gate_argv, start_gate
 from xfgate_lab.netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, NetLab
@@ -516,7 +517,9 @@ def test_one_gate_serves_two_domains_each_with_its_own_queue_and_policy(
 
 def test_unknown_vif_is_a_clear_error(lab: NetLab, tmp_path: Path) -> None:
     bad = tmp_path / "domains.toml"
-    bad.write_text(lab.domains_file.read_text().replace('vifs = ["vif9.0"]', 'vifs = ["vif7.0"]'))
+    domains = load_domains(lab.domains_file)
+    assert domains[9].vifs == ("vif9.0",)
+    save_domains({**domains, 9: replace(domains[9], vifs=("vif7.0",))}, bad)
     env = {**lab.env(), "XFGATE_DOMAINS": str(bad)}
     p = static_gate(lab, ["--domain", "9"], lab.workdir / "owners.json", env)
     assert p.returncode == 2

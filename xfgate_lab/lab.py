@@ -246,7 +246,7 @@ def stop_pid(pid: int, still_ours: Callable[[int], bool], grace: float = 3.0) ->
 def start_peers(layout: LabLayout) -> int:
     log = layout.peers_log_path.open("ab")
     argv = ["ip", "netns", "exec", layout.client_netns, sys.executable, "-m", "xfgate_lab.peers"]
-    argv += ["--stats", str(layout.peers_stats_path)]
+    argv += ["workload", "--stats", str(layout.peers_stats_path)]
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -289,7 +289,8 @@ def python_env() -> dict[str, str]:
 
 def client_http_get(layout: LabLayout, host: str, port: int, timeout: float = 3.0) -> str | None:
     """Body of http://host:port/ fetched from inside the client netns, or None."""
-    argv = [sys.executable, "-m", "xfgate_lab.probe", host, str(port), str(timeout)]
+    argv = [sys.executable, "-m", "xfgate_lab.peers", "http-get", host, str(port)]
+    argv += ["--timeout", str(timeout)]
     try:
         r = subprocess.run(
             ["ip", "netns", "exec", layout.client_netns, *argv],
