@@ -17,7 +17,7 @@ from xfgate.config import DomainConfig, MemoryConfig, save_domains
 from xfgate.errors import ConfigError
 from xfgate_lab import assets, cpio, guest_channel, lab, layout, modules, qemu, truth
 from xfgate_lab.errors import LabError
-from xfgate_lab.lab import prerequisite_problems, workload_missing
+from xfgate_lab.lab import prerequisite_problems, prerequisite_warnings, workload_missing
 
 # Trimmed from a real guest's TRUTH_SCRIPT output (/proc of the lab guest, kernel 6.1), with
 # an extra fd holding the same socket, a non-inet socket and a process that exited mid-listing.
@@ -220,6 +220,9 @@ def test_prerequisites() -> None:
     assert len(not_root) == 1 and "must run as root" in not_root[0]
     no_qemu = prerequisite_problems(0, lambda p: None if p.startswith("qemu") else p)
     assert len(no_qemu) == 1 and "qemu-system-x86_64" in no_qemu[0]
+    assert prerequisite_warnings(lambda p: f"/usr/bin/{p}") == []
+    no_httperf = prerequisite_warnings(lambda p: None if p == "httperf" else p)
+    assert len(no_httperf) == 1 and "httperf not found: the benchmarks" in no_httperf[0]
 
 
 def test_control_framing() -> None:

@@ -60,6 +60,13 @@ READY_MARK = "XFGATE-READY"
 SERVICE_PORTS_V4 = (80, 8080, 8000)
 SERVICE_PORT_V6 = 9000
 REQUIRED_PROGRAMS = ("qemu-system-x86_64", "ip", "iptables", "apt-get", "dpkg-deb", "modinfo")
+# Programs `up` does not need but a gate or a benchmark in the lab does -> who needs them.
+OPTIONAL_PROGRAMS = {
+    "iptables-legacy": "a gate (xfgate run)",
+    "ipset": "a gate (xfgate run)",
+    "conntrack": "a gate (xfgate run)",
+    "httperf": "the benchmarks (python -m bench)",
+}
 DEFAULT_BOOT_TIMEOUT = 90.0
 # comm -> how many processes of the workload carry it (guest/init starts them).
 WORKLOAD_COMMS = {"httpd": 3, "fastweb": 1, "spray": 1, "keeper": 1}
@@ -82,10 +89,22 @@ def prerequisite_problems(euid: int, which: Callable[[str], str | None]) -> list
     return problems
 
 
-def check_prerequisites() -> None:
+def prerequisite_warnings(which: Callable[[str], str | None]) -> list[str]:
+    """What the lab can do without but its users need (pure: inputs injected)."""
+    return [
+        f"{prog} not found: {needed_by} will not work in this lab; run scripts/bootstrap.sh"
+        for prog, needed_by in OPTIONAL_PROGRAMS.items()
+        if which(prog) is None
+    ]
+
+
+def check_prerequisites() -> list[str]:
+    """The gate's contract (`xfgate.verdict.fastpath.check_prerequisites`): raise on what makes
+    the lab impossible; return warnings for what makes it less useful."""
     problems = prerequisite_problems(os.geteuid(), shutil.which)
     if problems:
         raise PrerequisiteError("; ".join(problems))
+    return prerequisite_warnings(shutil.which)
 
 
 # ---- state -----------------------------------------------------------------------------------
@@ -443,7 +462,8 @@ def lab_up(
 ) -> UpResult:
     """Brings the lab up (or finds it healthy as requested). `cpu` is the guests' QEMU CPU
     model: the default keeps 4-level paging, `max` turns 5-level paging (LA57) on."""
-    check_prerequisites()
+    for warning in check_prerequisites():
+        log(f"warning: {warning}")
     check_cpu_model(cpu)
     if not 1 <= domains <= MAX_DOMAINS:
         raise LabError(f"--domains must be 1..{MAX_DOMAINS}, got {domains}")
@@ -490,64 +510,25 @@ def _up_locked(
     log: Log,
     cpu: str,
 ) -> UpResult:
+    """Assets, then network and peers, guests, profile, readiness, the domains file: each a
+    named step; any failure tears down what was started."""
     t0 = time.monotonic()
     assets = ensure_assets(package, log)
     t_assets = time.monotonic()
-    ids = list(range(1, domains + 1))
-    state = LabState(
-        prefix=layout.prefix,
-        domains=ids,
-        kernel_package=assets.package,
-        kernel_release=assets.release,
-        assets=str(assets.dir),
-        cpu=cpu,
-        domains_file=str(domains_file_path()),
-    )
-    clear_dir(layout.run_dir)
-    write_state(layout, state)
+    state = _new_state(layout, domains, assets, cpu)
     try:
-        labnet.create_network(layout)
-        state.peers_pid = start_peers(layout)
-        write_state(layout, state)
-        for d in ids:
-            layout.guest_dir(d).mkdir(parents=True, exist_ok=True)
-            layout.ram_path(d).unlink(missing_ok=True)
-            labnet.add_vif(layout, vif_name(d))
-            spec = GuestSpec(
-                domain=d,
-                kernel=assets.vmlinuz,
-                initrd=assets.initramfs,
-                ram_path=layout.ram_path(d),
-                ram_mb=GUEST_RAM_MB,
-                vif=vif_name(d),
-                mac=guest_mac(d),
-                serial_log=layout.serial_log(d),
-                ctl_socket=layout.ctl_socket(d),
-                qmp_socket=layout.qmp_socket(d),
-                pidfile=layout.pidfile(d),
-                cpu=cpu,
-            )
-            state.qemu_pids[str(d)] = start_qemu(spec, layout.dom0_netns)
-            write_state(layout, state)
-            log(f"guest{d}: qemu pid {state.qemu_pid(d)}, CPU {cpu}, booting {assets.release}")
+        _start_network_and_peers(layout, state)
+        for d in state.domains:
+            _start_guest(layout, state, d, assets, cpu, log)
         t_started = time.monotonic()
-        deadline = t_started + boot_timeout
-        # The introspection profile of this kernel (BTF + kallsyms, ~5 s once per kernel build,
-        # then cached): built on the other core while the guests boot under TCG, so that the
-        # first `xfgate ps` or gate start does not pay for it.
-        built = build_profile_files(assets.dir)
-        log(f"profile {built.profile_path.name} ({'cached' if built.from_cache else 'built'})")
-        for d in ids:
-            wait_guest_ready(layout, d, state.qemu_pid(d), deadline, log)
+        _build_profile(assets, log)
+        _wait_guests_ready(layout, state, t_started + boot_timeout, log)
         t_ready = time.monotonic()
     except BaseException:
         log("lab up failed: tearing down what was started")
         _down_locked(layout, force=True, log=lambda _m: None)
         raise
-    configs = tuple(domain_config(layout, d, state.qemu_pid(d), assets) for d in ids)
-    known = {k: v for k, v in load_domains().items() if not is_lab_domain(layout, v)}
-    known.update({c.id: c for c in configs})
-    save_domains(known)
+    configs = _record_domains(layout, state, assets)
     state.phase = "up"
     state.timings = {
         "assets_s": round(t_assets - t0, 2),
@@ -562,6 +543,82 @@ def _up_locked(
         f"{state.timings['start_to_ready_s']:.1f} s); domains file {domains_file_path()}"
     )
     return UpResult(False, state, configs)
+
+
+def _new_state(layout: LabLayout, domains: int, assets: KernelAssets, cpu: str) -> LabState:
+    """A fresh run dir holding the state of a lab that is starting."""
+    state = LabState(
+        prefix=layout.prefix,
+        domains=list(range(1, domains + 1)),
+        kernel_package=assets.package,
+        kernel_release=assets.release,
+        assets=str(assets.dir),
+        cpu=cpu,
+        domains_file=str(domains_file_path()),
+    )
+    clear_dir(layout.run_dir)
+    write_state(layout, state)
+    return state
+
+
+def _start_network_and_peers(layout: LabLayout, state: LabState) -> None:
+    labnet.create_network(layout)
+    state.peers_pid = start_peers(layout)
+    write_state(layout, state)
+
+
+def guest_spec(layout: LabLayout, domain: int, assets: KernelAssets, cpu: str) -> GuestSpec:
+    return GuestSpec(
+        domain=domain,
+        kernel=assets.vmlinuz,
+        initrd=assets.initramfs,
+        ram_path=layout.ram_path(domain),
+        ram_mb=GUEST_RAM_MB,
+        vif=vif_name(domain),
+        mac=guest_mac(domain),
+        serial_log=layout.serial_log(domain),
+        ctl_socket=layout.ctl_socket(domain),
+        qmp_socket=layout.qmp_socket(domain),
+        pidfile=layout.pidfile(domain),
+        cpu=cpu,
+    )
+
+
+def _start_guest(
+    layout: LabLayout, state: LabState, domain: int, assets: KernelAssets, cpu: str, log: Log
+) -> None:
+    """The guest's tap on the bridge and its QEMU, recorded in the state at once."""
+    layout.guest_dir(domain).mkdir(parents=True, exist_ok=True)
+    layout.ram_path(domain).unlink(missing_ok=True)
+    labnet.add_vif(layout, vif_name(domain))
+    spec = guest_spec(layout, domain, assets, cpu)
+    state.qemu_pids[str(domain)] = start_qemu(spec, layout.dom0_netns)
+    write_state(layout, state)
+    log(f"guest{domain}: qemu pid {state.qemu_pid(domain)}, CPU {cpu}, booting {assets.release}")
+
+
+def _build_profile(assets: KernelAssets, log: Log) -> None:
+    """The introspection profile of this kernel (BTF + kallsyms, ~5 s once per kernel build,
+    then cached): built on the other core while the guests boot under TCG, so that the first
+    `xfgate ps` or gate start does not pay for it."""
+    built = build_profile_files(assets.dir)
+    log(f"profile {built.profile_path.name} ({'cached' if built.from_cache else 'built'})")
+
+
+def _wait_guests_ready(layout: LabLayout, state: LabState, deadline: float, log: Log) -> None:
+    for d in state.domains:
+        wait_guest_ready(layout, d, state.qemu_pid(d), deadline, log)
+
+
+def _record_domains(
+    layout: LabLayout, state: LabState, assets: KernelAssets
+) -> tuple[DomainConfig, ...]:
+    """Writes the lab's domains into the domains file, keeping every domain not of this lab."""
+    configs = tuple(domain_config(layout, d, state.qemu_pid(d), assets) for d in state.domains)
+    known = {k: v for k, v in load_domains().items() if not is_lab_domain(layout, v)}
+    known.update({c.id: c for c in configs})
+    save_domains(known)
+    return configs
 
 
 def lab_down(layout: LabLayout, force: bool = False, log: Log = print) -> list[str]:
