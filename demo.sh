@@ -4,4 +4,4 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/scripts/bootstrap.sh"
-exec "$here/.venv/bin/python" -m xfgate.demo "$@"
+exec "$here/.venv/bin/python" -m xfgate_lab.demo "$@"

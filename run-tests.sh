@@ -5,7 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/scripts/bootstrap.sh"
 cd "$here"
-.venv/bin/ruff check xfgate bench tests
-.venv/bin/ruff format --check xfgate bench tests
+.venv/bin/ruff check xfgate xfgate_lab bench tests
+.venv/bin/ruff format --check xfgate xfgate_lab bench tests
 .venv/bin/mypy
 exec .venv/bin/pytest -q -rs "$@"

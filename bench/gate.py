@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from xfgate.verdict.gate_process import gate_process
+from xfgate_lab.gate_process import gate_process
 
 # Configuration name -> `xfgate run` arguments (None: no gate at all, the baseline).
 CONFIGS: dict[str, tuple[str, ...] | None] = {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.gate import running_gate
 from xfgate.config import DomainConfig
-from xfgate.lab.layout import layout_from_env
+from xfgate_lab.layout import layout_from_env
 
 CLIENT_ADDR = "198.18.0.1"
 LEAK_PORT = 2223  # nothing listens: each attempt is a SYN (answered by RST if it gets out)
@@ -92,8 +92,7 @@ def run_leak(dom: DomainConfig, config: str, n: int, raw: Path) -> LeakResult:
                 [
                     sys.executable,
                     "-m",
-                    "xfgate.cli",
-                    "lab",
+                    "xfgate_lab.cli",
                     "exec",
                     "--domain",
                     str(dom.id),

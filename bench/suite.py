@@ -31,8 +31,9 @@ from bench.report import (
     write_sweep_plot,
 )
 from xfgate.config import DomainConfig, get_domain
-from xfgate.errors import LabError, PrerequisiteError
-from xfgate.lab.layout import layout_from_env
+from xfgate.errors import PrerequisiteError
+from xfgate_lab.errors import LabError
+from xfgate_lab.layout import domains_file_from_env, layout_from_env
 
 SERVER_PORT = 8000  # the guest's static epoll server (uid 1000): busybox httpd saturates ~150/s
 BLOCK = ("--block-uid", "1001")  # a rule in force that matches none of the measured traffic
@@ -101,10 +102,10 @@ def loadavg() -> float:
 def preflight(domain: int) -> DomainConfig:
     if os.geteuid() != 0:
         raise PrerequisiteError("the benchmarks need root (namespaces, iptables, NFQUEUE)")
-    dom = get_domain(domain)
+    dom = get_domain(domain, domains_file_from_env())
     client = layout_from_env().client_netns
     if not Path(f"/run/netns/{client}").exists():
-        raise LabError(f"the lab is not up (no netns {client}): run `xfgate lab up` first")
+        raise LabError(f"the lab is not up (no netns {client}): run `xfgate-lab up` first")
     if not dom.addresses:
         raise LabError(f"domain {domain} has no address in the domains file")
     return dom

@@ -27,18 +27,19 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from xfgate.flow import Flow, GuestSocket, Owner, Ownership
+from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
 from xfgate.inet import IPProto
-from xfgate.verdict import netlab
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine
 from xfgate.verdict.packet import parse
 from xfgate.verdict.policy import compile_policy
+from xfgate_lab import netlab
+from xfgate_lab.gate_process import gate_process
 
 
 class _Table:
     def __init__(self) -> None:
-        self.owned = Ownership((Owner(200, 1000, 1000, "httpd"),), 1000, "LISTEN", "listener")
+        self.owned = Ownership((Owner(200, 1000, 1000, "httpd"),), 1000, "LISTEN", Via.LISTENER)
 
     def lookup(self, flow: Flow) -> Ownership | None:
         return self.owned
@@ -109,35 +110,6 @@ RATES = (2_000, 5_000, 10_000, 20_000, 40_000)
 STEP_SECONDS = 2.0
 
 
-def _gate(lab: netlab.NetLab, owners: Path, extra: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "xfgate.cli",
-            "run",
-            "--domain",
-            "9",
-            "--owners-json",
-            str(owners),
-            *extra,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=lab.env(),
-    )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if "gate ready" in line:
-            return proc
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("gate did not start")
-
-
 def _status(lab: netlab.NetLab) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "xfgate.cli", "status", "--domain", "9", "--json"],
@@ -180,8 +152,13 @@ def bench_netns(rates: Sequence[int]) -> dict[str, Any]:
             sender = SENDER.format(guest=netlab.GUEST4, client=netlab.CLIENT4)
             for name, extra in (("no_fastpath", ["--no-fastpath"]), ("fastpath", [])):
                 steps = []
-                gate = _gate(lab, owners, extra)
-                try:
+                with gate_process(
+                    ["--domain", "9", *extra],
+                    Path(tmp) / f"gate-{name}.out",
+                    30,
+                    owners_json=owners,
+                    env=lab.env(),
+                ):
                     for rate in rates:
                         lab.ns(lab.client, ["iptables-legacy", "-Z", "INPUT"])
                         lab.ns(lab.dom0, ["conntrack", "-F"], check=False)
@@ -224,9 +201,6 @@ def bench_netns(rates: Sequence[int]) -> dict[str, Any]:
                             or [0]
                         ),
                     }
-                finally:
-                    gate.terminate()
-                    gate.wait(20)
         finally:
             netlab.destroy(lab)
     return results

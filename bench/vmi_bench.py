@@ -25,6 +25,7 @@ from xfgate.flow import Flow
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.qmp import QmpClient, paused
+from xfgate_lab.layout import domains_file_from_env
 
 
 def summary_ms(samples: Sequence[float]) -> dict[str, float]:
@@ -46,7 +47,7 @@ def summary_ms(samples: Sequence[float]) -> dict[str, float]:
 
 
 def run(domain_id: int, rounds: int, profile_path: str | None) -> dict[str, Any]:
-    domain = get_domain(domain_id)
+    domain = get_domain(domain_id, domains_file_from_env())
     profile = load_domain_profile(domain, profile_path)
     out: dict[str, Any] = {"domain": domain_id, "rounds": rounds, "loadavg": os.getloadavg()}
     with GuestIntrospector(domain, profile, allow_pause=False) as guest:

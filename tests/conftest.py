@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import pytest
 
 from xfgate.config import DomainConfig
-from xfgate.lab import lab
-from xfgate.lab.layout import LabLayout, layout_from_env
-from xfgate.lab.users import live_users, register_user, unregister_user
+from xfgate_lab import lab
+from xfgate_lab.layout import LabLayout, layout_from_env
+from xfgate_lab.users import live_users, register_user, unregister_user
 
 
 def in_ci() -> bool:

@@ -42,7 +42,7 @@ def test_round_trip(tmp_path: Path) -> None:
 def test_missing_file_is_empty_and_unknown_domain_says_what_exists(tmp_path: Path) -> None:
     path = tmp_path / "none.toml"
     assert load_domains(path) == {}
-    with pytest.raises(DomainNotFound, match=r"unknown domain 7 .*xfgate lab up"):
+    with pytest.raises(DomainNotFound, match=r"unknown domain 7 .*xfgate-lab up"):
         get_domain(7, path)
     save_domains({1: sample(1)}, path)
     with pytest.raises(DomainNotFound, match="known domains: 1"):

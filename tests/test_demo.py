@@ -14,7 +14,7 @@ pytestmark = pytest.mark.lab
 
 def test_demo_blocks_the_attacker_and_keeps_the_web_servers(lab_domain: DomainConfig) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "xfgate.demo", "--keep"],
+        [sys.executable, "-m", "xfgate_lab.demo", "--keep"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -19,14 +19,14 @@ import pytest
 
 from tests.conftest import ClientNetns, require_lab_prerequisites
 from xfgate.config import DomainConfig, load_domains
-from xfgate.errors import LabError
-from xfgate.lab import lab
-from xfgate.lab.assets import assets_dir, resolve_kernel_package
-from xfgate.lab.cli import guest_exec, guest_truth
-from xfgate.lab.layout import LabLayout, guest_v4, guest_v6
-from xfgate.lab.netns import netns_exists
-from xfgate.lab.qemu import is_our_qemu
-from xfgate.lab.truth import Truth
+from xfgate_lab import lab
+from xfgate_lab.assets import assets_dir, resolve_kernel_package
+from xfgate_lab.cli import guest_exec, guest_truth
+from xfgate_lab.errors import LabError
+from xfgate_lab.layout import LabLayout, domains_file_from_env, guest_v4, guest_v6
+from xfgate_lab.namespaces import netns_exists
+from xfgate_lab.qemu import is_our_qemu
+from xfgate_lab.truth import Truth
 
 pytestmark = pytest.mark.lab
 
@@ -93,7 +93,7 @@ def test_up_records_domain_1(lab_domain: DomainConfig, lab_layout: LabLayout) ->
     assert assets == assets_dir(dom.kernel.package)
     for name in ("vmlinuz", "config", "System.map", "initramfs.cpio.gz"):
         assert (assets / name).exists(), name
-    assert load_domains()[1] == dom
+    assert load_domains(domains_file_from_env())[1] == dom
 
 
 def test_network_shape(lab_domain: DomainConfig, lab_layout: LabLayout) -> None:
@@ -161,7 +161,7 @@ def test_truth_lists_workload(lab_domain: DomainConfig, lab_layout: LabLayout) -
 
 def test_truth_cli_json(lab_domain: DomainConfig) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "xfgate.cli", "lab", "truth", "--domain", "1", "--json"],
+        [sys.executable, "-m", "xfgate_lab.cli", "truth", "--domain", "1", "--json"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -182,8 +182,7 @@ def test_exec_output_exit_code_and_concurrency(
         [
             sys.executable,
             "-m",
-            "xfgate.cli",
-            "lab",
+            "xfgate_lab.cli",
             "exec",
             "--domain",
             "1",
@@ -201,7 +200,7 @@ def test_exec_output_exit_code_and_concurrency(
     # Several callers at once are serialized, each gets its own answer.
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "xfgate.cli", "lab", "exec", "--", f"echo caller{i}"],
+            [sys.executable, "-m", "xfgate_lab.cli", "exec", "--", f"echo caller{i}"],
             stdout=subprocess.PIPE,
             text=True,
         )

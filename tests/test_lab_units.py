@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from xfgate.config import DomainConfig, MemoryConfig, save_domains
-from xfgate.errors import ConfigError, LabError
-from xfgate.lab import assets, control, cpio, lab, layout, modules, qemu, truth
-from xfgate.lab.lab import prerequisite_problems, workload_missing
+from xfgate.errors import ConfigError
+from xfgate_lab import assets, cpio, guest_channel, lab, layout, modules, qemu, truth
+from xfgate_lab.errors import LabError
+from xfgate_lab.lab import prerequisite_problems, prerequisite_warnings, workload_missing
 
 # Trimmed from a real guest's TRUTH_SCRIPT output (/proc of the lab guest, kernel 6.1), with
 # an extra fd holding the same socket, a non-inet socket and a process that exited mid-listing.
@@ -230,21 +231,24 @@ def test_prerequisites() -> None:
     assert len(not_root) == 1 and "must run as root" in not_root[0]
     no_qemu = prerequisite_problems(0, lambda p: None if p.startswith("qemu") else p)
     assert len(no_qemu) == 1 and "qemu-system-x86_64" in no_qemu[0]
+    assert prerequisite_warnings(lambda p: f"/usr/bin/{p}") == []
+    no_httperf = prerequisite_warnings(lambda p: None if p == "httperf" else p)
+    assert len(no_httperf) == 1 and "httperf not found: the benchmarks" in no_httperf[0]
 
 
 def test_control_framing() -> None:
-    req = control.encode_request("xf1a", "echo hi", 5)
+    req = guest_channel.encode_request("xf1a", "echo hi", 5)
     rid, tmo, b64 = req.decode().split()
     assert (rid, tmo, base64.b64decode(b64)) == ("xf1a", "5", b"echo hi")
     assert req.startswith(b"\n") and req.endswith(b"\n")
     out = base64.b64encode(b"line1\nline2\n")
     stale = b"@@XFB xf09@@\nb2xk\n@@XFE xf09 0@@\n"
     reply = stale + b"\r\n@@XFB xf1a@@\r\n" + out[:8] + b"\r\n" + out[8:] + b"\r\n@@XFE xf1a 3@@"
-    assert control.parse_reply(reply[:-10], "xf1a") is None  # incomplete
-    result = control.parse_reply(reply, "xf1a")
-    assert result == control.GuestResult(3, b"line1\nline2\n")
+    assert guest_channel.parse_reply(reply[:-10], "xf1a") is None  # incomplete
+    result = guest_channel.parse_reply(reply, "xf1a")
+    assert result == guest_channel.GuestResult(3, b"line1\nline2\n")
     with pytest.raises(LabError, match="garbled"):
-        control.parse_reply(b"@@XFB xf1a@@\n!!!\n@@XFE xf1a 0@@", "xf1a")
+        guest_channel.parse_reply(b"@@XFB xf1a@@\n!!!\n@@XFE xf1a 0@@", "xf1a")
 
 
 def test_layout_names_and_addresses() -> None:

@@ -7,13 +7,13 @@ from ipaddress import ip_address
 
 import pytest
 
-from xfgate.flow import Flow, Owner, Ownership
+from xfgate.flow import Flow, Owner, Ownership, Via
 from xfgate.inet import IPProto
 from xfgate.verdict.cache import Answer, AnswerSource, ListenerKey, OwnerCache
 
 CACHED, LOADED = AnswerSource.CACHE, AnswerSource.INTROSPECTION
 FLOW = Flow(IPProto.TCP, ip_address("198.18.1.1"), 80, ip_address("198.18.0.1"), 5000)
-OWNED = Ownership((Owner(1, 0, 0, "httpd"),), 0, "LISTEN", "listener")
+OWNED = Ownership((Owner(1, 0, 0, "httpd"),), 0, "LISTEN", Via.LISTENER)
 
 
 class Clock:
@@ -137,7 +137,7 @@ def test_get_or_load_can_store_under_the_key_the_answer_names() -> None:
 def test_answers_without_owners_live_the_negative_ttl() -> None:
     clock = Clock()
     cache = OwnerCache(ttl=10, negative_ttl=1, timer=clock)
-    cache.put(FLOW, Ownership((), -1, "TIME_WAIT", "time-wait"))
+    cache.put(FLOW, Ownership((), -1, "TIME_WAIT", Via.TIME_WAIT))
     assert cache.get(FLOW) is not None
     clock.now += 1.01
     assert cache.get(FLOW) is None

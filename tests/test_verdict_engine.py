@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from scapy.layers.inet import IP, TCP
 
-from xfgate.flow import Flow, GuestSocket, Owner, Ownership
+from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource
 from xfgate.verdict.fastpath import (
@@ -95,8 +95,8 @@ def syn(sport: int, dport: int) -> bytes:
 
 
 SOURCE_TABLE = {
-    40000: Ownership((SPRAY,), 1001, "SYN_SENT", "established"),
-    8080: Ownership((WEB,), 1000, "LISTEN", "listener"),
+    40000: Ownership((SPRAY,), 1001, "SYN_SENT", Via.ESTABLISHED),
+    8080: Ownership((WEB,), 1000, "LISTEN", Via.LISTENER),
 }
 
 
@@ -266,7 +266,7 @@ def test_hundred_syns_from_distinct_client_ports_cost_one_lookup() -> None:
     assert src.lookups == 1
     recs = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [r["source"] for r in recs] == ["introspection"] + ["cache"] * 99
-    assert {(r["pid"], r["comm"], r["via"]) for r in recs} == {(200, "httpd", "listener")}
+    assert {(r["pid"], r["comm"], r["via"]) for r in recs} == {(200, "httpd", Via.LISTENER)}
     # Another client address finds the same listener entry; another port is another service.
     e.handle(inbound(40000, 8080, client="198.18.9.77"))
     assert src.lookups == 1
@@ -319,7 +319,7 @@ def test_no_listener_is_cached_only_briefly() -> None:
 
 @pytest.mark.parametrize("locked", [False, True])
 def test_syn_meeting_time_wait_goes_to_the_listener(locked: bool) -> None:
-    tw = Ownership((), -1, "TIME_WAIT", "time-wait")
+    tw = Ownership((), -1, "TIME_WAIT", Via.TIME_WAIT)
     src = SynSource({8080: SOURCE_TABLE[8080]}, {(8080, 30000): tw})
     out = io.StringIO()
     e = Engine(
@@ -342,7 +342,7 @@ def test_syn_meeting_time_wait_goes_to_the_listener(locked: bool) -> None:
 
 def test_syn_meeting_a_connection_is_cached_per_connection() -> None:
     # A simultaneous open: the guest's own connecting socket receives the SYN.
-    sent = Ownership((SPRAY,), 1001, "SYN_SENT", "established")
+    sent = Ownership((SPRAY,), 1001, "SYN_SENT", Via.ESTABLISHED)
     src = SynSource({8080: SOURCE_TABLE[8080]}, {(8080, 30000): sent})
     e, _ = engine({"uids": [1001]}, src)
     p = inbound(30000, 8080)
@@ -358,7 +358,7 @@ def test_syn_meeting_a_connection_is_cached_per_connection() -> None:
 
 def test_syn_time_wait_without_listener_lookup_stays_unknown() -> None:
     # A source without lookup_listener (e.g. the owners-json one): the old answer, not cached long.
-    tw = Ownership((), -1, "TIME_WAIT", "time-wait")
+    tw = Ownership((), -1, "TIME_WAIT", Via.TIME_WAIT)
 
     class Plain(TableSource):
         def lookup(self, flow: Flow) -> Ownership | None:

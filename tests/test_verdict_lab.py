@@ -25,12 +25,14 @@ from typing import Any
 import pytest
 
 from xfgate.config import load_domains, save_domains
-from xfgate.lab import lab as labmod
-from xfgate.lab.layout import LabLayout
+from xfgate_lab import lab as labmod
+from xfgate_lab.gate_process import GateProcess, start_gate
+from xfgate_lab.layout import LabLayout
 
 pytestmark = [pytest.mark.lab]
 
 XFGATE = [sys.executable, "-m", "xfgate.cli"]
+XFGATE_LAB = [sys.executable, "-m", "xfgate_lab.cli"]
 GUEST4, GUEST6, CLIENT4 = "198.18.1.1", "2001:2::1:1", "198.18.0.1"
 SPRAY_PERIOD = 0.5  # the attacker's interval between attempts (init: spray ... 500)
 
@@ -63,7 +65,13 @@ class Lab:
         return stats
 
     def truth(self) -> dict[str, Any]:
-        p = self.xfgate(["lab", "truth", "--domain", "1", "--json"])
+        p = subprocess.run(
+            [*XFGATE_LAB, "truth", "--domain", "1", "--json"],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
+        )
         assert p.returncode == 0, p.stderr
         doc: dict[str, Any] = json.loads(p.stdout)
         return doc
@@ -141,9 +149,12 @@ def arrived(lab: Lab, proto: str, port: int) -> int:
 @dataclass
 class Gate:
     lab: Lab
-    proc: subprocess.Popen[str]
+    process: GateProcess
     log: Path
-    stderr: Path
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.process.proc
 
     def status(self) -> dict[str, Any]:
         p = self.lab.xfgate(["status", "--domain", "1", "--json"])
@@ -151,9 +162,7 @@ class Gate:
         return result
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(30)
+        return self.process.stop(sig, timeout=30)
 
     def records(self) -> list[dict[str, Any]]:
         text = self.log.read_text() if self.log.exists() else ""
@@ -174,22 +183,11 @@ def gate(vlab: Lab) -> Iterator[Any]:
 
     def start(*args: str) -> Gate:
         n = len(started)
-        log, err = vlab.workdir / f"verdicts-{n}.log", vlab.workdir / f"gate-{n}.err"
-        with err.open("w") as errf:
-            proc = subprocess.Popen(
-                [*XFGATE, "run", "--domain", "1", "--log", str(log), *args],
-                stdout=subprocess.DEVNULL,
-                stderr=errf,
-                text=True,
-                env=vlab.env,
-            )
-        g = Gate(vlab, proc, log, err)
+        log, out = vlab.workdir / f"verdicts-{n}.log", vlab.workdir / f"gate-{n}.out"
+        process = start_gate(["--domain", "1", "--log", str(log), *args], out, env=vlab.env)
+        g = Gate(vlab, process, log)
         started.append(g)
-        deadline = time.monotonic() + 90
-        while "gate ready" not in err.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"gate did not start: {err.read_text()}")
-            time.sleep(0.1)
+        process.wait_ready(90)
         return g
 
     yield start
@@ -300,7 +298,7 @@ def test_live_block_and_unblock_on_new_and_established_flows(vlab: Lab, gate: An
     g = gate()
     netns = ["ip", "netns", "exec", vlab.layout.client_netns, sys.executable, "-m"]
     hold = subprocess.Popen(
-        [*netns, "xfgate.verdict.netlab", "hold", GUEST4, "8080", "--timeout", "5"],
+        [*netns, "xfgate_lab.peers", "hold", GUEST4, "8080", "--timeout", "5"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

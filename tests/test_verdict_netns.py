@@ -15,14 +15,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from xfgate.verdict import netlab
-from xfgate.verdict.netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, NetLab
+from xfgate.config import load_domains, save_domains
+from xfgate_lab import netlab
+from xfgate_lab.gate_process import GateProcess, gate_argv, start_gate
+from xfgate_lab.netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, NetLab
 
 pytestmark = [
     pytest.mark.netns,
@@ -115,8 +117,12 @@ def talk(lab: NetLab, ns: str, proto: str, host: str, port: int, **kw: Any) -> b
 @dataclass
 class RunningGate:
     lab: NetLab
-    proc: subprocess.Popen[str]
+    process: GateProcess
     log: Path
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.process.proc
 
     def status(self, domain: int = 9) -> dict[str, Any]:
         out = xfgate(self.lab, ["status", "--domain", str(domain), "--json"])
@@ -127,9 +133,7 @@ class RunningGate:
         xfgate(self.lab, list(args), check=True)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(15)
+        return self.process.stop(sig, timeout=15)
 
     def records(self) -> list[dict[str, Any]]:
         if not self.log.exists():
@@ -152,45 +156,41 @@ def xfgate(lab: NetLab, args: list[str], check: bool = False) -> subprocess.Comp
     return p
 
 
+def static_gate(
+    lab: NetLab, run_args: list[str], owners: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The harness's gate (a static owner table) run to its end: for start-up errors."""
+    return subprocess.run(
+        gate_argv(run_args, owners),
+        capture_output=True,
+        text=True,
+        env=env or lab.env(),
+        timeout=60,
+    )
+
+
 @pytest.fixture
 def gate(lab: NetLab) -> Iterator[Any]:
     started: list[RunningGate] = []
 
     def start(*args: str, expect_ready: bool = True) -> RunningGate:
         log = lab.workdir / f"verdicts-{len(started)}-{time.monotonic_ns()}.log"
-        cmd = [
-            *XFGATE,
-            "run",
-            "--domain",
-            "9",
-            "--owners-json",
-            str(lab.workdir / "owners.json"),
-            "--log",
-            str(log),
-            "--refresh",
-            "0.5",
-            *args,
-        ]
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=lab.env())
-        g = RunningGate(lab, proc, log)
+        run_args = ["--domain", "9", "--log", str(log), "--refresh", "0.5", *args]
+        process = start_gate(
+            run_args,
+            lab.workdir / f"gate-{len(started)}-{time.monotonic_ns()}.out",
+            owners_json=lab.workdir / "owners.json",
+            env=lab.env(),
+        )
+        g = RunningGate(lab, process, log)
         started.append(g)
         if expect_ready:
-            assert proc.stderr is not None
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                line = proc.stderr.readline()
-                if "gate ready" in line:
-                    return g
-                if not line and proc.poll() is not None:
-                    break
-            raise AssertionError(f"gate did not start: {proc.stderr.read()}")
+            process.wait_ready(20)
         return g
 
     yield start
     for g in started:
         g.stop()
-        if g.proc.stderr:
-            g.proc.stderr.close()
     # Whatever a test did, leave no rule behind for the next one.
     xfgate(lab, ["cleanup", "--domain", "9"])
     xfgate(lab, ["cleanup", "--domain", "8"])
@@ -440,8 +440,7 @@ def test_queue_already_bound_is_a_clear_error(lab: NetLab, gate: Any) -> None:
         assert blocker.stdout is not None and blocker.stdout.readline().strip() == "bound"
         g = gate("--queue-num", "4242", expect_ready=False)
         assert g.proc.wait(20) == 2
-        assert g.proc.stderr is not None
-        err = g.proc.stderr.read()
+        err = g.process.output()
         assert "NFQUEUE 4242 is already bound" in err
         assert xfgate_leftovers(lab) == []  # failed start left nothing behind
     finally:
@@ -450,7 +449,7 @@ def test_queue_already_bound_is_a_clear_error(lab: NetLab, gate: Any) -> None:
 
 
 def test_unknown_domain_is_a_clear_error(lab: NetLab) -> None:
-    p = xfgate(lab, ["run", "--domain", "77", "--owners-json", "/dev/null"])
+    p = static_gate(lab, ["--domain", "77"], Path("/dev/null"))
     assert p.returncode == 2 and "unknown domain 77" in p.stderr
     assert "known domains: 8, 9" in p.stderr
 
@@ -519,15 +518,11 @@ def test_one_gate_serves_two_domains_each_with_its_own_queue_and_policy(
 
 def test_unknown_vif_is_a_clear_error(lab: NetLab, tmp_path: Path) -> None:
     bad = tmp_path / "domains.toml"
-    bad.write_text(lab.domains_file.read_text().replace('vifs = ["vif9.0"]', 'vifs = ["vif7.0"]'))
+    domains = load_domains(lab.domains_file)
+    assert domains[9].vifs == ("vif9.0",)
+    save_domains({**domains, 9: replace(domains[9], vifs=("vif7.0",))}, bad)
     env = {**lab.env(), "XFGATE_DOMAINS": str(bad)}
-    p = subprocess.run(
-        [*XFGATE, "run", "--domain", "9", "--owners-json", str(lab.workdir / "owners.json")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    p = static_gate(lab, ["--domain", "9"], lab.workdir / "owners.json", env)
     assert p.returncode == 2
     assert "interface 'vif7.0' not found" in p.stderr
     assert xfgate_leftovers(lab) == []

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from xfgate.errors import ConfigError
-from xfgate.flow import Flow, GuestSocket, Owner, Ownership
+from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
 from xfgate.inet import IPProto
 from xfgate.verdict.policy import Verdict, blocked_ports, compile_policy, decide, policy_from_dict
 
@@ -19,7 +19,7 @@ FLOW = Flow(IPProto.TCP, ip_address("198.18.1.1"), 80, ip_address("198.18.0.1"),
 
 
 def own(*owners: Owner, sk_uid: int = 0, state: str = "ESTABLISHED") -> Ownership:
-    return Ownership(tuple(owners), sk_uid, state, "established")
+    return Ownership(tuple(owners), sk_uid, state, Via.ESTABLISHED)
 
 
 @pytest.mark.parametrize(

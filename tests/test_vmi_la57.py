@@ -20,9 +20,6 @@ from tests.conftest import require_lab_prerequisites
 from tests.test_vmi_lab import cli_ps_json, ps_against_truth
 from tests.vmi_fakes import TEXT_LINK, FakeGuest, synthetic_profile
 from xfgate.config import DomainConfig
-from xfgate.lab import lab
-from xfgate.lab.cli import guest_exec
-from xfgate.lab.layout import LabLayout
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.kaslr import (
     L5_ENABLED,
@@ -36,6 +33,9 @@ from xfgate.vmi.memory import SharedFileMemory
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.qmp import QmpClient
+from xfgate_lab import lab
+from xfgate_lab.cli import guest_exec
+from xfgate_lab.layout import LabLayout
 
 CR4_LA57 = 1 << 12
 

@@ -1,5 +1,5 @@
 """Introspection of the real lab guest (QEMU TCG, Debian 6.1 kernel, KASLR on), checked against
-the guest's own /proc (`xfgate lab truth`).
+the guest's own /proc (`xfgate-lab truth`).
 
 The workload churns (the attacker opens and closes connections all the time), so for exact
 comparisons its processes are stopped with SIGSTOP through the control channel and resumed
@@ -30,9 +30,6 @@ from tests.conftest import require_lab_prerequisites
 from xfgate.config import DomainConfig
 from xfgate.flow import Flow
 from xfgate.inet import IPProto
-from xfgate.lab import lab
-from xfgate.lab.cli import guest_exec, guest_truth
-from xfgate.lab.layout import LabLayout
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.kaslr import from_banner_scan, from_cr3, from_vmcoreinfo
@@ -42,6 +39,9 @@ from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.qmp import QmpClient, paused
 from xfgate.vmi.sockets import HashLayout, SocketTables
+from xfgate_lab import lab
+from xfgate_lab.cli import guest_exec, guest_truth
+from xfgate_lab.layout import LabLayout
 
 pytestmark = pytest.mark.lab
 

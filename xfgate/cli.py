@@ -46,7 +46,6 @@ def _add_path_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     # Imported here so that `xfgate --help` works even if one subsystem's optional
     # dependency is broken: the error then names that subsystem.
-    from xfgate.lab import cli as lab_cli
     from xfgate.verdict import cli as verdict_cli
     from xfgate.vmi import cli as vmi_cli
 
@@ -61,7 +60,6 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     )
     noise.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    lab_cli.register(sub)
     vmi_cli.register(sub)
     verdict_cli.register(sub)
     return parser

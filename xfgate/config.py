@@ -1,6 +1,6 @@
 """The domains file: which guests xfgate knows, where their memory, monitor and vifs are.
 
-Written by `xfgate lab up` for the demo guest, or by hand (or by a hosting stack) for real ones.
+Written by `xfgate-lab up` for the demo guest, or by hand (or by a hosting stack) for real ones.
 Read-only for the rest of xfgate. Format (TOML)::
 
     [[domain]]
@@ -36,19 +36,6 @@ from xfgate.errors import ConfigError, DomainNotFound
 DEFAULT_DOMAINS_FILE = Path("/run/xfgate/domains.toml")
 DEFAULT_CACHE_DIR = Path("/var/cache/xfgate")  # kernel assets and profiles, kept across runs
 DEFAULT_RUN_DIR = Path("/run/xfgate")  # control sockets, poll-mode rule logs
-
-
-# Harness compatibility: the lab (xfgate/lab) still finds its paths through these two. The
-# product never calls them: xfgate/cli.py reads $XFGATE_DOMAINS/$XFGATE_CACHE as the defaults
-# of --domains-file/--cache-dir and passes the paths down.
-def domains_file_path() -> Path:
-    """$XFGATE_DOMAINS, else /run/xfgate/domains.toml."""
-    return Path(os.environ.get("XFGATE_DOMAINS", str(DEFAULT_DOMAINS_FILE)))
-
-
-def cache_dir() -> Path:
-    """$XFGATE_CACHE, else /var/cache/xfgate."""
-    return Path(os.environ.get("XFGATE_CACHE", str(DEFAULT_CACHE_DIR)))
 
 
 @dataclass(frozen=True)
@@ -140,9 +127,8 @@ def parse_domain(table: dict[str, Any], where: str) -> DomainConfig:
     )
 
 
-def load_domains(path: Path | None = None) -> dict[int, DomainConfig]:
+def load_domains(path: Path) -> dict[int, DomainConfig]:
     """All domains in the file, by id. A missing file is an empty set, not an error."""
-    path = path or domains_file_path()
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -162,17 +148,15 @@ def load_domains(path: Path | None = None) -> dict[int, DomainConfig]:
     return domains
 
 
-def get_domain(domain: int, path: Path | None = None) -> DomainConfig:
-    path = path or domains_file_path()
+def get_domain(domain: int, path: Path) -> DomainConfig:
     domains = load_domains(path)
     if domain not in domains:
         raise DomainNotFound(domain, sorted(domains), str(path))
     return domains[domain]
 
 
-def save_domains(domains: dict[int, DomainConfig], path: Path | None = None) -> None:
+def save_domains(domains: dict[int, DomainConfig], path: Path) -> None:
     """Atomically rewrite the domains file (write a temp file, then rename)."""
-    path = path or domains_file_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     body = {"domain": [domains[k].to_dict() for k in sorted(domains)]}

@@ -30,13 +30,9 @@ class DomainNotFound(XfgateError):
         hint = (
             f"known domains: {', '.join(map(str, self.known))}"
             if self.known
-            else "no domains configured: start the demo guest with `xfgate lab up`"
+            else "no domains configured: start the demo guest with `xfgate-lab up`"
         )
         super().__init__(f"unknown domain {domain}{where} ({hint})")
-
-
-class LabError(XfgateError):
-    """The demo lab could not be built, started or stopped."""
 
 
 class GuestNotRunning(XfgateError):

@@ -9,18 +9,15 @@ keys its sockets (``skc_rcv_saddr``/``skc_num`` local, ``skc_daddr``/``skc_dport
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from types import MappingProxyType
 from typing import Protocol
 
 from xfgate.inet import proto_label
-from xfgate.vmi.kernel_constants import TCPState
 
 IPAddress = IPv4Address | IPv6Address
 # Harness compatibility (xfgate/lab/truth.py reads it): the names of TCPState, by number.
-TCP_STATES: Mapping[int, str] = MappingProxyType({s.value: s.name for s in TCPState})
 
 
 class Via(enum.StrEnum):
@@ -91,7 +88,7 @@ class Ownership:
     owners: tuple[Owner, ...]
     sk_uid: int
     state: str
-    via: str  # a Via; typed str while the static owner table still passes a literal
+    via: Via
     sock_addr: int = 0
 
 

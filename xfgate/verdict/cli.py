@@ -133,9 +133,6 @@ def _add_lookup_arguments(run: argparse.ArgumentParser) -> None:
     g = run.add_argument_group("owner lookup")
     g.add_argument("--cache-ttl", type=float, default=10.0)
     g.add_argument("--negative-ttl", type=float, default=1.0)
-    g.add_argument(
-        "--owners-json", metavar="FILE", help="static owner table instead of introspection"
-    )
     g.add_argument("--profile", metavar="FILE", help="kernel profile (default: the domain's)")
 
 
@@ -167,7 +164,6 @@ def gate_options(args: argparse.Namespace) -> GateOptions:
         log_sample=args.log_sample,
         persist_blocks=args.persist_blocks,
         fastpath=not args.no_fastpath,
-        owners_json=args.owners_json,
         refresh_interval=args.refresh,
         cache_ttl=args.cache_ttl,
         negative_ttl=args.negative_ttl,

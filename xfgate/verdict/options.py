@@ -28,7 +28,6 @@ class GateOptions:
     log_sample: int = 1
     persist_blocks: bool = False
     fastpath: bool = True
-    owners_json: str | None = None
     refresh_interval: float = 2.0
     cache_ttl: float = 10.0
     negative_ttl: float = 1.0

@@ -9,16 +9,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from typing import Any
 
 from xfgate.errors import ConfigError
 from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
-from xfgate.inet import PORT_PROTOS, IPProto, proto_label
+from xfgate.inet import PORT_PROTOS, proto_label
 from xfgate.vmi.kernel_constants import COMM_MAX_CHARS, comm_key
 
 # Harness compatibility (xfgate/verdict/static_source.py reads it): use IPProto.from_label.
-PROTO_NAMES: Mapping[str, IPProto] = MappingProxyType({p.label: p for p in PORT_PROTOS})
 
 
 class Verdict(enum.StrEnum):

@@ -47,23 +47,20 @@ DEFAULT_QUEUE_BASE = 100  # queue number = base + domain id unless --queue-num i
 IDLE_TICK = 0.5
 
 
-def make_owner_source(
-    domain: DomainConfig,
-    owners_json: str | None,
-    profile_path: str | None = None,
-    cache_dir: Path | None = None,
-) -> OwnerSource:
-    """The one place where the gate's owner source is built."""
-    if owners_json:
-        from xfgate.verdict.static_source import StaticOwnerSource
+# Builds a domain's owner source from its configuration and the gate's options.
+OwnerSourceFactory = Callable[[DomainConfig, GateOptions], OwnerSource]
 
-        return StaticOwnerSource(Path(owners_json))
+
+def introspection_source(domain: DomainConfig, options: GateOptions) -> OwnerSource:
+    """The gate's owner source: the guest kernel's memory, read by introspection."""
     from xfgate.vmi.cli import load_domain_profile
     from xfgate.vmi.introspect import GuestIntrospector
     from xfgate.vmi.liveness import require_running
 
     require_running(domain)  # a dead VM's RAM file would answer with stale owners
-    return GuestIntrospector(domain, load_domain_profile(domain, profile_path, cache_dir))
+    return GuestIntrospector(
+        domain, load_domain_profile(domain, options.profile, options.cache_dir)
+    )
 
 
 def queue_counters() -> dict[int, dict[str, int]]:
@@ -158,8 +155,11 @@ class DomainGate:
 
 
 class Gate:
-    def __init__(self, options: GateOptions) -> None:
+    def __init__(
+        self, options: GateOptions, owner_source_factory: OwnerSourceFactory = introspection_source
+    ) -> None:
         self.options = options
+        self._owner_source_factory = owner_source_factory
         self.domains: dict[int, DomainGate] = {}
         self.firewall: Firewall | None = None
         self.log: VerdictLog | None = None
@@ -205,9 +205,7 @@ class Gate:
         base = opts.queue_num if opts.queue_num is not None else DEFAULT_QUEUE_BASE + cfg.id
         queue_num = base + index if opts.queue_num is not None else base
         layout = GateLayout(cfg.id, cfg.vifs, queue_num, opts.queue_bypass, opts.fastpath)
-        source = LockedOwnerSource(
-            make_owner_source(cfg, opts.owners_json, opts.profile, opts.cache_dir)
-        )
+        source = LockedOwnerSource(self._owner_source_factory(cfg, opts))
         cache = OwnerCache(opts.cache_ttl, opts.negative_ttl)
         engine = Engine(
             cfg.id, vifs, source, opts.policy, cache, self.log, opts.fastpath, opts.on_error
@@ -503,8 +501,14 @@ def bind_queue(queue_num: int, callback: Callable[[QueuedPacket], None]) -> Any:
     return q
 
 
-def run_gate(options: GateOptions, until: Callable[[], bool] | None = None) -> int:
-    gate = Gate(options)
+def run_gate(
+    options: GateOptions,
+    until: Callable[[], bool] | None = None,
+    owner_source_factory: OwnerSourceFactory = introspection_source,
+) -> int:
+    """Runs a gate until `until()` or a signal. The owner source is injected: the default reads
+    the guest's memory; a test harness may pass its own."""
+    gate = Gate(options, owner_source_factory)
     try:
         gate.start()
         gate.serve(until)

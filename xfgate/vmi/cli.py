@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
         "from the host, by reading the guest kernel's memory. The guest is never logged into.",
     )
     ps.add_argument("--domain", type=int, required=True, help="domain id (see the domains file)")
-    ps.add_argument("--json", action="store_true", help="the `xfgate lab truth --json` shape")
+    ps.add_argument("--json", action="store_true", help="the `xfgate-lab truth --json` shape")
     ps.add_argument("--pid", type=int, help="only this process")
     ps.add_argument("--uid", type=int, help="only processes of this (real) uid")
     ps.add_argument(

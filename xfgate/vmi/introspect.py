@@ -206,7 +206,7 @@ class GuestIntrospector:
         return guest_sockets(result.sockets, owners_index(result.tasks, result.sockets))
 
     def ps_json(self, result: WalkResult | None = None) -> dict[str, Any]:
-        """Exactly the shape of `xfgate lab truth --json`."""
+        """Exactly the shape of `xfgate-lab truth --json`."""
         return ps_document(result if result is not None else self.walk())
 
     # -- targeted lookup ------------------------------------------------------------------------
@@ -336,7 +336,7 @@ def guest_sockets(
 
 
 def ps_document(result: WalkResult) -> dict[str, Any]:
-    """The `xfgate lab truth --json` shape from a walk."""
+    """The `xfgate-lab truth --json` shape from a walk."""
     processes = [
         {
             "pid": t.tgid,

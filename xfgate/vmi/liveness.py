@@ -38,7 +38,7 @@ def require_running(domain: DomainConfig, qmp_timeout: float = 2.0) -> None:
             raise GuestNotRunning(
                 domain.id,
                 f"QEMU pid {domain.qmp.pid} is gone; {domain.memory.path} holds the memory of a "
-                "dead guest (start the domain again, or `xfgate lab up` for the demo)",
+                "dead guest (start the domain again, or `xfgate-lab up` for the demo)",
             )
         return
     try:

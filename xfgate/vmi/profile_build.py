@@ -3,7 +3,7 @@
 A build decompresses the vmlinuz (~1 s), parses its ``.BTF`` (~0.6 s), rebuilds its symbols from
 kallsyms (~3 s), exports the whole thing as a Volatility ISF and derives the Profile from that
 ISF (the same import path a dwarf2json ISF takes). It then caches, per kernel build, in
-``cache_dir()/profiles/``::
+``<cache dir>/profiles/``::
 
     <release>-<sha256 of the vmlinuz, 16 hex>.json        compact profile, loads in ~0.2 s
     <release>-<sha256 of the vmlinuz, 16 hex>.isf.json.xz  Volatility 3 ISF (~1 MB)
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xfgate.config import DomainConfig, cache_dir
+from xfgate.config import DEFAULT_CACHE_DIR, DomainConfig
 from xfgate.errors import ProfileError
 from xfgate.vmi import isf, kernel_image
 from xfgate.vmi.btf import parse_btf
@@ -74,8 +74,8 @@ class ProfileBuild:
     isf_bytes: int = 0
 
 
-def profiles_dir(cache: Path | None = None) -> Path:
-    return (cache or cache_dir()) / "profiles"
+def profiles_dir(cache: Path = DEFAULT_CACHE_DIR) -> Path:
+    return cache / "profiles"
 
 
 def bzimage_release(vmlinuz: Path) -> str:
@@ -108,14 +108,16 @@ def profile_key(vmlinuz: Path) -> str:
     return f"{bzimage_release(vmlinuz)}-{digest.hexdigest()[:16]}"
 
 
-def build_profile(source: Path | str, cache: Path | None = None, rebuild: bool = False) -> Profile:
+def build_profile(
+    source: Path | str, cache: Path = DEFAULT_CACHE_DIR, rebuild: bool = False
+) -> Profile:
     """The profile of a kernel: ``source`` is a vmlinuz, an ELF vmlinux or an unpacked kernel
     package; loaded from the cache when it was built before."""
     return build_profile_files(source, cache, rebuild).profile
 
 
 def build_profile_files(
-    source: Path | str, cache: Path | None = None, rebuild: bool = False
+    source: Path | str, cache: Path = DEFAULT_CACHE_DIR, rebuild: bool = False
 ) -> ProfileBuild:
     vmlinuz = kernel_image.vmlinuz_in(source)
     key = profile_key(vmlinuz)
@@ -243,17 +245,17 @@ def load_profile(path: Path | str) -> Profile:
     raise ProfileError(f"{path} is neither an xfgate profile nor a Volatility ISF")
 
 
-def profile_for_assets(assets: Path | str, cache: Path | None = None) -> Profile:
+def profile_for_assets(assets: Path | str, cache: Path = DEFAULT_CACHE_DIR) -> Profile:
     """The profile of an unpacked kernel package (or a vmlinuz), built once then cached."""
     return build_profile(assets, cache)
 
 
-def kernel_assets_for(package: str, cache: Path | None = None) -> Path:
-    """An unpacked kernel package in ``cache_dir()/kernels``, downloaded if missing."""
-    return kernel_image.fetch_kernel_package(package, (cache or cache_dir()) / "kernels")
+def kernel_assets_for(package: str, cache: Path = DEFAULT_CACHE_DIR) -> Path:
+    """An unpacked kernel package in ``<cache dir>/kernels``, downloaded if missing."""
+    return kernel_image.fetch_kernel_package(package, cache / "kernels")
 
 
-def profile_for_domain(domain: DomainConfig, cache: Path | None = None) -> Profile:
+def profile_for_domain(domain: DomainConfig, cache: Path = DEFAULT_CACHE_DIR) -> Profile:
     """The profile of a configured domain's kernel: from ``[domain.kernel] assets``, else its
     ``package`` (downloaded into the cache), else a cached profile of its ``release``."""
     kernel = domain.kernel
@@ -269,11 +271,11 @@ def profile_for_domain(domain: DomainConfig, cache: Path | None = None) -> Profi
     )
 
 
-def cached_profiles(cache: Path | None = None) -> list[Path]:
+def cached_profiles(cache: Path = DEFAULT_CACHE_DIR) -> list[Path]:
     return sorted(profiles_dir(cache).glob("*.json"))
 
 
-def profile_for_release(release: str, cache: Path | None = None) -> Profile:
+def profile_for_release(release: str, cache: Path = DEFAULT_CACHE_DIR) -> Profile:
     """A cached profile of that release (the newest if several builds share it)."""
     found = [p for p in cached_profiles(cache) if p.name.startswith(f"{release}-")]
     found = [p for p in found if p.name[len(release) + 1 :].count("-") == 0]
@@ -285,7 +287,7 @@ def profile_for_release(release: str, cache: Path | None = None) -> Profile:
     return load_profile(max(found, key=lambda p: p.stat().st_mtime))
 
 
-def profile_for_banner(banner: str, cache: Path | None = None) -> Profile:
+def profile_for_banner(banner: str, cache: Path = DEFAULT_CACHE_DIR) -> Profile:
     """The cached profile whose banner is exactly ``banner`` (as read from guest memory)."""
     release = kernel_image.banner_release(banner)
     text = banner.rstrip("\0")

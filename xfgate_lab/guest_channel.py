@@ -1,5 +1,5 @@
 """The lab-only control channel into a guest: its second UART (/dev/ttyS1), exposed by qemu as
-a unix socket. For tests and `xfgate lab exec/truth` only, never for xfgate's own decisions.
+a unix socket. For tests and `xfgate-lab exec/truth` only, never for xfgate's own decisions.
 
 Framing (see guest/init): request ``ID TIMEOUT BASE64(CMD)\\n``; reply ``@@XFB ID@@``, the
 output in base64, ``@@XFE ID RC@@``. qemu serves one client at a time and the guest runs one
@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from xfgate.errors import GuestNotRunning, LabError
+from xfgate.errors import GuestNotRunning
+from xfgate_lab.errors import LabError
 
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 

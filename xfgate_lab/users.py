@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from xfgate.lab.layout import LabLayout
+from xfgate_lab.layout import LabLayout
 
 
 def users_dir(layout: LabLayout) -> Path:

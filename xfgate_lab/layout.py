@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
+from xfgate.config import DEFAULT_CACHE_DIR, DEFAULT_DOMAINS_FILE
 from xfgate.errors import ConfigError
 
 DEFAULT_PREFIX = "xfgate"
@@ -125,3 +126,15 @@ class LabLayout:
 def layout_from_env(prefix: str | None = None) -> LabLayout:
     """The given prefix, else $XFGATE_LAB_PREFIX, else the default instance."""
     return LabLayout(prefix or os.environ.get("XFGATE_LAB_PREFIX") or DEFAULT_PREFIX)
+
+
+# The harness's own environment: the lab, bench and tests find the product's paths here and
+# pass them down; the product itself reads none of these variables.
+def domains_file_from_env() -> Path:
+    """$XFGATE_DOMAINS, else the product's default domains file."""
+    return Path(os.environ.get("XFGATE_DOMAINS", str(DEFAULT_DOMAINS_FILE)))
+
+
+def cache_dir_from_env() -> Path:
+    """$XFGATE_CACHE, else the product's default cache directory."""
+    return Path(os.environ.get("XFGATE_CACHE", str(DEFAULT_CACHE_DIR)))

@@ -7,7 +7,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from xfgate.errors import LabError
+from xfgate_lab.errors import LabError
 
 # virtio_pci is the transport (not a dependency of virtio_net, but needed to find the device).
 NIC_MODULES = ("virtio_pci", "virtio_net")

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from xfgate.config import cache_dir
-from xfgate.errors import ConfigError, LabError, PrerequisiteError
-from xfgate.lab import modules
-from xfgate.lab.cpio import CpioEntry, cpio_newc
+from xfgate.errors import ConfigError, PrerequisiteError
+from xfgate_lab import modules
+from xfgate_lab.cpio import CpioEntry, cpio_newc
+from xfgate_lab.errors import LabError
+from xfgate_lab.layout import cache_dir_from_env
 
 DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"  # Debian's meta-package: resolved to a concrete one
 ASSETS_FORMAT = 1
@@ -56,7 +57,7 @@ class KernelAssets:
 def assets_dir(package: str) -> Path:
     """Where the assets of a concrete kernel package live (built or not)."""
     check_package_name(package)
-    return cache_dir() / "kernels" / package
+    return cache_dir_from_env() / "kernels" / package
 
 
 def check_package_name(name: str) -> str:
@@ -144,7 +145,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def guest_sources() -> dict[str, bytes]:
     """The guest's package-data files (init script, users, C sources) by name."""
-    base = resources.files("xfgate.lab") / "guest"
+    base = resources.files("xfgate_lab") / "guest"
     return {name: (base / name).read_bytes() for name in GUEST_FILES}
 
 

@@ -1,4 +1,7 @@
-"""`xfgate lab ...`: the demo lab (a QEMU guest behind a bridge in network namespaces)."""
+"""`xfgate-lab ...`: the test harness's command line, apart from the product's `xfgate`.
+
+The demo lab (a QEMU guest behind a bridge in network namespaces): up, down, status, log, exec,
+truth; and `gate`, xfgate's own gate fed a static owner table instead of guest introspection."""
 
 from __future__ import annotations
 
@@ -6,21 +9,23 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from xfgate.errors import ConfigError, GuestNotRunning
-from xfgate.lab import lab
-from xfgate.lab.control import GuestResult, run_in_guest
-from xfgate.lab.layout import LabLayout, layout_from_env
-from xfgate.lab.qemu import DEFAULT_CPU
-from xfgate.lab.truth import TRUTH_SCRIPT, Truth, parse_truth
+from xfgate.errors import ConfigError, GuestNotRunning, XfgateError
+from xfgate_lab import gate, lab
+from xfgate_lab.guest_channel import GuestResult, run_in_guest
+from xfgate_lab.layout import LabLayout, layout_from_env
+from xfgate_lab.qemu import DEFAULT_CPU
+from xfgate_lab.truth import TRUTH_SCRIPT, Truth, parse_truth
 
 
 def guest_exec(layout: LabLayout, domain: int, command: str, timeout: float = 30.0) -> GuestResult:
     """Runs a shell command as root in a lab guest (tests and operators only)."""
     state = lab.read_state(layout)
     if state is None or domain not in state.domains:
-        raise GuestNotRunning(domain, f"lab {layout.prefix} has no such guest: `xfgate lab up`")
+        raise GuestNotRunning(domain, f"lab {layout.prefix} has no such guest: `xfgate-lab up`")
     return run_in_guest(
         layout.ctl_socket(domain), layout.ctl_lock(domain), command, timeout, domain
     )
@@ -68,7 +73,7 @@ def _status(args: argparse.Namespace) -> int:
 def format_status(status: dict[str, Any]) -> str:
     lines = [f"lab {status['prefix']}: {status['status']}"]
     if status["status"] == "foreign":
-        lines.append("  namespaces exist without lab state: `xfgate lab down --force`")
+        lines.append("  namespaces exist without lab state: `xfgate-lab down --force`")
     if "kernel_package" in status:
         lines.append(f"  kernel {status['kernel_package']} ({status['kernel_release']})")
         lines.append(f"  CPU model {status['cpu']}")
@@ -88,7 +93,7 @@ def format_status(status: dict[str, Any]) -> str:
 def _exec(args: argparse.Namespace) -> int:
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
-        raise ConfigError("nothing to run: xfgate lab exec --domain D -- CMD ...")
+        raise ConfigError("nothing to run: xfgate-lab exec --domain D -- CMD ...")
     text = command[0] if len(command) == 1 else shlex.join(command)
     result = guest_exec(_layout(args), args.domain, text, args.timeout)
     sys.stdout.buffer.write(result.output)
@@ -117,14 +122,17 @@ def _log(args: argparse.Namespace) -> int:
     layout = _layout(args)
     path = layout.serial_log(args.domain)
     if not path.exists():
-        raise GuestNotRunning(args.domain, f"no console log {path}: `xfgate lab up`")
+        raise GuestNotRunning(args.domain, f"no console log {path}: `xfgate-lab up`")
     print(lab.serial_tail(path, args.lines))
     return 0
 
 
-def register(sub: Any) -> None:
-    """Add `lab` and its subcommands to the top-level parser's subparsers."""
-    p = sub.add_parser("lab", help="the demo lab: a QEMU guest behind a bridge, in namespaces")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xfgate-lab",
+        description="xfgate's test harness: the demo lab (a QEMU guest behind a bridge, in "
+        "network namespaces). For tests, benchmarks and the demo; never needed to enforce.",
+    )
     p.add_argument(
         "--prefix",
         help="lab instance name prefix (default $XFGATE_LAB_PREFIX or 'xfgate'): "
@@ -172,3 +180,38 @@ def register(sub: Any) -> None:
     tr.add_argument("--domain", type=int, default=1)
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(handler=_truth)
+
+    gt = lsub.add_parser(
+        "gate",
+        help="xfgate's gate with a static owner table instead of introspection (tests, bench)",
+        description="Runs the product's gate (every flag of `xfgate run` follows) with the "
+        "owners of a JSON table instead of the guest's memory.",
+    )
+    gate.add_arguments(gt)
+    gt.set_defaults(handler=_gate)
+    return p
+
+
+def _gate(args: argparse.Namespace) -> int:
+    return gate.run_static_gate(Path(args.owners_json), args.run_flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    # `gate` passes every flag it does not know on to `xfgate run`'s parser.
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.handler is not _gate:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.run_flags = rest
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except XfgateError as e:
+        print(f"xfgate-lab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`xfgate lab up | down | status`: the demo lab's life cycle. Orchestration only; the pieces
+"""`xfgate-lab up | down | status`: the demo lab's life cycle. Orchestration only; the pieces
 (assets, network, qemu, control channel) live in their own modules.
 
 The lab's state (what it created: pids, names, kernel) is a JSON file in its run dir, written
@@ -27,24 +27,27 @@ from xfgate.config import (
     KernelConfig,
     MemoryConfig,
     QmpConfig,
-    domains_file_path,
     load_domains,
     save_domains,
 )
-from xfgate.errors import LabError, PrerequisiteError, XfgateError
-from xfgate.lab import netns as labnet
-from xfgate.lab.assets import KernelAssets, ensure_assets, resolve_kernel_package
-from xfgate.lab.control import run_in_guest
-from xfgate.lab.layout import (
+from xfgate.errors import PrerequisiteError, XfgateError
+from xfgate.vmi.profile_build import build_profile_files
+from xfgate_lab import namespaces as labnet
+from xfgate_lab.assets import KernelAssets, ensure_assets, resolve_kernel_package
+from xfgate_lab.errors import LabError
+from xfgate_lab.guest_channel import run_in_guest
+from xfgate_lab.layout import (
     GUEST_RAM_MB,
     MAX_DOMAINS,
     LabLayout,
+    cache_dir_from_env,
+    domains_file_from_env,
     guest_mac,
     guest_v4,
     guest_v6,
     vif_name,
 )
-from xfgate.lab.qemu import (
+from xfgate_lab.qemu import (
     DEFAULT_CPU,
     GuestSpec,
     check_cpu_model,
@@ -52,13 +55,19 @@ from xfgate.lab.qemu import (
     start_qemu,
     stop_qemu,
 )
-from xfgate.vmi.profile_build import build_profile_files
 
 Log = Callable[[str], None]
 READY_MARK = "XFGATE-READY"
 SERVICE_PORTS_V4 = (80, 8080, 8000)
 SERVICE_PORT_V6 = 9000
 REQUIRED_PROGRAMS = ("qemu-system-x86_64", "ip", "iptables", "apt-get", "dpkg-deb", "modinfo")
+# Programs `up` does not need but a gate or a benchmark in the lab does -> who needs them.
+OPTIONAL_PROGRAMS = {
+    "iptables-legacy": "a gate (xfgate run)",
+    "ipset": "a gate (xfgate run)",
+    "conntrack": "a gate (xfgate run)",
+    "httperf": "the benchmarks (python -m bench)",
+}
 DEFAULT_BOOT_TIMEOUT = 90.0
 # comm -> how many processes of the workload carry it (guest/init starts them).
 WORKLOAD_COMMS = {"httpd": 3, "fastweb": 1, "spray": 1, "keeper": 1}
@@ -81,10 +90,22 @@ def prerequisite_problems(euid: int, which: Callable[[str], str | None]) -> list
     return problems
 
 
-def check_prerequisites() -> None:
+def prerequisite_warnings(which: Callable[[str], str | None]) -> list[str]:
+    """What the lab can do without but its users need (pure: inputs injected)."""
+    return [
+        f"{prog} not found: {needed_by} will not work in this lab; run scripts/bootstrap.sh"
+        for prog, needed_by in OPTIONAL_PROGRAMS.items()
+        if which(prog) is None
+    ]
+
+
+def check_prerequisites() -> list[str]:
+    """The gate's contract (`xfgate.verdict.fastpath.check_prerequisites`): raise on what makes
+    the lab impossible; return warnings for what makes it less useful."""
     problems = prerequisite_problems(os.geteuid(), shutil.which)
     if problems:
         raise PrerequisiteError("; ".join(problems))
+    return prerequisite_warnings(shutil.which)
 
 
 # ---- state -----------------------------------------------------------------------------------
@@ -116,7 +137,7 @@ def read_state(layout: LabLayout) -> LabState | None:
         return None
     except (OSError, ValueError, TypeError) as e:
         raise LabError(
-            f"lab state {layout.state_path} is unreadable ({e}): run `xfgate lab down --force`"
+            f"lab state {layout.state_path} is unreadable ({e}): run `xfgate-lab down --force`"
         ) from e
 
 
@@ -206,7 +227,7 @@ def _pids() -> list[int]:
 
 def is_our_peers(pid: int, layout: LabLayout) -> bool:
     args = _cmdline(pid) if pid > 0 else []
-    return "xfgate.lab.peers" in args and str(layout.peers_stats_path) in args
+    return "xfgate_lab.peers" in args and str(layout.peers_stats_path) in args
 
 
 def find_lab_qemus(layout: LabLayout) -> dict[int, Path]:
@@ -244,8 +265,8 @@ def stop_pid(pid: int, still_ours: Callable[[int], bool], grace: float = 3.0) ->
 
 def start_peers(layout: LabLayout) -> int:
     log = layout.peers_log_path.open("ab")
-    argv = ["ip", "netns", "exec", layout.client_netns, sys.executable, "-m", "xfgate.lab.peers"]
-    argv += ["--stats", str(layout.peers_stats_path)]
+    argv = ["ip", "netns", "exec", layout.client_netns, sys.executable, "-m", "xfgate_lab.peers"]
+    argv += ["workload", "--stats", str(layout.peers_stats_path)]
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -281,14 +302,15 @@ def serial_tail(path: Path, lines: int = 30) -> str:
 def python_env() -> dict[str, str]:
     """Environment for our own modules run as `python -m` inside a namespace: importable even
     from a checkout that is not installed."""
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[1])
     path = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": f"{root}:{path}" if path else root}
 
 
 def client_http_get(layout: LabLayout, host: str, port: int, timeout: float = 3.0) -> str | None:
     """Body of http://host:port/ fetched from inside the client netns, or None."""
-    argv = [sys.executable, "-m", "xfgate.lab.probe", host, str(port), str(timeout)]
+    argv = [sys.executable, "-m", "xfgate_lab.peers", "http-get", host, str(port)]
+    argv += ["--timeout", str(timeout)]
     try:
         r = subprocess.run(
             ["ip", "netns", "exec", layout.client_netns, *argv],
@@ -441,7 +463,8 @@ def lab_up(
 ) -> UpResult:
     """Brings the lab up (or finds it healthy as requested). `cpu` is the guests' QEMU CPU
     model: the default keeps 4-level paging, `max` turns 5-level paging (LA57) on."""
-    check_prerequisites()
+    for warning in check_prerequisites():
+        log(f"warning: {warning}")
     check_cpu_model(cpu)
     if not 1 <= domains <= MAX_DOMAINS:
         raise LabError(f"--domains must be 1..{MAX_DOMAINS}, got {domains}")
@@ -463,8 +486,8 @@ def lab_up(
             if leftovers and not force:
                 raise LabError(
                     f"{', '.join(leftovers)} exist(s) but no lab state ({layout.state_path}): "
-                    "not created by `xfgate lab up`, or by a crashed one. Remove with "
-                    f"`xfgate lab down --force` (prefix {layout.prefix}) or pick another "
+                    "not created by `xfgate-lab up`, or by a crashed one. Remove with "
+                    f"`xfgate-lab down --force` (prefix {layout.prefix}) or pick another "
                     "lab with --prefix/$XFGATE_LAB_PREFIX"
                 )
             if leftovers or find_lab_qemus(layout):
@@ -476,7 +499,9 @@ def lab_up(
 def lab_domain_configs(layout: LabLayout, state: LabState) -> tuple[DomainConfig, ...]:
     """The lab's domains as recorded in the domains file it was brought up with (not the one
     $XFGATE_DOMAINS names now: a caller may point it elsewhere)."""
-    known = load_domains(Path(state.domains_file) if state.domains_file else None)
+    known = load_domains(
+        Path(state.domains_file) if state.domains_file else domains_file_from_env()
+    )
     return tuple(known[d] for d in state.domains if d in known and is_lab_domain(layout, known[d]))
 
 
@@ -488,64 +513,25 @@ def _up_locked(
     log: Log,
     cpu: str,
 ) -> UpResult:
+    """Assets, then network and peers, guests, profile, readiness, the domains file: each a
+    named step; any failure tears down what was started."""
     t0 = time.monotonic()
     assets = ensure_assets(package, log)
     t_assets = time.monotonic()
-    ids = list(range(1, domains + 1))
-    state = LabState(
-        prefix=layout.prefix,
-        domains=ids,
-        kernel_package=assets.package,
-        kernel_release=assets.release,
-        assets=str(assets.dir),
-        cpu=cpu,
-        domains_file=str(domains_file_path()),
-    )
-    clear_dir(layout.run_dir)
-    write_state(layout, state)
+    state = _new_state(layout, domains, assets, cpu)
     try:
-        labnet.create_network(layout)
-        state.peers_pid = start_peers(layout)
-        write_state(layout, state)
-        for d in ids:
-            layout.guest_dir(d).mkdir(parents=True, exist_ok=True)
-            layout.ram_path(d).unlink(missing_ok=True)
-            labnet.add_vif(layout, vif_name(d))
-            spec = GuestSpec(
-                domain=d,
-                kernel=assets.vmlinuz,
-                initrd=assets.initramfs,
-                ram_path=layout.ram_path(d),
-                ram_mb=GUEST_RAM_MB,
-                vif=vif_name(d),
-                mac=guest_mac(d),
-                serial_log=layout.serial_log(d),
-                ctl_socket=layout.ctl_socket(d),
-                qmp_socket=layout.qmp_socket(d),
-                pidfile=layout.pidfile(d),
-                cpu=cpu,
-            )
-            state.qemu_pids[str(d)] = start_qemu(spec, layout.dom0_netns)
-            write_state(layout, state)
-            log(f"guest{d}: qemu pid {state.qemu_pid(d)}, CPU {cpu}, booting {assets.release}")
+        _start_network_and_peers(layout, state)
+        for d in state.domains:
+            _start_guest(layout, state, d, assets, cpu, log)
         t_started = time.monotonic()
-        deadline = t_started + boot_timeout
-        # The introspection profile of this kernel (BTF + kallsyms, ~5 s once per kernel build,
-        # then cached): built on the other core while the guests boot under TCG, so that the
-        # first `xfgate ps` or gate start does not pay for it.
-        built = build_profile_files(assets.dir)
-        log(f"profile {built.profile_path.name} ({'cached' if built.from_cache else 'built'})")
-        for d in ids:
-            wait_guest_ready(layout, d, state.qemu_pid(d), deadline, log)
+        _build_profile(assets, log)
+        _wait_guests_ready(layout, state, t_started + boot_timeout, log)
         t_ready = time.monotonic()
     except BaseException:
         log("lab up failed: tearing down what was started")
         _down_locked(layout, force=True, log=lambda _m: None)
         raise
-    configs = tuple(domain_config(layout, d, state.qemu_pid(d), assets) for d in ids)
-    known = {k: v for k, v in load_domains().items() if not is_lab_domain(layout, v)}
-    known.update({c.id: c for c in configs})
-    save_domains(known)
+    configs = _record_domains(layout, state, assets)
     state.phase = "up"
     state.timings = {
         "assets_s": round(t_assets - t0, 2),
@@ -557,9 +543,89 @@ def _up_locked(
     log(
         f"lab {layout.prefix} up in {state.timings['total_s']:.1f} s "
         f"(assets {state.timings['assets_s']:.1f} s, network+boot+services "
-        f"{state.timings['start_to_ready_s']:.1f} s); domains file {domains_file_path()}"
+        f"{state.timings['start_to_ready_s']:.1f} s); domains file {domains_file_from_env()}"
     )
     return UpResult(False, state, configs)
+
+
+def _new_state(layout: LabLayout, domains: int, assets: KernelAssets, cpu: str) -> LabState:
+    """A fresh run dir holding the state of a lab that is starting."""
+    state = LabState(
+        prefix=layout.prefix,
+        domains=list(range(1, domains + 1)),
+        kernel_package=assets.package,
+        kernel_release=assets.release,
+        assets=str(assets.dir),
+        cpu=cpu,
+        domains_file=str(domains_file_from_env()),
+    )
+    clear_dir(layout.run_dir)
+    write_state(layout, state)
+    return state
+
+
+def _start_network_and_peers(layout: LabLayout, state: LabState) -> None:
+    labnet.create_network(layout)
+    state.peers_pid = start_peers(layout)
+    write_state(layout, state)
+
+
+def guest_spec(layout: LabLayout, domain: int, assets: KernelAssets, cpu: str) -> GuestSpec:
+    return GuestSpec(
+        domain=domain,
+        kernel=assets.vmlinuz,
+        initrd=assets.initramfs,
+        ram_path=layout.ram_path(domain),
+        ram_mb=GUEST_RAM_MB,
+        vif=vif_name(domain),
+        mac=guest_mac(domain),
+        serial_log=layout.serial_log(domain),
+        ctl_socket=layout.ctl_socket(domain),
+        qmp_socket=layout.qmp_socket(domain),
+        pidfile=layout.pidfile(domain),
+        cpu=cpu,
+    )
+
+
+def _start_guest(
+    layout: LabLayout, state: LabState, domain: int, assets: KernelAssets, cpu: str, log: Log
+) -> None:
+    """The guest's tap on the bridge and its QEMU, recorded in the state at once."""
+    layout.guest_dir(domain).mkdir(parents=True, exist_ok=True)
+    layout.ram_path(domain).unlink(missing_ok=True)
+    labnet.add_vif(layout, vif_name(domain))
+    spec = guest_spec(layout, domain, assets, cpu)
+    state.qemu_pids[str(domain)] = start_qemu(spec, layout.dom0_netns)
+    write_state(layout, state)
+    log(f"guest{domain}: qemu pid {state.qemu_pid(domain)}, CPU {cpu}, booting {assets.release}")
+
+
+def _build_profile(assets: KernelAssets, log: Log) -> None:
+    """The introspection profile of this kernel (BTF + kallsyms, ~5 s once per kernel build,
+    then cached): built on the other core while the guests boot under TCG, so that the first
+    `xfgate ps` or gate start does not pay for it."""
+    built = build_profile_files(assets.dir, cache_dir_from_env())
+    log(f"profile {built.profile_path.name} ({'cached' if built.from_cache else 'built'})")
+
+
+def _wait_guests_ready(layout: LabLayout, state: LabState, deadline: float, log: Log) -> None:
+    for d in state.domains:
+        wait_guest_ready(layout, d, state.qemu_pid(d), deadline, log)
+
+
+def _record_domains(
+    layout: LabLayout, state: LabState, assets: KernelAssets
+) -> tuple[DomainConfig, ...]:
+    """Writes the lab's domains into the domains file, keeping every domain not of this lab."""
+    configs = tuple(domain_config(layout, d, state.qemu_pid(d), assets) for d in state.domains)
+    known = {
+        k: v
+        for k, v in load_domains(domains_file_from_env()).items()
+        if not is_lab_domain(layout, v)
+    }
+    known.update({c.id: c for c in configs})
+    save_domains(known, domains_file_from_env())
+    return configs
 
 
 def lab_down(layout: LabLayout, force: bool = False, log: Log = print) -> list[str]:
@@ -576,7 +642,7 @@ def _down_locked(layout: LabLayout, force: bool, log: Log) -> list[str]:
         if leftovers:
             raise LabError(
                 f"{', '.join(leftovers)} exist(s) but no lab state ({layout.state_path}): "
-                "refusing to delete what this lab did not record; use `xfgate lab down --force`"
+                "refusing to delete what this lab did not record; use `xfgate-lab down --force`"
             )
     qemus = find_lab_qemus(layout)
     if state is not None:
@@ -600,7 +666,7 @@ def _down_locked(layout: LabLayout, force: bool, log: Log) -> list[str]:
         ram.unlink(missing_ok=True)
         removed.append(str(ram))
     domains_file = Path(state.domains_file) if state and state.domains_file else None
-    for path in {domains_file or domains_file_path(), domains_file_path()}:
+    for path in {domains_file or domains_file_from_env(), domains_file_from_env()}:
         known = load_domains(path)
         ours = [k for k, v in known.items() if is_lab_domain(layout, v)]
         if ours:

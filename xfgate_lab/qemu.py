@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xfgate.errors import ConfigError, LabError, PrerequisiteError
+from xfgate.errors import ConfigError, PrerequisiteError
+from xfgate_lab.errors import LabError
 
 QEMU = "qemu-system-x86_64"
 # QEMU's own default model for `pc` (4-level paging). `max` enables everything TCG can

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from xfgate.errors import LabError
-from xfgate.flow import TCP_STATES
+from xfgate.vmi.kernel_constants import tcp_state_name
+from xfgate_lab.errors import LabError
 
 SECTION_MARK = "@@xftruth "
 # Only leaders are listed under /proc (threads live under /proc/PID/task). stderr is dropped:
@@ -174,7 +174,7 @@ def parse_proc_net(text: str, table: str) -> tuple[NetEntry, ...]:
                     lport=int(lport, 16),
                     remote=decode_proc_net_address(remote),
                     rport=int(rport, 16),
-                    state=TCP_STATES.get(int(cols[3], 16), f"UNKNOWN({cols[3]})"),
+                    state=tcp_state_name(int(cols[3], 16)),
                     inode=int(cols[9]),
                 )
             )

@@ -1,6 +1,6 @@
 """An OwnerSource read from a JSON table instead of guest memory.
 
-For tests, benchmarks and demos of the gate without introspection (``xfgate run --owners-json``).
+For tests and benchmarks of the gate without introspection (``xfgate-lab gate --owners-json``).
 The file is re-read when it changes, which bumps the generation (as a guest reboot would)::
 
     {"entries": [
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from xfgate.errors import ConfigError
-from xfgate.flow import Flow, GuestSocket, Owner, Ownership
-from xfgate.verdict.policy import PROTO_NAMES
+from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
+from xfgate.inet import IPProto
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def parse_entries(data: Any, where: str) -> tuple[StaticEntry, ...]:
                 )
                 for o in e.get("owners", [])
             )
-            proto = PROTO_NAMES[e["proto"]]
+            proto = IPProto.from_label(e["proto"])
             out.append(
                 StaticEntry(
                     proto=proto,
@@ -74,7 +74,7 @@ def parse_entries(data: Any, where: str) -> tuple[StaticEntry, ...]:
                         owners=owners,
                         sk_uid=int(e.get("sk_uid", owners[0].uid if owners else 0)),
                         state=str(e.get("state", "ESTABLISHED")),
-                        via="static",
+                        via=Via.STATIC,
                     ),
                 )
             )

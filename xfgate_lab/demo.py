@@ -1,6 +1,6 @@
 """The demo behind `./demo.sh`: the operator's story on the built-in lab guest.
 
-1. bring the demo domain up (`xfgate lab up`);
+1. bring the demo domain up (`xfgate-lab up`);
 2. look inside it from outside (`xfgate ps --domain 1`): uid 1001's `spray` is attacking;
 3. stop that user at once (`xfgate run --domain 1 --block-uid 1001`), and show that the
    attack stops at the client while the guest's web servers still answer;
@@ -22,24 +22,35 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from xfgate.lab.lab import client_http_get, read_peer_stats
-from xfgate.lab.layout import LabLayout, guest_v4
-from xfgate.verdict.gate_process import XFGATE, gate_process
+from xfgate_lab.gate_process import XFGATE, XFGATE_LAB, gate_process
+from xfgate_lab.lab import client_http_get, read_peer_stats
+from xfgate_lab.layout import DEFAULT_PREFIX, LabLayout, guest_v4, layout_from_env
 
 
 def say(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
-def xfgate(*args: str, check: bool = True, show: bool = True) -> str:
-    print(f"$ xfgate {' '.join(args)}", flush=True)
-    proc = subprocess.run([*XFGATE, *args], capture_output=True, text=True, timeout=300)
+def command(name: str, argv: Sequence[str], args: Sequence[str], check: bool = True) -> str:
+    line = f"{name} {' '.join(args)}"
+    print(f"$ {line}", flush=True)
+    proc = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
-    if show:
-        print(out.rstrip(), flush=True)
+    print(out.rstrip(), flush=True)
     if check and proc.returncode != 0:
-        raise SystemExit(f"demo: `xfgate {' '.join(args)}` failed with exit {proc.returncode}")
+        raise SystemExit(f"demo: `{line}` failed with exit {proc.returncode}")
     return out
+
+
+def xfgate(*args: str, check: bool = True) -> str:
+    """The product's command, as an operator types it."""
+    return command("xfgate", XFGATE, args, check)
+
+
+def xfgate_lab(layout: LabLayout, *args: str, check: bool = True) -> str:
+    """The harness's command (the demo lab); `--prefix` only for a private lab."""
+    prefix = [] if layout.prefix == DEFAULT_PREFIX else ["--prefix", layout.prefix]
+    return command("xfgate-lab", XFGATE_LAB, [*prefix, *args], check)
 
 
 def attack_count(layout: LabLayout) -> tuple[int, int]:
@@ -86,11 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("demo: run as root (it builds namespaces, a bridge and a QEMU guest)")
-    layout = LabLayout()
+    layout = layout_from_env()
     workdir = Path(tempfile.mkdtemp(prefix="xfgate-demo-"))
     try:
         say("1. The demo domain: a Debian kernel under QEMU behind vif1.0 on bridge xenbr0")
-        xfgate("lab", "up")
+        xfgate_lab(layout, "up")
         say("2. Inside domain 1, seen from the host by reading its kernel memory")
         xfgate("ps", "--domain", "1", "--uid", "1001")
         xfgate("ps", "--domain", "1")
@@ -117,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not args.keep:
             say("Tearing the lab down")
-            xfgate("lab", "down", check=False)
+            xfgate_lab(layout, "down", check=False)
     return 0
 
 
