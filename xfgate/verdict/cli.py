@@ -213,7 +213,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from xfgate.verdict.runner import rule_log_path
 
     _enter_domain_netns(args.domain)
-    fw = Firewall(make_backend("cli"))
+    fw = Firewall(make_backend())
     for chain, lines in fw.dump(args.domain).items():
         print(f"# {chain}")
         for line in lines:
@@ -235,6 +235,6 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if control.answers(control.socket_path(args.domain)):
         raise ConfigError(f"a gate for domain {args.domain} is running: stop it (SIGTERM) instead")
     _enter_domain_netns(args.domain)
-    Firewall(make_backend("cli")).remove(args.domain, persist_blocks=False)
+    Firewall(make_backend()).remove(args.domain, persist_blocks=False)
     control.socket_path(args.domain).unlink(missing_ok=True)
     return 0
