@@ -7,13 +7,14 @@ tools as independent oracles (``ipset list``, ``conntrack -L``, ``iptables-legac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -85,6 +86,11 @@ class FakeSets:
 
     def names(self) -> list[str]:
         return sorted(self.sets)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[FakeSets]:
+        self.ops.append(("session", "", ()))
+        yield self
 
 
 class ListingBackend:
@@ -303,6 +309,13 @@ def _probe() -> dict[str, Any]:
         for prog in ["iptables-legacy" if key.startswith("ipv4") else "ip6tables-legacy"]
         for table, chain in [(["-t", "mangle"] if "mangle" in key else [], key)]
     }
+    fw.set_blocked_ports(9, [(IPPROTO_TCP, 80), (IPPROTO_UDP, 53), (IPPROTO_TCP, 0)])
+    fw.set_blocked_ports(9, [(IPPROTO_TCP, 8080), (IPPROTO_UDP, 53)])
+    out["blocked"] = fw.blocked_ports(9)
+    out["cli_blocked"] = [
+        _cli("ipset", "list", f"xfgate-9-{p}").partition("Members:\n")[2].split()
+        for p in ("tcp", "udp")
+    ]
     out["leftovers"] = sorted(fw.leftover_domains())
     out["jumps_deleted"] = backend.delete_jumps(4, "FORWARD", chain_name(9))
     out["jumps_deleted_again"] = backend.delete_jumps(4, "FORWARD", chain_name(9))
@@ -375,6 +388,8 @@ class TestInAFreshNamespace:
             for c in ("XFGATE-9", "XFGATE-9-BLK", "mangle XFGATE-9-SAVE")
         }
         assert probed["rendered"] == probed["cli"]  # the CLI as oracle, counters included
+        assert probed["blocked"] == [[IPPROTO_TCP, 8080], [IPPROTO_UDP, 53]]
+        assert probed["cli_blocked"] == [["8080"], ["53"]]
         assert probed["leftovers"] == [9]
         assert probed["jumps_deleted"] == 2 and probed["jumps_deleted_again"] == 0
         assert probed["after_remove"] == [] and probed["chains_after"] == []

@@ -458,7 +458,7 @@ def check_prerequisites(backend: RuleBackend | None = None) -> list[str]:
                 f"the legacy iptables backend does not work ({e}): load the kernel modules"
                 " with `modprobe ip_tables ip6_tables`"
             ) from None
-    PyrouteSets.check()
+    PyrouteSets().check()
     check_conntrack()
     warnings: list[str] = []
     for key in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables"):
@@ -494,8 +494,9 @@ class Firewall:
         self.sets: SetAdapter = sets if sets is not None else PyrouteSets()
 
     def _create_sets(self, domain: int) -> None:
-        for proto in PROTOS:
-            self.sets.create(set_name(domain, proto), BITMAP_PORT)
+        with self.sets.session() as sets:
+            for proto in PROTOS:
+                sets.create(set_name(domain, proto), BITMAP_PORT)
 
     def install(self, layout: GateLayout) -> None:
         d = layout.domain
@@ -533,19 +534,21 @@ class Firewall:
     def set_blocked_ports(self, domain: int, ports: Iterable[tuple[int, int]]) -> None:
         """Each protocol's set is filled in a staging set, then swapped in atomically: the
         live set never goes through a state with fewer ports than either list."""
-        for live, members in port_sets(domain, ports).items():
-            staging = staging_set_name(live)
-            self.sets.create(live, BITMAP_PORT)
-            self.sets.create(staging, BITMAP_PORT)
-            self.sets.flush(staging)
-            self.sets.add(staging, BITMAP_PORT, members)
-            self.sets.swap(staging, live)
-            self.sets.destroy(staging)
+        with self.sets.session() as sets:
+            for live, members in port_sets(domain, ports).items():
+                staging = staging_set_name(live)
+                sets.create(live, BITMAP_PORT)
+                sets.create(staging, BITMAP_PORT)
+                sets.flush(staging)
+                sets.add(staging, BITMAP_PORT, members)
+                sets.swap(staging, live)
+                sets.destroy(staging)
 
     def blocked_ports(self, domain: int) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
-        for proto in PROTOS:
-            out += [(proto, p) for p in self.sets.members(set_name(domain, proto), BITMAP_PORT)]
+        with self.sets.session() as sets:
+            for proto in PROTOS:
+                out += [(proto, p) for p in sets.members(set_name(domain, proto), BITMAP_PORT)]
         return out
 
     def reset_settled(self, domain: int) -> None:
@@ -579,10 +582,11 @@ class Firewall:
         self.remove_save(domain)
         self.reset_settled(domain)
         if not persist_blocks:
-            for proto in PROTOS:
-                live = set_name(domain, proto)
-                self.sets.destroy(staging_set_name(live))  # left by a gate killed mid-swap
-                self.sets.destroy(live)
+            with self.sets.session() as sets:
+                for proto in PROTOS:
+                    live = set_name(domain, proto)
+                    sets.destroy(staging_set_name(live))  # left by a gate killed mid-swap
+                    sets.destroy(live)
 
     def remove_poll(self, domain: int, family: int) -> None:
         self.backend.delete_jumps(family, "FORWARD", poll_chain_name(domain))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -33,8 +33,8 @@ class SetType:
 BITMAP_PORT = SetType("bitmap:port", NFPROTO_UNSPEC, "port", (0, 65535))
 
 
-class SetAdapter(Protocol):
-    """The set operations the gate needs; `PyrouteSets` talks to the kernel, tests fake it."""
+class SetOps(Protocol):
+    """The set operations the gate needs."""
 
     def create(self, name: str, kind: SetType) -> None:
         """Create ``name`` unless it exists (an existing set is left as it is)."""
@@ -55,6 +55,13 @@ class SetAdapter(Protocol):
     def names(self) -> list[str]: ...
 
 
+class SetAdapter(SetOps, Protocol):
+    """`SetOps` one call at a time, or several over one connection (``session``).
+    `PyrouteSets` talks to the kernel; tests fake it."""
+
+    def session(self) -> AbstractContextManager[SetOps]: ...
+
+
 def _load_pyroute2() -> Any:
     try:
         import pyroute2
@@ -68,29 +75,19 @@ def _netlink_code(error: BaseException) -> int:
     return code if isinstance(code, int) else 0
 
 
-class PyrouteSets:
-    """ipsets through pyroute2's IPSet (nfnetlink IPSET subsystem), one socket per call."""
+class IpsetSession:
+    """`SetOps` over one open pyroute2 ``IPSet`` socket (nfnetlink IPSET subsystem)."""
 
-    @contextmanager
-    def _ipset(self, what: str) -> Iterator[Any]:
-        pyroute2 = _load_pyroute2()
-        try:
-            sock = pyroute2.IPSet()
-        except OSError as e:
-            raise FirewallError(f"cannot open the ipset netlink socket ({what}): {e}") from e
-        try:
-            yield sock
-        finally:
-            sock.close()
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
 
     def _do(self, what: str, fn: Callable[[Any], T], missing_ok: bool = False) -> T | None:
-        with self._ipset(what) as sock:
-            try:
-                return fn(sock)
-            except Exception as e:  # pyroute2 raises NetlinkError/IPSetError subclasses
-                if missing_ok and _netlink_code(e) == ENOENT:
-                    return None
-                raise FirewallError(f"ipset {what} failed: {e}") from e
+        try:
+            return fn(self._sock)
+        except Exception as e:  # pyroute2 raises NetlinkError/IPSetError subclasses
+            if missing_ok and _netlink_code(e) == ENOENT:
+                return None
+            raise FirewallError(f"ipset {what} failed: {e}") from e
 
     def create(self, name: str, kind: SetType) -> None:
         def do(sock: Any) -> None:
@@ -156,11 +153,59 @@ class PyrouteSets:
 
         return self._do("list", do) or []
 
-    @staticmethod
-    def check() -> None:
+
+class PyrouteSets:
+    """ipsets through pyroute2's IPSet: each call, or each ``session``, opens its own socket."""
+
+    @contextmanager
+    def session(self) -> Iterator[IpsetSession]:
+        pyroute2 = _load_pyroute2()
+        try:
+            sock = pyroute2.IPSet()  # asks the kernel's protocol version: fails without ip_set
+        except Exception as e:
+            raise FirewallError(f"cannot open the ipset netlink socket: {e}") from e
+        try:
+            yield IpsetSession(sock)
+        finally:
+            sock.close()
+
+    def create(self, name: str, kind: SetType) -> None:
+        with self.session() as s:
+            s.create(name, kind)
+
+    def add(self, name: str, kind: SetType, entries: Sequence[int]) -> None:
+        with self.session() as s:
+            s.add(name, kind, entries)
+
+    def delete(self, name: str, kind: SetType, entries: Sequence[int]) -> None:
+        with self.session() as s:
+            s.delete(name, kind, entries)
+
+    def members(self, name: str, kind: SetType) -> list[int]:
+        with self.session() as s:
+            return s.members(name, kind)
+
+    def flush(self, name: str) -> None:
+        with self.session() as s:
+            s.flush(name)
+
+    def swap(self, name_a: str, name_b: str) -> None:
+        with self.session() as s:
+            s.swap(name_a, name_b)
+
+    def destroy(self, name: str) -> None:
+        with self.session() as s:
+            s.destroy(name)
+
+    def names(self) -> list[str]:
+        with self.session() as s:
+            return s.names()
+
+    def check(self) -> None:
         """Raise PrerequisiteError when the kernel's ipset subsystem does not answer."""
         try:
-            PyrouteSets()._do("protocol check", lambda sock: sock.get_proto_version())
+            with self.session():
+                pass
         except FirewallError as e:
             raise PrerequisiteError(f"{e}: load the kernel module with `modprobe ip_set`") from e
 
