@@ -17,19 +17,17 @@ from xfgate.verdict.options import GateMode
 
 def test_path_options_default_to_the_environment_then_the_fixed_paths() -> None:
     args = build_parser({}).parse_args(["status"])
-    assert (args.domains_file, args.run_dir, args.cache_dir, args.iptables) == (
+    assert (args.domains_file, args.run_dir, args.cache_dir) == (
         DEFAULT_DOMAINS_FILE,
         DEFAULT_RUN_DIR,
         DEFAULT_CACHE_DIR,
-        "iptc",
     )
     env = {"XFGATE_DOMAINS": "/e/d.toml", "XFGATE_RUN_DIR": "/e/run", "XFGATE_CACHE": "/e/c"}
-    args = build_parser({**env, "XFGATE_IPTABLES": "cli"}).parse_args(["status"])
-    assert (args.domains_file, args.run_dir, args.cache_dir, args.iptables) == (
+    args = build_parser(env).parse_args(["status"])
+    assert (args.domains_file, args.run_dir, args.cache_dir) == (
         Path("/e/d.toml"),
         Path("/e/run"),
         Path("/e/c"),
-        "cli",
     )
     args = build_parser(env).parse_args(["--domains-file", "/f.toml", "--run-dir", "/r", "status"])
     assert (args.domains_file, args.run_dir) == (Path("/f.toml"), Path("/r"))

@@ -17,6 +17,7 @@ import pytest
 
 from xfgate.config import DomainConfig, MemoryConfig, save_domains
 from xfgate.errors import ConfigError
+from xfgate.vmi import kernel_image
 from xfgate_lab import assets, cpio, guest_channel, lab, layout, modules, qemu, truth
 from xfgate_lab.errors import LabError
 from xfgate_lab.lab import prerequisite_problems, prerequisite_warnings, workload_missing
@@ -219,9 +220,9 @@ def test_bad_package_names_rejected_before_apt(bad: str) -> None:
 
 
 def test_elf_is_static_on_real_binaries() -> None:
-    assert assets.elf_is_static(Path("/bin/busybox").read_bytes())
-    assert not assets.elf_is_static(Path("/bin/ls").read_bytes())
-    assert not assets.elf_is_static(b"#!/bin/sh\n")
+    assert kernel_image.elf_is_static(Path("/bin/busybox").read_bytes())
+    assert not kernel_image.elf_is_static(Path("/bin/ls").read_bytes())
+    assert not kernel_image.elf_is_static(b"#!/bin/sh\n")
 
 
 def test_prerequisites() -> None:

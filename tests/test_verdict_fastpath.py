@@ -1,5 +1,5 @@
-"""The fast path's pure rule builders (chains, jumps, marks, ipset scripts) and the firewall's
-failure handling, without touching the kernel."""
+"""The fast path's pure rule builders (chains, jumps, marks) and the firewall's failure
+handling, without touching the kernel."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from xfgate.verdict.fastpath import (
     MARK_MASK,
     Firewall,
     GateLayout,
+    ListedRule,
     block_rules,
-    conntrack_reset_argvs,
     domain_of_chain,
     forward_jumps,
-    ipset_replace_script,
     poll_rules,
     postrouting_jumps,
     queue_rules,
     save_rules,
     settle_mark,
+    settled_marks,
 )
 
 
@@ -91,8 +91,8 @@ class NoMangleBackend:
         self._call("delete_jumps", chain, table)
         return 0
 
-    def dump(self, family: int, chain: str, table: str = "filter") -> list[str]:
-        self._call("dump", chain, table)
+    def listing(self, family: int, chain: str, table: str = "filter") -> list[ListedRule]:
+        self._call("listing", chain, table)
         return []
 
 
@@ -110,7 +110,11 @@ def test_save_chain_failure_is_reported_and_cleaned_not_raised() -> None:
 def test_marks_are_per_domain_and_verdict() -> None:
     marks = {settle_mark(d, a) for d in (1, 2) for a in (True, False)}
     assert len(marks) == 4 and all(m & ~MARK_MASK == 0 for m in marks)
-    assert any("0x60000/0x3fff0000" in argv for argv in conntrack_reset_argvs(1))
+    assert (0x60000, 0x3FFF0000) in settled_marks(1)
+    assert settled_marks(1) == [
+        (settle_mark(1, True), MARK_MASK),
+        (settle_mark(1, False), MARK_MASK),
+    ]
 
 
 def test_block_and_poll_rules() -> None:
@@ -120,16 +124,6 @@ def test_block_and_poll_rules() -> None:
     polls = poll_rules(["vif9.0"], [(IPProto.TCP, 80), (IPProto.TCP, 80), (17, 53)])
     assert len(polls) == 4  # no duplicate for the repeated port
     assert polls[0][-4:-2] == ("--sport", "80") and polls[1][-4:-2] == ("--dport", "80")
-
-
-def test_ipset_script_swaps_atomically() -> None:
-    script = ipset_replace_script(9, [(IPProto.TCP, 80), (17, 53), (IPProto.TCP, 0)])
-    lines = script.splitlines()
-    assert "add xfgate-9-tcp-new 80" in lines and "add xfgate-9-udp-new 53" in lines
-    assert "add xfgate-9-tcp-new 0" not in lines
-    assert lines.index("swap xfgate-9-tcp-new xfgate-9-tcp") > lines.index(
-        "add xfgate-9-tcp-new 80"
-    )
 
 
 def test_chain_names_round_trip() -> None:

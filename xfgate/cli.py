@@ -1,8 +1,8 @@
 """`xfgate` command line: wiring only. Each subsystem registers its own subcommands.
 
 This is the one place that reads the environment: ``$XFGATE_DOMAINS``, ``$XFGATE_RUN_DIR``,
-``$XFGATE_CACHE`` and ``$XFGATE_IPTABLES`` are the defaults of --domains-file, --run-dir,
---cache-dir and --iptables, and the paths are handed down as arguments from here.
+and ``$XFGATE_CACHE`` are the defaults of --domains-file, --run-dir and
+--cache-dir, and the paths are handed down as arguments from here.
 """
 
 from __future__ import annotations
@@ -34,13 +34,6 @@ def _add_path_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -
             metavar="PATH",
             help=f"{what} (default: ${var} or {default})",
         )
-    parser.add_argument(
-        "--iptables",
-        choices=("iptc", "cli"),
-        default=env.get("XFGATE_IPTABLES", "iptc"),
-        help="rule backend: libiptc, or the iptables-legacy programs (default: $XFGATE_IPTABLES"
-        " or iptc)",
-    )
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:

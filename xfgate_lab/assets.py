@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from xfgate.errors import ConfigError, PrerequisiteError
+from xfgate.vmi.kernel_image import elf_is_static
 from xfgate_lab import modules
 from xfgate_lab.cpio import CpioEntry, cpio_newc
 from xfgate_lab.errors import LabError
@@ -147,20 +148,6 @@ def guest_sources() -> dict[str, bytes]:
     """The guest's package-data files (init script, users, C sources) by name."""
     base = resources.files("xfgate_lab") / "guest"
     return {name: (base / name).read_bytes() for name in GUEST_FILES}
-
-
-def elf_is_static(data: bytes) -> bool:
-    """True for an x86-64 ELF without a PT_INTERP program header (no dynamic loader)."""
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        return False
-    phoff = int.from_bytes(data[32:40], "little")
-    phentsize = int.from_bytes(data[54:56], "little")
-    phnum = int.from_bytes(data[56:58], "little")
-    for i in range(phnum):
-        off = phoff + i * phentsize
-        if int.from_bytes(data[off : off + 4], "little") == 3:  # PT_INTERP
-            return False
-    return True
 
 
 def static_busybox() -> bytes:

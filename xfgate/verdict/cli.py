@@ -171,7 +171,6 @@ def gate_options(args: argparse.Namespace) -> GateOptions:
         profile=args.profile,
         run_dir=args.run_dir,
         cache_dir=args.cache_dir,
-        iptables=args.iptables,
     )
 
 
@@ -265,7 +264,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from xfgate.verdict.runner import rule_log_path
 
     _enter_domain_netns(args)
-    fw = Firewall(make_backend("cli"))
+    fw = Firewall(make_backend())
     for chain, lines in fw.dump(args.domain).items():
         print(f"# {chain}")
         for line in lines:
@@ -286,6 +285,6 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if control.answers(path):
         raise ConfigError(f"a gate for domain {args.domain} is running: stop it (SIGTERM) instead")
     _enter_domain_netns(args)
-    Firewall(make_backend("cli")).remove(args.domain, persist_blocks=False)
+    Firewall(make_backend()).remove(args.domain, persist_blocks=False)
     path.unlink(missing_ok=True)
     return 0

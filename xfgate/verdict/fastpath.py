@@ -25,24 +25,32 @@ Layout (filter table, IPv4 and IPv6 alike; bridged packets cross FORWARD via br_
 
 The sets are ``bitmap:port`` (family-agnostic, one per protocol) keyed by the guest's port:
 direction comes from physdev, so a listener bound to the wildcard address needs no address.
-Builders here are pure (they return argv fragments); ``IptcBackend`` applies them with
-python-iptables (libiptc, i.e. the iptables-legacy backend), ``LegacyCliBackend`` with the
-``iptables-legacy`` programs for what libiptc cannot do.
+Builders here are pure (they return argv fragments, set contents, conntrack marks);
+``IptcBackend`` applies and lists rules with python-iptables (libiptc, i.e. the legacy tables),
+sets and conntrack go through netlink (``nfnetlink``, pyroute2). Nothing forks a program.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
-import shutil
-import subprocess
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from xfgate.errors import FirewallError, PrerequisiteError
 from xfgate.inet import PORT_PROTOS, IPProto
+from xfgate.verdict.nfnetlink import (
+    BITMAP_PORT,
+    PyrouteSets,
+    SetAdapter,
+    check_conntrack,
+    delete_conntrack_marked,
+    nft_tables,
+)
 
 Rule = tuple[str, ...]
 FAMILIES = (4, 6)
@@ -55,7 +63,10 @@ MARK_MASK = 0x3FFF0000
 MARK_ACCEPT = 0x1
 MARK_DROP = 0x2
 MAX_DOMAIN_TAG = 0xFFF
-SUBPROCESS_TIMEOUT = 10.0
+XTABLES_LOCK = "/run/xtables.lock"  # what iptables-legacy -w locks
+XTABLES_LOCK_TIMEOUT = 5.0
+NO_PROTOCOL = frozenset({"ip", "0", "all", "hopopt", "ipv6"})  # libiptc's names for "any"
+T = TypeVar("T")
 MANGLE = "mangle"
 DROP = ("-j", "DROP")
 
@@ -183,41 +194,50 @@ def poll_rules(vifs: Sequence[str], ports: Iterable[tuple[int, int]]) -> list[Ru
     return rules
 
 
-def ipset_create_script(domain: int) -> str:
-    return "".join(
-        f"create {set_name(domain, p)} bitmap:port range 0-65535 -exist\n" for p in PROTOS
-    )
+def port_sets(domain: int, ports: Iterable[tuple[int, int]]) -> dict[str, list[int]]:
+    """Set name -> sorted guest ports it must hold, for every protocol (empty lists too);
+    ports outside 1-65535 are left out."""
+    wanted = set(ports)
+    return {
+        set_name(domain, proto): sorted(p for q, p in wanted if q == proto and 0 < p < 65536)
+        for proto in PROTOS
+    }
 
 
-def ipset_replace_script(domain: int, ports: Iterable[tuple[int, int]]) -> str:
-    """An ``ipset restore`` script swapping in the new port sets atomically."""
-    wanted = sorted(set(ports))
-    lines: list[str] = []
-    for proto in PROTOS:
-        live = set_name(domain, proto)
-        tmp = f"{live}-new"
-        lines.append(f"create {live} bitmap:port range 0-65535 -exist")
-        lines.append(f"create {tmp} bitmap:port range 0-65535 -exist")
-        lines.append(f"flush {tmp}")
-        lines += [f"add {tmp} {port}" for p, port in wanted if p == proto and 0 < port < 65536]
-        lines.append(f"swap {tmp} {live}")
-        lines.append(f"destroy {tmp}")
-    return "\n".join(lines) + "\n"
+def staging_set_name(name: str) -> str:
+    """The set a new port list is built in before it is swapped with the live one."""
+    return f"{name}-new"
 
 
-def conntrack_reset_argvs(domain: int) -> list[list[str]]:
-    """Delete the domain's settled conntrack entries: their next packet is decided afresh
-    (TCP mid-stream pickup, nf_conntrack_tcp_loose, re-creates the entry unsettled)."""
-    argvs = []
-    for family in ("ipv4", "ipv6"):
-        for accept in (True, False):
-            argvs.append(
-                ["conntrack", "-D", "-f", family, "-m", _mark(settle_mark(domain, accept))]
-            )
-    return argvs
+def settled_marks(domain: int) -> list[tuple[int, int]]:
+    """(mark, mask) of the domain's settled conntrack entries, accept and drop. Deleting them
+    makes each flow's next packet be decided afresh (TCP mid-stream pickup,
+    nf_conntrack_tcp_loose, re-creates the entry unsettled)."""
+    return [(settle_mark(domain, accept), MARK_MASK) for accept in (True, False)]
 
 
 # --- applying ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListedRule:
+    """One rule as the kernel holds it: the argv fragment that would create it, its counters."""
+
+    spec: Rule
+    packets: int = 0
+    bytes: int = 0
+
+    @property
+    def target(self) -> str:
+        return self.spec[self.spec.index("-j") + 1] if "-j" in self.spec else ""
+
+
+def render_rule(chain: str, rule: ListedRule) -> str:
+    """``iptables -S -v`` style: ``-A CHAIN <matches> -c PACKETS BYTES -j TARGET <options>``."""
+    spec = list(rule.spec)
+    cut = spec.index("-j") if "-j" in spec else len(spec)
+    counters = ["-c", str(rule.packets), str(rule.bytes)]
+    return " ".join(["-A", chain, *spec[:cut], *counters, *spec[cut:]])
 
 
 class RuleBackend(Protocol):
@@ -233,103 +253,59 @@ class RuleBackend(Protocol):
         self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
     ) -> None: ...
     def delete_jumps(self, family: int, chain: str, target: str, table: str = "filter") -> int: ...
-    def dump(self, family: int, chain: str, table: str = "filter") -> list[str]: ...
+    def listing(self, family: int, chain: str, table: str = "filter") -> list[ListedRule]:
+        """The chain's rules with their counters; [] when the chain does not exist."""
+        ...
 
 
-def run(argv: Sequence[str], stdin: str | None = None, check: bool = True) -> str:
-    """Run a firewall program, bounded in time; FirewallError with its stderr on failure."""
-    try:
-        proc = subprocess.run(
-            list(argv),
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=SUBPROCESS_TIMEOUT,
-            check=False,
-        )
-    except FileNotFoundError:
-        raise PrerequisiteError(
-            f"{argv[0]} not found: install it (scripts/bootstrap.sh installs iptables, ipset,"
-            " conntrack)"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise FirewallError(f"{' '.join(argv)} did not finish in {SUBPROCESS_TIMEOUT} s") from None
-    if check and proc.returncode != 0:
-        raise FirewallError(f"{' '.join(argv)} failed: {proc.stderr.strip() or proc.returncode}")
-    return proc.stdout
+class XtablesLock:
+    """The lock iptables-legacy's ``-w`` takes (flock on /run/xtables.lock): libiptc commits
+    replace a whole table, so writers in the same host serialise on it as the CLI does."""
+
+    def __init__(self, path: str = XTABLES_LOCK, timeout: float = XTABLES_LOCK_TIMEOUT) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._thread_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._thread_lock:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise FirewallError(f"cannot open the xtables lock {self.path}: {e}") from e
+            try:
+                deadline = time.monotonic() + self.timeout
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise FirewallError(
+                                f"{self.path} held by another program for {self.timeout} s"
+                            ) from None
+                        time.sleep(0.05)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
 
 
-class LegacyCliBackend:
-    """iptables-legacy / ip6tables-legacy programs, fed the same argv fragments."""
+class IptcBackend:
+    """python-iptables (libiptc): rules written into and read from the legacy tables, no fork.
 
-    name = "iptables-legacy"
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _prog(family: int) -> str:
-        return "iptables-legacy" if family == 4 else "ip6tables-legacy"
-
-    def _run(self, family: int, table: str, *args: str, check: bool = True) -> str:
-        with self._lock:
-            return run([self._prog(family), "-w", "5", "-t", table, *args], check=check)
-
-    def chains(self, family: int, table: str = "filter") -> list[str]:
-        out = self._run(family, table, "-S")
-        return [line.split()[1] for line in out.splitlines() if line.startswith("-N ")]
-
-    def ensure_chain(self, family: int, chain: str, table: str = "filter") -> None:
-        if chain not in self.chains(family, table):
-            self._run(family, table, "-N", chain)
-
-    def replace_rules(
-        self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
-    ) -> None:
-        self.ensure_chain(family, chain, table)
-        self._run(family, table, "-F", chain)
-        for rule in rules:
-            self._run(family, table, "-A", chain, *rule)
-
-    def delete_chain(self, family: int, chain: str, table: str = "filter") -> None:
-        if chain in self.chains(family, table):
-            self._run(family, table, "-F", chain)
-            self._run(family, table, "-X", chain)
-
-    def insert_rules(
-        self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
-    ) -> None:
-        for pos, rule in enumerate(rules, start=1):
-            self._run(family, table, "-I", chain, str(pos), *rule)
-
-    def delete_jumps(self, family: int, chain: str, target: str, table: str = "filter") -> int:
-        removed = 0
-        for line in self._run(family, table, "-S", chain).splitlines():
-            words = line.split()
-            if words[:2] == ["-A", chain] and words[-2:] == ["-j", target]:
-                self._run(family, table, "-D", chain, *words[2:])
-                removed += 1
-        return removed
-
-    def dump(self, family: int, chain: str, table: str = "filter") -> list[str]:
-        if chain not in self.chains(family, table):
-            return []
-        return self._run(family, table, "-S", chain, "-v").splitlines()
-
-
-class IptcBackend(LegacyCliBackend):
-    """python-iptables (libiptc): rules written straight into the legacy tables, no fork per
-    rule. Listing/dumping reuses the CLI (human-readable, identical output)."""
+    Writes and reads hold the xtables lock; every table is refreshed before use (another gate
+    or the CLI may have changed it since libiptc cached it)."""
 
     name = "python-iptables"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, lock: XtablesLock | None = None) -> None:
         try:
             import iptc
         except Exception as e:  # pragma: no cover - depends on the host's libxtables
             raise PrerequisiteError(f"python-iptables cannot load libiptc/libxtables: {e}") from e
         self._iptc: Any = iptc
+        self._lock = lock or XtablesLock()
 
     def _table(self, family: int, name: str) -> Any:
         iptc = self._iptc
@@ -366,15 +342,46 @@ class IptcBackend(LegacyCliBackend):
                 raise FirewallError(f"rule token {token!r} not understood in {' '.join(spec)}")
         return rule
 
+    @staticmethod
+    def _spec(rule: Any) -> Rule:
+        """The argv fragment of a rule read back from libiptc (the inverse of ``_rule``)."""
+        spec: list[str] = []
+        if str(rule.protocol) not in NO_PROTOCOL:
+            spec += ["-p", str(rule.protocol)]
+        for match in rule.matches:
+            spec += ["-m", match.name]
+            for key, values in match.get_all_parameters().items():
+                spec += [f"--{key}", *values]
+        target = rule.target
+        if target is not None and target.name:
+            spec += ["-j", target.name]
+            for key, values in target.get_all_parameters().items():
+                spec += [f"--{key}", *values]
+        return tuple(spec)
+
     def _chain(self, family: int, chain: str, table_name: str) -> Any:
         table = self._table(family, table_name)
         if not table.is_chain(chain):
             table.create_chain(chain)
         return self._iptc.Chain(table, chain)
 
+    def _locked(self, what: str, fn: Callable[[], T]) -> T:
+        with self._lock.held():
+            try:
+                return fn()
+            except FirewallError:
+                raise
+            except Exception as e:
+                raise FirewallError(f"python-iptables could not {what}: {e}") from e
+
+    def chains(self, family: int, table: str = "filter") -> list[str]:
+        def do() -> list[str]:
+            return [c.name for c in self._table(family, table).chains]
+
+        return self._locked(f"list the {table} table", do)
+
     def ensure_chain(self, family: int, chain: str, table: str = "filter") -> None:
-        with self._lock:
-            self._wrap(lambda: self._chain(family, chain, table), f"create chain {chain}")
+        self._locked(f"create chain {chain}", lambda: self._chain(family, chain, table))
 
     def replace_rules(
         self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
@@ -385,8 +392,7 @@ class IptcBackend(LegacyCliBackend):
             for spec in rules:
                 c.append_rule(self._rule(family, spec))
 
-        with self._lock:
-            self._wrap(do, f"fill chain {chain}")
+        self._locked(f"fill chain {chain}", do)
 
     def insert_rules(
         self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
@@ -396,41 +402,65 @@ class IptcBackend(LegacyCliBackend):
             for spec in reversed(rules):
                 c.insert_rule(self._rule(family, spec))
 
-        with self._lock:
-            self._wrap(do, f"insert into {chain}")
+        self._locked(f"insert into {chain}", do)
 
-    def _wrap(self, fn: Any, what: str) -> Any:
-        try:
-            return fn()
-        except FirewallError:
-            raise
-        except Exception as e:
-            raise FirewallError(f"python-iptables could not {what}: {e}") from e
+    def delete_chain(self, family: int, chain: str, table: str = "filter") -> None:
+        def do() -> None:
+            t = self._table(family, table)
+            if t.is_chain(chain):
+                self._iptc.Chain(t, chain).flush()
+                t.delete_chain(chain)
+
+        self._locked(f"delete chain {chain}", do)
+
+    def delete_jumps(self, family: int, chain: str, target: str, table: str = "filter") -> int:
+        def do() -> int:
+            t = self._table(family, table)
+            if not t.is_chain(chain):
+                return 0
+            c = self._iptc.Chain(t, chain)
+            doomed = [r for r in c.rules if r.target is not None and r.target.name == target]
+            for rule in doomed:
+                c.delete_rule(rule)
+            return len(doomed)
+
+        return self._locked(f"delete jumps to {target} from {chain}", do)
+
+    def listing(self, family: int, chain: str, table: str = "filter") -> list[ListedRule]:
+        def do() -> list[ListedRule]:
+            t = self._table(family, table)
+            if not t.is_chain(chain):
+                return []
+            out = []
+            for rule in self._iptc.Chain(t, chain).rules:
+                packets, nbytes = rule.get_counters()
+                out.append(ListedRule(self._spec(rule), int(packets), int(nbytes)))
+            return out
+
+        return self._locked(f"list chain {chain}", do)
 
 
-def make_backend(name: str = "iptc") -> RuleBackend:
-    """ "cli" selects the iptables-legacy programs (``--iptables cli``); default libiptc."""
-    if name == "cli":
-        return LegacyCliBackend()
+def make_backend() -> RuleBackend:
+    """The rule backend: python-iptables (libiptc, the legacy tables)."""
     return IptcBackend()
 
 
-def check_prerequisites() -> list[str]:
+def check_prerequisites(backend: RuleBackend | None = None) -> list[str]:
     """Raise on what makes the gate impossible; return warnings for what makes it unreliable."""
     if os.geteuid() != 0:
         raise PrerequisiteError("xfgate run needs root (NFQUEUE, iptables, ipset, conntrack)")
-    for prog in ("iptables-legacy", "ip6tables-legacy", "ipset", "conntrack"):
-        if shutil.which(prog) is None:
-            raise PrerequisiteError(f"{prog} not found: run scripts/bootstrap.sh")
+    backend = backend or make_backend()
     for family in FAMILIES:
-        prog = "iptables-legacy" if family == 4 else "ip6tables-legacy"
         try:
-            run([prog, "-w", "5", "-t", "filter", "-S", "FORWARD"])
+            if "FORWARD" not in backend.chains(family):
+                raise FirewallError(f"no FORWARD chain in the IPv{family} filter table")
         except FirewallError as e:
             raise PrerequisiteError(
                 f"the legacy iptables backend does not work ({e}): load the kernel modules"
                 " with `modprobe ip_tables ip6_tables`"
             ) from None
+    PyrouteSets().check()
+    check_conntrack()
     warnings: list[str] = []
     for key in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables"):
         path = f"/proc/sys/net/bridge/{key}"
@@ -446,27 +476,32 @@ def check_prerequisites() -> list[str]:
                 f"net.bridge.{key} is {value}: bridged packets bypass iptables;"
                 f" `sysctl -w net.bridge.{key}=1` in this network namespace"
             )
-    if shutil.which("nft"):
-        tables = run(["nft", "list", "tables"], check=False).strip()
-        if tables:
-            warnings.append(
-                "nftables tables exist in this network namespace ("
-                + ", ".join(tables.splitlines())
-                + "): their rules are evaluated as well as xfgate's legacy iptables rules"
-                " and may accept or drop packets before or after xfgate"
-            )
+    tables = nft_tables()
+    if tables:
+        warnings.append(
+            "nftables tables exist in this network namespace ("
+            + ", ".join(tables)
+            + "): their rules are evaluated as well as xfgate's legacy iptables rules"
+            " and may accept or drop packets before or after xfgate"
+        )
     return warnings
 
 
 class Firewall:
     """Applies and removes one domain's layout. Every method is idempotent."""
 
-    def __init__(self, backend: RuleBackend) -> None:
+    def __init__(self, backend: RuleBackend, sets: SetAdapter | None = None) -> None:
         self.backend = backend
+        self.sets: SetAdapter = sets if sets is not None else PyrouteSets()
+
+    def _create_sets(self, domain: int) -> None:
+        with self.sets.session() as sets:
+            for proto in PROTOS:
+                sets.create(set_name(domain, proto), BITMAP_PORT)
 
     def install(self, layout: GateLayout) -> None:
         d = layout.domain
-        run(["ipset", "restore", "-exist"], stdin=ipset_create_script(d))
+        self._create_sets(d)
         for family in FAMILIES:
             self.backend.replace_rules(family, block_chain_name(d), block_rules(d, layout.vifs))
             self.backend.replace_rules(family, chain_name(d), queue_rules(layout))
@@ -498,19 +533,28 @@ class Firewall:
                 pass
 
     def set_blocked_ports(self, domain: int, ports: Iterable[tuple[int, int]]) -> None:
-        run(["ipset", "restore", "-exist"], stdin=ipset_replace_script(domain, ports))
+        """Each protocol's set is filled in a staging set, then swapped in atomically: the
+        live set never goes through a state with fewer ports than either list."""
+        with self.sets.session() as sets:
+            for live, members in port_sets(domain, ports).items():
+                staging = staging_set_name(live)
+                sets.create(live, BITMAP_PORT)
+                sets.create(staging, BITMAP_PORT)
+                sets.flush(staging)
+                sets.add(staging, BITMAP_PORT, members)
+                sets.swap(staging, live)
+                sets.destroy(staging)
 
     def blocked_ports(self, domain: int) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
-        for proto in PROTOS:
-            text = run(["ipset", "list", set_name(domain, proto)], check=False)
-            members = text.partition("Members:\n")[2]
-            out += [(proto, int(w)) for w in members.split() if w.isdigit()]
+        with self.sets.session() as sets:
+            for proto in PROTOS:
+                out += [(proto, p) for p in sets.members(set_name(domain, proto), BITMAP_PORT)]
         return out
 
     def reset_settled(self, domain: int) -> None:
-        for argv in conntrack_reset_argvs(domain):
-            run(argv, check=False)  # exits 1 when nothing matched: not an error here
+        for mark, mask in settled_marks(domain):
+            delete_conntrack_marked(mark, mask)
 
     def set_poll_rules(self, domain: int, vifs: Sequence[str], rules: Sequence[Rule]) -> None:
         for family in FAMILIES:
@@ -539,8 +583,11 @@ class Firewall:
         self.remove_save(domain)
         self.reset_settled(domain)
         if not persist_blocks:
-            for proto in PROTOS:
-                run(["ipset", "destroy", set_name(domain, proto)], check=False)
+            with self.sets.session() as sets:
+                for proto in PROTOS:
+                    live = set_name(domain, proto)
+                    sets.destroy(staging_set_name(live))  # left by a gate killed mid-swap
+                    sets.destroy(live)
 
     def remove_poll(self, domain: int, family: int) -> None:
         self.backend.delete_jumps(family, "FORWARD", poll_chain_name(domain))
@@ -557,7 +604,7 @@ class Firewall:
                 d = domain_of_chain(chain)
                 if d is not None:
                     found.add(d)
-        for name in run(["ipset", "list", "-n"], check=False).split():
+        for name in self.sets.names():
             if name.startswith(SET_PREFIX):
                 head = name[len(SET_PREFIX) :].split("-", 1)[0]
                 if head.isdigit():
@@ -569,32 +616,28 @@ class Firewall:
         settled flows accepted/dropped, set drops, and what went to the queue."""
         out = {"fastpath_accept": 0, "fastpath_drop": 0, "set_drop": 0, "queued": 0}
         for family in FAMILIES:
-            for line in self.backend.dump(family, chain_name(domain)):
-                words = line.split()
-                if "-c" not in words:
-                    continue
-                packets = int(words[words.index("-c") + 1])
-                if "connmark" in words:
-                    out["fastpath_accept" if words[-1] == "ACCEPT" else "fastpath_drop"] += packets
-                elif "NFQUEUE" in words:
-                    out["queued"] += packets
-            for line in self.backend.dump(family, block_chain_name(domain)):
-                words = line.split()
-                if "-c" in words:
-                    out["set_drop"] += int(words[words.index("-c") + 1])
+            for rule in self.backend.listing(family, chain_name(domain)):
+                if "connmark" in rule.spec:
+                    key = "fastpath_accept" if rule.target == "ACCEPT" else "fastpath_drop"
+                    out[key] += rule.packets
+                elif rule.target == "NFQUEUE":
+                    out["queued"] += rule.packets
+            for rule in self.backend.listing(family, block_chain_name(domain)):
+                out["set_drop"] += rule.packets
         return out
 
     def dump(self, domain: int) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for family in FAMILIES:
             for chain in (chain_name(domain), block_chain_name(domain), poll_chain_name(domain)):
-                lines = self.backend.dump(family, chain)
+                lines = [render_rule(chain, r) for r in self.backend.listing(family, chain)]
                 if lines:
                     out[f"ipv{family} {chain}"] = lines
+            save = save_chain_name(domain)
             try:
-                lines = self.backend.dump(family, save_chain_name(domain), MANGLE)
+                lines = [render_rule(save, r) for r in self.backend.listing(family, save, MANGLE)]
             except FirewallError:
                 lines = []
             if lines:
-                out[f"ipv{family} mangle {save_chain_name(domain)}"] = lines
+                out[f"ipv{family} mangle {save}"] = lines
         return out

@@ -1,17 +1,12 @@
-"""Entering a named network namespace (ip netns) before any socket or rule is made.
-
-Python 3.11 has no os.setns: call libc's setns(2) through ctypes.
-"""
+"""Entering a named network namespace (ip netns) before any socket or rule is made, and
+finding a vif's ifindex there, through pyroute2 (Python 3.11 has no ``os.setns``)."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 
 from xfgate.errors import ConfigError, PrerequisiteError
 
-CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/run/netns"
 
 
@@ -19,35 +14,30 @@ def enter_netns(name: str) -> None:
     """Move this process into /run/netns/NAME. Empty name: stay where we are."""
     if not name:
         return
+    from pyroute2 import netns
+
     path = os.path.join(NETNS_RUN_DIR, name)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        netns.setns(path, flags=0)  # flags=0: never create it
     except FileNotFoundError:
         raise ConfigError(
             f"network namespace {name!r} does not exist ({path}): is the domain's lab up?"
         ) from None
     except PermissionError:
         raise PrerequisiteError(f"cannot open {path}: run as root") from None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise PrerequisiteError(f"setns({path}) failed: {os.strerror(err)} (need root)")
-    finally:
-        os.close(fd)
+    except OSError as e:
+        raise PrerequisiteError(f"setns({path}) failed: {e.strerror or e} (need root)") from None
 
 
 def ifindex(name: str) -> int:
     """The ifindex of an interface in the current namespace, with a clear error if absent."""
-    try:
-        return int(open(f"/sys/class/net/{name}/ifindex").read())
-    except OSError:
-        try:
-            import socket
+    from pyroute2 import IPRoute
 
-            return socket.if_nametoindex(name)
-        except OSError:
-            raise ConfigError(
-                f"interface {name!r} not found in this network namespace: is the domain running"
-                " and its vif name right in the domains file?"
-            ) from None
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise ConfigError(
+            f"interface {name!r} not found in this network namespace: is the domain running"
+            " and its vif name right in the domains file?"
+        )
+    return int(found[0])

@@ -35,4 +35,3 @@ class GateOptions:
     profile: str | None = None  # profile file; default: built/cached for the domain's kernel
     run_dir: Path = DEFAULT_RUN_DIR  # control sockets, poll-mode rule logs
     cache_dir: Path = DEFAULT_CACHE_DIR  # kernel assets and profiles
-    iptables: str = "iptc"  # rule backend: "iptc" (libiptc) or "cli" (iptables-legacy)

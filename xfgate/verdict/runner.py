@@ -186,7 +186,7 @@ class Gate:
         enter_netns(cfgs[0].netns)
         for warning in check_prerequisites():
             log.warning("%s", warning)
-        self.firewall = Firewall(make_backend(opts.iptables))
+        self.firewall = Firewall(make_backend())
         if opts.log_target:
             self.log = VerdictLog.open(opts.log_target, opts.log_sample)
         try:

@@ -2,7 +2,8 @@
 
 - ``decompress_vmlinuz``: bzImage -> the ELF vmlinux inside (its payload is xz on Debian);
 - ``read_elf_section`` / ``read_build_id`` / ``read_linux_banner``: the ``.BTF`` blob, the GNU
-  build-id note and the ``linux_banner`` string from that ELF;
+  build-id note and the ``linux_banner`` string from that ELF (ELF parsing through pyelftools);
+- ``elf_is_static``: whether an ELF executable needs no dynamic loader (the lab's busybox);
 - ``kallsyms_symbols``: the symbol table rebuilt from the kernel's own kallsyms tables (via the
   vmlinux-to-elf package), as a dict and as System.map text;
 - ``fetch_kernel_package``: download and unpack a ``linux-image-*`` package without installing it.
@@ -14,6 +15,7 @@ parsed with bounds so a truncated or foreign file gives a clear ``ProfileError``
 from __future__ import annotations
 
 import bz2
+import io
 import lzma
 import re
 import shutil
@@ -21,18 +23,19 @@ import struct
 import subprocess
 import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from elftools.common.exceptions import ELFError
+from elftools.construct import ConstructError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import NoteSection
 
 from xfgate.errors import PrerequisiteError, ProfileError
 
 MAX_VMLINUX = 512 << 20  # a decompressed x86-64 vmlinux is ~66 MB
 ELF_MAGIC = b"\x7fELF"
-ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
-ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")
-ELF64_PROGRAM = struct.Struct("<IIQQQQQQ")
-NOTE_HEADER = struct.Struct("<III")
-NT_GNU_BUILD_ID = 3
-PT_NOTE = 4
 BANNER_RE = re.compile(rb"Linux version (\S+) \([^\n\x00]{1,400}\n?\x00")
 
 # Magic bytes of the bzImage payload formats; the rest of the magic space is unsupported.
@@ -140,38 +143,39 @@ def _decompress_lz4_legacy(payload: bytes, max_size: int, path: Path) -> bytes:
     return bytes(out)
 
 
-def _elf_sections(elf: bytes) -> list[tuple[str, int, int, int]]:
-    """(name, type, file offset, size) of every section of a little-endian ELF64 file."""
-    if len(elf) < ELF64_HEADER.size or elf[:4] != ELF_MAGIC:
+def _elf(elf: bytes) -> ELFFile:
+    """pyelftools' view of a little-endian ELF64 file held in memory (nothing is copied)."""
+    if len(elf) < 64 or elf[:4] != ELF_MAGIC:
         raise ProfileError("not an ELF file")
     if elf[4] != 2 or elf[5] != 1:
         raise ProfileError("only little-endian 64-bit ELF kernels are supported")
-    header = ELF64_HEADER.unpack_from(elf)
-    shoff, shentsize, shnum, shstrndx = header[6], header[11], header[12], header[13]
-    if shentsize != ELF64_SECTION.size or shoff + shnum * shentsize > len(elf):
-        raise ProfileError("ELF section header table is truncated or malformed")
-    raw = [ELF64_SECTION.unpack_from(elf, shoff + i * shentsize) for i in range(shnum)]
-    if shstrndx >= shnum:
-        raise ProfileError("ELF section name table index out of range")
-    str_off, str_size = raw[shstrndx][4], raw[shstrndx][5]
-    names = elf[str_off : str_off + str_size]
-    sections = []
-    for name_off, sh_type, _flags, _addr, offset, size, *_ in raw:
-        end = names.find(b"\0", name_off)
-        name = names[name_off:end].decode("ascii", "replace") if end >= 0 else ""
-        sections.append((name, sh_type, offset, size))
-    return sections
+    try:
+        return ELFFile(io.BytesIO(elf))
+    except (ELFError, ConstructError, ValueError) as e:
+        raise ProfileError(f"malformed ELF header: {e}") from e
+
+
+@contextmanager
+def _parsing(what: str) -> Iterator[None]:
+    """pyelftools' errors on a malformed table become ProfileError."""
+    try:
+        yield
+    except ProfileError:
+        raise
+    except (ELFError, ConstructError, ValueError, IndexError) as e:
+        raise ProfileError(f"ELF {what} is truncated or malformed: {e}") from e
 
 
 def read_elf_section(elf: bytes, name: str) -> bytes:
     """The bytes of one ELF section, e.g. ``.BTF``."""
-    for sec_name, sh_type, offset, size in _elf_sections(elf):
-        if sec_name == name:
-            if sh_type == 8:  # SHT_NOBITS: no file contents
+    with _parsing("section header table"):
+        section = _elf(elf).get_section_by_name(name)
+        if section is not None:
+            if section["sh_type"] == "SHT_NOBITS":
                 raise ProfileError(f"ELF section {name} has no contents in the file")
-            if offset + size > len(elf):
+            if section["sh_offset"] + section["sh_size"] > len(elf):
                 raise ProfileError(f"ELF section {name} runs past the end of the file")
-            return elf[offset : offset + size]
+            return bytes(section.data())
     hint = " (kernel built without CONFIG_DEBUG_INFO_BTF?)" if name == ".BTF" else ""
     raise ProfileError(f"the vmlinux has no {name} section{hint}")
 
@@ -179,21 +183,14 @@ def read_elf_section(elf: bytes, name: str) -> bytes:
 def read_elf_virtual(elf: bytes, address: int, length: int) -> bytes:
     """``length`` bytes at link-time virtual ``address`` of an ELF vmlinux, through its program
     headers (the initialised data a guest starts from, before KASLR relocates it)."""
-    if len(elf) < ELF64_HEADER.size or elf[:4] != ELF_MAGIC:
-        raise ProfileError("not an ELF file")
-    header = ELF64_HEADER.unpack_from(elf)
-    phoff, phentsize, phnum = header[5], header[9], header[10]
-    if phentsize != ELF64_PROGRAM.size or phoff + phnum * phentsize > len(elf):
-        raise ProfileError("ELF program header table is truncated or malformed")
-    for i in range(phnum):
-        _type, _flags, offset, vaddr, _paddr, filesz, _memsz, _align = ELF64_PROGRAM.unpack_from(
-            elf, phoff + i * phentsize
-        )
-        if vaddr <= address and address + length <= vaddr + filesz:
-            start = offset + address - vaddr
-            if start + length > len(elf):
-                break
-            return elf[start : start + length]
+    with _parsing("program header table"):
+        for segment in _elf(elf).iter_segments():
+            vaddr, offset, filesz = segment["p_vaddr"], segment["p_offset"], segment["p_filesz"]
+            if vaddr <= address and address + length <= vaddr + filesz:
+                start = offset + address - vaddr
+                if start + length > len(elf):
+                    break
+                return elf[start : start + length]
     raise ProfileError(
         f"address {address:#x}+{length} is not in the vmlinux's file-backed segments"
     )
@@ -201,28 +198,30 @@ def read_elf_virtual(elf: bytes, address: int, length: int) -> bytes:
 
 def read_build_id(elf: bytes) -> str:
     """The GNU build-id (hex) from the ELF notes, or "" when the kernel has none."""
-    for sec_name, _type, offset, size in _elf_sections(elf):
-        if sec_name.startswith(".note"):
-            found = _find_build_id(elf[offset : offset + size])
-            if found:
-                return found
+    with _parsing("notes"):
+        for section in _elf(elf).iter_sections():
+            if not isinstance(section, NoteSection):
+                continue
+            if section["sh_offset"] + section["sh_size"] > len(elf):
+                raise ProfileError(f"ELF section {section.name} runs past the end of the file")
+            for note in section.iter_notes():
+                if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
+                    return str(note["n_desc"])
     return ""
 
 
-def _find_build_id(notes: bytes) -> str:
-    pos = 0
-    for _ in range(256):  # bounded: a notes section holds a handful of entries
-        if pos + NOTE_HEADER.size > len(notes):
-            return ""
-        namesz, descsz, note_type = NOTE_HEADER.unpack_from(notes, pos)
-        pos += NOTE_HEADER.size
-        name = notes[pos : pos + namesz]
-        pos += (namesz + 3) & ~3
-        desc = notes[pos : pos + descsz]
-        pos += (descsz + 3) & ~3
-        if note_type == NT_GNU_BUILD_ID and name.rstrip(b"\0") == b"GNU":
-            return desc.hex()
-    return ""
+def elf_is_static(data: bytes) -> bool:
+    """True for an x86-64 ELF executable without a PT_INTERP program header (no dynamic
+    loader); False for anything else, including files that are not ELF."""
+    if len(data) < 64 or data[:4] != ELF_MAGIC or data[4] != 2:
+        return False
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        return elf["e_machine"] == "EM_X86_64" and not any(
+            segment["p_type"] == "PT_INTERP" for segment in elf.iter_segments()
+        )
+    except (ELFError, ConstructError, ValueError, IndexError):
+        return False
 
 
 def read_linux_banner(image: bytes, address: int = 0) -> str:

@@ -8,13 +8,17 @@ the packet path. Nothing is cached here: live memory changes under us.
 from __future__ import annotations
 
 import bisect
+import io
 import mmap
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol, cast
+
+from elftools.common.exceptions import ELFError
+from elftools.construct import ConstructError
+from elftools.elf.elffile import ELFFile
 
 from xfgate.config import MemoryConfig
 from xfgate.errors import ConfigError, GuestNotRunning, MemoryReadError, PrerequisiteError
@@ -193,12 +197,11 @@ class RawImageMemory(_MappedFile):
 
 
 ELF_MAGIC = b"\x7fELF"
-PT_LOAD = 1
-PT_NOTE = 4
 
 
 class ElfDumpMemory(_MappedFile):
-    """A QEMU `dump-guest-memory` ELF core: guest physical ranges are its PT_LOAD segments."""
+    """A QEMU `dump-guest-memory` ELF core: guest physical ranges are its PT_LOAD segments,
+    read once (pyelftools) when the dump is opened; reads are offset arithmetic after that."""
 
     def __init__(self, path: Path | str) -> None:
         super().__init__(Path(path), "ELF dump")
@@ -208,24 +211,28 @@ class ElfDumpMemory(_MappedFile):
 
 
 def elf_load_segments(data: Any, file_size: int, name: str) -> list[Segment]:
-    """PT_LOAD segments of an ELF64 little-endian core, checked against the file size."""
+    """PT_LOAD segments of an ELF64 little-endian core (a mapping or bytes), checked against
+    the file size."""
     if file_size < 64 or bytes(data[0:4]) != ELF_MAGIC:
         raise MemoryReadError(0, 64, name, "not an ELF file (expected a dump-guest-memory core)")
     if data[4] != 2 or data[5] != 1:
         raise MemoryReadError(0, 64, name, "not a 64-bit little-endian ELF core")
-    (phoff,) = struct.unpack_from("<Q", data, 32)
-    phentsize, phnum = struct.unpack_from("<HH", data, 54)
-    if phnum == 0xFFFF:
-        raise MemoryReadError(0, 64, name, "ELF cores with > 65534 segments are not supported")
-    if phentsize < 56 or phoff + phnum * phentsize > file_size:
-        raise MemoryReadError(phoff, phnum * phentsize, name, "program headers out of file")
+    # An mmap is a file object already; bytes get a stream that shares their buffer.
+    stream = cast(IO[bytes], data) if isinstance(data, mmap.mmap) else io.BytesIO(bytes(data))
+    try:
+        elf = ELFFile(stream)
+        phoff, phentsize = elf["e_phoff"], elf["e_phentsize"]
+        phnum = elf.num_segments()  # follows PN_XNUM to section 0's sh_info
+        if phentsize < 56 or phoff + phnum * phentsize > file_size:
+            raise MemoryReadError(phoff, phnum * phentsize, name, "program headers out of file")
+        headers = [elf.get_segment(i).header for i in range(phnum)]
+    except (ELFError, ConstructError, ValueError) as e:
+        raise MemoryReadError(0, 64, name, f"malformed ELF core: {e}") from e
     segments = []
-    for i in range(phnum):
-        p_type, _flags, p_offset, _vaddr, p_paddr, p_filesz = struct.unpack_from(
-            "<IIQQQQ", data, phoff + i * phentsize
-        )
-        if p_type != PT_LOAD or p_filesz == 0:
+    for ph in headers:
+        if ph["p_type"] != "PT_LOAD" or ph["p_filesz"] == 0:
             continue
+        p_paddr, p_offset, p_filesz = ph["p_paddr"], ph["p_offset"], ph["p_filesz"]
         if p_offset + p_filesz > file_size:
             raise MemoryReadError(p_paddr, p_filesz, name, "PT_LOAD segment beyond end of file")
         segments.append(Segment(p_paddr, p_offset, p_filesz))

@@ -1,0 +1,404 @@
+"""The gate's kernel plumbing: ipsets, conntrack and rule listings.
+
+Beside a fake (set and rule operations recorded, checked for order), the real thing: the same
+adapters in a fresh network namespace (``unshare -n``), checked against the command-line
+tools as independent oracles (``ipset list``, ``conntrack -L``, ``iptables-legacy -S -v``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from xfgate.errors import ConfigError
+from xfgate.inet import IPProto
+from xfgate.verdict import fastpath
+from xfgate.verdict.fastpath import (
+    MARK_MASK,
+    Firewall,
+    GateLayout,
+    IptcBackend,
+    ListedRule,
+    Rule,
+    block_chain_name,
+    block_rules,
+    chain_name,
+    port_sets,
+    queue_rules,
+    render_rule,
+    settle_mark,
+)
+from xfgate.verdict.netns import enter_netns, ifindex
+from xfgate.verdict.nfnetlink import (
+    BITMAP_PORT,
+    PyrouteSets,
+    SetType,
+    delete_conntrack_marked,
+    nft_tables,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeSets:
+    """Sets as Python sets; every operation recorded in order."""
+
+    def __init__(self) -> None:
+        self.sets: dict[str, set[int]] = {}
+        self.ops: list[tuple[str, str, tuple[int, ...]]] = []
+
+    def create(self, name: str, kind: SetType) -> None:
+        self.ops.append(("create", name, ()))
+        self.sets.setdefault(name, set())
+
+    def add(self, name: str, kind: SetType, entries: Sequence[int]) -> None:
+        self.ops.append(("add", name, tuple(entries)))
+        self.sets[name].update(entries)
+
+    def delete(self, name: str, kind: SetType, entries: Sequence[int]) -> None:
+        self.ops.append(("delete", name, tuple(entries)))
+        self.sets[name].difference_update(entries)
+
+    def members(self, name: str, kind: SetType) -> list[int]:
+        return sorted(self.sets.get(name, set()))
+
+    def flush(self, name: str) -> None:
+        self.ops.append(("flush", name, ()))
+        self.sets[name].clear()
+
+    def swap(self, name_a: str, name_b: str) -> None:
+        self.ops.append(("swap", f"{name_a} {name_b}", ()))
+        self.sets[name_a], self.sets[name_b] = self.sets[name_b], self.sets[name_a]
+
+    def destroy(self, name: str) -> None:
+        self.ops.append(("destroy", name, ()))
+        self.sets.pop(name, None)
+
+    def names(self) -> list[str]:
+        return sorted(self.sets)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[FakeSets]:
+        self.ops.append(("session", "", ()))
+        yield self
+
+
+class ListingBackend:
+    """Rules kept per chain as ListedRules; writes replace them with zero counters."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.rules: dict[tuple[int, str, str], list[ListedRule]] = {}
+
+    def chains(self, family: int, table: str = "filter") -> list[str]:
+        return [c for f, c, t in self.rules if f == family and t == table]
+
+    def ensure_chain(self, family: int, chain: str, table: str = "filter") -> None:
+        self.rules.setdefault((family, chain, table), [])
+
+    def replace_rules(
+        self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
+    ) -> None:
+        self.rules[(family, chain, table)] = [ListedRule(r) for r in rules]
+
+    def delete_chain(self, family: int, chain: str, table: str = "filter") -> None:
+        self.rules.pop((family, chain, table), None)
+
+    def insert_rules(
+        self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
+    ) -> None:
+        old = self.rules.get((family, chain, table), [])
+        self.rules[(family, chain, table)] = [ListedRule(r) for r in rules] + old
+
+    def delete_jumps(self, family: int, chain: str, target: str, table: str = "filter") -> int:
+        old = self.rules.get((family, chain, table), [])
+        kept = [r for r in old if r.target != target]
+        self.rules[(family, chain, table)] = kept
+        return len(old) - len(kept)
+
+    def listing(self, family: int, chain: str, table: str = "filter") -> list[ListedRule]:
+        return list(self.rules.get((family, chain, table), []))
+
+
+def test_port_sets_cover_every_protocol_and_drop_impossible_ports() -> None:
+    sets = port_sets(9, [(IPProto.TCP, 80), (IPProto.UDP, 53), (IPProto.TCP, 0), (6, 80)])
+    assert sets == {"xfgate-9-tcp": [80], "xfgate-9-udp": [53]}
+    assert port_sets(9, []) == {"xfgate-9-tcp": [], "xfgate-9-udp": []}
+    assert port_sets(9, [(IPProto.UDP, 65536), (IPProto.UDP, 65535)])["xfgate-9-udp"] == [65535]
+
+
+def test_blocked_ports_are_swapped_in_atomically() -> None:
+    sets = FakeSets()
+    fw = Firewall(ListingBackend(), sets)
+    fw.set_blocked_ports(9, [(IPProto.TCP, 443)])
+    sets.ops.clear()
+    fw.set_blocked_ports(9, [(IPProto.TCP, 80), (IPProto.UDP, 53), (IPProto.TCP, 0)])
+    ops = sets.ops
+    assert ("add", "xfgate-9-tcp-new", (80,)) in ops and ("add", "xfgate-9-udp-new", (53,)) in ops
+    assert not any(op == "add" and 0 in entries for op, _, entries in ops)
+    # The live set is never flushed or added to: it changes only by the swap.
+    assert not any(
+        op in ("flush", "add", "delete") and name == "xfgate-9-tcp" for op, name, _ in ops
+    )
+    swap = ops.index(("swap", "xfgate-9-tcp-new xfgate-9-tcp", ()))
+    assert swap > ops.index(("add", "xfgate-9-tcp-new", (80,)))
+    assert ops.index(("destroy", "xfgate-9-tcp-new", ())) > swap
+    assert sets.names() == ["xfgate-9-tcp", "xfgate-9-udp"]  # no staging set left
+    assert fw.blocked_ports(9) == [(IPProto.TCP, 80), (IPProto.UDP, 53)]
+
+
+def test_remove_destroys_sets_and_resets_both_marks(monkeypatch: pytest.MonkeyPatch) -> None:
+    deleted: list[tuple[int, int]] = []
+    monkeypatch.setattr(fastpath, "delete_conntrack_marked", lambda m, k: deleted.append((m, k)))
+    sets, backend = FakeSets(), ListingBackend()
+    fw = Firewall(backend, sets)
+    layout = GateLayout(9, ("vif9.0",), 109)
+    fw.install(layout)
+    fw.set_blocked_ports(9, [(IPProto.TCP, 80)])
+    sets.create("xfgate-9-udp-new", BITMAP_PORT)  # a gate killed mid-swap
+    sets.create("xfgate-10-tcp", BITMAP_PORT)  # another domain's
+    assert fw.leftover_domains() == {9, 10}
+    fw.remove(9, persist_blocks=True)
+    assert "xfgate-9-tcp" in sets.names() and deleted == [
+        (settle_mark(9, True), MARK_MASK),
+        (settle_mark(9, False), MARK_MASK),
+    ]
+    fw.remove(9)
+    assert sets.names() == ["xfgate-10-tcp"]
+    assert not [c for c in backend.rules if c[1].startswith("XFGATE-9")]
+
+
+def test_counters_come_from_the_rules_counters() -> None:
+    backend = ListingBackend()
+    layout = GateLayout(9, ("vif9.0",), 109)
+    counts = {"ACCEPT": 0, "DROP": 0}
+    for family, factor in ((4, 1), (6, 10)):
+        listed = []
+        for rule in queue_rules(layout):
+            target = rule[rule.index("-j") + 1]
+            packets = {"ACCEPT": 5, "DROP": 3, "NFQUEUE": 7}.get(target, 100) * factor
+            if "connmark" not in rule and target in counts:
+                packets = 1000  # the mark (NF_REPEAT) rules do not count as fast path
+            listed.append(ListedRule(rule, packets, packets * 60))
+        backend.rules[(family, chain_name(9), "filter")] = listed
+        backend.rules[(family, block_chain_name(9), "filter")] = [
+            ListedRule(r, 2 * factor, 0) for r in block_rules(9, ["vif9.0"])
+        ]
+    assert Firewall(backend, FakeSets()).counters(9) == {
+        "fastpath_accept": 55,
+        "fastpath_drop": 33,
+        "set_drop": 4 * 2 * 11,
+        "queued": 77,
+    }
+
+
+def test_render_rule_is_iptables_save_verbose_shape() -> None:
+    spec = ("-p", "tcp", "-m", "physdev", "--physdev-out", "vif9.0", "-m", "tcp")
+    rule = ListedRule((*spec, "--dport", "9000", "-j", "DROP"), 3, 180)
+    assert render_rule("XFGATE-9-POLL", rule) == (
+        "-A XFGATE-9-POLL -p tcp -m physdev --physdev-out vif9.0 -m tcp --dport 9000"
+        " -c 3 180 -j DROP"
+    )
+    assert render_rule("C", ListedRule(("-m", "mark"))) == "-A C -m mark -c 0 0"
+
+
+def test_unknown_namespace_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        enter_netns("xfgate-no-such-namespace-h3")
+    enter_netns("")  # stays where it is
+
+
+# --- the real kernel, in a fresh network namespace ------------------------------------------
+
+
+def _cli(*argv: str) -> str:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=30).stdout
+
+
+def _add_conntrack(family: int, sport: int, mark: int) -> None:
+    from pyroute2 import NFCTSocket
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    src, dst = (
+        ("198.18.9.1", "198.18.9.2") if family == socket.AF_INET else ("2001:2::1", "2001:2::2")
+    )
+    ct = NFCTSocket(nfgen_family=family)
+    try:
+        ct.entry(
+            "add",
+            timeout=300,
+            mark=mark,
+            tuple_orig=NFCTAttrTuple(family, src, dst, 17, sport, 53),
+            tuple_reply=NFCTAttrTuple(family, dst, src, 17, 53, sport),
+        )
+    finally:
+        ct.close()
+
+
+def _probe() -> dict[str, Any]:
+    """Run inside a fresh network namespace; returns what the adapters and the CLIs saw."""
+    out: dict[str, Any] = {}
+    sets = PyrouteSets()
+    sets.create("xfgate-9-tcp", BITMAP_PORT)
+    sets.create("xfgate-9-tcp", BITMAP_PORT)  # exists: left as it is
+    sets.add("xfgate-9-tcp", BITMAP_PORT, [80, 65535, 1, 80])
+    sets.delete("xfgate-9-tcp", BITMAP_PORT, [1])
+    out["members"] = sets.members("xfgate-9-tcp", BITMAP_PORT)
+    out["cli_members"] = _cli("ipset", "list", "xfgate-9-tcp").partition("Members:\n")[2].split()
+    subprocess.run(["ipset", "create", "cli-set", "bitmap:port", "range", "0-65535"], check=True)
+    headers = _cli("ipset", "list", "-t").split("\n\n")
+    out["headers"] = [
+        [ln for ln in h.splitlines() if ln.split(":")[0] in ("Type", "Revision", "Header")]
+        for h in headers
+        if h.strip()
+    ]
+    sets.create("xfgate-9-tcp-new", BITMAP_PORT)
+    sets.add("xfgate-9-tcp-new", BITMAP_PORT, [22])
+    sets.swap("xfgate-9-tcp-new", "xfgate-9-tcp")
+    out["swapped"] = sets.members("xfgate-9-tcp", BITMAP_PORT)
+    sets.flush("xfgate-9-tcp-new")
+    out["flushed"] = sets.members("xfgate-9-tcp-new", BITMAP_PORT)
+    sets.destroy("xfgate-9-tcp-new")
+    sets.destroy("xfgate-9-tcp-new")  # absent: not an error
+    out["absent_members"] = sets.members("xfgate-9-tcp-new", BITMAP_PORT)
+    out["names"] = sets.names()
+
+    marks = {1000: settle_mark(9, True), 1001: settle_mark(9, False), 1002: settle_mark(10, True)}
+    marks[1003] = 0
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for sport, mark in marks.items():
+            _add_conntrack(family, sport, mark)
+    delete_conntrack_marked(settle_mark(9, True), MARK_MASK)
+    delete_conntrack_marked(settle_mark(9, False), MARK_MASK)
+    delete_conntrack_marked(settle_mark(11, False), MARK_MASK)  # nothing matches
+    left = _cli("conntrack", "-L", "-f", "ipv4") + _cli("conntrack", "-L", "-f", "ipv6")
+    out["conntrack_sports"] = sorted(
+        int(w.split("=")[1]) for w in left.split() if w.startswith("sport=") and w != "sport=53"
+    )
+
+    backend = IptcBackend()
+    layout = GateLayout(9, ("vif9.0",), 109)
+    fw = Firewall(backend, sets)
+    fw.install(layout)
+    out["save_error"] = fw.install_save(layout)
+    listed = {
+        f"{family} {chain}": [list(r.spec) for r in backend.listing(family, chain)]
+        for family in (4, 6)
+        for chain in ("FORWARD", chain_name(9), block_chain_name(9))
+    }
+    out["listed"] = listed
+    out["rendered"] = fw.dump(9)
+    out["cli"] = {
+        key: [
+            ln
+            for ln in _cli(prog, "-w", "5", *table, "-S", chain.split()[-1], "-v").splitlines()
+            if ln.startswith("-A")
+        ]
+        for key in out["rendered"]
+        for prog in ["iptables-legacy" if key.startswith("ipv4") else "ip6tables-legacy"]
+        for table, chain in [(["-t", "mangle"] if "mangle" in key else [], key)]
+    }
+    fw.set_blocked_ports(9, [(IPProto.TCP, 80), (IPProto.UDP, 53), (IPProto.TCP, 0)])
+    fw.set_blocked_ports(9, [(IPProto.TCP, 8080), (IPProto.UDP, 53)])
+    out["blocked"] = fw.blocked_ports(9)
+    out["cli_blocked"] = [
+        _cli("ipset", "list", f"xfgate-9-{p}").partition("Members:\n")[2].split()
+        for p in ("tcp", "udp")
+    ]
+    out["leftovers"] = sorted(fw.leftover_domains())
+    out["jumps_deleted"] = backend.delete_jumps(4, "FORWARD", chain_name(9))
+    out["jumps_deleted_again"] = backend.delete_jumps(4, "FORWARD", chain_name(9))
+    fw.remove(9)
+    out["after_remove"] = sorted(fw.leftover_domains())
+    out["chains_after"] = [c for c in backend.chains(4) if c.startswith("XFGATE")]
+    out["nft"] = nft_tables()
+    out["lo"] = ifindex("lo")
+    try:
+        ifindex("vif-nope")
+        out["missing_vif"] = "no error"
+    except ConfigError as e:
+        out["missing_vif"] = str(e)
+    return out
+
+
+@pytest.fixture(scope="module")
+def probed() -> dict[str, Any]:
+    proc = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "tests.test_verdict_nfnetlink"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+class TestInAFreshNamespace:
+    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [
+        pytest.mark.netns,
+        pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and netfilter"),
+        pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)"),
+    ]
+
+    def test_ipsets_match_the_ipset_tool(self, probed: dict[str, Any]) -> None:
+        assert probed["members"] == [80, 65535]
+        assert probed["cli_members"] == ["80", "65535"]
+        # Created like `ipset create NAME bitmap:port range 0-65535`: same type, revision and
+        # header, no family (one set serves IPv4 and IPv6 rules).
+        assert len(probed["headers"]) == 2 and probed["headers"][0] == probed["headers"][1]
+        assert probed["headers"][0] == ["Type: bitmap:port", "Revision: 3", "Header: range 0-65535"]
+        assert probed["swapped"] == [22] and probed["flushed"] == []
+        assert probed["absent_members"] == [] and probed["names"] == ["cli-set", "xfgate-9-tcp"]
+
+    def test_conntrack_delete_takes_only_the_domains_marks(self, probed: dict[str, Any]) -> None:
+        # Domain 9's accept and drop entries are gone in both families; domain 10's and the
+        # unmarked ones stay.
+        assert probed["conntrack_sports"] == [1002, 1002, 1003, 1003]
+
+    def test_rules_read_back_as_written_and_as_iptables_lists_them(
+        self, probed: dict[str, Any]
+    ) -> None:
+        layout = GateLayout(9, ("vif9.0",), 109)
+        for family in (4, 6):
+            listed = probed["listed"]
+            assert listed[f"{family} {chain_name(9)}"] == [list(r) for r in queue_rules(layout)]
+            assert listed[f"{family} {block_chain_name(9)}"] == [
+                list(r) for r in block_rules(9, ["vif9.0"])
+            ]
+            assert listed[f"{family} FORWARD"] == [
+                list(r) for r in fastpath.forward_jumps(9, ["vif9.0"])
+            ]
+        assert probed["save_error"] is None
+        assert set(probed["rendered"]) == {
+            f"ipv{f} {c}"
+            for f in (4, 6)
+            for c in ("XFGATE-9", "XFGATE-9-BLK", "mangle XFGATE-9-SAVE")
+        }
+        assert probed["rendered"] == probed["cli"]  # the CLI as oracle, counters included
+        assert probed["blocked"] == [[IPProto.TCP, 8080], [IPProto.UDP, 53]]
+        assert probed["cli_blocked"] == [["8080"], ["53"]]
+        assert probed["leftovers"] == [9]
+        assert probed["jumps_deleted"] == 2 and probed["jumps_deleted_again"] == 0
+        assert probed["after_remove"] == [] and probed["chains_after"] == []
+
+    def test_nft_tables_and_links(self, probed: dict[str, Any]) -> None:
+        assert probed["nft"] == []  # a fresh namespace has no nftables tables
+        assert probed["lo"] == 1
+        assert "not found in this network namespace" in probed["missing_vif"]
+
+
+if __name__ == "__main__":
+    print(json.dumps(_probe()))
