@@ -35,6 +35,14 @@ class Via(enum.StrEnum):
     # A SYN meeting a TIME_WAIT sock: the kernel hands it to the listener (TCP_TW_SYN).
     TIME_WAIT_LISTENER = "time-wait->listener"
     WALK = "walk"  # matched against a full walk's sockets (no hash-table layouts)
+    UDPLITE = "udplite"  # udplite_table (IP protocol 136)
+    PING = "ping"  # ping_table: an ICMP/ICMPv6 echo socket, keyed by the echo identifier
+    RAW = "raw"  # raw_v4/v6_hashinfo: a raw socket of the packet's IP protocol
+    # A TCP subflow of an MPTCP connection: attributed to the MPTCP socket the process holds
+    # (inet_connection_sock.icsk_ulp_data -> mptcp_subflow_context.conn).
+    MPTCP_SUBFLOW = "mptcp-subflow->msk"
+    # A protocol whose tables we do not read (SCTP, ...): the last walk's (proto, port) index.
+    PORT_INDEX = "port-index"
     STATIC = "static"  # a static owner table, not a guest
 
 
@@ -73,6 +81,11 @@ class Owner:
     euid: int
     comm: str
     fd: int = -1
+    # The task's executable (mm->exe_file's path), "" for kernel threads or when unreadable.
+    exe: str = ""
+    # Thread-group ids up the real_parent chain, nearest first (bounded): a --block-pid covers
+    # the blocked process's descendants.
+    ancestors: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +118,22 @@ class GuestSocket:
     sk_uid: int
     owners: tuple[Owner, ...]
     sock_addr: int = 0
+    v6only: bool = False  # an IPv6 socket that does not also take IPv4 (sk_ipv6only)
+
+
+@dataclass(frozen=True, slots=True)
+class GuestView:
+    """One full walk of the guest: what the kernel-side sets and the policy's process rules
+    are computed from. ``complete`` is False when the walk hit a bound or unreadable memory:
+    such a view may add to what is blocked, never take away (see verdict/runner)."""
+
+    sockets: tuple[GuestSocket, ...]
+    tasks: tuple[Owner, ...]  # every thread group (fd -1), with exe and ancestors
+    # Holders of raw IP (SOCK_RAW) and AF_PACKET sockets: they can forge any packet, so a packet
+    # no socket sends may be theirs.
+    raw_holders: tuple[Owner, ...]
+    complete: bool
+    problems: tuple[str, ...] = ()
 
 
 class OwnerSource(Protocol):
