@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from xfgate.config import DomainConfig, get_domain
+from xfgate.config import DEFAULT_CACHE_DIR, DomainConfig, get_domain
 from xfgate.errors import ProfileError
 from xfgate.vmi.profile import Profile
 
@@ -48,7 +48,7 @@ def register(sub: Any) -> None:
 
 
 def load_domain_profile(
-    domain: DomainConfig, path: str | None, cache_dir: Path | None = None
+    domain: DomainConfig, path: str | None, cache_dir: Path = DEFAULT_CACHE_DIR
 ) -> Profile:
     """The profile in `path`, else the one built (and cached in `cache_dir`) for the domain."""
     try:
