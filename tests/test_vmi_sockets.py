@@ -193,7 +193,7 @@ def test_introspector_lookup_owners_and_request_attribution() -> None:
 
 def test_new_socket_triggers_a_rewalk_and_unaccepted_goes_to_listener() -> None:
     g = standard_guest()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
         gi.walk()
         # A socket created after the walk, held by a new process.
         t = g.add_task(400, "late", uid=42)
