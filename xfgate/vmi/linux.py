@@ -134,6 +134,12 @@ class KernelLayout:
     dentry_name: int = -1  # dentry.d_name, a struct qstr
     qstr_len: Field | None = None
     qstr_name: int = -1
+    # Crossing mounts (optional: paths relative to the file's own mount without them):
+    # path.mnt is &mount.mnt; mount.mnt_parent / mnt_mountpoint lead to where it is mounted.
+    file_mnt: int = -1  # file.f_path.mnt
+    mount_mnt: int = -1
+    mount_parent: int = -1
+    mount_mountpoint: int = -1
     # sock_common.skc_ipv6only: a bitfield, (byte offset in struct sock, bit in that byte).
     skc_ipv6only: tuple[int, int] | None = None
 
@@ -267,6 +273,19 @@ def _exe_layout(p: Profile) -> dict[str, int | Field]:
         "dentry_name": p.offset("dentry", "d_name"),
         "qstr_len": _int_field(p, "qstr", "len", 4),
         "qstr_name": p.offset("qstr", "name"),
+        **_mount_layout(p),
+    }
+
+
+def _mount_layout(p: Profile) -> dict[str, int]:
+    needed = [("path", "mnt"), ("mount", "mnt"), ("mount", "mnt_parent")]
+    if not all(p.has_member(s, m) for s, m in [*needed, ("mount", "mnt_mountpoint")]):
+        return {}
+    return {
+        "file_mnt": p.offset("file", "f_path.mnt"),
+        "mount_mnt": p.offset("mount", "mnt"),
+        "mount_parent": p.offset("mount", "mnt_parent"),
+        "mount_mountpoint": p.offset("mount", "mnt_mountpoint"),
     }
 
 
@@ -415,7 +434,7 @@ class Walk:
         self._creds: dict[int, tuple[int, int]] = {}
         self._tables: dict[int, dict[int, list[int]]] = {}  # files_struct -> {file: [fd]}
         self._socks: dict[int, InetSock | PacketSock | None] = {}  # file -> sock (None: other)
-        self._paths: dict[int, str] = {}  # dentry -> path
+        self._paths: dict[tuple[int, int], str] = {}  # (dentry, vfsmount) -> path
         self._threads = 0
         self._files_bound_hit = False
         self.fd_slots = 0
@@ -564,16 +583,23 @@ class Walk:
         exe_file = 0 if raw is None else self._u64(raw, 0)
         if not self.is_kernel_pointer(exe_file):
             return ""
-        raw = self.read(exe_file + lay.file_dentry, 8, what)
-        return "" if raw is None else self.dentry_path(self._u64(raw, 0), what)
+        lo = min(lay.file_dentry, lay.file_mnt) if lay.file_mnt >= 0 else lay.file_dentry
+        raw = self.read(exe_file + lo, lay.file_dentry + 8 - lo, what)
+        if raw is None:
+            return ""
+        mnt = self._u64(raw, lay.file_mnt - lo) if lay.file_mnt >= 0 else 0
+        return self.dentry_path(self._u64(raw, lay.file_dentry - lo), what, mnt)
 
-    def dentry_path(self, dentry: int, what: str) -> str:
-        """The path of `dentry` up to its root (d_parent == itself) by d_name, bounded in depth
-        and length; cached per walk. Paths are relative to the dentry's own mount (the lab's
-        root is one filesystem); "" when a link is unreadable."""
-        cached = self._paths.get(dentry)
+    def dentry_path(self, dentry: int, what: str, vfsmount: int = 0) -> str:
+        """The path of `dentry` (in the mount whose struct vfsmount is `vfsmount`) by d_name up
+        to each filesystem's root (d_parent == itself), then on from the mount's mountpoint in
+        its parent mount (mount.mnt_parent == itself at the namespace's root), bounded in depth
+        and length; cached per walk; "" when a link is unreadable."""
+        key = (dentry, vfsmount)
+        cached = self._paths.get(key)
         if cached is not None:
             return cached
+        start = dentry
         lay = self.layout
         assert lay.qstr_len is not None
         names: list[bytes] = []
@@ -589,9 +615,13 @@ class Walk:
             if d is None:
                 return ""
             parent = self._u64(d, lay.dentry_parent - span_lo)
-            if parent == pos:  # the root of its filesystem
+            if parent == pos:  # the root of its filesystem: of the mount namespace too?
+                up = self._mountpoint(vfsmount, what)
+                if up is not None:
+                    pos, vfsmount = up
+                    continue
                 path = "/" + "/".join(n.decode(errors="replace") for n in reversed(names))
-                self._paths[dentry] = path
+                self._paths[key] = path
                 return path
             length = lay.qstr_len.get(d, -name_len)
             name = self._u64(d, name_len + lay.qstr_name)
@@ -604,8 +634,25 @@ class Walk:
                 return ""
             names.append(raw)
             pos = parent
-        self.issue(what, WalkReason.STEP_BOUND, dentry, f"deeper than {self.bounds.max_depth}")
+        self.issue(what, WalkReason.STEP_BOUND, start, f"deeper than {self.bounds.max_depth}")
         return ""
+
+    def _mountpoint(self, vfsmount: int, what: str) -> tuple[int, int] | None:
+        """(mountpoint dentry, parent's vfsmount) of a mount that is not the namespace's
+        root, else None."""
+        lay = self.layout
+        if vfsmount == 0 or lay.mount_mnt < 0 or not self.is_kernel_pointer(vfsmount):
+            return None
+        mount = vfsmount - lay.mount_mnt
+        lo = min(lay.mount_parent, lay.mount_mountpoint)
+        raw = self.read(mount + lo, max(lay.mount_parent, lay.mount_mountpoint) + 8 - lo, what)
+        if raw is None:
+            return None
+        parent = self._u64(raw, lay.mount_parent - lo)
+        point = self._u64(raw, lay.mount_mountpoint - lo)
+        if parent == mount or not self.is_kernel_pointer(parent):
+            return None
+        return point, parent + lay.mount_mnt
 
     def _proc_name(self, blob: bytes, comm: str) -> str:
         """proc_task_name(): workqueue workers get "-desc"/"+desc" appended, other kernel
