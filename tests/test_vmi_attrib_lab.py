@@ -216,6 +216,21 @@ def test_fd_bomb_does_not_make_the_walk_give_up(
     lab_domain: DomainConfig, lab_layout: LabLayout, guest_profile: Profile, probe: str
 ) -> None:
     """70 processes x 4,090 dup()s of one socket: the walk stays complete and quick."""
+    bombers: set[int] = set()
+    try:
+        _bomb(lab_domain, lab_layout, guest_profile, probe, bombers)
+    finally:
+        if bombers:
+            guest_exec(lab_layout, 1, f"kill {' '.join(map(str, sorted(bombers)))} 2>/dev/null")
+
+
+def _bomb(
+    lab_domain: DomainConfig,
+    lab_layout: LabLayout,
+    guest_profile: Profile,
+    probe: str,
+    bombers: set[int],
+) -> None:
     with GuestIntrospector(lab_domain, guest_profile, allow_pause=False) as guest:
         before = [guest.walk().seconds for _ in range(20)]
         as_mallory(lab_layout, f"ulimit -n 4096; {probe} bomb 70 4090 60")
@@ -224,6 +239,7 @@ def test_fd_bomb_does_not_make_the_walk_give_up(
             return r.folded_fds >= 70 * (4090 - 16)
 
         result = _walk_until(guest, ready, seconds=40)
+        bombers.update(t.tgid for t in result.tasks if t.exe == probe)
         assert ready(result), (result.folded_fds, result.errors)
         times = []
         for _ in range(20):
@@ -239,4 +255,3 @@ def test_fd_bomb_does_not_make_the_walk_give_up(
         bomb = [s for s in r.sockets if s.sock.sk_uid == 1001 and s.sock.proto == IPProto.UDP]
         holders = {s.pid for s in bomb}
         assert len(holders) >= 71
-    guest_exec(lab_layout, 1, "pkill -f 'attrib_probe bomb' || true")

@@ -449,7 +449,8 @@ class Walk:
         return is_kernel_pointer(value, self.space.levels)
 
     def issue(self, what: str, reason: WalkReason, address: int = 0, detail: str = "") -> None:
-        self.errors.append(WalkIssue(what, reason, address, detail=detail))
+        if len(self.errors) < MAX_ISSUES:  # garbage memory must not make a walk slow itself
+            self.errors.append(WalkIssue(what, reason, address, detail=detail))
 
     def wild(self, what: str, address: int) -> None:
         self.issue(what, WalkReason.POINTER_OUT_OF_RANGE, address)
@@ -781,6 +782,8 @@ class Walk:
         per_file = self.bounds.fds_per_file
         if len(distinct) > _FEW_FILES:  # one pass in Python: O(slots)
             for fd, file in enumerate(slots):
+                if not fd & 0xFFFF:
+                    self.check_time(f"fd table of pid {pid}")
                 if file:
                     fds = out.setdefault(file, [])
                     if len(fds) < per_file:
@@ -865,7 +868,9 @@ class Walk:
             self.check_time("fd tables")
             seen: set[tuple[int, int]] = set()
             for files in task.file_tables:
-                for file, fds in self.fd_table(files, task.tgid).items():
+                for n, (file, fds) in enumerate(self.fd_table(files, task.tgid).items()):
+                    if not n & 0xFF:
+                        self.check_time("fd tables")
                     sock = self.socket_from_file(file, task.tgid, fds[0] if fds else -1)
                     if sock is None:
                         continue
@@ -922,6 +927,7 @@ def decode_inet_sock(layout: KernelLayout, address: int, blob: bytes) -> InetSoc
     )
 
 
+MAX_ISSUES = 256  # issues recorded per walk attempt (the first ones; the walk is incomplete)
 _FEW_FILES = 64  # distinct files in one table below which fd_table searches the array in C
 
 
