@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.vmi_fakes import FakeGuest, standard_guest
+from xfgate.inet import IPProto
 from xfgate.vmi.introspect import ps_document
 from xfgate.vmi.kaslr import from_vmcoreinfo
 from xfgate.vmi.linux import KernelLayout, WalkBounds, walk_guest, walk_once
@@ -234,3 +235,46 @@ def test_kaslr_of_the_fake_matches_its_construction() -> None:
     loc = from_vmcoreinfo(g.memory, g.profile)
     assert loc is not None
     assert (loc.virt_shift, loc.phys_base, loc.root) == (g.virt_shift, g.phys_base, g.root)
+
+
+# -- issue 9: every thread's files, dup()s, merged index ---------------------------------------
+
+
+def test_a_thread_with_its_own_files_is_walked_and_attributed_to_the_group() -> None:
+    g = standard_guest()
+    leader = g.add_task(500, "evil", uid=1001)
+    g.add_thread(leader, 501)  # shares the leader's table
+    files, fd_array = g.new_files()
+    g.add_thread(leader, 502, files=files)  # unshare(CLONE_FILES)
+    sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 40000, "198.18.0.1", 443, sk_uid=1001)
+    file = g.add_fd(g.tasks[0].address, 9, sk)  # any file pointer will do: put it in 502's table
+    g.put_fd(fd_array, 3, file)
+    g.put_fd(g.task_at(g.tasks[0].address).fd_array, 9, 0)
+    result = _walk(g)
+    assert result.errors == []
+    evil = next(t for t in result.tasks if t.pid == 500)
+    assert evil.threads == 3 and evil.thread_files == (files,)
+    assert [(s.pid, s.fd) for s in result.sockets if s.sock.address == sk] == [(500, 3)]
+    assert [t.pid for t in result.tasks].count(500) == 1  # threads are no tasks of their own
+
+
+def test_dups_of_one_socket_are_resolved_once_and_folded() -> None:
+    g = FakeGuest()
+    sk = g.new_sock(IPProto.UDP, 7, "0.0.0.0", 9999, "0.0.0.0", 0, sk_uid=1001)
+    file = 0
+    for pid in range(10, 15):
+        t = g.add_task(pid, "bomb", uid=1001, max_fds=512)
+        if not file:
+            file = g.add_fd(t, 3, sk)
+        for fd in range(3, 500):
+            g.put_fd(g.task_at(t).fd_array, fd, file)
+    result = _walk(g, WalkBounds(fds_per_file=4, retries=1))
+    assert result.errors == [] and result.files == 1
+    assert result.folded_fds == 5 * (497 - 4) and result.fd_slots == 5 * 512
+    assert sorted({s.pid for s in result.sockets}) == [10, 11, 12, 13, 14]
+    assert [s.fd for s in result.sockets if s.pid == 12] == [3, 4, 5, 6]
+    # A walk-wide bound on fd slots: what was read is kept, the bound is reported.
+    result = _walk(g, WalkBounds(max_fd_slots=1200, retries=1))
+    assert {s.pid for s in result.sockets} == {10, 11, 12}  # 12: its first 176 slots
+    assert result.fd_slots == 1200
+    assert [e.reason for e in result.errors] == [WalkReason.STEP_BOUND] * 3

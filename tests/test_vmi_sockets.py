@@ -193,7 +193,7 @@ def test_introspector_lookup_owners_and_request_attribution() -> None:
 
 def test_new_socket_triggers_a_rewalk_and_unaccepted_goes_to_listener() -> None:
     g = standard_guest()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
         gi.walk()
         # A socket created after the walk, held by a new process.
         t = g.add_task(400, "late", uid=42)
@@ -331,3 +331,33 @@ def test_bucket_arrays_are_read_once_per_boot(monkeypatch: pytest.MonkeyPatch) -
     hashinfo = h.tcp_hashinfo + t.shift
     assert t.find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000)) is not None
     assert hashinfo + h.ehash not in reads and hashinfo + h.lhash2 not in reads
+
+
+def test_an_incomplete_walk_merges_into_the_index_and_lookups_keep_their_budget() -> None:
+    g = standard_guest()
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
+        gi.walk()
+        flow = _flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000)
+        own = gi.lookup(flow)
+        assert own is not None and [o.pid for o in own.owners] == [100] and own.holders_known
+        # A walk that hits a bound (here: no fd slots at all) adds nothing, removes nothing.
+        gi.bounds = dataclasses.replace(gi.bounds, max_fd_slots=0, retries=1)
+        assert not gi.walk().complete
+        own = gi.lookup(flow)
+        assert own is not None and [o.pid for o in own.owners] == [100] and own.holders_known
+        # A socket it could not see: no owners, sk_uid set, holders not known.
+        t = g.add_task(400, "late", uid=42)
+        sk = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 33000, "198.18.0.1", 22, sk_uid=42)
+        g.hash_established(sk, "198.18.1.1", 33000, "198.18.0.1", 22)
+        g.add_fd(t, 3, sk)
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 33000, "198.18.0.1", 22))
+        assert own is not None and own.owners == () and own.sk_uid == 42
+        assert not own.holders_known
+    # Right after a walk, a new socket is answered at once, without a walk.
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        sk = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 33001, "198.18.0.1", 22, sk_uid=43)
+        g.hash_established(sk, "198.18.1.1", 33001, "198.18.0.1", 22)
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 33001, "198.18.0.1", 22))
+        assert own is not None and own.owners == () and own.sk_uid == 43
+        assert not own.holders_known

@@ -53,8 +53,11 @@ def synthetic_structs() -> dict[str, StructLayout]:
                     "cred": (0x2A8, P, 8),
                     "comm": (0x2B8, "array", 16),
                     "files": (0x300, P, 8),
+                    "thread_node": (0x340, "struct list_head", 16),
+                    "signal": (0x360, P, 8),
                 },
             ),
+            _layout("signal_struct", 0x100, {"thread_head": (0x30, "struct list_head", 16)}),
             _layout(
                 "cred", 0x60, {"uid": (0x8, "struct anon", 4), "euid": (0x18, "struct anon", 4)}
             ),
@@ -314,13 +317,14 @@ class FakeGuest:
         self._write_bytes(t + self.off(ts, "comm"), comm.encode()[:15] + b"\0")
         files = fd_array = 0
         if with_files:
-            files = self.alloc(0x80)
-            fdt = self.alloc(0x30)
-            fd_array = self.alloc(max_fds * 8)
-            self.w(files + self.off("files_struct", "fdt"), "<Q", fdt)
-            self.w(fdt + self.off("fdtable", "max_fds"), "<I", max_fds)
-            self.w(fdt + self.off("fdtable", "fd"), "<Q", fd_array)
+            files, fd_array = self.new_files(max_fds)
         self.w(t + self.off(ts, "files"), "<Q", files)
+        signal = self.alloc(0x100)
+        head = signal + self.off("signal_struct", "thread_head")
+        node = t + self.off(ts, "thread_node")
+        self.w(head, "<QQ", node, node)
+        self.w(node, "<QQ", head, head)
+        self.w(t + self.off(ts, "signal"), "<Q", signal)
         self._list_add_tail(t + self.off(ts, "tasks"))
         ppid = 0 if parent == self.sym("init_task") else self.task_at(parent).pid
         self.tasks.append(
@@ -329,6 +333,36 @@ class FakeGuest:
             )
         )
         return t
+
+    def new_files(self, max_fds: int = 64) -> tuple[int, int]:
+        """A files_struct with its fdtable: (files_struct, fd array)."""
+        files = self.alloc(0x80)
+        fdt = self.alloc(0x30)
+        fd_array = self.alloc(max_fds * 8)
+        self.w(files + self.off("files_struct", "fdt"), "<Q", fdt)
+        self.w(fdt + self.off("fdtable", "max_fds"), "<I", max_fds)
+        self.w(fdt + self.off("fdtable", "fd"), "<Q", fd_array)
+        return files, fd_array
+
+    def add_thread(self, leader: int, tid: int, files: int = 0) -> int:
+        """A thread of `leader`'s group (on signal->thread_head), sharing its files_struct
+        unless `files` (unshare(CLONE_FILES)); not on init_task.tasks."""
+        ts = "task_struct"
+        t = self.alloc(0x600)
+        tgid = self.task_at(leader).pid
+        self.w(t + self.off(ts, "pid"), "<ii", tid, tgid)
+        self.w(t + self.off(ts, "files"), "<Q", files or self.task_at(leader).files)
+        signal = struct.unpack_from("<Q", self.buf, self.pa(leader + self.off(ts, "signal")))[0]
+        head = signal + self.off("signal_struct", "thread_head")
+        prev = struct.unpack_from("<Q", self.buf, self.pa(head + 8))[0]
+        node = t + self.off(ts, "thread_node")
+        self.w(node, "<QQ", head, prev)  # list_add_tail
+        self.w(prev, "<Q", node)
+        self.w(head + 8, "<Q", node)
+        return t
+
+    def put_fd(self, fd_array: int, fd: int, file: int) -> None:
+        self.w(fd_array + fd * 8, "<Q", file)
 
     def task_at(self, address: int) -> FakeTask:
         return next(t for t in self.tasks if t.address == address)

@@ -103,6 +103,10 @@ class Ownership:
     state: str
     via: Via
     sock_addr: int = 0
+    # False when the owners could not be established in time (the socket is newer than the
+    # last walk, or that walk was incomplete): empty `owners` then means "unknown", not "none";
+    # sk_uid still names the socket's creator.
+    holders_known: bool = True
 
 
 @dataclass(frozen=True, slots=True)

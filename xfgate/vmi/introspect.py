@@ -3,11 +3,16 @@
 Ties the layers together: physical memory (memory.py), the kernel's location (kaslr.py), the
 page tables (paging.py), bounded walks (linux.py) and hash-table lookups (sockets.py). Full walks
 keep an index {struct sock address -> owners}; a targeted lookup finds the sock in the kernel's
-hash tables and asks the index, walking again only for a sock it has not seen yet.
+hash tables and asks the index, walking again only for a sock it has not seen yet (and only
+if the last walk is not too recent, within the lookup's time budget).
+
+An incomplete walk (a bound, unreadable memory) never replaces what the last complete one
+established: its entries are added to the index, the older ones kept until a complete walk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,11 +23,12 @@ from typing import Any
 
 from xfgate.config import DomainConfig
 from xfgate.errors import MemoryReadError, ProfileError, WalkError
-from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
-from xfgate.inet import IPProto
+from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, Via
+from xfgate.inet import IPProto, proto_label
 from xfgate.vmi.kaslr import KernelLocation, KernelLocator
-from xfgate.vmi.kernel_constants import TCPState
+from xfgate.vmi.kernel_constants import IPPROTO_UDPLITE, SockType, TCPState
 from xfgate.vmi.linux import (
+    FdPacket,
     FdSocket,
     KernelLayout,
     Task,
@@ -45,8 +51,19 @@ VIA_OF_TABLE: Mapping[HashTable, Via] = MappingProxyType(
         HashTable.TIME_WAIT: Via.TIME_WAIT,
         HashTable.LISTENER: Via.LISTENER,
         HashTable.UDP: Via.UDP,
+        HashTable.UDPLITE: Via.UDPLITE,
+        HashTable.PING: Via.PING,
+        HashTable.RAW: Via.RAW,
     }
 )
+# Protocols the hash tables answer; the others (SCTP, DCCP, ...) from the walk's port index.
+TABLE_PROTOS = frozenset({IPProto.TCP, IPProto.UDP, IPPROTO_UDPLITE, IPProto.ICMP, IPProto.ICMPV6})
+# A lookup meeting a socket its index does not know walks again only if the last walk is older
+# than this, and never spends more than LOOKUP_BUDGET_SECONDS on that walk: it answers with
+# no owners (sk_uid set, holders_known False) rather than wait.
+MIN_REWALK_SECONDS = 0.05
+LOOKUP_BUDGET_SECONDS = 0.1
+MAX_ANCESTORS = 64
 # How long a checked boot is trusted by lookups before the RAM file's identity and the banner
 # are checked again. A reboot takes seconds before the new kernel has any socket, a lookup
 # that meets unreadable memory re-checks at once, and every walk checks: 50 ms loses nothing.
@@ -61,7 +78,10 @@ class _Boot:
     space: AddressSpace
     tables: SocketTables | None
     owners: dict[int, tuple[Owner, ...]] = field(default_factory=dict)
+    # (protocol, local port) -> socks, for protocols whose tables are not read.
+    ports: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
     last_walk: WalkResult | None = None
+    index_complete: bool = False  # the index comes from (or since) a complete walk
 
 
 class GuestIntrospector:
@@ -75,12 +95,15 @@ class GuestIntrospector:
         memory: PhysicalMemory | None = None,
         bounds: WalkBounds | None = None,
         allow_pause: bool = True,
-        min_rewalk_seconds: float = 0.0,
+        min_rewalk_seconds: float = MIN_REWALK_SECONDS,
+        lookup_budget_seconds: float = LOOKUP_BUDGET_SECONDS,
         revalidate_seconds: float = REVALIDATE_SECONDS,
     ) -> None:
         """`min_rewalk_seconds`: a lookup meeting a socket the index does not know walks again
         unless the last walk is younger than this (0: always, exact; more: cheaper under a
-        flood of new connections, at the risk of answering with no owner).
+        flood of new connections, at the risk of answering with no owner, holders_known False).
+        `lookup_budget_seconds`: the time bound of the walk a lookup may run (unpaused, one
+        attempt); what it could not read is answered without owners.
         `revalidate_seconds`: lookups re-check the boot (RAM file identity, banner) at most
         this often (0: on every lookup); walks always re-check."""
         self.domain = domain
@@ -88,6 +111,7 @@ class GuestIntrospector:
         self.bounds = bounds or WalkBounds()
         self.allow_pause = allow_pause
         self.min_rewalk_seconds = min_rewalk_seconds
+        self.lookup_budget_seconds = lookup_budget_seconds
         self.revalidate_seconds = revalidate_seconds
         self._last_walk = -1e9
         self._checked_at = -1e9  # monotonic time of the last boot check that passed
@@ -179,31 +203,45 @@ class GuestIntrospector:
 
     # -- full walks -----------------------------------------------------------------------------
 
-    def walk(self) -> WalkResult:
-        """Every process and inet socket; refreshes the owner index."""
+    def walk(self, bounds: WalkBounds | None = None, *, may_pause: bool = True) -> WalkResult:
+        """Every process and socket; refreshes the owner index (replaced by a complete walk,
+        merged into by an incomplete one)."""
+        bounds = bounds or self.bounds
         boot = self.boot()
-        pause = self._pause if (self._qmp_socket and self.allow_pause) else None
+        pause = self._pause if (self._qmp_socket and self.allow_pause and may_pause) else None
         self._last_walk = time.monotonic()
-        result = walk_guest(boot.space, self.layout, boot.location.virt_shift, self.bounds, pause)
+        result = walk_guest(boot.space, self.layout, boot.location.virt_shift, bounds, pause)
         if result.paused_seconds:
             self.pause_records.append(result.paused_seconds)
         if not result.tasks and result.errors:
             # Nothing readable at all: the guest may have rebooted under us. Re-locate once.
             self._boot = None
             boot = self.boot()
-            result = walk_guest(
-                boot.space, self.layout, boot.location.virt_shift, self.bounds, pause
-            )
-        boot.owners = owners_index(result.tasks, result.sockets)
+            result = walk_guest(boot.space, self.layout, boot.location.virt_shift, bounds, pause)
+        index = owners_index(result.tasks, result.sockets, result.packets)
+        ports = port_index(result.sockets)
+        if result.complete:
+            boot.owners, boot.ports, boot.index_complete = index, ports, True
+        else:  # add what it read, keep what the last complete walk established
+            boot.owners = {**boot.owners, **index}
+            boot.ports = {**boot.ports, **ports}
         boot.last_walk = result
         return result
+
+    def view(self) -> GuestView:
+        """One full walk as flow.GuestView: every inet socket (any protocol), every thread
+        group, the holders of raw and packet sockets, and whether the walk was complete."""
+        result = self.walk()
+        return guest_view(result)
 
     def processes(self) -> list[Task]:
         return sorted(self.walk().tasks, key=lambda t: t.pid)
 
     def sockets(self) -> Sequence[GuestSocket]:
+        """The TCP and UDP sockets of a full walk (what /proc/net/{tcp,udp}{,6} list)."""
         result = self.walk()
-        return guest_sockets(result.sockets, owners_index(result.tasks, result.sockets))
+        port_sockets = [s for s in result.sockets if s.sock.is_port_socket]
+        return guest_sockets(port_sockets, owners_index(result.tasks, result.sockets))
 
     def ps_json(self, result: WalkResult | None = None) -> dict[str, Any]:
         """Exactly the shape of `xfgate-lab truth --json`."""
@@ -232,21 +270,31 @@ class GuestIntrospector:
         if found is None:
             return None
         sock = found.sock
-        owners = self._owners_of(boot, sock.address)
-        return Ownership(owners, sock.sk_uid, sock.state_name, Via.LISTENER, sock.address)
+        deadline = time.monotonic() + self.lookup_budget_seconds
+        holder = found.msk or sock.address
+        owners, known = self._owners_of(boot, holder, deadline)
+        via = Via.MPTCP_SUBFLOW if found.msk else Via.LISTENER
+        return Ownership(owners, sock.sk_uid, sock.state_name, via, sock.address, known)
 
     def lookup(self, flow: Flow) -> Ownership | None:
+        """The socket carrying `flow` and its owners, within the lookup's time budget."""
         boot = self.boot(recheck=False)
+        deadline = time.monotonic() + self.lookup_budget_seconds
         if boot.tables is None:
             return self._lookup_by_walk(flow)
-        found = self._find(boot.tables, flow, listener_only=False)
+        if flow.proto not in TABLE_PROTOS:
+            found = self._find(boot.tables, flow, listener_only=False)  # raw sockets
+            if found is None:
+                return self._lookup_by_port(boot, flow, deadline)
+        else:
+            found = self._find(boot.tables, flow, listener_only=False)
         if found is None:
             return None
         sock = found.sock
         if found.table is HashTable.TIME_WAIT:
             return Ownership((), sock.sk_uid, sock.state_name, Via.TIME_WAIT, sock.address)
         if found.table is HashTable.REQUEST:
-            owners = self._owners_of(boot, found.listener)
+            owners, known = self._owners_of(boot, found.msk or found.listener, deadline)
             try:
                 listener_sock = boot.space.read(found.listener, self.layout.sock_span)
                 sk_uid = self.layout.sk_uid.get(listener_sock)
@@ -256,38 +304,75 @@ class GuestIntrospector:
                 owners,
                 sk_uid,
                 TCPState.NEW_SYN_RECV.name,
-                Via.REQUEST_SOCK_LISTENER,
+                Via.MPTCP_SUBFLOW if found.msk else Via.REQUEST_SOCK_LISTENER,
                 found.listener,
+                known,
             )
-        owners = self._owners_of(boot, sock.address)
+        if found.msk:
+            owners, known = self._owners_of(boot, found.msk, deadline)
+            return Ownership(
+                owners, sock.sk_uid, sock.state_name, Via.MPTCP_SUBFLOW, sock.address, known
+            )
+        owners, known = self._owners_of(boot, sock.address, deadline)
         if not owners and found.table is HashTable.ESTABLISHED and flow.proto == IPProto.TCP:
             # Accepted by the kernel, not yet by the process: it waits in the listener's queue.
             listener = boot.tables.find_listener(flow)
             if listener is not None:
+                l_owners, l_known = self._owners_of(boot, listener.sock.address, deadline)
                 return Ownership(
-                    self._owners_of(boot, listener.sock.address),
+                    l_owners,
                     sock.sk_uid,
                     sock.state_name,
                     Via.ESTABLISHED_LISTENER,
                     sock.address,
+                    l_known,
                 )
         return Ownership(
-            owners, sock.sk_uid, sock.state_name, VIA_OF_TABLE[found.table], sock.address
+            owners, sock.sk_uid, sock.state_name, VIA_OF_TABLE[found.table], sock.address, known
         )
 
-    def _owners_of(self, boot: _Boot, sock_addr: int) -> tuple[Owner, ...]:
+    def _owners_of(
+        self, boot: _Boot, sock_addr: int, deadline: float
+    ) -> tuple[tuple[Owner, ...], bool]:
+        """The sock's holders from the index, and whether they are known. A sock the index
+        lacks triggers one walk bounded by what is left of the lookup's budget, unless the
+        last walk is younger than `min_rewalk_seconds`."""
         owners = boot.owners.get(sock_addr)
-        recent = time.monotonic() - self._last_walk < self.min_rewalk_seconds
-        if owners is None and not recent:  # a socket newer than our last walk
-            self.walk()
-            boot = self.boot(recheck=False)  # the walk just checked it
-            owners = boot.owners.get(sock_addr, ())
-        return owners or ()
+        if owners is not None:
+            return owners, True
+        now = time.monotonic()
+        if now - self._last_walk < self.min_rewalk_seconds or now >= deadline:
+            return (), False
+        bounds = dataclasses.replace(self.bounds, seconds=deadline - now, retries=1)
+        result = self.walk(bounds, may_pause=False)
+        boot = self.boot(recheck=False)  # the walk just checked it
+        owners = boot.owners.get(sock_addr)
+        if owners is not None:
+            return owners, True
+        return (), result.complete  # a complete walk saw no holder: held by no task
+
+    def _lookup_by_port(self, boot: _Boot, flow: Flow, deadline: float) -> Ownership | None:
+        """SCTP and other protocols whose tables are not read: the walks' (protocol, local
+        port) index (a socket bound to the port, any address)."""
+        socks = boot.ports.get((flow.proto, flow.lport))
+        if socks is None and time.monotonic() - self._last_walk >= self.min_rewalk_seconds:
+            now = time.monotonic()
+            if now < deadline:
+                self.walk(dataclasses.replace(self.bounds, seconds=deadline - now, retries=1))
+                boot = self.boot(recheck=False)
+                socks = boot.ports.get((flow.proto, flow.lport))
+        if not socks or boot.last_walk is None:
+            return None
+        sock = next((s.sock for s in boot.last_walk.sockets if s.sock.address == socks[0]), None)
+        owners = tuple(o for addr in socks for o in boot.owners.get(addr, ()))
+        sk_uid = sock.sk_uid if sock is not None else -1
+        state = sock.state_name if sock is not None else "UNKNOWN"
+        return Ownership(owners, sk_uid, state, Via.PORT_INDEX, socks[0], bool(owners))
 
     def _lookup_by_walk(self, flow: Flow) -> Ownership | None:
         """Without hash-table layouts in the profile: match the walk's sockets by 5-tuple."""
         result = self.walk()
-        index = owners_index(result.tasks, result.sockets)
+        index = owners_index(result.tasks, result.sockets, result.packets)
         for s in result.sockets:
             k = s.sock
             if (k.proto, k.lport) != (flow.proto, flow.lport) or k.local != flow.local:
@@ -300,18 +385,73 @@ class GuestIntrospector:
 # -- pure helpers ---------------------------------------------------------------------------------
 
 
+def ancestors_of(tasks: Sequence[Task]) -> dict[int, tuple[int, ...]]:
+    """{tgid: tgids up the real_parent chain, nearest first}, bounded and cycle-safe."""
+    parent = {t.tgid: t.ppid for t in tasks}
+    out: dict[int, tuple[int, ...]] = {}
+    for t in tasks:
+        chain: list[int] = []
+        pid = t.ppid
+        while pid > 0 and pid not in chain and pid != t.tgid and len(chain) < MAX_ANCESTORS:
+            chain.append(pid)
+            pid = parent.get(pid, 0)
+        out[t.tgid] = tuple(chain)
+    return out
+
+
+def task_owners(tasks: Sequence[Task]) -> dict[int, Owner]:
+    """{tgid: the thread group as an Owner (fd -1)}, with exe and ancestors."""
+    ancestors = ancestors_of(tasks)
+    return {
+        t.tgid: Owner(t.tgid, t.uid, t.euid, t.comm, -1, t.exe, ancestors.get(t.tgid, ()))
+        for t in tasks
+    }
+
+
 def owners_index(
-    tasks: Sequence[Task], sockets: Sequence[FdSocket]
+    tasks: Sequence[Task],
+    sockets: Sequence[FdSocket],
+    packets: Sequence[FdPacket] = (),
 ) -> dict[int, tuple[Owner, ...]]:
     """{struct sock address: every (process, fd) holding it}, deterministic order."""
-    by_pid = {t.tgid: t for t in tasks}
+    by_pid = task_owners(tasks)
     index: dict[int, list[Owner]] = {}
-    for s in sorted(sockets, key=lambda s: (s.pid, s.fd)):
-        t = by_pid.get(s.pid)
-        if t is None:
-            continue
-        index.setdefault(s.sock.address, []).append(Owner(t.tgid, t.uid, t.euid, t.comm, s.fd))
+    held: list[tuple[int, int, int]] = [(s.pid, s.fd, s.sock.address) for s in sockets]
+    held += [(p.pid, p.fd, p.sock.address) for p in packets]
+    for pid, fd, addr in sorted(held):
+        t = by_pid.get(pid)
+        if t is not None:
+            index.setdefault(addr, []).append(dataclasses.replace(t, fd=fd))
     return {addr: tuple(owners) for addr, owners in index.items()}
+
+
+def port_index(sockets: Sequence[FdSocket]) -> dict[tuple[int, int], tuple[int, ...]]:
+    """{(protocol, local port): sock addresses} of the protocols the tables do not answer."""
+    index: dict[tuple[int, int], list[int]] = {}
+    for s in sockets:
+        k = s.sock
+        if k.proto in TABLE_PROTOS or k.is_raw or k.lport == 0:
+            continue
+        addrs = index.setdefault((k.proto, k.lport), [])
+        if k.address not in addrs:
+            addrs.append(k.address)
+    return {key: tuple(v) for key, v in index.items()}
+
+
+def guest_view(result: WalkResult) -> GuestView:
+    """flow.GuestView of one walk."""
+    index = owners_index(result.tasks, result.sockets, result.packets)
+    raw = {s.sock.address for s in result.sockets if s.sock.is_raw}
+    raw |= {p.sock.address for p in result.packets}
+    holders = sorted({o for addr in raw for o in index.get(addr, ())}, key=lambda o: (o.pid, o.fd))
+    tasks = sorted(task_owners(result.tasks).values(), key=lambda o: o.pid)
+    return GuestView(
+        sockets=tuple(guest_sockets(result.sockets, index)),
+        tasks=tuple(tasks),
+        raw_holders=tuple(holders),
+        complete=result.complete,
+        problems=tuple(map(str, result.errors)),
+    )
 
 
 def guest_sockets(
@@ -331,6 +471,7 @@ def guest_sockets(
                 k.sk_uid,
                 index.get(k.address, ()),
                 k.address,
+                k.v6only,
             )
     return sorted(seen.values(), key=lambda g: (g.owners[0].pid if g.owners else 0, g.sock_addr))
 
@@ -361,8 +502,39 @@ def ps_document(result: WalkResult) -> dict[str, Any]:
             "state": s.sock.state_name,
         }
         for s in sorted(result.sockets, key=lambda s: (s.pid, s.fd))
+        if s.sock.is_port_socket
     ]
-    return {"processes": processes, "sockets": sockets}
+    doc: dict[str, Any] = {"processes": processes, "sockets": sockets}
+    others = [
+        {
+            "pid": s.pid,
+            "fd": s.fd,
+            "proto": proto_label(s.sock.proto),
+            "type": _sock_type_label(s.sock.sk_type),
+            "family": s.sock.family,
+            "local": str(s.sock.local),
+            "lport": s.sock.lport,
+            "remote": str(s.sock.remote),
+            "rport": s.sock.rport,
+            "state": s.sock.state_name,
+        }
+        for s in sorted(result.sockets, key=lambda s: (s.pid, s.fd))
+        if not s.sock.is_port_socket
+    ]
+    others += [
+        {"pid": p.pid, "fd": p.fd, "proto": "packet", "type": _sock_type_label(p.sock.sk_type)}
+        for p in sorted(result.packets, key=lambda p: (p.pid, p.fd))
+    ]
+    if others:  # sockets /proc/net/{tcp,udp}{,6} do not list: apart, the truth has no such key
+        doc["other_sockets"] = sorted(others, key=lambda o: (o["pid"], o["fd"]))
+    return doc
+
+
+def _sock_type_label(sk_type: int) -> str:
+    try:
+        return SockType(sk_type).name.removeprefix("SOCK_").lower()
+    except ValueError:
+        return str(sk_type)
 
 
 def require_complete(result: WalkResult, what: str = "walk") -> None:

@@ -27,6 +27,26 @@ class SockType(enum.IntEnum):
 
     SOCK_STREAM = 1
     SOCK_DGRAM = 2
+    SOCK_RAW = 3
+    SOCK_RDM = 4
+    SOCK_SEQPACKET = 5
+    SOCK_DCCP = 6
+    SOCK_PACKET = 10
+
+
+# include/linux/socket.h: the packet socket family (sock_common.skc_family of an AF_PACKET sock).
+AF_PACKET = 17
+
+# include/uapi/linux/in.h: socket protocols that are not IP protocol numbers on the wire
+# (IPPROTO_MPTCP is a socket protocol only: its subflows are TCP) or that xfgate.inet lacks.
+IPPROTO_SCTP = 132
+IPPROTO_UDPLITE = 136
+IPPROTO_RAW = 255
+IPPROTO_MPTCP = 262
+
+# fs/namei.c: a path we rebuild from a dentry chain is at most PATH_MAX bytes; NAME_MAX per name.
+PATH_MAX = 4096
+NAME_MAX = 255
 
 
 class TCPState(enum.IntEnum):

@@ -14,7 +14,9 @@ and it may, pauses the guest for one last walk and reports how long.
 from __future__ import annotations
 
 import struct
+import sys
 import time
+from array import array
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -24,6 +26,9 @@ from xfgate.errors import MemoryReadError, ProfileError
 from xfgate.flow import IPAddress
 from xfgate.inet import AddressFamily, IPProto
 from xfgate.vmi.kernel_constants import (
+    AF_PACKET,
+    NAME_MAX,
+    PATH_MAX,
     PF_KTHREAD,
     PF_WQ_WORKER,
     PID_MAX_LIMIT,
@@ -116,6 +121,35 @@ class KernelLayout:
     worker_desc_len: int = 0
     worker_current_work: int = -1
     worker_pool: int = -1
+    # Every thread's file table (optional: the group leader's only without them).
+    task_thread_node: int = -1  # task_struct.thread_node, on signal_struct.thread_head
+    task_signal: int = -1
+    signal_thread_head: int = -1
+    # The executable's path (optional: "" without them): task->mm->exe_file->f_path.dentry,
+    # then d_parent/d_name up to the root.
+    task_mm: int = -1
+    mm_exe_file: int = -1
+    file_dentry: int = -1  # file.f_path.dentry
+    dentry_parent: int = -1
+    dentry_name: int = -1  # dentry.d_name, a struct qstr
+    qstr_len: Field | None = None
+    qstr_name: int = -1
+    # Crossing mounts (optional: paths relative to the file's own mount without them):
+    # path.mnt is &mount.mnt; mount.mnt_parent / mnt_mountpoint lead to where it is mounted.
+    file_mnt: int = -1  # file.f_path.mnt
+    mount_mnt: int = -1
+    mount_parent: int = -1
+    mount_mountpoint: int = -1
+    # sock_common.skc_ipv6only: a bitfield, (byte offset in struct sock, bit in that byte).
+    skc_ipv6only: tuple[int, int] | None = None
+
+    @property
+    def has_threads(self) -> bool:
+        return self.task_thread_node >= 0
+
+    @property
+    def has_exe(self) -> bool:
+        return self.task_mm >= 0 and self.qstr_len is not None
 
     @classmethod
     def from_profile(cls, p: Profile) -> KernelLayout:
@@ -127,6 +161,10 @@ class KernelLayout:
         if names.get("task_flags") is not None:
             t["flags"] = p.offset("task_struct", "flags")
             t["kthread"] = int(str(names["task_kthread"]))
+        extra = {**_thread_layout(p), **_exe_layout(p)}
+        for name in ("task_thread_node", "task_signal", "task_mm"):
+            if name in extra:
+                t[name] = int(str(extra[name]))
         task_span = (min(t.values()), max(t.values()) + TASK_COMM_LEN)
         cred_uid = _int_field(p, "cred", "uid", 4)
         cred_euid = _int_field(p, "cred", "euid", 4)
@@ -135,6 +173,10 @@ class KernelLayout:
         sk = "sock_common"
         common = p.offset("sock", "__sk_common") if p.has_member("sock", "__sk_common") else 0
         sk_uid = _int_field(p, "sock", "sk_uid", 4)
+        v6only = None
+        if p.has_member(sk, "skc_ipv6only"):
+            m = p.member(sk, "skc_ipv6only")
+            v6only = (common + m.offset + m.bit_offset // 8, m.bit_offset % 8)
         return cls(
             task_tasks=t["tasks"],
             task_pid=_int_field(p, "task_struct", "pid", 4),
@@ -168,7 +210,9 @@ class KernelLayout:
             sock_span=max(sk_uid.offset + 4, p.offset("sock", "sk_protocol") + 2),
             init_task=p.symbol("init_task"),
             socket_file_ops=p.symbol("socket_file_ops"),
+            skc_ipv6only=v6only,
             **names,  # type: ignore[arg-type]
+            **extra,  # type: ignore[arg-type]
         )
 
 
@@ -194,13 +238,70 @@ def _proc_name_layout(p: Profile) -> dict[str, Field | int | None]:
     }
 
 
+def _thread_layout(p: Profile) -> dict[str, int]:
+    """signal->thread_head / task_struct.thread_node (3.14+, still on 6.12 where the older
+    thread_group list is gone), or {} if the profile lacks one."""
+    needed = [("task_struct", "thread_node"), ("task_struct", "signal")]
+    if not all(p.has_member(s, m) for s, m in [*needed, ("signal_struct", "thread_head")]):
+        return {}
+    return {
+        "task_thread_node": p.offset("task_struct", "thread_node"),
+        "task_signal": p.offset("task_struct", "signal"),
+        "signal_thread_head": p.offset("signal_struct", "thread_head"),
+    }
+
+
+def _exe_layout(p: Profile) -> dict[str, int | Field]:
+    """Members behind mm->exe_file's path, or {} if the profile lacks one."""
+    needed = [
+        ("task_struct", "mm"),
+        ("mm_struct", "exe_file"),
+        ("file", "f_path"),
+        ("path", "dentry"),
+        ("dentry", "d_parent"),
+        ("dentry", "d_name"),
+        ("qstr", "len"),
+        ("qstr", "name"),
+    ]
+    if not all(p.has_member(s, m) for s, m in needed):
+        return {}
+    return {
+        "task_mm": p.offset("task_struct", "mm"),
+        "mm_exe_file": p.offset("mm_struct", "exe_file"),
+        "file_dentry": p.offset("file", "f_path.dentry"),
+        "dentry_parent": p.offset("dentry", "d_parent"),
+        "dentry_name": p.offset("dentry", "d_name"),
+        "qstr_len": _int_field(p, "qstr", "len", 4),
+        "qstr_name": p.offset("qstr", "name"),
+        **_mount_layout(p),
+    }
+
+
+def _mount_layout(p: Profile) -> dict[str, int]:
+    needed = [("path", "mnt"), ("mount", "mnt"), ("mount", "mnt_parent")]
+    if not all(p.has_member(s, m) for s, m in [*needed, ("mount", "mnt_mountpoint")]):
+        return {}
+    return {
+        "file_mnt": p.offset("file", "f_path.mnt"),
+        "mount_mnt": p.offset("mount", "mnt"),
+        "mount_parent": p.offset("mount", "mnt_parent"),
+        "mount_mountpoint": p.offset("mount", "mnt_mountpoint"),
+    }
+
+
 @dataclass(frozen=True)
 class WalkBounds:
-    """Limits no guest can push a walk past."""
+    """Limits no guest can push a walk past. The defaults fit a 2,000-task guest holding
+    20,000 sockets, and the fd bomb (70 processes x 4,090 dup()s of one socket) many times."""
 
-    max_tasks: int = 32768
-    max_fds: int = 65536  # per fd table, whatever fdtable.max_fds claims
-    max_sockets: int = 262144
+    max_tasks: int = 32768  # thread-group leaders
+    max_threads: int = 65536  # threads over all groups (beyond the leaders)
+    max_fds: int = 1 << 20  # per fd table, whatever fdtable.max_fds claims (fs.nr_open's max)
+    max_fd_slots: int = 1 << 22  # fd slots read over the whole walk (32 MiB of fd arrays)
+    max_files: int = 1 << 18  # distinct struct file resolved per walk (each read once)
+    max_sockets: int = 1 << 18  # (process, fd, socket) entries kept
+    fds_per_file: int = 16  # fds kept per (fd table, file): dup()s beyond that are counted
+    max_depth: int = 64  # dentry names up an exe path
     seconds: float = 2.0  # per attempt
     retries: int = 3  # unpaused attempts before pausing (or giving up)
 
@@ -216,26 +317,58 @@ class Task:
     comm: str  # task_struct.comm
     files: int  # struct files_struct *, 0 for none
     name: str = ""  # what /proc/PID/status shows as Name (kernel threads: longer)
+    exe: str = ""  # mm->exe_file's path ("" for kernel threads or when unreadable)
+    # The other files_structs of the group's threads (unshare(CLONE_FILES)), distinct.
+    thread_files: tuple[int, ...] = ()
+    threads: int = 1
+
+    @property
+    def file_tables(self) -> tuple[int, ...]:
+        """Every distinct files_struct of the thread group, the leader's first."""
+        return tuple(dict.fromkeys(f for f in (self.files, *self.thread_files) if f))
 
 
 @dataclass(frozen=True, slots=True)
 class InetSock:
-    """A struct sock of family AF_INET/AF_INET6, protocol TCP or UDP (the shared
-    struct sock_common also heads inet_timewait_sock and request_sock)."""
+    """A struct sock of family AF_INET/AF_INET6, any protocol and type (the shared struct
+    sock_common also heads inet_timewait_sock and request_sock, TCP by construction)."""
 
     address: int
     family: int  # 4 or 6
-    proto: int  # IPProto.TCP or IPProto.UDP
+    proto: int  # sock.sk_protocol: IPProto.TCP, UDP, ICMP, IPPROTO_UDPLITE, IPPROTO_MPTCP, ...
     state: int
     local: IPAddress
-    lport: int
+    lport: int  # skc_num: the port, the echo id of a ping socket, the protocol of a raw one
     remote: IPAddress
     rport: int
     sk_uid: int
+    sk_type: int = SockType.SOCK_STREAM
+    v6only: bool = False
 
     @property
     def state_name(self) -> str:
         return tcp_state_name(self.state)
+
+    @property
+    def is_port_socket(self) -> bool:
+        """A TCP or UDP socket as /proc/net/{tcp,udp}{,6} lists it (the ps/truth contract)."""
+        return (self.proto, self.sk_type) in (
+            (IPProto.TCP, SockType.SOCK_STREAM),
+            (IPProto.UDP, SockType.SOCK_DGRAM),
+        )
+
+    @property
+    def is_raw(self) -> bool:
+        return self.sk_type == SockType.SOCK_RAW
+
+
+@dataclass(frozen=True, slots=True)
+class PacketSock:
+    """A struct sock of family AF_PACKET: it can send any frame."""
+
+    address: int
+    sk_type: int
+    sk_uid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,14 +380,27 @@ class FdSocket:
     sock: InetSock
 
 
+@dataclass(frozen=True, slots=True)
+class FdPacket:
+    """An AF_PACKET socket held by a process's fd."""
+
+    pid: int  # tgid
+    fd: int
+    sock: PacketSock
+
+
 @dataclass
 class WalkResult:
     tasks: list[Task] = field(default_factory=list)
-    sockets: list[FdSocket] = field(default_factory=list)
+    sockets: list[FdSocket] = field(default_factory=list)  # inet sockets, every protocol
+    packets: list[FdPacket] = field(default_factory=list)
     errors: list[WalkIssue] = field(default_factory=list)
     attempts: int = 0
     paused_seconds: float = 0.0
     seconds: float = 0.0
+    fd_slots: int = 0  # fd-array slots read
+    files: int = 0  # distinct struct file resolved
+    folded_fds: int = 0  # fds beyond fds_per_file of one file in one table (not listed)
 
     @property
     def complete(self) -> bool:
@@ -286,8 +432,13 @@ class Walk:
         self.deadline = Deadline.after(bounds.seconds)
         self.errors: list[WalkIssue] = []
         self._creds: dict[int, tuple[int, int]] = {}
-        self._files: dict[int, list[tuple[int, int]]] = {}  # files_struct -> [(fd, file)]
-        self._socks: dict[int, InetSock | None] = {}  # file -> sock (None: not an inet sock)
+        self._tables: dict[int, dict[int, list[int]]] = {}  # files_struct -> {file: [fd]}
+        self._socks: dict[int, InetSock | PacketSock | None] = {}  # file -> sock (None: other)
+        self._paths: dict[tuple[int, int], str] = {}  # (dentry, vfsmount) -> path
+        self._threads = 0
+        self._files_bound_hit = False
+        self.fd_slots = 0
+        self.folded_fds = 0
 
     def check_time(self, what: str) -> None:
         if self.deadline.expired():
@@ -298,7 +449,8 @@ class Walk:
         return is_kernel_pointer(value, self.space.levels)
 
     def issue(self, what: str, reason: WalkReason, address: int = 0, detail: str = "") -> None:
-        self.errors.append(WalkIssue(what, reason, address, detail=detail))
+        if len(self.errors) < MAX_ISSUES:  # garbage memory must not make a walk slow itself
+            self.errors.append(WalkIssue(what, reason, address, detail=detail))
 
     def wild(self, what: str, address: int) -> None:
         self.issue(what, WalkReason.POINTER_OUT_OF_RANGE, address)
@@ -359,7 +511,149 @@ class Walk:
         comm_raw = blob[lay.task_comm - lo : lay.task_comm - lo + TASK_COMM_LEN]
         comm = comm_raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
         files = self._u64(blob, lay.task_files - lo)
-        return Task(address, pid, tgid, ppid, uid, euid, comm, files, self._proc_name(blob, comm))
+        thread_files, threads = self._thread_files(address, blob, files, pid)
+        return Task(
+            address,
+            pid,
+            tgid,
+            ppid,
+            uid,
+            euid,
+            comm,
+            files,
+            self._proc_name(blob, comm),
+            self._exe(blob, pid),
+            thread_files,
+            threads,
+        )
+
+    def _thread_files(
+        self, leader: int, blob: bytes, files: int, pid: int
+    ) -> tuple[tuple[int, ...], int]:
+        """The distinct files_structs of the leader's other threads (on signal->thread_head,
+        linked by task_struct.thread_node), and the thread count; bounded, never raises."""
+        lay = self.layout
+        if not lay.has_threads:
+            return (), 1
+        lo = lay.task_span[0]
+        node = leader + lay.task_thread_node
+        nxt = self._u64(blob, lay.task_thread_node - lo)
+        signal = self._u64(blob, lay.task_signal - lo)
+        head = signal + lay.signal_thread_head
+        if nxt == head:  # the usual case: a single-threaded process, nothing more to read
+            return (), 1
+        if not self.is_kernel_pointer(signal):
+            self.wild(f"signal of pid {pid}", signal)
+            return (), 1
+        span_lo = min(lay.task_thread_node, lay.task_files, lay.task_pid.offset)
+        span_hi = max(lay.task_thread_node + 16, lay.task_files + 8, lay.task_pid.offset + 4)
+
+        def read_thread(n: int) -> Links[tuple[int, int]]:
+            t = self.space.read(n - lay.task_thread_node + span_lo, span_hi - span_lo)
+            nxt, prev = struct.unpack_from("<QQ", t, lay.task_thread_node - span_lo)
+            f = self._u64(t, lay.task_files - span_lo)
+            return Links(nxt, prev, (lay.task_pid.get(t, span_lo), f))
+
+        remaining = max(0, self.bounds.max_threads - self._threads)
+        spec = ListSpec(
+            f"threads of pid {pid}", head, head.__eq__, self.is_kernel_pointer, remaining
+        )
+        first = self.read(head, 8, f"threads of pid {pid}")
+        if first is None:
+            return (), 1
+        walked = walk_list(spec, self._u64(first, 0), read_thread, self.deadline)
+        if walked.issue is not None:
+            self.errors.append(walked.issue)
+        self._threads += len(walked.nodes)
+        found = [f for n, (_tid, f) in walked.nodes if n != node and f and f != files]
+        return tuple(dict.fromkeys(found)), max(1, len(walked.nodes))
+
+    def _exe(self, blob: bytes, pid: int) -> str:
+        """mm->exe_file's path from its dentry chain; "" for a kernel thread or unreadable."""
+        lay = self.layout
+        if not lay.has_exe:
+            return ""
+        mm = self._u64(blob, lay.task_mm - lay.task_span[0])
+        if mm == 0:
+            return ""
+        what = f"exe of pid {pid}"
+        if not self.is_kernel_pointer(mm):
+            self.wild(what, mm)
+            return ""
+        raw = self.read(mm + lay.mm_exe_file, 8, what)
+        exe_file = 0 if raw is None else self._u64(raw, 0)
+        if not self.is_kernel_pointer(exe_file):
+            return ""
+        lo = min(lay.file_dentry, lay.file_mnt) if lay.file_mnt >= 0 else lay.file_dentry
+        raw = self.read(exe_file + lo, lay.file_dentry + 8 - lo, what)
+        if raw is None:
+            return ""
+        mnt = self._u64(raw, lay.file_mnt - lo) if lay.file_mnt >= 0 else 0
+        return self.dentry_path(self._u64(raw, lay.file_dentry - lo), what, mnt)
+
+    def dentry_path(self, dentry: int, what: str, vfsmount: int = 0) -> str:
+        """The path of `dentry` (in the mount whose struct vfsmount is `vfsmount`) by d_name up
+        to each filesystem's root (d_parent == itself), then on from the mount's mountpoint in
+        its parent mount (mount.mnt_parent == itself at the namespace's root), bounded in depth
+        and length; cached per walk; "" when a link is unreadable."""
+        key = (dentry, vfsmount)
+        cached = self._paths.get(key)
+        if cached is not None:
+            return cached
+        start = dentry
+        lay = self.layout
+        assert lay.qstr_len is not None
+        names: list[bytes] = []
+        pos, total = dentry, 0
+        span_lo = min(lay.dentry_parent, lay.dentry_name)
+        span_hi = max(lay.dentry_parent + 8, lay.dentry_name + lay.qstr_name + 8)
+        name_len = lay.dentry_name - span_lo
+        for _ in range(self.bounds.max_depth):
+            if not self.is_kernel_pointer(pos):
+                self.wild(what, pos)
+                return ""
+            d = self.read(pos + span_lo, span_hi - span_lo, what)
+            if d is None:
+                return ""
+            parent = self._u64(d, lay.dentry_parent - span_lo)
+            if parent == pos:  # the root of its filesystem: of the mount namespace too?
+                up = self._mountpoint(vfsmount, what)
+                if up is not None:
+                    pos, vfsmount = up
+                    continue
+                path = "/" + "/".join(n.decode(errors="replace") for n in reversed(names))
+                self._paths[key] = path
+                return path
+            length = lay.qstr_len.get(d, -name_len)
+            name = self._u64(d, name_len + lay.qstr_name)
+            total += length + 1
+            if not 0 < length <= NAME_MAX or total > PATH_MAX or not self.is_kernel_pointer(name):
+                self.issue(what, WalkReason.IMPLAUSIBLE, pos, f"name length {length}")
+                return ""
+            raw = self.read(name, length, what)
+            if raw is None:
+                return ""
+            names.append(raw)
+            pos = parent
+        self.issue(what, WalkReason.STEP_BOUND, start, f"deeper than {self.bounds.max_depth}")
+        return ""
+
+    def _mountpoint(self, vfsmount: int, what: str) -> tuple[int, int] | None:
+        """(mountpoint dentry, parent's vfsmount) of a mount that is not the namespace's
+        root, else None."""
+        lay = self.layout
+        if vfsmount == 0 or lay.mount_mnt < 0 or not self.is_kernel_pointer(vfsmount):
+            return None
+        mount = vfsmount - lay.mount_mnt
+        lo = min(lay.mount_parent, lay.mount_mountpoint)
+        raw = self.read(mount + lo, max(lay.mount_parent, lay.mount_mountpoint) + 8 - lo, what)
+        if raw is None:
+            return None
+        parent = self._u64(raw, lay.mount_parent - lo)
+        point = self._u64(raw, lay.mount_mountpoint - lo)
+        if parent == mount or not self.is_kernel_pointer(parent):
+            return None
+        return point, parent + lay.mount_mnt
 
     def _proc_name(self, blob: bytes, comm: str) -> str:
         """proc_task_name(): workqueue workers get "-desc"/"+desc" appended, other kernel
@@ -434,29 +728,28 @@ class Walk:
 
     # -- files and sockets ------------------------------------------------------------------
 
-    def task_files(self, task: Task) -> list[tuple[int, int]]:
-        """[(fd, struct file *)] of a task's fd table, bounded by max_fds and our own cap."""
-        files = task.files
-        if files == 0:
-            return []
-        cached = self._files.get(files)
+    def fd_table(self, files: int, pid: int) -> dict[int, list[int]]:
+        """{struct file *: [fd, ...]} of one files_struct, read once per walk: the fd array in
+        one read, each distinct file once; at most `fds_per_file` fds kept per file (dup()s
+        beyond are counted in `folded_fds`). Bounded by max_fds and the walk's max_fd_slots."""
+        cached = self._tables.get(files)
         if cached is not None:
             return cached
+        out: dict[int, list[int]] = {}
+        self._tables[files] = out
         lay = self.layout
-        out: list[tuple[int, int]] = []
-        self._files[files] = out
         if not self.is_kernel_pointer(files):
-            self.wild(f"files of pid {task.pid}", files)
+            self.wild(f"files of pid {pid}", files)
             return out
-        blob = self.read(files + lay.files_fdt, 8, f"files of pid {task.pid}")
+        blob = self.read(files + lay.files_fdt, 8, f"files of pid {pid}")
         if blob is None:
             return out
         fdt = self._u64(blob, 0)
         if not self.is_kernel_pointer(fdt):
-            self.wild(f"fdtable of pid {task.pid}", fdt)
+            self.wild(f"fdtable of pid {pid}", fdt)
             return out
         head = self.read(
-            fdt, max(lay.fdt_fd + 8, lay.fdt_max_fds.offset + 4), f"fdtable of pid {task.pid}"
+            fdt, max(lay.fdt_fd + 8, lay.fdt_max_fds.offset + 4), f"fdtable of pid {pid}"
         )
         if head is None:
             return out
@@ -465,23 +758,69 @@ class Walk:
         count = min(max_fds, self.bounds.max_fds)
         if max_fds > self.bounds.max_fds:
             detail = f"fdtable claims {max_fds} fds, read only {self.bounds.max_fds}"
-            self.issue(f"fd table of pid {task.pid}", WalkReason.STEP_BOUND, fdt, detail)
+            self.issue(f"fd table of pid {pid}", WalkReason.STEP_BOUND, fdt, detail)
+        left = self.bounds.max_fd_slots - self.fd_slots
+        if count > left:
+            detail = f"more than {self.bounds.max_fd_slots} fd slots in this walk"
+            self.issue(f"fd table of pid {pid}", WalkReason.STEP_BOUND, fdt, detail)
+            count = max(0, left)
         if count == 0:
             return out
         if not self.is_kernel_pointer(fd_array):
-            self.wild(f"fd array of pid {task.pid}", fd_array)
+            self.wild(f"fd array of pid {pid}", fd_array)
             return out
-        arr = self.read(fd_array, count * 8, f"fd array of pid {task.pid}")
+        arr = self.read(fd_array, count * 8, f"fd array of pid {pid}")
         if arr is None:
             return out
-        out.extend((fd, f) for fd, (f,) in enumerate(struct.iter_unpack("<Q", arr)) if f)
+        self.fd_slots += count
+        slots = array("Q")
+        slots.frombytes(arr)
+        if sys.byteorder != "little":  # pragma: no cover - x86 guests on a big-endian host
+            slots.byteswap()
+        distinct = set(slots)
+        distinct.discard(0)
+        per_file = self.bounds.fds_per_file
+        if len(distinct) > _FEW_FILES:  # one pass in Python: O(slots)
+            for fd, file in enumerate(slots):
+                if not fd & 0xFFFF:
+                    self.check_time(f"fd table of pid {pid}")
+                if file:
+                    fds = out.setdefault(file, [])
+                    if len(fds) < per_file:
+                        fds.append(fd)
+                    else:
+                        self.folded_fds += 1
+            return out
+        # Few distinct files (the fd bomb: thousands of dup()s of one socket): search the
+        # array at C speed, O(distinct x slots).
+        for file in sorted(distinct, key=slots.index):  # in fd order
+            fds = []
+            start = 0
+            while len(fds) < per_file:
+                try:
+                    fd = slots.index(file, start)
+                except ValueError:
+                    break
+                fds.append(fd)
+                start = fd + 1
+            else:
+                self.folded_fds += slots.count(file) - per_file
+            out[file] = fds
         return out
 
-    def socket_from_file(self, file: int, pid: int, fd: int) -> InetSock | None:
-        """The inet sock behind a socket file (f_op == &socket_file_ops), else None."""
+    def socket_from_file(self, file: int, pid: int, fd: int) -> InetSock | PacketSock | None:
+        """The sock behind a socket file (f_op == &socket_file_ops): an inet sock of any
+        protocol or a packet sock; None for any other file. Each file is resolved once per
+        walk, at most `max_files` of them."""
         if file in self._socks:
             return self._socks[file]
         self._socks[file] = None
+        if len(self._socks) > self.bounds.max_files:
+            if not self._files_bound_hit:
+                detail = f"more than {self.bounds.max_files} distinct files"
+                self.issue("fd tables", WalkReason.STEP_BOUND, file, detail)
+                self._files_bound_hit = True
+            return None
         if not self.is_kernel_pointer(file):
             self.wild(f"file of pid {pid} fd {fd}", file)
             return None
@@ -505,44 +844,66 @@ class Walk:
         if not self.is_kernel_pointer(sk):
             self.wild(f"sock of pid {pid} fd {fd}", sk)
             return None
-        result = self.inet_sock(sk)
+        result = self.any_sock(sk)
         self._socks[file] = result
         return result
+
+    def any_sock(self, sk: int) -> InetSock | PacketSock | None:
+        blob = self.read(sk, self.layout.sock_span, "struct sock")
+        if blob is None:
+            return None
+        if self.layout.skc_family.get(blob) == AF_PACKET:
+            lay = self.layout
+            return PacketSock(sk, lay.sk_type.get(blob), lay.sk_uid.get(blob))
+        return decode_inet_sock(self.layout, sk, blob)
 
     def inet_sock(self, sk: int) -> InetSock | None:
         blob = self.read(sk, self.layout.sock_span, "struct sock")
         return None if blob is None else decode_inet_sock(self.layout, sk, blob)
 
-    def sockets(self, tasks: list[Task]) -> list[FdSocket]:
-        out: list[FdSocket] = []
+    def sockets(self, tasks: list[Task], result: WalkResult) -> None:
+        """Every socket held by each thread group's fds (all its threads' file tables) into
+        `result`, (tgid, fd, sock) once each; a bound stops adding, keeps what was read."""
         for task in tasks:
             self.check_time("fd tables")
-            for fd, file in self.task_files(task):
-                sock = self.socket_from_file(file, task.tgid, fd)
-                if sock is not None:
-                    out.append(FdSocket(task.tgid, fd, sock))
-                    if len(out) > self.bounds.max_sockets:
-                        detail = f"more than {self.bounds.max_sockets} sockets"
-                        issue = WalkIssue("fd tables", WalkReason.STEP_BOUND, detail=detail)
-                        raise WalkAborted(issue)
-        return out
+            seen: set[tuple[int, int]] = set()
+            for files in task.file_tables:
+                for n, (file, fds) in enumerate(self.fd_table(files, task.tgid).items()):
+                    if not n & 0xFF:
+                        self.check_time("fd tables")
+                    sock = self.socket_from_file(file, task.tgid, fds[0] if fds else -1)
+                    if sock is None:
+                        continue
+                    for fd in fds:
+                        if (fd, sock.address) in seen:
+                            continue
+                        seen.add((fd, sock.address))
+                        if len(result.sockets) + len(result.packets) >= self.bounds.max_sockets:
+                            detail = f"more than {self.bounds.max_sockets} sockets"
+                            issue = WalkIssue("fd tables", WalkReason.STEP_BOUND, detail=detail)
+                            raise WalkAborted(issue)
+                        if isinstance(sock, PacketSock):
+                            result.packets.append(FdPacket(task.tgid, fd, sock))
+                        else:
+                            result.sockets.append(FdSocket(task.tgid, fd, sock))
 
 
 def decode_inet_sock(layout: KernelLayout, address: int, blob: bytes) -> InetSock | None:
-    """A struct sock (or its sock_common head) decoded; None unless inet TCP/UDP."""
+    """A struct sock (or its sock_common head) decoded; None unless AF_INET/AF_INET6."""
     lay = layout
     family = lay.skc_family.get(blob)
     if family not in (AddressFamily.INET, AddressFamily.INET6):
         return None
     if len(blob) >= lay.sock_span:
         proto = lay.sk_protocol.get(blob)
-        if proto not in (IPProto.TCP, IPProto.UDP):
-            return None
-        if lay.sk_type.get(blob) not in (SockType.SOCK_STREAM, SockType.SOCK_DGRAM):
-            return None
+        sk_type = lay.sk_type.get(blob)
         sk_uid = lay.sk_uid.get(blob)
     else:  # only the sock_common head (time-wait or request sock): TCP by construction
-        proto, sk_uid = IPProto.TCP, 0
+        proto, sk_type, sk_uid = IPProto.TCP, SockType.SOCK_STREAM, 0
+    v6only = False
+    if lay.skc_ipv6only is not None and family == AddressFamily.INET6:
+        byte, bit = lay.skc_ipv6only
+        v6only = bool(blob[byte] >> bit & 1)
     local: IPAddress
     remote: IPAddress
     if family == AddressFamily.INET:
@@ -561,7 +922,13 @@ def decode_inet_sock(layout: KernelLayout, address: int, blob: bytes) -> InetSoc
         remote=remote,
         rport=struct.unpack_from(">H", blob, lay.skc_dport)[0],
         sk_uid=sk_uid,
+        sk_type=sk_type,
+        v6only=v6only,
     )
+
+
+MAX_ISSUES = 256  # issues recorded per walk attempt (the first ones; the walk is incomplete)
+_FEW_FILES = 64  # distinct files in one table below which fd_table searches the array in C
 
 
 PauseFactory = Callable[[], AbstractContextManager[PauseRecord]]
@@ -576,12 +943,17 @@ def walk_once(
     result = WalkResult(attempts=1)
     try:
         result.tasks = walk.for_each_task()
-        result.sockets = walk.sockets(result.tasks)
-    except WalkAborted as e:
+        walk.sockets(result.tasks, result)
+    except WalkAborted as e:  # what was read before the bound is kept
         walk.errors.append(e.issue)
     except (MemoryReadError, struct.error, ValueError) as e:  # belt and braces: bad guest data
         walk.errors.append(WalkIssue("walk", WalkReason.IMPLAUSIBLE, detail=f"bad data: {e}"))
     result.errors = walk.errors
+    result.fd_slots, result.files, result.folded_fds = (
+        walk.fd_slots,
+        len(walk._socks),
+        walk.folded_fds,
+    )
     return result
 
 

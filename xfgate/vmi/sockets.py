@@ -5,7 +5,15 @@ The kernel's own hash tables, as in Linux 6.1 (layouts from the profile, members
     inet_ehashfn/inet6_ehashfn with the secrets read from guest memory; chained on
     sock_common.skc_nulls_node, ended by a "nulls" marker (odd pointer);
   - tcp_hashinfo.lhash2: listeners by (address, port) (ipv4/ipv6_portaddr_hash), same chaining;
-  - udp_table.hash: UDP socks by local port ((port + net_hash_mix) & mask), on skc_node.
+  - udp_table.hash: UDP socks by local port ((port + net_hash_mix) & mask), on skc_node;
+    udplite_table the same for UDP-Lite (IP protocol 136);
+  - ping_table.hash: ICMP/ICMPv6 echo ("ping") sockets by echo identifier (their skc_num),
+    ((id + net_hash_mix) & mask) (net/ipv4/ping.c ping_hashfn), on skc_nulls_node;
+  - raw_v4_hashinfo/raw_v6_hashinfo.ht: raw sockets, skc_num = their IP protocol. The bucket
+    function changed in v6.0 (commit 0daf07e52709 moved them to hlist_nulls and hashed with
+    net_hash_mix; later stable kernels went back to hlist): all buckets are read, one small array;
+  - MPTCP: a TCP sock whose inet_connection_sock.icsk_ulp_ops is &subflow_ulp_ops is a subflow;
+    icsk_ulp_data -> mptcp_subflow_context.conn is the MPTCP socket the process holds.
 Only the initial network namespace (init_net) is searched: that is the one holding the guest's NIC.
 Every chain is followed by `walk.walk_list`: bounded in steps and time, cycle-safe, each node's
 `pprev` checked against where the walk came from; a broken chain ends the lookup with a structured
@@ -14,6 +22,7 @@ reason (`SocketTables.errors`), not an exception.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 from dataclasses import dataclass
@@ -23,7 +32,7 @@ from xfgate.errors import MemoryReadError, ProfileError
 from xfgate.flow import Flow
 from xfgate.inet import AddressFamily, IPProto
 from xfgate.vmi import jhash
-from xfgate.vmi.kernel_constants import TCPState
+from xfgate.vmi.kernel_constants import IPPROTO_RAW, IPPROTO_UDPLITE, TCPState
 from xfgate.vmi.linux import (
     InetSock,
     KernelLayout,
@@ -77,6 +86,19 @@ class HashLayout:
     skc_listener: int
     skc_net: int
     sock_common_size: int
+    # Optional tables and members (0 / -1 when the profile lacks them: lookups skip them).
+    udplite_table: int = 0
+    ping_table: int = 0
+    ping_hash: int = -1
+    ping_buckets: int = 0
+    raw_v4_hashinfo: int = 0
+    raw_v6_hashinfo: int = 0
+    raw_ht: int = -1
+    raw_buckets: int = 0
+    subflow_ulp_ops: int = 0
+    icsk_ulp_ops: int = -1
+    icsk_ulp_data: int = -1
+    subflow_conn: int = -1
 
     @classmethod
     def from_profile(cls, p: Profile) -> HashLayout:
@@ -106,7 +128,37 @@ class HashLayout:
             skc_listener=p.offset("sock_common", "skc_listener"),
             skc_net=p.offset("sock_common", "skc_net"),
             sock_common_size=p.size("sock_common"),
+            **_optional_tables(p),
         )
+
+
+def _optional_tables(p: Profile) -> dict[str, int]:
+    """The tables of the other protocols, each only if the profile has all it needs."""
+    out: dict[str, int] = {}
+    if p.has_symbol("udplite_table"):
+        out["udplite_table"] = p.symbol("udplite_table")
+    if p.has_symbol("ping_table") and p.has_member("ping_table", "hash"):
+        out["ping_table"] = p.symbol("ping_table")
+        out["ping_hash"] = p.offset("ping_table", "hash")
+        out["ping_buckets"] = p.member("ping_table", "hash").size // 8  # one head pointer each
+    if p.has_member("raw_hashinfo", "ht") and p.has_symbol("raw_v4_hashinfo"):
+        out["raw_v4_hashinfo"] = p.symbol("raw_v4_hashinfo")
+        out["raw_v6_hashinfo"] = (
+            p.symbol("raw_v6_hashinfo") if p.has_symbol("raw_v6_hashinfo") else 0
+        )
+        out["raw_ht"] = p.offset("raw_hashinfo", "ht")
+        out["raw_buckets"] = p.member("raw_hashinfo", "ht").size // 8
+    mptcp = [("inet_connection_sock", m) for m in ("icsk_ulp_ops", "icsk_ulp_data")]
+    if (
+        p.has_symbol("subflow_ulp_ops")
+        and all(p.has_member(s, m) for s, m in mptcp)
+        and p.has_member("mptcp_subflow_context", "conn")
+    ):
+        out["subflow_ulp_ops"] = p.symbol("subflow_ulp_ops")
+        out["icsk_ulp_ops"] = p.offset("inet_connection_sock", "icsk_ulp_ops")
+        out["icsk_ulp_data"] = p.offset("inet_connection_sock", "icsk_ulp_data")
+        out["subflow_conn"] = p.offset("mptcp_subflow_context", "conn")
+    return out
 
 
 class HashTable(enum.StrEnum):
@@ -117,6 +169,9 @@ class HashTable(enum.StrEnum):
     REQUEST = "request"  # ehash, a request_sock (TCP_NEW_SYN_RECV)
     LISTENER = "listener"  # tcp_hashinfo.lhash2
     UDP = "udp"  # udp_table
+    UDPLITE = "udplite"  # udplite_table
+    PING = "ping"  # ping_table
+    RAW = "raw"  # raw_v4_hashinfo / raw_v6_hashinfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +181,7 @@ class FoundSock:
     sock: InetSock
     table: HashTable
     listener: int = 0
+    msk: int = 0  # an MPTCP subflow (or a request of a subflow listener): its MPTCP sock
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +202,8 @@ class _Tables:
     lhash2_mask: int
     udp_hash: int
     udp_mask: int
+    udplite_hash: int = 0
+    udplite_mask: int = 0
 
 
 class SocketTables:
@@ -201,6 +259,13 @@ class SocketTables:
             udp_hash=self._u64(udp + h.udp_hash),
             udp_mask=self._u32(udp + h.udp_mask),
         )
+        if h.udplite_table:
+            lite = h.udplite_table + self.shift
+            found = dataclasses.replace(
+                found,
+                udplite_hash=self._u64(lite + h.udp_hash),
+                udplite_mask=self._u32(lite + h.udp_mask),
+            )
         if found.ehash and found.lhash2 and found.udp_hash:
             self._tables = found
         return found
@@ -210,13 +275,43 @@ class SocketTables:
         self._start()
         flow = unmap_v4(flow)
         try:
-            if flow.proto == IPProto.TCP:
-                return self._established(flow) or self._listener(flow)
-            if flow.proto == IPProto.UDP:
-                return self._udp(flow)
+            found = self._by_protocol(flow)
+            if found is None:  # a packet no port/echo socket sends: a raw socket's?
+                found = self._raw(flow)
+            return found
         except MemoryReadError as e:
             self._unreadable(e)
         return None
+
+    def _by_protocol(self, flow: Flow) -> FoundSock | None:
+        if flow.proto == IPProto.TCP:
+            found = self._established(flow) or self._listener(flow)
+            if found is not None and found.table is not HashTable.TIME_WAIT:
+                sk = found.listener if found.table is HashTable.REQUEST else found.sock.address
+                msk = self.mptcp_msk(sk)
+                if msk:
+                    found = dataclasses.replace(found, msk=msk)
+            return found
+        if flow.proto == IPProto.UDP:
+            return self._udp(flow)
+        if flow.proto == IPPROTO_UDPLITE:
+            return self._udp(flow, lite=True)
+        if flow.proto in (IPProto.ICMP, IPProto.ICMPV6):
+            return self._ping(flow)
+        return None
+
+    def mptcp_msk(self, sk: int) -> int:
+        """The MPTCP socket of a TCP subflow (icsk_ulp_ops == &subflow_ulp_ops), else 0."""
+        h = self.h
+        if not h.subflow_ulp_ops or not is_kernel_pointer(sk, self.space.levels):
+            return 0
+        if self._u64(sk + h.icsk_ulp_ops) != h.subflow_ulp_ops + self.shift:
+            return 0
+        ctx = self._u64(sk + h.icsk_ulp_data)
+        if not is_kernel_pointer(ctx, self.space.levels):
+            return 0
+        conn = self._u64(ctx + h.subflow_conn)
+        return conn if is_kernel_pointer(conn, self.space.levels) else 0
 
     def find_listener(self, flow: Flow) -> FoundSock | None:
         """The TCP listener that would take a new connection for `flow`."""
@@ -332,20 +427,75 @@ class SocketTables:
 
     # -- UDP ------------------------------------------------------------------------------------
 
-    def _udp(self, flow: Flow) -> FoundSock | None:
+    def _udp(self, flow: Flow, lite: bool = False) -> FoundSock | None:
         """udp4/6_lib_lookup1 on the port-hashed table, with the kernel's scoring."""
         h, sec, tab = self.h, self.secrets(), self.tables()
-        hash_base, mask = tab.udp_hash, tab.udp_mask
+        if lite:
+            hash_base, mask = tab.udplite_hash, tab.udplite_mask
+            proto, table = IPPROTO_UDPLITE, HashTable.UDPLITE
+            if not hash_base:
+                return None
+        else:
+            hash_base, mask = tab.udp_hash, tab.udp_mask
+            proto, table = IPProto.UDP, HashTable.UDP
         slot = hash_base + ((flow.lport + sec.hash_mix) & mask) * h.hslot_size + h.hslot_head
         best: tuple[int, FoundSock] | None = None
-        for sk in self._chain(slot, h.skc_node, "udp hash"):
+        for sk in self._chain(slot, h.skc_node, f"{table} hash"):
             head = self._head(sk)
             score = _udp_score(self.layout, head, flow)
             if score > 0 and self._in_init_net(head) and (best is None or score > best[0]):
                 sock = self._full(sk, head)
-                if sock is not None and sock.proto == IPProto.UDP:
-                    best = (score, FoundSock(sock, HashTable.UDP))
+                if sock is not None and sock.proto == proto:
+                    best = (score, FoundSock(sock, table))
         return best[1] if best else None
+
+    # -- ICMP echo and raw ----------------------------------------------------------------------
+
+    def _ping(self, flow: Flow) -> FoundSock | None:
+        """ping_lookup: the socket whose skc_num is the echo identifier (`flow.lport`), of the
+        flow's family, its bound address (if any) the flow's local one."""
+        h = self.h
+        if not h.ping_table or h.ping_buckets <= 0:
+            return None
+        slot = (flow.lport + self.secrets().hash_mix) & (h.ping_buckets - 1)
+        bucket = h.ping_table + self.shift + h.ping_hash + slot * 8
+        want = IPProto.ICMP if flow.family == 4 else IPProto.ICMPV6
+        for sk in self._chain(bucket, h.skc_nulls_node, "ping hash"):
+            head = self._head(sk)
+            if _u16(head, self.layout.skc_num) != flow.lport or not self._in_init_net(head):
+                continue
+            sock = self._full(sk, head)
+            if sock is None or sock.proto != want or sock.family != flow.family:
+                continue
+            if not _bound_matches(sock, flow):
+                continue
+            return FoundSock(sock, HashTable.PING)
+        return None
+
+    def _raw(self, flow: Flow) -> FoundSock | None:
+        """A raw socket of the flow's IP protocol (skc_num), or an IPPROTO_RAW one (it may
+        send any protocol), its bound/connected addresses matching; every bucket is read."""
+        h = self.h
+        table = h.raw_v4_hashinfo if flow.family == 4 else h.raw_v6_hashinfo
+        if not table or h.raw_buckets <= 0:
+            return None
+        base = table + self.shift + h.raw_ht
+        heads = self.space.read(base, h.raw_buckets * 8)
+        found: dict[int, FoundSock] = {}
+        for i, (first,) in enumerate(struct.iter_unpack("<Q", heads)):
+            if first == 0 or first & 1:  # empty: NULL or a nulls marker
+                continue
+            for sk in self._chain(base + i * 8, h.skc_node, "raw hash"):
+                head = self._head(sk)
+                num = _u16(head, self.layout.skc_num)
+                if num not in (flow.proto, IPPROTO_RAW) or num in found:
+                    continue
+                if not self._in_init_net(head):
+                    continue
+                sock = self._full(sk, head)
+                if sock is not None and sock.family == flow.family and _bound_matches(sock, flow):
+                    found[num] = FoundSock(sock, HashTable.RAW)
+        return found.get(flow.proto) or found.get(IPPROTO_RAW)
 
 
 # -- matching (pure, over a sock_common head) ----------------------------------------------------
@@ -453,6 +603,13 @@ def _udp_score(lay: KernelLayout, head: bytes, flow: Flow) -> int:
             return 0
         score += 4
     return score
+
+
+def _bound_matches(sock: InetSock, flow: Flow) -> bool:
+    """A socket bound to an address (or connected to one) takes only flows with it."""
+    if not sock.local.is_unspecified and sock.local != flow.local:
+        return False
+    return sock.remote.is_unspecified or sock.remote == flow.remote
 
 
 def unmap_v4(flow: Flow) -> Flow:
