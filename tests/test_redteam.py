@@ -75,16 +75,18 @@ def rlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedteamLab]:
                 swap(saved)
 
 
-def record(result: ProbeResult) -> None:
+def run(rlab: RedteamLab, name: str) -> ProbeResult:
+    """One probe, its result appended to $XFGATE_REDTEAM_RESULTS (before any assertion)."""
+    result = run_probe(rlab, PROBES[name])
     path = os.environ.get("XFGATE_REDTEAM_RESULTS")
     if path:
         with Path(path).open("a") as f:
             f.write(json.dumps(result.summary()) + "\n")
+    return result
 
 
 def assert_held(result: ProbeResult) -> None:
     """The issue's bar for every probe."""
-    record(result)
     assert not result.gate_error, f"the gate did not start: {result.gate_error}"
     assert result.packets_out == 0, (
         f"{result.packets_out} packets of the blocked owner reached the client "
@@ -115,13 +117,13 @@ SIMPLE = [
 def test_blocked_user_gets_nothing_out(rlab: RedteamLab, name: str) -> None:
     """MPTCP, a thread's private fd table, UDP-Lite, ping sockets, a forged raw SYN with a good
     listener's source port, VLAN/QinQ/PPPoE/other-ethertype frames: blocked, all of it."""
-    assert_held(run_probe(rlab, PROBES[name]))
+    assert_held(run(rlab, name))
 
 
 def test_fd_bomb(rlab: RedteamLab) -> None:
     """70 processes x 4,090 dup()s of one socket: the attacker's connections still dropped,
     `status` answers within 1 s at every poll, uid 1000's :8000 answers >= 95 %."""
-    result = run_probe(rlab, PROBES["fdbomb"])
+    result = run(rlab, "fdbomb")
     assert "286300 dups" in result.output, f"the bomb did not go off: {result.output}"
     assert result.status is not None
     st = result.status
@@ -135,20 +137,20 @@ def test_fd_bomb(rlab: RedteamLab) -> None:
 
 def test_v6only_bind_does_not_cut_off_ipv4(rlab: RedteamLab) -> None:
     """[::]:8080 with IPV6_V6ONLY by the blocked user: uid 1000's IPv4 :8080 keeps answering."""
-    assert_held(run_probe(rlab, PROBES["bind6only"]))
+    assert_held(run(rlab, "bind6only"))
 
 
 def test_fork_escape_block_pid(rlab: RedteamLab) -> None:
     """--block-pid of the probe's parent shell, then a double fork chain: still blocked."""
-    assert_held(run_probe(rlab, PROBES["spawn"]))
+    assert_held(run(rlab, "spawn"))
 
 
 def test_rename_block_exe(rlab: RedteamLab) -> None:
     """--block-exe /bin/xfprobe; the probe renames itself (PR_SET_NAME) first: still blocked."""
-    assert_held(run_probe(rlab, PROBES["rename"]))
+    assert_held(run(rlab, "rename"))
 
 
 def test_restart_under_attack(rlab: RedteamLab) -> None:
     """SIGTERM the gate while the blocked user connects, start it again: 0 packets out."""
-    result = run_probe(rlab, PROBES["restart"])
+    result = run(rlab, "restart")
     assert_held(result)
