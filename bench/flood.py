@@ -170,10 +170,15 @@ def summarize(runs: list[FloodRun]) -> dict[str, dict[str, float]]:
             "success_pct_on": mean([r.success_pct for r in on]),
             "conn_time_off_ms": base_avg,
             "conn_time_on_ms": flood_avg,
-            "conn_time_ratio": flood_avg / base_avg if base_avg else float("inf"),
+            # No reply at all under the flood: no connection time to compare (rendered "-").
+            "conn_time_ratio": flood_avg / base_avg if base_avg and flood_avg else -1.0,
             "flood_opened": mean([float(r.flood_opened) for r in on]),
         }
     return out
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}" if x >= 0 else "- (no reply)"
 
 
 def render(summary: dict[str, Any], conns: int) -> str:
@@ -189,6 +194,6 @@ def render(summary: dict[str, Any], conns: int) -> str:
         lines.append(
             f"| {d} | {s['success_pct_off']:.1f} | {s['success_pct_on']:.1f} "
             f"| {s['conn_time_off_ms']:.2f} | {s['conn_time_on_ms']:.2f} "
-            f"| {s['conn_time_ratio']:.2f} | {s['flood_opened']:.0f} |"
+            f"| {_ratio(s['conn_time_ratio'])} | {s['flood_opened']:.0f} |"
         )
     return "\n".join(lines) + "\n"

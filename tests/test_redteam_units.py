@@ -105,6 +105,8 @@ def test_flood_summary_and_script() -> None:
     assert s["1"]["conn_time_ratio"] == pytest.approx(1.5)
     assert s["1"]["success_pct_on"] == 98.0
     assert "| 1 | 100.0 | 98.0 | 2.00 | 3.00 | 1.50 | 1000 |" in render({"by_domain": s}, 100)
+    starved = summarize([run(False, 2.0, 100.0), run(True, 0.0, 0.0)])
+    assert "| 0.0 | 2.00 | 0.00 | - (no reply) |" in render({"by_domain": starved}, 100)
     script = flood_script(13, procs=2)
     assert script.count("timeout 18 su -s /bin/sh mallory -c") == 2
     assert "xfprobe flood 198.18.0.1 13 500000" in script

@@ -443,7 +443,8 @@ def _parent_pid(lab: RedteamLab, probe: Probe) -> int:
 
 
 @contextmanager
-def _gates(lab: RedteamLab, args: Sequence[str], tag: str) -> Iterator[list[GateProcess]]:
+def _gates(lab: RedteamLab) -> Iterator[list[GateProcess]]:
+    """The gates a probe run starts, each stopped by its pid (SIGTERM), then the domain cleaned."""
     started: list[GateProcess] = []
     try:
         yield started
@@ -482,7 +483,7 @@ def run_probe(lab: RedteamLab, probe: Probe) -> ProbeResult:
     gate_error, gate_args, output = "", tuple(probe.gate_args), ""
     http: dict[int, HttpTally] = {}
     try:
-        with _gates(lab, probe.gate_args, tag) as started:
+        with _gates(lab) as started:
             if probe.waits_for_gate:
                 _start_probe_in_guest(lab, probe)
                 ppid = str(_parent_pid(lab, probe))
@@ -532,7 +533,7 @@ def render_table(summaries: Sequence[Mapping[str, Any]]) -> str:
         st = s.get("status")
         if st:
             notes.append(f"status: {st['slow']}/{st['polls']} polls over 1 s, max {st['max_s']} s")
-        out = s.get("output", "").strip().splitlines()
+        out = [ln for ln in s.get("output", "").splitlines() if ln.startswith("xfprobe")]
         if out:
             notes.append("probe: " + out[-1][:100])
         opts = " ".join(s.get("gate_args", []))
