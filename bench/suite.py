@@ -1,5 +1,6 @@
 """The benchmark suite: the thesis's httperf measurements on the lab guest, every xfgate mode
-side by side, a rate sweep, micro-benchmarks and the leak benchmark.
+side by side, a rate sweep, micro-benchmarks, the leak benchmark and the flood benchmark
+(issue 9: a blocked user's connection flood beside the flood-free run).
 
     .venv/bin/python -m bench --profile quick      # < 10 minutes
     .venv/bin/python -m bench --profile full       # the thesis-length runs (hours)
@@ -19,6 +20,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench.flood import render as render_flood
+from bench.flood import run_flood
 from bench.gate import running_gate
 from bench.httperf import run_httperf
 from bench.leak import LeakResult, run_leak
@@ -51,6 +54,8 @@ class Profile:
     sweep_repeats: int
     leak_conns: int
     leak_configs: tuple[str, ...]
+    flood_conns: int  # httperf connections at 150 conn/s per flood / flood-free run
+    flood_repeats: int
 
 
 ALL_CONFIGS = ("none", "gate", "gate-nofastpath", "poll-3", "poll-5", "poll-10", "poll-15")
@@ -67,6 +72,8 @@ PROFILES = {
         sweep_repeats=1,
         leak_conns=3,
         leak_configs=("poll-3", "gate"),
+        flood_conns=150,
+        flood_repeats=1,
     ),
     "quick": Profile(
         name="quick",
@@ -79,6 +86,8 @@ PROFILES = {
         sweep_repeats=1,
         leak_conns=20,
         leak_configs=("poll-3", "poll-15", "gate"),
+        flood_conns=1200,
+        flood_repeats=2,
     ),
     "full": Profile(
         name="full",
@@ -91,6 +100,8 @@ PROFILES = {
         sweep_repeats=2,
         leak_conns=100,
         leak_configs=("poll-3", "poll-5", "poll-10", "poll-15", "gate", "gate-nofastpath"),
+        flood_conns=9000,
+        flood_repeats=3,
     ),
 }
 
@@ -195,7 +206,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="connections per thesis-table run (the thesis used 100000: 11 min per run)",
     )
     ap.add_argument(
-        "--skip", action="append", default=[], choices=["thesis", "sweep", "micro", "leak"]
+        "--skip",
+        action="append",
+        default=[],
+        choices=["thesis", "sweep", "micro", "leak", "flood"],
+    )
+    ap.add_argument(
+        "--flood-second-domain",
+        type=int,
+        default=0,
+        help="also serve this domain in the flood benchmark's gate and measure it (a lab of "
+        "`xfgate-lab up --domains 2`)",
     )
     args = ap.parse_args(argv)
     prof = PROFILES[args.profile]
@@ -251,8 +272,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
             leaks.append(leak)
+    flood: dict[str, Any] = {}
+    if "flood" not in args.skip:
+        second = (
+            get_domain(args.flood_second_domain, domains_file_from_env())
+            if (args.flood_second_domain)
+            else None
+        )
+        print(
+            f"flood: uid 1001 floods while httperf runs {prof.flood_conns} connections at "
+            f"150 conn/s, x{prof.flood_repeats}",
+            flush=True,
+        )
+        flood = run_flood(dom, prof.flood_conns, prof.flood_repeats, raw, second)
     summary.update(
         {
+            "flood": flood,
             "thesis": {f"{c}@{r:g}": f for (c, r), f in thesis_agg.items()},
             "sweep": {f"{c}@{r:g}": f for (c, r), f in sweep_agg.items()},
             "client_limited_rates": [r for r in prof.sweep_rates if client_limited(sweep_agg, r)],
@@ -264,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     md = render_markdown(summary, thesis_agg, leaks)
+    if flood:
+        md += "\n" + render_flood(flood, prof.flood_conns)
     (out / "results.md").write_text(md)
     print(md)
     print(f"results in {out} ({summary['elapsed_s']:.0f} s)")

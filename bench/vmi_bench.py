@@ -25,7 +25,7 @@ from xfgate.flow import Flow
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.qmp import QmpClient, paused
-from xfgate_lab.layout import domains_file_from_env
+from xfgate_lab.layout import cache_dir_from_env, domains_file_from_env
 
 
 def summary_ms(samples: Sequence[float]) -> dict[str, float]:
@@ -48,7 +48,7 @@ def summary_ms(samples: Sequence[float]) -> dict[str, float]:
 
 def run(domain_id: int, rounds: int, profile_path: str | None) -> dict[str, Any]:
     domain = get_domain(domain_id, domains_file_from_env())
-    profile = load_domain_profile(domain, profile_path)
+    profile = load_domain_profile(domain, profile_path, cache_dir_from_env())
     out: dict[str, Any] = {"domain": domain_id, "rounds": rounds, "loadavg": os.getloadavg()}
     with GuestIntrospector(domain, profile, allow_pause=False) as guest:
         t0 = time.perf_counter()

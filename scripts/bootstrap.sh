@@ -4,7 +4,8 @@
 # NetfilterQueue) and a venv at .venv with xfgate installed in it. Nothing else is downloaded.
 # The lab needs: qemu-system-x86, iproute2, busybox-static (guest userland), gcc + libc6-dev
 # (static workload binaries), kmod (modinfo: NIC module order); kernels come later from
-# `apt-get download` into the cache, never installed.
+# `apt-get download` into the cache, never installed. tcpdump counts the red team's packets
+# (xfgate_lab/redteam.py).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 if [ "$(id -u)" != 0 ]; then
@@ -13,7 +14,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 debs=(qemu-system-x86 qemu-utils iptables ipset conntrack httperf busybox-static
       libnetfilter-queue-dev libc6-dev gcc kmod cpio xz-utils iproute2 procps file
-      python3-dev python3-venv)
+      python3-dev python3-venv tcpdump)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -38,3 +38,7 @@ def test_smoke_profile_runs_every_part(lab_domain: DomainConfig, tmp_path: Path)
     assert leaks["gate"]["packets_out"] == 0  # per packet: not even the first SYN
     assert leaks["poll-3"]["syns_out"] >= 1  # polling cannot see short-lived connections
     assert "| gate |" in (out / "results.md").read_text()
+    flood = summary["flood"]["by_domain"]["1"]  # issue 9's flood beside its flood-free run
+    assert flood["flood_opened"] > 0, flood
+    assert flood["success_pct_off"] > 90, flood
+    assert "### Flood" in (out / "results.md").read_text()

@@ -4,7 +4,7 @@ Layout of ``assets_dir(package)`` (``$XFGATE_CACHE/kernels/<package>/``)::
 
     tree/                 the package, extracted with dpkg-deb -x (boot/, lib/modules/...)
     vmlinuz config System.map   symlinks into tree/boot (System.map is Debian's one-line stub)
-    guest-bin/            fastweb, spray, keeper: static binaries built with gcc -static
+    guest-bin/            fastweb, spray, keeper, xfprobe: static binaries built with gcc -static
     initramfs.cpio.gz     busybox-static + workload + NIC modules in load order
     assets.json           manifest, written last: its presence means the build is complete
 """
@@ -34,7 +34,9 @@ from xfgate_lab.layout import cache_dir_from_env
 
 DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"  # Debian's meta-package: resolved to a concrete one
 ASSETS_FORMAT = 1
-GUEST_PROGRAMS = ("fastweb", "spray", "keeper")
+GUEST_PROGRAMS = ("fastweb", "spray", "keeper", "xfprobe")
+# Libraries a guest program links beyond libc (xfprobe's thread-files probe uses pthreads).
+GUEST_PROGRAM_LIBS: dict[str, tuple[str, ...]] = {"xfprobe": ("-lpthread",)}
 GUEST_FILES = ("init", "passwd", "group", *(f"{p}.c" for p in GUEST_PROGRAMS))
 _PACKAGE_NAME_RE = re.compile(r"^linux-image-[a-z0-9][a-z0-9.+-]*$")
 # A concrete kernel image package carries the ABI in its name: linux-image-6.1.0-56-cloud-amd64.
@@ -182,7 +184,8 @@ def compile_guest_programs(sources: dict[str, bytes], out_dir: Path) -> dict[str
             src = Path(tmp) / f"{prog}.c"
             src.write_bytes(sources[f"{prog}.c"])
             out = out_dir / prog
-            r = _run(["gcc", "-static", "-O2", "-Wall", "-o", str(out), str(src)], 120)
+            libs = list(GUEST_PROGRAM_LIBS.get(prog, ()))
+            r = _run(["gcc", "-static", "-O2", "-Wall", "-o", str(out), str(src), *libs], 120)
             if r.returncode != 0:
                 raise LabError(
                     f"gcc -static failed on {prog}.c (needs gcc and libc6-dev):\n{r.stderr[-2000:]}"

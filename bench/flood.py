@@ -1,0 +1,199 @@
+"""Flood benchmark (issue 9): the blocked user (uid 1001) opens new TCP connections to random
+client ports as fast as the guest can (`xfprobe flood`, bounded in time and count) while httperf
+runs against uid 1000's :8000 at 150 conn/s, the gate on with `--block-uid 1001`. Beside it, the
+same httperf run with the same gate and no flood: the figures are httperf's success (replies /
+connections) and the connection time of the flood run as a ratio to the flood-free one.
+
+With `second_domain`, the gate serves that domain too and a second httperf runs against its
+:8000 at the same time: a flood in one domain must not starve the other (needs
+`xfgate-lab up --domains 2`).
+
+    .venv/bin/python -m bench --profile quick --skip thesis --skip sweep --skip micro --skip leak
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.httperf import HttperfResult, run_httperf
+from xfgate.config import DomainConfig
+from xfgate_lab.gate_process import gate_process
+from xfgate_lab.layout import CLIENT_V4, layout_from_env
+
+SERVER_PORT = 8000
+RATE = 150.0
+BLOCK = ("--block-uid", "1001")
+FLOOD_MAX = 500_000  # connections, a bound beside the time bound
+FLOOD_PROCS = 2  # flooding processes (the guest has one vCPU)
+
+
+@dataclass(frozen=True)
+class FloodRun:
+    flood: bool
+    domain: int
+    success_pct: float
+    conn_time_avg: float
+    connect_ms: float
+    conns: int
+    replies: int
+    errors: int
+    valid: bool
+    flood_opened: int
+
+
+def success_pct(r: HttperfResult, planned: int) -> float:
+    return 100.0 * r.replies / planned if planned else 0.0
+
+
+def flood_script(seconds: int, procs: int = FLOOD_PROCS) -> str:
+    """Guest shell: `procs` flooding processes as mallory, in the background, bounded."""
+    one = shlex.join(["xfprobe", "flood", str(CLIENT_V4), str(seconds), str(FLOOD_MAX)])
+    inner = f"{one} >> /tmp/xfr-flood.out 2>&1"
+    cmd = f"su -s /bin/sh mallory -c {shlex.quote(inner)}"
+    runs = " ".join(f"( timeout {seconds + 5} {cmd} ) &" for _ in range(procs))
+    return f"rm -f /tmp/xfr-flood.out; {runs} true"
+
+
+def _guest(domain: int, command: str, timeout: int = 30) -> str:
+    argv = [sys.executable, "-m", "xfgate_lab.cli", "exec", "--domain", str(domain)]
+    proc = subprocess.run(
+        [*argv, "--timeout", str(timeout), "--", command],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 30,
+        check=False,
+    )
+    return proc.stdout
+
+
+def flood_opened(domain: int) -> int:
+    """Connections the flood said it opened (its lines `xfprobe flood: N connections opened`)."""
+    total = 0
+    for line in _guest(domain, "cat /tmp/xfr-flood.out 2>/dev/null; true").splitlines():
+        if line.startswith("xfprobe flood:"):
+            total += int(line.split()[2])
+    return total
+
+
+def _httperf(domain: DomainConfig, conns: int, into: dict[int, HttperfResult]) -> None:
+    r, _text = run_httperf(
+        layout_from_env().client_netns, domain.addresses[0], SERVER_PORT, RATE, conns
+    )
+    into[domain.id] = r
+
+
+def run_pair(
+    dom: DomainConfig, conns: int, flood: bool, raw: Path, rep: int, second: DomainConfig | None
+) -> list[FloodRun]:
+    """One httperf run (two at once with a second domain) under the gate, flood or not."""
+    doms = [dom, *([second] if second else [])]
+    run_args = [a for d in doms for a in ("--domain", str(d.id))] + list(BLOCK)
+    tag = f"flood-{'on' if flood else 'off'}-{rep}"
+    seconds = int(conns / RATE) + 5
+    results: dict[int, HttperfResult] = {}
+    with gate_process(run_args, raw / f"{tag}.gate.log", 90):
+        for d in doms:  # warm-up: the listener's owner cached, the server's paths translated
+            run_httperf(layout_from_env().client_netns, d.addresses[0], SERVER_PORT, RATE, 50)
+        if flood:
+            _guest(dom.id, flood_script(seconds))
+            time.sleep(1.0)  # the flood is on before the measured run starts
+        threads = [threading.Thread(target=_httperf, args=(d, conns, results)) for d in doms]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=conns / RATE + 120)
+        if flood:
+            time.sleep(6.0)  # the flood's own time bound ends it
+    opened = flood_opened(dom.id) if flood else 0
+    runs = []
+    for d in doms:
+        r = results.get(d.id, HttperfResult(problems=("httperf did not finish",)))
+        runs.append(
+            FloodRun(
+                flood=flood,
+                domain=d.id,
+                success_pct=success_pct(r, conns),
+                conn_time_avg=r.conn_time_avg,
+                connect_ms=r.connect_ms,
+                conns=r.connections,
+                replies=r.replies,
+                errors=r.errors.get("total", 0),
+                valid=r.valid,
+                flood_opened=opened if d.id == dom.id else 0,
+            )
+        )
+    return runs
+
+
+def run_flood(
+    dom: DomainConfig, conns: int, repeats: int, raw: Path, second: DomainConfig | None = None
+) -> dict[str, Any]:
+    """Interleaved flood-free and flood runs; the summary with ratios per domain."""
+    runs: list[FloodRun] = []
+    for rep in range(repeats):
+        order = (False, True) if rep % 2 == 0 else (True, False)
+        for flood in order:
+            pair = run_pair(dom, conns, flood, raw, rep, second)
+            for r in pair:
+                print(
+                    f"  flood {'on ' if flood else 'off'} domain {r.domain}: "
+                    f"{r.success_pct:.1f} % ok, avg {r.conn_time_avg:.2f} ms, "
+                    f"flood opened {r.flood_opened}",
+                    flush=True,
+                )
+            runs += pair
+    return {"runs": [asdict(r) for r in runs], "by_domain": summarize(runs)}
+
+
+def summarize(runs: list[FloodRun]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for d in sorted({r.domain for r in runs}):
+        off = [r for r in runs if r.domain == d and not r.flood]
+        on = [r for r in runs if r.domain == d and r.flood]
+        if not off or not on:
+            continue
+
+        def mean(xs: list[float]) -> float:
+            return sum(xs) / len(xs)
+
+        base_avg = mean([r.conn_time_avg for r in off])
+        flood_avg = mean([r.conn_time_avg for r in on])
+        out[str(d)] = {
+            "success_pct_off": mean([r.success_pct for r in off]),
+            "success_pct_on": mean([r.success_pct for r in on]),
+            "conn_time_off_ms": base_avg,
+            "conn_time_on_ms": flood_avg,
+            # No reply at all under the flood: no connection time to compare (rendered "-").
+            "conn_time_ratio": flood_avg / base_avg if base_avg and flood_avg else -1.0,
+            "flood_opened": mean([float(r.flood_opened) for r in on]),
+        }
+    return out
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}" if x >= 0 else "- (no reply)"
+
+
+def render(summary: dict[str, Any], conns: int) -> str:
+    lines = [
+        f"### Flood: uid 1001 floods new connections while httperf runs {conns} connections at "
+        f"{RATE:g} conn/s (gate on, --block-uid 1001)",
+        "",
+        "| domain | success % (no flood) | success % (flood) | conn time ms (no flood) "
+        "| conn time ms (flood) | ratio | flood connections opened |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d, s in summary.get("by_domain", {}).items():
+        lines.append(
+            f"| {d} | {s['success_pct_off']:.1f} | {s['success_pct_on']:.1f} "
+            f"| {s['conn_time_off_ms']:.2f} | {s['conn_time_on_ms']:.2f} "
+            f"| {_ratio(s['conn_time_ratio'])} | {s['flood_opened']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
