@@ -16,7 +16,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, Via
 from xfgate.inet import IPProto
 from xfgate.verdict.cache import AnswerSource, OwnerCache
-from xfgate.verdict.engine import Engine, LockedOwnerSource
+from xfgate.verdict.engine import Engine, LockedOwnerSource, WithView
 from xfgate.verdict.fastpath import MARK_MASK, settle_mark
 from xfgate.verdict.policy import (
     NO_FACTS,
@@ -304,5 +304,5 @@ def test_sources_without_view_give_a_complete_view_of_their_sockets() -> None:
         def generation(self) -> int:
             return 1
 
-    v = LockedOwnerSource(Old()).view()
+    v = LockedOwnerSource(WithView(Old())).view()
     assert v.complete and v.tasks == (WEB,) and v.raw_holders == ()

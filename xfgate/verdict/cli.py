@@ -16,7 +16,7 @@ from xfgate.inet import proto_label
 from xfgate.verdict.options import GateMode, GateOptions
 from xfgate.verdict.policy import Verdict
 
-BLOCK_KINDS = ("uid", "pid", "comm", "sk_uid", "port")
+BLOCK_KINDS = ("uid", "pid", "comm", "exe", "sk_uid", "port")
 
 
 def register(sub: Any) -> None:
@@ -31,7 +31,8 @@ def register(sub: Any) -> None:
         g = p.add_mutually_exclusive_group(required=True)
         g.add_argument("--uid")
         g.add_argument("--pid")
-        g.add_argument("--comm")
+        g.add_argument("--comm", help="the task name (a task can rename itself: prefer exe or uid)")
+        g.add_argument("--exe", metavar="PATH", help="the task's executable, exact guest path")
         g.add_argument("--sk-uid", dest="sk_uid")
         g.add_argument("--port", metavar="PROTO/PORT")
         p.set_defaults(handler=cmd_block, op=name)
@@ -55,7 +56,8 @@ def _register_run(sub: Any) -> None:
         "run",
         help="filter a domain's packets by guest process/user (NFQUEUE verdict engine)",
         description="Start a gate: every new flow of the domain is decided by who owns its"
-        " socket inside the guest. SIGINT/SIGTERM remove everything it installed.",
+        " socket inside the guest. SIGINT/SIGTERM leave its enforcement in the kernel until a"
+        " gate binds again or `xfgate cleanup` (--release-on-exit removes it instead).",
     )
     run.add_argument(
         "--domain", type=int, action="append", required=True, help="domain id (repeatable)"
@@ -70,8 +72,28 @@ def _register_run(sub: Any) -> None:
 def _add_policy_arguments(run: argparse.ArgumentParser) -> None:
     g = run.add_argument_group("policy")
     g.add_argument("--block-uid", type=int, action="append", default=[], metavar="UID")
-    g.add_argument("--block-pid", type=int, action="append", default=[], metavar="PID")
-    g.add_argument("--block-comm", action="append", default=[], metavar="NAME")
+    g.add_argument(
+        "--block-pid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PID",
+        help="block a process and its descendants (also those forked later)",
+    )
+    g.add_argument(
+        "--block-exe",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="block tasks running this executable (exact guest path)",
+    )
+    g.add_argument(
+        "--block-comm",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="block by task name (a task can rename itself: prefer --block-exe or --block-uid)",
+    )
     g.add_argument(
         "--block-sk-uid",
         type=int,
@@ -113,7 +135,13 @@ def _add_queue_arguments(run: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--persist-blocks",
         action="store_true",
-        help="on exit keep dropping the known ports of blocked owners (ipset)",
+        help="with --release-on-exit: keep dropping the known ports of blocked owners (ipset)",
+    )
+    g.add_argument(
+        "--release-on-exit",
+        action="store_true",
+        help="on SIGTERM/SIGINT remove the domain's chains, sets and queue rules (default: leave"
+        " them, so the domain stays filtered until a gate binds again or `xfgate cleanup`)",
     )
     g.add_argument(
         "--no-fastpath",
@@ -151,6 +179,7 @@ def gate_options(args: argparse.Namespace) -> GateOptions:
         args.block_sk_uid,
         args.block_port,
         args.unknown,
+        args.block_exe,
     )
     return GateOptions(
         domains=tuple(dict.fromkeys(args.domain)),
@@ -163,6 +192,7 @@ def gate_options(args: argparse.Namespace) -> GateOptions:
         log_target=args.log,
         log_sample=args.log_sample,
         persist_blocks=args.persist_blocks,
+        release_on_exit=args.release_on_exit,
         fastpath=not args.no_fastpath,
         refresh_interval=args.refresh,
         cache_ttl=args.cache_ttl,
@@ -190,7 +220,7 @@ def cmd_block(args: argparse.Namespace) -> int:
             reply = control.request(args.run_dir, args.domain, request)
             print(json.dumps(reply["policy"]))
             return 0
-    raise ConfigError("give one of --uid, --pid, --comm, --sk-uid, --port")
+    raise ConfigError("give one of --uid, --pid, --comm, --exe, --sk-uid, --port")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

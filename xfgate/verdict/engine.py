@@ -63,6 +63,41 @@ def kernel_sent(parsed: ParsedPacket) -> str:
     return ""
 
 
+class SocketsSource(Protocol):
+    """An owner source from before GuestView (lookup, sockets and generation only)."""
+
+    def lookup(self, flow: Flow) -> Ownership | None: ...
+    def sockets(self) -> Sequence[GuestSocket]: ...
+    def generation(self) -> int: ...
+
+
+class WithView:
+    """Gives a source without view() one: its sockets, as a complete view. Everything else
+    (lookup_listener, close, ...) is the wrapped source's."""
+
+    def __init__(self, source: SocketsSource) -> None:
+        self._source = source
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def lookup(self, flow: Flow) -> Ownership | None:
+        return self._source.lookup(flow)
+
+    def sockets(self) -> Sequence[GuestSocket]:
+        return self._source.sockets()
+
+    def generation(self) -> int:
+        return self._source.generation()
+
+    def view(self) -> GuestView:
+        viewer = getattr(self._source, "view", None)
+        if callable(viewer):
+            answer: GuestView = viewer()
+            return answer
+        return view_from_sockets(self._source.sockets())
+
+
 def view_from_sockets(sockets: Sequence[GuestSocket]) -> GuestView:
     """A GuestView for an owner source without view(): its sockets' holders are its tasks."""
     tasks: dict[int, Owner] = {}
@@ -141,14 +176,10 @@ class LockedOwnerSource:
             self._lock.release()
 
     def view(self) -> GuestView:
-        """One full walk (the source's view(); a source without one: its sockets, complete)."""
+        """One full walk (the source's view())."""
         self._acquire()
         try:
-            viewer = getattr(self._source, "view", None)
-            if callable(viewer):
-                answer: GuestView = viewer()
-                return answer
-            return view_from_sockets(self._source.sockets())
+            return self._source.view()
         finally:
             self._lock.release()
 

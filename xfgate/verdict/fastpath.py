@@ -386,11 +386,19 @@ class IptcBackend:
     def replace_rules(
         self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
     ) -> None:
+        # No window: the new rules go in after the old ones, then the old ones leave from the
+        # last to the first, so every intermediate chain is (a prefix of the old) + the new.
+        # (autocommit: each step is one libiptc commit; a flush first would leave an empty
+        # chain, i.e. an unfiltered guest, between two of them.)
         def do() -> None:
             c = self._chain(family, chain, table)
-            c.flush()
+            old = len(c.rules)
             for spec in rules:
                 c.append_rule(self._rule(family, spec))
+            for _ in range(old):
+                current = c.rules
+                c.delete_rule(current[old - 1])
+                old -= 1
 
         self._locked(f"fill chain {chain}", do)
 
@@ -505,8 +513,18 @@ class Firewall:
         for family in FAMILIES:
             self.backend.replace_rules(family, block_chain_name(d), block_rules(d, layout.vifs))
             self.backend.replace_rules(family, chain_name(d), queue_rules(layout))
-            self.backend.delete_jumps(family, "FORWARD", chain_name(d))
-            self.backend.insert_rules(family, "FORWARD", forward_jumps(d, layout.vifs))
+            self._ensure_jumps(family, "FORWARD", chain_name(d), forward_jumps(d, layout.vifs))
+
+    def _ensure_jumps(
+        self, family: int, chain: str, target: str, jumps: Sequence[Rule], table: str = "filter"
+    ) -> None:
+        """Adopt the jumps a stopped gate left when they are the ones wanted (no window); else
+        put the wanted ones in (a changed vif list: the old jumps go, then the new come)."""
+        present = [r.spec for r in self.backend.listing(family, chain, table) if r.target == target]
+        if sorted(present) == sorted(jumps):
+            return
+        self.backend.delete_jumps(family, chain, target, table)
+        self.backend.insert_rules(family, chain, jumps, table)
 
     def install_save(self, layout: GateLayout) -> str | None:
         """The mangle POSTROUTING save chain (both families), so accepts settle without
