@@ -33,9 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_static_gate(owners_json: Path, run_flags: Sequence[str]) -> int:
     """Parses `run_flags` exactly as `xfgate run` does and runs the product's gate with the
     owners of `owners_json`."""
-    from xfgate.cli import build_parser
+    from xfgate.cli import build_parser, configure_logging
 
     run_args = build_parser().parse_args(["run", *run_flags])
+    configure_logging()  # as `xfgate run` does: its "gate ready" line is what starters wait for
 
     def static_source(domain: DomainConfig, options: GateOptions) -> OwnerSource:
         return StaticOwnerSource(owners_json)

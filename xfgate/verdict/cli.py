@@ -8,11 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from xfgate.errors import ConfigError
-from xfgate.inet import proto_label
 from xfgate.verdict.options import GateMode, GateOptions
 from xfgate.verdict.policy import Verdict
 
@@ -285,10 +284,6 @@ def _enter_domain_netns(args: argparse.Namespace) -> None:
     enter_netns(get_domain(args.domain, args.domains_file).netns)
 
 
-def render_blocked_ports(ports: Iterable[tuple[int, int]]) -> str:
-    return ", ".join(f"{proto_label(p)}/{n}" for p, n in ports) or "-"
-
-
 def cmd_rules(args: argparse.Namespace) -> int:
     from xfgate.verdict.fastpath import Firewall, make_backend
     from xfgate.verdict.runner import rule_log_path
@@ -299,7 +294,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
         print(f"# {chain}")
         for line in lines:
             print(line)
-    print("# blocked-port sets: " + render_blocked_ports(fw.blocked_ports(args.domain)))
+    print("# blocked-socket sets: " + (", ".join(fw.blocked(args.domain)) or "-"))
     log = rule_log_path(args.run_dir, args.domain)
     if log.exists():
         print(f"# rule log {log}")

@@ -36,6 +36,7 @@ from xfgate.errors import ConfigError, PrerequisiteError, QueueError, XfgateErro
 from xfgate.flow import OwnerSource
 from xfgate.inet import proto_label
 from xfgate.verdict import control
+from xfgate.verdict.blocksets import BlockEntry, blocked_entries, ports_text
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource, QueuedPacket, WithView
 from xfgate.verdict.fastpath import (
@@ -102,7 +103,7 @@ class Refresher(threading.Thread):
         domain: int,
         source: LockedOwnerSource,
         engine: Engine,
-        apply: Callable[[set[tuple[int, int]]], None],
+        apply: Callable[[set[BlockEntry]], None],
         interval: float,
     ) -> None:
         super().__init__(name=f"xfgate-refresh-{domain}", daemon=True)
@@ -113,7 +114,7 @@ class Refresher(threading.Thread):
         self._interval = interval
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.ports: set[tuple[int, int]] | None = None
+        self.entries: set[BlockEntry] | None = None
         self.walks = 0
         self.last_error = ""
         self.degraded = ""
@@ -135,20 +136,20 @@ class Refresher(threading.Thread):
             self.last_walk_ms = round((time.monotonic() - start) * 1000, 2)
             facts = self._engine.facts.updated(view)
             self._engine.set_facts(facts)
-            ports = blocked_ports(facts.sockets, policy, facts)
+            entries = blocked_entries(facts.sockets, policy, facts)
             if view.complete:
                 self.degraded = ""
             else:
-                ports |= self.ports or set()
+                entries |= self.entries or set()
                 why = "; ".join(view.problems[:3]) or "no reason given"
                 self.degraded = f"incomplete walk (sets only grow until a complete one): {why}"
                 log.warning("domain %d: degraded: %s", self.domain, self.degraded)
         else:
-            ports = set()
+            entries = set()
         self.walks += 1
-        if ports != self.ports:
-            self._apply(ports)
-            self.ports = ports
+        if entries != self.entries:
+            self._apply(entries)
+            self.entries = entries
 
     def run(self) -> None:
         while not self._stop.is_set():
@@ -338,7 +339,7 @@ class Gate:
             d,
             dg.source,
             dg.engine,
-            lambda ports: fw.set_blocked_ports(d, ports),
+            lambda entries: fw.set_blocked(d, entries),
             self.options.refresh_interval,
         )
         try:
@@ -525,9 +526,10 @@ class Gate:
             "cache": dataclasses.asdict(dg.engine.cache.stats()),
             "queue": q,
             "kernel": self._kernel_counters(dg.cfg.id),
-            "blocked_ports": _ports_text(
-                (ref.ports if ref else dg.poll_ports) or set(),
-            ),
+            "blocked_ports": ports_text(ref.entries or set())
+            if ref
+            else _ports_text(dg.poll_ports or set()),
+            "blocked": sorted(str(e) for e in (ref.entries or set())) if ref else [],
             "degraded": _degraded(dg),
             "refresh": {
                 "walks": ref.walks,
