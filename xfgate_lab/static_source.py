@@ -38,6 +38,7 @@ class StaticEntry:
     local: str
     remote: str
     ownership: Ownership
+    v6only: bool = False  # a [::] entry that does not take IPv4 (for the kernel sets)
 
     def matches(self, flow: Flow) -> bool:
         return (
@@ -83,6 +84,7 @@ def parse_entries(data: Any, where: str) -> tuple[StaticEntry, ...]:
                     rport=int(e.get("rport", 0)),
                     local=str(e.get("local", "")),
                     remote=str(e.get("remote", "")),
+                    v6only=bool(e.get("v6only", False)),
                     ownership=Ownership(
                         owners=owners,
                         sk_uid=int(e.get("sk_uid", owners[0].uid if owners else 0)),
@@ -141,7 +143,17 @@ class StaticOwnerSource:
             remote: IPv4Address | IPv6Address = ip_address(e.remote or "0.0.0.0")
             o = e.ownership
             out.append(
-                GuestSocket(e.proto, local, e.lport, remote, e.rport, o.state, o.sk_uid, o.owners)
+                GuestSocket(
+                    e.proto,
+                    local,
+                    e.lport,
+                    remote,
+                    e.rport,
+                    o.state,
+                    o.sk_uid,
+                    o.owners,
+                    v6only=e.v6only,
+                )
             )
         return out
 

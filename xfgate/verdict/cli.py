@@ -311,5 +311,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         raise ConfigError(f"a gate for domain {args.domain} is running: stop it (SIGTERM) instead")
     _enter_domain_netns(args)
     Firewall(make_backend()).remove(args.domain, persist_blocks=False)
+    from xfgate.verdict import bridge
+
+    bridge.remove(args.domain)
     path.unlink(missing_ok=True)
     return 0

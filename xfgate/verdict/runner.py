@@ -35,7 +35,7 @@ from xfgate.config import DomainConfig, get_domain
 from xfgate.errors import ConfigError, PrerequisiteError, QueueError, XfgateError
 from xfgate.flow import OwnerSource
 from xfgate.inet import proto_label
-from xfgate.verdict import control
+from xfgate.verdict import bridge, control
 from xfgate.verdict.blocksets import BlockEntry, blocked_entries, ports_text
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource, QueuedPacket, WithView
@@ -313,6 +313,18 @@ class Gate:
         else:
             fw.set_poll_rules(d, dg.cfg.vifs, [])
             dg.next_poll = time.monotonic()
+        self._frame_filter(dg)
+
+    def _frame_filter(self, dg: DomainGate) -> None:
+        """VLAN/PPPoE/other ethertypes from the vifs: dropped while a block is in force."""
+        d = dg.cfg.id
+        try:
+            if dg.engine.policy.blocks_anything:
+                bridge.install(d, dg.cfg.vifs)
+            else:
+                bridge.remove(d)
+        except XfgateError as e:
+            log.warning("domain %d: bridge frame filter: %s", d, e)
 
     def _start_threads(self, dg: DomainGate) -> None:
         d = dg.cfg.id
@@ -366,6 +378,8 @@ class Gate:
                 try:
                     # Jumps go first, so no packet is queued to a consumer about to vanish.
                     self.firewall.remove(d, persist_blocks=self.options.persist_blocks)
+                    if not self.options.persist_blocks:
+                        bridge.remove(d)
                 except XfgateError as e:
                     errors.append(str(e))
         elif self.domains:
@@ -492,6 +506,7 @@ class Gate:
     def _set_policy(self, dg: DomainGate, new: Policy) -> None:
         assert self.firewall is not None
         dg.engine.set_policy(new)  # new snapshot + cache dropped
+        self._frame_filter(dg)
         if self.options.mode is GateMode.QUEUE:
             # Settled flows are re-decided from their next packet: established flows of a
             # newly blocked owner are cut, those of an unblocked one come back.
