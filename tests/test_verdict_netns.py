@@ -579,23 +579,22 @@ sendp([e / p for p in [{scapy_pkts}]], iface="eth0", verbose=False)
     subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", craft], check=True, timeout=60)
 
 
-def counted(lab: NetLab, match: list[str]) -> int:
+def counted(lab: NetLab, rule: int) -> int:
+    """Packets that reached the client through its INPUT rule number `rule` (1-based)."""
     lines = lab.ns(lab.client, ["iptables-legacy", "-S", "INPUT", "-v"]).splitlines()
-    want = " ".join(match)
-    for ln in lines:
-        if want in ln and " -c " in ln:
-            return int(ln.split(" -c ")[1].split()[0])
-    raise AssertionError(f"no counting rule {want!r}: {lines}")
+    appended = [ln for ln in lines if ln.startswith("-A")]
+    return int(appended[rule - 1].split(" -c ")[1].split()[0])
 
 
 @pytest.fixture
 def counter(lab: NetLab) -> Iterator[Any]:
     added: list[list[str]] = []
 
-    def add(*match: str) -> list[str]:
+    def add(*match: str) -> int:
         lab.ns(lab.client, ["iptables-legacy", "-A", "INPUT", *match])
         added.append(list(match))
-        return list(match)
+        rules = lab.ns(lab.client, ["iptables-legacy", "-S", "INPUT"]).splitlines()
+        return sum(ln.startswith("-A") for ln in rules)
 
     yield add
     for m in added:
@@ -650,7 +649,7 @@ def test_udplite_and_ping_sockets_of_a_blocked_owner(lab: NetLab, gate: Any, cou
         assert counted(lab, icmp) == 1
         g.stop()
     drops = [r for r in g.records() if r["verdict"] == "drop"]
-    assert {(r["proto"], r["sport"]) for r in drops} == {("136", 41000), ("icmp", 0)}
+    assert {(r["proto"], r["sport"]) for r in drops} == {("udplite", 41000), ("icmp", 0)}
     assert all(r["comm"] == "spray" for r in drops)
 
 
