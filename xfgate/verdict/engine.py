@@ -297,7 +297,7 @@ class Engine:
             return Evaluation(decide(None, None, policy, why), AnswerSource.PARSE, parsed)
         if parsed.proto == IPProto.ICMPV6 and parsed.icmp_type in ICMPV6_NDP_TYPES:
             # Neighbour discovery is the link itself: dropping it would cut all IPv6.
-            decision = Decision(Verdict.ACCEPT, "icmpv6 neighbour discovery", known=False)
+            decision = Decision(Verdict.ACCEPT, "icmpv6 neighbour/listener discovery", known=False)
             return Evaluation(decision, AnswerSource.PARSE, parsed, direction=direction)
         flow = to_flow(parsed, direction)
         facts = self._facts

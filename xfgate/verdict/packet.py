@@ -20,7 +20,9 @@ MAX_IPV6_EXT_HEADERS = 8  # a hostile chain of extension headers must not cost m
 
 ICMP_ERROR_TYPES = frozenset({3, 4, 5, 11, 12})  # unreach, quench, redirect, time exceeded, param
 ICMPV6_ERROR_TYPES = frozenset({1, 2, 3, 4})  # unreach, too big, time exceeded, param problem
-ICMPV6_NDP_TYPES = frozenset({133, 134, 135, 136, 137})  # RS, RA, NS, NA, redirect
+# Neighbour discovery (RS, RA, NS, NA, redirect) and multicast listener discovery (MLD query,
+# v1 report and done, v2 report): the link itself, sent by the guest kernel.
+ICMPV6_NDP_TYPES = frozenset({133, 134, 135, 136, 137, 130, 131, 132, 143})
 # Echo request/reply: what a ping socket (net/ipv4/ping.c) sends and receives, keyed by the
 # echo identifier (the socket's inet_num).
 ICMP_ECHO_TYPES = frozenset({8, 0})
