@@ -165,6 +165,25 @@ def test_blocked_sets_are_swapped_in_atomically() -> None:
     assert len(fw.blocked(9)) == 2
 
 
+def test_a_starting_gate_adopts_the_jumps_a_stopped_one_left() -> None:
+    class Counting(ListingBackend):
+        deleted = 0
+
+        def delete_jumps(self, family: int, chain: str, target: str, table: str = "filter") -> int:
+            self.deleted += 1
+            return super().delete_jumps(family, chain, target, table)
+
+    backend = Counting()
+    fw = Firewall(backend, FakeSets())
+    fw.install(GateLayout(9, ("vif9.0",), 109))
+    first = backend.deleted
+    fw.install(GateLayout(9, ("vif9.0",), 109))  # the same jumps: kept, never deleted
+    assert backend.deleted == first
+    assert len(backend.listing(4, "FORWARD")) == 2
+    fw.install(GateLayout(9, ("vif9.0", "vif9.1"), 109))  # another vif list: replaced
+    assert backend.deleted > first and len(backend.listing(6, "FORWARD")) == 4
+
+
 def test_remove_destroys_sets_and_resets_both_marks(monkeypatch: pytest.MonkeyPatch) -> None:
     deleted: list[tuple[int, int]] = []
     monkeypatch.setattr(fastpath, "delete_conntrack_marked", lambda m, k: deleted.append((m, k)))
