@@ -25,7 +25,7 @@ import pytest
 from xfgate.config import load_domains, save_domains
 from xfgate_lab import netlab
 from xfgate_lab.gate_process import GateProcess, gate_argv, start_gate
-from xfgate_lab.netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, NetLab
+from xfgate_lab.netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, GUEST8_4, NetLab
 
 pytestmark = [
     pytest.mark.netns,
@@ -745,3 +745,36 @@ while time.monotonic() < end:
         flooder.wait(10)
     assert busy > 1000, busy  # the packet path was busy
     assert max(times) < 1.0, times
+
+
+def test_one_domains_flood_does_not_starve_another_domain_of_the_same_gate(
+    lab: NetLab, gate: Any
+) -> None:
+    g = gate("--domain", "8", "--block-uid", "1001", "--no-fastpath", "--release-on-exit")
+    flood = f"""
+from scapy.all import Ether, IP, UDP, conf
+import time
+e = Ether(dst="{mac(lab, lab.client)}")
+pkts = [bytes(e / IP(src="{GUEST8_4}", dst="{CLIENT4}") / UDP(sport=20000 + i, dport=5354))
+        for i in range(2000)]
+s = conf.L2socket(iface="eth0")
+end = time.monotonic() + 10
+while time.monotonic() < end:
+    for p in pkts:
+        s.send(p)
+"""
+    flooder = subprocess.Popen(["ip", "netns", "exec", lab.guest8, sys.executable, "-c", flood])
+    times = []
+    try:
+        time.sleep(2.0)
+        for _ in range(5):
+            start = time.monotonic()
+            assert talk(lab, lab.client, "tcp", GUEST4, 8080, timeout=2.0)  # domain 9
+            times.append(time.monotonic() - start)
+        flooded = g.status(8)["stats"]["packets"]
+    finally:
+        flooder.kill()
+        flooder.wait(10)
+    assert flooded > 1000, flooded  # domain 8's packet path was busy
+    # The talk peer is a fresh Python process (~0.3 s): well under its 2 s timeout.
+    assert max(times) < 1.5, times
