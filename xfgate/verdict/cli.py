@@ -268,6 +268,8 @@ def _status_lines(s: dict[str, Any]) -> list[str]:
         f" settled {st['settled']} errors {st['errors']} avg {st['latency_us_avg']} us;"
         f" blocked ports {', '.join(s['blocked_ports']) or '-'}",
     ]
+    if s.get("degraded"):
+        lines.append(f"  degraded: {s['degraded']}")
     k = s.get("kernel")
     if k:
         lines.append(
