@@ -27,7 +27,7 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
+from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, Via
 from xfgate.inet import IPProto
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine
@@ -46,6 +46,9 @@ class _Table:
 
     def sockets(self) -> Sequence[GuestSocket]:
         return []
+
+    def view(self) -> GuestView:
+        return GuestView((), (), (), complete=True)
 
     def generation(self) -> int:
         return 1

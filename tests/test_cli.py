@@ -85,6 +85,8 @@ def test_status_with_no_gate_and_with_gates() -> None:
     assert render_status([no_kernel]).splitlines()[1].endswith("blocked ports -")
     assert len(render_status([no_kernel]).splitlines()) == 2
     assert status_error(3, "no answer", stale_socket=False) == "no answer"
+    degraded = {**no_kernel, "degraded": "incomplete walk: step bound"}
+    assert render_status([degraded]).splitlines()[2] == "  degraded: incomplete walk: step bound"
 
 
 def test_logging_levels_and_format(capsys: pytest.CaptureFixture[str]) -> None:

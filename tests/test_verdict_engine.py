@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from scapy.layers.inet import IP, TCP
 
-from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
+from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, Via
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource
 from xfgate.verdict.fastpath import (
@@ -69,6 +69,9 @@ class TableSource:
 
     def sockets(self) -> Sequence[GuestSocket]:
         return []
+
+    def view(self) -> GuestView:
+        return GuestView((), (), (), complete=True)
 
     def generation(self) -> int:
         return self.gen

@@ -35,7 +35,9 @@ def test_chain_layout() -> None:
         ("-m", "physdev", "--physdev-out", "vif9.0", "--physdev-is-bridged", "-j", "XFGATE-9"),
     ]
     rules = queue_rules(layout)
-    assert rules[0] == ("-j", "XFGATE-9-BLK")
+    # A settled accept first: the sets only see packets not already settled accept.
+    assert rules[0][:2] == ("-m", "connmark") and rules[0][-1] == "ACCEPT"
+    assert rules[1] == ("-j", "XFGATE-9-BLK")
     assert rules[-1] == ("-j", "NFQUEUE", "--queue-num", "109", "--queue-bypass")
     assert any("CONNMARK" in r for r in rules)
     no_fast = queue_rules(GateLayout(9, ("vif9.0",), 109, fastpath=False))
@@ -118,9 +120,15 @@ def test_marks_are_per_domain_and_verdict() -> None:
 
 
 def test_block_and_poll_rules() -> None:
-    rules = block_rules(9, ["vif9.0"])
+    rules = block_rules(9, ["vif9.0"], 6)
     assert len(rules) == 4 and all(r[-2:] == ("-j", "DROP") for r in rules)
-    assert rules[0][-5:-2] == ("--match-set", "xfgate-9-tcp", "src")
+    assert [r[-4:-2] for r in rules] == [
+        ("xfgate-9-port6", "src,src"),
+        ("xfgate-9-flow6", "src,src,dst"),
+        ("xfgate-9-port6", "dst,dst"),
+        ("xfgate-9-flow6", "dst,dst,src"),
+    ]
+    assert [r[3] for r in rules] == ["vif9.0"] * 4 and rules[0][2] == "--physdev-in"
     polls = poll_rules(["vif9.0"], [(IPProto.TCP, 80), (IPProto.TCP, 80), (17, 53)])
     assert len(polls) == 4  # no duplicate for the repeated port
     assert polls[0][-4:-2] == ("--sport", "80") and polls[1][-4:-2] == ("--dport", "80")

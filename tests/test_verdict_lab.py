@@ -337,7 +337,7 @@ def test_kill_9_keeps_known_ports_blocked_clean_exit_leaves_nothing(vlab: Lab, g
     assert g.stop(signal.SIGKILL) == -signal.SIGKILL
     assert not vlab.http(GUEST4, 80)  # the ipset still drops uid 0's known port
     assert vlab.http(GUEST4, 8080)  # bypass: the rest passes while no gate runs
-    g2 = gate("--block-uid", "1001")  # finds and replaces the leftovers
+    g2 = gate("--block-uid", "1001", "--release-on-exit")  # adopts and replaces the leftovers
     assert vlab.http(GUEST4, 80)
     assert g2.stop() == 0
     assert leftovers(vlab) == []
@@ -346,7 +346,7 @@ def test_kill_9_keeps_known_ports_blocked_clean_exit_leaves_nothing(vlab: Lab, g
 def test_poll_mode_leaks_between_walks_queue_mode_does_not(vlab: Lab, gate: Any) -> None:
     """The thesis's weakness, measured: each new attacker connection uses a new port, unknown
     until the next walk, so in poll mode it passes; the queue engine stops every one."""
-    g = gate("--mode", "poll", "--interval", "3", "--block-uid", "1001")
+    g = gate("--mode", "poll", "--interval", "3", "--block-uid", "1001", "--release-on-exit")
     time.sleep(1.0)
     leaked_tcp, _ = spray_quiet(vlab, 6.0)
     # Its UDP socket is long-lived, so its port gets a rule at the first walk; each TCP

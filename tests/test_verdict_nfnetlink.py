@@ -15,14 +15,17 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 
 from xfgate.errors import ConfigError
+from xfgate.flow import GuestSocket
 from xfgate.inet import IPProto
 from xfgate.verdict import fastpath
+from xfgate.verdict.blocksets import socket_entries
 from xfgate.verdict.fastpath import (
     MARK_MASK,
     Firewall,
@@ -33,7 +36,6 @@ from xfgate.verdict.fastpath import (
     block_chain_name,
     block_rules,
     chain_name,
-    port_sets,
     queue_rules,
     render_rule,
     settle_mark,
@@ -42,6 +44,7 @@ from xfgate.verdict.netns import enter_netns, ifindex
 from xfgate.verdict.nfnetlink import (
     BITMAP_PORT,
     PyrouteSets,
+    SetEntry,
     SetType,
     delete_conntrack_marked,
     nft_tables,
@@ -54,23 +57,26 @@ class FakeSets:
     """Sets as Python sets; every operation recorded in order."""
 
     def __init__(self) -> None:
-        self.sets: dict[str, set[int]] = {}
-        self.ops: list[tuple[str, str, tuple[int, ...]]] = []
+        self.sets: dict[str, set[SetEntry]] = {}
+        self.ops: list[tuple[str, str, tuple[SetEntry, ...]]] = []
 
     def create(self, name: str, kind: SetType) -> None:
         self.ops.append(("create", name, ()))
         self.sets.setdefault(name, set())
 
-    def add(self, name: str, kind: SetType, entries: Sequence[int]) -> None:
+    def add(self, name: str, kind: SetType, entries: Sequence[SetEntry]) -> None:
         self.ops.append(("add", name, tuple(entries)))
         self.sets[name].update(entries)
 
-    def delete(self, name: str, kind: SetType, entries: Sequence[int]) -> None:
+    def delete(self, name: str, kind: SetType, entries: Sequence[SetEntry]) -> None:
         self.ops.append(("delete", name, tuple(entries)))
         self.sets[name].difference_update(entries)
 
     def members(self, name: str, kind: SetType) -> list[int]:
-        return sorted(self.sets.get(name, set()))
+        return sorted(e for e in self.sets.get(name, set()) if isinstance(e, int))
+
+    def member_texts(self, name: str, kind: SetType) -> list[str]:
+        return sorted(str(e) for e in self.sets.get(name, set()))
 
     def flush(self, name: str) -> None:
         self.ops.append(("flush", name, ()))
@@ -131,31 +137,51 @@ class ListingBackend:
         return list(self.rules.get((family, chain, table), []))
 
 
-def test_port_sets_cover_every_protocol_and_drop_impossible_ports() -> None:
-    sets = port_sets(9, [(IPProto.TCP, 80), (IPProto.UDP, 53), (IPProto.TCP, 0), (6, 80)])
-    assert sets == {"xfgate-9-tcp": [80], "xfgate-9-udp": [53]}
-    assert port_sets(9, []) == {"xfgate-9-tcp": [], "xfgate-9-udp": []}
-    assert port_sets(9, [(IPProto.UDP, 65536), (IPProto.UDP, 65535)])["xfgate-9-udp"] == [65535]
+A4, A6 = ip_address("0.0.0.0"), ip_address("::")
+G4 = ip_address("198.18.9.2")
+LISTEN80 = GuestSocket(IPProto.TCP, A4, 80, A4, 0, "LISTEN", 1001, ())
+CONN = GuestSocket(IPProto.TCP, G4, 40000, ip_address("198.18.9.1"), 2222, "ESTABLISHED", 1, ())
 
 
-def test_blocked_ports_are_swapped_in_atomically() -> None:
+def test_blocked_sets_are_swapped_in_atomically() -> None:
     sets = FakeSets()
     fw = Firewall(ListingBackend(), sets)
-    fw.set_blocked_ports(9, [(IPProto.TCP, 443)])
+    fw.set_blocked(9, socket_entries(CONN))
     sets.ops.clear()
-    fw.set_blocked_ports(9, [(IPProto.TCP, 80), (IPProto.UDP, 53), (IPProto.TCP, 0)])
+    fw.set_blocked(9, socket_entries(LISTEN80))
     ops = sets.ops
-    assert ("add", "xfgate-9-tcp-new", (80,)) in ops and ("add", "xfgate-9-udp-new", (53,)) in ops
-    assert not any(op == "add" and 0 in entries for op, _, entries in ops)
+    wanted = (("0.0.0.0/1", (80, 6)), ("128.0.0.0/1", (80, 6)))
+    assert ("add", "xfgate-9-port4-new", wanted) in ops
+    assert ("add", "xfgate-9-flow4-new", ()) in ops
     # The live set is never flushed or added to: it changes only by the swap.
     assert not any(
-        op in ("flush", "add", "delete") and name == "xfgate-9-tcp" for op, name, _ in ops
+        op in ("flush", "add", "delete") and name == "xfgate-9-port4" for op, name, _ in ops
     )
-    swap = ops.index(("swap", "xfgate-9-tcp-new xfgate-9-tcp", ()))
-    assert swap > ops.index(("add", "xfgate-9-tcp-new", (80,)))
-    assert ops.index(("destroy", "xfgate-9-tcp-new", ())) > swap
-    assert sets.names() == ["xfgate-9-tcp", "xfgate-9-udp"]  # no staging set left
-    assert fw.blocked_ports(9) == [(IPProto.TCP, 80), (IPProto.UDP, 53)]
+    swap = ops.index(("swap", "xfgate-9-port4-new xfgate-9-port4", ()))
+    assert swap > ops.index(("add", "xfgate-9-port4-new", wanted))
+    assert ops.index(("destroy", "xfgate-9-port4-new", ())) > swap
+    names = ["xfgate-9-flow4", "xfgate-9-flow6", "xfgate-9-port4", "xfgate-9-port6"]
+    assert sets.names() == names  # no staging set left
+    assert len(fw.blocked(9)) == 2
+
+
+def test_a_starting_gate_adopts_the_jumps_a_stopped_one_left() -> None:
+    class Counting(ListingBackend):
+        deleted = 0
+
+        def delete_jumps(self, family: int, chain: str, target: str, table: str = "filter") -> int:
+            self.deleted += 1
+            return super().delete_jumps(family, chain, target, table)
+
+    backend = Counting()
+    fw = Firewall(backend, FakeSets())
+    fw.install(GateLayout(9, ("vif9.0",), 109))
+    first = backend.deleted
+    fw.install(GateLayout(9, ("vif9.0",), 109))  # the same jumps: kept, never deleted
+    assert backend.deleted == first
+    assert len(backend.listing(4, "FORWARD")) == 2
+    fw.install(GateLayout(9, ("vif9.0", "vif9.1"), 109))  # another vif list: replaced
+    assert backend.deleted > first and len(backend.listing(6, "FORWARD")) == 4
 
 
 def test_remove_destroys_sets_and_resets_both_marks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,17 +191,18 @@ def test_remove_destroys_sets_and_resets_both_marks(monkeypatch: pytest.MonkeyPa
     fw = Firewall(backend, sets)
     layout = GateLayout(9, ("vif9.0",), 109)
     fw.install(layout)
-    fw.set_blocked_ports(9, [(IPProto.TCP, 80)])
-    sets.create("xfgate-9-udp-new", BITMAP_PORT)  # a gate killed mid-swap
-    sets.create("xfgate-10-tcp", BITMAP_PORT)  # another domain's
+    fw.set_blocked(9, socket_entries(LISTEN80))
+    sets.create("xfgate-9-flow6-new", BITMAP_PORT)  # a gate killed mid-swap
+    sets.create("xfgate-9-udp", BITMAP_PORT)  # an older gate's bitmap:port set
+    sets.create("xfgate-10-port4", BITMAP_PORT)  # another domain's
     assert fw.leftover_domains() == {9, 10}
     fw.remove(9, persist_blocks=True)
-    assert "xfgate-9-tcp" in sets.names() and deleted == [
+    assert "xfgate-9-port4" in sets.names() and deleted == [
         (settle_mark(9, True), MARK_MASK),
         (settle_mark(9, False), MARK_MASK),
     ]
     fw.remove(9)
-    assert sets.names() == ["xfgate-10-tcp"]
+    assert sets.names() == ["xfgate-10-port4"]
     assert not [c for c in backend.rules if c[1].startswith("XFGATE-9")]
 
 
@@ -193,7 +220,7 @@ def test_counters_come_from_the_rules_counters() -> None:
             listed.append(ListedRule(rule, packets, packets * 60))
         backend.rules[(family, chain_name(9), "filter")] = listed
         backend.rules[(family, block_chain_name(9), "filter")] = [
-            ListedRule(r, 2 * factor, 0) for r in block_rules(9, ["vif9.0"])
+            ListedRule(r, 2 * factor, 0) for r in block_rules(9, ["vif9.0"], family)
         ]
     assert Firewall(backend, FakeSets()).counters(9) == {
         "fastpath_accept": 55,
@@ -309,12 +336,16 @@ def _probe() -> dict[str, Any]:
         for prog in ["iptables-legacy" if key.startswith("ipv4") else "ip6tables-legacy"]
         for table, chain in [(["-t", "mangle"] if "mangle" in key else [], key)]
     }
-    fw.set_blocked_ports(9, [(IPProto.TCP, 80), (IPProto.UDP, 53), (IPProto.TCP, 0)])
-    fw.set_blocked_ports(9, [(IPProto.TCP, 8080), (IPProto.UDP, 53)])
-    out["blocked"] = fw.blocked_ports(9)
-    out["cli_blocked"] = [
-        _cli("ipset", "list", f"xfgate-9-{p}").partition("Members:\n")[2].split()
-        for p in ("tcp", "udp")
+    fw.set_blocked(9, socket_entries(CONN))
+    fw.set_blocked(9, [e for s in ORACLE_SOCKETS for e in socket_entries(s)])
+    out["blocked"] = fw.blocked(9)
+    out["cli_blocked"] = sorted(
+        m
+        for name in ("port4", "flow4", "port6", "flow6")
+        for m in _cli("ipset", "list", f"xfgate-9-{name}").partition("Members:\n")[2].split()
+    )
+    out["cli_types"] = [
+        ln for ln in _cli("ipset", "list", "-t").splitlines() if ln.startswith(("Name", "Type"))
     ]
     out["leftovers"] = sorted(fw.leftover_domains())
     out["jumps_deleted"] = backend.delete_jumps(4, "FORWARD", chain_name(9))
@@ -330,6 +361,33 @@ def _probe() -> dict[str, Any]:
     except ConfigError as e:
         out["missing_vif"] = str(e)
     return out
+
+
+ORACLE_SOCKETS = [
+    LISTEN80,
+    GuestSocket(IPProto.TCP, A6, 8080, A6, 0, "LISTEN", 1001, (), v6only=True),
+    GuestSocket(IPProto.UDP, G4, 53, A4, 0, "CLOSE", 1001, ()),
+    GuestSocket(
+        IPProto.UDPLITE,
+        ip_address("2001:2:0:9::2"),
+        41000,
+        ip_address("2001:2:0:9::1"),
+        9,
+        "ESTABLISHED",
+        1001,
+        (),
+    ),
+]
+ORACLE_MEMBERS = sorted(
+    [
+        "0.0.0.0/1,tcp:80",
+        "128.0.0.0/1,tcp:80",
+        "198.18.9.2,udp:53",
+        "::/1,tcp:8080",
+        "8000::/1,tcp:8080",
+        "2001:2:0:9::2,udplite:41000,2001:2:0:9::1",
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +434,7 @@ class TestInAFreshNamespace:
             listed = probed["listed"]
             assert listed[f"{family} {chain_name(9)}"] == [list(r) for r in queue_rules(layout)]
             assert listed[f"{family} {block_chain_name(9)}"] == [
-                list(r) for r in block_rules(9, ["vif9.0"])
+                list(r) for r in block_rules(9, ["vif9.0"], family)
             ]
             assert listed[f"{family} FORWARD"] == [
                 list(r) for r in fastpath.forward_jumps(9, ["vif9.0"])
@@ -388,8 +446,10 @@ class TestInAFreshNamespace:
             for c in ("XFGATE-9", "XFGATE-9-BLK", "mangle XFGATE-9-SAVE")
         }
         assert probed["rendered"] == probed["cli"]  # the CLI as oracle, counters included
-        assert probed["blocked"] == [[IPProto.TCP, 8080], [IPProto.UDP, 53]]
-        assert probed["cli_blocked"] == [["8080"], ["53"]]
+        # The ipset program as oracle: what the adapter wrote and lists is what ipset lists.
+        assert sorted(probed["blocked"]) == sorted(probed["cli_blocked"]) == ORACLE_MEMBERS
+        assert "Type: hash:net,port" in probed["cli_types"]
+        assert "Type: hash:ip,port,ip" in probed["cli_types"]
         assert probed["leftovers"] == [9]
         assert probed["jumps_deleted"] == 2 and probed["jumps_deleted_again"] == 0
         assert probed["after_remove"] == [] and probed["chains_after"] == []

@@ -8,6 +8,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
+    ICMPv6EchoRequest,
     ICMPv6ND_NS,
     IPv6,
     IPv6ExtHdrDestOpt,
@@ -84,7 +85,10 @@ def test_ipv6_first_fragment_has_ports_later_ones_not() -> None:
     p1, p2 = ok(bytes(first)), ok(bytes(later))
     assert (p1.sport, p1.dport, p1.fragment) == (1, 2, False)
     assert p2.fragment and p2.proto == IPProto.UDP and not p2.has_ports
-    assert to_flow(p2, Direction.FROM_GUEST) is None
+    # No transport header: keyed as a raw socket of the protocol would be (ports 0).
+    assert to_flow(p2, Direction.FROM_GUEST) == Flow(
+        IPProto.UDP, ip_address(G6), 0, ip_address(C6), 0
+    )
 
 
 def test_ipv4_fragments() -> None:
@@ -114,12 +118,41 @@ def test_icmpv6_error_and_ndp() -> None:
         IPProto.TCP, ip_address(G6), 9000, ip_address(C6), 7000
     )
     ns = ok(bytes(IPv6(src=G6, dst="ff02::1:ff00:1") / ICMPv6ND_NS(tgt=C6)))
-    assert ns.icmp_type == 135 and to_flow(ns, Direction.FROM_GUEST) is None
+    assert ns.icmp_type == 135 and ns.echo_id == -1
+    assert to_flow(ns, Direction.FROM_GUEST).lport == 0
 
 
-def test_icmp_echo_has_no_flow() -> None:
-    p = ok(bytes(IP(src=G4, dst=C4) / ICMP()))
-    assert not p.is_icmp_error and to_flow(p, Direction.FROM_GUEST) is None
+def test_icmp_echo_is_keyed_by_its_identifier() -> None:
+    # A ping socket's "port" is the echo identifier (net/ipv4/ping.c, ping_lookup).
+    p = ok(bytes(IP(src=G4, dst=C4) / ICMP(type=8, id=4242, seq=1)))
+    assert not p.is_icmp_error and p.echo_id == 4242
+    assert to_flow(p, Direction.FROM_GUEST) == Flow(
+        IPProto.ICMP, ip_address(G4), 4242, ip_address(C4), 0
+    )
+    reply = ok(bytes(IP(src=C4, dst=G4) / ICMP(type=0, id=4242, seq=1)))
+    assert to_flow(reply, Direction.TO_GUEST) == Flow(
+        IPProto.ICMP, ip_address(G4), 4242, ip_address(C4), 0
+    )
+    v6 = ok(bytes(IPv6(src=G6, dst=C6) / ICMPv6EchoRequest(id=77)))
+    assert v6.echo_id == 77 and to_flow(v6, Direction.FROM_GUEST).lport == 77
+    assert isinstance(parse(bytes(IP(src=G4, dst=C4) / ICMP(type=8))[:25]), Malformed)
+
+
+def test_udplite_has_ports() -> None:
+    udp = bytes(UDP(sport=40000, dport=9999))
+    p = ok(bytes(IP(src=G4, dst=C4, proto=136) / udp))
+    assert p.proto == IPProto.UDPLITE and p.has_ports
+    assert to_flow(p, Direction.FROM_GUEST) == Flow(
+        IPProto.UDPLITE, ip_address(G4), 40000, ip_address(C4), 9999
+    )
+    p6 = ok(bytes(IPv6(src=G6, dst=C6, nh=136) / udp))
+    assert (p6.proto, p6.sport, p6.dport) == (IPProto.UDPLITE, 40000, 9999)
+
+
+def test_other_protocols_get_ports_zero() -> None:
+    p = ok(bytes(IP(src=G4, dst=C4, proto=47) / (b"\x00" * 8)))
+    assert p.proto == 47 and not p.has_ports
+    assert to_flow(p, Direction.FROM_GUEST) == Flow(47, ip_address(G4), 0, ip_address(C4), 0)
 
 
 @pytest.mark.parametrize(

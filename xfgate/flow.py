@@ -154,3 +154,8 @@ class OwnerSource(Protocol):
     def generation(self) -> int:
         """Changes whenever cached answers become invalid (guest reboot: new KASLR shift)."""
         ...
+
+    def view(self) -> GuestView:
+        """One full walk: sockets, every thread group, raw/packet socket holders, and whether
+        the walk was complete (an incomplete view may add to what is blocked, never remove)."""
+        ...

@@ -25,6 +25,7 @@ class IPProto(enum.IntEnum):
     NONE = 59  # IPv6 no next header
     DSTOPTS = 60  # IPv6 destination options
     MH = 135  # IPv6 mobility header
+    UDPLITE = 136  # RFC 3828: UDP's header, a partial checksum
     HIP = 139
     SHIM6 = 140
 

@@ -36,7 +36,7 @@ def run_static_gate(owners_json: Path, run_flags: Sequence[str]) -> int:
     from xfgate.cli import build_parser, configure_logging
 
     run_args = build_parser().parse_args(["run", *run_flags])
-    configure_logging()  # the product's diagnostics, "gate ready" included, as `xfgate run`
+    configure_logging()  # as `xfgate run` does: its "gate ready" line is what starters wait for
 
     def static_source(domain: DomainConfig, options: GateOptions) -> OwnerSource:
         return StaticOwnerSource(owners_json)

@@ -49,6 +49,7 @@ class AnswerSource(enum.StrEnum):
     INTROSPECTION = "introspection"  # the owner source (guest memory), just now
     PARSE = "parse"  # decided from the packet alone, without an owner
     ERROR = "error"  # an internal error: the --on-error verdict
+    TIMEOUT = "timeout"  # the owner source did not answer within the packet path's bound
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,15 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from xfgate.errors import ConfigError
-from xfgate.inet import proto_label
 from xfgate.verdict.options import GateMode, GateOptions
 from xfgate.verdict.policy import Verdict
 
-BLOCK_KINDS = ("uid", "pid", "comm", "sk_uid", "port")
+BLOCK_KINDS = ("uid", "pid", "comm", "exe", "sk_uid", "port")
 
 
 def register(sub: Any) -> None:
@@ -31,7 +30,8 @@ def register(sub: Any) -> None:
         g = p.add_mutually_exclusive_group(required=True)
         g.add_argument("--uid")
         g.add_argument("--pid")
-        g.add_argument("--comm")
+        g.add_argument("--comm", help="the task name (a task can rename itself: prefer exe or uid)")
+        g.add_argument("--exe", metavar="PATH", help="the task's executable, exact guest path")
         g.add_argument("--sk-uid", dest="sk_uid")
         g.add_argument("--port", metavar="PROTO/PORT")
         p.set_defaults(handler=cmd_block, op=name)
@@ -55,7 +55,8 @@ def _register_run(sub: Any) -> None:
         "run",
         help="filter a domain's packets by guest process/user (NFQUEUE verdict engine)",
         description="Start a gate: every new flow of the domain is decided by who owns its"
-        " socket inside the guest. SIGINT/SIGTERM remove everything it installed.",
+        " socket inside the guest. SIGINT/SIGTERM leave its enforcement in the kernel until a"
+        " gate binds again or `xfgate cleanup` (--release-on-exit removes it instead).",
     )
     run.add_argument(
         "--domain", type=int, action="append", required=True, help="domain id (repeatable)"
@@ -70,8 +71,28 @@ def _register_run(sub: Any) -> None:
 def _add_policy_arguments(run: argparse.ArgumentParser) -> None:
     g = run.add_argument_group("policy")
     g.add_argument("--block-uid", type=int, action="append", default=[], metavar="UID")
-    g.add_argument("--block-pid", type=int, action="append", default=[], metavar="PID")
-    g.add_argument("--block-comm", action="append", default=[], metavar="NAME")
+    g.add_argument(
+        "--block-pid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PID",
+        help="block a process and its descendants (also those forked later)",
+    )
+    g.add_argument(
+        "--block-exe",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="block tasks running this executable (exact guest path)",
+    )
+    g.add_argument(
+        "--block-comm",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="block by task name (a task can rename itself: prefer --block-exe or --block-uid)",
+    )
     g.add_argument(
         "--block-sk-uid",
         type=int,
@@ -113,7 +134,13 @@ def _add_queue_arguments(run: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--persist-blocks",
         action="store_true",
-        help="on exit keep dropping the known ports of blocked owners (ipset)",
+        help="with --release-on-exit: keep dropping the known ports of blocked owners (ipset)",
+    )
+    g.add_argument(
+        "--release-on-exit",
+        action="store_true",
+        help="on SIGTERM/SIGINT remove the domain's chains, sets and queue rules (default: leave"
+        " them, so the domain stays filtered until a gate binds again or `xfgate cleanup`)",
     )
     g.add_argument(
         "--no-fastpath",
@@ -151,6 +178,7 @@ def gate_options(args: argparse.Namespace) -> GateOptions:
         args.block_sk_uid,
         args.block_port,
         args.unknown,
+        args.block_exe,
     )
     return GateOptions(
         domains=tuple(dict.fromkeys(args.domain)),
@@ -163,6 +191,7 @@ def gate_options(args: argparse.Namespace) -> GateOptions:
         log_target=args.log,
         log_sample=args.log_sample,
         persist_blocks=args.persist_blocks,
+        release_on_exit=args.release_on_exit,
         fastpath=not args.no_fastpath,
         refresh_interval=args.refresh,
         cache_ttl=args.cache_ttl,
@@ -190,7 +219,7 @@ def cmd_block(args: argparse.Namespace) -> int:
             reply = control.request(args.run_dir, args.domain, request)
             print(json.dumps(reply["policy"]))
             return 0
-    raise ConfigError("give one of --uid, --pid, --comm, --sk-uid, --port")
+    raise ConfigError("give one of --uid, --pid, --comm, --exe, --sk-uid, --port")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -239,6 +268,8 @@ def _status_lines(s: dict[str, Any]) -> list[str]:
         f" settled {st['settled']} errors {st['errors']} avg {st['latency_us_avg']} us;"
         f" blocked ports {', '.join(s['blocked_ports']) or '-'}",
     ]
+    if s.get("degraded"):
+        lines.append(f"  degraded: {s['degraded']}")
     k = s.get("kernel")
     if k:
         lines.append(
@@ -255,10 +286,6 @@ def _enter_domain_netns(args: argparse.Namespace) -> None:
     enter_netns(get_domain(args.domain, args.domains_file).netns)
 
 
-def render_blocked_ports(ports: Iterable[tuple[int, int]]) -> str:
-    return ", ".join(f"{proto_label(p)}/{n}" for p, n in ports) or "-"
-
-
 def cmd_rules(args: argparse.Namespace) -> int:
     from xfgate.verdict.fastpath import Firewall, make_backend
     from xfgate.verdict.runner import rule_log_path
@@ -269,7 +296,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
         print(f"# {chain}")
         for line in lines:
             print(line)
-    print("# blocked-port sets: " + render_blocked_ports(fw.blocked_ports(args.domain)))
+    print("# blocked-socket sets: " + (", ".join(fw.blocked(args.domain)) or "-"))
     log = rule_log_path(args.run_dir, args.domain)
     if log.exists():
         print(f"# rule log {log}")
@@ -286,5 +313,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         raise ConfigError(f"a gate for domain {args.domain} is running: stop it (SIGTERM) instead")
     _enter_domain_netns(args)
     Firewall(make_backend()).remove(args.domain, persist_blocks=False)
+    from xfgate.verdict import bridge
+
+    bridge.remove(args.domain)
     path.unlink(missing_ok=True)
     return 0

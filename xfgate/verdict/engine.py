@@ -13,12 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from xfgate.flow import Direction, Flow, GuestSocket, Ownership, OwnerSource, Via
+from xfgate.flow import Direction, Flow, GuestSocket, GuestView, Owner, Ownership, OwnerSource, Via
 from xfgate.inet import IPProto, TCPFlag, proto_label
 from xfgate.verdict.cache import AnswerSource, CacheKey, ListenerKey, OwnerCache
 from xfgate.verdict.fastpath import MARK_MASK, settle_mark
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.packet import (
+    ECHO_REQUEST_TYPES,
     ICMPV6_NDP_TYPES,
     Malformed,
     ParsedPacket,
@@ -26,11 +27,84 @@ from xfgate.verdict.packet import (
     parse,
     to_flow,
 )
-from xfgate.verdict.policy import Decision, Policy, Verdict, decide
+from xfgate.verdict.policy import (
+    NO_FACTS,
+    Decision,
+    GuestFacts,
+    Policy,
+    Verdict,
+    decide,
+    decide_unanswered,
+    decide_unattributable,
+)
 
 LOOKUP_ATTEMPTS = 2  # live memory tears now and then: one retry, then give up
 # Answers that are the listening socket's, not one connection's (see Engine._syn_owner).
 LISTENER_VIAS = frozenset({Via.LISTENER, Via.REQUEST_SOCK_LISTENER, Via.TIME_WAIT_LISTENER})
+LISTENER_STATES = frozenset({"LISTEN", "NEW_SYN_RECV", "SYN_RECV"})
+# How long a packet waits for the owner source (held by a walk): then the safe verdict.
+PACKET_WAIT = 0.05
+# How long a walk or a control-side caller waits for it.
+WALK_WAIT = 5.0
+
+
+def from_listener(ownership: Ownership) -> bool:
+    """The answer is a listening socket's (or a request sock's under it), not a connection's."""
+    return ownership.via in LISTENER_VIAS or ownership.state in LISTENER_STATES
+
+
+def kernel_sent(parsed: ParsedPacket) -> str:
+    """Why an outgoing packet that matches no socket is one the guest kernel sends on its own
+    (an ICMP error about a flow, a TCP reset for no socket), or "" if it is not such a one."""
+    if parsed.embedded is not None:
+        return "icmp error, no socket for the embedded flow"
+    if parsed.proto == IPProto.TCP and parsed.tcp_flags & TCPFlag.RST:
+        return "kernel tcp reset for no socket"
+    return ""
+
+
+class SocketsSource(Protocol):
+    """An owner source from before GuestView (lookup, sockets and generation only)."""
+
+    def lookup(self, flow: Flow) -> Ownership | None: ...
+    def sockets(self) -> Sequence[GuestSocket]: ...
+    def generation(self) -> int: ...
+
+
+class WithView:
+    """Gives a source without view() one: its sockets, as a complete view. Everything else
+    (lookup_listener, close, ...) is the wrapped source's."""
+
+    def __init__(self, source: SocketsSource) -> None:
+        self._source = source
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def lookup(self, flow: Flow) -> Ownership | None:
+        return self._source.lookup(flow)
+
+    def sockets(self) -> Sequence[GuestSocket]:
+        return self._source.sockets()
+
+    def generation(self) -> int:
+        return self._source.generation()
+
+    def view(self) -> GuestView:
+        viewer = getattr(self._source, "view", None)
+        if callable(viewer):
+            answer: GuestView = viewer()
+            return answer
+        return view_from_sockets(self._source.sockets())
+
+
+def view_from_sockets(sockets: Sequence[GuestSocket]) -> GuestView:
+    """A GuestView for an owner source without view(): its sockets' holders are its tasks."""
+    tasks: dict[int, Owner] = {}
+    for s in sockets:
+        for o in s.owners:
+            tasks.setdefault(o.pid, o)
+    return GuestView(tuple(sockets), tuple(tasks.values()), (), complete=True)
 
 
 def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:
@@ -60,17 +134,22 @@ class QueuedPacket(Protocol):
 class LockedOwnerSource:
     """Serializes access to an OwnerSource shared by the packet loop and the refresher."""
 
-    def __init__(self, source: OwnerSource, timeout: float = 5.0) -> None:
+    def __init__(
+        self, source: OwnerSource, timeout: float = WALK_WAIT, packet_timeout: float = PACKET_WAIT
+    ) -> None:
         self._source = source
         self._lock = threading.Lock()
-        self._timeout = timeout
+        self._timeout = timeout  # walks (view, sockets) and closing
+        self._packet_timeout = packet_timeout  # lookups on the packet path
+        self._generation = 0
 
-    def _acquire(self) -> None:
-        if not self._lock.acquire(timeout=self._timeout):
-            raise TimeoutError(f"owner source busy for more than {self._timeout} s")
+    def _acquire(self, timeout: float | None = None) -> None:
+        wait = self._timeout if timeout is None else timeout
+        if not self._lock.acquire(timeout=wait):
+            raise TimeoutError(f"owner source busy for more than {wait * 1000:.0f} ms")
 
     def lookup(self, flow: Flow) -> Ownership | None:
-        self._acquire()
+        self._acquire(self._packet_timeout)
         try:
             return self._source.lookup(flow)
         finally:
@@ -82,7 +161,7 @@ class LockedOwnerSource:
         find = getattr(self._source, "lookup_listener", None)
         if not callable(find):
             return None
-        self._acquire()
+        self._acquire(self._packet_timeout)
         try:
             answer: Ownership | None = find(flow)
             return answer
@@ -96,6 +175,14 @@ class LockedOwnerSource:
         finally:
             self._lock.release()
 
+    def view(self) -> GuestView:
+        """One full walk (the source's view())."""
+        self._acquire()
+        try:
+            return self._source.view()
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
         closer = getattr(self._source, "close", None)
         if callable(closer) and self._lock.acquire(timeout=self._timeout):
@@ -105,9 +192,13 @@ class LockedOwnerSource:
                 self._lock.release()
 
     def generation(self) -> int:
-        self._acquire()
+        """The source's generation; the last one read while a walk holds the source (the
+        packet path never waits on a walk for it)."""
+        if not self._lock.acquire(timeout=self._packet_timeout):
+            return self._generation
         try:
-            return self._source.generation()
+            self._generation = self._source.generation()
+            return self._generation
         finally:
             self._lock.release()
 
@@ -173,6 +264,15 @@ class Engine:
         # instead of NF_REPEAT's second FORWARD traversal.
         self.save_in_postrouting = False
         self.stats = EngineStats()
+        self._facts = NO_FACTS
+
+    @property
+    def facts(self) -> GuestFacts:
+        return self._facts
+
+    def set_facts(self, facts: GuestFacts) -> None:
+        """The refresher's latest facts (one reference assignment, like the policy)."""
+        self._facts = facts
 
     @property
     def policy(self) -> Policy:
@@ -197,30 +297,67 @@ class Engine:
             return Evaluation(decide(None, None, policy, why), AnswerSource.PARSE, parsed)
         if parsed.proto == IPProto.ICMPV6 and parsed.icmp_type in ICMPV6_NDP_TYPES:
             # Neighbour discovery is the link itself: dropping it would cut all IPv6.
-            decision = Decision(Verdict.ACCEPT, "icmpv6 neighbour discovery", known=False)
+            decision = Decision(Verdict.ACCEPT, "icmpv6 neighbour/listener discovery", known=False)
             return Evaluation(decision, AnswerSource.PARSE, parsed, direction=direction)
         flow = to_flow(parsed, direction)
-        if flow is None:
-            why = (
-                "non-first fragment"
-                if parsed.fragment
-                else f"{proto_label(parsed.proto)} has no ports"
-            )
-            return Evaluation(
-                decide(None, None, policy, why), AnswerSource.PARSE, parsed, None, direction
-            )
+        facts = self._facts
+        outgoing = direction is Direction.FROM_GUEST
+        what = f"{proto_label(parsed.proto)} packet"
+        if parsed.fragment:
+            # conntrack reassembles before FORWARD: a lone fragment here has no header to key on.
+            if outgoing:
+                decision = decide_unattributable(policy, facts, "non-first fragment")
+            else:
+                decision = decide(None, None, policy, "non-first fragment")
+            return Evaluation(decision, AnswerSource.PARSE, parsed, flow, direction)
+        if parsed.echo_id >= 0 and (parsed.icmp_type in ECHO_REQUEST_TYPES) != outgoing:
+            # An echo request to the guest, or an echo reply from it: the guest kernel's
+            # (icmp_echo), no socket's. From the guest it may also be forged (raw socket).
+            if outgoing:
+                decision = decide_unattributable(policy, facts, "echo reply")
+            else:
+                decision = decide(None, flow, policy, "echo request to the guest kernel")
+            return Evaluation(decision, AnswerSource.PARSE, parsed, flow, direction)
         if self.cache.check_generation(self.source.generation()):
             pass  # guest rebooted: the cache was emptied, this lookup goes to the guest
-        if is_connection_request(parsed, direction):
-            listener = ListenerKey.of(flow)
-            answer = self.cache.get_or_load(
-                flow, self._syn_owner, key=listener, store_as=lambda o: _syn_key(o, flow, listener)
-            )
-        else:
-            answer = self.cache.get_or_load(flow, self._lookup)
+        try:
+            if is_connection_request(parsed, direction):
+                listener = ListenerKey.of(flow)
+                answer = self.cache.get_or_load(
+                    flow,
+                    self._syn_owner,
+                    PACKET_WAIT,
+                    key=listener,
+                    store_as=lambda o: _syn_key(o, flow, listener),
+                )
+            else:
+                answer = self.cache.get_or_load(flow, self._lookup, PACKET_WAIT)
+        except TimeoutError as e:
+            decision = decide_unanswered(flow, policy, facts, f"owner lookup: {e}")
+            return Evaluation(decision, AnswerSource.TIMEOUT, parsed, flow, direction)
+        ownership = answer.ownership
+        if (
+            outgoing
+            and ownership is not None
+            and parsed.proto == IPProto.TCP
+            and parsed.embedded is None
+            and from_listener(ownership)
+            and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK) != TCPFlag.SYN | TCPFlag.ACK
+        ):
+            # A listener sends only SYN-ACKs (syncookies included); anything else from its
+            # port is some other sender's, e.g. a raw socket forging the listener's port.
+            what = f"tcp from listening port {flow.lport}, not a SYN-ACK"
+            ownership = None
+        if ownership is None and outgoing:
+            kernel = kernel_sent(parsed)
+            if kernel:
+                decision = decide(None, flow, policy, kernel)
+            else:
+                decision = decide_unattributable(policy, facts, what)
+            return Evaluation(decision, answer.source, parsed, flow, direction, answer.ownership)
         why = "icmp error, no socket for the embedded flow" if parsed.is_icmp_error else ""
-        decision = decide(answer.ownership, flow, policy, why)
-        return Evaluation(decision, answer.source, parsed, flow, direction, answer.ownership)
+        decision = decide(ownership, flow, policy, why, facts)
+        return Evaluation(decision, answer.source, parsed, flow, direction, ownership)
 
     def _lookup(self, flow: Flow) -> Ownership | None:
         return self._attempts(self.source.lookup, flow)
@@ -322,7 +459,8 @@ class Engine:
         # Settle only answers about a known owner; a packet already carrying our mark came back
         # (rules missing?): answer it directly instead of repeating it forever. DROP always
         # repeats: FORWARD saves the mark into an already confirmed (unsettled) flow's entry.
-        if self.fastpath and ev.decision.known and not (mark & MARK_MASK):
+        settle = ev.decision.known and ev.decision.settle
+        if self.fastpath and settle and not (mark & MARK_MASK):
             pkt.set_mark((mark & ~MARK_MASK) | (self._mark_accept if accept else self._mark_drop))
             if accept and self.save_in_postrouting:
                 pkt.accept()

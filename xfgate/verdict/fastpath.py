@@ -4,8 +4,8 @@ Layout (filter table, IPv4 and IPv6 alike; bridged packets cross FORWARD via br_
 
     FORWARD   -m physdev --physdev-in  vifD.N --physdev-is-bridged -j XFGATE-D   (from the guest)
               -m physdev --physdev-out vifD.N --physdev-is-bridged -j XFGATE-D   (to the guest)
-    XFGATE-D  -j XFGATE-D-BLK                       known ports of blocked owners (ipset)
-              -m connmark --mark ACCEPT(D) -j ACCEPT   flow settled earlier: never reaches Python
+    XFGATE-D  -m connmark --mark ACCEPT(D) -j ACCEPT   flow settled earlier: never reaches Python
+              -j XFGATE-D-BLK                       blocked owners' known sockets (ipsets)
               -m connmark --mark DROP(D)   -j DROP
               -m mark --mark ACCEPT(D) -j CONNMARK --save-mark   the engine's verdict, repeated
               -m mark --mark ACCEPT(D) -j ACCEPT                 (NF_REPEAT) so the rule set
@@ -18,13 +18,16 @@ Layout (filter table, IPv4 and IPv6 alike; bridged packets cross FORWARD via br_
                    an accepted first packet (plain NF_ACCEPT with our mark) settles its flow
                    here, before conntrack confirms it: no second FORWARD traversal. Without
                    this chain the engine falls back to NF_REPEAT for accepts too.
-    XFGATE-D-BLK  -p tcp -m physdev --physdev-in vif -m set --match-set xfgate-D-tcp src -j DROP
-                  -p tcp -m physdev --physdev-out vif -m set --match-set xfgate-D-tcp dst -j DROP
-                  (and udp)
+    XFGATE-D-BLK  -m physdev --physdev-in vif  -m set --match-set xfgate-D-portF src,src -j DROP
+                  -m physdev --physdev-in vif  -m set --match-set xfgate-D-flowF src,src,dst -j DROP
+                  -m physdev --physdev-out vif -m set --match-set xfgate-D-portF dst,dst -j DROP
+                  -m physdev --physdev-out vif -m set --match-set xfgate-D-flowF dst,dst,src -j DROP
     XFGATE-D-POLL (poll mode only) the thesis's per-port DROP rules
 
-The sets are ``bitmap:port`` (family-agnostic, one per protocol) keyed by the guest's port:
-direction comes from physdev, so a listener bound to the wildcard address needs no address.
+The sets (F = 4 or 6, per family) name exactly what they block (``blocksets``): (guest address,
+proto:port) for listening and bound sockets, (guest address, proto:port, remote) for connected
+ones; the settled-accept rule comes first, so a flow decided as another owner's is never cut by
+them.
 Builders here are pure (they return argv fragments, set contents, conntrack marks);
 ``IptcBackend`` applies and lists rules with python-iptables (libiptc, i.e. the legacy tables),
 sets and conntrack go through netlink (``nfnetlink``, pyroute2). Nothing forks a program.
@@ -43,8 +46,14 @@ from typing import Any, Protocol, TypeVar
 
 from xfgate.errors import FirewallError, PrerequisiteError
 from xfgate.inet import PORT_PROTOS, IPProto
+from xfgate.verdict.blocksets import (
+    BlockEntry,
+    set_contents,
+    set_entry,
+    set_names,
+    set_type,
+)
 from xfgate.verdict.nfnetlink import (
-    BITMAP_PORT,
     PyrouteSets,
     SetAdapter,
     check_conntrack,
@@ -128,27 +137,35 @@ def forward_jumps(domain: int, vifs: Sequence[str], target: str | None = None) -
     return rules
 
 
-def block_rules(domain: int, vifs: Sequence[str]) -> list[Rule]:
-    """Drop packets to/from guest ports listed in the domain's sets."""
+def block_rules(domain: int, vifs: Sequence[str], family: int) -> list[Rule]:
+    """Drop packets from (source) and to (destination) the blocked guest sockets listed in the
+    domain's sets of this family."""
+    from xfgate.verdict.blocksets import flow_set_name, port_set_name
+
+    ports, flows = port_set_name(domain, family), flow_set_name(domain, family)
     rules: list[Rule] = []
-    for proto in PROTOS:
-        name = proto.label
-        match = ("-m", "set", "--match-set", set_name(domain, proto))
-        for vif in vifs:
-            rules.append(("-p", name, "-m", "physdev", "--physdev-in", vif, *match, "src", *DROP))
-            rules.append(("-p", name, "-m", "physdev", "--physdev-out", vif, *match, "dst", *DROP))
+    for vif in vifs:
+        out = ("-m", "physdev", "--physdev-in", vif, "-m", "set", "--match-set")
+        into = ("-m", "physdev", "--physdev-out", vif, "-m", "set", "--match-set")
+        rules.append((*out, ports, "src,src", *DROP))
+        rules.append((*out, flows, "src,src,dst", *DROP))
+        rules.append((*into, ports, "dst,dst", *DROP))
+        rules.append((*into, flows, "dst,dst,src", *DROP))
     return rules
 
 
 def queue_rules(layout: GateLayout) -> list[Rule]:
     d = layout.domain
-    rules: list[Rule] = [("-j", block_chain_name(d))]
-    if layout.fastpath:
+    if not layout.fastpath:
+        rules: list[Rule] = [("-j", block_chain_name(d))]
+    else:
         acc, drp = settle_mark(d, True), settle_mark(d, False)
         mask = f"{MARK_MASK:#x}"
         save: Rule = ("-j", "CONNMARK", "--save-mark", "--nfmask", mask, "--ctmask", mask)
-        rules += [
+        # A settled accept first: the sets never cut a flow decided as another owner's.
+        rules = [
             ("-m", "connmark", "--mark", _mark(acc), "-j", "ACCEPT"),
+            ("-j", block_chain_name(d)),
             ("-m", "connmark", "--mark", _mark(drp), "-j", "DROP"),
             ("-m", "mark", "--mark", _mark(acc), *save),
             ("-m", "mark", "--mark", _mark(acc), "-j", "ACCEPT"),
@@ -192,16 +209,6 @@ def poll_rules(vifs: Sequence[str], ports: Iterable[tuple[int, int]]) -> list[Ru
             rules.append(("-p", name, *physdev_in, "-m", name, "--sport", str(port), *DROP))
             rules.append(("-p", name, *physdev_out, "-m", name, "--dport", str(port), *DROP))
     return rules
-
-
-def port_sets(domain: int, ports: Iterable[tuple[int, int]]) -> dict[str, list[int]]:
-    """Set name -> sorted guest ports it must hold, for every protocol (empty lists too);
-    ports outside 1-65535 are left out."""
-    wanted = set(ports)
-    return {
-        set_name(domain, proto): sorted(p for q, p in wanted if q == proto and 0 < p < 65536)
-        for proto in PROTOS
-    }
 
 
 def staging_set_name(name: str) -> str:
@@ -386,11 +393,19 @@ class IptcBackend:
     def replace_rules(
         self, family: int, chain: str, rules: Sequence[Rule], table: str = "filter"
     ) -> None:
+        # No window: the new rules go in after the old ones, then the old ones leave from the
+        # last to the first, so every intermediate chain is (a prefix of the old) + the new.
+        # (autocommit: each step is one libiptc commit; a flush first would leave an empty
+        # chain, i.e. an unfiltered guest, between two of them.)
         def do() -> None:
             c = self._chain(family, chain, table)
-            c.flush()
+            old = len(c.rules)
             for spec in rules:
                 c.append_rule(self._rule(family, spec))
+            for _ in range(old):
+                current = c.rules
+                c.delete_rule(current[old - 1])
+                old -= 1
 
         self._locked(f"fill chain {chain}", do)
 
@@ -496,17 +511,28 @@ class Firewall:
 
     def _create_sets(self, domain: int) -> None:
         with self.sets.session() as sets:
-            for proto in PROTOS:
-                sets.create(set_name(domain, proto), BITMAP_PORT)
+            for name in set_names(domain):
+                sets.create(name, set_type(name))
 
     def install(self, layout: GateLayout) -> None:
         d = layout.domain
         self._create_sets(d)
         for family in FAMILIES:
-            self.backend.replace_rules(family, block_chain_name(d), block_rules(d, layout.vifs))
+            blk = block_rules(d, layout.vifs, family)
+            self.backend.replace_rules(family, block_chain_name(d), blk)
             self.backend.replace_rules(family, chain_name(d), queue_rules(layout))
-            self.backend.delete_jumps(family, "FORWARD", chain_name(d))
-            self.backend.insert_rules(family, "FORWARD", forward_jumps(d, layout.vifs))
+            self._ensure_jumps(family, "FORWARD", chain_name(d), forward_jumps(d, layout.vifs))
+
+    def _ensure_jumps(
+        self, family: int, chain: str, target: str, jumps: Sequence[Rule], table: str = "filter"
+    ) -> None:
+        """Adopt the jumps a stopped gate left when they are the ones wanted (no window); else
+        put the wanted ones in (a changed vif list: the old jumps go, then the new come)."""
+        present = [r.spec for r in self.backend.listing(family, chain, table) if r.target == target]
+        if sorted(present) == sorted(jumps):
+            return
+        self.backend.delete_jumps(family, chain, target, table)
+        self.backend.insert_rules(family, chain, jumps, table)
 
     def install_save(self, layout: GateLayout) -> str | None:
         """The mangle POSTROUTING save chain (both families), so accepts settle without
@@ -532,24 +558,26 @@ class Firewall:
             except FirewallError:
                 pass
 
-    def set_blocked_ports(self, domain: int, ports: Iterable[tuple[int, int]]) -> None:
-        """Each protocol's set is filled in a staging set, then swapped in atomically: the
-        live set never goes through a state with fewer ports than either list."""
+    def set_blocked(self, domain: int, entries: Iterable[BlockEntry]) -> None:
+        """Each set is filled in a staging set, then swapped in atomically: the live set never
+        goes through a state with fewer entries than either list."""
         with self.sets.session() as sets:
-            for live, members in port_sets(domain, ports).items():
+            for live, members in set_contents(domain, entries).items():
+                kind = set_type(live)
                 staging = staging_set_name(live)
-                sets.create(live, BITMAP_PORT)
-                sets.create(staging, BITMAP_PORT)
+                sets.create(live, kind)
+                sets.create(staging, kind)
                 sets.flush(staging)
-                sets.add(staging, BITMAP_PORT, members)
+                sets.add(staging, kind, [set_entry(e) for e in members])
                 sets.swap(staging, live)
                 sets.destroy(staging)
 
-    def blocked_ports(self, domain: int) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
+    def blocked(self, domain: int) -> list[str]:
+        """The members of the domain's sets, as `ipset list` prints them."""
+        out: list[str] = []
         with self.sets.session() as sets:
-            for proto in PROTOS:
-                out += [(proto, p) for p in sets.members(set_name(domain, proto), BITMAP_PORT)]
+            for name in set_names(domain):
+                out += sets.member_texts(name, set_type(name))
         return out
 
     def reset_settled(self, domain: int) -> None:
@@ -584,8 +612,8 @@ class Firewall:
         self.reset_settled(domain)
         if not persist_blocks:
             with self.sets.session() as sets:
-                for proto in PROTOS:
-                    live = set_name(domain, proto)
+                # bitmap:port sets of an older gate (set_name) too
+                for live in set_names(domain) + [set_name(domain, p) for p in PROTOS]:
                     sets.destroy(staging_set_name(live))  # left by a gate killed mid-swap
                     sets.destroy(live)
 

@@ -31,6 +31,9 @@ class SetType:
 
 
 BITMAP_PORT = SetType("bitmap:port", NFPROTO_UNSPEC, "port", (0, 65535))
+# An entry: a port (bitmap:port), or a tuple of addresses and (port, IP protocol) pairs in the
+# order of the set type's etype ("net,port": ("10.0.0.0/8", (80, 6))).
+SetEntry = int | tuple[Any, ...]
 
 
 class SetOps(Protocol):
@@ -40,10 +43,14 @@ class SetOps(Protocol):
         """Create ``name`` unless it exists (an existing set is left as it is)."""
         ...
 
-    def add(self, name: str, kind: SetType, entries: Sequence[int]) -> None: ...
-    def delete(self, name: str, kind: SetType, entries: Sequence[int]) -> None: ...
+    def add(self, name: str, kind: SetType, entries: Sequence[SetEntry]) -> None: ...
+    def delete(self, name: str, kind: SetType, entries: Sequence[SetEntry]) -> None: ...
     def members(self, name: str, kind: SetType) -> list[int]:
         """The entries of ``name``; an absent set has none."""
+        ...
+
+    def member_texts(self, name: str, kind: SetType) -> list[str]:
+        """The entries of a hash set as the `ipset` program prints them, sorted."""
         ...
 
     def flush(self, name: str) -> None: ...
@@ -101,17 +108,17 @@ class IpsetSession:
 
         self._do(f"create {name} {kind.stype}", do)
 
-    def add(self, name: str, kind: SetType, entries: Sequence[int]) -> None:
+    def add(self, name: str, kind: SetType, entries: Sequence[SetEntry]) -> None:
         def do(sock: Any) -> None:
             for entry in entries:
-                sock.add(name, entry, etype=kind.etype, exclusive=False)
+                sock.add(name, _encode(entry), etype=kind.etype, exclusive=False, **_fam(kind))
 
         self._do(f"add to {name}", do)
 
-    def delete(self, name: str, kind: SetType, entries: Sequence[int]) -> None:
+    def delete(self, name: str, kind: SetType, entries: Sequence[SetEntry]) -> None:
         def do(sock: Any) -> None:
             for entry in entries:
-                sock.delete(name, entry, etype=kind.etype, exclusive=False)
+                sock.delete(name, _encode(entry), etype=kind.etype, exclusive=False, **_fam(kind))
 
         self._do(f"delete from {name}", do)
 
@@ -137,6 +144,18 @@ class IpsetSession:
 
         return self._do(f"list {name}", do, missing_ok=True) or []
 
+    def member_texts(self, name: str, kind: SetType) -> list[str]:
+        def do(sock: Any) -> list[str]:
+            out: list[str] = []
+            for msg in sock.list(name):
+                adt = msg.get_attr("IPSET_ATTR_ADT")
+                if adt is None:
+                    continue
+                out += [_member_text(data, kind) for data in adt.get_attrs("IPSET_ATTR_DATA")]
+            return sorted(out)
+
+        return self._do(f"list {name}", do, missing_ok=True) or []
+
     def flush(self, name: str) -> None:
         self._do(f"flush {name}", lambda sock: sock.flush(name))
 
@@ -152,6 +171,41 @@ class IpsetSession:
             return sorted({str(n) for n in found if n})
 
         return self._do("list", do) or []
+
+
+def _fam(kind: SetType) -> dict[str, int]:
+    """pyroute2 encodes addresses by the ``family`` argument (AF_INET unless told)."""
+    return {} if kind.family == NFPROTO_UNSPEC else {"family": kind.family}
+
+
+def _encode(entry: SetEntry) -> Any:
+    """(port, proto) pairs become pyroute2's PortEntry."""
+    if isinstance(entry, int):
+        return entry
+    from pyroute2.ipset import PortEntry
+
+    return tuple(PortEntry(*e) if isinstance(e, tuple) else e for e in entry)
+
+
+def _member_text(data: Any, kind: SetType) -> str:
+    """One IPSET_ATTR_DATA of a hash set, as `ipset list` prints it (``a/n,tcp:80``)."""
+    from xfgate.inet import proto_label
+
+    version = "IPSET_ATTR_IPADDR_IPV6" if kind.family == 10 else "IPSET_ATTR_IPADDR_IPV4"
+    parts: list[str] = []
+    ips = [data.get_attr("IPSET_ATTR_IP_FROM"), data.get_attr("IPSET_ATTR_IP2")]
+    first = ips[0].get_attr(version) if ips[0] is not None else "?"
+    cidr = data.get_attr("IPSET_ATTR_CIDR")
+    host = 128 if kind.family == 10 else 32
+    parts.append(f"{first}/{cidr}" if kind.etype.startswith("net") and cidr != host else first)
+    port = data.get_attr("IPSET_ATTR_PORT_FROM")
+    if port is None:
+        port = data.get_attr("IPSET_ATTR_PORT")
+    proto = data.get_attr("IPSET_ATTR_PROTO")
+    parts.append(f"{proto_label(int(proto or 0))}:{port}")
+    if ips[1] is not None:
+        parts.append(str(ips[1].get_attr(version)))
+    return ",".join(parts)
 
 
 class PyrouteSets:
@@ -173,17 +227,21 @@ class PyrouteSets:
         with self.session() as s:
             s.create(name, kind)
 
-    def add(self, name: str, kind: SetType, entries: Sequence[int]) -> None:
+    def add(self, name: str, kind: SetType, entries: Sequence[SetEntry]) -> None:
         with self.session() as s:
             s.add(name, kind, entries)
 
-    def delete(self, name: str, kind: SetType, entries: Sequence[int]) -> None:
+    def delete(self, name: str, kind: SetType, entries: Sequence[SetEntry]) -> None:
         with self.session() as s:
             s.delete(name, kind, entries)
 
     def members(self, name: str, kind: SetType) -> list[int]:
         with self.session() as s:
             return s.members(name, kind)
+
+    def member_texts(self, name: str, kind: SetType) -> list[str]:
+        with self.session() as s:
+            return s.member_texts(name, kind)
 
     def flush(self, name: str) -> None:
         with self.session() as s:

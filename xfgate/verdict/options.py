@@ -26,7 +26,9 @@ class GateOptions:
     on_error: Verdict | None = None
     log_target: str | None = None
     log_sample: int = 1
-    persist_blocks: bool = False
+    persist_blocks: bool = False  # with release_on_exit: keep the sets
+    # False (default): a stopping gate leaves its chains, sets and queue rules in the kernel.
+    release_on_exit: bool = False
     fastpath: bool = True
     refresh_interval: float = 2.0
     cache_ttl: float = 10.0

@@ -20,7 +20,16 @@ MAX_IPV6_EXT_HEADERS = 8  # a hostile chain of extension headers must not cost m
 
 ICMP_ERROR_TYPES = frozenset({3, 4, 5, 11, 12})  # unreach, quench, redirect, time exceeded, param
 ICMPV6_ERROR_TYPES = frozenset({1, 2, 3, 4})  # unreach, too big, time exceeded, param problem
-ICMPV6_NDP_TYPES = frozenset({133, 134, 135, 136, 137})  # RS, RA, NS, NA, redirect
+# Neighbour discovery (RS, RA, NS, NA, redirect) and multicast listener discovery (MLD query,
+# v1 report and done, v2 report): the link itself, sent by the guest kernel.
+ICMPV6_NDP_TYPES = frozenset({133, 134, 135, 136, 137, 130, 131, 132, 143})
+# Echo request/reply: what a ping socket (net/ipv4/ping.c) sends and receives, keyed by the
+# echo identifier (the socket's inet_num).
+ICMP_ECHO_TYPES = frozenset({8, 0})
+ICMPV6_ECHO_TYPES = frozenset({128, 129})
+ECHO_REQUEST_TYPES = frozenset({8, 128})
+# Protocols with UDP's source/destination port header.
+PORTED_PROTOS = frozenset({IPProto.TCP, IPProto.UDP, IPProto.UDPLITE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +43,13 @@ class ParsedPacket:
     tcp_flags: int = 0
     fragment: bool = False  # a non-first fragment: no transport header to read
     icmp_type: int = -1
+    echo_id: int = -1  # ICMP/ICMPv6 echo request/reply: the identifier (a ping socket's port)
     # For ICMP errors: the header of the packet that caused the error (its ports included).
     embedded: ParsedPacket | None = None
 
     @property
     def has_ports(self) -> bool:
-        return self.proto in (IPProto.TCP, IPProto.UDP) and not self.fragment
+        return self.proto in PORTED_PROTOS and not self.fragment
 
     @property
     def is_icmp_error(self) -> bool:
@@ -136,7 +146,7 @@ def _parse_transport(
         return ParsedPacket(
             family, proto, src, dst, _u16(l4, 0), _u16(l4, 2), tcp_flags=flags & 0x3F
         )
-    if proto == IPProto.UDP:
+    if proto in (IPProto.UDP, IPProto.UDPLITE):
         need = 8 if allow_embedded else 4
         if len(l4) < need:
             return Malformed(f"truncated UDP header ({len(l4)} bytes)")
@@ -147,6 +157,11 @@ def _parse_transport(
         icmp_type = l4[0]
         errors = ICMP_ERROR_TYPES if proto == IPProto.ICMP else ICMPV6_ERROR_TYPES
         embedded: ParsedPacket | None = None
+        echoes = ICMP_ECHO_TYPES if proto == IPProto.ICMP else ICMPV6_ECHO_TYPES
+        if icmp_type in echoes:
+            if len(l4) < 8:
+                return Malformed(f"truncated ICMP echo header ({len(l4)} bytes)")
+            return ParsedPacket(family, proto, src, dst, icmp_type=icmp_type, echo_id=_u16(l4, 4))
         if allow_embedded and icmp_type in errors:
             inner = _parse(l4[8:], allow_embedded=False)
             if isinstance(inner, Malformed):
@@ -160,18 +175,24 @@ def _u16(b: bytes, at: int) -> int:
     return (b[at] << 8) | b[at + 1]
 
 
-def to_flow(packet: ParsedPacket, direction: Direction) -> Flow | None:
+def to_flow(packet: ParsedPacket, direction: Direction) -> Flow:
     """The flow as the guest's socket sees it: local = the guest's end.
 
     An ICMP error is about the packet it embeds, which travelled the other way: its flow is the
-    embedded packet's flow in the opposite direction. None when there are no ports to key on.
+    embedded packet's flow in the opposite direction. An ICMP/ICMPv6 echo is keyed as a ping
+    socket is (lport = the echo identifier, rport 0); any other packet without ports (other
+    protocols, non-first fragments) gets ports 0: a raw socket of that protocol may send it.
     """
     if packet.embedded is not None:
         opposite = Direction.TO_GUEST if direction is Direction.FROM_GUEST else Direction.FROM_GUEST
         return to_flow(packet.embedded, opposite)
+    guest_src = direction is Direction.FROM_GUEST
+    local, remote = (packet.src, packet.dst) if guest_src else (packet.dst, packet.src)
+    if packet.echo_id >= 0:
+        return Flow(packet.proto, local, packet.echo_id, remote, 0)
     if not packet.has_ports:
-        return None
-    if direction is Direction.FROM_GUEST:
+        return Flow(packet.proto, local, 0, remote, 0)
+    if guest_src:
         return Flow(packet.proto, packet.src, packet.sport, packet.dst, packet.dport)
     return Flow(packet.proto, packet.dst, packet.dport, packet.src, packet.sport)
 

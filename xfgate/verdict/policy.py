@@ -9,10 +9,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 from xfgate.errors import ConfigError
-from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
+from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, Via
 from xfgate.inet import PORT_PROTOS, proto_label
 from xfgate.vmi.kernel_constants import COMM_MAX_CHARS, comm_key
 
@@ -30,6 +31,73 @@ class Decision:
     reason: str
     owner: Owner | None = None  # the owner that decided it (the blocked one, or the first)
     known: bool = True  # False when the owner could not be known: the default was applied
+    # False when the answer may change with what the next lookup or walk sees (holders not
+    # visible, the last view incomplete, a raw-socket holder's guess): the engine then does not
+    # settle the flow in conntrack, so its next packet is decided again.
+    settle: bool = True
+
+
+# Socket states only the kernel holds: no task ever had such a socket in a file table.
+KERNEL_ONLY_STATES = frozenset({"TIME_WAIT", "NEW_SYN_RECV"})
+# Ancestors remembered per thread group: bounded like the walk that reports them.
+MAX_LINEAGE = 64
+
+
+@dataclass(frozen=True)
+class GuestFacts:
+    """What the last guest walks say beyond one flow's owners, for the policy's process rules.
+
+    ``lineage`` remembers, per live thread group, every ancestor tgid any view has shown for
+    it: a double fork that reparents the grandchild to init after a walk saw it stays a
+    descendant of the blocked pid (sticky while the views say the tgid lives; a tgid reused
+    between two walks inherits it, a known limit). ``complete`` is False while the last view
+    was incomplete: then nothing is taken away (tasks, sockets and lineage are the union with
+    the previous facts) and accepts are not settled.
+    """
+
+    tasks: tuple[Owner, ...] = ()
+    raw_holders: tuple[Owner, ...] = ()
+    sockets: tuple[GuestSocket, ...] = ()
+    lineage: Mapping[int, frozenset[int]] = field(default_factory=lambda: MappingProxyType({}))
+    complete: bool = True
+    problems: tuple[str, ...] = ()
+    views: int = 0  # how many views these facts were built from (0: none yet)
+
+    def ancestors_of(self, owner: Owner) -> frozenset[int]:
+        return frozenset(owner.ancestors) | self.lineage.get(owner.pid, frozenset())
+
+    def updated(self, view: GuestView) -> GuestFacts:
+        """The facts after `view`: a complete view replaces tasks and sockets (lineage of the
+        tgids still alive is kept), an incomplete one only adds."""
+        lineage: dict[int, frozenset[int]] = {}
+        if not view.complete:
+            lineage.update(self.lineage)
+        for t in view.tasks:
+            seen = frozenset(t.ancestors[:MAX_LINEAGE]) | self.lineage.get(t.pid, frozenset())
+            lineage[t.pid] = seen
+        tasks, raws, sockets = view.tasks, view.raw_holders, view.sockets
+        if not view.complete:
+            tasks = _union_by_pid(self.tasks, tasks)
+            raws = _union_by_pid(self.raw_holders, raws)
+            sockets = tuple(dict.fromkeys(self.sockets + sockets))
+        return GuestFacts(
+            tasks=tasks,
+            raw_holders=raws,
+            sockets=sockets,
+            lineage=MappingProxyType(lineage),
+            complete=view.complete,
+            problems=view.problems,
+            views=self.views + 1,
+        )
+
+
+def _union_by_pid(old: tuple[Owner, ...], new: tuple[Owner, ...]) -> tuple[Owner, ...]:
+    merged = {(o.pid, o.fd): o for o in old}
+    merged.update({(o.pid, o.fd): o for o in new})
+    return tuple(merged.values())
+
+
+NO_FACTS = GuestFacts()
 
 
 @dataclass(frozen=True)
@@ -39,6 +107,7 @@ class Policy:
     block_pids: frozenset[int] = frozenset()
     block_uids: frozenset[int] = frozenset()
     block_comms: frozenset[str] = frozenset()
+    block_exes: frozenset[str] = frozenset()  # the task's executable (mm->exe_file), exact path
     block_sk_uids: frozenset[int] = frozenset()  # the socket creator's uid (sock.sk_uid)
     block_ports: frozenset[tuple[int, int]] = frozenset()  # (proto, guest-local port)
     unknown: Verdict = Verdict.ACCEPT  # owner cannot be known (kernel RST, ICMP, TIME_WAIT, ...)
@@ -54,20 +123,47 @@ class Policy:
             self.block_pids
             or self.block_uids
             or self.block_comms
+            or self.block_exes
             or self.block_sk_uids
             or self.block_ports
         )
 
-    def owner_blocked(self, owner: Owner) -> str | None:
-        """Why this owner is blocked, or None."""
+    @property
+    def blocks_processes(self) -> bool:
+        """True if a rule names processes (pid, exe, comm) rather than users or ports."""
+        return bool(self.block_pids or self.block_exes or self.block_comms)
+
+    def owner_blocked(self, owner: Owner, facts: GuestFacts = NO_FACTS) -> str | None:
+        """Why this owner is blocked, or None. A blocked pid covers its descendants: the
+        owner's ancestors as the lookup read them, and those any earlier view showed."""
         if owner.pid in self.block_pids:
             return f"pid {owner.pid} blocked"
+        if self.block_pids:
+            for a in sorted(self.block_pids & facts.ancestors_of(owner)):
+                return f"pid {owner.pid} descends from blocked pid {a}"
         if owner.uid in self.block_uids:
             return f"uid {owner.uid} blocked"
         if owner.euid in self.block_uids:
             return f"euid {owner.euid} blocked"
+        if owner.exe and owner.exe in self.block_exes:
+            return f"exe {owner.exe} blocked"
         if comm_key(owner.comm) in self._comm_keys:
             return f"comm {owner.comm!r} blocked"
+        return None
+
+    def creator_blocked(self, sk_uid: int, facts: GuestFacts = NO_FACTS) -> str | None:
+        """Why a socket no visible task holds is blocked, judged by its creator (sk_uid): a
+        uid or sk_uid rule matches it directly; a pid/exe/comm rule matches when sk_uid is
+        the uid of a task that rule blocks in the last view (the safe default: the hidden
+        holder may be that task)."""
+        if sk_uid in self.block_uids:
+            return f"sk_uid {sk_uid} (the creator) blocked"
+        if sk_uid in self.block_sk_uids:
+            return f"sk_uid {sk_uid} blocked"
+        if self.blocks_processes:
+            for t in facts.tasks:
+                if sk_uid in (t.uid, t.euid) and self.owner_blocked(t, facts) is not None:
+                    return f"sk_uid {sk_uid} is the uid of blocked pid {t.pid} ({t.comm})"
         return None
 
     def changed(self, op: str, kind: str, value: str) -> Policy:
@@ -88,6 +184,7 @@ class Policy:
             "block_pids": sorted(self.block_pids),
             "block_uids": sorted(self.block_uids),
             "block_comms": sorted(self.block_comms),
+            "block_exes": sorted(self.block_exes),
             "block_sk_uids": sorted(self.block_sk_uids),
             "block_ports": [f"{proto_label(p)}/{port}" for p, port in sorted(self.block_ports)],
             "unknown": self.unknown.value,
@@ -107,11 +204,15 @@ def _parse_entry(kind: str, value: str) -> tuple[str, Any]:
             if not value or len(value) > COMM_MAX_CHARS:
                 raise ConfigError(f"process name {value!r}: 1 to {COMM_MAX_CHARS} characters")
             return "block_comms", value
+        if kind == "exe":
+            if not value.startswith("/") or len(value) > 4096:
+                raise ConfigError(f"executable {value!r}: an absolute path, as the guest sees it")
+            return "block_exes", value
         if kind == "port":
             return "block_ports", parse_port(value)
     except ValueError as e:
         raise ConfigError(f"bad {kind} {value!r}: {e}") from None
-    raise ConfigError(f"unknown block kind {kind!r} (pid, uid, sk_uid, comm, port)")
+    raise ConfigError(f"unknown block kind {kind!r} (pid, uid, sk_uid, comm, exe, port)")
 
 
 def _non_negative(n: int, kind: str) -> int:
@@ -139,6 +240,7 @@ def compile_policy(
     sk_uids: Iterable[int] = (),
     ports: Iterable[str] = (),
     unknown: str = "accept",
+    exes: Iterable[str] = (),
 ) -> Policy:
     """Build a policy from command-line style values, validating each."""
     try:
@@ -152,6 +254,7 @@ def compile_policy(
         ("comm", comms),
         ("sk_uid", sk_uids),
         ("port", ports),
+        ("exe", exes),
     ):
         for v in values:
             policy = policy.changed("block", kind, str(v))
@@ -166,48 +269,114 @@ def policy_from_dict(d: Mapping[str, Any]) -> Policy:
         d.get("block_sk_uids", ()),
         d.get("block_ports", ()),
         d.get("unknown", "accept"),
+        d.get("block_exes", ()),
     )
 
 
 def decide(
-    ownership: Ownership | None, flow: Flow | None, policy: Policy, why: str = ""
+    ownership: Ownership | None,
+    flow: Flow | None,
+    policy: Policy,
+    why: str = "",
+    facts: GuestFacts = NO_FACTS,
 ) -> Decision:
     """The verdict for one flow given who owns it.
 
     Several owners (a forked server sharing a listening socket): blocked if any owner is blocked,
-    since the blocked process can use the socket as well as its siblings.
+    since the blocked process can use the socket as well as its siblings. A socket no visible
+    task holds (and not one only the kernel holds, like TIME_WAIT) answers by its creator
+    (``Policy.creator_blocked``); if that does not block it, the ``unknown`` verdict applies,
+    unsettled. An accept while the last view is incomplete is not settled either.
     """
     if flow is not None and (flow.proto, flow.lport) in policy.block_ports:
         return Decision(Verdict.DROP, f"guest port {flow.lport} blocked", None)
     if ownership is None:
         return Decision(policy.unknown, f"unknown owner ({why or 'no guest socket'})", known=False)
     for owner in ownership.owners:
-        reason = policy.owner_blocked(owner)
+        reason = policy.owner_blocked(owner, facts)
         if reason is not None:
             return Decision(Verdict.DROP, reason, owner)
     if ownership.sk_uid in policy.block_sk_uids:
         first = ownership.owners[0] if ownership.owners else None
         return Decision(Verdict.DROP, f"sk_uid {ownership.sk_uid} blocked", first)
     if not ownership.owners:
-        # TIME_WAIT, orphaned or kernel sockets: no process to judge.
+        if ownership.state in KERNEL_ONLY_STATES:
+            return Decision(
+                policy.unknown,
+                f"unknown owner (socket {ownership.state}, only the kernel holds it)",
+                known=False,
+            )
+        reason = policy.creator_blocked(ownership.sk_uid, facts)
+        if reason is not None:
+            return Decision(Verdict.DROP, f"socket held by no visible task: {reason}")
         return Decision(
             policy.unknown,
-            f"unknown owner (socket {ownership.state}, no task holds it)",
+            f"unknown owner (socket {ownership.state} held by no visible task,"
+            f" creator uid {ownership.sk_uid} not blocked)",
             known=False,
+            settle=False,
+        )
+    if not facts.complete:
+        return Decision(
+            Verdict.ACCEPT, "owner not blocked (view incomplete)", ownership.owners[0], settle=False
         )
     return Decision(Verdict.ACCEPT, "owner not blocked", ownership.owners[0])
 
 
-def blocked_ports(sockets: Iterable[GuestSocket], policy: Policy) -> set[tuple[int, int]]:
+def decide_unattributable(policy: Policy, facts: GuestFacts, what: str) -> Decision:
+    """An outgoing packet no guest socket sends and that is not one the kernel sends on its own
+    (a forged or raw packet): dropped while any holder of a raw/packet socket is blocked,
+    else the ``unknown`` verdict. Never settled: the next packet is judged again."""
+    for holder in facts.raw_holders:
+        reason = policy.owner_blocked(holder, facts)
+        if reason is not None:
+            return Decision(
+                Verdict.DROP,
+                f"unattributable {what}; raw-socket holder pid {holder.pid}: {reason}",
+                holder,
+                known=False,
+                settle=False,
+            )
+    return Decision(policy.unknown, f"unknown owner (unattributable {what})", known=False)
+
+
+def decide_unanswered(flow: Flow, policy: Policy, facts: GuestFacts, why: str) -> Decision:
+    """The safe verdict when the owner lookup did not answer in time: drop if a socket the last
+    view shows on this flow's local port is one the policy blocks (by holder or creator), or if
+    a blocked task holds a raw socket; else the ``unknown`` verdict. Never settled."""
+    for s in facts.sockets:
+        if s.proto != flow.proto or s.lport != flow.lport or s.local.version != flow.family:
+            continue
+        if s.rport and (s.rport, s.remote) != (flow.rport, flow.remote):
+            continue
+        reason = next(
+            (r for o in s.owners if (r := policy.owner_blocked(o, facts)) is not None), None
+        ) or policy.creator_blocked(s.sk_uid, facts)
+        if reason is not None:
+            return Decision(Verdict.DROP, f"{why}; last view: {reason}", known=False, settle=False)
+    decision = decide_unattributable(policy, facts, f"flow ({why})")
+    return replace(decision, settle=False)
+
+
+def socket_blocked(s: GuestSocket, policy: Policy, facts: GuestFacts = NO_FACTS) -> bool:
+    """True if the policy blocks this socket of a walk (its holders, or its creator when no
+    visible task holds it); sockets only the kernel holds (TIME_WAIT) are nobody's."""
+    if s.state in KERNEL_ONLY_STATES:
+        return False
+    ownership = Ownership(s.owners, s.sk_uid, s.state, Via.WALK, s.sock_addr)
+    decision = decide(ownership, None, policy, facts=facts)
+    return decision.verdict is Verdict.DROP and decision.known  # not --unknown drop
+
+
+def blocked_ports(
+    sockets: Iterable[GuestSocket], policy: Policy, facts: GuestFacts = NO_FACTS
+) -> set[tuple[int, int]]:
     """(proto, guest-local port) of every socket a blocked owner holds, plus blocked ports:
-    what the kernel-side sets (queue mode) or the thesis's DROP rules (poll mode) hold."""
+    what the thesis's DROP rules (poll mode) hold."""
     ports = set(policy.block_ports)
     for s in sockets:
         if s.proto not in PORT_PROTOS or not 0 < s.lport < 65536:
             continue
-        ownership = Ownership(s.owners, s.sk_uid, s.state, Via.WALK, s.sock_addr)
-        if not s.owners and s.sk_uid not in policy.block_sk_uids:
-            continue  # TIME_WAIT & co: nobody to block, and the port is about to be reused
-        if decide(ownership, None, policy).verdict is Verdict.DROP:
+        if socket_blocked(s, policy, facts):
             ports.add((s.proto, s.lport))
     return ports

@@ -1,9 +1,17 @@
 """The gate process: sets up the kernel side, serves the queue(s), cleans up on exit.
 
 One process may serve several domains (all in one network namespace), each with its own queue
-number, chains, sets, control socket and refresher thread. The packet loop, the control sockets
-and poll-mode walks run in the main thread (select); only the periodic guest walk that feeds the
-kernel-side port sets runs in a thread, behind the owner source's lock.
+number, chains, sets, control socket and threads: a packet thread per domain (one domain's flood
+does not starve another's queue), a control thread per domain (status and block answer while the
+packet path is busy; it never takes the owner source's lock) and a refresher thread (the periodic
+guest walk that feeds the kernel-side sets and the policy's guest facts, behind the owner
+source's lock, which the packet path waits on for at most engine.PACKET_WAIT). Poll-mode walks
+run in the main thread.
+
+Stopping is not releasing: by default a stopping gate leaves its chains, sets and queue rule in
+the kernel (unsettled flows then follow --queue-bypass, blocked owners' known ports and flows
+stay dropped) until a gate binds again (it adopts them in place) or `xfgate cleanup`;
+``release_on_exit`` removes them.
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ from xfgate.config import DomainConfig, get_domain
 from xfgate.errors import ConfigError, PrerequisiteError, QueueError, XfgateError
 from xfgate.flow import OwnerSource
 from xfgate.inet import proto_label
-from xfgate.verdict import control
+from xfgate.verdict import bridge, control
+from xfgate.verdict.blocksets import BlockEntry, blocked_entries, ports_text
 from xfgate.verdict.cache import OwnerCache
-from xfgate.verdict.engine import Engine, LockedOwnerSource, QueuedPacket
+from xfgate.verdict.engine import Engine, LockedOwnerSource, QueuedPacket, WithView
 from xfgate.verdict.fastpath import (
     Firewall,
     GateLayout,
@@ -40,7 +49,7 @@ from xfgate.verdict.fastpath import (
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.netns import enter_netns, ifindex
 from xfgate.verdict.options import GateMode, GateOptions
-from xfgate.verdict.policy import Policy, Verdict, blocked_ports
+from xfgate.verdict.policy import GuestFacts, Policy, Verdict, blocked_ports
 
 log = logging.getLogger(__name__)
 DEFAULT_QUEUE_BASE = 100  # queue number = base + domain id unless --queue-num is given
@@ -58,8 +67,9 @@ def introspection_source(domain: DomainConfig, options: GateOptions) -> OwnerSou
     from xfgate.vmi.liveness import require_running
 
     require_running(domain)  # a dead VM's RAM file would answer with stale owners
-    return GuestIntrospector(
-        domain, load_domain_profile(domain, options.profile, options.cache_dir)
+    # WithView: view() is the introspector's own once it has one, else its sockets().
+    return WithView(
+        GuestIntrospector(domain, load_domain_profile(domain, options.profile, options.cache_dir))
     )
 
 
@@ -82,28 +92,32 @@ def queue_counters() -> dict[int, dict[str, int]]:
 
 
 class Refresher(threading.Thread):
-    """Walks the guest every few seconds and keeps the domain's port sets current, so known
-    ports of blocked owners stay dropped in the kernel (also after the gate dies)."""
+    """Walks the guest every few seconds: keeps the engine's guest facts (tasks, lineage, raw
+    holders) and the domain's kernel sets current, so known ports of blocked owners stay
+    dropped in the kernel (also after the gate stops). A failed walk changes nothing; an
+    incomplete one only adds (the sets are the union with the previous ones) and makes the
+    domain ``degraded`` until a complete walk."""
 
     def __init__(
         self,
         domain: int,
-        source: OwnerSource,
-        policy: Callable[[], Policy],
-        apply: Callable[[set[tuple[int, int]]], None],
+        source: LockedOwnerSource,
+        engine: Engine,
+        apply: Callable[[set[BlockEntry]], None],
         interval: float,
     ) -> None:
         super().__init__(name=f"xfgate-refresh-{domain}", daemon=True)
         self.domain = domain
         self._source = source
-        self._policy = policy
+        self._engine = engine
         self._apply = apply
         self._interval = interval
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.ports: set[tuple[int, int]] | None = None
+        self.entries: set[BlockEntry] | None = None
         self.walks = 0
         self.last_error = ""
+        self.degraded = ""
         self.last_walk_ms = 0.0
 
     def trigger(self) -> None:
@@ -115,29 +129,64 @@ class Refresher(threading.Thread):
 
     def refresh_once(self, walk: bool = False) -> None:
         """One walk (skipped when nothing is blocked, unless `walk`) and a set update."""
-        policy = self._policy()
+        policy = self._engine.policy
         start = time.monotonic()
         if policy.blocks_anything or walk:
-            sockets = self._source.sockets()
+            view = self._source.view()
             self.last_walk_ms = round((time.monotonic() - start) * 1000, 2)
-            ports = blocked_ports(sockets, policy)
+            facts = self._engine.facts.updated(view)
+            self._engine.set_facts(facts)
+            entries = blocked_entries(facts.sockets, policy, facts)
+            if view.complete:
+                self.degraded = ""
+            else:
+                entries |= self.entries or set()
+                why = "; ".join(view.problems[:3]) or "no reason given"
+                self.degraded = f"incomplete walk (sets only grow until a complete one): {why}"
+                log.warning("domain %d: degraded: %s", self.domain, self.degraded)
         else:
-            ports = set()
+            entries = set()
         self.walks += 1
-        if ports != self.ports:
-            self._apply(ports)
-            self.ports = ports
+        if entries != self.entries:
+            self._apply(entries)
+            self.entries = entries
 
     def run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.refresh_once()
                 self.last_error = ""
-            except Exception as e:  # a torn walk must not end the refresher
+            except Exception as e:  # a torn walk must not end the refresher, nor change a set
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.warning("domain %d: refresh failed: %s", self.domain, e)
             self._wake.wait(self._interval)
             self._wake.clear()
+
+
+class ServeThread(threading.Thread):
+    """Calls `serve` whenever `fd` is readable, until stopped: one domain's packet queue or
+    control socket, on its own thread."""
+
+    def __init__(self, name: str, fd: int, serve: Callable[[], None]) -> None:
+        super().__init__(name=name, daemon=True)
+        self._fd = fd
+        self._serve = serve
+        self._stop_event = threading.Event()
+        self.errors = 0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                ready, _, _ = select.select([self._fd], [], [], IDLE_TICK)
+                if ready:
+                    self._serve()
+            except Exception as e:  # e.g. recv() failing on the queue socket: keep serving
+                self.errors += 1
+                log.error("%s: %s: %s", self.name, type(e).__name__, e)
+                time.sleep(0.01)
 
 
 @dataclass
@@ -149,6 +198,7 @@ class DomainGate:
     queue: Any = None
     control: control.ControlServer | None = None
     refresher: Refresher | None = None
+    threads: list[ServeThread] = field(default_factory=list)
     poll_ports: set[tuple[int, int]] | None = None
     next_poll: float = 0.0
     polls: list[float] = field(default_factory=list)
@@ -195,6 +245,10 @@ class Gate:
             self._clean_leftovers()
             for dg in self.domains.values():
                 self._install(dg)
+            for dg in self.domains.values():
+                self._start_threads(dg)
+            for dg in self.domains.values():
+                self._first_walk(dg)
         except BaseException:
             self.stop()
             raise
@@ -219,8 +273,9 @@ class Gate:
             dg.queue = bind_queue(queue_num, engine.handle)
 
     def _clean_leftovers(self) -> None:
-        """Remove chains/sets of domains whose gate is gone (a crash, kill -9). Ours are
-        rebuilt right after; sets are kept so persisted blocks hold until the first walk."""
+        """Remove chains/sets of domains whose gate is gone and that this gate does not serve.
+        Ours are adopted: _install replaces their rules in place, with no window, and the sets
+        keep holding until the first walk."""
         assert self.firewall is not None
         run_dir = self.options.run_dir
         live = {
@@ -230,32 +285,20 @@ class Gate:
         }
         for d in sorted(self.firewall.leftover_domains()):
             if d in self.domains:
-                self.firewall.remove(d, persist_blocks=True)
-            elif d not in live:
+                continue
+            if d not in live:
                 log.info("removing leftovers of domain %d", d)
                 self.firewall.remove(d, persist_blocks=False)
 
     def _install(self, dg: DomainGate) -> None:
+        """The domain's rules, before any walk: nothing passes unseen while the gate warms up."""
         assert self.firewall is not None
         fw = self.firewall
         d = dg.cfg.id
         if self.options.mode is GateMode.QUEUE:
-            dg.refresher = Refresher(
-                d,
-                dg.source,
-                lambda: dg.engine.policy,
-                lambda ports: fw.set_blocked_ports(d, ports),
-                self.options.refresh_interval,
-            )
-            # One walk before the first packet: it locates the guest kernel (KASLR) and fills
-            # the owner index, so the first verdicts do not pay for it, and seeds the port sets.
-            try:
-                dg.refresher.refresh_once(walk=True)
-            except Exception as e:
-                log.warning("domain %d: first walk failed: %s", d, e)
+            fw.install(dg.layout)
             for family in (4, 6):
                 fw.remove_poll(d, family)  # persisted by an earlier poll-mode gate
-            fw.install(dg.layout)
             if dg.layout.fastpath:
                 why = fw.install_save(dg.layout)
                 dg.engine.save_in_postrouting = why is None
@@ -267,10 +310,56 @@ class Gate:
                         why,
                     )
             fw.reset_settled(d)  # marks of an earlier run may carry a different policy
-            dg.refresher.start()
         else:
             fw.set_poll_rules(d, dg.cfg.vifs, [])
             dg.next_poll = time.monotonic()
+        self._frame_filter(dg)
+
+    def _frame_filter(self, dg: DomainGate) -> None:
+        """VLAN/PPPoE/other ethertypes from the vifs: dropped while a block is in force."""
+        d = dg.cfg.id
+        try:
+            if dg.engine.policy.blocks_anything:
+                bridge.install(d, dg.cfg.vifs)
+            else:
+                bridge.remove(d)
+        except XfgateError as e:
+            log.warning("domain %d: bridge frame filter: %s", d, e)
+
+    def _start_threads(self, dg: DomainGate) -> None:
+        d = dg.cfg.id
+        if dg.queue is not None:
+            q = dg.queue
+            dg.threads.append(
+                ServeThread(f"xfgate-packets-{d}", q.get_fd(), lambda: q.run(block=False))
+            )
+        if dg.control is not None:
+            dg.threads.append(
+                ServeThread(f"xfgate-control-{d}", dg.control.fileno(), dg.control.serve_one)
+            )
+        for t in dg.threads:
+            t.start()
+
+    def _first_walk(self, dg: DomainGate) -> None:
+        """Locates the guest kernel (KASLR), fills the owner index, seeds the sets and the
+        guest facts; then the periodic refresher."""
+        if self.options.mode is not GateMode.QUEUE:
+            return
+        assert self.firewall is not None
+        fw, d = self.firewall, dg.cfg.id
+        dg.refresher = Refresher(
+            d,
+            dg.source,
+            dg.engine,
+            lambda entries: fw.set_blocked(d, entries),
+            self.options.refresh_interval,
+        )
+        try:
+            dg.refresher.refresh_once(walk=True)
+        except Exception as e:
+            dg.refresher.last_error = f"{type(e).__name__}: {e}"
+            log.warning("domain %d: first walk failed: %s", d, e)
+        dg.refresher.start()
 
     def stop(self) -> None:
         """Undo everything; safe to call twice and after a partial start."""
@@ -278,13 +367,28 @@ class Gate:
         for dg in self.domains.values():
             if dg.refresher is not None:
                 dg.refresher.stop()
-        if self.firewall is not None:
+            for t in dg.threads:
+                t.stop()
+        for dg in self.domains.values():
+            for t in dg.threads:
+                t.join(2 * IDLE_TICK + 1)
+            dg.threads.clear()
+        if self.firewall is not None and self.options.release_on_exit:
             for d in self.domains:
                 try:
                     # Jumps go first, so no packet is queued to a consumer about to vanish.
                     self.firewall.remove(d, persist_blocks=self.options.persist_blocks)
+                    if not self.options.persist_blocks:
+                        bridge.remove(d)
                 except XfgateError as e:
                     errors.append(str(e))
+        elif self.domains:
+            log.info(
+                "leaving the enforcement of domain(s) %s in the kernel (%s while no gate is"
+                " bound); `xfgate cleanup` releases it",
+                ", ".join(str(d) for d in self.domains),
+                "unsettled flows pass" if self.options.queue_bypass else "unsettled flows drop",
+            )
         for dg in self.domains.values():
             if dg.queue is not None:
                 with contextlib.suppress(Exception):
@@ -327,12 +431,8 @@ class Gate:
                 signal.signal(s, h)
 
     def _tick(self) -> None:
+        # Packets and control requests have their own threads; here: signals and poll mode.
         readers: dict[int, Callable[[], None]] = {self._wake_r: self._drain_wake}
-        for dg in self.domains.values():
-            if dg.queue is not None:
-                readers[dg.queue.get_fd()] = functools.partial(dg.queue.run, block=False)
-            if dg.control is not None:
-                readers[dg.control.fileno()] = dg.control.serve_one
         timeout = IDLE_TICK
         if self.options.mode is GateMode.POLL:
             now = time.monotonic()
@@ -362,11 +462,17 @@ class Gate:
         """Poll mode: one full walk, then the thesis's DROP rules for blocked owners' ports."""
         assert self.firewall is not None
         start = time.monotonic()
+        policy = dg.engine.policy
         try:
-            ports = blocked_ports(dg.source.sockets(), dg.engine.policy)
+            view = dg.source.view()
         except Exception as e:
             log.warning("domain %d: poll walk failed: %s", dg.cfg.id, e)
             return
+        facts: GuestFacts = dg.engine.facts.updated(view)
+        dg.engine.set_facts(facts)
+        ports = blocked_ports(facts.sockets, policy, facts)
+        if not view.complete:
+            ports |= dg.poll_ports or set()
         dg.polls.append(round((time.monotonic() - start) * 1000, 2))
         del dg.polls[:-100]
         if ports == dg.poll_ports:
@@ -400,6 +506,7 @@ class Gate:
     def _set_policy(self, dg: DomainGate, new: Policy) -> None:
         assert self.firewall is not None
         dg.engine.set_policy(new)  # new snapshot + cache dropped
+        self._frame_filter(dg)
         if self.options.mode is GateMode.QUEUE:
             # Settled flows are re-decided from their next packet: established flows of a
             # newly blocked owner are cut, those of an unblocked one come back.
@@ -434,9 +541,11 @@ class Gate:
             "cache": dataclasses.asdict(dg.engine.cache.stats()),
             "queue": q,
             "kernel": self._kernel_counters(dg.cfg.id),
-            "blocked_ports": _ports_text(
-                (ref.ports if ref else dg.poll_ports) or set(),
-            ),
+            "blocked_ports": ports_text(ref.entries or set())
+            if ref
+            else _ports_text(dg.poll_ports or set()),
+            "blocked": sorted(str(e) for e in (ref.entries or set())) if ref else [],
+            "degraded": _degraded(dg),
             "refresh": {
                 "walks": ref.walks,
                 "last_walk_ms": ref.last_walk_ms,
@@ -445,6 +554,16 @@ class Gate:
             if ref
             else {"poll_walk_ms": dg.polls[-10:]},
         }
+
+
+def _degraded(dg: DomainGate) -> str:
+    """Why the domain's view of the guest is not to be trusted fully, "" when it is."""
+    ref = dg.refresher
+    why = [w for w in ((ref.degraded, ref.last_error) if ref else ()) if w]
+    facts = dg.engine.facts
+    if not facts.complete and not why:
+        why.append("last walk incomplete: " + "; ".join(facts.problems[:3]))
+    return "; ".join(why)
 
 
 def _ports_text(ports: set[tuple[int, int]]) -> list[str]:
