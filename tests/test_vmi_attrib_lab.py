@@ -22,7 +22,7 @@ from xfgate.flow import Flow
 from xfgate.inet import IPProto
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
-from xfgate.vmi.kernel_constants import IPPROTO_MPTCP, IPPROTO_UDPLITE, SockType
+from xfgate.vmi.kernel_constants import IPPROTO_MPTCP, SockType
 from xfgate.vmi.linux import WalkResult
 from xfgate.vmi.profile import Profile
 from xfgate_lab.cli import guest_exec
@@ -126,15 +126,15 @@ def test_udplite_ping_raw_packet_sockets(
         def ready(r: WalkResult) -> bool:
             protos = {(s.sock.proto, s.sock.sk_type) for s in r.sockets}
             return {
-                (IPPROTO_UDPLITE, SockType.SOCK_DGRAM),
+                (IPProto.UDPLITE, SockType.SOCK_DGRAM),
                 (IPProto.ICMP, SockType.SOCK_DGRAM),
                 (IPProto.ICMP, SockType.SOCK_RAW),
             } <= protos and bool(r.packets)
 
         result = _walk_until(guest, ready)
         assert ready(result), result.sockets
-        lite = next(s.sock for s in result.sockets if s.sock.proto == IPPROTO_UDPLITE)
-        own = guest.lookup(Flow(IPPROTO_UDPLITE, lite.local, lite.lport, ip_address(CLIENT), 7777))
+        lite = next(s.sock for s in result.sockets if s.sock.proto == IPProto.UDPLITE)
+        own = guest.lookup(Flow(IPProto.UDPLITE, lite.local, lite.lport, ip_address(CLIENT), 7777))
         assert own is not None and own.via == "udplite" and own.sk_uid == 1001, own
         assert {o.uid for o in own.owners} == {1001} and own.holders_known
         ping = next(

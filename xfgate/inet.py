@@ -24,10 +24,12 @@ class IPProto(enum.IntEnum):
     ICMPV6 = 58
     NONE = 59  # IPv6 no next header
     DSTOPTS = 60  # IPv6 destination options
+    SCTP = 132
     MH = 135  # IPv6 mobility header
     UDPLITE = 136  # RFC 3828: UDP's header, a partial checksum
     HIP = 139
     SHIM6 = 140
+    RAW = 255  # include/uapi/linux/in.h IPPROTO_RAW: a raw socket that sends any protocol
 
     @property
     def label(self) -> str:

@@ -26,7 +26,7 @@ from xfgate.errors import MemoryReadError, ProfileError, WalkError
 from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, Via
 from xfgate.inet import IPProto, proto_label
 from xfgate.vmi.kaslr import KernelLocation, KernelLocator
-from xfgate.vmi.kernel_constants import IPPROTO_UDPLITE, SockType, TCPState
+from xfgate.vmi.kernel_constants import SockType, TCPState
 from xfgate.vmi.linux import (
     FdPacket,
     FdSocket,
@@ -57,7 +57,7 @@ VIA_OF_TABLE: Mapping[HashTable, Via] = MappingProxyType(
     }
 )
 # Protocols the hash tables answer; the others (SCTP, DCCP, ...) from the walk's port index.
-TABLE_PROTOS = frozenset({IPProto.TCP, IPProto.UDP, IPPROTO_UDPLITE, IPProto.ICMP, IPProto.ICMPV6})
+TABLE_PROTOS = frozenset({IPProto.TCP, IPProto.UDP, IPProto.UDPLITE, IPProto.ICMP, IPProto.ICMPV6})
 # A lookup meeting a socket its index does not know walks again only if the last walk is older
 # than this, and never spends more than LOOKUP_BUDGET_SECONDS on that walk: it answers with
 # no owners (sk_uid set, holders_known False) rather than wait.

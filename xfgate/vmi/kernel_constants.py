@@ -37,11 +37,8 @@ class SockType(enum.IntEnum):
 # include/linux/socket.h: the packet socket family (sock_common.skc_family of an AF_PACKET sock).
 AF_PACKET = 17
 
-# include/uapi/linux/in.h: socket protocols that are not IP protocol numbers on the wire
-# (IPPROTO_MPTCP is a socket protocol only: its subflows are TCP) or that xfgate.inet lacks.
-IPPROTO_SCTP = 132
-IPPROTO_UDPLITE = 136
-IPPROTO_RAW = 255
+# include/uapi/linux/in.h: a socket protocol that is no IP protocol number on the wire (an MPTCP
+# socket's subflows are TCP); the IP protocol numbers themselves are xfgate.inet.IPProto.
 IPPROTO_MPTCP = 262
 
 # fs/namei.c: a path we rebuild from a dentry chain is at most PATH_MAX bytes; NAME_MAX per name.

@@ -335,7 +335,7 @@ class InetSock:
 
     address: int
     family: int  # 4 or 6
-    proto: int  # sock.sk_protocol: IPProto.TCP, UDP, ICMP, IPPROTO_UDPLITE, IPPROTO_MPTCP, ...
+    proto: int  # sock.sk_protocol: IPProto (TCP, UDP, UDPLITE, ICMP, ...) or IPPROTO_MPTCP
     state: int
     local: IPAddress
     lport: int  # skc_num: the port, the echo id of a ping socket, the protocol of a raw one

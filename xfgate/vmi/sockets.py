@@ -32,7 +32,7 @@ from xfgate.errors import MemoryReadError, ProfileError
 from xfgate.flow import Flow
 from xfgate.inet import AddressFamily, IPProto
 from xfgate.vmi import jhash
-from xfgate.vmi.kernel_constants import IPPROTO_RAW, IPPROTO_UDPLITE, TCPState
+from xfgate.vmi.kernel_constants import TCPState
 from xfgate.vmi.linux import (
     InetSock,
     KernelLayout,
@@ -294,7 +294,7 @@ class SocketTables:
             return found
         if flow.proto == IPProto.UDP:
             return self._udp(flow)
-        if flow.proto == IPPROTO_UDPLITE:
+        if flow.proto == IPProto.UDPLITE:
             return self._udp(flow, lite=True)
         if flow.proto in (IPProto.ICMP, IPProto.ICMPV6):
             return self._ping(flow)
@@ -432,7 +432,7 @@ class SocketTables:
         h, sec, tab = self.h, self.secrets(), self.tables()
         if lite:
             hash_base, mask = tab.udplite_hash, tab.udplite_mask
-            proto, table = IPPROTO_UDPLITE, HashTable.UDPLITE
+            proto, table = IPProto.UDPLITE, HashTable.UDPLITE
             if not hash_base:
                 return None
         else:
@@ -488,14 +488,14 @@ class SocketTables:
             for sk in self._chain(base + i * 8, h.skc_node, "raw hash"):
                 head = self._head(sk)
                 num = _u16(head, self.layout.skc_num)
-                if num not in (flow.proto, IPPROTO_RAW) or num in found:
+                if num not in (flow.proto, IPProto.RAW) or num in found:
                     continue
                 if not self._in_init_net(head):
                     continue
                 sock = self._full(sk, head)
                 if sock is not None and sock.family == flow.family and _bound_matches(sock, flow):
                     found[num] = FoundSock(sock, HashTable.RAW)
-        return found.get(flow.proto) or found.get(IPPROTO_RAW)
+        return found.get(flow.proto) or found.get(IPProto.RAW)
 
 
 # -- matching (pure, over a sock_common head) ----------------------------------------------------
