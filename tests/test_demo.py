@@ -23,7 +23,7 @@ def test_demo_blocks_the_attacker_and_keeps_the_web_servers(lab_domain: DomainCo
     out = run.stdout
     assert run.returncode == 0, out[-3000:] + run.stderr[-2000:]
     received = [line for line in out.splitlines() if "the client received" in line]
-    assert len(received) == 2, out
+    assert len(received) == 3, out
     assert "received 0 connections and 0 datagrams" not in received[0]  # attacking before
     assert "received 0 connections and 0 datagrams" in received[1]  # nothing after the block
     after_block = out.split("Stop user 1001")[1].split("Block root")[0]
@@ -31,4 +31,7 @@ def test_demo_blocks_the_attacker_and_keeps_the_web_servers(lab_domain: DomainCo
     live = out.split("Block root")[1].split("$ xfgate unblock")[0]
     assert "198.18.1.1:80: NO ANSWER" in live and "198.18.1.1:8080: answers" in live
     assert "'uid': 1001, 'comm': 'spray'" in out  # the verdict log names the owner
-    assert "XFGATE" not in out.split("5. Stop the gate")[1]  # nothing of the gate left
+    stopped = out.split("5. Stop the gate")[1].split("6. Release")[0]
+    assert "XFGATE-1" in stopped  # a stopped gate leaves its enforcement in the kernel
+    assert "received 0 connections and 0 datagrams" in received[2]  # and it still drops
+    assert "XFGATE" not in out.split("6. Release")[1]  # cleanup leaves nothing of the gate

@@ -122,8 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             show_services(layout)
             xfgate("unblock", "--domain", "1", "--uid", "0")
             xfgate("status", "--domain", "1")
-            say("5. Stop the gate: every chain, set and mark it added goes away")
+            say("5. Stop the gate: stopping is not releasing, its rules stay in the kernel")
             print(f"$ kill -INT {gate.pid}", flush=True)
+        xfgate("rules", "--domain", "1")
+        tcp, udp = watch_attack(layout, 4)
+        print(f"  in 4 s the client received {tcp} connections and {udp} datagrams from spray")
+        say("6. Release the domain: every chain, set and mark the gate added goes away")
+        xfgate("cleanup", "--domain", "1")
         xfgate("rules", "--domain", "1")
     finally:
         if not args.keep:
