@@ -141,7 +141,9 @@ def test_v6only_bind_does_not_cut_off_ipv4(rlab: RedteamLab) -> None:
 
 
 def test_fork_escape_block_pid(rlab: RedteamLab) -> None:
-    """--block-pid of the probe's parent shell, then a double fork chain: still blocked."""
+    """--block-pid of the probe's parent shell; the probe forks after the block and the child
+    connects: a descendant, still blocked. (A double fork whose middle process exits before the
+    gate's next walk leaves the tree: the README's threat model says so.)"""
     assert_held(run(rlab, "spawn"))
 
 

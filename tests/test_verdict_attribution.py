@@ -306,3 +306,47 @@ def test_sources_without_view_give_a_complete_view_of_their_sockets() -> None:
 
     v = LockedOwnerSource(WithView(Old())).view()
     assert v.complete and v.tasks == (WEB,) and v.raw_holders == ()
+
+
+def test_a_raw_socket_newer_than_the_last_view_is_seen_before_its_packet_passes() -> None:
+    """The red team's forged SYNs went out: the refresher's view (every 2 s) predated the raw
+    socket. A packet no socket sends is judged on a view at most FRESH_VIEW old."""
+    from xfgate.verdict import engine as engine_mod
+
+    e, _ = make({"uids": [1001]}, {}, view([WEB]))  # the last view: no raw socket at all
+    walks: list[float] = []
+    now_view = view([WEB, CHILD], raw=[CHILD])  # what a walk sees now
+
+    def refresh() -> GuestView:
+        walks.append(time.monotonic())
+        return now_view
+
+    e.refresh_view = refresh
+    time.sleep(engine_mod.FRESH_VIEW * 1.5)  # the last view is stale
+    forged = bytes(IP(src=G, dst=C) / TCP(sport=8080, dport=2308, flags="S"))
+    ev = e.evaluate(forged, VIF, 0)
+    assert len(walks) == 1 and ev.decision.verdict is Verdict.DROP
+    assert "raw-socket holder pid 501" in ev.decision.reason and not ev.decision.settle
+    # Fresh now: the next one is judged on it without another walk.
+    assert e.evaluate(forged, VIF, 0).decision.verdict is Verdict.DROP and len(walks) == 1
+
+    # No view to be had (the source busy, memory torn): dropped while a block is in force, and
+    # at most one walk per FRESH_VIEW however many forged packets come.
+    e2, _ = make({"uids": [1001]}, {}, view([WEB]))
+    tries: list[int] = []
+
+    def failing() -> GuestView:
+        tries.append(1)
+        raise TimeoutError("owner source busy")
+
+    e2.refresh_view = failing
+    time.sleep(engine_mod.FRESH_VIEW * 1.5)
+    for _ in range(20):
+        ev = e2.evaluate(forged, VIF, 0)
+        assert ev.decision.verdict is Verdict.DROP and "no fresh view" in ev.decision.reason
+    assert len(tries) == 1
+    # Nothing blocked: no walk, the unknown verdict.
+    e3, _ = make({}, {}, view([WEB]))
+    e3.refresh_view = failing
+    time.sleep(engine_mod.FRESH_VIEW * 1.5)
+    assert e3.evaluate(forged, VIF, 0).decision.verdict is Verdict.ACCEPT and len(tries) == 1

@@ -13,9 +13,9 @@ def test_protocol_names_go_both_ways() -> None:
         assert IPProto.from_label(proto.label) is proto
     assert (IPProto.TCP, IPProto.UDP, IPProto.ICMPV6) == (6, 17, 58)
     assert [p.label for p in PORT_PROTOS] == ["tcp", "udp"]
-    assert proto_label(17) == "udp" and proto_label(253) == "253"
+    assert proto_label(17) == "udp" and proto_label(253) == "253" and proto_label(132) == "sctp"
     with pytest.raises(ValueError):
-        IPProto.from_label("sctp")
+        IPProto.from_label("dccp")
 
 
 def test_tcp_flags_are_the_header_bits() -> None:

@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdicts = workdir / "verdicts.jsonl"
         run_args = ["--domain", "1", "--block-uid", "1001", "--log", str(verdicts)]
         print(f"$ xfgate run {' '.join(run_args)} &", flush=True)
-        with gate_process(run_args, workdir / "gate.log") as gate:
+        with gate_process(run_args, workdir / "gate.log", release=False) as gate:
             print(f"  gate pid {gate.pid} ready", flush=True)
             tcp, udp = watch_attack(layout, 4)
             print(f"  in 4 s the client received {tcp} connections and {udp} datagrams from spray")

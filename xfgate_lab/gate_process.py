@@ -67,9 +67,9 @@ class GateProcess:
             time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = STOP_TIMEOUT) -> int:
-        """Sends `sig` (SIGINT/SIGTERM: the gate removes what it installed) and returns the exit
-        status. A gate that will not go is killed and its domains cleaned up by
-        `xfgate cleanup`, so no chain, set or mark of it stays behind."""
+        """Sends `sig` (SIGINT/SIGTERM: the gate exits and leaves its enforcement in the kernel
+        unless it runs with --release-on-exit) and returns the exit status. A gate that will not
+        go is killed and its domains released by `xfgate cleanup`."""
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
             try:
@@ -116,11 +116,17 @@ def gate_process(
     *,
     owners_json: Path | None = None,
     env: Mapping[str, str] | None = None,
+    release: bool = True,
 ) -> Iterator[GateProcess]:
-    """A gate, yielded once it is ready, stopped by its pid on the way out."""
+    """A gate, yielded once it is ready, stopped by its pid on the way out. A stopped gate
+    leaves its domains' enforcement in the kernel (fail-closed): with `release` (the default
+    for the benchmarks and tests that share a lab) `xfgate cleanup` then releases them, so
+    the next user of the lab finds its guests reachable."""
     gate = start_gate(run_args, output_path, owners_json=owners_json, env=env)
     try:
         gate.wait_ready(ready_timeout)
         yield gate
     finally:
         gate.stop()
+        if release:
+            gate.cleanup()

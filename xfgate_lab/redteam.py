@@ -143,7 +143,7 @@ def probes(domain: int = 1) -> dict[str, Probe]:
         ),
         Probe(
             "spawn",
-            ("spawn", CLIENT, "2306", "8", "3"),
+            ("spawn", CLIENT, "2306", "8", "1"),
             tcp_to(2306),
             gate_args=("--block-pid", "{parent_pid}"),
         ),
@@ -482,6 +482,7 @@ def run_probe(lab: RedteamLab, probe: Probe) -> ProbeResult:
     poller: StatusPoller | None = None
     gate_error, gate_args, output = "", tuple(probe.gate_args), ""
     http: dict[int, HttpTally] = {}
+    status: StatusTally | None = None
     try:
         with _gates(lab) as started:
             if probe.waits_for_gate:
@@ -508,8 +509,11 @@ def run_probe(lab: RedteamLab, probe: Probe) -> ProbeResult:
                 _start_one_gate(lab, gate_args, tag, started)
             output = _wait_probe(lab, probe)
             time.sleep(probe.settle)
+            if poller is not None:  # before the gates stop: a stopped gate answers no status
+                status, poller = poller.stop(), None
     finally:
-        status = poller.stop() if poller is not None else None
+        if poller is not None:
+            status = poller.stop()
         if watcher is not None:
             http = watcher.stop()
         out = cap.stop()

@@ -7,6 +7,7 @@ a packet without a verdict or stop the queue loop.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +47,11 @@ LISTENER_STATES = frozenset({"LISTEN", "NEW_SYN_RECV", "SYN_RECV"})
 PACKET_WAIT = 0.05
 # How long a walk or a control-side caller waits for it.
 WALK_WAIT = 5.0
+# The oldest view a packet no socket sends is judged on (a walk is taken on the packet path,
+# at most once per this interval, when the last one is older).
+FRESH_VIEW = 0.05
+
+log = logging.getLogger(__name__)
 
 
 def from_listener(ownership: Ownership) -> bool:
@@ -175,9 +181,9 @@ class LockedOwnerSource:
         finally:
             self._lock.release()
 
-    def view(self) -> GuestView:
-        """One full walk (the source's view())."""
-        self._acquire()
+    def view(self, timeout: float | None = None) -> GuestView:
+        """One full walk (the source's view()); `timeout`: how long to wait for the source."""
+        self._acquire(timeout)
         try:
             return self._source.view()
         finally:
@@ -265,6 +271,11 @@ class Engine:
         self.save_in_postrouting = False
         self.stats = EngineStats()
         self._facts = NO_FACTS
+        self._facts_at = -1e9  # monotonic time of the last set_facts
+        # A bounded full walk for the packet path (the runner sets it): a packet no socket sends
+        # is judged on a view at most FRESH_VIEW old, see _fresh_facts.
+        self.refresh_view: Callable[[], GuestView] | None = None
+        self._refresh_tried = -1e9
 
     @property
     def facts(self) -> GuestFacts:
@@ -273,6 +284,44 @@ class Engine:
     def set_facts(self, facts: GuestFacts) -> None:
         """The refresher's latest facts (one reference assignment, like the policy)."""
         self._facts = facts
+        self._facts_at = time.monotonic()
+
+    def _fresh_facts(self, policy: Policy) -> GuestFacts | None:
+        """Facts no older than FRESH_VIEW to judge a packet no socket sends, walking now if
+        needed; None when none can be had (walks at most once per FRESH_VIEW: a flood of forged
+        packets cannot make the gate walk without end). The refresher's view may predate the
+        raw or packet socket that sends it: a socket made between two refreshes would
+        otherwise be a free pass."""
+        if not policy.blocks_anything or self.refresh_view is None:
+            return self._facts
+        now = time.monotonic()
+        if now - self._facts_at <= FRESH_VIEW:
+            return self._facts
+        if now - self._refresh_tried < FRESH_VIEW:
+            return None
+        self._refresh_tried = now
+        try:
+            view = self.refresh_view()
+        except Exception as e:  # a busy source or torn memory: no view, the safe verdict
+            log.debug("domain %d: no fresh view for an unattributable packet: %s", self.domain, e)
+            return None
+        facts = self._facts.updated(view)
+        self.set_facts(facts)
+        return facts if view.complete else None
+
+    def _unattributable(self, policy: Policy, what: str) -> Decision:
+        """An outgoing packet no guest socket sends: judged by the raw/packet-socket holders of
+        a fresh view; while a block is in force and no fresh complete view can be had, dropped
+        (never settled: the next packet is judged again)."""
+        facts = self._fresh_facts(policy)
+        if facts is None:
+            return Decision(
+                Verdict.DROP,
+                f"unattributable {what}: no fresh view of raw/packet socket holders",
+                known=False,
+                settle=False,
+            )
+        return decide_unattributable(policy, facts, what)
 
     @property
     def policy(self) -> Policy:
@@ -306,7 +355,7 @@ class Engine:
         if parsed.fragment:
             # conntrack reassembles before FORWARD: a lone fragment here has no header to key on.
             if outgoing:
-                decision = decide_unattributable(policy, facts, "non-first fragment")
+                decision = self._unattributable(policy, "non-first fragment")
             else:
                 decision = decide(None, None, policy, "non-first fragment")
             return Evaluation(decision, AnswerSource.PARSE, parsed, flow, direction)
@@ -314,7 +363,7 @@ class Engine:
             # An echo request to the guest, or an echo reply from it: the guest kernel's
             # (icmp_echo), no socket's. From the guest it may also be forged (raw socket).
             if outgoing:
-                decision = decide_unattributable(policy, facts, "echo reply")
+                decision = self._unattributable(policy, "echo reply")
             else:
                 decision = decide(None, flow, policy, "echo request to the guest kernel")
             return Evaluation(decision, AnswerSource.PARSE, parsed, flow, direction)
@@ -353,7 +402,7 @@ class Engine:
             if kernel:
                 decision = decide(None, flow, policy, kernel)
             else:
-                decision = decide_unattributable(policy, facts, what)
+                decision = self._unattributable(policy, what)
             return Evaluation(decision, answer.source, parsed, flow, direction, answer.ownership)
         why = "icmp error, no socket for the embedded flow" if parsed.is_icmp_error else ""
         decision = decide(ownership, flow, policy, why, facts)

@@ -38,7 +38,7 @@ from xfgate.inet import proto_label
 from xfgate.verdict import bridge, control
 from xfgate.verdict.blocksets import BlockEntry, blocked_entries, ports_text
 from xfgate.verdict.cache import OwnerCache
-from xfgate.verdict.engine import Engine, LockedOwnerSource, QueuedPacket, WithView
+from xfgate.verdict.engine import PACKET_WAIT, Engine, LockedOwnerSource, QueuedPacket, WithView
 from xfgate.verdict.fastpath import (
     Firewall,
     GateLayout,
@@ -264,6 +264,7 @@ class Gate:
         engine = Engine(
             cfg.id, vifs, source, opts.policy, cache, self.log, opts.fastpath, opts.on_error
         )
+        engine.refresh_view = lambda: source.view(timeout=PACKET_WAIT)
         dg = DomainGate(cfg, layout, source, engine)
         self.domains[cfg.id] = dg
         dg.control = control.ControlServer(

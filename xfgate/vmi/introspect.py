@@ -30,6 +30,7 @@ from xfgate.vmi.kernel_constants import SockType, TCPState
 from xfgate.vmi.linux import (
     FdPacket,
     FdSocket,
+    InetSock,
     KernelLayout,
     Task,
     WalkBounds,
@@ -78,6 +79,10 @@ class _Boot:
     space: AddressSpace
     tables: SocketTables | None
     owners: dict[int, tuple[Owner, ...]] = field(default_factory=dict)
+    # What each indexed sock was when a walk saw it (see sock_identity): a struct sock freed and
+    # reallocated at the same address for another process's socket must not inherit the old
+    # holders (the slab reuses addresses within milliseconds).
+    identities: dict[int, SockIdentity] = field(default_factory=dict)
     # (protocol, local port) -> socks, for protocols whose tables are not read.
     ports: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
     last_walk: WalkResult | None = None
@@ -219,11 +224,14 @@ class GuestIntrospector:
             boot = self.boot()
             result = walk_guest(boot.space, self.layout, boot.location.virt_shift, bounds, pause)
         index = owners_index(result.tasks, result.sockets, result.packets)
+        identities = {s.sock.address: sock_identity(s.sock) for s in result.sockets}
         ports = port_index(result.sockets)
         if result.complete:
             boot.owners, boot.ports, boot.index_complete = index, ports, True
+            boot.identities = identities
         else:  # add what it read, keep what the last complete walk established
             boot.owners = {**boot.owners, **index}
+            boot.identities = {**boot.identities, **identities}
             boot.ports = {**boot.ports, **ports}
         boot.last_walk = result
         return result
@@ -313,7 +321,7 @@ class GuestIntrospector:
             return Ownership(
                 owners, sock.sk_uid, sock.state_name, Via.MPTCP_SUBFLOW, sock.address, known
             )
-        owners, known = self._owners_of(boot, sock.address, deadline)
+        owners, known = self._owners_of(boot, sock.address, deadline, sock)
         if not owners and found.table is HashTable.ESTABLISHED and flow.proto == IPProto.TCP:
             # Accepted by the kernel, not yet by the process: it waits in the listener's queue.
             listener = boot.tables.find_listener(flow)
@@ -332,13 +340,15 @@ class GuestIntrospector:
         )
 
     def _owners_of(
-        self, boot: _Boot, sock_addr: int, deadline: float
+        self, boot: _Boot, sock_addr: int, deadline: float, current: InetSock | None = None
     ) -> tuple[tuple[Owner, ...], bool]:
         """The sock's holders from the index, and whether they are known. A sock the index
-        lacks triggers one walk bounded by what is left of the lookup's budget, unless the
-        last walk is younger than `min_rewalk_seconds`."""
+        lacks, or one that is no longer what the walk saw at its address (`current`, as the
+        lookup just read it: another socket reallocated there), triggers one walk bounded by
+        what is left of the lookup's budget, unless the last walk is younger than
+        `min_rewalk_seconds`."""
         owners = boot.owners.get(sock_addr)
-        if owners is not None:
+        if owners is not None and not _reused(boot, sock_addr, current):
             return owners, True
         now = time.monotonic()
         if now - self._last_walk < self.min_rewalk_seconds or now >= deadline:
@@ -347,7 +357,7 @@ class GuestIntrospector:
         result = self.walk(bounds, may_pause=False)
         boot = self.boot(recheck=False)  # the walk just checked it
         owners = boot.owners.get(sock_addr)
-        if owners is not None:
+        if owners is not None and not _reused(boot, sock_addr, current):
             return owners, True
         return (), result.complete  # a complete walk saw no holder: held by no task
 
@@ -406,6 +416,24 @@ def task_owners(tasks: Sequence[Task]) -> dict[int, Owner]:
         t.tgid: Owner(t.tgid, t.uid, t.euid, t.comm, -1, t.exe, ancestors.get(t.tgid, ()))
         for t in tasks
     }
+
+
+# (protocol, local port, remote address, remote port, sk_uid): what a socket was when a walk saw
+# it. The state may move on; these do not while the same socket lives (a bind or connect after
+# the walk changes them too, and then a walk is due anyway).
+SockIdentity = tuple[int, int, str, int, int]
+
+
+def sock_identity(sock: InetSock) -> SockIdentity:
+    return (sock.proto, sock.lport, str(sock.remote), sock.rport, sock.sk_uid)
+
+
+def _reused(boot: _Boot, sock_addr: int, current: InetSock | None) -> bool:
+    """True when the sock at `sock_addr` is not the one the index's walk saw there."""
+    if current is None:
+        return False
+    seen = boot.identities.get(sock_addr)
+    return seen is not None and seen != sock_identity(current)
 
 
 def owners_index(
