@@ -13,6 +13,7 @@ from typing import Any
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 
+from tests.verdict_fakes import VIF, FakePacket
 from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, Via
 from xfgate.inet import IPProto
 from xfgate.verdict.cache import AnswerSource, OwnerCache
@@ -28,7 +29,6 @@ from xfgate.verdict.policy import (
 
 G, C = "198.18.9.2", "198.18.9.1"
 G6, C6 = "2001:2:0:9::2", "2001:2:0:9::1"
-VIF = 7
 WEB = Owner(200, 1000, 1000, "httpd", exe="/bin/busybox")
 PARENT = Owner(500, 1001, 1001, "sh", exe="/bin/busybox", ancestors=(1,))
 CHILD = Owner(501, 1001, 1001, "spray", exe="/tmp/spray", ancestors=(500, 1))
@@ -127,31 +127,6 @@ def test_blocked_ports_use_the_creator_but_not_time_wait() -> None:
 
 
 # --- engine ---------------------------------------------------------------------------------
-
-
-class FakePacket:
-    def __init__(self, payload: bytes, physindev: int = VIF, physoutdev: int = 0) -> None:
-        self.payload, self.physindev, self.physoutdev = payload, physindev, physoutdev
-        self.mark = 0
-        self.verdicts: list[str] = []
-
-    def get_payload(self) -> bytes:
-        return self.payload
-
-    def get_mark(self) -> int:
-        return self.mark
-
-    def set_mark(self, mark: int) -> None:
-        self.mark = mark
-
-    def accept(self) -> None:
-        self.verdicts.append("accept")
-
-    def drop(self) -> None:
-        self.verdicts.append("drop")
-
-    def repeat(self) -> None:
-        self.verdicts.append("repeat")
 
 
 class FlowSource:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from scapy.layers.inet import IP, TCP
 
+from tests.verdict_fakes import VIF, FakePacket
 from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, Via
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource
@@ -21,36 +22,8 @@ from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.policy import compile_policy
 
 G, C = "198.18.9.2", "198.18.9.1"
-VIF = 7
 SPRAY = Owner(300, 1001, 1001, "spray")
 WEB = Owner(200, 1000, 1000, "httpd")
-
-
-class FakePacket:
-    def __init__(self, payload: bytes, physindev: int = VIF, physoutdev: int = 0) -> None:
-        self.payload = payload
-        self.physindev = physindev
-        self.physoutdev = physoutdev
-        self.mark = 0
-        self.verdicts: list[str] = []
-
-    def get_payload(self) -> bytes:
-        return self.payload
-
-    def get_mark(self) -> int:
-        return self.mark
-
-    def set_mark(self, mark: int) -> None:
-        self.mark = mark
-
-    def accept(self) -> None:
-        self.verdicts.append("accept")
-
-    def drop(self) -> None:
-        self.verdicts.append("drop")
-
-    def repeat(self) -> None:
-        self.verdicts.append("repeat")
 
 
 class TableSource:

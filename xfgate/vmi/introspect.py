@@ -504,6 +504,21 @@ def guest_sockets(
     return sorted(seen.values(), key=lambda g: (g.owners[0].pid if g.owners else 0, g.sock_addr))
 
 
+def _socket_entry(s: FdSocket) -> dict[str, Any]:
+    """One held socket as `xfgate-lab truth --json` spells it (/proc/net/* fields)."""
+    return {
+        "pid": s.pid,
+        "fd": s.fd,
+        "proto": proto_label(s.sock.proto),
+        "family": s.sock.family,
+        "local": str(s.sock.local),
+        "lport": s.sock.lport,
+        "remote": str(s.sock.remote),
+        "rport": s.sock.rport,
+        "state": s.sock.state_name,
+    }
+
+
 def ps_document(result: WalkResult) -> dict[str, Any]:
     """The `xfgate-lab truth --json` shape from a walk."""
     processes = [
@@ -517,36 +532,12 @@ def ps_document(result: WalkResult) -> dict[str, Any]:
         }
         for t in sorted(result.tasks, key=lambda t: t.tgid)
     ]
-    sockets = [
-        {
-            "pid": s.pid,
-            "fd": s.fd,
-            "proto": IPProto(s.sock.proto).label,
-            "family": s.sock.family,
-            "local": str(s.sock.local),
-            "lport": s.sock.lport,
-            "remote": str(s.sock.remote),
-            "rport": s.sock.rport,
-            "state": s.sock.state_name,
-        }
-        for s in sorted(result.sockets, key=lambda s: (s.pid, s.fd))
-        if s.sock.is_port_socket
-    ]
+    held = sorted(result.sockets, key=lambda s: (s.pid, s.fd))
+    sockets = [_socket_entry(s) for s in held if s.sock.is_port_socket]
     doc: dict[str, Any] = {"processes": processes, "sockets": sockets}
     others = [
-        {
-            "pid": s.pid,
-            "fd": s.fd,
-            "proto": proto_label(s.sock.proto),
-            "type": _sock_type_label(s.sock.sk_type),
-            "family": s.sock.family,
-            "local": str(s.sock.local),
-            "lport": s.sock.lport,
-            "remote": str(s.sock.remote),
-            "rport": s.sock.rport,
-            "state": s.sock.state_name,
-        }
-        for s in sorted(result.sockets, key=lambda s: (s.pid, s.fd))
+        {**_socket_entry(s), "type": _sock_type_label(s.sock.sk_type)}
+        for s in held
         if not s.sock.is_port_socket
     ]
     others += [
