@@ -509,8 +509,12 @@ def run_probe(lab: RedteamLab, probe: Probe) -> ProbeResult:
                 _start_one_gate(lab, gate_args, tag, started)
             output = _wait_probe(lab, probe)
             time.sleep(probe.settle)
-            if poller is not None:  # before the gates stop: a stopped gate answers no status
+            # Before the gates stop: a stopped gate answers no status, and while it stops the
+            # domain is fail-closed (a GET then would count against the gate it measures).
+            if poller is not None:
                 status, poller = poller.stop(), None
+            if watcher is not None:
+                http, watcher = watcher.stop(), None
     finally:
         if poller is not None:
             status = poller.stop()
