@@ -13,6 +13,7 @@ With `second_domain`, the gate serves that domain too and a second httperf runs 
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import subprocess
 import sys
@@ -46,6 +47,7 @@ class FloodRun:
     errors: int
     valid: bool
     flood_opened: int
+    gated: bool = True  # False: the same flood with no gate (the guest's own limit)
 
 
 def success_pct(r: HttperfResult, planned: int) -> float:
@@ -90,15 +92,25 @@ def _httperf(domain: DomainConfig, conns: int, into: dict[int, HttperfResult]) -
 
 
 def run_pair(
-    dom: DomainConfig, conns: int, flood: bool, raw: Path, rep: int, second: DomainConfig | None
+    dom: DomainConfig,
+    conns: int,
+    flood: bool,
+    raw: Path,
+    rep: int,
+    second: DomainConfig | None,
+    gated: bool = True,
 ) -> list[FloodRun]:
-    """One httperf run (two at once with a second domain) under the gate, flood or not."""
+    """One httperf run (two at once with a second domain) under the gate (or with no gate:
+    what the flood costs the guest itself on its one TCG vCPU), flood or not."""
     doms = [dom, *([second] if second else [])]
     run_args = [a for d in doms for a in ("--domain", str(d.id))] + list(BLOCK)
-    tag = f"flood-{'on' if flood else 'off'}-{rep}"
+    tag = f"flood-{'on' if flood else 'off'}-{'gate' if gated else 'nogate'}-{rep}"
     seconds = int(conns / RATE) + 5
     results: dict[int, HttperfResult] = {}
-    with gate_process(run_args, raw / f"{tag}.gate.log", 90):
+    gate = (
+        gate_process(run_args, raw / f"{tag}.gate.log", 90) if gated else contextlib.nullcontext()
+    )
+    with gate:
         for d in doms:  # warm-up: the listener's owner cached, the server's paths translated
             run_httperf(layout_from_env().client_netns, d.addresses[0], SERVER_PORT, RATE, 50)
         if flood:
@@ -127,6 +139,7 @@ def run_pair(
                 errors=r.errors.get("total", 0),
                 valid=r.valid,
                 flood_opened=opened if d.id == dom.id else 0,
+                gated=gated,
             )
         )
     return runs
@@ -135,15 +148,18 @@ def run_pair(
 def run_flood(
     dom: DomainConfig, conns: int, repeats: int, raw: Path, second: DomainConfig | None = None
 ) -> dict[str, Any]:
-    """Interleaved flood-free and flood runs; the summary with ratios per domain."""
+    """Interleaved runs: gate without flood, gate with flood, and the flood with no gate (the
+    guest's own limit under it); the summary with ratios per domain."""
     runs: list[FloodRun] = []
+    configs = [(True, False), (True, True), (False, True)]  # (gated, flood)
     for rep in range(repeats):
-        order = (False, True) if rep % 2 == 0 else (True, False)
-        for flood in order:
-            pair = run_pair(dom, conns, flood, raw, rep, second)
+        order = configs if rep % 2 == 0 else configs[::-1]
+        for gated, flood in order:
+            pair = run_pair(dom, conns, flood, raw, rep, second, gated)
             for r in pair:
                 print(
-                    f"  flood {'on ' if flood else 'off'} domain {r.domain}: "
+                    f"  {'gate' if gated else 'no gate'} flood {'on ' if flood else 'off'}"
+                    f" domain {r.domain}: "
                     f"{r.success_pct:.1f} % ok, avg {r.conn_time_avg:.2f} ms, "
                     f"flood opened {r.flood_opened}",
                     flush=True,
@@ -155,8 +171,9 @@ def run_flood(
 def summarize(runs: list[FloodRun]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for d in sorted({r.domain for r in runs}):
-        off = [r for r in runs if r.domain == d and not r.flood]
-        on = [r for r in runs if r.domain == d and r.flood]
+        off = [r for r in runs if r.domain == d and not r.flood and r.gated]
+        on = [r for r in runs if r.domain == d and r.flood and r.gated]
+        bare = [r for r in runs if r.domain == d and r.flood and not r.gated]
         if not off or not on:
             continue
 
@@ -174,6 +191,13 @@ def summarize(runs: list[FloodRun]) -> dict[str, dict[str, float]]:
             "conn_time_ratio": flood_avg / base_avg if base_avg and flood_avg else -1.0,
             "flood_opened": mean([float(r.flood_opened) for r in on]),
         }
+        if bare:  # the same flood with no gate: what is the guest's, not the gate's
+            bare_avg = mean([r.conn_time_avg for r in bare])
+            out[str(d)]["success_pct_nogate"] = mean([r.success_pct for r in bare])
+            out[str(d)]["conn_time_nogate_ms"] = bare_avg
+            out[str(d)]["gate_vs_nogate_under_flood"] = (
+                flood_avg / bare_avg if bare_avg and flood_avg else -1.0
+            )
     return out
 
 
@@ -196,4 +220,19 @@ def render(summary: dict[str, Any], conns: int) -> str:
             f"| {s['conn_time_off_ms']:.2f} | {s['conn_time_on_ms']:.2f} "
             f"| {_ratio(s['conn_time_ratio'])} | {s['flood_opened']:.0f} |"
         )
+    bare = {d: s for d, s in summary.get("by_domain", {}).items() if "conn_time_nogate_ms" in s}
+    if bare:
+        lines += [
+            "",
+            "The same flood with no gate (what the flood costs the guest itself):",
+            "",
+            "| domain | success % (flood, no gate) | conn time ms (flood, no gate) "
+            "| gate / no gate under the flood |",
+            "|---|---|---|---|",
+        ]
+        for d, s in bare.items():
+            lines.append(
+                f"| {d} | {s['success_pct_nogate']:.1f} | {s['conn_time_nogate_ms']:.2f} "
+                f"| {_ratio(s['gate_vs_nogate_under_flood'])} |"
+            )
     return "\n".join(lines) + "\n"

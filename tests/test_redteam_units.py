@@ -4,6 +4,7 @@ refusals, the tables."""
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,11 @@ def test_flood_summary_and_script() -> None:
     assert s["1"]["conn_time_ratio"] == pytest.approx(1.5)
     assert s["1"]["success_pct_on"] == 98.0
     assert "| 1 | 100.0 | 98.0 | 2.00 | 3.00 | 1.50 | 1000 |" in render({"by_domain": s}, 100)
+    bare = replace(run(True, 2.5, 99.0), gated=False)
+    s = summarize([run(False, 2.0, 100.0), run(True, 3.0, 98.0), bare])
+    assert s["1"]["conn_time_ratio"] == pytest.approx(1.5)  # the no-gate run is not in it
+    assert s["1"]["gate_vs_nogate_under_flood"] == pytest.approx(1.2)
+    assert "| 1 | 99.0 | 2.50 | 1.20 |" in render({"by_domain": s}, 100)
     starved = summarize([run(False, 2.0, 100.0), run(True, 0.0, 0.0)])
     assert "| 0.0 | 2.00 | 0.00 | - (no reply) |" in render({"by_domain": starved}, 100)
     script = flood_script(13, procs=2)
