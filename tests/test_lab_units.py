@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from xfgate.config import DomainConfig, MemoryConfig, save_domains
-from xfgate.errors import ConfigError
+from xfgate.errors import ConfigError, ProfileError
 from xfgate.vmi import kernel_image
 from xfgate_lab import assets, cpio, guest_channel, lab, layout, modules, qemu, truth
 from xfgate_lab.errors import LabError
@@ -211,6 +211,60 @@ def test_apt_depends_parsing() -> None:
     assert assets.parse_apt_depends(text) == ["linux-image-6.1.0-56-amd64", "virt"]
     assert assets.is_concrete_kernel_package("linux-image-6.1.0-56-cloud-amd64")
     assert not assets.is_concrete_kernel_package("linux-image-cloud-amd64")
+
+
+# Every Debian 12 kernel image name (bookworm and its 6.12 series), as apt-cache lists them.
+DEBIAN12_IMAGES = [
+    f"linux-image-{abi}-{flavour}amd64{signed}"
+    for abi in ("6.1.0-56", "6.1.0-57", "6.12.117+deb12", "6.12.43+deb12")
+    for flavour in ("", "cloud-", "rt-")
+    for signed in ("", "-unsigned")
+]
+DEBIAN12_METAS = {
+    "linux-image-amd64": "linux-image-6.1.0-57-amd64",
+    "linux-image-cloud-amd64": "linux-image-6.1.0-57-cloud-amd64",
+    "linux-image-rt-amd64": "linux-image-6.1.0-57-rt-amd64",
+    "linux-image-6.12-amd64": "linux-image-6.12.117+deb12-amd64",
+    "linux-image-6.12-cloud-amd64": "linux-image-6.12.117+deb12-cloud-amd64",
+    "linux-image-6.12-rt-amd64": "linux-image-6.12.117+deb12-rt-amd64",
+}
+
+
+@pytest.mark.parametrize("name", DEBIAN12_IMAGES)
+def test_every_debian12_image_name_is_concrete(name: str) -> None:
+    assert assets.check_package_name(name) == name
+    assert assets.is_concrete_kernel_package(name)
+    assert kernel_image.is_concrete_image_package(name)
+    assert kernel_image.resolve_kernel_package(name) == name  # no apt call needed
+
+
+@pytest.mark.parametrize("meta", sorted(DEBIAN12_METAS))
+def test_debian12_meta_packages_resolve_to_their_image(
+    meta: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert not assets.is_concrete_kernel_package(meta)
+    assert not kernel_image.is_concrete_image_package(meta)
+    asked: list[str] = []
+
+    def depends(name: str) -> list[str] | None:
+        asked.append(name)
+        return [DEBIAN12_METAS[name]] if name in DEBIAN12_METAS else None
+
+    monkeypatch.setattr(assets, "_apt_depends", depends)
+    monkeypatch.setattr(assets, "load_manifest", lambda _d: None)
+    assert assets.resolve_kernel_package(meta, log=lambda _m: None) == DEBIAN12_METAS[meta]
+    assert asked == [meta]
+
+
+@pytest.mark.parametrize(
+    "dbg", ["linux-image-6.12.117+deb12-amd64-dbg", "linux-image-6.12-cloud-amd64-dbg"]
+)
+def test_debug_symbol_packages_are_not_images(dbg: str) -> None:
+    assert not kernel_image.is_concrete_image_package(dbg)
+    with pytest.raises(ConfigError, match="debug symbols, not a kernel"):
+        assets.resolve_kernel_package(dbg, log=lambda _m: None)
+    with pytest.raises(ProfileError, match="debug symbols, not a kernel"):
+        kernel_image.resolve_kernel_package(dbg)
 
 
 @pytest.mark.parametrize("bad", ["vim", "linux-image-; rm -rf /", "", "LINUX-IMAGE-X"])

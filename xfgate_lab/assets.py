@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from xfgate.errors import ConfigError, PrerequisiteError
-from xfgate.vmi.kernel_image import elf_is_static
+from xfgate.vmi.kernel_image import elf_is_static, is_concrete_image_package
 from xfgate_lab import modules
 from xfgate_lab.cpio import CpioEntry, cpio_newc
 from xfgate_lab.errors import LabError
@@ -39,8 +39,6 @@ GUEST_PROGRAMS = ("fastweb", "spray", "keeper", "xfprobe")
 GUEST_PROGRAM_LIBS: dict[str, tuple[str, ...]] = {"xfprobe": ("-lpthread",)}
 GUEST_FILES = ("init", "passwd", "group", *(f"{p}.c" for p in GUEST_PROGRAMS))
 _PACKAGE_NAME_RE = re.compile(r"^linux-image-[a-z0-9][a-z0-9.+-]*$")
-# A concrete kernel image package carries the ABI in its name: linux-image-6.1.0-56-cloud-amd64.
-_CONCRETE_RE = re.compile(r"^linux-image-\d+\.\d+\.\d+-\d+-[a-z0-9-]+$")
 
 Log = Callable[[str], None]
 
@@ -73,7 +71,8 @@ def check_package_name(name: str) -> str:
 
 
 def is_concrete_kernel_package(name: str) -> bool:
-    return bool(_CONCRETE_RE.match(name))
+    """linux-image-6.1.0-56-amd64, linux-image-6.12.117+deb12-cloud-amd64 (the product's rule)."""
+    return is_concrete_image_package(name)
 
 
 def parse_apt_depends(text: str) -> list[str]:
@@ -109,6 +108,11 @@ def resolve_kernel_package(name: str | None, log: Log = print) -> str:
     """A concrete linux-image package for a name or meta-package (linux-image-amd64 ->
     linux-image-6.1.0-56-amd64), running `apt-get update` once if apt does not know it."""
     name = check_package_name(name or DEFAULT_KERNEL_PACKAGE)
+    if name.endswith("-dbg"):
+        raise ConfigError(
+            f"{name} holds debug symbols, not a kernel: name the image package "
+            f"({name.removesuffix('-dbg')})"
+        )
     if is_concrete_kernel_package(name) and load_manifest(assets_dir(name)) is not None:
         return name  # built before: no need to ask apt again
     depends = _apt_depends(name)

@@ -37,6 +37,13 @@ from xfgate.errors import PrerequisiteError, ProfileError
 MAX_VMLINUX = 512 << 20  # a decompressed x86-64 vmlinux is ~66 MB
 ELF_MAGIC = b"\x7fELF"
 BANNER_RE = re.compile(rb"Linux version (\S+) \([^\n\x00]{1,400}\n?\x00")
+# A concrete Debian kernel image package carries its ABI in its name, in either of Debian 12's
+# spellings: linux-image-6.1.0-56-cloud-amd64 (6.1: version-ABI number) and
+# linux-image-6.12.117+deb12-rt-amd64 (6.12: full version+suffix), each also as -unsigned.
+# Meta-packages (linux-image-amd64, linux-image-6.12-cloud-amd64) name no patch level.
+CONCRETE_IMAGE_RE = re.compile(
+    r"^linux-image-\d+\.\d+\.\d+(?:-\d+|\+[a-z0-9.~]+)-[a-z0-9-]*[a-z0-9]$"
+)
 
 # Magic bytes of the bzImage payload formats; the rest of the magic space is unsupported.
 PAYLOAD_MAGICS: tuple[tuple[str, bytes], ...] = (
@@ -294,11 +301,22 @@ def parse_system_map(text: str) -> dict[str, int]:
     return symbols
 
 
+def is_concrete_image_package(name: str) -> bool:
+    """A kernel image package itself (holds a vmlinuz), not a meta-package naming one; debug
+    symbol packages (-dbg) hold no vmlinuz and are not images."""
+    return bool(CONCRETE_IMAGE_RE.match(name)) and not name.endswith("-dbg")
+
+
 def resolve_kernel_package(name: str) -> str:
     """A concrete ``linux-image-<release>`` name: meta packages are resolved through apt."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", name):
         raise ProfileError(f"{name!r} is not a Debian package name")
-    if re.fullmatch(r"linux-image-\d.*", name):
+    if name.endswith("-dbg"):
+        raise ProfileError(
+            f"{name} holds debug symbols, not a kernel: name the image package "
+            f"({name.removesuffix('-dbg')})"
+        )
+    if is_concrete_image_package(name):
         return name
     try:
         out = _run(["apt-cache", "depends", name], f"look up {name}")
@@ -311,7 +329,7 @@ def resolve_kernel_package(name: str) -> str:
         dep = line.strip().removeprefix("|").strip()
         if dep.startswith("Depends:"):
             target = dep.split(":", 1)[1].strip()
-            if re.fullmatch(r"linux-image-\d.*", target):
+            if is_concrete_image_package(target):
                 return target
     raise ProfileError(
         f"{name} is not a kernel image package (apt-cache depends names no linux-image-<version>); "
