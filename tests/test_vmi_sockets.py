@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.vmi_fakes import FakeGuest, addr, standard_guest
+from tests.vmi_fakes import (
+    HOTDATA_OFFSET,
+    TEXT_LINK,
+    FakeGuest,
+    addr,
+    hotdata_profile,
+    standard_guest,
+    synthetic_profile,
+)
 from xfgate.config import DomainConfig, MemoryConfig
-from xfgate.errors import ProfileMismatch
+from xfgate.errors import ProfileError, ProfileMismatch
 from xfgate.flow import Flow
 from xfgate.inet import IPProto
 from xfgate.vmi import jhash, sockets
@@ -400,3 +408,47 @@ def test_a_sock_reallocated_at_a_known_address_does_not_inherit_its_holders() ->
         g2.hash_established(sk2, "198.18.1.1", 57004, "198.18.0.1", 2307)
         own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 57004, "198.18.0.1", 2307))
         assert own is not None and own.owners == () and not own.holders_known
+
+
+def test_hash_secrets_in_net_hotdata_as_6_12_keeps_them() -> None:
+    """6.12 has no inet_ehash_secret symbol: the secrets are net_hotdata members."""
+    p = hotdata_profile()
+    assert not any("hash_secret" in name for name in p.symbols)
+    hot = TEXT_LINK + HOTDATA_OFFSET
+    assert sockets.hash_secret(p, "inet_ehash_secret") == hot + 0x40 + 20
+    assert sockets.hash_secret(p, "inet6_ehash_secret") == hot + 0x140 + 28
+    assert sockets.hash_secret(p, "ipv6_hash_secret") == hot + 0x100 + 32
+    g = standard_guest(profile=p)
+    t = _tables(g)
+    est = t.find(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
+    assert est is not None and est.table == "established" and est.sock.rport == 40000
+    est6 = t.find(_flow(IPProto.TCP, "2001:2::1:1", 51000, "2001:2::1", 443))
+    assert est6 is not None and est6.table == "established"
+    assert t.secrets().ehash == g.secrets[1] and t.secrets().ipv6 == g.secrets[3]
+
+
+def test_hash_secrets_by_symbol_exact_or_function_local_spelling() -> None:
+    p = synthetic_profile()  # 6.1's spelling: inet_ehash_secret.3, ipv6_hash_secret.2
+    assert sockets.hash_secret(p, "inet_ehash_secret") == p.symbol("inet_ehash_secret.3")
+    assert sockets.hash_secret(p, "ipv6_hash_secret") == p.symbol("ipv6_hash_secret.2")
+    renamed = dataclasses.replace(
+        p,
+        symbols={
+            **{k: v for k, v in p.symbols.items() if not k.startswith("ipv6_hash")},
+            "tcp_ipv6_hash_secret": 0xFFFFFFFF81777000,
+        },
+    )
+    assert sockets.hash_secret(renamed, "ipv6_hash_secret") == 0xFFFFFFFF81777000
+
+
+def test_a_profile_without_a_secret_names_what_it_tried() -> None:
+    p = synthetic_profile()
+    bare = dataclasses.replace(
+        p, symbols={k: v for k, v in p.symbols.items() if not k.startswith("inet_ehash")}
+    )
+    with pytest.raises(
+        ProfileError,
+        match=r"no inet_ehash_secret \(tried inet_ehash_secret, "
+        r"net_hotdata.tcp_protocol.secret\)",
+    ):
+        HashLayout.from_profile(bare)

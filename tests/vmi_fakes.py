@@ -12,12 +12,14 @@ import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+from xfgate.errors import ProfileError
 from xfgate.flow import IPAddress
 from xfgate.inet import IPProto
 from xfgate.vmi import jhash
 from xfgate.vmi.kaslr import START_KERNEL_MAP
 from xfgate.vmi.memory import BufferMemory
 from xfgate.vmi.profile import Member, Profile, StructLayout
+from xfgate.vmi.sockets import hash_secret
 
 DIRECT_MAP = 0xFFFF888000000000  # where the fake kernel maps all physical memory (2 MiB pages)
 TEXT_LINK = 0xFFFFFFFF81000000
@@ -147,6 +149,44 @@ def synthetic_profile(banner: str = BANNER, release: str = RELEASE) -> Profile:
         structs=synthetic_structs(),
         symbols={k: TEXT_LINK + v for k, v in SYMBOL_OFFSETS.items()},
         symbol_types={"init_task": "task_struct"},
+    )
+
+
+HOTDATA_OFFSET = 0x25000  # net_hotdata in the fake image
+
+
+def hotdata_profile(release: str = "6.12.0-fake") -> Profile:
+    """6.12's spelling: no hash-secret symbols, the secrets are members of net_hotdata
+    (tcp_protocol.secret, tcpv6_protocol.secret, tcpv6_offload.secret), offsets unlike 6.12's."""
+    base = synthetic_profile(BANNER.replace("6.1.0-fake", release), release)
+    structs = dict(base.structs)
+    structs["net_protocol"] = _layout(
+        "net_protocol", 32, {"handler": (0, P, 8), "secret": (20, U32, 4)}
+    )
+    structs["inet6_protocol"] = _layout(
+        "inet6_protocol", 40, {"handler": (0, P, 8), "flags": (24, U32, 4), "secret": (28, U32, 4)}
+    )
+    structs["net_offload"] = _layout(
+        "net_offload", 36, {"flags": (24, U32, 4), "secret": (32, U32, 4)}
+    )
+    structs["net_hotdata"] = _layout(
+        "net_hotdata",
+        0x200,
+        {
+            "tcp_protocol": (0x40, "struct net_protocol", 32),
+            "udp_protocol": (0x60, "struct net_protocol", 32),
+            "tcpv6_offload": (0x100, "struct net_offload", 36),
+            "tcpv6_protocol": (0x140, "struct inet6_protocol", 40),
+        },
+    )
+    symbols = {k: v for k, v in base.symbols.items() if "hash_secret" not in k}
+    symbols["net_hotdata"] = TEXT_LINK + HOTDATA_OFFSET
+    return Profile(
+        release=release,
+        banner=base.banner,
+        structs=structs,
+        symbols=symbols,
+        symbol_types=dict(base.symbol_types),
     )
 
 
@@ -443,9 +483,16 @@ class FakeGuest:
         self.w(ut + self.off("udp_table", "mask"), "<I", self.udp_buckets - 1)
         mix, e4, e6, v6 = self.secrets
         self.w(self.sym("init_net") + self.off("net", "hash_mix"), "<I", mix)
-        self.w(self.sym("inet_ehash_secret.3"), "<I", e4)
-        self.w(self.sym("inet6_ehash_secret.3"), "<I", e6)
-        self.w(self.sym("ipv6_hash_secret.2"), "<I", v6)
+        for what, value in (
+            ("inet_ehash_secret", e4),
+            ("inet6_ehash_secret", e6),
+            ("ipv6_hash_secret", v6),
+        ):
+            try:  # where this profile keeps it (a symbol in 6.1, net_hotdata in 6.12)
+                addr = hash_secret(self.profile, what)
+            except ProfileError:
+                continue  # a profile without it: the guest still has the others
+            self.w(addr + self.virt_shift, "<I", value)
 
     def _push(self, head: int, sk: int) -> None:
         self._hlist_add_head(head, sk + self.off("sock_common", "skc_nulls_node"))
@@ -493,10 +540,10 @@ class FakeGuest:
         self.w(req + self.off("sock_common", "skc_listener"), "<Q", listener)
 
 
-def standard_guest(levels: int = 4) -> FakeGuest:
+def standard_guest(levels: int = 4, profile: Profile | None = None) -> FakeGuest:
     """A small guest: init, a root web server (listening v4 + v6 + one established conn),
     alice's client, bob's UDP resolver, and a kernel thread."""
-    g = FakeGuest(levels=levels)
+    g = FakeGuest(levels=levels, profile=profile or synthetic_profile())
     init = g.add_task(1, "init")
     g.add_task(2, "kthreadd", with_files=False)
     web = g.add_task(100, "httpd", parent=init)

@@ -1,6 +1,7 @@
 """Targeted socket lookup: from a packet's 5-tuple to the guest's struct sock, without a walk.
 
-The kernel's own hash tables, as in Linux 6.1 (layouts from the profile, members tested by name):
+The kernel's own hash tables, as in Linux 6.1 and 6.12 (layouts from the profile, members and
+symbols tested by name; where the hash secrets live: HASH_SECRETS):
   - tcp_hashinfo.ehash: established, TIME_WAIT and request (TCPState.NEW_SYN_RECV) socks, bucket by
     inet_ehashfn/inet6_ehashfn with the secrets read from guest memory; chained on
     sock_common.skc_nulls_node, ended by a "nulls" marker (odd pointer);
@@ -49,15 +50,50 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
 
-def _symbol_prefixed(profile: Profile, name: str) -> int:
-    """A function-local static (`static u32 inet_ehash_secret` in 6.1) is a kallsyms symbol
-    with a compiler suffix (inet_ehash_secret.5): accept either spelling."""
+def _symbol_prefixed(profile: Profile, name: str) -> int | None:
+    """A symbol by its exact name, else by the spelling kallsyms gives a function-local static
+    (`static u32 inet_ehash_secret` inside inet_ehashfn in 6.1: ``inet_ehash_secret.5``);
+    None if the profile has neither."""
     if profile.has_symbol(name):
         return profile.symbol(name)
     for sym, addr in profile.symbols.items():
         if sym.startswith(name + "."):
             return addr
-    raise ProfileError(f"profile for {profile.release} has no symbol {name}", symbol=name)
+    return None
+
+
+# The hash secrets the lookups need, each: the names it has had (a global or a function-local
+# static), then where it moved. The "net: group together hot data" series (Eric Dumazet,
+# merged for v6.9; "inet: move inet_ehash_secret and udp_ehash_secret into net_hotdata",
+# "ipv6: move inet6_ehash_secret and udp6_ehash_secret into net_hotdata", "ipv6: move
+# tcp_ipv6_hash_secret and udp_ipv6_hash_secret to net_hotdata") made them members of
+# net_hotdata (include/net/hotdata.h #defines them as net_hotdata.tcp_protocol.secret, ...);
+# inet6_ehashfn's `ipv6_hash_secret` was renamed tcp_ipv6_hash_secret there.
+HASH_SECRETS: dict[str, tuple[tuple[str, ...], tuple[str, str]]] = {
+    "inet_ehash_secret": (("inet_ehash_secret",), ("net_hotdata", "tcp_protocol.secret")),
+    "inet6_ehash_secret": (("inet6_ehash_secret",), ("net_hotdata", "tcpv6_protocol.secret")),
+    "ipv6_hash_secret": (
+        ("ipv6_hash_secret", "tcp_ipv6_hash_secret"),
+        ("net_hotdata", "tcpv6_offload.secret"),
+    ),
+}
+
+
+def hash_secret(profile: Profile, what: str) -> int:
+    """The link-time address of a hash secret (a HASH_SECRETS key), tested for by symbol and
+    member, never by version; ProfileError naming every spelling tried if none is there."""
+    names, (holder, path) = HASH_SECRETS[what]
+    for name in names:
+        addr = _symbol_prefixed(profile, name)
+        if addr is not None:
+            return addr
+    if profile.has_symbol(holder):
+        try:
+            return profile.symbol(holder) + profile.offset(holder, path)
+        except ProfileError:
+            pass
+    tried = ", ".join([*names, f"{holder}.{path}"])
+    raise ProfileError(f"profile for {profile.release} has no {what} (tried {tried})", symbol=what)
 
 
 @dataclass(frozen=True)
@@ -110,9 +146,9 @@ class HashLayout:
             udp_table=p.symbol("udp_table"),
             init_net=p.symbol("init_net"),
             hash_mix=p.offset("net", "hash_mix"),
-            inet_ehash_secret=_symbol_prefixed(p, "inet_ehash_secret"),
-            inet6_ehash_secret=_symbol_prefixed(p, "inet6_ehash_secret"),
-            ipv6_hash_secret=_symbol_prefixed(p, "ipv6_hash_secret"),
+            inet_ehash_secret=hash_secret(p, "inet_ehash_secret"),
+            inet6_ehash_secret=hash_secret(p, "inet6_ehash_secret"),
+            ipv6_hash_secret=hash_secret(p, "ipv6_hash_secret"),
             ehash=p.offset("inet_hashinfo", "ehash"),
             ehash_mask=p.offset("inet_hashinfo", "ehash_mask"),
             lhash2=p.offset("inet_hashinfo", "lhash2"),
