@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.vmi_fakes import FakeGuest, standard_guest
+from tests.vmi_fakes import FakeGuest, standard_guest, worker_profile
 from xfgate.inet import IPProto
 from xfgate.vmi.introspect import ps_document
 from xfgate.vmi.kaslr import from_vmcoreinfo
@@ -278,3 +278,39 @@ def test_dups_of_one_socket_are_resolved_once_and_folded() -> None:
     assert {s.pid for s in result.sockets} == {10, 11, 12}  # 12: its first 176 slots
     assert result.fd_slots == 1200
     assert [e.reason for e in result.errors] == [WalkReason.STEP_BOUND] * 3
+
+
+@pytest.mark.parametrize("full_worker_id", [True, False])
+def test_rescuer_names_as_proc_shows_them(full_worker_id: bool) -> None:
+    """6.10+ /proc: "kworker/R-" + the workqueue's full name (longer than comm); before
+    format_worker_id existed, the comm."""
+    g = standard_guest(profile=worker_profile(full_worker_id))
+    g.add_rescuer(40, "kvfree_rcu_reclaim")
+    g.add_rescuer(41, "mm_percpu_wq")  # fits in comm: the same either way
+    g.add_rescuer(42, "writeback_long_name", desc="flush-8:0", busy=True)
+    g.add_rescuer(43, "ipv6_addrconf_wq", desc="addrconf")
+    names = {t.pid: t.name for t in _walk(g).tasks if t.pid in (40, 41, 42, 43)}
+    if full_worker_id:
+        assert names == {
+            40: "kworker/R-kvfree_rcu_reclaim",
+            41: "kworker/R-mm_percpu_wq",
+            42: "kworker/R-writeback_long_name+flush-8:0",
+            43: "kworker/R-ipv6_addrconf_wq-addrconf",
+        }
+    else:
+        assert names == {
+            40: "kworker/R-kvfre",
+            41: "kworker/R-mm_pe",
+            42: "kworker/R-write+flush-8:0",
+            43: "kworker/R-ipv6_-addrconf",
+        }
+
+
+def test_a_rescuer_with_a_wild_workqueue_keeps_its_comm() -> None:
+    g = standard_guest(profile=worker_profile())
+    t = g.add_rescuer(40, "kvfree_rcu_reclaim")
+    kthread = struct.unpack_from("<Q", g.buf, g.pa(t + g.off("task_struct", "worker_private")))[0]
+    worker = struct.unpack_from("<Q", g.buf, g.pa(kthread + g.off("kthread", "data")))[0]
+    g.w(worker + g.off("worker", "rescue_wq"), "<Q", 0x1234)  # not a kernel pointer
+    result = _walk(g)
+    assert {t.pid: t.name for t in result.tasks}[40] == "kworker/R-kvfre"

@@ -152,6 +152,45 @@ def synthetic_profile(banner: str = BANNER, release: str = RELEASE) -> Profile:
     )
 
 
+def worker_profile(full_worker_id: bool = True) -> Profile:
+    """The synthetic profile with what /proc's kernel-thread names need (task flags, kthread,
+    worker, workqueue_struct); `full_worker_id`: the kernel has format_worker_id (6.10+)."""
+    base = synthetic_profile()
+    structs = dict(base.structs)
+    task = structs["task_struct"]
+    structs["task_struct"] = StructLayout(
+        "task_struct",
+        task.size,
+        {
+            **task.members,
+            "flags": Member(0x2C, U32, 4),
+            "worker_private": Member(0x3A0, P, 8),
+        },
+    )
+    structs["kthread"] = _layout("kthread", 0x80, {"data": (0x18, P, 8), "full_name": (0x58, P, 8)})
+    structs["worker"] = _layout(
+        "worker",
+        0xC0,
+        {
+            "current_work": (0x18, P, 8),
+            "pool": (0x60, P, 8),
+            "desc": (0x70, "array", 24),
+            "rescue_wq": (0xA8, P, 8),
+        },
+    )
+    structs["workqueue_struct"] = _layout("workqueue_struct", 0x140, {"name": (0xD0, "array", 32)})
+    symbols = dict(base.symbols)
+    if full_worker_id:
+        symbols["format_worker_id"] = TEXT_LINK + 0x12000
+    return Profile(
+        release=base.release,
+        banner=base.banner,
+        structs=structs,
+        symbols=symbols,
+        symbol_types=dict(base.symbol_types),
+    )
+
+
 HOTDATA_OFFSET = 0x25000  # net_hotdata in the fake image
 
 
@@ -372,6 +411,25 @@ class FakeGuest:
                 t, pid, comm, uid, uid if euid is None else euid, ppid, files, fd_array, max_fds
             )
         )
+        return t
+
+    def add_rescuer(self, pid: int, workqueue: str, desc: str = "", busy: bool = False) -> int:
+        """A workqueue's rescuer kthread as 6.12 creates it: comm "kworker/R-" + the name cut to
+        15 characters, PF_KTHREAD | PF_WQ_WORKER, kthread->data the worker, worker->rescue_wq
+        the workqueue; attached to a pool (and `desc` set) only while it works."""
+        t = self.add_task(pid, f"kworker/R-{workqueue}", with_files=False)
+        self.w(t + self.off("task_struct", "flags"), "<I", 0x00200000 | 0x20)
+        kthread, worker, wq = self.alloc(0x80), self.alloc(0xC0), self.alloc(0x140)
+        self.w(t + self.off("task_struct", "worker_private"), "<Q", kthread)
+        self.w(kthread + self.off("kthread", "data"), "<Q", worker)
+        self.w(worker + self.off("worker", "rescue_wq"), "<Q", wq)
+        self._write_bytes(wq + self.off("workqueue_struct", "name"), workqueue.encode() + b"\0")
+        if desc:
+            self.w(worker + self.off("worker", "pool"), "<Q", self.alloc(0x40))
+            self._write_bytes(worker + self.off("worker", "desc"), desc.encode() + b"\0")
+            self.w(
+                worker + self.off("worker", "current_work"), "<Q", self.alloc(0x20) if busy else 0
+            )
         return t
 
     def new_files(self, max_fds: int = 64) -> tuple[int, int]:

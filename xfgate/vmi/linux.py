@@ -121,6 +121,10 @@ class KernelLayout:
     worker_desc_len: int = 0
     worker_current_work: int = -1
     worker_pool: int = -1
+    # Rescuer workers' full name "kworker/R-<workqueue>" (optional: their comm without them).
+    worker_rescue_wq: int = -1
+    wq_name: int = -1
+    wq_name_len: int = 0
     # Every thread's file table (optional: the group leader's only without them).
     task_thread_node: int = -1  # task_struct.thread_node, on signal_struct.thread_head
     task_signal: int = -1
@@ -227,6 +231,7 @@ def _proc_name_layout(p: Profile) -> dict[str, Field | int | None]:
     if not kthread_ptr or not all(p.has_member(s, m) for s, m in needed):
         return {}
     return {
+        **_rescuer_layout(p),
         "task_flags": _int_field(p, "task_struct", "flags", 4),
         "task_kthread": p.offset("task_struct", kthread_ptr),
         "kthread_full_name": p.offset("kthread", "full_name"),
@@ -235,6 +240,24 @@ def _proc_name_layout(p: Profile) -> dict[str, Field | int | None]:
         "worker_desc_len": p.member("worker", "desc").size,
         "worker_current_work": p.offset("worker", "current_work"),
         "worker_pool": p.offset("worker", "pool"),
+    }
+
+
+def _rescuer_layout(p: Profile) -> dict[str, Field | int | None]:
+    """worker->rescue_wq->name, where /proc builds a rescuer's name from them, else {}.
+
+    Since v6.10 (commit 2a1b02bcba78, "workqueue: Refactor worker ID formatting and make
+    wq_worker_comm() use full ID string") wq_worker_comm() starts from format_worker_id(), which
+    for a rescuer prints "kworker/R-%s" with the workqueue's full name, longer than the
+    15-character comm it was created with ("kworker/R-kvfre"). Tested by that function's
+    symbol: before it, /proc showed the comm."""
+    needed = [("worker", "rescue_wq"), ("workqueue_struct", "name")]
+    if not p.has_symbol("format_worker_id") or not all(p.has_member(s, m) for s, m in needed):
+        return {}
+    return {
+        "worker_rescue_wq": p.offset("worker", "rescue_wq"),
+        "wq_name": p.offset("workqueue_struct", "name"),
+        "wq_name_len": p.member("workqueue_struct", "name").size,
     }
 
 
@@ -677,6 +700,7 @@ class Walk:
                     lay.worker_desc + lay.worker_desc_len,
                     lay.worker_pool + 8,
                     lay.worker_current_work + 8,
+                    lay.worker_rescue_wq + 8,
                 )
                 w = self.space.read(worker, end)
                 pool, current = (
@@ -684,6 +708,8 @@ class Walk:
                     self._u64(w, lay.worker_current_work),
                 )
                 desc = w[lay.worker_desc :].split(b"\0", 1)[0].decode(errors="replace")
+                if lay.worker_rescue_wq >= 0:
+                    comm = self._rescuer_name(self._u64(w, lay.worker_rescue_wq), comm)
                 if pool and desc:
                     comm = f"{comm}{'+' if current else '-'}{desc}"
                 return comm[: PROC_NAME_LEN - 1]
@@ -697,6 +723,17 @@ class Walk:
         except MemoryReadError as e:
             self.issue(f"name of {comm}", WalkReason.UNREADABLE, e.address, e.reason)
             return comm
+
+    def _rescuer_name(self, wq: int, comm: str) -> str:
+        """format_worker_id() for a rescuer: "kworker/R-" and its workqueue's full name (the
+        comm unchanged for other workers, rescue_wq NULL, or a name that does not extend it)."""
+        if wq == 0 or not self.is_kernel_pointer(wq):
+            return comm
+        lay = self.layout
+        raw = self.space.read(wq + lay.wq_name, lay.wq_name_len).split(b"\0", 1)[0]
+        name = f"kworker/R-{raw.decode(errors='replace')}"
+        # The comm was cut from the same string: anything else is not this rescuer's name.
+        return name if raw and name.startswith(comm) else comm
 
     def _cred(self, cred: int, pid: int) -> tuple[int, int]:
         cached = self._creds.get(cred)
