@@ -346,3 +346,27 @@ def test_syn_time_wait_without_listener_lookup_stays_unknown() -> None:
     e.handle(inbound(30000, 8080))
     rec = json.loads(out.getvalue().splitlines()[-1])
     assert rec["via"] == "time-wait" and rec["pid"] is None
+
+
+class DegradedSource(TableSource):
+    """A source whose profile lacks what targeted lookups need (GuestIntrospector.degraded)."""
+
+    def degraded(self) -> str:
+        return "socket hash lookups off (no inet_ehash_secret)"
+
+
+def test_a_degraded_source_is_said_and_its_unknowns_are_never_settled() -> None:
+    src = DegradedSource(SOURCE_TABLE)
+    assert LockedOwnerSource(src).degraded() == src.degraded()
+    assert LockedOwnerSource(TableSource({})).degraded() == ""
+    e, out = engine({"uids": [1001], "unknown": "accept"}, src)
+    assert e.degraded == src.degraded()
+    p = inbound(50000, 9999)  # nothing listens there in the last walk
+    e.handle(p)
+    assert p.verdicts == ["accept"] and p.mark & MARK_MASK == 0  # accepted, not settled
+    rec = json.loads(out.getvalue().splitlines()[-1])
+    assert "socket hash lookups off" in rec["reason"] and rec["settled"] is False
+    known = inbound(50001, 8080)  # found (in the walk): decided and settled as usual
+    e.handle(known)
+    assert known.mark & MARK_MASK == settle_mark(9, accept=True)
+    assert e.stats.settled == 1

@@ -26,6 +26,7 @@ from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.kaslr import KernelLocator, from_banner_scan, from_vmcoreinfo
 from xfgate.vmi.linux import KernelLayout
 from xfgate.vmi.paging import AddressSpace
+from xfgate.vmi.profile import Profile
 from xfgate.vmi.sockets import HashLayout, SocketTables
 from xfgate.vmi.walk import WalkReason
 
@@ -452,3 +453,55 @@ def test_a_profile_without_a_secret_names_what_it_tried() -> None:
         r"net_hotdata.tcp_protocol.secret\)",
     ):
         HashLayout.from_profile(bare)
+
+
+def _without_secret(name: str = "inet_ehash_secret") -> Profile:
+    p = synthetic_profile()
+    return dataclasses.replace(
+        p, symbols={k: v for k, v in p.symbols.items() if not k.startswith(name)}
+    )
+
+
+def test_a_profile_without_a_secret_degrades_lookups_to_the_walk_and_says_so() -> None:
+    g = standard_guest(profile=_without_secret())
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+        assert gi.hashes is None
+        assert "socket hash lookups off" in gi.degraded()
+        assert "inet_ehash_secret" in gi.degraded()
+        # An incoming connection: its listener's owner, from the walk.
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.7", 5555))
+        assert own is not None and own.via == "walk" and own.state == "LISTEN"
+        assert [(o.pid, o.fd) for o in own.owners] == [(100, 3)] and own.holders_known
+        # The exact 4-tuple wins over the listener of the same port.
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000))
+        assert own is not None and own.state == "ESTABLISHED" and own.owners[0].fd == 5
+        # IPv4 to a dual-stack [::]:8080 listener; UDP by its bound port.
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 8080, "198.18.0.7", 1))
+        assert own is not None and own.owners[0].fd == 4
+        own = gi.lookup(_flow(IPProto.UDP, "198.18.1.1", 5353, "198.18.0.1", 53))
+        assert own is not None and own.owners[0].pid == 300
+        # Nothing there: no owner (the engine's unknown, unsettled).
+        assert gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 22, "198.18.0.1", 1)) is None
+
+
+def test_degraded_lookups_walk_at_most_every_min_rewalk_seconds() -> None:
+    g = standard_guest(profile=_without_secret("ipv6_hash_secret"))
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=3600) as gi:
+        assert "ipv6_hash_secret" in gi.degraded()
+        assert gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.7", 1)) is not None
+        walks = gi._last_walk
+        late = g.add_task(400, "late", uid=42)
+        sk = g.new_sock(IPProto.TCP, 10, "0.0.0.0", 9000, "0.0.0.0", 0, sk_uid=42)
+        g.add_fd(late, 3, sk)
+        # Not walked again within min_rewalk_seconds: not seen yet (bounded cost per packet).
+        assert gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 9000, "198.18.0.7", 1)) is None
+        assert gi._last_walk == walks
+        gi.walk()
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 9000, "198.18.0.7", 1))
+        assert own is not None and own.owners[0].uid == 42
+
+
+def test_a_complete_profile_is_not_degraded() -> None:
+    g = standard_guest()
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+        assert gi.degraded() == ""

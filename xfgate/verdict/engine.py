@@ -137,6 +137,19 @@ class QueuedPacket(Protocol):
     def repeat(self) -> None: ...
 
 
+def source_degraded(source: object) -> str:
+    """What an owner source says it cannot do, "" if nothing (GuestIntrospector.degraded():
+    a profile lacking what targeted lookups need). Optional for a source."""
+    find = getattr(source, "degraded", None)
+    if not callable(find):
+        return ""
+    try:
+        value = find()
+    except Exception:  # a source that cannot say is not degraded by saying so
+        return ""
+    return value if isinstance(value, str) else ""
+
+
 class LockedOwnerSource:
     """Serializes access to an OwnerSource shared by the packet loop and the refresher."""
 
@@ -160,6 +173,10 @@ class LockedOwnerSource:
             return self._source.lookup(flow)
         finally:
             self._lock.release()
+
+    def degraded(self) -> str:
+        """The source's own degraded() (fixed when it was built: no lock needed)."""
+        return source_degraded(self._source)
 
     def lookup_listener(self, flow: Flow) -> Ownership | None:
         """The listener's answer for a new connection to `flow`'s local end, if the source
@@ -257,6 +274,8 @@ class Engine:
         self.vifs = dict(vifs)
         self._vif_indexes = frozenset(vifs)
         self.source = source
+        # Lookups answered from walks only (see source_degraded): unknowns say so, unsettled.
+        self.degraded = source_degraded(source)
         self._policy = policy
         self.cache = cache
         self.log = log
@@ -405,6 +424,8 @@ class Engine:
                 decision = self._unattributable(policy, what)
             return Evaluation(decision, answer.source, parsed, flow, direction, answer.ownership)
         why = "icmp error, no socket for the embedded flow" if parsed.is_icmp_error else ""
+        if not why and ownership is None and self.degraded:
+            why = "no such socket in the last walk; socket hash lookups off"
         decision = decide(ownership, flow, policy, why, facts)
         return Evaluation(decision, answer.source, parsed, flow, direction, ownership)
 

@@ -265,6 +265,8 @@ class Gate:
             cfg.id, vifs, source, opts.policy, cache, self.log, opts.fastpath, opts.on_error
         )
         engine.refresh_view = lambda: source.view(timeout=PACKET_WAIT)
+        if engine.degraded:
+            log.warning("domain %d: degraded: %s", cfg.id, engine.degraded)
         dg = DomainGate(cfg, layout, source, engine)
         self.domains[cfg.id] = dg
         dg.control = control.ControlServer(
@@ -564,6 +566,8 @@ def _degraded(dg: DomainGate) -> str:
     facts = dg.engine.facts
     if not facts.complete and not why:
         why.append("last walk incomplete: " + "; ".join(facts.problems[:3]))
+    if dg.engine.degraded:  # the profile lacks what lookups need: for the gate's whole life
+        why.insert(0, dg.engine.degraded)
     return "; ".join(why)
 
 

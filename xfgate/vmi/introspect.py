@@ -18,12 +18,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from ipaddress import IPv6Address
 from types import MappingProxyType
 from typing import Any
 
 from xfgate.config import DomainConfig
 from xfgate.errors import MemoryReadError, ProfileError, WalkError
-from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, Via
+from xfgate.flow import Flow, GuestSocket, GuestView, IPAddress, Owner, Ownership, Via
 from xfgate.inet import IPProto, proto_label
 from xfgate.vmi.kaslr import KernelLocation, KernelLocator
 from xfgate.vmi.kernel_constants import SockType, TCPState
@@ -289,7 +290,7 @@ class GuestIntrospector:
         boot = self.boot(recheck=False)
         deadline = time.monotonic() + self.lookup_budget_seconds
         if boot.tables is None:
-            return self._lookup_by_walk(flow)
+            return self._lookup_by_walk(boot, flow, deadline)
         if flow.proto not in TABLE_PROTOS:
             found = self._find(boot.tables, flow, listener_only=False)  # raw sockets
             if found is None:
@@ -379,17 +380,76 @@ class GuestIntrospector:
         state = sock.state_name if sock is not None else "UNKNOWN"
         return Ownership(owners, sk_uid, state, Via.PORT_INDEX, socks[0], bool(owners))
 
-    def _lookup_by_walk(self, flow: Flow) -> Ownership | None:
-        """Without hash-table layouts in the profile: match the walk's sockets by 5-tuple."""
-        result = self.walk()
-        index = owners_index(result.tasks, result.sockets, result.packets)
-        for s in result.sockets:
+    def degraded(self) -> str:
+        """What the profile lacks for targeted lookups, "" when nothing: then every lookup is
+        answered from the walks (`_lookup_by_walk`), which the gate reports at start and in
+        `status`."""
+        if self.hashes is not None:
+            return ""
+        return (
+            f"socket hash lookups off ({self.hash_problem}): flows are matched against the "
+            "last walk's sockets; a flow it has not seen gets the unknown verdict, unsettled"
+        )
+
+    def _lookup_by_walk(self, boot: _Boot, flow: Flow, deadline: float) -> Ownership | None:
+        """Without the hash tables (a profile lacking a secret or a table, see `degraded`): the
+        last walk's sockets, walked again within the lookup's budget when that walk is older
+        than `min_rewalk_seconds`. Matched as the kernel would deliver: the exact 4-tuple,
+        else a socket bound to the local port with no peer (a TCP listener, a UDP socket) on
+        that address or the wildcard. Holders known only if the index comes from a complete
+        walk."""
+        now = time.monotonic()
+        if now - self._last_walk >= self.min_rewalk_seconds and now < deadline:
+            bounds = dataclasses.replace(self.bounds, seconds=deadline - now, retries=1)
+            self.walk(bounds, may_pause=False)
+            boot = self.boot(recheck=False)
+        if boot.last_walk is None:
+            return None
+        bound: tuple[int, InetSock] | None = None  # the most specific one, as the kernel picks
+        for s in boot.last_walk.sockets:
             k = s.sock
-            if (k.proto, k.lport) != (flow.proto, flow.lport) or k.local != flow.local:
+            if (k.proto, k.lport) != (flow.proto, flow.lport):
                 continue
-            if k.remote == flow.remote and k.rport == flow.rport:
-                return Ownership(index[k.address], k.sk_uid, k.state_name, Via.WALK, k.address)
-        return None
+            if _same_address(k.local, flow.local):
+                if _same_address(k.remote, flow.remote) and k.rport == flow.rport:
+                    return self._walk_answer(boot, k)
+                score = 2
+            elif k.local.is_unspecified and _takes_family(k, flow):
+                score = 1 if k.family == flow.family else 0
+            else:
+                continue
+            unconnected = k.rport == 0 and k.remote.is_unspecified
+            takes = flow.proto != IPProto.TCP or k.state_name == "LISTEN"
+            if unconnected and takes and (bound is None or score > bound[0]):
+                bound = (score, k)
+        return self._walk_answer(boot, bound[1]) if bound is not None else None
+
+    @staticmethod
+    def _walk_answer(boot: _Boot, k: InetSock) -> Ownership:
+        owners = boot.owners.get(k.address)
+        return Ownership(
+            owners or (),
+            k.sk_uid,
+            k.state_name,
+            Via.WALK,
+            k.address,
+            owners is not None and boot.index_complete,
+        )
+
+
+def _same_address(a: IPAddress, b: IPAddress) -> bool:
+    """Equal, an IPv4-mapped IPv6 address being its IPv4 address."""
+    if isinstance(a, IPv6Address) and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    if isinstance(b, IPv6Address) and b.ipv4_mapped is not None:
+        b = b.ipv4_mapped
+    return a == b
+
+
+def _takes_family(k: InetSock, flow: Flow) -> bool:
+    """A wildcard-bound socket takes the flow's family: its own, or IPv4 on a dual-stack
+    IPv6 socket (not IPV6_V6ONLY)."""
+    return k.family == flow.family or (k.family == 6 and flow.family == 4 and not k.v6only)
 
 
 # -- pure helpers ---------------------------------------------------------------------------------
