@@ -370,3 +370,15 @@ def test_a_degraded_source_is_said_and_its_unknowns_are_never_settled() -> None:
     e.handle(known)
     assert known.mark & MARK_MASK == settle_mark(9, accept=True)
     assert e.stats.settled == 1
+
+
+def test_status_names_a_degraded_source_first_whatever_the_walks_say() -> None:
+    from xfgate.config import DomainConfig, MemoryConfig
+    from xfgate.verdict.fastpath import GateLayout
+    from xfgate.verdict.runner import DomainGate, _degraded
+
+    cfg = DomainConfig(9, "fake", ("vif9.0",), MemoryConfig("raw", "/nonexistent"))
+    for src, want in ((DegradedSource({}), "socket hash lookups off"), (TableSource({}), "")):
+        e, _ = engine({}, src)
+        dg = DomainGate(cfg, GateLayout(9, ("vif9.0",), 109), LockedOwnerSource(src), e)
+        assert _degraded(dg).startswith(want) and bool(_degraded(dg)) == bool(want)
