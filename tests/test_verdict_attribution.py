@@ -17,7 +17,7 @@ from tests.verdict_fakes import VIF, FakePacket
 from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, Via
 from xfgate.inet import IPProto
 from xfgate.verdict.cache import AnswerSource, OwnerCache
-from xfgate.verdict.engine import Engine, LockedOwnerSource, WithView
+from xfgate.verdict.engine import Engine, LockedOwnerSource
 from xfgate.verdict.fastpath import MARK_MASK, settle_mark
 from xfgate.verdict.policy import (
     NO_FACTS,
@@ -265,22 +265,6 @@ def test_a_walk_holding_the_source_costs_a_packet_at_most_the_small_bound() -> N
     # Nothing known about 41000: the unknown verdict, unsettled.
     assert q.verdicts == ["accept"] and q.mark == 0
     assert e.stats.by_source[AnswerSource.TIMEOUT] == 2
-
-
-def test_sources_without_view_give_a_complete_view_of_their_sockets() -> None:
-    class Old:
-        def lookup(self, flow: Flow) -> Ownership | None:
-            return None
-
-        def sockets(self) -> Sequence[GuestSocket]:
-            any4 = ip_address("0.0.0.0")
-            return [GuestSocket(IPProto.TCP, any4, 80, any4, 0, "LISTEN", 0, (WEB,))]
-
-        def generation(self) -> int:
-            return 1
-
-    v = LockedOwnerSource(WithView(Old())).view()
-    assert v.complete and v.tasks == (WEB,) and v.raw_holders == ()
 
 
 def test_a_raw_socket_newer_than_the_last_view_is_seen_before_its_packet_passes() -> None:

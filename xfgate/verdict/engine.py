@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from xfgate.flow import Direction, Flow, GuestSocket, GuestView, Owner, Ownership, OwnerSource, Via
+from xfgate.flow import Direction, Flow, GuestSocket, GuestView, Ownership, OwnerSource, Via
 from xfgate.inet import IPProto, TCPFlag, proto_label
 from xfgate.verdict.cache import AnswerSource, CacheKey, ListenerKey, OwnerCache
 from xfgate.verdict.fastpath import MARK_MASK, settle_mark
@@ -67,50 +67,6 @@ def kernel_sent(parsed: ParsedPacket) -> str:
     if parsed.proto == IPProto.TCP and parsed.tcp_flags & TCPFlag.RST:
         return "kernel tcp reset for no socket"
     return ""
-
-
-class SocketsSource(Protocol):
-    """An owner source from before GuestView (lookup, sockets and generation only)."""
-
-    def lookup(self, flow: Flow) -> Ownership | None: ...
-    def sockets(self) -> Sequence[GuestSocket]: ...
-    def generation(self) -> int: ...
-
-
-class WithView:
-    """Gives a source without view() one: its sockets, as a complete view. Everything else
-    (lookup_listener, close, ...) is the wrapped source's."""
-
-    def __init__(self, source: SocketsSource) -> None:
-        self._source = source
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._source, name)
-
-    def lookup(self, flow: Flow) -> Ownership | None:
-        return self._source.lookup(flow)
-
-    def sockets(self) -> Sequence[GuestSocket]:
-        return self._source.sockets()
-
-    def generation(self) -> int:
-        return self._source.generation()
-
-    def view(self) -> GuestView:
-        viewer = getattr(self._source, "view", None)
-        if callable(viewer):
-            answer: GuestView = viewer()
-            return answer
-        return view_from_sockets(self._source.sockets())
-
-
-def view_from_sockets(sockets: Sequence[GuestSocket]) -> GuestView:
-    """A GuestView for an owner source without view(): its sockets' holders are its tasks."""
-    tasks: dict[int, Owner] = {}
-    for s in sockets:
-        for o in s.owners:
-            tasks.setdefault(o.pid, o)
-    return GuestView(tuple(sockets), tuple(tasks.values()), (), complete=True)
 
 
 def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:

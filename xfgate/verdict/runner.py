@@ -38,7 +38,7 @@ from xfgate.inet import proto_label
 from xfgate.verdict import bridge, control
 from xfgate.verdict.blocksets import BlockEntry, blocked_entries, ports_text
 from xfgate.verdict.cache import OwnerCache
-from xfgate.verdict.engine import PACKET_WAIT, Engine, LockedOwnerSource, QueuedPacket, WithView
+from xfgate.verdict.engine import PACKET_WAIT, Engine, LockedOwnerSource, QueuedPacket
 from xfgate.verdict.fastpath import (
     Firewall,
     GateLayout,
@@ -67,9 +67,8 @@ def introspection_source(domain: DomainConfig, options: GateOptions) -> OwnerSou
     from xfgate.vmi.liveness import require_running
 
     require_running(domain)  # a dead VM's RAM file would answer with stale owners
-    # WithView: view() is the introspector's own once it has one, else its sockets().
-    return WithView(
-        GuestIntrospector(domain, load_domain_profile(domain, options.profile, options.cache_dir))
+    return GuestIntrospector(
+        domain, load_domain_profile(domain, options.profile, options.cache_dir)
     )
 
 
