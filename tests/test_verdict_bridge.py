@@ -8,18 +8,16 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 from scapy.layers.inet import IP
 from scapy.layers.inet6 import IPv6
 
+from tests.fresh_netns import probe_in_fresh_netns
 from xfgate.verdict import bridge
 
-ROOT = Path(__file__).resolve().parent.parent
 MARK = b"xfgate-frame-probe"
 BCAST = b"\xff" * 6
 SRC = b"\x02\x00\x00\x00\x00\x09"
@@ -98,16 +96,7 @@ def _probe() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def probed() -> dict[str, Any]:
-    proc = subprocess.run(
-        ["unshare", "-n", sys.executable, "-m", "tests.test_verdict_bridge"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
+    return probe_in_fresh_netns("tests.test_verdict_bridge")
 
 
 pytestmark = [

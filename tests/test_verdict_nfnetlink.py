@@ -13,14 +13,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from ipaddress import ip_address
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 
+from tests.fresh_netns import probe_in_fresh_netns
 from xfgate.errors import ConfigError
 from xfgate.flow import GuestSocket
 from xfgate.inet import IPProto
@@ -49,8 +48,6 @@ from xfgate.verdict.nfnetlink import (
     delete_conntrack_marked,
     nft_tables,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakeSets:
@@ -392,16 +389,7 @@ ORACLE_MEMBERS = sorted(
 
 @pytest.fixture(scope="module")
 def probed() -> dict[str, Any]:
-    proc = subprocess.run(
-        ["unshare", "-n", sys.executable, "-m", "tests.test_verdict_nfnetlink"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
+    return probe_in_fresh_netns("tests.test_verdict_nfnetlink")
 
 
 class TestInAFreshNamespace:
