@@ -261,6 +261,12 @@ class Engine:
         self._facts = facts
         self._facts_at = time.monotonic()
 
+    def absorb_view(self, view: GuestView) -> GuestFacts:
+        """The facts after one more full walk (GuestFacts.updated), now the engine's."""
+        facts = self._facts.updated(view)
+        self.set_facts(facts)
+        return facts
+
     def _fresh_facts(self, policy: Policy) -> GuestFacts | None:
         """Facts no older than FRESH_VIEW to judge a packet no socket sends, walking now if
         needed; None when none can be had (walks at most once per FRESH_VIEW: a flood of forged
@@ -280,8 +286,7 @@ class Engine:
         except Exception as e:  # a busy source or torn memory: no view, the safe verdict
             log.debug("domain %d: no fresh view for an unattributable packet: %s", self.domain, e)
             return None
-        facts = self._facts.updated(view)
-        self.set_facts(facts)
+        facts = self.absorb_view(view)
         return facts if view.complete else None
 
     def _unattributable(self, policy: Policy, what: str) -> Decision:

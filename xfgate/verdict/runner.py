@@ -49,7 +49,7 @@ from xfgate.verdict.fastpath import (
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.netns import enter_netns, ifindex
 from xfgate.verdict.options import GateMode, GateOptions
-from xfgate.verdict.policy import GuestFacts, Policy, Verdict, blocked_ports
+from xfgate.verdict.policy import Policy, Verdict, blocked_ports
 
 log = logging.getLogger(__name__)
 DEFAULT_QUEUE_BASE = 100  # queue number = base + domain id unless --queue-num is given
@@ -133,8 +133,7 @@ class Refresher(threading.Thread):
         if policy.blocks_anything or walk:
             view = self._source.view()
             self.last_walk_ms = round((time.monotonic() - start) * 1000, 2)
-            facts = self._engine.facts.updated(view)
-            self._engine.set_facts(facts)
+            facts = self._engine.absorb_view(view)
             entries = blocked_entries(facts.sockets, policy, facts)
             if view.complete:
                 self.degraded = ""
@@ -470,8 +469,7 @@ class Gate:
         except Exception as e:
             log.warning("domain %d: poll walk failed: %s", dg.cfg.id, e)
             return
-        facts: GuestFacts = dg.engine.facts.updated(view)
-        dg.engine.set_facts(facts)
+        facts = dg.engine.absorb_view(view)
         ports = blocked_ports(facts.sockets, policy, facts)
         if not view.complete:
             ports |= dg.poll_ports or set()
