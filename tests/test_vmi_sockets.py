@@ -372,16 +372,29 @@ def test_an_incomplete_walk_merges_into_the_index_and_lookups_keep_their_budget(
         assert not own.holders_known
 
 
-def test_a_sock_reallocated_at_a_known_address_does_not_inherit_its_holders() -> None:
-    """The slab hands a freed struct sock's address to the next socket within milliseconds:
-    the red team saw a blocked process's new connection answered with the holders of another
-    process's closed socket. The index remembers what each sock was; a different socket at
-    the same address is looked up again."""
+def _spray_connection() -> tuple[FakeGuest, int, int]:
+    """A guest where uid 1001's spray (pid 400) holds a connection to :2222: (guest, task, sk)."""
     g = standard_guest()
     spray = g.add_task(400, "spray", uid=1001)
     sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 33000, "198.18.0.1", 2222, sk_uid=1001)
     g.hash_established(sk, "198.18.1.1", 33000, "198.18.0.1", 2222)
     g.add_fd(spray, 3, sk)
+    return g, spray, sk
+
+
+def _reconnect(g: FakeGuest, sk: int) -> None:
+    """The same struct sock, reallocated for a connection from :57004 to :2307."""
+    g.w(sk + g.off("sock_common", "skc_num"), "<H", 57004)
+    g.w(sk + g.off("sock_common", "skc_dport"), ">H", 2307)
+    g.hash_established(sk, "198.18.1.1", 57004, "198.18.0.1", 2307)
+
+
+def test_a_sock_reallocated_at_a_known_address_does_not_inherit_its_holders() -> None:
+    """The slab hands a freed struct sock's address to the next socket within milliseconds:
+    the red team saw a blocked process's new connection answered with the holders of another
+    process's closed socket. The index remembers what each sock was; a different socket at
+    the same address is looked up again."""
+    g, spray, sk = _spray_connection()
     with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
         gi.walk()
         own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 33000, "198.18.0.1", 2222))
@@ -389,24 +402,15 @@ def test_a_sock_reallocated_at_a_known_address_does_not_inherit_its_holders() ->
         # spray closes it; the probe's new socket gets the same struct sock.
         g.put_fd(g.task_at(spray).fd_array, 3, 0)
         probe = g.add_task(500, "xfprobe", uid=1001)
-        sc = "sock_common"
-        g.w(sk + g.off(sc, "skc_num"), "<H", 57004)
-        g.w(sk + g.off(sc, "skc_dport"), ">H", 2307)
-        g.hash_established(sk, "198.18.1.1", 57004, "198.18.0.1", 2307)
+        _reconnect(g, sk)
         g.add_fd(probe, 3, sk)
         own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 57004, "198.18.0.1", 2307))
         assert own is not None and [(o.pid, o.comm) for o in own.owners] == [(500, "xfprobe")]
     # Within the rewalk interval the stale holders are not trusted either: holders unknown.
-    g2 = standard_guest()
-    t2 = g2.add_task(400, "spray", uid=1001)
-    sk2 = g2.new_sock(IPProto.TCP, 2, "198.18.1.1", 33000, "198.18.0.1", 2222, sk_uid=1001)
-    g2.hash_established(sk2, "198.18.1.1", 33000, "198.18.0.1", 2222)
-    g2.add_fd(t2, 3, sk2)
+    g2, _, sk2 = _spray_connection()
     with GuestIntrospector(_domain(), g2.profile, memory=g2.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
-        g2.w(sk2 + g2.off("sock_common", "skc_num"), "<H", 57004)
-        g2.w(sk2 + g2.off("sock_common", "skc_dport"), ">H", 2307)
-        g2.hash_established(sk2, "198.18.1.1", 57004, "198.18.0.1", 2307)
+        _reconnect(g2, sk2)
         own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 57004, "198.18.0.1", 2307))
         assert own is not None and own.owners == () and not own.holders_known
 
