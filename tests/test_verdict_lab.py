@@ -256,7 +256,13 @@ def test_block_uid_1001_not_one_attacker_packet_reaches_the_client(vlab: Lab, ga
     attack = [r for r in records if r["direction"] == "out" and r["dport"] in (2222, 5353)]
     assert len(attack) >= 4
     for r in attack:
+        if r["pid"] is None:
+            # Judged while its holder was out of sight (the socket already closed by the time a
+            # walk looked, on a loaded machine): dropped by its creator, never accepted.
+            assert r["verdict"] == "drop" and "sk_uid 1001 (the creator)" in r["reason"], r
+            continue
         assert (r["verdict"], r["pid"], r["uid"], r["comm"]) == ("drop", spray_pid, 1001, "spray")
+    assert any(r["pid"] == spray_pid for r in attack)
     assert "tcp" in {r["proto"] for r in attack}  # each new connection: a new port
     web = [r for r in records if 8080 in (r["sport"], r["dport"]) and r["pid"] is not None]
     assert web and all(r["uid"] == 1000 and r["verdict"] == "accept" for r in web)

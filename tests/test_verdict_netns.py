@@ -724,7 +724,7 @@ e = Ether(dst="{mac(lab, lab.client)}")
 pkts = [e / IP(src="{GUEST4}", dst="{CLIENT4}") / UDP(sport=20000 + i % 30000, dport=5354)
         for i in range(6000)]
 s = conf.L2socket(iface="eth0")
-end = time.monotonic() + 8
+end = time.monotonic() + 40
 while time.monotonic() < end:
     for p in pkts[:2000]:
         s.send(p)
@@ -732,7 +732,10 @@ while time.monotonic() < end:
     flooder = subprocess.Popen(["ip", "netns", "exec", lab.guest, sys.executable, "-c", flood])
     times = []
     try:
-        time.sleep(2.0)
+        # Scapy's start-up takes seconds on a loaded machine: measure only once the flood is on.
+        deadline = time.monotonic() + 30
+        while g.status()["stats"]["packets"] < 1000 and time.monotonic() < deadline:
+            time.sleep(0.5)
         for _ in range(5):
             start = time.monotonic()
             reply = control.request(lab.run_dir, 9, {"op": "status"}, timeout=5.0)
@@ -758,7 +761,7 @@ e = Ether(dst="{mac(lab, lab.client)}")
 pkts = [bytes(e / IP(src="{GUEST8_4}", dst="{CLIENT4}") / UDP(sport=20000 + i, dport=5354))
         for i in range(2000)]
 s = conf.L2socket(iface="eth0")
-end = time.monotonic() + 10
+end = time.monotonic() + 40
 while time.monotonic() < end:
     for p in pkts:
         s.send(p)
@@ -766,7 +769,10 @@ while time.monotonic() < end:
     flooder = subprocess.Popen(["ip", "netns", "exec", lab.guest8, sys.executable, "-c", flood])
     times = []
     try:
-        time.sleep(2.0)
+        # Scapy's start-up takes seconds on a loaded machine: measure only once the flood is on.
+        deadline = time.monotonic() + 30
+        while g.status(8)["stats"]["packets"] < 1000 and time.monotonic() < deadline:
+            time.sleep(0.5)
         for _ in range(5):
             start = time.monotonic()
             assert talk(lab, lab.client, "tcp", GUEST4, 8080, timeout=2.0)  # domain 9

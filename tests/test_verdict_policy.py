@@ -123,3 +123,27 @@ def test_blocked_ports_from_a_walk() -> None:
         (IPProto.UDP, 53),
     }
     assert blocked_ports(sockets, compile_policy()) == set()
+
+
+def test_unanswered_lookup_drops_by_the_last_view_and_names_the_holder() -> None:
+    from xfgate.verdict.policy import GuestFacts, decide_unanswered
+
+    g, c, any4 = ip_address("198.18.1.1"), ip_address("198.18.0.1"), ip_address("0.0.0.0")
+    facts = GuestFacts(
+        sockets=(
+            GuestSocket(IPProto.TCP, g, 40000, c, 2222, "SYN_SENT", 1001, (SPRAY,)),
+            GuestSocket(IPProto.UDP, any4, 41000, any4, 0, "CLOSE", 1001, ()),
+            GuestSocket(IPProto.TCP, any4, 8080, any4, 0, "LISTEN", 1000, (WEB,)),
+        )
+    )
+    policy = compile_policy(uids=[1001])
+    out = Flow(IPProto.TCP, g, 40000, c, 2222)
+    d = decide_unanswered(out, policy, facts, "owner lookup: timed out")
+    assert (d.verdict, d.owner, d.settle) == (Verdict.DROP, SPRAY, False)
+    udp = Flow(IPProto.UDP, g, 41000, c, 5353)
+    d = decide_unanswered(udp, policy, facts, "owner lookup: timed out")
+    assert (d.verdict, d.owner) == (Verdict.DROP, None)
+    assert "sk_uid 1001 (the creator) blocked" in d.reason
+    web = Flow(IPProto.TCP, g, 8080, c, 5000)
+    d = decide_unanswered(web, policy, facts, "owner lookup: timed out")
+    assert (d.verdict, d.known, d.settle) == (Verdict.ACCEPT, False, False)

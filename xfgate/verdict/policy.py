@@ -349,9 +349,13 @@ def decide_unanswered(flow: Flow, policy: Policy, facts: GuestFacts, why: str) -
             continue
         if s.rport and (s.rport, s.remote) != (flow.rport, flow.remote):
             continue
-        reason = next(
-            (r for o in s.owners if (r := policy.owner_blocked(o, facts)) is not None), None
-        ) or policy.creator_blocked(s.sk_uid, facts)
+        for owner in s.owners:
+            reason = policy.owner_blocked(owner, facts)
+            if reason is not None:
+                return Decision(
+                    Verdict.DROP, f"{why}; last view: {reason}", owner, known=False, settle=False
+                )
+        reason = policy.creator_blocked(s.sk_uid, facts)
         if reason is not None:
             return Decision(Verdict.DROP, f"{why}; last view: {reason}", known=False, settle=False)
     decision = decide_unattributable(policy, facts, f"flow ({why})")
