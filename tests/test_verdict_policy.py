@@ -147,3 +147,20 @@ def test_unanswered_lookup_drops_by_the_last_view_and_names_the_holder() -> None
     web = Flow(IPProto.TCP, g, 8080, c, 5000)
     d = decide_unanswered(web, policy, facts, "owner lookup: timed out")
     assert (d.verdict, d.known, d.settle) == (Verdict.ACCEPT, False, False)
+
+
+def test_unanswered_lookup_is_never_a_free_pass_while_a_block_is_in_force() -> None:
+    """A flow the last view does not show (the blocked owner's newest socket, its lookup starved
+    by load) is dropped while any block is in force; with none, the unknown verdict."""
+    from xfgate.verdict.policy import GuestFacts, decide_unanswered
+
+    g, c = ip_address("198.18.1.1"), ip_address("198.18.0.1")
+    new = Flow(IPProto.TCP, g, 45000, c, 2222)
+    d = decide_unanswered(new, compile_policy(uids=[1001]), GuestFacts(), "owner lookup: timed out")
+    assert (d.verdict, d.known, d.settle) == (Verdict.DROP, False, False)
+    d = decide_unanswered(new, compile_policy(), GuestFacts(), "owner lookup: timed out")
+    assert (d.verdict, d.settle) == (Verdict.ACCEPT, False)
+    d = decide_unanswered(
+        new, compile_policy(unknown="drop"), GuestFacts(), "owner lookup: timed out"
+    )
+    assert d.verdict is Verdict.DROP

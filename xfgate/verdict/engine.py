@@ -449,7 +449,9 @@ class Engine:
         try:
             ev = self.evaluate(pkt.get_payload(), pkt.physindev, pkt.physoutdev)
         except Exception as e:
-            verdict = self.on_error or self._policy.unknown
+            # An error an attacker could provoke must not open the gate for a blocked owner.
+            policy = self._policy
+            verdict = self.on_error or (Verdict.DROP if policy.blocks_anything else policy.unknown)
             ev = Evaluation(
                 Decision(verdict, f"internal error: {type(e).__name__}: {e}", known=False),
                 AnswerSource.ERROR,

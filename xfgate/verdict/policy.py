@@ -341,9 +341,17 @@ def decide_unattributable(policy: Policy, facts: GuestFacts, what: str) -> Decis
 
 
 def decide_unanswered(flow: Flow, policy: Policy, facts: GuestFacts, why: str) -> Decision:
-    """The safe verdict when the owner lookup did not answer in time: drop if a socket the last
-    view shows on this flow's local port is one the policy blocks (by holder or creator), or if
-    a blocked task holds a raw socket; else the ``unknown`` verdict. Never settled."""
+    """The safe verdict when the owner lookup did not answer in time. Never settled: the next
+    packet (a retransmitted SYN) is judged again.
+
+    A socket the last view shows on this flow (its 4-tuple, or its local port when unconnected)
+    answers: dropped if the policy blocks it (by holder or creator), else accepted. A flow the
+    last view does not show is dropped while any block is in force: it may be the blocked
+    owner's newest socket, and a starved lookup is exactly what a flood or a heavy walk makes,
+    so "did not answer" must never be a free pass; the cost for anyone else is one
+    retransmission. With no block in force, the ``unknown`` verdict."""
+    if (flow.proto, flow.lport) in policy.block_ports:
+        return Decision(Verdict.DROP, f"{why}; guest port {flow.lport} blocked", settle=False)
     for s in facts.sockets:
         if s.proto != flow.proto or s.lport != flow.lport or s.local.version != flow.family:
             continue
@@ -358,8 +366,22 @@ def decide_unanswered(flow: Flow, policy: Policy, facts: GuestFacts, why: str) -
         reason = policy.creator_blocked(s.sk_uid, facts)
         if reason is not None:
             return Decision(Verdict.DROP, f"{why}; last view: {reason}", known=False, settle=False)
-    decision = decide_unattributable(policy, facts, f"flow ({why})")
-    return replace(decision, settle=False)
+        if s.owners:
+            return Decision(
+                Verdict.ACCEPT,
+                f"{why}; last view: owner not blocked",
+                s.owners[0],
+                known=False,
+                settle=False,
+            )
+    if policy.blocks_anything:
+        return Decision(
+            Verdict.DROP,
+            f"{why}; not in the last view while a block is in force",
+            known=False,
+            settle=False,
+        )
+    return Decision(policy.unknown, f"unknown owner ({why})", known=False, settle=False)
 
 
 def socket_blocked(s: GuestSocket, policy: Policy, facts: GuestFacts = NO_FACTS) -> bool:
