@@ -72,6 +72,17 @@ def introspection_source(domain: DomainConfig, options: GateOptions) -> OwnerSou
     )
 
 
+def with_vifs(domain: DomainConfig) -> DomainConfig:
+    """A QEMU-process domain without `vifs` gets the taps its QEMU reports."""
+    if domain.vifs or domain.memory.backend != "qemu-process":
+        return domain
+    from xfgate.vmi.monitor import domain_vifs
+
+    vifs = domain_vifs(domain)
+    log.info("domain %d: vifs from QEMU: %s", domain.id, ", ".join(vifs))
+    return replace(domain, vifs=vifs)
+
+
 def queue_counters() -> dict[int, dict[str, int]]:
     """Per queue: packets waiting, dropped by the kernel (queue full) and by netlink (ENOBUFS)."""
     out: dict[int, dict[str, int]] = {}
@@ -221,7 +232,7 @@ class Gate:
         opts = self.options
         if not opts.domains:
             raise ConfigError("give at least one --domain")
-        cfgs = [get_domain(d, opts.domains_file) for d in opts.domains]
+        cfgs = [with_vifs(get_domain(d, opts.domains_file)) for d in opts.domains]
         namespaces = {c.netns for c in cfgs}
         if len(namespaces) > 1:
             raise ConfigError(

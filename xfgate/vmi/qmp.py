@@ -14,9 +14,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xfgate.errors import GuestNotRunning, QmpError
+
+if TYPE_CHECKING:
+    from xfgate.vmi.monitor import Monitor
 
 DEFAULT_TIMEOUT = 5.0
 MAX_REPLY = 16 << 20  # a QMP reply larger than this is a broken monitor, not data
@@ -200,7 +203,7 @@ class QmpClient:
 
 
 @contextmanager
-def paused(client: QmpClient) -> Iterator[PauseRecord]:
+def paused(client: Monitor) -> Iterator[PauseRecord]:
     """Stop the guest for the block and resume it after, measuring the pause. A guest that was
     already paused is left paused (we did not stop it)."""
     record = PauseRecord()
