@@ -83,18 +83,31 @@ class QmpClient:
     def connect(self) -> None:
         if self._sock is not None:
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            sock.close()
-            raise GuestNotRunning(
-                self.domain, f"QEMU monitor {self.path} does not answer ({e.strerror})"
-            ) from None
-        except OSError as e:
-            sock.close()
-            raise QmpError(f"cannot connect to QMP socket {self.path}: {e}") from e
+        deadline = time.monotonic() + self.timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                sock.close()
+                raise GuestNotRunning(
+                    self.domain, f"QEMU monitor {self.path} does not answer ({e.strerror})"
+                ) from None
+            except BlockingIOError as e:
+                # QEMU's listen backlog is full: a client it has not accepted yet (or one that
+                # just left, until QEMU's main loop reaps it). Retry within the timeout.
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise QmpError(
+                        f"QMP socket {self.path} accepts no connection within {self.timeout} s "
+                        "(another client holds the monitor?)"
+                    ) from e
+                time.sleep(0.02)
+            except OSError as e:
+                sock.close()
+                raise QmpError(f"cannot connect to QMP socket {self.path}: {e}") from e
         self._sock = sock
         self._buf = b""
         try:
