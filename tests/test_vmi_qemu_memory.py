@@ -338,3 +338,30 @@ def test_tap_ifnames_from_info_network() -> None:
     )
     assert tap_ifnames(text) == ("vif1.0", "tap101i1")
     assert tap_ifnames("") == ()
+
+
+def test_the_refresher_stops_and_says_why_when_the_guest_is_gone() -> None:
+    """The gate's refresher meeting GuestNotRunning (its QEMU exited) records it and ends, for
+    Gate._let_go_gone to release the domain (on the real guest: test_vmi_qemu_process)."""
+    import threading
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from xfgate.verdict.runner import Refresher
+
+    calls = []
+
+    class GoneSource:
+        def view(self, timeout: float | None = None) -> Any:
+            calls.append(1)
+            raise GuestNotRunning(1, "QEMU pid 42 is gone")
+
+    engine = SimpleNamespace(policy=SimpleNamespace(blocks_anything=True))
+    r = Refresher(1, cast(Any, GoneSource()), cast(Any, engine), lambda e: None, 0.01)
+    t = threading.Thread(target=r.run, daemon=True)
+    t.start()
+    t.join(5)
+    alive = t.is_alive()
+    r.stop()
+    assert not alive and calls == [1]
+    assert r.gone == "domain 1 is not running: QEMU pid 42 is gone"

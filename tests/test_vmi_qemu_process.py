@@ -24,7 +24,15 @@ from typing import Any
 
 import pytest
 
-from tests.test_verdict_lab import GUEST4, GUEST6, SPRAY_PERIOD, Lab, _lab_environment, spray_quiet
+from tests.test_verdict_lab import (
+    GUEST4,
+    GUEST6,
+    SPRAY_PERIOD,
+    Lab,
+    _lab_environment,
+    leftovers,
+    spray_quiet,
+)
 from tests.test_vmi_lab import cli_ps_json, ps_against_truth, workload_stopped
 from xfgate.config import DomainConfig, MemoryConfig, QmpConfig, load_domains, save_domains
 from xfgate.errors import ConfigError, GuestNotRunning, MemoryReadError
@@ -32,7 +40,7 @@ from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.liveness import require_running
 from xfgate.vmi.memory import GIB, open_domain_memory, pc_ram_layout
-from xfgate.vmi.monitor import open_monitor, tap_ifnames
+from xfgate.vmi.monitor import open_monitor, process_tap_ifnames, tap_ifnames
 from xfgate.vmi.qemu_memory import QemuProcessMemory
 from xfgate_lab import lab as labmod
 from xfgate_lab.gate_process import start_gate
@@ -244,6 +252,7 @@ def test_anonymous_lab_guest_has_no_ram_file_and_an_operators_entry(alab: Lab) -
     assert b"memory-backend" not in cmdline and b"share=on" not in cmdline
     with open_monitor(dom) as m:
         assert tap_ifnames(m.human("info network")) == ("vif1.0",)
+    assert process_tap_ifnames(pid) == ("vif1.0",)  # the same from QEMU's open /dev/net/tun
 
 
 def test_ps_json_equals_truth_on_anonymous_ram(alab: Lab) -> None:
@@ -268,3 +277,22 @@ def test_block_uid_1001_on_anonymous_ram(alab: Lab) -> None:
         assert process.stop(signal.SIGTERM, timeout=30) == 0
         alab.xfgate(["cleanup", "--domain", "1"])
     assert "vifs from QEMU: vif1.0" in out.read_text()
+
+
+def test_a_gate_lets_go_of_a_guest_whose_qemu_exits(alab: Lab) -> None:
+    """Last in the module: it kills the anonymous lab's QEMU (the fixture's `down` copes)."""
+    out = alab.workdir / "gate-gone.out"
+    process = start_gate(["--domain", "1", "--block-uid", "1001"], out, env=alab.env)
+    try:
+        process.wait_ready(90)
+        state = labmod.read_state(alab.layout)
+        assert state is not None
+        os.kill(state.qemu_pid(1), signal.SIGKILL)
+        _wait(lambda: process.proc.poll() is not None, 60, "the gate to let go and end")
+    finally:
+        if process.proc.poll() is None:
+            process.stop(signal.SIGTERM, timeout=30)
+    text = out.read_text()
+    assert "domain 1 let go: domain" in text and "is not running" in text, text[-2000:]
+    assert "no domain left to serve" in text
+    assert leftovers(alab) == []  # its chains, sets and queue rule are gone

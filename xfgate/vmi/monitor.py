@@ -134,13 +134,38 @@ def tap_ifnames(info_network: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def process_tap_ifnames(pid: int, max_fds: int = 65536) -> tuple[str, ...]:
+    """The tap devices a process holds open: its /dev/net/tun descriptors, whose fdinfo names
+    the interface (`iff:`, drivers/net/tun.c tun_chr_show_fdinfo). Covers taps handed to QEMU
+    as a file descriptor (libvirt's `-netdev tap,fd=N`), which `info network` does not name."""
+    names: list[str] = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")[:max_fds]
+    except OSError:
+        return ()
+    for fd in sorted(fds, key=lambda f: int(f) if f.isdigit() else -1):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "/dev/net/tun":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("iff:") and line.split()[1:] and line.split()[1] not in names:
+                names.append(line.split()[1])
+    return tuple(names)
+
+
 def domain_vifs(domain: DomainConfig) -> tuple[str, ...]:
-    """The domain's vifs: as configured, else the taps its QEMU says it uses (for QEMU-process
-    domains, whose vifs need not be written down)."""
+    """The domain's vifs: as configured, else the taps its QEMU uses (for QEMU-process domains,
+    whose vifs need not be written down): named by `info network`, or, for taps passed as a
+    file descriptor, found in the QEMU process's open files."""
     if domain.vifs or domain.qmp is None:
         return domain.vifs
     with open_monitor(domain) as monitor:
         found = tap_ifnames(monitor.human("info network"))
+    if not found:
+        found = process_tap_ifnames(qemu_pid(domain))
     if not found:
         raise ConfigError(
             f"domain {domain.id} has no vifs in the domains file and its QEMU has no tap "
