@@ -172,9 +172,11 @@ def test_reads_outside_ram_raise_and_mark_the_map_stale(
         with pytest.raises(MemoryReadError):
             mem.read(addr, n)
     reads = mem.map_reads
-    assert mem.revalidate(max_age=3600) is False  # stale: re-read although young
+    assert mem.revalidate(max_age=3600, stale_min_age=3600) is False  # stale, but just read
+    assert mem.map_reads == reads
+    assert mem.revalidate(max_age=3600, stale_min_age=0) is False  # stale: re-read, young
     assert mem.map_reads == reads + 1
-    assert mem.revalidate(max_age=3600) is False and mem.map_reads == reads + 1
+    assert mem.revalidate(max_age=3600, stale_min_age=0) is False and mem.map_reads == reads + 1
 
 
 def test_a_hot_plugged_range_appears_after_revalidate(
@@ -187,7 +189,7 @@ def test_a_hot_plugged_range_appears_after_revalidate(
     with pytest.raises(MemoryReadError):
         mem.read(2 << 20, 4)
     mon.ranges.append((2 << 20, PAGE, ctypes.addressof(a)))
-    assert mem.revalidate() is True
+    assert mem.revalidate(stale_min_age=0) is True
     assert mem.read(2 << 20, 4) == a.raw[:4]
     assert not mon.connected  # the monitor is let go after each use
 

@@ -37,6 +37,9 @@ IOV_MAX = 1024
 # A map found stale (a read outside it, EFAULT) is re-read at the next revalidate(); an
 # unchanged map at most this often.
 REVALIDATE_SECONDS = 1.0
+# ... but not more often than this even when stale: a guest that plants pointers into holes of
+# its physical space must not turn every walk into a dozen monitor round trips.
+STALE_MIN_SECONDS = 0.25
 CAP_SYS_PTRACE = 19
 SMALL_READ = 1 << 16
 
@@ -219,11 +222,15 @@ class QemuProcessMemory:
         self._last = (0, 0, 0)
         return True
 
-    def revalidate(self, max_age: float = REVALIDATE_SECONDS) -> bool:
-        """Re-read the map if a read found it stale or it is older than `max_age` seconds.
-        Call it outside pauses (it needs the monitor). True if the map changed."""
+    def revalidate(
+        self, max_age: float = REVALIDATE_SECONDS, stale_min_age: float = STALE_MIN_SECONDS
+    ) -> bool:
+        """Re-read the map if it is older than `max_age` seconds, or than `stale_min_age` when
+        a read found it stale. Call it outside pauses (it needs the monitor). True if the map
+        changed."""
         self.require_alive()
-        if not self._stale and time.monotonic() - self._checked_at < max_age:
+        age = time.monotonic() - self._checked_at
+        if age < (stale_min_age if self._stale else max_age):
             return False
         return self.refresh()
 
