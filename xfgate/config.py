@@ -10,11 +10,11 @@ Read-only for the rest of xfgate. Format (TOML)::
     netns = "xfgate-dom0"          # network namespace holding the bridge/vifs ("" = the host's)
     addresses = ["198.18.1.1", "2001:2::1:1"]   # informative
     [domain.memory]
-    backend = "qemu-shm"           # qemu-shm | elf-dump | raw | libvmi
-    path = "/dev/shm/xfgate-guest1.mem"
+    backend = "qemu-shm"           # qemu-shm | qemu-process | elf-dump | raw | libvmi
+    path = "/dev/shm/xfgate-guest1.mem"   # not for qemu-process (needs [domain.qmp])
     [domain.qmp]
     socket = "/run/xfgate/lab/guest1/qmp.sock"
-    pid = 1234                     # qemu pid, when known
+    pid = 1234                     # qemu pid, when known (must match the socket's peer)
     [domain.kernel]
     package = "linux-image-6.1.0-56-amd64"
     release = "6.1.0-56-amd64"
@@ -77,7 +77,9 @@ class DomainConfig:
         return d
 
 
-MEMORY_BACKENDS = ("qemu-shm", "elf-dump", "raw", "libvmi")
+MEMORY_BACKENDS = ("qemu-shm", "qemu-process", "elf-dump", "raw", "libvmi")
+# Backends that read a running QEMU without a path: the guest RAM of the process itself.
+PATHLESS_BACKENDS = ("qemu-process",)
 
 
 def _require(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -107,6 +109,12 @@ def parse_domain(table: dict[str, Any], where: str) -> DomainConfig:
             socket=_require(qmp_table, "socket", str, f"{where}.qmp"),
             pid=int(qmp_table.get("pid", 0)),
         )
+    if backend in PATHLESS_BACKENDS:
+        if qmp is None:
+            raise ConfigError(f"{where}: backend {backend!r} needs a [domain.qmp] socket")
+        path = str(mem.get("path", ""))
+    else:
+        path = _require(mem, "path", str, f"{where}.memory")
     kernel_table = table.get("kernel", {})
     vifs = table.get("vifs", [])
     if not isinstance(vifs, list) or not all(isinstance(v, str) for v in vifs):
@@ -115,7 +123,7 @@ def parse_domain(table: dict[str, Any], where: str) -> DomainConfig:
         id=dom_id,
         name=str(table.get("name", f"domain{dom_id}")),
         vifs=tuple(vifs),
-        memory=MemoryConfig(backend=backend, path=_require(mem, "path", str, f"{where}.memory")),
+        memory=MemoryConfig(backend=backend, path=path),
         qmp=qmp,
         kernel=KernelConfig(
             package=str(kernel_table.get("package", "")),

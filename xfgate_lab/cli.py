@@ -16,8 +16,8 @@ from typing import Any
 from xfgate.errors import ConfigError, GuestNotRunning, XfgateError
 from xfgate_lab import gate, lab
 from xfgate_lab.guest_channel import GuestResult, run_in_guest
-from xfgate_lab.layout import LabLayout, layout_from_env
-from xfgate_lab.qemu import DEFAULT_CPU
+from xfgate_lab.layout import LabLayout, layout_from_env, vif_name
+from xfgate_lab.qemu import DEFAULT_CPU, MEMORY_MODES
 from xfgate_lab.truth import TRUTH_SCRIPT, Truth, parse_truth
 
 
@@ -50,9 +50,11 @@ def _up(args: argparse.Namespace) -> int:
         boot_timeout=args.timeout,
         force=args.force,
         cpu=args.cpu,
+        memory=args.memory,
     )
     for dom in result.domains:
-        print(f"domain {dom.id}: {dom.name} vif {dom.vifs[0]} {' '.join(dom.addresses)}")
+        vif = dom.vifs[0] if dom.vifs else f"{vif_name(dom.id)} (from QEMU)"
+        print(f"domain {dom.id}: {dom.name} vif {vif} {' '.join(dom.addresses)}")
     return 0
 
 
@@ -152,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CPU,
         help=f"QEMU CPU model of the guests (default {DEFAULT_CPU}: 4-level paging; "
         "max: 5-level paging, LA57)",
+    )
+    up.add_argument(
+        "--memory",
+        choices=MEMORY_MODES,
+        default="shared",
+        help="guest RAM: shared (a /dev/shm file, the qemu-shm backend; default) or anonymous "
+        "(QEMU's own memory as stock QEMU runs guests, read by the qemu-process backend)",
     )
     up.add_argument("--timeout", type=float, default=lab.DEFAULT_BOOT_TIMEOUT, help="boot bound, s")
     up.add_argument("--force", action="store_true", help="remove unrecorded leftovers first")

@@ -49,6 +49,7 @@ from xfgate_lab.layout import (
 )
 from xfgate_lab.qemu import (
     DEFAULT_CPU,
+    MEMORY_MODES,
     GuestSpec,
     check_cpu_model,
     is_our_qemu,
@@ -118,6 +119,7 @@ class LabState:
     kernel_package: str = ""
     kernel_release: str = ""
     cpu: str = DEFAULT_CPU  # QEMU CPU model; `max` gives the guest 5-level paging (LA57)
+    memory: str = "shared"  # guest RAM: shared file (qemu-shm) or anonymous (qemu-process)
     assets: str = ""
     phase: str = "starting"  # starting | up
     peers_pid: int = 0
@@ -231,18 +233,28 @@ def is_our_peers(pid: int, layout: LabLayout) -> bool:
 
 
 def find_lab_qemus(layout: LabLayout) -> dict[int, Path]:
-    """qemu pid -> RAM file, for every qemu whose RAM file carries this lab's prefix
-    (also finds orphans a crashed `up` never recorded)."""
+    """qemu pid -> RAM file, for every qemu whose RAM file carries this lab's prefix or (with
+    anonymous RAM) whose pidfile is in this lab's run dir (also finds orphans a crashed `up`
+    never recorded)."""
     pattern = re.compile(r"mem-path=(/dev/shm/" + re.escape(layout.prefix) + r"-guest\d+\.mem),")
+    pidfile = re.compile(re.escape(str(layout.run_dir)) + r"/guest(\d+)/qemu\.pid")
     found = {}
     for pid in _pids():
         args = _cmdline(pid)
         if args and args[0].endswith("qemu-system-x86_64"):
-            for a in args:
+            for i, a in enumerate(args):
                 m = pattern.search(a + ",") if "mem-path=" in a else None
                 if m:
                     found[pid] = Path(m.group(1))
+                p = pidfile.fullmatch(a) if i and args[i - 1] == "-pidfile" else None
+                if p and pid not in found:
+                    found[pid] = layout.ram_path(int(p.group(1)))
     return found
+
+
+def is_lab_qemu(layout: LabLayout, domain: int, pid: int) -> bool:
+    """pid is the lab's qemu of `domain` (either memory mode)."""
+    return is_our_qemu(pid, layout.ram_path(domain), layout.pidfile(domain))
 
 
 def find_lab_peers(layout: LabLayout) -> list[int]:
@@ -333,7 +345,6 @@ def service_endpoints(domain: int) -> list[tuple[str, int]]:
 def wait_guest_ready(layout: LabLayout, domain: int, pid: int, deadline: float, log: Log) -> None:
     """Until the guest's init says READY and every service answers the client; bounded."""
     serial = layout.serial_log(domain)
-    ram = layout.ram_path(domain)
     pending = service_endpoints(domain)
     ready_seen = False
 
@@ -344,7 +355,7 @@ def wait_guest_ready(layout: LabLayout, domain: int, pid: int, deadline: float, 
         if time.monotonic() > deadline:
             waiting = f"services {pending}" if ready_seen else "its init to say READY"
             raise fail(f"not ready in time (waiting for {waiting})")
-        if not is_our_qemu(pid, ram):
+        if not is_lab_qemu(layout, domain, pid):
             raise fail("stopped: qemu exited (kernel panic or bad command line?)")
         if not ready_seen:
             with suppress(OSError):
@@ -365,8 +376,24 @@ def wait_guest_ready(layout: LabLayout, domain: int, pid: int, deadline: float, 
 
 
 def domain_config(
-    layout: LabLayout, domain: int, qemu_pid: int, assets: KernelAssets
+    layout: LabLayout, domain: int, qemu_pid: int, assets: KernelAssets, memory: str = "shared"
 ) -> DomainConfig:
+    """The domains file entry of a lab guest. With anonymous RAM it is what an operator writes
+    for a stock QEMU: backend qemu-process, the QMP socket, no RAM path and no vifs (xfgate
+    asks QEMU for its taps)."""
+    if memory == "anonymous":
+        return DomainConfig(
+            id=domain,
+            name=f"guest{domain}",
+            vifs=(),
+            memory=MemoryConfig(backend="qemu-process", path=""),
+            qmp=QmpConfig(socket=str(layout.qmp_socket(domain))),
+            kernel=KernelConfig(
+                package=assets.package, release=assets.release, assets=str(assets.dir)
+            ),
+            netns=layout.dom0_netns,
+            addresses=(str(guest_v4(domain)), str(guest_v6(domain))),
+        )
     return DomainConfig(
         id=domain,
         name=f"guest{domain}",
@@ -380,6 +407,8 @@ def domain_config(
 
 
 def is_lab_domain(layout: LabLayout, dom: DomainConfig) -> bool:
+    if dom.memory.backend == "qemu-process":
+        return dom.qmp is not None and dom.qmp.socket.startswith(f"{layout.run_dir}/guest")
     return dom.memory.path.startswith(f"/dev/shm/{layout.prefix}-guest")
 
 
@@ -399,6 +428,7 @@ def health_problems(
     want_domains: int,
     want_package: str | None,
     want_cpu: str | None = None,
+    want_memory: str | None = None,
 ) -> list[str]:
     """Why a recorded lab is not fully up as requested (empty list: healthy)."""
     problems = []
@@ -410,13 +440,15 @@ def health_problems(
         problems.append(f"it runs {state.kernel_package}, {want_package} requested")
     if want_cpu and want_cpu != state.cpu:
         problems.append(f"its guests have CPU model {state.cpu}, {want_cpu} requested")
+    if want_memory and want_memory != state.memory:
+        problems.append(f"its guests have {state.memory} RAM, {want_memory} requested")
     for ns in (layout.dom0_netns, layout.client_netns):
         if not labnet.netns_exists(ns):
             problems.append(f"netns {ns} is gone")
     if not is_our_peers(state.peers_pid, layout):
         problems.append("the client peers process is gone")
     for d in state.domains:
-        if not is_our_qemu(state.qemu_pid(d), layout.ram_path(d)):
+        if not is_lab_qemu(layout, d, state.qemu_pid(d)):
             problems.append(f"qemu of guest{d} (pid {state.qemu_pid(d)}) is not running")
     if problems:
         return problems
@@ -460,21 +492,28 @@ def lab_up(
     force: bool = False,
     log: Log = print,
     cpu: str = DEFAULT_CPU,
+    memory: str = "shared",
 ) -> UpResult:
     """Brings the lab up (or finds it healthy as requested). `cpu` is the guests' QEMU CPU
-    model: the default keeps 4-level paging, `max` turns 5-level paging (LA57) on."""
+    model: the default keeps 4-level paging, `max` turns 5-level paging (LA57) on. `memory`
+    "anonymous" starts the guests with QEMU's own RAM (no shared file), as stock QEMU does."""
     for warning in check_prerequisites():
         log(f"warning: {warning}")
     check_cpu_model(cpu)
+    if memory not in MEMORY_MODES:
+        raise LabError(f"--memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
     if not 1 <= domains <= MAX_DOMAINS:
         raise LabError(f"--domains must be 1..{MAX_DOMAINS}, got {domains}")
     want_package = resolve_kernel_package(kernel_package, log) if kernel_package else None
     with lab_lock(layout):
         state = read_state(layout)
         if state is not None:
-            problems = health_problems(layout, state, domains, want_package, cpu)
+            problems = health_problems(layout, state, domains, want_package, cpu, memory)
             if not problems:
-                what = f"domains {state.domains}, {state.kernel_package}, CPU {state.cpu}"
+                what = (
+                    f"domains {state.domains}, {state.kernel_package}, CPU {state.cpu}, "
+                    f"{state.memory} RAM"
+                )
                 log(f"lab {layout.prefix} already up: {what}")
                 return UpResult(True, state, lab_domain_configs(layout, state))
             log(
@@ -493,7 +532,9 @@ def lab_up(
             if leftovers or find_lab_qemus(layout):
                 log("removing leftovers of an earlier lab")
                 _down_locked(layout, force=True, log=log)
-        return _up_locked(layout, domains, want_package or kernel_package, boot_timeout, log, cpu)
+        return _up_locked(
+            layout, domains, want_package or kernel_package, boot_timeout, log, cpu, memory
+        )
 
 
 def lab_domain_configs(layout: LabLayout, state: LabState) -> tuple[DomainConfig, ...]:
@@ -512,13 +553,14 @@ def _up_locked(
     boot_timeout: float,
     log: Log,
     cpu: str,
+    memory: str = "shared",
 ) -> UpResult:
     """Assets, then network and peers, guests, profile, readiness, the domains file: each a
     named step; any failure tears down what was started."""
     t0 = time.monotonic()
     assets = ensure_assets(package, log)
     t_assets = time.monotonic()
-    state = _new_state(layout, domains, assets, cpu)
+    state = _new_state(layout, domains, assets, cpu, memory)
     try:
         _start_network_and_peers(layout, state)
         for d in state.domains:
@@ -548,7 +590,9 @@ def _up_locked(
     return UpResult(False, state, configs)
 
 
-def _new_state(layout: LabLayout, domains: int, assets: KernelAssets, cpu: str) -> LabState:
+def _new_state(
+    layout: LabLayout, domains: int, assets: KernelAssets, cpu: str, memory: str = "shared"
+) -> LabState:
     """A fresh run dir holding the state of a lab that is starting."""
     state = LabState(
         prefix=layout.prefix,
@@ -557,6 +601,7 @@ def _new_state(layout: LabLayout, domains: int, assets: KernelAssets, cpu: str) 
         kernel_release=assets.release,
         assets=str(assets.dir),
         cpu=cpu,
+        memory=memory,
         domains_file=str(domains_file_from_env()),
     )
     clear_dir(layout.run_dir)
@@ -570,7 +615,9 @@ def _start_network_and_peers(layout: LabLayout, state: LabState) -> None:
     write_state(layout, state)
 
 
-def guest_spec(layout: LabLayout, domain: int, assets: KernelAssets, cpu: str) -> GuestSpec:
+def guest_spec(
+    layout: LabLayout, domain: int, assets: KernelAssets, cpu: str, memory: str = "shared"
+) -> GuestSpec:
     return GuestSpec(
         domain=domain,
         kernel=assets.vmlinuz,
@@ -584,6 +631,7 @@ def guest_spec(layout: LabLayout, domain: int, assets: KernelAssets, cpu: str) -
         qmp_socket=layout.qmp_socket(domain),
         pidfile=layout.pidfile(domain),
         cpu=cpu,
+        memory=memory,
     )
 
 
@@ -594,10 +642,13 @@ def _start_guest(
     layout.guest_dir(domain).mkdir(parents=True, exist_ok=True)
     layout.ram_path(domain).unlink(missing_ok=True)
     labnet.add_vif(layout, vif_name(domain))
-    spec = guest_spec(layout, domain, assets, cpu)
+    spec = guest_spec(layout, domain, assets, cpu, state.memory)
     state.qemu_pids[str(domain)] = start_qemu(spec, layout.dom0_netns)
     write_state(layout, state)
-    log(f"guest{domain}: qemu pid {state.qemu_pid(domain)}, CPU {cpu}, booting {assets.release}")
+    log(
+        f"guest{domain}: qemu pid {state.qemu_pid(domain)}, CPU {cpu}, {state.memory} RAM, "
+        f"booting {assets.release}"
+    )
 
 
 def _build_profile(assets: KernelAssets, log: Log) -> None:
@@ -617,7 +668,9 @@ def _record_domains(
     layout: LabLayout, state: LabState, assets: KernelAssets
 ) -> tuple[DomainConfig, ...]:
     """Writes the lab's domains into the domains file, keeping every domain not of this lab."""
-    configs = tuple(domain_config(layout, d, state.qemu_pid(d), assets) for d in state.domains)
+    configs = tuple(
+        domain_config(layout, d, state.qemu_pid(d), assets, state.memory) for d in state.domains
+    )
     known = {
         k: v
         for k, v in load_domains(domains_file_from_env()).items()
@@ -648,10 +701,11 @@ def _down_locked(layout: LabLayout, force: bool, log: Log) -> list[str]:
     if state is not None:
         for d in state.domains:
             pid = state.qemu_pid(d)
-            if pid and is_our_qemu(pid, layout.ram_path(d)):
+            if pid and is_lab_qemu(layout, d, pid):
                 qemus[pid] = layout.ram_path(d)
     for pid, ram in sorted(qemus.items()):
-        if stop_qemu(pid, ram):
+        pidfile = layout.pidfile(int(ram.stem.rsplit("guest", 1)[1]))
+        if stop_qemu(pid, ram, pidfile=pidfile):
             removed.append(f"qemu pid {pid}")
     peers = set(find_lab_peers(layout))
     if state is not None and is_our_peers(state.peers_pid, layout):
@@ -700,10 +754,10 @@ def lab_status(layout: LabLayout) -> dict[str, Any]:
                 "id": d,
                 "name": f"guest{d}",
                 "qemu_pid": pid,
-                "running": is_our_qemu(pid, layout.ram_path(d)),
+                "running": is_lab_qemu(layout, d, pid),
                 "vif": vif_name(d),
                 "addresses": [str(guest_v4(d)), str(guest_v6(d))],
-                "ram": str(layout.ram_path(d)),
+                "ram": str(layout.ram_path(d)) if state.memory == "shared" else "anonymous",
                 "qmp": str(layout.qmp_socket(d)),
                 "serial_log": str(layout.serial_log(d)),
             }
@@ -721,6 +775,7 @@ def lab_status(layout: LabLayout) -> dict[str, Any]:
         "kernel_package": state.kernel_package,
         "kernel_release": state.kernel_release,
         "cpu": state.cpu,
+        "memory": state.memory,
         "assets": state.assets,
         "netns": netns,
         "peers_pid": state.peers_pid,

@@ -17,6 +17,10 @@ QEMU = "qemu-system-x86_64"
 # QEMU's own default model for `pc` (4-level paging). `max` enables everything TCG can
 # emulate, LA57 included: a stock Debian kernel then runs with 5-level paging.
 DEFAULT_CPU = "qemu64"
+# Guest RAM: "shared" is a memory-backend-file share=on in /dev/shm (the qemu-shm backend reads
+# the file); "anonymous" is plain `-m` (QEMU's own anonymous memory, as operators run guests:
+# the qemu-process backend reads it from the QEMU process).
+MEMORY_MODES = ("shared", "anonymous")
 _CPU_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -36,6 +40,7 @@ class GuestSpec:
     qmp_socket: Path
     pidfile: Path
     cpu: str = DEFAULT_CPU
+    memory: str = "shared"
 
 
 def kernel_append(domain: int) -> str:
@@ -44,8 +49,18 @@ def kernel_append(domain: int) -> str:
 
 
 def qemu_argv(spec: GuestSpec) -> list[str]:
-    """The qemu command line. RAM is a shared file: file offset = guest physical address."""
+    """The qemu command line. RAM is a shared file (file offset = guest physical address) or,
+    with memory "anonymous", QEMU's own memory as a stock QEMU has it."""
     size = f"{spec.ram_mb}M"
+    if spec.memory == "shared":
+        ram = [
+            "-object", f"memory-backend-file,id=mem,size={size},mem-path={spec.ram_path},share=on",
+            "-machine", "pc,memory-backend=mem",
+        ]  # fmt: skip
+    elif spec.memory == "anonymous":
+        ram = ["-machine", "pc"]
+    else:
+        raise ConfigError(f"guest memory {spec.memory!r} unknown (one of {MEMORY_MODES})")
     return [
         QEMU,
         "-name", f"guest{spec.domain}",
@@ -53,8 +68,7 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
         "-cpu", check_cpu_model(spec.cpu),
         "-smp", "1",
         "-m", size,
-        "-object", f"memory-backend-file,id=mem,size={size},mem-path={spec.ram_path},share=on",
-        "-machine", "pc,memory-backend=mem",
+        *ram,
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
         "-append", kernel_append(spec.domain),
@@ -98,20 +112,25 @@ def start_qemu(spec: GuestSpec, netns: str, timeout: float = 30.0) -> int:
         raise LabError(f"qemu started but its pidfile {spec.pidfile} is unreadable: {e}") from e
 
 
-def is_our_qemu(pid: int, ram_path: Path) -> bool:
-    """pid is alive and is the qemu using ram_path (a recycled pid is someone else's)."""
+def is_our_qemu(pid: int, ram_path: Path, pidfile: Path | None = None) -> bool:
+    """pid is alive and is the qemu using ram_path, or (anonymous RAM) writing `pidfile`
+    (a recycled pid is someone else's)."""
     if pid <= 0:
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return QEMU.encode() in cmdline and f"mem-path={ram_path},".encode() in cmdline
+    if QEMU.encode() not in cmdline:
+        return False
+    if f"mem-path={ram_path},".encode() in cmdline:
+        return True
+    return pidfile is not None and f"\0-pidfile\0{pidfile}\0".encode() in cmdline
 
 
-def stop_qemu(pid: int, ram_path: Path, grace: float = 5.0) -> bool:
+def stop_qemu(pid: int, ram_path: Path, grace: float = 5.0, pidfile: Path | None = None) -> bool:
     """SIGTERM, then SIGKILL after ``grace`` s. False if pid was not our qemu (left alone)."""
-    if not is_our_qemu(pid, ram_path):
+    if not is_our_qemu(pid, ram_path, pidfile):
         return False
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
@@ -120,7 +139,7 @@ def stop_qemu(pid: int, ram_path: Path, grace: float = 5.0) -> bool:
             return True
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not is_our_qemu(pid, ram_path):
+            if not is_our_qemu(pid, ram_path, pidfile):
                 return True
             time.sleep(0.05)
     raise LabError(f"qemu pid {pid} survived SIGKILL (stuck in the kernel?)")

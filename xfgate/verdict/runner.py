@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from xfgate.config import DomainConfig, get_domain
-from xfgate.errors import ConfigError, PrerequisiteError, QueueError, XfgateError
+from xfgate.errors import (
+    ConfigError,
+    GuestNotRunning,
+    PrerequisiteError,
+    QueueError,
+    XfgateError,
+)
 from xfgate.flow import OwnerSource
 from xfgate.inet import proto_label
 from xfgate.verdict import bridge, control
@@ -70,6 +76,17 @@ def introspection_source(domain: DomainConfig, options: GateOptions) -> OwnerSou
     return GuestIntrospector(
         domain, load_domain_profile(domain, options.profile, options.cache_dir)
     )
+
+
+def with_vifs(domain: DomainConfig) -> DomainConfig:
+    """A QEMU-process domain without `vifs` gets the taps its QEMU reports."""
+    if domain.vifs or domain.memory.backend != "qemu-process":
+        return domain
+    from xfgate.vmi.monitor import domain_vifs
+
+    vifs = domain_vifs(domain)
+    log.info("domain %d: vifs from QEMU: %s", domain.id, ", ".join(vifs))
+    return replace(domain, vifs=vifs)
 
 
 def queue_counters() -> dict[int, dict[str, int]]:
@@ -115,6 +132,7 @@ class Refresher(threading.Thread):
         self._stop = threading.Event()
         self.entries: set[BlockEntry] | None = None
         self.walks = 0
+        self.gone = ""  # why the domain is not running any more (its QEMU exited): stopped
         self.last_error = ""
         self.degraded = ""
         self.last_walk_ms = 0.0
@@ -154,6 +172,10 @@ class Refresher(threading.Thread):
             try:
                 self.refresh_once()
                 self.last_error = ""
+            except GuestNotRunning as e:  # the gate lets go of the domain (Gate._let_go_gone)
+                self.gone = self.last_error = str(e)
+                log.error("domain %d: %s", self.domain, e)
+                return
             except Exception as e:  # a torn walk must not end the refresher, nor change a set
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.warning("domain %d: refresh failed: %s", self.domain, e)
@@ -221,7 +243,7 @@ class Gate:
         opts = self.options
         if not opts.domains:
             raise ConfigError("give at least one --domain")
-        cfgs = [get_domain(d, opts.domains_file) for d in opts.domains]
+        cfgs = [with_vifs(get_domain(d, opts.domains_file)) for d in opts.domains]
         namespaces = {c.netns for c in cfgs}
         if len(namespaces) > 1:
             raise ConfigError(
@@ -426,6 +448,7 @@ class Gate:
         try:
             while not self._stop and not (until and until()):
                 self._tick()
+                self._let_go_gone()
         finally:
             signal.set_wakeup_fd(old_fd)
             for s, h in old.items():
@@ -453,6 +476,43 @@ class Gate:
                     dg.next_poll = now + self.options.interval
         if not ready and self.log is not None:
             self.log.flush()
+
+    def _let_go_gone(self) -> None:
+        """A domain whose VM is gone (QEMU exited, migrated away) is released: its threads
+        stopped, its rules, sets and queue removed, said in the log. With no domain left the
+        gate ends."""
+        gone = [dg for dg in self.domains.values() if dg.refresher and dg.refresher.gone]
+        for dg in gone:
+            d = dg.cfg.id
+            assert dg.refresher is not None
+            why = dg.refresher.gone
+            for t in dg.threads:
+                t.stop()
+            for t in dg.threads:
+                t.join(2 * IDLE_TICK + 1)
+            problems = []
+            if self.firewall is not None:
+                try:
+                    self.firewall.remove(d, persist_blocks=False)
+                    bridge.remove(d)
+                except XfgateError as e:
+                    problems.append(str(e))
+            if dg.queue is not None:
+                with contextlib.suppress(Exception):
+                    dg.queue.unbind()
+            if dg.control is not None:
+                dg.control.close()
+            dg.source.close()
+            del self.domains[d]
+            log.error(
+                "domain %d let go: %s; its rules, sets and queue are removed%s",
+                d,
+                why,
+                f" (cleanup incomplete: {'; '.join(problems)})" if problems else "",
+            )
+        if gone and not self.domains:
+            log.error("no domain left to serve: the gate ends")
+            self._stop = True
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(OSError):

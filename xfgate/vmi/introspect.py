@@ -12,6 +12,7 @@ established: its entries are added to the index, the older ones kept until a com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -23,7 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from xfgate.config import DomainConfig
-from xfgate.errors import MemoryReadError, ProfileError, WalkError
+from xfgate.errors import MemoryReadError, ProfileError, QmpError, WalkError
 from xfgate.flow import Flow, GuestSocket, GuestView, IPAddress, Owner, Ownership, Via
 from xfgate.inet import IPProto, proto_label
 from xfgate.vmi.kaslr import KernelLocation, KernelLocator
@@ -38,10 +39,12 @@ from xfgate.vmi.linux import (
     WalkResult,
     walk_guest,
 )
-from xfgate.vmi.memory import PhysicalMemory, open_memory
+from xfgate.vmi.memory import PhysicalMemory, open_domain_memory
+from xfgate.vmi.monitor import open_monitor
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
-from xfgate.vmi.qmp import ControlRegisters, PauseRecord, QmpClient, paused
+from xfgate.vmi.qemu_memory import QemuProcessMemory
+from xfgate.vmi.qmp import ControlRegisters, PauseRecord, paused
 from xfgate.vmi.sockets import FoundSock, HashLayout, HashTable, SocketTables
 
 LOOKUP_RETRIES = 2
@@ -122,7 +125,7 @@ class GuestIntrospector:
         self._last_walk = -1e9
         self._checked_at = -1e9  # monotonic time of the last boot check that passed
         self._owns_memory = memory is None
-        self.memory = memory if memory is not None else open_memory(domain.memory)
+        self.memory = memory if memory is not None else open_domain_memory(domain)
         # QEMU serves one QMP client at a time: connect per use, never hold the monitor.
         self._qmp_socket = domain.qmp.socket if domain.qmp else ""
         self.layout = KernelLayout.from_profile(profile)
@@ -149,18 +152,22 @@ class GuestIntrospector:
         self.close()
 
     def _registers(self) -> ControlRegisters:
-        with QmpClient(self._qmp_socket, domain=self.domain.id) as qmp:
+        with open_monitor(self.domain) as qmp:
             return qmp.control_registers()
 
     @contextmanager
     def _pause(self) -> Iterator[PauseRecord]:
-        with QmpClient(self._qmp_socket, domain=self.domain.id) as qmp, paused(qmp) as record:
+        with open_monitor(self.domain) as qmp, paused(qmp) as record:
             yield record
 
     def _memory_replaced(self) -> bool:
         """A new QEMU (or a new dump) behind the same path: our mapping shows the old one."""
         if not self._owns_memory or self.domain.memory.backend == "libvmi":
             return False
+        if isinstance(self.memory, QemuProcessMemory):
+            # Another process (a restarted QEMU) behind the QMP socket: reopen finds its pid,
+            # or says the domain is not running (a /proc read: cheap enough for lookups).
+            return not self.memory.alive()
         try:
             st = os.stat(self.domain.memory.path)
         except OSError:
@@ -184,7 +191,7 @@ class GuestIntrospector:
     def _checked_boot(self) -> _Boot:
         if self._memory_replaced():
             self.memory.close()
-            self.memory = open_memory(self.domain.memory)
+            self.memory = open_domain_memory(self.domain)
             self.locator = KernelLocator(
                 self.memory, self.profile, self._registers if self._qmp_socket else None
             )
@@ -213,6 +220,13 @@ class GuestIntrospector:
         """Every process and socket; refreshes the owner index (replaced by a complete walk,
         merged into by an incomplete one)."""
         bounds = bounds or self.bounds
+        if may_pause and isinstance(self.memory, QemuProcessMemory) and self.memory.alive():
+            # The RAM map re-read from QEMU (a hot-plugged DIMM) when a read found it stale
+            # or at most every qemu_memory.REVALIDATE_SECONDS; only on walks that may use the
+            # monitor (never a lookup's: the packet path does not wait for QMP). A busy
+            # monitor keeps the old map (and the stale mark) until the next walk.
+            with contextlib.suppress(QmpError):
+                self.memory.revalidate()
         boot = self.boot()
         pause = self._pause if (self._qmp_socket and self.allow_pause and may_pause) else None
         self._last_walk = time.monotonic()

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from xfgate.config import DomainConfig
 from xfgate.errors import GuestNotRunning, QmpError
-from xfgate.vmi.qmp import QmpClient
+from xfgate.vmi.monitor import open_monitor, qemu_pid
 
-LIVE_BACKENDS = ("qemu-shm",)  # dumps and raw images are offline by nature; LibVMI checks itself
+# Dumps and raw images are offline by nature; LibVMI checks itself.
+LIVE_BACKENDS = ("qemu-shm", "qemu-process")
 
 
 def qemu_cmdline(pid: int) -> list[str]:
@@ -29,6 +30,10 @@ def require_running(domain: DomainConfig, qmp_timeout: float = 2.0) -> None:
     """Raise GuestNotRunning unless the domain's VM is alive (running or paused)."""
     if domain.memory.backend not in LIVE_BACKENDS:
         return
+    if domain.memory.backend == "qemu-process":
+        qemu_pid(domain)  # the socket's QEMU, agreeing with qmp.pid: or GuestNotRunning
+        _require_status(domain, qmp_timeout)
+        return
     if not Path(domain.memory.path).exists():
         raise GuestNotRunning(domain.id, f"its RAM file {domain.memory.path} does not exist")
     if domain.qmp is None:
@@ -41,8 +46,13 @@ def require_running(domain: DomainConfig, qmp_timeout: float = 2.0) -> None:
                 "dead guest (start the domain again, or `xfgate-lab up` for the demo)",
             )
         return
+    _require_status(domain, qmp_timeout)
+
+
+def _require_status(domain: DomainConfig, qmp_timeout: float) -> None:
+    assert domain.qmp is not None
     try:
-        with QmpClient(domain.qmp.socket, timeout=qmp_timeout, domain=domain.id) as qmp:
+        with open_monitor(domain, timeout=qmp_timeout) as qmp:
             status = qmp.status()
     except (QmpError, OSError) as e:
         raise GuestNotRunning(

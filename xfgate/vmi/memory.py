@@ -1,7 +1,8 @@
 """Guest physical memory behind one small read interface.
 
-Backends: the live QEMU RAM file (mmap, shared with QEMU), QEMU `dump-guest-memory` ELF cores,
-raw images, byte buffers (tests) and LibVMI (Xen). Reads copy only what was asked for: this is on
+Backends: the live QEMU RAM file (mmap, shared with QEMU), the RAM of a running QEMU process
+(qemu_memory.py, process_vm_readv), QEMU `dump-guest-memory` ELF cores, raw images, byte
+buffers (tests) and LibVMI (Xen). Reads copy only what was asked for: this is on
 the packet path. Nothing is cached here: live memory changes under us.
 """
 
@@ -20,7 +21,7 @@ from elftools.common.exceptions import ELFError
 from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
 
-from xfgate.config import MemoryConfig
+from xfgate.config import DomainConfig, MemoryConfig
 from xfgate.errors import ConfigError, GuestNotRunning, MemoryReadError, PrerequisiteError
 
 GIB = 1 << 30
@@ -310,8 +311,23 @@ class LibvmiMemory:
             destroy()
 
 
+def open_domain_memory(domain: DomainConfig) -> PhysicalMemory:
+    """The backend a domain's `[domain.memory]` names; `qemu-process` reads the RAM of the QEMU
+    serving the domain's QMP socket (its pid from SO_PEERCRED, checked against `qmp.pid`)."""
+    if domain.memory.backend == "qemu-process":
+        from xfgate.vmi.monitor import open_monitor, qemu_pid
+        from xfgate.vmi.qemu_memory import QemuProcessMemory
+
+        pid = qemu_pid(domain)
+        return QemuProcessMemory(pid, open_monitor(domain), f"QEMU pid {pid} (domain {domain.id})")
+    return open_memory(domain.memory)
+
+
 def open_memory(config: MemoryConfig) -> PhysicalMemory:
-    """The backend a domain's `[domain.memory]` names."""
+    """The backend a `[domain.memory]` table names (file-backed and LibVMI ones; the QEMU
+    process backend needs the whole domain: open_domain_memory)."""
+    if config.backend == "qemu-process":
+        raise ConfigError("the qemu-process backend needs the domain's QMP socket")
     if config.backend == "qemu-shm":
         return SharedFileMemory(config.path)
     if config.backend == "elf-dump":

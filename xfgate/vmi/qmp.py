@@ -14,9 +14,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xfgate.errors import GuestNotRunning, QmpError
+
+if TYPE_CHECKING:
+    from xfgate.vmi.monitor import Monitor
 
 DEFAULT_TIMEOUT = 5.0
 MAX_REPLY = 16 << 20  # a QMP reply larger than this is a broken monitor, not data
@@ -80,18 +83,31 @@ class QmpClient:
     def connect(self) -> None:
         if self._sock is not None:
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            sock.close()
-            raise GuestNotRunning(
-                self.domain, f"QEMU monitor {self.path} does not answer ({e.strerror})"
-            ) from None
-        except OSError as e:
-            sock.close()
-            raise QmpError(f"cannot connect to QMP socket {self.path}: {e}") from e
+        deadline = time.monotonic() + self.timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                sock.close()
+                raise GuestNotRunning(
+                    self.domain, f"QEMU monitor {self.path} does not answer ({e.strerror})"
+                ) from None
+            except BlockingIOError as e:
+                # QEMU's listen backlog is full: a client it has not accepted yet (or one that
+                # just left, until QEMU's main loop reaps it). Retry within the timeout.
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise QmpError(
+                        f"QMP socket {self.path} accepts no connection within {self.timeout} s "
+                        "(another client holds the monitor?)"
+                    ) from e
+                time.sleep(0.02)
+            except OSError as e:
+                sock.close()
+                raise QmpError(f"cannot connect to QMP socket {self.path}: {e}") from e
         self._sock = sock
         self._buf = b""
         try:
@@ -200,7 +216,7 @@ class QmpClient:
 
 
 @contextmanager
-def paused(client: QmpClient) -> Iterator[PauseRecord]:
+def paused(client: Monitor) -> Iterator[PauseRecord]:
     """Stop the guest for the block and resume it after, measuring the pause. A guest that was
     already paused is left paused (we did not stop it)."""
     record = PauseRecord()
