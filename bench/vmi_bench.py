@@ -5,6 +5,9 @@
 - full_walk: GuestIntrospector.walk() (every task, fd table and inet socket), unpaused;
 - lookup: GuestIntrospector.lookup() of every socket's flow with a warm owner index (the
   verdict engine's cache-miss path);
+- new_sock_lookup: GuestIntrospector.lookup() of a socket the owner index does not know yet (the
+  first packet of a new flow: before, a full walk; now the holder resolver, xfgate.vmi.holders),
+  each answer checked against the full walk's holders (`new_sock_disagreements`);
 - pause: the guest stopped over QMP around one full walk (stop, walk, cont), as the thesis's
   xFilter paused per poll (19 ms average, 52 ms max there), and the bare stop+cont round trip.
 Bounded: `rounds` iterations of each, nothing else runs.
@@ -13,6 +16,7 @@ Bounded: `rounds` iterations of each, nothing else runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -46,7 +50,9 @@ def summary_ms(samples: Sequence[float]) -> dict[str, float]:
     }
 
 
-def run(domain_id: int, rounds: int, profile_path: str | None) -> dict[str, Any]:
+def run(
+    domain_id: int, rounds: int, profile_path: str | None, walk_rounds: int | None = None
+) -> dict[str, Any]:
     domain = get_domain(domain_id, domains_file_from_env())
     profile = load_domain_profile(domain, profile_path, cache_dir_from_env())
     out: dict[str, Any] = {"domain": domain_id, "rounds": rounds, "loadavg": os.getloadavg()}
@@ -57,7 +63,7 @@ def run(domain_id: int, rounds: int, profile_path: str | None) -> dict[str, Any]
         out["kaslr_method"] = guest.boot().location.method
         out["tasks"], out["sockets"] = len(first.tasks), len(first.sockets)
         walks, incomplete = [], 0
-        for _ in range(rounds):
+        for _ in range(walk_rounds or rounds):
             t = time.perf_counter()
             result = guest.walk()
             walks.append(time.perf_counter() - t)
@@ -77,10 +83,11 @@ def run(domain_id: int, rounds: int, profile_path: str | None) -> dict[str, Any]
             misses += own is None
         out["lookup"] = summary_ms(lookups)
         out["lookup_misses"] = misses
+        out.update(new_sock_lookups(guest, rounds))
         if domain.qmp is not None:
             pauses, bare = [], []
             with QmpClient(domain.qmp.socket) as qmp:
-                for _ in range(rounds):
+                for _ in range(walk_rounds or rounds):
                     with paused(qmp) as rec:
                         guest.walk()
                     pauses.append(rec.seconds)
@@ -94,13 +101,54 @@ def run(domain_id: int, rounds: int, profile_path: str | None) -> dict[str, Any]
     return out
 
 
+def new_sock_lookups(guest: GuestIntrospector, rounds: int) -> dict[str, Any]:
+    """Lookups of socks the index has just forgotten (as if created after the last walk),
+    spread over the guest's sockets; holders compared with the walk's."""
+    result = guest.walk()
+    held: dict[int, set[tuple[int, int]]] = {}
+    for s in result.sockets:
+        held.setdefault(s.sock.address, set()).add((s.pid, s.fd))
+    socks = {s.sock.address: s.sock for s in result.sockets if s.sock.proto in (6, 17)}
+    addrs = sorted(socks)
+    boot = guest.boot()
+    samples, wrong, unknown = [], 0, 0
+    step = max(1, len(addrs) // max(1, rounds))
+    for i in range(rounds):
+        k = socks[addrs[(i * step) % len(addrs)]]
+        boot.owners.pop(k.address, None)
+        flow = Flow(k.proto, k.local, k.lport, k.remote, k.rport)
+        t = time.perf_counter()
+        own = guest.lookup(flow)
+        samples.append(time.perf_counter() - t)
+        if own is None or not own.holders_known:
+            unknown += 1
+        elif own.sock_addr == k.address and {(o.pid, o.fd) for o in own.owners} != held.get(
+            k.address, set()
+        ):
+            wrong += 1
+    return {
+        "new_sock_lookup": summary_ms(samples),
+        "new_sock_unknown": unknown,
+        "new_sock_disagreements": wrong,
+        "crosscheck": dataclasses.asdict(guest.crosscheck),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument(
+        "--walk-rounds", type=int, help="full walks (and paused walks) to time (default rounds)"
+    )
     parser.add_argument("--profile", help="profile/ISF file (default: the domain's kernel)")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.domain, max(1, min(args.rounds, 100000)), args.profile), indent=1))
+    print(
+        json.dumps(
+            run(args.domain, max(1, min(args.rounds, 100000)), args.profile, args.walk_rounds),
+            indent=1,
+        )
+    )
     return 0
 
 

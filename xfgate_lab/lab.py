@@ -34,6 +34,7 @@ from xfgate.errors import PrerequisiteError, XfgateError
 from xfgate.vmi.profile_build import build_profile_files
 from xfgate_lab import namespaces as labnet
 from xfgate_lab.assets import KernelAssets, ensure_assets, resolve_kernel_package
+from xfgate_lab.crowd import Crowd, guest_ram_mb
 from xfgate_lab.errors import LabError
 from xfgate_lab.guest_channel import run_in_guest
 from xfgate_lab.layout import (
@@ -58,6 +59,7 @@ from xfgate_lab.qemu import (
 
 Log = Callable[[str], None]
 READY_MARK = "XFGATE-READY"
+CROWD_FAILED_MARK = "XFGATE-CROWD-FAILED"
 SERVICE_PORTS_V4 = (80, 8080, 8000)
 SERVICE_PORT_V6 = 9000
 REQUIRED_PROGRAMS = ("qemu-system-x86_64", "ip", "iptables", "apt-get", "dpkg-deb", "modinfo")
@@ -124,6 +126,8 @@ class LabState:
     qemu_pids: dict[str, int] = field(default_factory=dict)  # JSON keys are strings
     domains_file: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    crowd: str = ""  # "TASKS,SOCKETS" each guest runs (`up --crowd`), "" for none
+    ram_mb: int = GUEST_RAM_MB
 
     def qemu_pid(self, domain: int) -> int:
         return self.qemu_pids.get(str(domain), 0)
@@ -347,8 +351,12 @@ def wait_guest_ready(layout: LabLayout, domain: int, pid: int, deadline: float, 
         if not is_our_qemu(pid, ram):
             raise fail("stopped: qemu exited (kernel panic or bad command line?)")
         if not ready_seen:
+            text = ""
             with suppress(OSError):
-                ready_seen = READY_MARK in serial.read_text(errors="replace")
+                text = serial.read_text(errors="replace")
+            if CROWD_FAILED_MARK in text:
+                raise fail("could not start its crowd")
+            ready_seen = READY_MARK in text
             if not ready_seen:
                 time.sleep(0.2)
                 continue
@@ -399,6 +407,7 @@ def health_problems(
     want_domains: int,
     want_package: str | None,
     want_cpu: str | None = None,
+    want_crowd: str = "",
 ) -> list[str]:
     """Why a recorded lab is not fully up as requested (empty list: healthy)."""
     problems = []
@@ -410,6 +419,10 @@ def health_problems(
         problems.append(f"it runs {state.kernel_package}, {want_package} requested")
     if want_cpu and want_cpu != state.cpu:
         problems.append(f"its guests have CPU model {state.cpu}, {want_cpu} requested")
+    if want_crowd != state.crowd:
+        problems.append(
+            f"its guests run crowd {state.crowd or 'none'}, {want_crowd or 'none'} requested"
+        )
     for ns in (layout.dom0_netns, layout.client_netns):
         if not labnet.netns_exists(ns):
             problems.append(f"netns {ns} is gone")
@@ -460,19 +473,30 @@ def lab_up(
     force: bool = False,
     log: Log = print,
     cpu: str = DEFAULT_CPU,
+    crowd: Crowd | None = None,
+    ram_mb: int | None = None,
 ) -> UpResult:
     """Brings the lab up (or finds it healthy as requested). `cpu` is the guests' QEMU CPU
-    model: the default keeps 4-level paging, `max` turns 5-level paging (LA57) on."""
+    model: the default keeps 4-level paging, `max` turns 5-level paging (LA57) on. `crowd`
+    starts that many tasks and sockets in each guest (RAM sized to hold them, or `ram_mb`,
+    refused with the size needed when that or the host's memory is too small)."""
     for warning in check_prerequisites():
         log(f"warning: {warning}")
     check_cpu_model(cpu)
     if not 1 <= domains <= MAX_DOMAINS:
         raise LabError(f"--domains must be 1..{MAX_DOMAINS}, got {domains}")
+    ram = guest_ram_mb(crowd, ram_mb, host_available_mb() // domains)
+    if crowd is not None:
+        boot_timeout += crowd.boot_seconds()
     want_package = resolve_kernel_package(kernel_package, log) if kernel_package else None
     with lab_lock(layout):
         state = read_state(layout)
         if state is not None:
-            problems = health_problems(layout, state, domains, want_package, cpu)
+            problems = health_problems(
+                layout, state, domains, want_package, cpu, crowd.spec if crowd else ""
+            )
+            if state.ram_mb != ram:
+                problems.append(f"its guests have {state.ram_mb} MiB of RAM, {ram} requested")
             if not problems:
                 what = f"domains {state.domains}, {state.kernel_package}, CPU {state.cpu}"
                 log(f"lab {layout.prefix} already up: {what}")
@@ -493,7 +517,10 @@ def lab_up(
             if leftovers or find_lab_qemus(layout):
                 log("removing leftovers of an earlier lab")
                 _down_locked(layout, force=True, log=log)
-        return _up_locked(layout, domains, want_package or kernel_package, boot_timeout, log, cpu)
+        guests = GuestSetup(cpu, crowd.spec if crowd else "", ram)
+        return _up_locked(
+            layout, domains, want_package or kernel_package, boot_timeout, log, guests
+        )
 
 
 def lab_domain_configs(layout: LabLayout, state: LabState) -> tuple[DomainConfig, ...]:
@@ -511,18 +538,18 @@ def _up_locked(
     package: str | None,
     boot_timeout: float,
     log: Log,
-    cpu: str,
+    guests: GuestSetup,
 ) -> UpResult:
     """Assets, then network and peers, guests, profile, readiness, the domains file: each a
     named step; any failure tears down what was started."""
     t0 = time.monotonic()
     assets = ensure_assets(package, log)
     t_assets = time.monotonic()
-    state = _new_state(layout, domains, assets, cpu)
+    state = _new_state(layout, domains, assets, guests)
     try:
         _start_network_and_peers(layout, state)
         for d in state.domains:
-            _start_guest(layout, state, d, assets, cpu, log)
+            _start_guest(layout, state, d, assets, guests, log)
         t_started = time.monotonic()
         _build_profile(assets, log)
         _wait_guests_ready(layout, state, t_started + boot_timeout, log)
@@ -548,7 +575,29 @@ def _up_locked(
     return UpResult(False, state, configs)
 
 
-def _new_state(layout: LabLayout, domains: int, assets: KernelAssets, cpu: str) -> LabState:
+@dataclass(frozen=True)
+class GuestSetup:
+    """What every guest of one `up` is given: CPU model, crowd ("" none), RAM."""
+
+    cpu: str = DEFAULT_CPU
+    crowd: str = ""
+    ram_mb: int = GUEST_RAM_MB
+
+
+def host_available_mb() -> int:
+    """MemAvailable of the host, MiB (0 when unreadable: then any size is refused)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _new_state(
+    layout: LabLayout, domains: int, assets: KernelAssets, guests: GuestSetup
+) -> LabState:
     """A fresh run dir holding the state of a lab that is starting."""
     state = LabState(
         prefix=layout.prefix,
@@ -556,8 +605,10 @@ def _new_state(layout: LabLayout, domains: int, assets: KernelAssets, cpu: str) 
         kernel_package=assets.package,
         kernel_release=assets.release,
         assets=str(assets.dir),
-        cpu=cpu,
+        cpu=guests.cpu,
         domains_file=str(domains_file_from_env()),
+        crowd=guests.crowd,
+        ram_mb=guests.ram_mb,
     )
     clear_dir(layout.run_dir)
     write_state(layout, state)
@@ -570,34 +621,46 @@ def _start_network_and_peers(layout: LabLayout, state: LabState) -> None:
     write_state(layout, state)
 
 
-def guest_spec(layout: LabLayout, domain: int, assets: KernelAssets, cpu: str) -> GuestSpec:
+def guest_spec(
+    layout: LabLayout, domain: int, assets: KernelAssets, guests: GuestSetup
+) -> GuestSpec:
     return GuestSpec(
         domain=domain,
         kernel=assets.vmlinuz,
         initrd=assets.initramfs,
         ram_path=layout.ram_path(domain),
-        ram_mb=GUEST_RAM_MB,
+        ram_mb=guests.ram_mb,
         vif=vif_name(domain),
         mac=guest_mac(domain),
         serial_log=layout.serial_log(domain),
         ctl_socket=layout.ctl_socket(domain),
         qmp_socket=layout.qmp_socket(domain),
         pidfile=layout.pidfile(domain),
-        cpu=cpu,
+        cpu=guests.cpu,
+        crowd=guests.crowd,
     )
 
 
 def _start_guest(
-    layout: LabLayout, state: LabState, domain: int, assets: KernelAssets, cpu: str, log: Log
+    layout: LabLayout,
+    state: LabState,
+    domain: int,
+    assets: KernelAssets,
+    guests: GuestSetup,
+    log: Log,
 ) -> None:
     """The guest's tap on the bridge and its QEMU, recorded in the state at once."""
     layout.guest_dir(domain).mkdir(parents=True, exist_ok=True)
     layout.ram_path(domain).unlink(missing_ok=True)
     labnet.add_vif(layout, vif_name(domain))
-    spec = guest_spec(layout, domain, assets, cpu)
+    spec = guest_spec(layout, domain, assets, guests)
     state.qemu_pids[str(domain)] = start_qemu(spec, layout.dom0_netns)
     write_state(layout, state)
-    log(f"guest{domain}: qemu pid {state.qemu_pid(domain)}, CPU {cpu}, booting {assets.release}")
+    crowd = f", crowd {guests.crowd}" if guests.crowd else ""
+    log(
+        f"guest{domain}: qemu pid {state.qemu_pid(domain)}, CPU {guests.cpu}, "
+        f"{guests.ram_mb} MiB{crowd}, booting {assets.release}"
+    )
 
 
 def _build_profile(assets: KernelAssets, log: Log) -> None:

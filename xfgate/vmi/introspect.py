@@ -13,6 +13,7 @@ established: its entries are added to the index, the older ones kept until a com
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ from xfgate.config import DomainConfig
 from xfgate.errors import MemoryReadError, ProfileError, WalkError
 from xfgate.flow import Flow, GuestSocket, GuestView, IPAddress, Owner, Ownership, Via
 from xfgate.inet import IPProto, proto_label
+from xfgate.vmi.holders import HolderLayout, HolderResolver
 from xfgate.vmi.kaslr import KernelLocation, KernelLocator
 from xfgate.vmi.kernel_constants import SockType, TCPState
 from xfgate.vmi.linux import (
@@ -43,6 +45,8 @@ from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.qmp import ControlRegisters, PauseRecord, QmpClient, paused
 from xfgate.vmi.sockets import FoundSock, HashLayout, HashTable, SocketTables
+
+log = logging.getLogger(__name__)
 
 LOOKUP_RETRIES = 2
 # What an answer's `via` is when the sock's table says it all (the other cases are decided
@@ -88,6 +92,21 @@ class _Boot:
     ports: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
     last_walk: WalkResult | None = None
     index_complete: bool = False  # the index comes from (or since) a complete walk
+    # The thread groups the resolver searches: the last walk's, plus those it found since.
+    tasks: list[Task] = field(default_factory=list)
+    task_owners: dict[int, Owner] = field(default_factory=dict)  # tgid -> Owner (fd -1)
+    # sock -> {(tgid, fd)} the resolver answered since the last complete walk (cross-checked).
+    resolved: dict[int, frozenset[tuple[int, int]]] = field(default_factory=dict)
+
+
+@dataclass
+class CrossCheck:
+    """How the resolver's answers compared with the next complete walk's (`xfgate status`)."""
+
+    resolutions: int = 0  # socks resolved without a full walk
+    unknown: int = 0  # of which the holders could not all be read (answered as unknown)
+    checked: int = 0  # resolutions a complete walk saw again
+    disagreements: int = 0  # of which the walk found other holders (the index repaired)
 
 
 class GuestIntrospector:
@@ -136,6 +155,10 @@ class GuestIntrospector:
         )
         self._boot: _Boot | None = None
         self.pause_records: list[float] = []  # seconds of every pause we caused
+        # Holders of a new sock found without a full walk (xfgate.vmi.holders): off when the
+        # profile lacks sock.sk_socket or socket.file (then a lookup walks, as before).
+        self.holder_layout = HolderLayout.from_profile(profile)
+        self.crosscheck = CrossCheck()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -228,14 +251,81 @@ class GuestIntrospector:
         identities = {s.sock.address: sock_identity(s.sock) for s in result.sockets}
         ports = port_index(result.sockets)
         if result.complete:
+            self._cross_check(boot, index)
             boot.owners, boot.ports, boot.index_complete = index, ports, True
             boot.identities = identities
+            boot.tasks = list(result.tasks)
+            boot.task_owners = task_owners(boot.tasks)
         else:  # add what it read, keep what the last complete walk established
             boot.owners = {**boot.owners, **index}
             boot.identities = {**boot.identities, **identities}
             boot.ports = {**boot.ports, **ports}
         boot.last_walk = result
         return result
+
+    def _cross_check(self, boot: _Boot, index: Mapping[int, tuple[Owner, ...]]) -> None:
+        """Every sock resolved since the last complete walk against this complete walk's
+        holders: a disagreement is counted and logged, and the walk's index replaces the
+        resolver's answers (the caller installs it). A sock the walk no longer sees (closed
+        since) is not compared."""
+        cc = self.crosscheck
+        for sock, holders in boot.resolved.items():
+            walked = index.get(sock)
+            if walked is None:
+                continue
+            cc.checked += 1
+            seen = frozenset((o.pid, o.fd) for o in walked)
+            if seen != holders:
+                cc.disagreements += 1
+                log.warning(
+                    "domain %d: sock %#x: resolved holders %s, the full walk found %s "
+                    "(repaired from the walk)",
+                    self.domain.id,
+                    sock,
+                    sorted(holders),
+                    sorted(seen),
+                )
+        boot.resolved = {}
+
+    def resolve_holders(
+        self, boot: _Boot, sock_addr: int, seconds: float, current: InetSock | None = None
+    ) -> tuple[tuple[Owner, ...], bool] | None:
+        """The sock's holders found without a full walk (see xfgate.vmi.holders), recorded in
+        the index when all were read; None when the resolver cannot run (no profile members,
+        no walk yet to start from)."""
+        if self.holder_layout is None or boot.last_walk is None or not boot.tasks:
+            return None
+        resolver = HolderResolver(
+            boot.space, self.layout, self.holder_layout, boot.location.virt_shift, self.bounds
+        )
+        res = resolver.resolve(sock_addr, boot.tasks, seconds)
+        if res.new_tasks:
+            boot.tasks = boot.tasks + res.new_tasks
+            boot.task_owners = task_owners(boot.tasks)
+        cc = self.crosscheck
+        cc.resolutions += 1
+        owners = tuple(
+            sorted(
+                (
+                    dataclasses.replace(boot.task_owners[t.tgid], fd=fd)
+                    for t, fd in res.holders
+                    if t.tgid in boot.task_owners
+                ),
+                key=lambda o: (o.pid, o.fd),
+            )
+        )
+        if not res.known:
+            cc.unknown += 1
+            log.debug(
+                "domain %d: sock %#x: holders not all read: %s", self.domain.id, sock_addr, res.why
+            )
+            return owners, False
+        if owners:
+            boot.owners[sock_addr] = owners
+            if current is not None:
+                boot.identities[sock_addr] = sock_identity(current)
+        boot.resolved[sock_addr] = frozenset((o.pid, o.fd) for o in owners)
+        return owners, True
 
     def view(self) -> GuestView:
         """One full walk as flow.GuestView: every inet socket (any protocol), every thread
@@ -352,7 +442,12 @@ class GuestIntrospector:
         if owners is not None and not _reused(boot, sock_addr, current):
             return owners, True
         now = time.monotonic()
-        if now - self._last_walk < self.min_rewalk_seconds or now >= deadline:
+        if now >= deadline:
+            return (), False
+        resolved = self.resolve_holders(boot, sock_addr, deadline - now, current)
+        if resolved is not None:
+            return resolved
+        if now - self._last_walk < self.min_rewalk_seconds:
             return (), False
         bounds = dataclasses.replace(self.bounds, seconds=deadline - now, retries=1)
         result = self.walk(bounds, may_pause=False)
