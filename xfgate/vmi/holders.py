@@ -83,9 +83,12 @@ class HolderResolver:
         walk.deadline = deadline
         try:
             file = self._file_of(walk, sock)
-            if file == 0:
-                out.why = "the sock has no file (no process holds it, or it is unreadable)"
+            if file == 0:  # sock_orphan()ed (closed): no fd table can hold it
+                out.why = "the sock has no socket (orphaned)"
                 out.known = not walk.errors
+                return out
+            if file < 0:
+                out.why = "the sock's socket and file do not point back at each other"
                 return out
             out.new_tasks = self._new_tasks(walk, tasks)
             if walk.errors:
@@ -106,27 +109,32 @@ class HolderResolver:
         return out
 
     def _file_of(self, walk: Walk, sock: int) -> int:
-        """sock -> sk_socket -> file, each checked back; 0 when there is none."""
+        """sock -> sk_socket -> file, each checked back; 0 when sk_socket is NULL (an orphan:
+        held by no task), -1 when anything does not check (torn or hostile: not known)."""
         lay, hl = self.layout, self.hl
         raw = walk.read(sock + hl.sock_sk_socket, 8, "sock.sk_socket")
-        socket = 0 if raw is None else walk._u64(raw, 0)
-        if socket == 0 or not walk.is_kernel_pointer(socket):
+        if raw is None:
+            return -1
+        socket = walk._u64(raw, 0)
+        if socket == 0:
             return 0
+        if not walk.is_kernel_pointer(socket):
+            return -1
         lo = min(hl.socket_file, lay.socket_sk)
         hi = max(hl.socket_file, lay.socket_sk) + 8
         raw = walk.read(socket + lo, hi - lo, "socket")
         if raw is None or walk._u64(raw, lay.socket_sk - lo) != sock:
-            return 0
+            return -1
         file = walk._u64(raw, hl.socket_file - lo)
         if file == 0 or not walk.is_kernel_pointer(file):
-            return 0
+            return -1
         flo, fhi = lay.file_span
         raw = walk.read(file + flo, fhi - flo, "socket file")
         if raw is None:
-            return 0
+            return -1
         if walk._u64(raw, lay.file_f_op - flo) != lay.socket_file_ops + self.shift:
-            return 0
-        return file if walk._u64(raw, lay.file_private_data - flo) == socket else 0
+            return -1
+        return file if walk._u64(raw, lay.file_private_data - flo) == socket else -1
 
     def _new_tasks(self, walk: Walk, known: Sequence[Task]) -> list[Task]:
         """Thread groups added after the last walk: back from the task list's tail to the
