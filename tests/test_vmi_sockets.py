@@ -478,6 +478,30 @@ def test_the_holder_resolver_answers_new_socks_and_the_next_walk_cross_checks_it
         assert own is not None and own.owners == () and not own.holders_known
 
 
+def test_a_task_struct_reused_by_a_new_process_is_a_new_task() -> None:
+    """spray exits and the slab hands its task_struct to the next fork (pid 600, at the task
+    list's tail): the resolver must not stop at that address as if it were spray."""
+    g, spray, _ = _spray_connection()
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40004, "198.18.0.1", 53, sk_uid=1001)
+        g.hash_udp(sk, 40004)
+        g.w(spray + g.off("task_struct", "pid"), "<ii", 600, 600)
+        g.add_fd(spray, 12, sk)
+        tasks = spray + g.off("task_struct", "tasks")
+        head = g.sym("init_task") + g.off("task_struct", "tasks")
+        nxt, prev = g.read_q(tasks), g.read_q(tasks + 8)
+        g.w(prev, "<Q", nxt)  # unlinked from its old place...
+        g.w(nxt + 8, "<Q", prev)
+        tail = g.read_q(head + 8)
+        g.w(tasks, "<QQ", head, tail)  # ...and added at the tail, as copy_process does
+        g.w(tail, "<Q", tasks)
+        g.w(head + 8, "<Q", tasks)
+        own = gi.lookup(_flow(IPProto.UDP, "198.18.1.1", 40004, "198.18.0.1", 53))
+        assert own is not None and own.holders_known
+        assert [(o.pid, o.fd) for o in own.owners] == [(600, 12)]
+
+
 def test_hash_secrets_in_net_hotdata_as_6_12_keeps_them() -> None:
     """6.12 has no inet_ehash_secret symbol: the secrets are net_hotdata members."""
     p = hotdata_profile()

@@ -293,6 +293,10 @@ class FakeGuest:
     def off(self, struct_name: str, member: str) -> int:
         return self.profile.offset(struct_name, member)
 
+    def read_q(self, vaddr: int) -> int:
+        value: int = struct.unpack_from("<Q", self.buf, self.pa(vaddr))[0]
+        return value
+
     def w(self, vaddr: int, fmt: str, *values: int) -> None:
         struct.pack_into(fmt, self.buf, self.pa(vaddr), *values)
 

@@ -142,7 +142,9 @@ class HolderResolver:
         lay = self.layout
         lo, hi = lay.task_span
         head = lay.init_task + self.shift + lay.task_tasks
-        seen = {t.address for t in known}
+        # A task_struct freed and handed to a new task (the slab reuses it at once: exit, fork)
+        # is not the known task: the pid tells them apart.
+        seen = {t.address: t.pid for t in known}
         raw = walk.read(head, 16, "task list")
         if raw is None:
             return []
@@ -155,11 +157,11 @@ class HolderResolver:
                 walk.wild("task list (backwards)", node)
                 return []
             task = node - lay.task_tasks
-            if task in seen:
-                break
             blob = walk.read(task + lo, hi - lo, "task list (backwards)")
             if blob is None:
                 return []
+            if seen.get(task) == lay.task_pid.get(blob, lo):
+                break
             nxt, prev = struct.unpack_from("<QQ", blob, lay.task_tasks - lo)
             if nxt != expect_next:
                 walk.issue("task list (backwards)", WalkReason.BAD_PREV, node)
