@@ -8,6 +8,9 @@
 - new_sock_lookup: GuestIntrospector.lookup() of a socket the owner index does not know yet (the
   first packet of a new flow: before, a full walk; now the holder resolver, xfgate.vmi.holders),
   each answer checked against the full walk's holders (`new_sock_disagreements`);
+- decisions_per_s: Engine.evaluate() of the first packet of distinct flows (every one a cache
+  miss) from the guest's IPv4 TCP and UDP sockets, owners from guest memory (hash tables and
+  the walk's index), on one core;
 - pause: the guest stopped over QMP around one full walk (stop, walk, cont), as the thesis's
   xFilter paused per poll (19 ms average, 52 ms max there), and the bare stop+cont round trip.
 Bounded: `rounds` iterations of each, nothing else runs.
@@ -26,9 +29,13 @@ from typing import Any
 
 from xfgate.config import get_domain
 from xfgate.flow import Flow
+from xfgate.inet import IPProto
+from xfgate.verdict.cache import OwnerCache
+from xfgate.verdict.engine import Engine
+from xfgate.verdict.policy import compile_policy
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
-from xfgate.vmi.linux import WalkBounds
+from xfgate.vmi.linux import InetSock, WalkBounds
 from xfgate.vmi.qmp import QmpClient, paused
 from xfgate_lab.layout import cache_dir_from_env, domains_file_from_env
 
@@ -87,6 +94,7 @@ def run(
         out["lookup"] = summary_ms(lookups)
         out["lookup_misses"] = misses
         out.update(new_sock_lookups(guest, rounds))
+        out.update(decisions_per_second(guest, rounds * 20))
         if domain.qmp is not None:
             pauses, bare = [], []
             with QmpClient(domain.qmp.socket) as qmp:
@@ -134,6 +142,44 @@ def new_sock_lookups(guest: GuestIntrospector, rounds: int) -> dict[str, Any]:
         "new_sock_unknown": unknown,
         "new_sock_disagreements": wrong,
         "crosscheck": dataclasses.asdict(guest.crosscheck),
+    }
+
+
+def _packet_from(sock: InetSock) -> bytes:
+    """An IPv4 packet the guest's socket sends (TCP ACK or a UDP datagram), raw bytes."""
+    proto = sock.proto
+    src, dst = sock.local.packed, sock.remote.packed
+    length = 20 + (20 if proto == IPProto.TCP else 8)
+    ip = bytes([0x45, 0, 0, length, 0, 1, 0x40, 0, 64, proto, 0, 0]) + src + dst
+    ports = sock.lport.to_bytes(2, "big") + sock.rport.to_bytes(2, "big")
+    if proto == IPProto.TCP:
+        return ip + ports + bytes(8) + b"\x50\x10" + bytes(6)
+    return ip + ports + (8).to_bytes(2, "big") + bytes(2)
+
+
+def decisions_per_second(guest: GuestIntrospector, count: int) -> dict[str, Any]:
+    """First-packet decisions of distinct flows (IPv4 TCP/UDP sockets of the last walk, each
+    flow once: every one a cache miss), owners from guest memory; one thread, one core."""
+    result = guest.walk()
+    socks = [
+        s.sock
+        for s in result.sockets
+        if s.sock.family == 4 and s.sock.proto in (IPProto.TCP, IPProto.UDP) and s.sock.rport
+    ]
+    packets = list(dict.fromkeys(_packet_from(k) for k in socks))[:count]
+    if not packets:
+        return {}
+    engine = Engine(guest.domain.id, {7: "vif"}, guest, compile_policy(uids=[1001]), OwnerCache())
+    owned = 0
+    t0 = time.perf_counter()
+    for payload in packets:
+        ev = engine.evaluate(payload, 7, 3)
+        owned += ev.ownership is not None and bool(ev.ownership.owners)
+    seconds = time.perf_counter() - t0
+    return {
+        "decisions": len(packets),
+        "decisions_with_owners": owned,
+        "decisions_per_s": round(len(packets) / seconds),
     }
 
 

@@ -19,7 +19,7 @@ from tests.vmi_fakes import (
 )
 from xfgate.config import DomainConfig, MemoryConfig
 from xfgate.errors import ProfileError, ProfileMismatch
-from xfgate.flow import Flow
+from xfgate.flow import Flow, Via
 from xfgate.inet import IPProto
 from xfgate.vmi import jhash, sockets
 from xfgate.vmi.introspect import GuestIntrospector
@@ -596,3 +596,22 @@ def test_a_complete_profile_is_not_degraded() -> None:
     g = standard_guest()
     with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
         assert gi.degraded() == ""
+
+
+def test_a_queued_connection_is_the_listeners_only_as_sure_as_its_own_holders() -> None:
+    """An established sock nobody holds yet (in the accept queue, sk_socket NULL) answers with
+    the listener's owners, known; one whose holders could not be read must not borrow the
+    listener's certainty (it may be held by a blocked process)."""
+    g = standard_guest()
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        sk = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 80, "198.18.0.1", 40001)
+        g.hash_established(sk, "198.18.1.1", 80, "198.18.0.1", 40001)
+        flow = _flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40001)
+        own = gi.lookup(flow)
+        assert own is not None and own.via is Via.ESTABLISHED_LISTENER
+        assert [o.pid for o in own.owners] == [100] and own.holders_known
+        gi.holder_layout = None  # holders not readable within the budget
+        own = gi.lookup(flow)
+        assert own is not None and own.via is Via.ESTABLISHED_LISTENER
+        assert [o.pid for o in own.owners] == [100] and not own.holders_known

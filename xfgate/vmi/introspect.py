@@ -415,6 +415,8 @@ class GuestIntrospector:
         owners, known = self._owners_of(boot, sock.address, deadline, sock)
         if not owners and found.table is HashTable.ESTABLISHED and flow.proto == IPProto.TCP:
             # Accepted by the kernel, not yet by the process: it waits in the listener's queue.
+            # Only as sure as the sock's own holders were: a sock whose holders could not all
+            # be read (the budget spent) may be held by anyone, not the listener's owners.
             listener = boot.tables.find_listener(flow)
             if listener is not None:
                 l_owners, l_known = self._owners_of(boot, listener.sock.address, deadline)
@@ -424,7 +426,7 @@ class GuestIntrospector:
                     sock.state_name,
                     Via.ESTABLISHED_LISTENER,
                     sock.address,
-                    l_known,
+                    l_known and known,
                 )
         return Ownership(
             owners, sock.sk_uid, sock.state_name, VIA_OF_TABLE[found.table], sock.address, known
