@@ -7,6 +7,12 @@
   the same run (a shared-file guest: the RAM file, and the QEMU process's memory);
 - lookup: GuestIntrospector.lookup() of every socket's flow with a warm owner index (the
   verdict engine's cache-miss path);
+- new_sock_lookup: GuestIntrospector.lookup() of a socket the owner index does not know yet (the
+  first packet of a new flow: before, a full walk; now the holder resolver, xfgate.vmi.holders),
+  each answer checked against the full walk's holders (`new_sock_disagreements`);
+- decisions_per_s: Engine.evaluate() of the first packet of distinct flows (every one a cache
+  miss) from the guest's IPv4 TCP and UDP sockets, owners from guest memory (hash tables and
+  the walk's index), on one core;
 - pause: the guest stopped over QMP around one full walk (stop, walk, cont), as the thesis's
   xFilter paused per poll (19 ms average, 52 ms max there), and the bare stop+cont round trip.
 Bounded: `rounds` iterations of each, nothing else runs.
@@ -15,6 +21,7 @@ Bounded: `rounds` iterations of each, nothing else runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -26,8 +33,13 @@ from typing import Any
 from xfgate.config import DomainConfig, MemoryConfig, get_domain
 from xfgate.errors import XfgateError
 from xfgate.flow import Flow
+from xfgate.inet import IPProto
+from xfgate.verdict.cache import OwnerCache
+from xfgate.verdict.engine import Engine
+from xfgate.verdict.policy import compile_policy
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
+from xfgate.vmi.linux import InetSock, WalkBounds
 from xfgate.vmi.memory import PhysicalMemory
 from xfgate.vmi.monitor import open_monitor
 from xfgate.vmi.profile import Profile
@@ -54,11 +66,17 @@ def summary_ms(samples: Sequence[float]) -> dict[str, float]:
 
 
 def walk_and_lookup(
-    domain: DomainConfig, profile: Profile, rounds: int, memory: PhysicalMemory | None = None
+    domain: DomainConfig,
+    profile: Profile,
+    rounds: int,
+    memory: PhysicalMemory | None = None,
+    walk_rounds: int | None = None,
 ) -> tuple[dict[str, Any], GuestIntrospector]:
     """Full walk and targeted lookup timings of one backend (the domain's own, or `memory`)."""
     out: dict[str, Any] = {}
-    guest = GuestIntrospector(domain, profile, allow_pause=False, memory=memory)
+    # A walk bound that holds a crowded guest (the default 2 s does not: 2-4 s there).
+    bounds = WalkBounds(seconds=30.0)
+    guest = GuestIntrospector(domain, profile, allow_pause=False, memory=memory, bounds=bounds)
     out["backend"] = guest.memory.name
     t0 = time.perf_counter()
     first = guest.walk()
@@ -66,7 +84,7 @@ def walk_and_lookup(
     out["kaslr_method"] = guest.boot().location.method
     out["tasks"], out["sockets"] = len(first.tasks), len(first.sockets)
     walks, incomplete = [], 0
-    for _ in range(rounds):
+    for _ in range(walk_rounds or rounds):
         t = time.perf_counter()
         result = guest.walk()
         walks.append(time.perf_counter() - t)
@@ -89,11 +107,13 @@ def walk_and_lookup(
     return out, guest
 
 
-def run(domain_id: int, rounds: int, profile_path: str | None) -> dict[str, Any]:
+def run(
+    domain_id: int, rounds: int, profile_path: str | None, walk_rounds: int | None = None
+) -> dict[str, Any]:
     domain = get_domain(domain_id, domains_file_from_env())
     profile = load_domain_profile(domain, profile_path, cache_dir_from_env())
     out: dict[str, Any] = {"domain": domain_id, "rounds": rounds, "loadavg": os.getloadavg()}
-    main, guest = walk_and_lookup(domain, profile, rounds)
+    main, guest = walk_and_lookup(domain, profile, rounds, walk_rounds=walk_rounds)
     out.update(main)
     # The same guest through the other backend in the same run: a shared-file guest's QEMU is
     # also a process whose RAM can be read with process_vm_readv.
@@ -101,7 +121,9 @@ def run(domain_id: int, rounds: int, profile_path: str | None) -> dict[str, Any]
     if domain.memory.backend == "qemu-shm" and domain.qmp is not None:
         other = replace(domain, memory=MemoryConfig("qemu-process", ""))
         try:
-            backends["qemu-process"], g2 = walk_and_lookup(other, profile, rounds)
+            backends["qemu-process"], g2 = walk_and_lookup(
+                other, profile, rounds, walk_rounds=walk_rounds
+            )
             g2.close()
         except XfgateError as e:
             backends["qemu-process"] = {"error": str(e)}
@@ -110,10 +132,12 @@ def run(domain_id: int, rounds: int, profile_path: str | None) -> dict[str, Any]
         for name, b in backends.items()
     }
     with guest:
+        out.update(new_sock_lookups(guest, rounds))
+        out.update(decisions_per_second(guest, rounds * 20))
         if domain.qmp is not None:
             pauses, bare = [], []
             with open_monitor(domain) as qmp:
-                for _ in range(rounds):
+                for _ in range(walk_rounds or rounds):
                     with paused(qmp) as rec:
                         guest.walk()
                     pauses.append(rec.seconds)
@@ -127,13 +151,92 @@ def run(domain_id: int, rounds: int, profile_path: str | None) -> dict[str, Any]
     return out
 
 
+def new_sock_lookups(guest: GuestIntrospector, rounds: int) -> dict[str, Any]:
+    """Lookups of socks the index has just forgotten (as if created after the last walk),
+    spread over the guest's sockets; holders compared with the walk's."""
+    result = guest.walk()
+    held: dict[int, set[tuple[int, int]]] = {}
+    for s in result.sockets:
+        held.setdefault(s.sock.address, set()).add((s.pid, s.fd))
+    socks = {s.sock.address: s.sock for s in result.sockets if s.sock.proto in (6, 17)}
+    addrs = sorted(socks)
+    boot = guest.boot()
+    samples, wrong, unknown = [], 0, 0
+    step = max(1, len(addrs) // max(1, rounds))
+    for i in range(rounds):
+        k = socks[addrs[(i * step) % len(addrs)]]
+        boot.owners.pop(k.address, None)
+        flow = Flow(k.proto, k.local, k.lport, k.remote, k.rport)
+        t = time.perf_counter()
+        own = guest.lookup(flow)
+        samples.append(time.perf_counter() - t)
+        if own is None or not own.holders_known:
+            unknown += 1
+        elif own.sock_addr == k.address and {(o.pid, o.fd) for o in own.owners} != held.get(
+            k.address, set()
+        ):
+            wrong += 1
+    return {
+        "new_sock_lookup": summary_ms(samples),
+        "new_sock_unknown": unknown,
+        "new_sock_disagreements": wrong,
+        "crosscheck": dataclasses.asdict(guest.crosscheck),
+    }
+
+
+def _packet_from(sock: InetSock) -> bytes:
+    """An IPv4 packet the guest's socket sends (TCP ACK or a UDP datagram), raw bytes."""
+    proto = sock.proto
+    src, dst = sock.local.packed, sock.remote.packed
+    length = 20 + (20 if proto == IPProto.TCP else 8)
+    ip = bytes([0x45, 0, 0, length, 0, 1, 0x40, 0, 64, proto, 0, 0]) + src + dst
+    ports = sock.lport.to_bytes(2, "big") + sock.rport.to_bytes(2, "big")
+    if proto == IPProto.TCP:
+        return ip + ports + bytes(8) + b"\x50\x10" + bytes(6)
+    return ip + ports + (8).to_bytes(2, "big") + bytes(2)
+
+
+def decisions_per_second(guest: GuestIntrospector, count: int) -> dict[str, Any]:
+    """First-packet decisions of distinct flows (IPv4 TCP/UDP sockets of the last walk, each
+    flow once: every one a cache miss), owners from guest memory; one thread, one core."""
+    result = guest.walk()
+    socks = [
+        s.sock
+        for s in result.sockets
+        if s.sock.family == 4 and s.sock.proto in (IPProto.TCP, IPProto.UDP) and s.sock.rport
+    ]
+    packets = list(dict.fromkeys(_packet_from(k) for k in socks))[:count]
+    if not packets:
+        return {}
+    engine = Engine(guest.domain.id, {7: "vif"}, guest, compile_policy(uids=[1001]), OwnerCache())
+    owned = 0
+    t0 = time.perf_counter()
+    for payload in packets:
+        ev = engine.evaluate(payload, 7, 3)
+        owned += ev.ownership is not None and bool(ev.ownership.owners)
+    seconds = time.perf_counter() - t0
+    return {
+        "decisions": len(packets),
+        "decisions_with_owners": owned,
+        "decisions_per_s": round(len(packets) / seconds),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument(
+        "--walk-rounds", type=int, help="full walks (and paused walks) to time (default rounds)"
+    )
     parser.add_argument("--profile", help="profile/ISF file (default: the domain's kernel)")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.domain, max(1, min(args.rounds, 100000)), args.profile), indent=1))
+    print(
+        json.dumps(
+            run(args.domain, max(1, min(args.rounds, 100000)), args.profile, args.walk_rounds),
+            indent=1,
+        )
+    )
     return 0
 
 

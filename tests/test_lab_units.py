@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import gzip
 import os
 import stat
 import subprocess
@@ -304,6 +305,20 @@ def test_control_framing() -> None:
     assert result == guest_channel.GuestResult(3, b"line1\nline2\n")
     with pytest.raises(LabError, match="garbled"):
         guest_channel.parse_reply(b"@@XFB xf1a@@\n!!!\n@@XFE xf1a 0@@", "xf1a")
+
+
+def test_guest_channel_gzipped_reply_is_unzipped_and_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = b"@@xftruth tcp\n" + b"0: 0100007F:4E20 00000000:0000 0A\n" * 1000
+    body = base64.b64encode(gzip.compress(text))
+    reply = b"@@XFZ xf1b@@\r\n" + body + b"\r\n@@XFE xf1b 0@@"
+    assert guest_channel.parse_reply(reply, "xf1b") == guest_channel.GuestResult(0, text)
+    monkeypatch.setattr(guest_channel, "MAX_REPLY_BYTES", 1000)
+    with pytest.raises(LabError, match="unzipped"):
+        guest_channel.parse_reply(reply, "xf1b")
+    with pytest.raises(LabError, match="garbled"):
+        guest_channel.parse_reply(b"@@XFZ xf1b@@\nb2xk\n@@XFE xf1b 0@@", "xf1b")
 
 
 def test_layout_names_and_addresses() -> None:

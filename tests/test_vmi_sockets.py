@@ -19,7 +19,7 @@ from tests.vmi_fakes import (
 )
 from xfgate.config import DomainConfig, MemoryConfig
 from xfgate.errors import ProfileError, ProfileMismatch
-from xfgate.flow import Flow
+from xfgate.flow import Flow, Via
 from xfgate.inet import IPProto
 from xfgate.vmi import jhash, sockets
 from xfgate.vmi.introspect import GuestIntrospector
@@ -354,22 +354,37 @@ def test_an_incomplete_walk_merges_into_the_index_and_lookups_keep_their_budget(
         assert not gi.walk().complete
         own = gi.lookup(flow)
         assert own is not None and [o.pid for o in own.owners] == [100] and own.holders_known
-        # A socket it could not see: no owners, sk_uid set, holders not known.
+        # A socket it could not see: without the holder resolver (a profile lacking
+        # sock.sk_socket or socket.file), no owners, sk_uid set, holders not known.
         t = g.add_task(400, "late", uid=42)
         sk = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 33000, "198.18.0.1", 22, sk_uid=42)
         g.hash_established(sk, "198.18.1.1", 33000, "198.18.0.1", 22)
         g.add_fd(t, 3, sk)
+        resolver, gi.holder_layout = gi.holder_layout, None
         own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 33000, "198.18.0.1", 22))
         assert own is not None and own.owners == () and own.sk_uid == 42
         assert not own.holders_known
+        # With it: the new task found at the task list's tail, its table searched, no walk.
+        gi.holder_layout = resolver
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 33000, "198.18.0.1", 22))
+        assert own is not None and [(o.pid, o.fd) for o in own.owners] == [(400, 3)]
+        assert own.holders_known and gi.crosscheck.resolutions == 1
     # Right after a walk, a new socket is answered at once, without a walk.
     with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         sk = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 33001, "198.18.0.1", 22, sk_uid=43)
         g.hash_established(sk, "198.18.1.1", 33001, "198.18.0.1", 22)
-        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 33001, "198.18.0.1", 22))
+        flow = _flow(IPProto.TCP, "198.18.1.1", 33001, "198.18.0.1", 22)
+        resolver, gi.holder_layout = gi.holder_layout, None
+        own = gi.lookup(flow)
         assert own is not None and own.owners == () and own.sk_uid == 43
         assert not own.holders_known
+        # The resolver reads that no file refers to it (sk_socket NULL: orphaned, as after
+        # close()): held by no task, as a complete walk would say.
+        gi.holder_layout = resolver
+        own = gi.lookup(flow)
+        assert own is not None and own.owners == () and own.sk_uid == 43
+        assert own.holders_known
 
 
 def _spray_connection() -> tuple[FakeGuest, int, int]:
@@ -406,13 +421,85 @@ def test_a_sock_reallocated_at_a_known_address_does_not_inherit_its_holders() ->
         g.add_fd(probe, 3, sk)
         own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 57004, "198.18.0.1", 2307))
         assert own is not None and [(o.pid, o.comm) for o in own.owners] == [(500, "xfprobe")]
-    # Within the rewalk interval the stale holders are not trusted either: holders unknown.
+    # Within the rewalk interval the stale holders are not trusted either: holders unknown
+    # without the resolver; with it, the holder memory shows now (spray, still at fd 3).
     g2, _, sk2 = _spray_connection()
     with GuestIntrospector(_domain(), g2.profile, memory=g2.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         _reconnect(g2, sk2)
-        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 57004, "198.18.0.1", 2307))
+        resolver, gi.holder_layout = gi.holder_layout, None
+        flow = _flow(IPProto.TCP, "198.18.1.1", 57004, "198.18.0.1", 2307)
+        own = gi.lookup(flow)
         assert own is not None and own.owners == () and not own.holders_known
+        gi.holder_layout = resolver
+        own = gi.lookup(flow)
+        assert own is not None and [(o.pid, o.fd) for o in own.owners] == [(400, 3)]
+        assert own.holders_known
+
+
+def test_the_holder_resolver_answers_new_socks_and_the_next_walk_cross_checks_it() -> None:
+    """A sock created after the walk, held by an old process (fd added) and a new one (a task
+    at the list's tail): found without a walk; a disagreement with the next complete walk is
+    counted and repaired; hostile memory (a cyclic task list) answers "not known"."""
+    g, spray, _ = _spray_connection()
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40001, "198.18.0.1", 53, sk_uid=1001)
+        g.hash_udp(sk, 40001)
+        file = g.add_fd(spray, 9, sk)
+        child = g.add_task(401, "child", uid=1001, parent=spray)
+        g.put_fd(g.task_at(child).fd_array, 5, file)
+        own = gi.lookup(_flow(IPProto.UDP, "198.18.1.1", 40001, "198.18.0.1", 53))
+        assert own is not None and own.holders_known
+        assert [(o.pid, o.fd) for o in own.owners] == [(400, 9), (401, 5)]
+        assert [o.ancestors for o in own.owners][1][:1] == (400,)
+        # The child drops it before the walk: the walk disagrees, counts, repairs.
+        g.put_fd(g.task_at(child).fd_array, 5, 0)
+        gi.crosscheck.disagreements = 0
+        assert gi.walk().complete
+        assert gi.crosscheck.checked == 1 and gi.crosscheck.disagreements == 1
+        own = gi.lookup(_flow(IPProto.UDP, "198.18.1.1", 40001, "198.18.0.1", 53))
+        assert own is not None and [(o.pid, o.fd) for o in own.owners] == [(400, 9)]
+        # A new sock while the task list's tail loops on itself: not known, never raises.
+        sk2 = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40002, "198.18.0.1", 53, sk_uid=1001)
+        g.hash_udp(sk2, 40002)
+        g.add_fd(spray, 10, sk2)
+        late = g.add_task(402, "late", uid=1001)
+        node = late + g.off("task_struct", "tasks")
+        g.w(node + 8, "<Q", node)  # prev points at itself: the backward walk breaks
+        own = gi.lookup(_flow(IPProto.UDP, "198.18.1.1", 40002, "198.18.0.1", 53))
+        assert own is not None and not own.holders_known
+        # A socket whose file does not point back at it (torn or forged): not known either.
+        sk3 = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40003, "198.18.0.1", 53, sk_uid=1001)
+        g.hash_udp(sk3, 40003)
+        g.add_fd(spray, 11, sk3)
+        g.w(sk3 + g.off("sock", "sk_socket"), "<Q", g.alloc(0x40))
+        own = gi.lookup(_flow(IPProto.UDP, "198.18.1.1", 40003, "198.18.0.1", 53))
+        assert own is not None and own.owners == () and not own.holders_known
+
+
+def test_a_task_struct_reused_by_a_new_process_is_a_new_task() -> None:
+    """spray exits and the slab hands its task_struct to the next fork (pid 600, at the task
+    list's tail): the resolver must not stop at that address as if it were spray."""
+    g, spray, _ = _spray_connection()
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40004, "198.18.0.1", 53, sk_uid=1001)
+        g.hash_udp(sk, 40004)
+        g.w(spray + g.off("task_struct", "pid"), "<ii", 600, 600)
+        g.add_fd(spray, 12, sk)
+        tasks = spray + g.off("task_struct", "tasks")
+        head = g.sym("init_task") + g.off("task_struct", "tasks")
+        nxt, prev = g.read_q(tasks), g.read_q(tasks + 8)
+        g.w(prev, "<Q", nxt)  # unlinked from its old place...
+        g.w(nxt + 8, "<Q", prev)
+        tail = g.read_q(head + 8)
+        g.w(tasks, "<QQ", head, tail)  # ...and added at the tail, as copy_process does
+        g.w(tail, "<Q", tasks)
+        g.w(head + 8, "<Q", tasks)
+        own = gi.lookup(_flow(IPProto.UDP, "198.18.1.1", 40004, "198.18.0.1", 53))
+        assert own is not None and own.holders_known
+        assert [(o.pid, o.fd) for o in own.owners] == [(600, 12)]
 
 
 def test_hash_secrets_in_net_hotdata_as_6_12_keeps_them() -> None:
@@ -509,3 +596,22 @@ def test_a_complete_profile_is_not_degraded() -> None:
     g = standard_guest()
     with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
         assert gi.degraded() == ""
+
+
+def test_a_queued_connection_is_the_listeners_only_as_sure_as_its_own_holders() -> None:
+    """An established sock nobody holds yet (in the accept queue, sk_socket NULL) answers with
+    the listener's owners, known; one whose holders could not be read must not borrow the
+    listener's certainty (it may be held by a blocked process)."""
+    g = standard_guest()
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        sk = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 80, "198.18.0.1", 40001)
+        g.hash_established(sk, "198.18.1.1", 80, "198.18.0.1", 40001)
+        flow = _flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40001)
+        own = gi.lookup(flow)
+        assert own is not None and own.via is Via.ESTABLISHED_LISTENER
+        assert [o.pid for o in own.owners] == [100] and own.holders_known
+        gi.holder_layout = None  # holders not readable within the budget
+        own = gi.lookup(flow)
+        assert own is not None and own.via is Via.ESTABLISHED_LISTENER
+        assert [o.pid for o in own.owners] == [100] and not own.holders_known

@@ -70,7 +70,7 @@ def synthetic_structs() -> dict[str, StructLayout]:
                 0x120,
                 {"f_inode": (0x18, P, 8), "f_op": (0x30, P, 8), "private_data": (0xD0, P, 8)},
             ),
-            _layout("socket", 0x40, {"sk": (0x20, P, 8)}),
+            _layout("socket", 0x40, {"sk": (0x20, P, 8), "file": (0x28, P, 8)}),
             _layout(
                 "sock_common",
                 0x90,
@@ -98,6 +98,7 @@ def synthetic_structs() -> dict[str, StructLayout]:
                     "sk_type": (0x212, "short unsigned int", 2),
                     "sk_protocol": (0x214, "short unsigned int", 2),
                     "sk_uid": (0x238, "struct anon", 4),
+                    "sk_socket": (0x280, P, 8),
                 },
             ),
             _layout(
@@ -291,6 +292,10 @@ class FakeGuest:
 
     def off(self, struct_name: str, member: str) -> int:
         return self.profile.offset(struct_name, member)
+
+    def read_q(self, vaddr: int) -> int:
+        value: int = struct.unpack_from("<Q", self.buf, self.pa(vaddr))[0]
+        return value
 
     def w(self, vaddr: int, fmt: str, *values: int) -> None:
         struct.pack_into(fmt, self.buf, self.pa(vaddr), *values)
@@ -515,6 +520,9 @@ class FakeGuest:
         file = self.alloc(0x120)
         sock = self.alloc(0x40)
         self.w(sock + self.off("socket", "sk"), "<Q", sk)
+        self.w(sock + self.off("socket", "file"), "<Q", file)
+        if self.profile.has_member("sock", "sk_socket"):  # the holder resolver's way back
+            self.w(sk + self.off("sock", "sk_socket"), "<Q", sock)
         f_op = self.sym("socket_file_ops") if socket_file else self.sym("socket_file_ops") + 0x100
         self.w(file + self.off("file", "f_op"), "<Q", f_op)
         self.w(file + self.off("file", "private_data"), "<Q", sock)

@@ -15,26 +15,32 @@ from typing import Any
 
 from xfgate.errors import ConfigError, GuestNotRunning, XfgateError
 from xfgate_lab import gate, lab
+from xfgate_lab.crowd import parse_crowd
 from xfgate_lab.guest_channel import GuestResult, run_in_guest
 from xfgate_lab.layout import LabLayout, layout_from_env, vif_name
 from xfgate_lab.qemu import DEFAULT_CPU, MEMORY_MODES
 from xfgate_lab.truth import TRUTH_SCRIPT, Truth, parse_truth
 
 
-def guest_exec(layout: LabLayout, domain: int, command: str, timeout: float = 30.0) -> GuestResult:
+def guest_exec(
+    layout: LabLayout, domain: int, command: str, timeout: float = 30.0, wait: float = 0.0
+) -> GuestResult:
     """Runs a shell command as root in a lab guest (tests and operators only)."""
     state = lab.read_state(layout)
     if state is None or domain not in state.domains:
         raise GuestNotRunning(domain, f"lab {layout.prefix} has no such guest: `xfgate-lab up`")
     return run_in_guest(
-        layout.ctl_socket(domain), layout.ctl_lock(domain), command, timeout, domain
+        layout.ctl_socket(domain), layout.ctl_lock(domain), command, timeout, domain, wait
     )
+
+
+TRUTH_WAIT_SECONDS = 300.0  # a crowded guest's /proc (20,000 sockets) takes ~1 min under TCG
 
 
 def guest_truth(layout: LabLayout, domain: int) -> Truth:
     """What the guest's own /proc says about its processes and inet sockets."""
     # timeout 0: no `timeout` wrapper in the guest, whose process would show up in the truth.
-    result = guest_exec(layout, domain, TRUTH_SCRIPT, timeout=0)
+    result = guest_exec(layout, domain, TRUTH_SCRIPT, timeout=0, wait=TRUTH_WAIT_SECONDS)
     return parse_truth(result.output.decode(errors="replace"))
 
 
@@ -51,6 +57,8 @@ def _up(args: argparse.Namespace) -> int:
         force=args.force,
         cpu=args.cpu,
         memory=args.memory,
+        crowd=parse_crowd(args.crowd) if args.crowd else None,
+        ram_mb=args.ram_mb,
     )
     for dom in result.domains:
         vif = dom.vifs[0] if dom.vifs else f"{vif_name(dom.id)} (from QEMU)"
@@ -161,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="shared",
         help="guest RAM: shared (a /dev/shm file, the qemu-shm backend; default) or anonymous "
         "(QEMU's own memory as stock QEMU runs guests, read by the qemu-process backend)",
+    )
+    up.add_argument(
+        "--crowd",
+        metavar="TASKS,SOCKETS",
+        help="start a crowd in each guest (forked and threaded servers holding TCP/UDP "
+        "listeners and loopback pairs, IPv4 and IPv6), e.g. 2000,20000; RAM sized to fit",
+    )
+    up.add_argument(
+        "--ram-mb",
+        type=int,
+        help="guest RAM in MiB (default: 256, or what the crowd needs; less is refused)",
     )
     up.add_argument("--timeout", type=float, default=lab.DEFAULT_BOOT_TIMEOUT, help="boot bound, s")
     up.add_argument("--force", action="store_true", help="remove unrecorded leftovers first")

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,19 +41,27 @@ def encode_request(request_id: str, command: str, guest_timeout: int) -> bytes:
 
 def parse_reply(buffer: bytes, request_id: str) -> GuestResult | None:
     """The reply to request_id if the buffer holds all of it, else None. Replies to other
-    (earlier, abandoned) requests are ignored."""
-    begin = f"@@XFB {request_id}@@".encode()
-    end = re.compile(rb"@@XFE " + re.escape(request_id.encode()) + rb" (\d+)@@")
-    start = buffer.find(begin)
-    if start < 0:
+    (earlier, abandoned) requests are ignored. "@@XFB" starts a plain reply, "@@XFZ" a
+    gzipped one (bounded to MAX_REPLY_BYTES once decompressed)."""
+    marks = {f"@@XF{k} {request_id}@@".encode(): k == "Z" for k in "BZ"}
+    found = [(buffer.find(m), m, z) for m, z in marks.items()]
+    found = [f for f in found if f[0] >= 0]
+    if not found:
         return None
+    start, begin, gzipped = min(found)
+    end = re.compile(rb"@@XFE " + re.escape(request_id.encode()) + rb" (\d+)@@")
     m = end.search(buffer, start)
     if m is None:
         return None
     body = buffer[start + len(begin) : m.start()]
     try:
         output = base64.b64decode(b"".join(body.split()), validate=True)
-    except binascii.Error as e:
+        if gzipped:
+            inflate = zlib.decompressobj(wbits=31)
+            output = inflate.decompress(output, MAX_REPLY_BYTES)
+            if inflate.unconsumed_tail:
+                raise LabError(f"guest reply exceeds {MAX_REPLY_BYTES} bytes once unzipped")
+    except (binascii.Error, zlib.error) as e:
         raise LabError(f"garbled reply from the guest control channel: {e}") from e
     return GuestResult(int(m.group(1)), output)
 
@@ -74,15 +83,21 @@ def _exclusive(lock_path: Path, deadline: float) -> Iterator[None]:
 
 
 def run_in_guest(
-    ctl_socket: Path, lock_path: Path, command: str, timeout: float = 30.0, domain: int = 0
+    ctl_socket: Path,
+    lock_path: Path,
+    command: str,
+    timeout: float = 30.0,
+    domain: int = 0,
+    wait: float = 0.0,
 ) -> GuestResult:
     """Runs ``sh -c command`` as root in the guest; output is stdout+stderr together.
     The guest kills the command after ``timeout`` s (timeout <= 0: no guest-side limit, for
-    short trusted scripts); the host gives up a few seconds later."""
+    short trusted scripts); the host gives up a few seconds later, or after `wait` s when
+    that is longer (a long trusted script on a crowded guest)."""
     if not ctl_socket.exists():
         raise GuestNotRunning(domain or str(ctl_socket), f"no control socket {ctl_socket}")
     guest_timeout = max(0, int(timeout + 0.999))
-    deadline = time.monotonic() + max(timeout, 10.0) + 10.0
+    deadline = time.monotonic() + max(timeout, 10.0, wait) + 10.0
     request_id = f"xf{os.getpid():x}{time.monotonic_ns():x}"
     with _exclusive(lock_path, deadline), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5.0)

@@ -34,6 +34,7 @@ from xfgate.errors import PrerequisiteError, XfgateError
 from xfgate.vmi.profile_build import build_profile_files
 from xfgate_lab import namespaces as labnet
 from xfgate_lab.assets import KernelAssets, ensure_assets, resolve_kernel_package
+from xfgate_lab.crowd import Crowd, guest_ram_mb
 from xfgate_lab.errors import LabError
 from xfgate_lab.guest_channel import run_in_guest
 from xfgate_lab.layout import (
@@ -59,6 +60,7 @@ from xfgate_lab.qemu import (
 
 Log = Callable[[str], None]
 READY_MARK = "XFGATE-READY"
+CROWD_FAILED_MARK = "XFGATE-CROWD-FAILED"
 SERVICE_PORTS_V4 = (80, 8080, 8000)
 SERVICE_PORT_V6 = 9000
 REQUIRED_PROGRAMS = ("qemu-system-x86_64", "ip", "iptables", "apt-get", "dpkg-deb", "modinfo")
@@ -126,6 +128,8 @@ class LabState:
     qemu_pids: dict[str, int] = field(default_factory=dict)  # JSON keys are strings
     domains_file: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    crowd: str = ""  # "TASKS,SOCKETS" each guest runs (`up --crowd`), "" for none
+    ram_mb: int = GUEST_RAM_MB
 
     def qemu_pid(self, domain: int) -> int:
         return self.qemu_pids.get(str(domain), 0)
@@ -358,8 +362,12 @@ def wait_guest_ready(layout: LabLayout, domain: int, pid: int, deadline: float, 
         if not is_lab_qemu(layout, domain, pid):
             raise fail("stopped: qemu exited (kernel panic or bad command line?)")
         if not ready_seen:
+            text = ""
             with suppress(OSError):
-                ready_seen = READY_MARK in serial.read_text(errors="replace")
+                text = serial.read_text(errors="replace")
+            if CROWD_FAILED_MARK in text:
+                raise fail("could not start its crowd")
+            ready_seen = READY_MARK in text
             if not ready_seen:
                 time.sleep(0.2)
                 continue
@@ -429,6 +437,7 @@ def health_problems(
     want_package: str | None,
     want_cpu: str | None = None,
     want_memory: str | None = None,
+    want_crowd: str = "",
 ) -> list[str]:
     """Why a recorded lab is not fully up as requested (empty list: healthy)."""
     problems = []
@@ -442,6 +451,10 @@ def health_problems(
         problems.append(f"its guests have CPU model {state.cpu}, {want_cpu} requested")
     if want_memory and want_memory != state.memory:
         problems.append(f"its guests have {state.memory} RAM, {want_memory} requested")
+    if want_crowd != state.crowd:
+        problems.append(
+            f"its guests run crowd {state.crowd or 'none'}, {want_crowd or 'none'} requested"
+        )
     for ns in (layout.dom0_netns, layout.client_netns):
         if not labnet.netns_exists(ns):
             problems.append(f"netns {ns} is gone")
@@ -493,10 +506,14 @@ def lab_up(
     log: Log = print,
     cpu: str = DEFAULT_CPU,
     memory: str = "shared",
+    crowd: Crowd | None = None,
+    ram_mb: int | None = None,
 ) -> UpResult:
     """Brings the lab up (or finds it healthy as requested). `cpu` is the guests' QEMU CPU
     model: the default keeps 4-level paging, `max` turns 5-level paging (LA57) on. `memory`
-    "anonymous" starts the guests with QEMU's own RAM (no shared file), as stock QEMU does."""
+    "anonymous" starts the guests with QEMU's own RAM (no shared file), as stock QEMU does.
+    `crowd` starts that many tasks and sockets in each guest (RAM sized to hold them, or
+    `ram_mb`, refused with the size needed when that or the host's memory is too small)."""
     for warning in check_prerequisites():
         log(f"warning: {warning}")
     check_cpu_model(cpu)
@@ -504,11 +521,18 @@ def lab_up(
         raise LabError(f"--memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
     if not 1 <= domains <= MAX_DOMAINS:
         raise LabError(f"--domains must be 1..{MAX_DOMAINS}, got {domains}")
+    ram = guest_ram_mb(crowd, ram_mb, host_available_mb() // domains)
+    if crowd is not None:
+        boot_timeout += crowd.boot_seconds()
     want_package = resolve_kernel_package(kernel_package, log) if kernel_package else None
     with lab_lock(layout):
         state = read_state(layout)
         if state is not None:
-            problems = health_problems(layout, state, domains, want_package, cpu, memory)
+            problems = health_problems(
+                layout, state, domains, want_package, cpu, memory, crowd.spec if crowd else ""
+            )
+            if state.ram_mb != ram:
+                problems.append(f"its guests have {state.ram_mb} MiB of RAM, {ram} requested")
             if not problems:
                 what = (
                     f"domains {state.domains}, {state.kernel_package}, CPU {state.cpu}, "
@@ -532,8 +556,9 @@ def lab_up(
             if leftovers or find_lab_qemus(layout):
                 log("removing leftovers of an earlier lab")
                 _down_locked(layout, force=True, log=log)
+        guests = GuestSetup(cpu, crowd.spec if crowd else "", ram, memory)
         return _up_locked(
-            layout, domains, want_package or kernel_package, boot_timeout, log, cpu, memory
+            layout, domains, want_package or kernel_package, boot_timeout, log, guests
         )
 
 
@@ -552,19 +577,18 @@ def _up_locked(
     package: str | None,
     boot_timeout: float,
     log: Log,
-    cpu: str,
-    memory: str = "shared",
+    guests: GuestSetup,
 ) -> UpResult:
     """Assets, then network and peers, guests, profile, readiness, the domains file: each a
     named step; any failure tears down what was started."""
     t0 = time.monotonic()
     assets = ensure_assets(package, log)
     t_assets = time.monotonic()
-    state = _new_state(layout, domains, assets, cpu, memory)
+    state = _new_state(layout, domains, assets, guests)
     try:
         _start_network_and_peers(layout, state)
         for d in state.domains:
-            _start_guest(layout, state, d, assets, cpu, log)
+            _start_guest(layout, state, d, assets, guests, log)
         t_started = time.monotonic()
         _build_profile(assets, log)
         _wait_guests_ready(layout, state, t_started + boot_timeout, log)
@@ -590,8 +614,29 @@ def _up_locked(
     return UpResult(False, state, configs)
 
 
+@dataclass(frozen=True)
+class GuestSetup:
+    """What every guest of one `up` is given: CPU model, crowd ("" none), RAM size and kind."""
+
+    cpu: str = DEFAULT_CPU
+    crowd: str = ""
+    ram_mb: int = GUEST_RAM_MB
+    memory: str = "shared"  # or "anonymous": QEMU's own RAM, read by the qemu-process backend
+
+
+def host_available_mb() -> int:
+    """MemAvailable of the host, MiB (0 when unreadable: then any size is refused)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _new_state(
-    layout: LabLayout, domains: int, assets: KernelAssets, cpu: str, memory: str = "shared"
+    layout: LabLayout, domains: int, assets: KernelAssets, guests: GuestSetup
 ) -> LabState:
     """A fresh run dir holding the state of a lab that is starting."""
     state = LabState(
@@ -600,9 +645,11 @@ def _new_state(
         kernel_package=assets.package,
         kernel_release=assets.release,
         assets=str(assets.dir),
-        cpu=cpu,
-        memory=memory,
+        cpu=guests.cpu,
+        memory=guests.memory,
         domains_file=str(domains_file_from_env()),
+        crowd=guests.crowd,
+        ram_mb=guests.ram_mb,
     )
     clear_dir(layout.run_dir)
     write_state(layout, state)
@@ -616,38 +663,45 @@ def _start_network_and_peers(layout: LabLayout, state: LabState) -> None:
 
 
 def guest_spec(
-    layout: LabLayout, domain: int, assets: KernelAssets, cpu: str, memory: str = "shared"
+    layout: LabLayout, domain: int, assets: KernelAssets, guests: GuestSetup
 ) -> GuestSpec:
     return GuestSpec(
         domain=domain,
         kernel=assets.vmlinuz,
         initrd=assets.initramfs,
         ram_path=layout.ram_path(domain),
-        ram_mb=GUEST_RAM_MB,
+        ram_mb=guests.ram_mb,
         vif=vif_name(domain),
         mac=guest_mac(domain),
         serial_log=layout.serial_log(domain),
         ctl_socket=layout.ctl_socket(domain),
         qmp_socket=layout.qmp_socket(domain),
         pidfile=layout.pidfile(domain),
-        cpu=cpu,
-        memory=memory,
+        cpu=guests.cpu,
+        memory=guests.memory,
+        crowd=guests.crowd,
     )
 
 
 def _start_guest(
-    layout: LabLayout, state: LabState, domain: int, assets: KernelAssets, cpu: str, log: Log
+    layout: LabLayout,
+    state: LabState,
+    domain: int,
+    assets: KernelAssets,
+    guests: GuestSetup,
+    log: Log,
 ) -> None:
     """The guest's tap on the bridge and its QEMU, recorded in the state at once."""
     layout.guest_dir(domain).mkdir(parents=True, exist_ok=True)
     layout.ram_path(domain).unlink(missing_ok=True)
     labnet.add_vif(layout, vif_name(domain))
-    spec = guest_spec(layout, domain, assets, cpu, state.memory)
+    spec = guest_spec(layout, domain, assets, guests)
     state.qemu_pids[str(domain)] = start_qemu(spec, layout.dom0_netns)
     write_state(layout, state)
+    crowd = f", crowd {guests.crowd}" if guests.crowd else ""
     log(
-        f"guest{domain}: qemu pid {state.qemu_pid(domain)}, CPU {cpu}, {state.memory} RAM, "
-        f"booting {assets.release}"
+        f"guest{domain}: qemu pid {state.qemu_pid(domain)}, CPU {guests.cpu}, "
+        f"{guests.ram_mb} MiB {guests.memory} RAM{crowd}, booting {assets.release}"
     )
 
 

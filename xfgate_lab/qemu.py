@@ -41,11 +41,13 @@ class GuestSpec:
     pidfile: Path
     cpu: str = DEFAULT_CPU
     memory: str = "shared"
+    crowd: str = ""  # "TASKS,SOCKETS": the guest's init starts that crowd (xfgate_lab.crowd)
 
 
-def kernel_append(domain: int) -> str:
+def kernel_append(domain: int, crowd: str = "") -> str:
     # KASLR stays on (Debian's default): no nokaslr. panic=-1 + -no-reboot: a panic stops qemu.
-    return f"console=ttyS0 panic=-1 loglevel=4 xfgate.domain={domain}"
+    line = f"console=ttyS0 panic=-1 loglevel=4 xfgate.domain={domain}"
+    return f"{line} xfgate.crowd={crowd}" if crowd else line
 
 
 def qemu_argv(spec: GuestSpec) -> list[str]:
@@ -71,7 +73,7 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
         *ram,
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
-        "-append", kernel_append(spec.domain),
+        "-append", kernel_append(spec.domain, spec.crowd),
         "-netdev", f"tap,id=n0,ifname={spec.vif},script=no,downscript=no",
         "-device", f"virtio-net-pci,netdev=n0,mac={spec.mac}",
         "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",

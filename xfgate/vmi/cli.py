@@ -104,14 +104,21 @@ def format_table(doc: dict[str, Any]) -> str:
     )
 
 
+# `ps` is an operator's read, not the packet path: its walk may take longer than the gate's
+# (a 2,000-task guest holding 20,000 sockets walks in 2-4 s on a loaded 2-core host).
+PS_WALK_SECONDS = 30.0
+
+
 def run_ps(args: argparse.Namespace) -> int:
     from xfgate.vmi.introspect import GuestIntrospector
+    from xfgate.vmi.linux import WalkBounds
     from xfgate.vmi.liveness import require_running
 
     domain = get_domain(args.domain, args.domains_file)
     require_running(domain)
     profile = load_domain_profile(domain, args.profile, args.cache_dir)
-    with GuestIntrospector(domain, profile, allow_pause=not args.no_pause) as guest:
+    bounds = WalkBounds(seconds=PS_WALK_SECONDS)
+    with GuestIntrospector(domain, profile, allow_pause=not args.no_pause, bounds=bounds) as guest:
         result = guest.walk()
         doc = filter_document(guest.ps_json(result), args.pid, args.uid)
     if args.json:

@@ -314,8 +314,9 @@ def _mount_layout(p: Profile) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class WalkBounds:
-    """Limits no guest can push a walk past. The defaults fit a 2,000-task guest holding
-    20,000 sockets, and the fd bomb (70 processes x 4,090 dup()s of one socket) many times."""
+    """Limits no guest can push a walk past. The counts fit a 2,000-task guest holding
+    20,000 sockets, and the fd bomb (70 processes x 4,090 dup()s of one socket) many times;
+    the time bound does not (that guest walks in 2-4 s): `xfgate ps` gives its walk more."""
 
     max_tasks: int = 32768  # thread-group leaders
     max_threads: int = 65536  # threads over all groups (beyond the leaders)

@@ -1,0 +1,58 @@
+"""The gate's CPU at rest on a lab guest, printed as JSON.
+
+    python -m bench.rest_bench --domain 1 [--seconds 30] [--warmup 10]
+
+Starts `xfgate run --domain D --block-uid 1001` (queue mode), lets it warm up, then reads its
+CPU time (utime + stime of every thread, /proc/PID/stat) over `seconds`: percent of one core.
+The lab's workload keeps running (its attacker opens ~2 flows/s), so "rest" here means no
+flows beyond that. Bounded: warmup + seconds, then the gate is stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.gate import running_gate
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(domain: int, seconds: float, warmup: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"domain": domain, "seconds": seconds, "loadavg": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="xfgate-rest-") as tmp:
+        log_path = Path(tmp) / "gate.log"
+        with running_gate(domain, "gate", ("--block-uid", "1001"), log_path) as pid:
+            assert pid is not None
+            time.sleep(warmup)
+            c0, t0 = cpu_seconds(pid), time.monotonic()
+            time.sleep(seconds)
+            c1, t1 = cpu_seconds(pid), time.monotonic()
+        out["gate_cpu_percent_of_one_core"] = round(100 * (c1 - c0) / (t1 - t0), 2)
+        out["gate_log_tail"] = log_path.read_text(errors="replace").splitlines()[-5:]
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--domain", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--warmup", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    seconds = max(1.0, min(args.seconds, 600.0))
+    print(json.dumps(run(args.domain, seconds, max(0.0, min(args.warmup, 120.0))), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
