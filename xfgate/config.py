@@ -10,11 +10,14 @@ Read-only for the rest of xfgate. Format (TOML)::
     netns = "xfgate-dom0"          # network namespace holding the bridge/vifs ("" = the host's)
     addresses = ["198.18.1.1", "2001:2::1:1"]   # informative
     [domain.memory]
-    backend = "qemu-shm"           # qemu-shm | elf-dump | raw | libvmi
+    backend = "qemu-shm"           # qemu-shm | qemu-process | elf-dump | raw | libvmi
     path = "/dev/shm/xfgate-guest1.mem"
     [domain.qmp]
     socket = "/run/xfgate/lab/guest1/qmp.sock"
     pid = 1234                     # qemu pid, when known
+    [domain.libvirt]               # optional: the domain as libvirt knows it
+    uri = "qemu:///system"
+    uuid = "6f1c..."
     [domain.kernel]
     package = "linux-image-6.1.0-56-amd64"
     release = "6.1.0-56-amd64"
@@ -36,6 +39,7 @@ from xfgate.errors import ConfigError, DomainNotFound
 DEFAULT_DOMAINS_FILE = Path("/run/xfgate/domains.toml")
 DEFAULT_CACHE_DIR = Path("/var/cache/xfgate")  # kernel assets and profiles, kept across runs
 DEFAULT_RUN_DIR = Path("/run/xfgate")  # control sockets, poll-mode rule logs
+DEFAULT_LIBVIRT_URI = "qemu:///system"  # where `--domain NAME` looks when the file has no NAME
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,16 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class LibvirtConfig:
+    """Where a domain found through libvirt lives (xfgate/hypervisor/libvirt.py builds it)."""
+
+    uri: str
+    uuid: str
+    name: str = ""
+    pid: int = 0  # the domain's QEMU, found at lookup (never written to the file)
+
+
+@dataclass(frozen=True)
 class DomainConfig:
     id: int
     name: str
@@ -67,6 +81,7 @@ class DomainConfig:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     netns: str = ""
     addresses: tuple[str, ...] = ()
+    libvirt: LibvirtConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -74,10 +89,12 @@ class DomainConfig:
         d["addresses"] = list(self.addresses)
         if self.qmp is None:
             del d["qmp"]
+        if self.libvirt is None:
+            del d["libvirt"]
         return d
 
 
-MEMORY_BACKENDS = ("qemu-shm", "elf-dump", "raw", "libvmi")
+MEMORY_BACKENDS = ("qemu-shm", "qemu-process", "elf-dump", "raw", "libvmi")
 
 
 def _require(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -107,6 +124,14 @@ def parse_domain(table: dict[str, Any], where: str) -> DomainConfig:
             socket=_require(qmp_table, "socket", str, f"{where}.qmp"),
             pid=int(qmp_table.get("pid", 0)),
         )
+    libvirt_table = table.get("libvirt")
+    libvirt = None
+    if libvirt_table is not None:
+        libvirt = LibvirtConfig(
+            uri=_require(libvirt_table, "uri", str, f"{where}.libvirt"),
+            uuid=_require(libvirt_table, "uuid", str, f"{where}.libvirt"),
+            name=str(libvirt_table.get("name", "")),
+        )
     kernel_table = table.get("kernel", {})
     vifs = table.get("vifs", [])
     if not isinstance(vifs, list) or not all(isinstance(v, str) for v in vifs):
@@ -124,6 +149,7 @@ def parse_domain(table: dict[str, Any], where: str) -> DomainConfig:
         ),
         netns=str(table.get("netns", "")),
         addresses=tuple(str(a) for a in table.get("addresses", [])),
+        libvirt=libvirt,
     )
 
 
