@@ -50,9 +50,11 @@ def _up(args: argparse.Namespace) -> int:
         boot_timeout=args.timeout,
         force=args.force,
         cpu=args.cpu,
+        hypervisor=args.hypervisor,
     )
     for dom in result.domains:
-        print(f"domain {dom.id}: {dom.name} vif {dom.vifs[0]} {' '.join(dom.addresses)}")
+        how = f" (libvirt {dom.libvirt.uuid})" if dom.libvirt else ""
+        print(f"domain {dom.id}: {dom.name} vif {dom.vifs[0]} {' '.join(dom.addresses)}{how}")
     return 0
 
 
@@ -76,7 +78,9 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("  namespaces exist without lab state: `xfgate-lab down --force`")
     if "kernel_package" in status:
         lines.append(f"  kernel {status['kernel_package']} ({status['kernel_release']})")
-        lines.append(f"  CPU model {status['cpu']}")
+        lines.append(f"  CPU model {status['cpu']}, hypervisor {status['hypervisor']}")
+        if status["libvirt_uri"]:
+            lines.append(f"  libvirt {status['libvirt_uri']} daemons {status['daemon_pids']}")
         peers = "running" if status["peers_running"] else "NOT running"
         lines.append(f"  client peers pid {status['peers_pid']} {peers}")
     for ns, present in status["netns"].items():
@@ -152,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CPU,
         help=f"QEMU CPU model of the guests (default {DEFAULT_CPU}: 4-level paging; "
         "max: 5-level paging, LA57)",
+    )
+    up.add_argument(
+        "--hypervisor",
+        choices=lab.HYPERVISORS,
+        default="qemu",
+        help="qemu: the lab starts QEMU itself (RAM in a shared file, domains file written); "
+        "libvirt: its own libvirtd runs the guests as domains guest1.. (found through libvirt)",
     )
     up.add_argument("--timeout", type=float, default=lab.DEFAULT_BOOT_TIMEOUT, help="boot bound, s")
     up.add_argument("--force", action="store_true", help="remove unrecorded leftovers first")

@@ -32,6 +32,7 @@ from xfgate.config import (
 )
 from xfgate.errors import PrerequisiteError, XfgateError
 from xfgate.vmi.profile_build import build_profile_files
+from xfgate_lab import libvirt_lab
 from xfgate_lab import namespaces as labnet
 from xfgate_lab.assets import KernelAssets, ensure_assets, resolve_kernel_package
 from xfgate_lab.errors import LabError
@@ -69,6 +70,7 @@ OPTIONAL_PROGRAMS = {
     "httperf": "the benchmarks (python -m bench)",
 }
 DEFAULT_BOOT_TIMEOUT = 90.0
+HYPERVISORS = ("qemu", "libvirt")  # qemu: the lab starts QEMU itself; libvirt: through libvirtd
 # comm -> how many processes of the workload carry it (guest/init starts them).
 WORKLOAD_COMMS = {"httpd": 3, "fastweb": 1, "spray": 1, "keeper": 1}
 WORKLOAD_CHECK = "for c in " + " ".join(WORKLOAD_COMMS) + '; do echo "$c $(pidof $c)"; done'
@@ -124,6 +126,8 @@ class LabState:
     qemu_pids: dict[str, int] = field(default_factory=dict)  # JSON keys are strings
     domains_file: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    hypervisor: str = "qemu"  # qemu | libvirt
+    daemon_pids: dict[str, int] = field(default_factory=dict)  # libvirt: libvirtd, virtlogd
 
     def qemu_pid(self, domain: int) -> int:
         return self.qemu_pids.get(str(domain), 0)
@@ -245,6 +249,14 @@ def find_lab_qemus(layout: LabLayout) -> dict[int, Path]:
     return found
 
 
+def guest_alive(layout: LabLayout, state: LabState, domain: int) -> bool:
+    """The guest's QEMU runs (and is ours: a recycled pid is someone else's)."""
+    pid = state.qemu_pid(domain)
+    if state.hypervisor == "libvirt":
+        return libvirt_lab.is_our_domain_qemu(pid, layout, domain)
+    return is_our_qemu(pid, layout.ram_path(domain))
+
+
 def find_lab_peers(layout: LabLayout) -> list[int]:
     return [pid for pid in _pids() if is_our_peers(pid, layout)]
 
@@ -330,10 +342,11 @@ def service_endpoints(domain: int) -> list[tuple[str, int]]:
     return [(v4, p) for p in SERVICE_PORTS_V4] + [(str(guest_v6(domain)), SERVICE_PORT_V6)]
 
 
-def wait_guest_ready(layout: LabLayout, domain: int, pid: int, deadline: float, log: Log) -> None:
+def wait_guest_ready(
+    layout: LabLayout, domain: int, alive: Callable[[], bool], deadline: float, log: Log
+) -> None:
     """Until the guest's init says READY and every service answers the client; bounded."""
     serial = layout.serial_log(domain)
-    ram = layout.ram_path(domain)
     pending = service_endpoints(domain)
     ready_seen = False
 
@@ -344,7 +357,7 @@ def wait_guest_ready(layout: LabLayout, domain: int, pid: int, deadline: float, 
         if time.monotonic() > deadline:
             waiting = f"services {pending}" if ready_seen else "its init to say READY"
             raise fail(f"not ready in time (waiting for {waiting})")
-        if not is_our_qemu(pid, ram):
+        if not alive():
             raise fail("stopped: qemu exited (kernel panic or bad command line?)")
         if not ready_seen:
             with suppress(OSError):
@@ -399,6 +412,7 @@ def health_problems(
     want_domains: int,
     want_package: str | None,
     want_cpu: str | None = None,
+    want_hypervisor: str | None = None,
 ) -> list[str]:
     """Why a recorded lab is not fully up as requested (empty list: healthy)."""
     problems = []
@@ -410,13 +424,18 @@ def health_problems(
         problems.append(f"it runs {state.kernel_package}, {want_package} requested")
     if want_cpu and want_cpu != state.cpu:
         problems.append(f"its guests have CPU model {state.cpu}, {want_cpu} requested")
+    if want_hypervisor and want_hypervisor != state.hypervisor:
+        problems.append(f"its guests run under {state.hypervisor}, {want_hypervisor} requested")
+    for name, pid in state.daemon_pids.items():
+        if not libvirt_lab.is_our_daemon(pid, layout):
+            problems.append(f"{name} (pid {pid}) is not running")
     for ns in (layout.dom0_netns, layout.client_netns):
         if not labnet.netns_exists(ns):
             problems.append(f"netns {ns} is gone")
     if not is_our_peers(state.peers_pid, layout):
         problems.append("the client peers process is gone")
     for d in state.domains:
-        if not is_our_qemu(state.qemu_pid(d), layout.ram_path(d)):
+        if not guest_alive(layout, state, d):
             problems.append(f"qemu of guest{d} (pid {state.qemu_pid(d)}) is not running")
     if problems:
         return problems
@@ -460,9 +479,13 @@ def lab_up(
     force: bool = False,
     log: Log = print,
     cpu: str = DEFAULT_CPU,
+    hypervisor: str = "qemu",
 ) -> UpResult:
     """Brings the lab up (or finds it healthy as requested). `cpu` is the guests' QEMU CPU
-    model: the default keeps 4-level paging, `max` turns 5-level paging (LA57) on."""
+    model: the default keeps 4-level paging, `max` turns 5-level paging (LA57) on.
+    `hypervisor` libvirt runs the guests as libvirt domains (xfgate_lab/libvirt_lab.py)."""
+    if hypervisor not in HYPERVISORS:
+        raise LabError(f"--hypervisor must be one of {', '.join(HYPERVISORS)}, got {hypervisor}")
     for warning in check_prerequisites():
         log(f"warning: {warning}")
     check_cpu_model(cpu)
@@ -472,7 +495,7 @@ def lab_up(
     with lab_lock(layout):
         state = read_state(layout)
         if state is not None:
-            problems = health_problems(layout, state, domains, want_package, cpu)
+            problems = health_problems(layout, state, domains, want_package, cpu, hypervisor)
             if not problems:
                 what = f"domains {state.domains}, {state.kernel_package}, CPU {state.cpu}"
                 log(f"lab {layout.prefix} already up: {what}")
@@ -490,15 +513,20 @@ def lab_up(
                     f"`xfgate-lab down --force` (prefix {layout.prefix}) or pick another "
                     "lab with --prefix/$XFGATE_LAB_PREFIX"
                 )
-            if leftovers or find_lab_qemus(layout):
+            if leftovers or find_lab_qemus(layout) or libvirt_lab.find_lab_daemons(layout):
                 log("removing leftovers of an earlier lab")
                 _down_locked(layout, force=True, log=log)
-        return _up_locked(layout, domains, want_package or kernel_package, boot_timeout, log, cpu)
+        return _up_locked(
+            layout, domains, want_package or kernel_package, boot_timeout, log, cpu, hypervisor
+        )
 
 
 def lab_domain_configs(layout: LabLayout, state: LabState) -> tuple[DomainConfig, ...]:
     """The lab's domains as recorded in the domains file it was brought up with (not the one
-    $XFGATE_DOMAINS names now: a caller may point it elsewhere)."""
+    $XFGATE_DOMAINS names now: a caller may point it elsewhere); a libvirt lab's, as its
+    libvirt shows them."""
+    if state.hypervisor == "libvirt":
+        return libvirt_lab.domain_configs(layout, state.domains)
     known = load_domains(
         Path(state.domains_file) if state.domains_file else domains_file_from_env()
     )
@@ -512,6 +540,7 @@ def _up_locked(
     boot_timeout: float,
     log: Log,
     cpu: str,
+    hypervisor: str = "qemu",
 ) -> UpResult:
     """Assets, then network and peers, guests, profile, readiness, the domains file: each a
     named step; any failure tears down what was started."""
@@ -519,8 +548,13 @@ def _up_locked(
     assets = ensure_assets(package, log)
     t_assets = time.monotonic()
     state = _new_state(layout, domains, assets, cpu)
+    state.hypervisor = hypervisor
+    write_state(layout, state)
     try:
         _start_network_and_peers(layout, state)
+        if hypervisor == "libvirt":
+            state.daemon_pids = libvirt_lab.start_daemons(layout, log)
+            write_state(layout, state)
         for d in state.domains:
             _start_guest(layout, state, d, assets, cpu, log)
         t_started = time.monotonic()
@@ -531,7 +565,10 @@ def _up_locked(
         log("lab up failed: tearing down what was started")
         _down_locked(layout, force=True, log=lambda _m: None)
         raise
-    configs = _record_domains(layout, state, assets)
+    if hypervisor == "libvirt":
+        configs = libvirt_lab.domain_configs(layout, state.domains)
+    else:
+        configs = _record_domains(layout, state, assets)
     state.phase = "up"
     state.timings = {
         "assets_s": round(t_assets - t0, 2),
@@ -543,7 +580,12 @@ def _up_locked(
     log(
         f"lab {layout.prefix} up in {state.timings['total_s']:.1f} s "
         f"(assets {state.timings['assets_s']:.1f} s, network+boot+services "
-        f"{state.timings['start_to_ready_s']:.1f} s); domains file {domains_file_from_env()}"
+        f"{state.timings['start_to_ready_s']:.1f} s); "
+        + (
+            f"libvirt {libvirt_lab.libvirt_uri(layout)}"
+            if hypervisor == "libvirt"
+            else f"domains file {domains_file_from_env()}"
+        )
     )
     return UpResult(False, state, configs)
 
@@ -592,6 +634,11 @@ def _start_guest(
 ) -> None:
     """The guest's tap on the bridge and its QEMU, recorded in the state at once."""
     layout.guest_dir(domain).mkdir(parents=True, exist_ok=True)
+    if state.hypervisor == "libvirt":
+        state.qemu_pids[str(domain)] = libvirt_lab.start_domain(layout, domain, assets, cpu)
+        write_state(layout, state)
+        log(f"guest{domain}: libvirt domain, qemu pid {state.qemu_pid(domain)}, CPU {cpu}")
+        return
     layout.ram_path(domain).unlink(missing_ok=True)
     labnet.add_vif(layout, vif_name(domain))
     spec = guest_spec(layout, domain, assets, cpu)
@@ -610,7 +657,11 @@ def _build_profile(assets: KernelAssets, log: Log) -> None:
 
 def _wait_guests_ready(layout: LabLayout, state: LabState, deadline: float, log: Log) -> None:
     for d in state.domains:
-        wait_guest_ready(layout, d, state.qemu_pid(d), deadline, log)
+        wait_guest_ready(layout, d, _alive_check(layout, state, d), deadline, log)
+
+
+def _alive_check(layout: LabLayout, state: LabState, domain: int) -> Callable[[], bool]:
+    return lambda: guest_alive(layout, state, domain)
 
 
 def _record_domains(
@@ -644,6 +695,7 @@ def _down_locked(layout: LabLayout, force: bool, log: Log) -> list[str]:
                 f"{', '.join(leftovers)} exist(s) but no lab state ({layout.state_path}): "
                 "refusing to delete what this lab did not record; use `xfgate-lab down --force`"
             )
+    removed += libvirt_lab.down(layout, state.domains if state else [], stop_pid)
     qemus = find_lab_qemus(layout)
     if state is not None:
         for d in state.domains:
@@ -700,8 +752,8 @@ def lab_status(layout: LabLayout) -> dict[str, Any]:
                 "id": d,
                 "name": f"guest{d}",
                 "qemu_pid": pid,
-                "running": is_our_qemu(pid, layout.ram_path(d)),
-                "vif": vif_name(d),
+                "running": guest_alive(layout, state, d),
+                "vif": vif_name(d) if state.hypervisor == "qemu" else "(libvirt's vnetN)",
                 "addresses": [str(guest_v4(d)), str(guest_v6(d))],
                 "ram": str(layout.ram_path(d)),
                 "qmp": str(layout.qmp_socket(d)),
@@ -721,6 +773,9 @@ def lab_status(layout: LabLayout) -> dict[str, Any]:
         "kernel_package": state.kernel_package,
         "kernel_release": state.kernel_release,
         "cpu": state.cpu,
+        "hypervisor": state.hypervisor,
+        "libvirt_uri": libvirt_lab.libvirt_uri(layout) if state.hypervisor == "libvirt" else "",
+        "daemon_pids": state.daemon_pids,
         "assets": state.assets,
         "netns": netns,
         "peers_pid": state.peers_pid,
