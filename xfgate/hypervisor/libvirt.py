@@ -68,8 +68,8 @@ class LibvirtApi:
 
 def load_api() -> LibvirtApi:
     try:
-        import libvirt  # type: ignore[import-not-found,import-untyped,unused-ignore]
-        import libvirt_qemu  # type: ignore[import-not-found,import-untyped,unused-ignore]
+        import libvirt
+        import libvirt_qemu
     except ImportError as e:
         raise PrerequisiteError(
             "libvirt support needs the Python module libvirt (Debian: python3-libvirt; PyPI: "
@@ -191,9 +191,17 @@ class LibvirtHost:
     """A connection to a libvirt daemon. Context manager; every libvirt failure becomes an
     XfgateError naming the URI."""
 
-    def __init__(self, uri: str = DEFAULT_URI, api: LibvirtApi | None = None) -> None:
+    def __init__(
+        self,
+        uri: str = DEFAULT_URI,
+        api: LibvirtApi | None = None,
+        find_pid: Callable[[str, str], int] | None = None,
+        find_netns: Callable[[int], str] | None = None,
+    ) -> None:
         self.uri = uri
         self.api = api or load_api()
+        self.find_pid = find_pid or find_qemu_pid
+        self.find_netns = find_netns or netns_of
         try:
             self.conn = self.api.libvirt.open(uri)
         except self.api.libvirt.libvirtError as e:
@@ -251,13 +259,13 @@ class LibvirtHost:
 
     def view(self, dom: Any) -> LibvirtDomainView:
         xml, state = self.describe(dom)
-        pid = find_qemu_pid(xml.uuid, xml.name) if state in LIVE_STATES else 0
+        pid = self.find_pid(xml.uuid, xml.name) if state in LIVE_STATES else 0
         return LibvirtDomainView(xml.name, xml.uuid, xml.runtime_id, state, pid, xml.taps)
 
     def domain_config(self, dom: Any) -> DomainConfig:
         """What xfgate needs to gate and introspect a running libvirt domain."""
         xml, state = self.describe(dom)
-        return build_domain_config(self.uri, xml, state, find_qemu_pid, netns_of)
+        return build_domain_config(self.uri, xml, state, self.find_pid, self.find_netns)
 
 
 def build_domain_config(

@@ -158,8 +158,8 @@ def visible_domains(
         notes.append(f"libvirt not looked at: {e}")
         return out, notes
     with host:
-        for view in host.all_domains()[:4096]:
-            v = host.view(view)
+        for dom in host.all_domains()[:4096]:
+            v = host.view(dom)
             out.append(
                 VisibleDomain(
                     source="libvirt",
@@ -170,19 +170,17 @@ def visible_domains(
                     state=v.state,
                     vifs=v.taps,
                     memory_backend="qemu-process",
-                    netns=_netns_or_note(v.pid, notes),
+                    netns=_netns_or_note(host, v.pid, notes),
                 )
             )
     return out, notes
 
 
-def _netns_or_note(pid: int, notes: list[str]) -> str:
-    from xfgate.hypervisor.libvirt import netns_of
-
+def _netns_or_note(host: LibvirtHost, pid: int, notes: list[str]) -> str:
     if pid <= 0:
         return ""
     try:
-        return netns_of(pid)
+        return host.find_netns(pid)
     except Exception as e:
         notes.append(str(e))
         return "?"
