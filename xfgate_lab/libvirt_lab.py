@@ -316,8 +316,11 @@ def down(
                     if d is None:
                         continue
                     with suppress(host.api.libvirt.libvirtError):
-                        dom.destroy()
-                        removed.append(f"libvirt domain {domain_name(d)}")
+                        if dom.isActive():
+                            dom.destroy()
+                        if dom.isPersistent():  # a test's defined, shut-off domain
+                            dom.undefine()
+                        removed.append(f"libvirt domain {dom.name()}")
                         seen.add(d)
         except XfgateError:
             pass  # a daemon that does not answer: its QEMUs are stopped by pid below
