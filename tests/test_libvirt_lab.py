@@ -24,6 +24,7 @@ from tests.test_lab import check_workload
 from xfgate.errors import GuestNotRunning
 from xfgate.hypervisor.libvirt import LibvirtHost, LibvirtMonitor
 from xfgate_lab import lab, libvirt_lab
+from xfgate_lab.assets import ensure_assets
 from xfgate_lab.cli import guest_exec, guest_truth
 from xfgate_lab.gate_process import gate_process
 from xfgate_lab.layout import LabLayout
@@ -130,17 +131,15 @@ def test_bad_input_says_what_is_wrong(vlab: tuple[LabLayout, Path]) -> None:
     # libvirt off: a domains-file user never needs it.
     r = xfgate(layout, domains_file, "domains", uri="none")
     assert r.returncode == 0 and "guest1" not in r.stdout
-    # A defined but shut-off domain.
-    uri = libvirt_lab.libvirt_uri(layout)
-    xml = (
-        f"<domain type='qemu'><name>{PREFIX}-off</name>"
-        f"<uuid>{libvirt_lab.domain_uuid(layout, OFF_DOMAIN)}</uuid>"
-        "<memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>"
-    )
-    with LibvirtHost(uri) as host:
+    # A defined but shut-off domain (a full lab definition, never started).
+    state = lab.read_state(layout)
+    assert state is not None
+    assets = ensure_assets(state.kernel_package, lambda m: None)
+    xml = libvirt_lab.domain_xml(layout, OFF_DOMAIN, assets, state.cpu)
+    with LibvirtHost(libvirt_lab.libvirt_uri(layout)) as host:
         dom = host.conn.defineXML(xml)
         try:
-            r = xfgate(layout, domains_file, "ps", "--domain", f"{PREFIX}-off")
+            r = xfgate(layout, domains_file, "ps", "--domain", f"guest{OFF_DOMAIN}")
             assert r.returncode == 2 and "shutoff" in r.stderr, r.stderr
             with pytest.raises(GuestNotRunning):
                 host.domain_config(dom)

@@ -25,7 +25,6 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from contextlib import suppress
 from pathlib import Path
 
 from xfgate.config import DomainConfig
@@ -315,13 +314,17 @@ def down(
                     d = uuids.get(dom.UUIDString().lower())
                     if d is None:
                         continue
-                    with suppress(host.api.libvirt.libvirtError):
+                    seen.add(d)
+                    try:
+                        # A transient domain is gone once destroyed: ask first.
+                        persistent = dom.isPersistent()  # a test's defined, shut-off domain
                         if dom.isActive():
                             dom.destroy()
-                        if dom.isPersistent():  # a test's defined, shut-off domain
+                        if persistent:
                             dom.undefine()
-                        removed.append(f"libvirt domain {dom.name()}")
-                        seen.add(d)
+                        removed.append(f"libvirt domain {domain_name(d)}")
+                    except host.api.libvirt.libvirtError as e:  # its QEMU is stopped by pid
+                        removed.append(f"libvirt domain {domain_name(d)} (destroy: {e})")
         except XfgateError:
             pass  # a daemon that does not answer: its QEMUs are stopped by pid below
     for pid, d in sorted(find_lab_qemus(layout).items()):
