@@ -299,3 +299,22 @@ def test_cli_domains_and_unknown_domain(
     assert "guest1" in capsys.readouterr().out
     assert main([*base, "ps", "--domain", "nosuch"]) == 2
     assert "unknown domain nosuch" in capsys.readouterr().err
+
+
+def test_libvirt_uri_option_defaults_to_the_environment_then_system() -> None:
+    from xfgate.cli import build_parser
+
+    assert build_parser({}).parse_args(["domains"]).libvirt_uri == "qemu:///system"
+    env = {"XFGATE_LIBVIRT_URI": "qemu:///session"}
+    assert build_parser(env).parse_args(["domains"]).libvirt_uri == "qemu:///session"
+    args = build_parser(env).parse_args(["--libvirt-uri", "none", "status", "--domain", "web"])
+    assert args.libvirt_uri == "none" and args.domain == "web"
+
+
+def test_gate_options_take_a_name_from_the_file(domains_file: Path) -> None:
+    from xfgate.cli import build_parser
+    from xfgate.verdict.cli import gate_options
+
+    argv = ["--domains-file", str(domains_file), "--libvirt-uri", "none", "run"]
+    opts = gate_options(build_parser({}).parse_args([*argv, "--domain", "mail", "--domain", "1"]))
+    assert opts.domains == (2, 1) and opts.libvirt_uri == "none"
