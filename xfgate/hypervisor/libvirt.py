@@ -387,7 +387,8 @@ class LibvirtMonitor:
         return state_name(int(state))
 
     def is_running(self) -> bool:
-        return self.status() == "running"
+        # BLOCKED is a running domain whose vCPUs wait on a resource: a pause must be undone.
+        return self.status() in ("running", "blocked")
 
     def control_registers(self) -> ControlRegisters:
         return parse_control_registers(self.human("info registers"))
