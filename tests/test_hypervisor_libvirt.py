@@ -325,6 +325,6 @@ def test_gate_options_take_a_name_from_the_file(domains_file: Path) -> None:
 def test_monitor_has_the_monitor_contract() -> None:
     """xfgate/vmi/monitor.py's Monitor (the qemu-process branch): checked by name here, by
     the Protocol once both branches are in."""
-    contract = ("execute", "human", "stop", "cont", "status", "is_running")
-    contract += ("control_registers", "close", "__enter__", "__exit__")
+    contract = ["execute", "human", "stop", "cont", "status", "is_running"]
+    contract += ["control_registers", "close", "__enter__", "__exit__"]
     assert [n for n in contract if not callable(getattr(lv.LibvirtMonitor, n, None))] == []
