@@ -102,6 +102,18 @@ def test_truth_and_exec_work_on_the_libvirt_guest(vlab: tuple[LabLayout, Path]) 
     check_workload(guest_truth(layout, 1), 1)
 
 
+def test_up_again_finds_it_healthy_through_libvirt(vlab: tuple[LabLayout, Path]) -> None:
+    layout, _ = vlab
+    again = lab.lab_up(layout, domains=1, hypervisor="libvirt", log=lambda m: None)
+    assert again.already_up
+    (dom,) = again.domains
+    assert dom.libvirt is not None and dom.libvirt.uuid == libvirt_lab.domain_uuid(layout, 1)
+    assert dom.libvirt.pid == again.state.qemu_pid(1) and dom.vifs[0].startswith("vnet")
+    status = lab.lab_status(layout)
+    assert status["status"] == "up" and status["hypervisor"] == "libvirt"
+    assert set(status["daemon_pids"]) == {"libvirtd", "virtlogd"}
+
+
 def test_monitor_through_libvirt(vlab: tuple[LabLayout, Path]) -> None:
     layout, _ = vlab
     with LibvirtMonitor(libvirt_lab.libvirt_uri(layout), libvirt_lab.domain_uuid(layout, 1)) as m:
