@@ -5,7 +5,8 @@
 # The lab needs: qemu-system-x86, iproute2, busybox-static (guest userland), gcc + libc6-dev
 # (static workload binaries), kmod (modinfo: NIC module order); kernels come later from
 # `apt-get download` into the cache, never installed. tcpdump counts the red team's packets
-# (xfgate_lab/redteam.py).
+# (xfgate_lab/redteam.py). libvirt: the daemon for `xfgate-lab up --hypervisor libvirt` (run by
+# the lab itself, no systemd), libvirt-dev + pkg-config to build libvirt-python in the venv.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 if [ "$(id -u)" != 0 ]; then
@@ -14,7 +15,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 debs=(qemu-system-x86 qemu-utils iptables ipset conntrack httperf busybox-static
       libnetfilter-queue-dev libc6-dev gcc kmod cpio xz-utils iproute2 procps file
-      python3-dev python3-venv tcpdump)
+      python3-dev python3-venv tcpdump
+      libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -32,6 +34,6 @@ fi
 stamp="$here/.venv/.xfgate-installed"
 if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
   echo "bootstrap: installing xfgate and its Python dependencies into .venv"
-  "$here/.venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev,xen]"
+  "$here/.venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev,xen,libvirt]"
   touch "$stamp"
 fi

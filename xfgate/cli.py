@@ -1,8 +1,8 @@
 """`xfgate` command line: wiring only. Each subsystem registers its own subcommands.
 
 This is the one place that reads the environment: ``$XFGATE_DOMAINS``, ``$XFGATE_RUN_DIR``,
-and ``$XFGATE_CACHE`` are the defaults of --domains-file, --run-dir and
---cache-dir, and the paths are handed down as arguments from here.
+``$XFGATE_CACHE`` and ``$XFGATE_LIBVIRT_URI`` are the defaults of --domains-file, --run-dir,
+--cache-dir and --libvirt-uri, and they are handed down as arguments from here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from xfgate.config import DEFAULT_CACHE_DIR, DEFAULT_DOMAINS_FILE, DEFAULT_RUN_DIR
+from xfgate.config import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_DOMAINS_FILE,
+    DEFAULT_LIBVIRT_URI,
+    DEFAULT_RUN_DIR,
+)
 from xfgate.errors import XfgateError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -34,11 +39,19 @@ def _add_path_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -
             metavar="PATH",
             help=f"{what} (default: ${var} or {default})",
         )
+    parser.add_argument(
+        "--libvirt-uri",
+        default=env.get("XFGATE_LIBVIRT_URI", DEFAULT_LIBVIRT_URI),
+        metavar="URI",
+        help="libvirt to look domains up in when the domains file does not name them; "
+        f"'none': never (default: $XFGATE_LIBVIRT_URI or {DEFAULT_LIBVIRT_URI})",
+    )
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     # Imported here so that `xfgate --help` works even if one subsystem's optional
     # dependency is broken: the error then names that subsystem.
+    from xfgate.hypervisor import cli as hypervisor_cli
     from xfgate.verdict import cli as verdict_cli
     from xfgate.vmi import cli as vmi_cli
 
@@ -55,6 +68,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     vmi_cli.register(sub)
     verdict_cli.register(sub)
+    hypervisor_cli.register(sub)
     return parser
 
 

@@ -11,10 +11,13 @@ Read-only for the rest of xfgate. Format (TOML)::
     addresses = ["198.18.1.1", "2001:2::1:1"]   # informative
     [domain.memory]
     backend = "qemu-shm"           # qemu-shm | qemu-process | elf-dump | raw | libvmi
-    path = "/dev/shm/xfgate-guest1.mem"   # not for qemu-process (needs [domain.qmp])
+    path = "/dev/shm/xfgate-guest1.mem"   # not for qemu-process (needs [domain.qmp] or libvirt)
     [domain.qmp]
     socket = "/run/xfgate/lab/guest1/qmp.sock"
     pid = 1234                     # qemu pid, when known (must match the socket's peer)
+    [domain.libvirt]               # optional: the domain as libvirt knows it
+    uri = "qemu:///system"
+    uuid = "6f1c..."
     [domain.kernel]
     package = "linux-image-6.1.0-56-amd64"
     release = "6.1.0-56-amd64"
@@ -36,6 +39,7 @@ from xfgate.errors import ConfigError, DomainNotFound
 DEFAULT_DOMAINS_FILE = Path("/run/xfgate/domains.toml")
 DEFAULT_CACHE_DIR = Path("/var/cache/xfgate")  # kernel assets and profiles, kept across runs
 DEFAULT_RUN_DIR = Path("/run/xfgate")  # control sockets, poll-mode rule logs
+DEFAULT_LIBVIRT_URI = "qemu:///system"  # where `--domain NAME` looks when the file has no NAME
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,16 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class LibvirtConfig:
+    """Where a domain found through libvirt lives (xfgate/hypervisor/libvirt.py builds it)."""
+
+    uri: str
+    uuid: str
+    name: str = ""
+    pid: int = 0  # the domain's QEMU, found at lookup (never written to the file)
+
+
+@dataclass(frozen=True)
 class DomainConfig:
     id: int
     name: str
@@ -67,6 +81,7 @@ class DomainConfig:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     netns: str = ""
     addresses: tuple[str, ...] = ()
+    libvirt: LibvirtConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -74,6 +89,8 @@ class DomainConfig:
         d["addresses"] = list(self.addresses)
         if self.qmp is None:
             del d["qmp"]
+        if self.libvirt is None:
+            del d["libvirt"]
         return d
 
 
@@ -109,9 +126,20 @@ def parse_domain(table: dict[str, Any], where: str) -> DomainConfig:
             socket=_require(qmp_table, "socket", str, f"{where}.qmp"),
             pid=int(qmp_table.get("pid", 0)),
         )
+    libvirt_table = table.get("libvirt")
+    libvirt = None
+    if libvirt_table is not None:
+        libvirt = LibvirtConfig(
+            uri=_require(libvirt_table, "uri", str, f"{where}.libvirt"),
+            uuid=_require(libvirt_table, "uuid", str, f"{where}.libvirt"),
+            name=str(libvirt_table.get("name", "")),
+        )
     if backend in PATHLESS_BACKENDS:
-        if qmp is None:
-            raise ConfigError(f"{where}: backend {backend!r} needs a [domain.qmp] socket")
+        if qmp is None and libvirt is None:
+            raise ConfigError(
+                f"{where}: backend {backend!r} needs a [domain.qmp] socket"
+                " or a [domain.libvirt] table"
+            )
         path = str(mem.get("path", ""))
     else:
         path = _require(mem, "path", str, f"{where}.memory")
@@ -132,6 +160,7 @@ def parse_domain(table: dict[str, Any], where: str) -> DomainConfig:
         ),
         netns=str(table.get("netns", "")),
         addresses=tuple(str(a) for a in table.get("addresses", [])),
+        libvirt=libvirt,
     )
 
 

@@ -22,7 +22,9 @@ class PrerequisiteError(XfgateError):
 
 
 class DomainNotFound(XfgateError):
-    def __init__(self, domain: int | str, known: list[int] | None = None, path: str = "") -> None:
+    def __init__(
+        self, domain: int | str, known: list[int] | None = None, path: str = "", detail: str = ""
+    ) -> None:
         self.domain = domain
         self.known = known or []
         self.path = path
@@ -32,7 +34,8 @@ class DomainNotFound(XfgateError):
             if self.known
             else "no domains configured: start the demo guest with `xfgate-lab up`"
         )
-        super().__init__(f"unknown domain {domain}{where} ({hint})")
+        more = f"; {detail}" if detail else ""
+        super().__init__(f"unknown domain {domain}{where} ({hint}){more}")
 
 
 class GuestNotRunning(XfgateError):

@@ -59,10 +59,12 @@ def _up(args: argparse.Namespace) -> int:
         memory=args.memory,
         crowd=parse_crowd(args.crowd) if args.crowd else None,
         ram_mb=args.ram_mb,
+        hypervisor=args.hypervisor,
     )
     for dom in result.domains:
         vif = dom.vifs[0] if dom.vifs else f"{vif_name(dom.id)} (from QEMU)"
-        print(f"domain {dom.id}: {dom.name} vif {vif} {' '.join(dom.addresses)}")
+        how = f" (libvirt {dom.libvirt.uuid})" if dom.libvirt else ""
+        print(f"domain {dom.id}: {dom.name} vif {vif} {' '.join(dom.addresses)}{how}")
     return 0
 
 
@@ -86,7 +88,9 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("  namespaces exist without lab state: `xfgate-lab down --force`")
     if "kernel_package" in status:
         lines.append(f"  kernel {status['kernel_package']} ({status['kernel_release']})")
-        lines.append(f"  CPU model {status['cpu']}")
+        lines.append(f"  CPU model {status['cpu']}, hypervisor {status['hypervisor']}")
+        if status["libvirt_uri"]:
+            lines.append(f"  libvirt {status['libvirt_uri']} daemons {status['daemon_pids']}")
         peers = "running" if status["peers_running"] else "NOT running"
         lines.append(f"  client peers pid {status['peers_pid']} {peers}")
     for ns, present in status["netns"].items():
@@ -180,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--ram-mb",
         type=int,
         help="guest RAM in MiB (default: 256, or what the crowd needs; less is refused)",
+    )
+    up.add_argument(
+        "--hypervisor",
+        choices=lab.HYPERVISORS,
+        default="qemu",
+        help="qemu: the lab starts QEMU itself (RAM in a shared file, domains file written); "
+        "libvirt: its own libvirtd runs the guests as domains guest1.. (found through libvirt)",
     )
     up.add_argument("--timeout", type=float, default=lab.DEFAULT_BOOT_TIMEOUT, help="boot bound, s")
     up.add_argument("--force", action="store_true", help="remove unrecorded leftovers first")

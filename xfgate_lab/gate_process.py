@@ -34,9 +34,9 @@ def gate_argv(run_args: Sequence[str], owners_json: Path | None = None) -> list[
     return [*XFGATE_LAB, "gate", "--owners-json", str(owners_json), *run_args]
 
 
-def run_domains(run_args: Sequence[str]) -> list[int]:
-    """The --domain values of `xfgate run` arguments."""
-    return [int(run_args[i + 1]) for i, a in enumerate(run_args[:-1]) if a == "--domain"]
+def run_domains(run_args: Sequence[str]) -> list[str]:
+    """The --domain values of `xfgate run` arguments (ids, names or UUIDs)."""
+    return [run_args[i + 1] for i, a in enumerate(run_args[:-1]) if a == "--domain"]
 
 
 @dataclass
@@ -45,7 +45,7 @@ class GateProcess:
 
     proc: subprocess.Popen[bytes]
     output_path: Path
-    domains: tuple[int, ...]
+    domains: tuple[str, ...]
     env: Mapping[str, str] | None = None
 
     @property
@@ -83,7 +83,7 @@ class GateProcess:
     def cleanup(self) -> None:
         for d in self.domains:
             subprocess.run(
-                [*XFGATE, "cleanup", "--domain", str(d)],
+                [*XFGATE, "cleanup", "--domain", d],
                 capture_output=True,
                 env=None if self.env is None else dict(self.env),
                 timeout=60,

@@ -32,6 +32,7 @@ from xfgate.config import (
 )
 from xfgate.errors import PrerequisiteError, XfgateError
 from xfgate.vmi.profile_build import build_profile_files
+from xfgate_lab import libvirt_lab
 from xfgate_lab import namespaces as labnet
 from xfgate_lab.assets import KernelAssets, ensure_assets, resolve_kernel_package
 from xfgate_lab.crowd import Crowd, guest_ram_mb
@@ -72,6 +73,7 @@ OPTIONAL_PROGRAMS = {
     "httperf": "the benchmarks (python -m bench)",
 }
 DEFAULT_BOOT_TIMEOUT = 90.0
+HYPERVISORS = ("qemu", "libvirt")  # qemu: the lab starts QEMU itself; libvirt: through libvirtd
 # comm -> how many processes of the workload carry it (guest/init starts them).
 WORKLOAD_COMMS = {"httpd": 3, "fastweb": 1, "spray": 1, "keeper": 1}
 WORKLOAD_CHECK = "for c in " + " ".join(WORKLOAD_COMMS) + '; do echo "$c $(pidof $c)"; done'
@@ -130,6 +132,8 @@ class LabState:
     timings: dict[str, float] = field(default_factory=dict)
     crowd: str = ""  # "TASKS,SOCKETS" each guest runs (`up --crowd`), "" for none
     ram_mb: int = GUEST_RAM_MB
+    hypervisor: str = "qemu"  # qemu | libvirt
+    daemon_pids: dict[str, int] = field(default_factory=dict)  # libvirt: libvirtd, virtlogd
 
     def qemu_pid(self, domain: int) -> int:
         return self.qemu_pids.get(str(domain), 0)
@@ -261,6 +265,14 @@ def is_lab_qemu(layout: LabLayout, domain: int, pid: int) -> bool:
     return is_our_qemu(pid, layout.ram_path(domain), layout.pidfile(domain))
 
 
+def guest_alive(layout: LabLayout, state: LabState, domain: int) -> bool:
+    """The guest's QEMU runs (and is ours: a recycled pid is someone else's)."""
+    pid = state.qemu_pid(domain)
+    if state.hypervisor == "libvirt":
+        return libvirt_lab.is_our_domain_qemu(pid, layout, domain)
+    return is_lab_qemu(layout, domain, pid)
+
+
 def find_lab_peers(layout: LabLayout) -> list[int]:
     return [pid for pid in _pids() if is_our_peers(pid, layout)]
 
@@ -346,7 +358,9 @@ def service_endpoints(domain: int) -> list[tuple[str, int]]:
     return [(v4, p) for p in SERVICE_PORTS_V4] + [(str(guest_v6(domain)), SERVICE_PORT_V6)]
 
 
-def wait_guest_ready(layout: LabLayout, domain: int, pid: int, deadline: float, log: Log) -> None:
+def wait_guest_ready(
+    layout: LabLayout, domain: int, alive: Callable[[], bool], deadline: float, log: Log
+) -> None:
     """Until the guest's init says READY and every service answers the client; bounded."""
     serial = layout.serial_log(domain)
     pending = service_endpoints(domain)
@@ -359,7 +373,7 @@ def wait_guest_ready(layout: LabLayout, domain: int, pid: int, deadline: float, 
         if time.monotonic() > deadline:
             waiting = f"services {pending}" if ready_seen else "its init to say READY"
             raise fail(f"not ready in time (waiting for {waiting})")
-        if not is_lab_qemu(layout, domain, pid):
+        if not alive():
             raise fail("stopped: qemu exited (kernel panic or bad command line?)")
         if not ready_seen:
             text = ""
@@ -438,6 +452,7 @@ def health_problems(
     want_cpu: str | None = None,
     want_memory: str | None = None,
     want_crowd: str = "",
+    want_hypervisor: str | None = None,
 ) -> list[str]:
     """Why a recorded lab is not fully up as requested (empty list: healthy)."""
     problems = []
@@ -455,13 +470,18 @@ def health_problems(
         problems.append(
             f"its guests run crowd {state.crowd or 'none'}, {want_crowd or 'none'} requested"
         )
+    if want_hypervisor and want_hypervisor != state.hypervisor:
+        problems.append(f"its guests run under {state.hypervisor}, {want_hypervisor} requested")
+    for name, pid in state.daemon_pids.items():
+        if not libvirt_lab.is_our_daemon(pid, layout):
+            problems.append(f"{name} (pid {pid}) is not running")
     for ns in (layout.dom0_netns, layout.client_netns):
         if not labnet.netns_exists(ns):
             problems.append(f"netns {ns} is gone")
     if not is_our_peers(state.peers_pid, layout):
         problems.append("the client peers process is gone")
     for d in state.domains:
-        if not is_lab_qemu(layout, d, state.qemu_pid(d)):
+        if not guest_alive(layout, state, d):
             problems.append(f"qemu of guest{d} (pid {state.qemu_pid(d)}) is not running")
     if problems:
         return problems
@@ -508,12 +528,18 @@ def lab_up(
     memory: str = "shared",
     crowd: Crowd | None = None,
     ram_mb: int | None = None,
+    hypervisor: str = "qemu",
 ) -> UpResult:
     """Brings the lab up (or finds it healthy as requested). `cpu` is the guests' QEMU CPU
     model: the default keeps 4-level paging, `max` turns 5-level paging (LA57) on. `memory`
     "anonymous" starts the guests with QEMU's own RAM (no shared file), as stock QEMU does.
     `crowd` starts that many tasks and sockets in each guest (RAM sized to hold them, or
-    `ram_mb`, refused with the size needed when that or the host's memory is too small)."""
+    `ram_mb`, refused with the size needed when that or the host's memory is too small).
+    `hypervisor` libvirt runs the guests as libvirt domains (xfgate_lab/libvirt_lab.py)."""
+    if hypervisor not in HYPERVISORS:
+        raise LabError(f"--hypervisor must be one of {', '.join(HYPERVISORS)}, got {hypervisor}")
+    if hypervisor == "libvirt" and (crowd is not None or ram_mb is not None):
+        raise LabError("--crowd and --ram-mb are for --hypervisor qemu only")
     for warning in check_prerequisites():
         log(f"warning: {warning}")
     check_cpu_model(cpu)
@@ -529,7 +555,14 @@ def lab_up(
         state = read_state(layout)
         if state is not None:
             problems = health_problems(
-                layout, state, domains, want_package, cpu, memory, crowd.spec if crowd else ""
+                layout,
+                state,
+                domains,
+                want_package,
+                cpu,
+                memory,
+                crowd.spec if crowd else "",
+                hypervisor,
             )
             if state.ram_mb != ram:
                 problems.append(f"its guests have {state.ram_mb} MiB of RAM, {ram} requested")
@@ -553,18 +586,21 @@ def lab_up(
                     f"`xfgate-lab down --force` (prefix {layout.prefix}) or pick another "
                     "lab with --prefix/$XFGATE_LAB_PREFIX"
                 )
-            if leftovers or find_lab_qemus(layout):
+            if leftovers or find_lab_qemus(layout) or libvirt_lab.find_lab_daemons(layout):
                 log("removing leftovers of an earlier lab")
                 _down_locked(layout, force=True, log=log)
         guests = GuestSetup(cpu, crowd.spec if crowd else "", ram, memory)
         return _up_locked(
-            layout, domains, want_package or kernel_package, boot_timeout, log, guests
+            layout, domains, want_package or kernel_package, boot_timeout, log, guests, hypervisor
         )
 
 
 def lab_domain_configs(layout: LabLayout, state: LabState) -> tuple[DomainConfig, ...]:
     """The lab's domains as recorded in the domains file it was brought up with (not the one
-    $XFGATE_DOMAINS names now: a caller may point it elsewhere)."""
+    $XFGATE_DOMAINS names now: a caller may point it elsewhere); a libvirt lab's, as its
+    libvirt shows them."""
+    if state.hypervisor == "libvirt":
+        return libvirt_lab.domain_configs(layout, state.domains)
     known = load_domains(
         Path(state.domains_file) if state.domains_file else domains_file_from_env()
     )
@@ -578,6 +614,7 @@ def _up_locked(
     boot_timeout: float,
     log: Log,
     guests: GuestSetup,
+    hypervisor: str = "qemu",
 ) -> UpResult:
     """Assets, then network and peers, guests, profile, readiness, the domains file: each a
     named step; any failure tears down what was started."""
@@ -585,8 +622,13 @@ def _up_locked(
     assets = ensure_assets(package, log)
     t_assets = time.monotonic()
     state = _new_state(layout, domains, assets, guests)
+    state.hypervisor = hypervisor
+    write_state(layout, state)
     try:
         _start_network_and_peers(layout, state)
+        if hypervisor == "libvirt":
+            state.daemon_pids = libvirt_lab.start_daemons(layout, log)
+            write_state(layout, state)
         for d in state.domains:
             _start_guest(layout, state, d, assets, guests, log)
         t_started = time.monotonic()
@@ -597,7 +639,10 @@ def _up_locked(
         log("lab up failed: tearing down what was started")
         _down_locked(layout, force=True, log=lambda _m: None)
         raise
-    configs = _record_domains(layout, state, assets)
+    if hypervisor == "libvirt":
+        configs = libvirt_lab.domain_configs(layout, state.domains)
+    else:
+        configs = _record_domains(layout, state, assets)
     state.phase = "up"
     state.timings = {
         "assets_s": round(t_assets - t0, 2),
@@ -609,7 +654,12 @@ def _up_locked(
     log(
         f"lab {layout.prefix} up in {state.timings['total_s']:.1f} s "
         f"(assets {state.timings['assets_s']:.1f} s, network+boot+services "
-        f"{state.timings['start_to_ready_s']:.1f} s); domains file {domains_file_from_env()}"
+        f"{state.timings['start_to_ready_s']:.1f} s); "
+        + (
+            f"libvirt {libvirt_lab.libvirt_uri(layout)}"
+            if hypervisor == "libvirt"
+            else f"domains file {domains_file_from_env()}"
+        )
     )
     return UpResult(False, state, configs)
 
@@ -693,6 +743,11 @@ def _start_guest(
 ) -> None:
     """The guest's tap on the bridge and its QEMU, recorded in the state at once."""
     layout.guest_dir(domain).mkdir(parents=True, exist_ok=True)
+    if state.hypervisor == "libvirt":
+        state.qemu_pids[str(domain)] = libvirt_lab.start_domain(layout, domain, assets, guests.cpu)
+        write_state(layout, state)
+        log(f"guest{domain}: libvirt domain, qemu pid {state.qemu_pid(domain)}, CPU {guests.cpu}")
+        return
     layout.ram_path(domain).unlink(missing_ok=True)
     labnet.add_vif(layout, vif_name(domain))
     spec = guest_spec(layout, domain, assets, guests)
@@ -715,7 +770,11 @@ def _build_profile(assets: KernelAssets, log: Log) -> None:
 
 def _wait_guests_ready(layout: LabLayout, state: LabState, deadline: float, log: Log) -> None:
     for d in state.domains:
-        wait_guest_ready(layout, d, state.qemu_pid(d), deadline, log)
+        wait_guest_ready(layout, d, _alive_check(layout, state, d), deadline, log)
+
+
+def _alive_check(layout: LabLayout, state: LabState, domain: int) -> Callable[[], bool]:
+    return lambda: guest_alive(layout, state, domain)
 
 
 def _record_domains(
@@ -751,6 +810,7 @@ def _down_locked(layout: LabLayout, force: bool, log: Log) -> list[str]:
                 f"{', '.join(leftovers)} exist(s) but no lab state ({layout.state_path}): "
                 "refusing to delete what this lab did not record; use `xfgate-lab down --force`"
             )
+    removed += libvirt_lab.down(layout, state.domains if state else [], stop_pid)
     qemus = find_lab_qemus(layout)
     if state is not None:
         for d in state.domains:
@@ -808,8 +868,8 @@ def lab_status(layout: LabLayout) -> dict[str, Any]:
                 "id": d,
                 "name": f"guest{d}",
                 "qemu_pid": pid,
-                "running": is_lab_qemu(layout, d, pid),
-                "vif": vif_name(d),
+                "running": guest_alive(layout, state, d),
+                "vif": vif_name(d) if state.hypervisor == "qemu" else "(libvirt's vnetN)",
                 "addresses": [str(guest_v4(d)), str(guest_v6(d))],
                 "ram": str(layout.ram_path(d)) if state.memory == "shared" else "anonymous",
                 "qmp": str(layout.qmp_socket(d)),
@@ -830,6 +890,9 @@ def lab_status(layout: LabLayout) -> dict[str, Any]:
         "kernel_release": state.kernel_release,
         "cpu": state.cpu,
         "memory": state.memory,
+        "hypervisor": state.hypervisor,
+        "libvirt_uri": libvirt_lab.libvirt_uri(layout) if state.hypervisor == "libvirt" else "",
+        "daemon_pids": state.daemon_pids,
         "assets": state.assets,
         "netns": netns,
         "peers_pid": state.peers_pid,

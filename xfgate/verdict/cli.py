@@ -26,7 +26,9 @@ def register(sub: Any) -> None:
         ("unblock", "undo a block"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--domain", type=int, required=True)
+        p.add_argument(
+            "--domain", required=True, help="domain id, name or UUID (see `xfgate domains`)"
+        )
         g = p.add_mutually_exclusive_group(required=True)
         g.add_argument("--uid")
         g.add_argument("--pid")
@@ -37,16 +39,20 @@ def register(sub: Any) -> None:
         p.set_defaults(handler=cmd_block, op=name)
 
     st = sub.add_parser("status", help="running gates, their policy and counters")
-    st.add_argument("--domain", type=int)
+    st.add_argument("--domain", help="domain id, name or UUID (see `xfgate domains`)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(handler=cmd_status)
 
     rl = sub.add_parser("rules", help="xfgate's rules and blocked-port sets of a domain")
-    rl.add_argument("--domain", type=int, required=True)
+    rl.add_argument(
+        "--domain", required=True, help="domain id, name or UUID (see `xfgate domains`)"
+    )
     rl.set_defaults(handler=cmd_rules)
 
     cl = sub.add_parser("cleanup", help="remove every chain, set and mark xfgate left for a domain")
-    cl.add_argument("--domain", type=int, required=True)
+    cl.add_argument(
+        "--domain", required=True, help="domain id, name or UUID (see `xfgate domains`)"
+    )
     cl.set_defaults(handler=cmd_cleanup)
 
 
@@ -59,7 +65,10 @@ def _register_run(sub: Any) -> None:
         " gate binds again or `xfgate cleanup` (--release-on-exit removes it instead).",
     )
     run.add_argument(
-        "--domain", type=int, action="append", required=True, help="domain id (repeatable)"
+        "--domain",
+        action="append",
+        required=True,
+        help="domain id, name or UUID (see `xfgate domains`; repeatable)",
     )
     _add_policy_arguments(run)
     _add_queue_arguments(run)
@@ -181,7 +190,7 @@ def gate_options(args: argparse.Namespace) -> GateOptions:
         args.block_exe,
     )
     return GateOptions(
-        domains=tuple(dict.fromkeys(args.domain)),
+        domains=tuple(dict.fromkeys(domain_ids(args, args.domain))),
         policy=policy,
         mode=GateMode(args.mode),
         interval=args.interval,
@@ -197,10 +206,24 @@ def gate_options(args: argparse.Namespace) -> GateOptions:
         cache_ttl=args.cache_ttl,
         negative_ttl=args.negative_ttl,
         domains_file=args.domains_file,
+        libvirt_uri=args.libvirt_uri,
         profile=args.profile,
         run_dir=args.run_dir,
         cache_dir=args.cache_dir,
     )
+
+
+def domain_ids(args: argparse.Namespace, specs: Sequence[str]) -> list[int]:
+    """The ids that --domain specs (id, name or UUID) name."""
+    from xfgate.hypervisor.resolve import resolve_id
+
+    return [resolve_id(s, args.domains_file, args.libvirt_uri) for s in specs]
+
+
+def _resolve_arg(args: argparse.Namespace) -> None:
+    """args.domain: the spec given -> the domain's id (commands that talk to a gate by id)."""
+    if args.domain is not None:
+        args.domain = domain_ids(args, [args.domain])[0]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -212,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_block(args: argparse.Namespace) -> int:
     from xfgate.verdict import control
 
+    _resolve_arg(args)
     for kind in BLOCK_KINDS:
         value = getattr(args, kind)
         if value is not None:
@@ -225,6 +249,7 @@ def cmd_block(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from xfgate.verdict import control
 
+    _resolve_arg(args)
     run_dir = args.run_dir
     domains = [args.domain] if args.domain is not None else control.running_domains(run_dir)
     out = []
@@ -280,10 +305,10 @@ def _status_lines(s: dict[str, Any]) -> list[str]:
 
 
 def _enter_domain_netns(args: argparse.Namespace) -> None:
-    from xfgate.config import get_domain
+    from xfgate.hypervisor.resolve import resolve_domain
     from xfgate.verdict.netns import enter_netns
 
-    enter_netns(get_domain(args.domain, args.domains_file).netns)
+    enter_netns(resolve_domain(args.domain, args.domains_file, args.libvirt_uri).netns)
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
@@ -291,6 +316,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from xfgate.verdict.runner import rule_log_path
 
     _enter_domain_netns(args)
+    _resolve_arg(args)
     fw = Firewall(make_backend())
     for chain, lines in fw.dump(args.domain).items():
         print(f"# {chain}")
@@ -308,10 +334,11 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from xfgate.verdict import control
     from xfgate.verdict.fastpath import Firewall, make_backend
 
+    _enter_domain_netns(args)
+    _resolve_arg(args)
     path = control.socket_path(args.run_dir, args.domain)
     if control.answers(path):
         raise ConfigError(f"a gate for domain {args.domain} is running: stop it (SIGTERM) instead")
-    _enter_domain_netns(args)
     Firewall(make_backend()).remove(args.domain, persist_blocks=False)
     from xfgate.verdict import bridge
 

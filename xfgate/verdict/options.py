@@ -34,6 +34,7 @@ class GateOptions:
     cache_ttl: float = 10.0
     negative_ttl: float = 1.0
     domains_file: Path = DEFAULT_DOMAINS_FILE
+    libvirt_uri: str = ""  # where ids not in the domains file are looked up ("": nowhere)
     profile: str | None = None  # profile file; default: built/cached for the domain's kernel
     run_dir: Path = DEFAULT_RUN_DIR  # control sockets, poll-mode rule logs
     cache_dir: Path = DEFAULT_CACHE_DIR  # kernel assets and profiles

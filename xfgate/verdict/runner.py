@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from xfgate.config import DomainConfig, get_domain
+from xfgate.config import DomainConfig
 from xfgate.errors import (
     ConfigError,
     GuestNotRunning,
@@ -40,6 +40,7 @@ from xfgate.errors import (
     XfgateError,
 )
 from xfgate.flow import OwnerSource
+from xfgate.hypervisor.resolve import resolve_domain
 from xfgate.inet import proto_label
 from xfgate.verdict import bridge, control
 from xfgate.verdict.blocksets import BlockEntry, blocked_entries, ports_text
@@ -243,7 +244,9 @@ class Gate:
         opts = self.options
         if not opts.domains:
             raise ConfigError("give at least one --domain")
-        cfgs = [with_vifs(get_domain(d, opts.domains_file)) for d in opts.domains]
+        cfgs = [
+            with_vifs(resolve_domain(d, opts.domains_file, opts.libvirt_uri)) for d in opts.domains
+        ]
         namespaces = {c.netns for c in cfgs}
         if len(namespaces) > 1:
             raise ConfigError(

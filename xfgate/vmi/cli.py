@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from xfgate.config import DEFAULT_CACHE_DIR, DomainConfig, get_domain
+from xfgate.config import DEFAULT_CACHE_DIR, DomainConfig
 from xfgate.errors import ProfileError
 from xfgate.vmi.profile import Profile
 
@@ -25,7 +25,9 @@ def register(sub: Any) -> None:
         description="List a guest's processes (pid, ppid, uid, comm) and their TCP/UDP sockets "
         "from the host, by reading the guest kernel's memory. The guest is never logged into.",
     )
-    ps.add_argument("--domain", type=int, required=True, help="domain id (see the domains file)")
+    ps.add_argument(
+        "--domain", required=True, help="domain id, name or UUID (see `xfgate domains`)"
+    )
     ps.add_argument("--json", action="store_true", help="the `xfgate-lab truth --json` shape")
     ps.add_argument("--pid", type=int, help="only this process")
     ps.add_argument("--uid", type=int, help="only processes of this (real) uid")
@@ -110,11 +112,12 @@ PS_WALK_SECONDS = 30.0
 
 
 def run_ps(args: argparse.Namespace) -> int:
+    from xfgate.hypervisor.resolve import resolve_domain
     from xfgate.vmi.introspect import GuestIntrospector
     from xfgate.vmi.linux import WalkBounds
     from xfgate.vmi.liveness import require_running
 
-    domain = get_domain(args.domain, args.domains_file)
+    domain = resolve_domain(args.domain, args.domains_file, args.libvirt_uri)
     require_running(domain)
     profile = load_domain_profile(domain, args.profile, args.cache_dir)
     bounds = WalkBounds(seconds=PS_WALK_SECONDS)

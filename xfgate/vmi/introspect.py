@@ -145,8 +145,9 @@ class GuestIntrospector:
         self._checked_at = -1e9  # monotonic time of the last boot check that passed
         self._owns_memory = memory is None
         self.memory = memory if memory is not None else open_domain_memory(domain)
-        # QEMU serves one QMP client at a time: connect per use, never hold the monitor.
-        self._qmp_socket = domain.qmp.socket if domain.qmp else ""
+        # QEMU serves one QMP client at a time: connect per use, never hold the monitor. A
+        # libvirt domain's monitor is libvirt's passthrough (xfgate/hypervisor/libvirt.py).
+        self._has_monitor = domain.qmp is not None or domain.libvirt is not None
         self.layout = KernelLayout.from_profile(profile)
         try:
             self.hashes: HashLayout | None = HashLayout.from_profile(profile)
@@ -154,7 +155,7 @@ class GuestIntrospector:
         except ProfileError as e:  # lookups fall back to the walk index
             self.hashes, self.hash_problem = None, str(e)
         self.locator = KernelLocator(
-            self.memory, profile, self._registers if self._qmp_socket else None
+            self.memory, profile, self._registers if self._has_monitor else None
         )
         self._boot: _Boot | None = None
         self.pause_records: list[float] = []  # seconds of every pause we caused
@@ -216,7 +217,7 @@ class GuestIntrospector:
             self.memory.close()
             self.memory = open_domain_memory(self.domain)
             self.locator = KernelLocator(
-                self.memory, self.profile, self._registers if self._qmp_socket else None
+                self.memory, self.profile, self._registers if self._has_monitor else None
             )
             self.locator.generation = self.generation() + 1
             self._boot = None
@@ -251,7 +252,7 @@ class GuestIntrospector:
             with contextlib.suppress(QmpError):
                 self.memory.revalidate()
         boot = self.boot()
-        pause = self._pause if (self._qmp_socket and self.allow_pause and may_pause) else None
+        pause = self._pause if (self._has_monitor and self.allow_pause and may_pause) else None
         self._last_walk = time.monotonic()
         result = walk_guest(boot.space, self.layout, boot.location.virt_shift, bounds, pause)
         if result.paused_seconds:

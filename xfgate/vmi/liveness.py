@@ -50,13 +50,11 @@ def require_running(domain: DomainConfig, qmp_timeout: float = 2.0) -> None:
 
 
 def _require_status(domain: DomainConfig, qmp_timeout: float) -> None:
-    assert domain.qmp is not None
+    where = domain.qmp.socket if domain.qmp is not None else "(through libvirt)"
     try:
         with open_monitor(domain, timeout=qmp_timeout) as qmp:
             status = qmp.status()
     except (QmpError, OSError) as e:
-        raise GuestNotRunning(
-            domain.id, f"its QEMU monitor {domain.qmp.socket} does not answer: {e}"
-        ) from e
+        raise GuestNotRunning(domain.id, f"its QEMU monitor {where} does not answer: {e}") from e
     if status in ("shutdown", "guest-panicked", "internal-error"):
         raise GuestNotRunning(domain.id, f"QEMU reports the guest as {status}")

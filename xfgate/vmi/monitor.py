@@ -48,9 +48,16 @@ class Monitor(Protocol):
 
 def open_monitor(domain: DomainConfig, timeout: float = DEFAULT_TIMEOUT) -> Monitor:
     """The monitor of a domain (not connected yet: use it as a context manager)."""
-    if domain.qmp is None:
-        raise ConfigError(f"domain {domain.id} has no [domain.qmp] socket: no monitor to use")
-    return QmpClient(domain.qmp.socket, timeout=timeout, domain=domain.id)
+    if domain.qmp is not None:
+        return QmpClient(domain.qmp.socket, timeout=timeout, domain=domain.id)
+    if domain.libvirt is not None:
+        # libvirt owns its QEMU's monitor: QMP through libvirt's passthrough (README: libvirt).
+        from xfgate.hypervisor.libvirt import LibvirtMonitor
+
+        return LibvirtMonitor(domain.libvirt.uri, domain.libvirt.uuid)
+    raise ConfigError(
+        f"domain {domain.id} has neither a [domain.qmp] socket nor a libvirt domain: no monitor"
+    )
 
 
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
@@ -109,6 +116,11 @@ def qemu_pid(domain: DomainConfig) -> int:
     """The pid of the domain's QEMU: from its QMP socket's SO_PEERCRED; a configured
     `qmp.pid` must agree (a stale one names a dead or another process)."""
     if domain.qmp is None:
+        if domain.libvirt is not None and domain.libvirt.pid:
+            # libvirt's pid, checked against the QEMU's command line when it was discovered
+            if not os.path.exists(f"/proc/{domain.libvirt.pid}"):
+                raise GuestNotRunning(domain.id, f"QEMU pid {domain.libvirt.pid} is gone")
+            return domain.libvirt.pid
         raise ConfigError(f"domain {domain.id} has no [domain.qmp] socket: cannot find its QEMU")
     peer = socket_peer_pid(domain.qmp.socket)
     if domain.qmp.pid and domain.qmp.pid != peer:
@@ -160,7 +172,7 @@ def domain_vifs(domain: DomainConfig) -> tuple[str, ...]:
     """The domain's vifs: as configured, else the taps its QEMU uses (for QEMU-process domains,
     whose vifs need not be written down): named by `info network`, or, for taps passed as a
     file descriptor, found in the QEMU process's open files."""
-    if domain.vifs or domain.qmp is None:
+    if domain.vifs or (domain.qmp is None and domain.libvirt is None):
         return domain.vifs
     with open_monitor(domain) as monitor:
         found = tap_ifnames(monitor.human("info network"))

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from xfgate.config import get_domain
 from xfgate.errors import ConfigError
+from xfgate.hypervisor.resolve import resolve_domain
 from xfgate.vmi import isf, profile_build
 from xfgate.vmi.profile import Profile
 
@@ -35,7 +35,9 @@ def register(sub: Any) -> None:
         help="Debian package, e.g. linux-image-amd64 or linux-image-6.1.0-56-cloud-amd64",
     )
     source.add_argument("--vmlinuz", metavar="PATH", help="a vmlinuz, vmlinux or unpacked package")
-    source.add_argument("--domain", type=int, metavar="N", help="the kernel of configured domain N")
+    source.add_argument(
+        "--domain", metavar="SPEC", help="the kernel of domain SPEC (id, name, UUID)"
+    )
     build.add_argument("--isf", metavar="OUT", help="also write the Volatility 3 ISF (.json|.xz)")
     build.add_argument(
         "--signed-addresses",
@@ -48,7 +50,7 @@ def register(sub: Any) -> None:
 
     show = psub.add_parser("show", help="print a profile's summary, a struct or a symbol")
     where = show.add_mutually_exclusive_group(required=True)
-    where.add_argument("--domain", type=int, metavar="N", help="the profile of domain N")
+    where.add_argument("--domain", metavar="SPEC", help="the profile of domain SPEC")
     where.add_argument(
         "path", nargs="?", help="profile .json, ISF (.json/.json.xz), vmlinuz or kernel package dir"
     )
@@ -63,7 +65,7 @@ def _build_source(args: argparse.Namespace) -> Path:
         return profile_build.kernel_assets_for(args.kernel_package, args.cache_dir)
     if args.vmlinuz:
         return Path(args.vmlinuz)
-    domain = get_domain(args.domain, args.domains_file)
+    domain = resolve_domain(args.domain, args.domains_file, args.libvirt_uri)
     if domain.kernel.assets:
         return Path(domain.kernel.assets)
     if domain.kernel.package:
@@ -102,7 +104,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 def _show_profile(args: argparse.Namespace) -> Profile:
     if args.domain is not None:
-        domain = get_domain(args.domain, args.domains_file)
+        domain = resolve_domain(args.domain, args.domains_file, args.libvirt_uri)
         return profile_build.profile_for_domain(domain, args.cache_dir)
     path = Path(args.path)
     if path.is_file() and (path.name.endswith(".json") or path.name.endswith(".json.xz")):

@@ -1,0 +1,1 @@
+"""Where domains come from besides the domains file: libvirt (discovery, monitor, pause)."""
