@@ -36,6 +36,8 @@ from xfgate.errors import ConfigError, DomainNotFound
 DEFAULT_DOMAINS_FILE = Path("/run/xfgate/domains.toml")
 DEFAULT_CACHE_DIR = Path("/var/cache/xfgate")  # kernel assets and profiles, kept across runs
 DEFAULT_RUN_DIR = Path("/run/xfgate")  # control sockets, poll-mode rule logs
+DEFAULT_POLICY_FILE = Path("/etc/xfgate/policy.toml")  # `xfgate serve`'s rules
+DEFAULT_AUDIT_LOG = Path("/var/log/xfgate/audit.jsonl")  # every change of that policy
 
 
 @dataclass(frozen=True)

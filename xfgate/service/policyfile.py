@@ -285,8 +285,9 @@ def render_policy(policy: PolicySet) -> str:
         if r.set_at is not None:
             t["set"] = dt.datetime.fromtimestamp(r.set_at, dt.UTC)
         tables.append(t)
-    body: dict[str, Any] = {"unknown": policy.unknown.value}
-    if tables:
-        body["rule"] = tables
     head = "# xfgate policy: one [[rule]] per block; `xfgate block|unblock` rewrite this file\n"
-    return head + tomli_w.dumps(body)
+    # One [[rule]] header per table (tomli_w would write short arrays inline, without the
+    # header lines that error messages point at).
+    parts = [head + tomli_w.dumps({"unknown": policy.unknown.value})]
+    parts += ["[[rule]]\n" + tomli_w.dumps(t) for t in tables]
+    return "\n".join(parts)
