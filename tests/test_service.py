@@ -141,6 +141,8 @@ def test_domains_come_and_go(rig: Rig) -> None:
     rig.source_fails = False
     rig.dead[1] = "QEMU pid 4 is gone"  # its VM stopped
     rig.service.tick()
+    assert set(rig.gate.domains) == {1, 2}  # once could be a slow monitor
+    rig.service.tick()
     assert set(rig.gate.domains) == {2} and rig.gate.removed == [1]
     assert "QEMU pid 4" in rig.service.status()["service"]["pending"]["1"]
     rig.listed = [cfg(1)]  # domain 2 left the list; 1 still dead
@@ -348,3 +350,30 @@ def test_verdict_log_rotates_by_size_and_stays_bounded(tmp_path: Path) -> None:
     assert all((tmp_path / f).stat().st_size <= 2000 for f in files)
     last = json.loads(path.read_text().splitlines()[-1])
     assert last["i"] == 399 and log.rotations > 2
+
+
+def test_status_text_names_waiting_rules_pending_domains_and_a_rejected_file() -> None:
+    from xfgate.verdict.cli import render_service
+
+    service = {
+        "service": {
+            "pid": 7,
+            "policy_file": "/etc/xfgate/policy.toml",
+            "metrics": "127.0.0.1:9469",
+            "policy_error": "/etc/xfgate/policy.toml:12: rule 3: uid must be >= 0, got -1",
+            "pending": {"2": "domain 2 is not running: QEMU pid 9 is gone"},
+        },
+        "waiting": [
+            {
+                "domain": 3,
+                "kind": "uid",
+                "value": "1001",
+                "until": "2026-11-30T05:30:00Z",
+                "why": "domain 3 is not in the domain list: the rule waits for it",
+            }
+        ],
+    }
+    text = render_service(service, [])
+    assert "policy file REJECTED" in text and "policy.toml:12" in text
+    assert "domain 2: not gated: domain 2 is not running" in text
+    assert "waiting rule domain 3 uid 1001 until 2026-11-30T05:30:00Z: domain 3 is not in" in text

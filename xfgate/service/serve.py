@@ -41,6 +41,7 @@ from xfgate.verdict.policy import Policy, Verdict
 from xfgate.verdict.runner import Gate, OwnerSourceFactory, introspection_source
 
 log = logging.getLogger(__name__)
+DEAD_STRIKES = 2  # discovery rounds a gated VM must look stopped in before it is let go
 
 # Lists the domains to gate now. Called from the service's main loop every discovery interval;
 # an exception keeps the domains gated as they are (a half-written domains file is no reason
@@ -129,6 +130,7 @@ class Service:
         self._hup = False
         self._next_discovery = 0.0
         self.listed: dict[int, DomainConfig] = {}  # what the source listed last
+        self._dead: dict[int, int] = {}  # gated domains whose VM looked stopped: times in a row
         self.pending: dict[int, str] = {}  # listed, not gated: why
         self._service_lock: ServiceLock | None = None
         self._control: control.ControlServer | None = None
@@ -217,6 +219,14 @@ class Service:
             for d in sorted(set(self.gate.domains)):
                 cfg = listed.get(d)
                 why = "it left the domain list" if cfg is None else self._liveness(cfg)
+                if cfg is not None and why:
+                    # A VM that looks stopped must look so twice in a row: a monitor slow to
+                    # answer once is no reason to unbind (unsettled flows drop meanwhile).
+                    self._dead[d] = self._dead.get(d, 0) + 1
+                    if self._dead[d] < DEAD_STRIKES:
+                        log.warning("domain %d: %s (checking again)", d, why)
+                        continue
+                self._dead.pop(d, None)
                 if cfg is not None and not why and cfg != self.gate.domains[d].cfg:
                     why = "its configuration changed"
                 if why:
