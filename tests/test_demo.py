@@ -17,7 +17,7 @@ def test_demo_blocks_the_attacker_and_keeps_the_web_servers(lab_domain: DomainCo
         [sys.executable, "-m", "xfgate_lab.demo", "--keep"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=480,
         check=False,
     )
     out = run.stdout
@@ -34,4 +34,13 @@ def test_demo_blocks_the_attacker_and_keeps_the_web_servers(lab_domain: DomainCo
     stopped = out.split("5. Stop the gate")[1].split("6. Release")[0]
     assert "XFGATE-1" in stopped  # a stopped gate leaves its enforcement in the kernel
     assert "received 0 connections and 0 datagrams" in received[2]  # and it still drops
-    assert "XFGATE" not in out.split("6. Release")[1]  # cleanup leaves nothing of the gate
+    released = out.split("6. Release")[1].split("7. xfgate as a service")[0]
+    assert "XFGATE" not in released  # cleanup leaves nothing of the gate
+    service = out.split("7. xfgate as a service")[1]
+    assert "while blocked, spray got out 0 connections and 0 datagrams" in service
+    assert 'xfgate_decisions_total{domain="1"' in service  # metrics over HTTP
+    assert "across the restart, spray got out 0 connections and 0 datagrams" in service
+    assert "'value': '1001'" in service.split("8. Restart")[1]  # the rule survived
+    expired = service.split("9. The block ends")[1]
+    assert '"op":"expire"' in expired
+    assert "after the expiry, spray got out 0 connections and 0 datagrams" not in expired

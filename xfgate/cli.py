@@ -2,7 +2,8 @@
 
 This is the one place that reads the environment: ``$XFGATE_DOMAINS``, ``$XFGATE_RUN_DIR``,
 ``$XFGATE_CACHE`` and ``$XFGATE_LIBVIRT_URI`` are the defaults of --domains-file, --run-dir,
---cache-dir and --libvirt-uri, and they are handed down as arguments from here.
+--cache-dir and --libvirt-uri, and they are handed down as arguments from here; so are systemd's
+``$NOTIFY_SOCKET`` and ``$WATCHDOG_USEC`` (for `xfgate serve`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     # Imported here so that `xfgate --help` works even if one subsystem's optional
     # dependency is broken: the error then names that subsystem.
     from xfgate.hypervisor import cli as hypervisor_cli
+    from xfgate.service import cli as service_cli
     from xfgate.verdict import cli as verdict_cli
     from xfgate.vmi import cli as vmi_cli
 
@@ -69,6 +71,13 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     vmi_cli.register(sub)
     verdict_cli.register(sub)
     hypervisor_cli.register(sub)
+    service_cli.register(sub)
+    # systemd's notify socket and watchdog period (sd_notify(3)); empty outside systemd.
+    environ = os.environ if env is None else env
+    parser.set_defaults(
+        notify_socket=environ.get("NOTIFY_SOCKET", ""),
+        watchdog_usec=environ.get("WATCHDOG_USEC", ""),
+    )
     return parser
 
 

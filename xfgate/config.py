@@ -40,6 +40,8 @@ DEFAULT_DOMAINS_FILE = Path("/run/xfgate/domains.toml")
 DEFAULT_CACHE_DIR = Path("/var/cache/xfgate")  # kernel assets and profiles, kept across runs
 DEFAULT_RUN_DIR = Path("/run/xfgate")  # control sockets, poll-mode rule logs
 DEFAULT_LIBVIRT_URI = "qemu:///system"  # where `--domain NAME` looks when the file has no NAME
+DEFAULT_POLICY_FILE = Path("/etc/xfgate/policy.toml")  # `xfgate serve`'s rules
+DEFAULT_AUDIT_LOG = Path("/var/log/xfgate/audit.jsonl")  # every change of that policy
 
 
 @dataclass(frozen=True)

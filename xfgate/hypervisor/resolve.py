@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from xfgate.config import DomainConfig, load_domains
-from xfgate.errors import ConfigError, DomainNotFound, PrerequisiteError
+from xfgate.errors import ConfigError, DomainNotFound, PrerequisiteError, XfgateError
 from xfgate.hypervisor.libvirt import LibvirtHost, is_uuid
 from xfgate.vmi.liveness import is_domains_qemu, qemu_cmdline
 
@@ -184,3 +184,48 @@ def _netns_or_note(host: LibvirtHost, pid: int, notes: list[str]) -> str:
     except Exception as e:
         notes.append(str(e))
         return "?"
+
+
+def gateable_domains_source(
+    domains_file: Path, libvirt_uri: str, open_host: HostFactory = LibvirtHost
+) -> Callable[[], list[DomainConfig]]:
+    """`xfgate serve`'s DomainSource: the domains file's entries, plus every running libvirt
+    domain (`libvirt_uri` "" or none: the file only). A libvirt domain whose runtime id is an
+    id of the file is skipped (they would share chains), said in the log. A libvirt that
+    answered once and then does not raises, so the service keeps its domains as they are; a
+    host with no libvirt at all is served from the file."""
+    seen_libvirt = False
+
+    def source() -> list[DomainConfig]:
+        nonlocal seen_libvirt
+        file_domains = load_domains(domains_file)
+        out = list(file_domains.values())
+        if not libvirt_enabled(libvirt_uri):
+            return out
+        try:
+            host = open_host(libvirt_uri)
+        except PrerequisiteError as e:
+            if seen_libvirt:
+                raise
+            log.debug("serve: libvirt not looked at: %s", e)
+            return out
+        seen_libvirt = True
+        with host:
+            for dom in host.all_domains()[:4096]:
+                try:
+                    cfg = host.domain_config(dom)
+                except XfgateError as e:  # shut off, no QEMU found: not gateable now
+                    log.debug("serve: libvirt domain skipped: %s", e)
+                    continue
+                if cfg.id in file_domains:
+                    log.warning(
+                        "libvirt domain %s has runtime id %d, which the domains file uses too: "
+                        "not gated (renumber the file's entry)",
+                        cfg.name,
+                        cfg.id,
+                    )
+                    continue
+                out.append(cfg)
+        return out
+
+    return source

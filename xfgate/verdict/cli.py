@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +18,7 @@ from xfgate.verdict.options import GateMode, GateOptions
 from xfgate.verdict.policy import Verdict
 
 BLOCK_KINDS = ("uid", "pid", "comm", "exe", "sk_uid", "port")
+log = logging.getLogger(__name__)
 
 
 def register(sub: Any) -> None:
@@ -36,6 +39,15 @@ def register(sub: Any) -> None:
         g.add_argument("--exe", metavar="PATH", help="the task's executable, exact guest path")
         g.add_argument("--sk-uid", dest="sk_uid")
         g.add_argument("--port", metavar="PROTO/PORT")
+        if name == "block":
+            p.add_argument(
+                "--for",
+                dest="duration",
+                metavar="DURATION",
+                help="xfgate serve: the rule ends after this long (90s, 30m, 2h, 1d)",
+            )
+            p.add_argument("--reason", default="", help="xfgate serve: why (kept in the policy)")
+        p.add_argument("--by", default="", help="xfgate serve: who (default: your user name)")
         p.set_defaults(handler=cmd_block, op=name)
 
     st = sub.add_parser("status", help="running gates, their policy and counters")
@@ -233,26 +245,57 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_block(args: argparse.Namespace) -> int:
+    """To `xfgate serve` when it runs (the change is written to its policy file, and may have
+    an end), else to the domain's `xfgate run` gate (in its memory only)."""
+    import pwd
+
     from xfgate.verdict import control
 
     _resolve_arg(args)
     for kind in BLOCK_KINDS:
         value = getattr(args, kind)
-        if value is not None:
-            request = {"op": args.op, "kind": kind, "value": value}
-            reply = control.request(args.run_dir, args.domain, request)
-            print(json.dumps(reply["policy"]))
+        if value is None:
+            continue
+        request: dict[str, Any] = {"op": args.op, "kind": kind, "value": value}
+        duration, reason = getattr(args, "duration", None), getattr(args, "reason", "")
+        if control.answers(control.service_socket(args.run_dir)):
+            by = args.by or pwd.getpwuid(os.getuid()).pw_name
+            request.update(domain=args.domain, reason=reason, by=by)
+            if duration:
+                request["for"] = duration
+            reply = control.request(
+                args.run_dir, args.domain, request, path=control.service_socket(args.run_dir)
+            )
+            print(json.dumps({k: reply[k] for k in ("rule", "policy", "waiting")}))
+            if reply.get("waiting"):
+                log.warning("%s", reply["waiting"])
             return 0
+        if duration or reason:
+            raise ConfigError("--for and --reason need `xfgate serve` (the policy file)")
+        reply = control.request(args.run_dir, args.domain, request)
+        print(json.dumps(reply["policy"]))
+        return 0
     raise ConfigError("give one of --uid, --pid, --comm, --exe, --sk-uid, --port")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Every gate's status: the service's domains (and its waiting rules), then any domain's
+    `xfgate run` gate the service does not hold."""
     from xfgate.verdict import control
 
     _resolve_arg(args)
     run_dir = args.run_dir
+    service: dict[str, Any] | None = None
+    out: list[dict[str, Any]] = []
+    served: set[int] = set()
+    path = control.service_socket(run_dir)
+    if control.answers(path):
+        reply = control.request(run_dir, -1, {"op": "status"}, timeout=5.0, path=path)
+        service = {"service": reply["service"], "waiting": reply["waiting"]}
+        served = {s["domain"] for s in reply["domains"]}
+        out = [s for s in reply["domains"] if args.domain in (None, s["domain"])]
     domains = [args.domain] if args.domain is not None else control.running_domains(run_dir)
-    out = []
+    domains = [d for d in domains if d not in served]
     for d in domains:
         try:
             out.append(control.request(run_dir, d, {"op": "status"}, timeout=3.0))
@@ -260,10 +303,44 @@ def cmd_status(args: argparse.Namespace) -> int:
             stale = control.socket_path(run_dir, d).exists()
             out.append({"domain": d, "error": status_error(d, str(e), stale)})
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps({**service, "domains": out} if service else out, indent=2))
+    elif service is not None:
+        print(render_service(service, out))
     else:
         print(render_status(out))
     return 0
+
+
+def render_service(service: dict[str, Any], statuses: Sequence[dict[str, Any]]) -> str:
+    """`xfgate status` under `xfgate serve`: the service, its domains, rules that wait."""
+    sv = service["service"]
+    lines = [f"xfgate serve: pid {sv['pid']}, policy {sv['policy_file']}"]
+    if sv.get("metrics"):
+        lines[0] += f", metrics {sv['metrics']}"
+    if sv.get("policy_error"):
+        lines.append(f"  policy file REJECTED (the last good policy stays): {sv['policy_error']}")
+    for d, why in sv.get("pending", {}).items():
+        lines.append(f"domain {d}: not gated: {why}")
+    for s in statuses:
+        lines += _status_lines(s)
+        for r in s.get("rules", []):
+            lines.append("  rule " + _rule_text(r))
+    for r in service.get("waiting", []):
+        lines.append(f"waiting rule {_rule_text(r)}: {r['why']}")
+    if not statuses and not sv.get("pending"):
+        lines.append("no domain gated")
+    return "\n".join(lines)
+
+
+def _rule_text(r: dict[str, Any]) -> str:
+    text = f"domain {r['domain']} {r['kind']} {r['value']}"
+    if r.get("until"):
+        text += f" until {r['until']}"
+    if r.get("reason"):
+        text += f" ({r['reason']})"
+    if r.get("by"):
+        text += f" by {r['by']}"
+    return text
 
 
 def status_error(domain: int, error: str, stale_socket: bool) -> str:

@@ -29,16 +29,25 @@ def socket_path(run_dir: Path, domain: int) -> Path:
     return run_dir / f"gate-{domain}.sock"
 
 
+def service_socket(run_dir: Path) -> Path:
+    """The socket of `xfgate serve` (every domain's policy and status)."""
+    return run_dir / "serve.sock"
+
+
 class ControlServer:
-    def __init__(self, run_dir: Path, domain: int, handler: Handler) -> None:
+    def __init__(
+        self, run_dir: Path, domain: int, handler: Handler, path: Path | None = None
+    ) -> None:
+        """A domain's socket (``gate-D.sock``), or any other `path` (a service's own)."""
         self.domain = domain
-        self.path = socket_path(run_dir, domain)
+        self.path = path or socket_path(run_dir, domain)
         self._handler = handler
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             if answers(self.path):
+                what = f"a gate for domain {domain}" if path is None else f"{self.path}'s owner"
                 raise ControlError(
-                    f"a gate for domain {domain} is already running ({self.path}):"
+                    f"{what} is already running ({self.path}):"
                     " stop it first, or use `xfgate block|unblock` to change its policy"
                 )
             self.path.unlink()  # left by a gate that died
@@ -105,9 +114,16 @@ def answers(path: Path) -> bool:
 
 
 def request(
-    run_dir: Path, domain: int, payload: dict[str, Any], timeout: float = 10.0
+    run_dir: Path,
+    domain: int,
+    payload: dict[str, Any],
+    timeout: float = 10.0,
+    path: Path | None = None,
 ) -> dict[str, Any]:
-    path = socket_path(run_dir, domain)
+    """One request to domain's gate (or to the socket at `path`), its reply; ControlError if
+    none answers or it refuses."""
+    who = f"gate of domain {domain}" if path is None else f"xfgate serve ({path})"
+    path = path or socket_path(run_dir, domain)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
@@ -125,15 +141,15 @@ def request(
             f" `xfgate run --domain {domain}`"
         ) from None
     except OSError as e:
-        raise ControlError(f"gate of domain {domain} did not answer on {path}: {e}") from None
+        raise ControlError(f"{who} did not answer on {path}: {e}") from None
     finally:
         s.close()
     try:
         reply: dict[str, Any] = json.loads(data)
     except ValueError:
-        raise ControlError(f"gate of domain {domain} sent a bad reply: {data[:200]!r}") from None
+        raise ControlError(f"{who} sent a bad reply: {data[:200]!r}") from None
     if not reply.get("ok"):
-        raise ControlError(f"gate of domain {domain}: {reply.get('error', 'refused')}")
+        raise ControlError(f"{who}: {reply.get('error', 'refused')}")
     return reply
 
 

@@ -7,6 +7,7 @@ a packet without a verdict or stop the queue loop.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -118,6 +119,11 @@ class LockedOwnerSource:
         self._packet_timeout = packet_timeout  # lookups on the packet path
         self._generation = 0
 
+    @property
+    def inner(self) -> OwnerSource:
+        """The wrapped source (for counters such as an introspector's pauses; not locked)."""
+        return self._source
+
     def _acquire(self, timeout: float | None = None) -> None:
         wait = self._timeout if timeout is None else timeout
         if not self._lock.acquire(timeout=wait):
@@ -192,6 +198,13 @@ class Evaluation:
     ownership: Ownership | None = None
 
 
+# Upper bounds of the verdict latency histogram, ns: 25 us .. 1 s.
+LATENCY_BOUNDS_NS = tuple(
+    int(x * 1000)
+    for x in (25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000)
+)
+
+
 @dataclass
 class EngineStats:
     packets: int = 0
@@ -203,10 +216,15 @@ class EngineStats:
     by_source: dict[AnswerSource, int] = field(default_factory=dict)
     latency_ns_total: int = 0
     latency_ns_max: int = 0
+    # (verdict, source) -> packets; and how many verdicts took at most each LATENCY_BOUNDS_NS
+    # (one more slot: above the last bound), for the metrics' histogram.
+    by_verdict_source: dict[tuple[str, str], int] = field(default_factory=dict)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["by_source"] = dict(self.by_source)
+        del d["by_verdict_source"], d["latency_counts"]
         d["latency_us_avg"] = (
             round(self.latency_ns_total / self.packets / 1000, 1) if self.packets else 0
         )
@@ -516,6 +534,9 @@ class Engine:
         if settled:
             s.settled += 1
         s.by_source[ev.source] = s.by_source.get(ev.source, 0) + 1
+        key = (ev.decision.verdict.value, ev.source.value)
+        s.by_verdict_source[key] = s.by_verdict_source.get(key, 0) + 1
+        s.latency_counts[bisect.bisect_left(LATENCY_BOUNDS_NS, elapsed)] += 1
         s.latency_ns_total += elapsed
         s.latency_ns_max = max(s.latency_ns_max, elapsed)
 

@@ -26,6 +26,8 @@ class GateOptions:
     on_error: Verdict | None = None
     log_target: str | None = None
     log_sample: int = 1
+    log_max_bytes: int = 0  # rotate the verdict log file past this size (0: never)
+    log_backups: int = 3  # rotated files kept (FILE.1 ... FILE.N)
     persist_blocks: bool = False  # with release_on_exit: keep the sets
     # False (default): a stopping gate leaves its chains, sets and queue rules in the kernel.
     release_on_exit: bool = False

@@ -237,6 +237,14 @@ class Gate:
         self._stop = False
         self.loop_errors = 0
         self._wake_r = self._wake_w = -1
+        self.netns = ""
+        # A service's additions to the main loop: more readable fds (its control socket) and
+        # work after every tick (discovery, expiry, reload, watchdog).
+        self.readers: dict[int, Callable[[], None]] = {}
+        self.tick_hooks: list[Callable[[], None]] = []
+        # Set by a service: block/unblock/unknown sent to a domain's control socket go to the
+        # service's policy (persisted) instead of the gate's memory.
+        self.policy_hook: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -256,12 +264,7 @@ class Gate:
         for c in cfgs:
             if not c.vifs:
                 raise ConfigError(f"domain {c.id} has no vifs in the domains file")
-        enter_netns(cfgs[0].netns)
-        for warning in check_prerequisites():
-            log.warning("%s", warning)
-        self.firewall = Firewall(make_backend())
-        if opts.log_target:
-            self.log = VerdictLog.open(opts.log_target, opts.log_sample)
+        self.open(cfgs[0].netns)
         try:
             for i, c in enumerate(cfgs):
                 self._start_domain(c, i)
@@ -276,7 +279,58 @@ class Gate:
             self.stop()
             raise
 
-    def _start_domain(self, cfg: DomainConfig, index: int) -> None:
+    def open(self, netns: str) -> None:
+        """Enter the namespace of the domains' bridge, reach the firewall, open the verdict
+        log: what every domain of this gate shares. `start` calls it; a service calls it once,
+        then `add_domain` / `remove_domain` as domains come and go."""
+        opts = self.options
+        enter_netns(netns)
+        self.netns = netns
+        for warning in check_prerequisites():
+            log.warning("%s", warning)
+        self.firewall = Firewall(make_backend())
+        if opts.log_target:
+            self.log = VerdictLog.open(
+                opts.log_target, opts.log_sample, opts.log_max_bytes, opts.log_backups
+            )
+
+    def add_domain(self, cfg: DomainConfig, policy: Policy) -> None:
+        """Start gating one more domain (after `open`, from the thread that called it: its
+        threads inherit the namespace): the same steps `start` takes, for one domain. On
+        failure nothing of the domain stays in this process (its kernel rules, adopted or
+        new, stay: stopping is not releasing)."""
+        if cfg.id in self.domains:
+            raise ConfigError(f"domain {cfg.id} is already gated")
+        if not cfg.vifs:
+            raise ConfigError(f"domain {cfg.id} has no vifs in the domains file")
+        if cfg.netns != self.netns:
+            raise ConfigError(
+                f"domain {cfg.id} lives in network namespace {cfg.netns or '(host)'!r}, this"
+                f" gate in {self.netns or '(host)'!r}: run one gate per namespace"
+            )
+        try:
+            self._start_domain(cfg, 0, policy)
+            dg = self.domains[cfg.id]
+            self._install(dg)
+            self._start_threads(dg)
+            self._first_walk(dg)
+        except BaseException:
+            self.remove_domain(cfg.id)
+            raise
+
+    def remove_domain(self, domain: int) -> None:
+        """Stop gating one domain: its threads end, its queue is unbound and its control
+        socket closed; its kernel rules stay (or go with release_on_exit), as on `stop`."""
+        dg = self.domains.pop(domain, None)
+        if dg is None:
+            return
+        self._stop_domains({domain: dg})
+
+    def set_policy(self, domain: int, policy: Policy) -> None:
+        """Put `policy` in force for a gated domain (settled flows are decided again)."""
+        self._set_policy(self.domains[domain], policy)
+
+    def _start_domain(self, cfg: DomainConfig, index: int, policy: Policy | None = None) -> None:
         opts = self.options
         vifs = {ifindex(v): v for v in cfg.vifs}
         base = opts.queue_num if opts.queue_num is not None else DEFAULT_QUEUE_BASE + cfg.id
@@ -285,7 +339,14 @@ class Gate:
         source = LockedOwnerSource(self._owner_source_factory(cfg, opts))
         cache = OwnerCache(opts.cache_ttl, opts.negative_ttl)
         engine = Engine(
-            cfg.id, vifs, source, opts.policy, cache, self.log, opts.fastpath, opts.on_error
+            cfg.id,
+            vifs,
+            source,
+            opts.policy if policy is None else policy,
+            cache,
+            self.log,
+            opts.fastpath,
+            opts.on_error,
         )
         engine.refresh_view = lambda: source.view(timeout=PACKET_WAIT)
         if engine.degraded:
@@ -298,7 +359,12 @@ class Gate:
         if opts.mode is GateMode.QUEUE:
             dg.queue = bind_queue(queue_num, engine.handle)
 
-    def _clean_leftovers(self) -> None:
+    def clean_leftovers(self, keep: set[int] | None = None) -> None:
+        """`_clean_leftovers`, sparing the domains in `keep` too (a service spares every domain
+        it knows of, gated yet or not: a guest starting up keeps its enforcement)."""
+        self._clean_leftovers(keep or set())
+
+    def _clean_leftovers(self, keep: set[int] | None = None) -> None:
         """Remove chains/sets of domains whose gate is gone and that this gate does not serve.
         Ours are adopted: _install replaces their rules in place, with no window, and the sets
         keep holding until the first walk."""
@@ -310,7 +376,7 @@ class Gate:
             if control.answers(control.socket_path(run_dir, d))
         }
         for d in sorted(self.firewall.leftover_domains()):
-            if d in self.domains:
+            if d in self.domains or d in (keep or set()):
                 continue
             if d not in live:
                 log.info("removing leftovers of domain %d", d)
@@ -389,18 +455,28 @@ class Gate:
 
     def stop(self) -> None:
         """Undo everything; safe to call twice and after a partial start."""
+        self._stop_domains(self.domains)
+        if self.log is not None:
+            self.log.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _stop_domains(self, domains: dict[int, DomainGate]) -> None:
         errors: list[str] = []
-        for dg in self.domains.values():
+        for dg in domains.values():
             if dg.refresher is not None:
                 dg.refresher.stop()
             for t in dg.threads:
                 t.stop()
-        for dg in self.domains.values():
+        for dg in domains.values():
             for t in dg.threads:
                 t.join(2 * IDLE_TICK + 1)
             dg.threads.clear()
         if self.firewall is not None and self.options.release_on_exit:
-            for d in self.domains:
+            for d in domains:
                 try:
                     # Jumps go first, so no packet is queued to a consumer about to vanish.
                     self.firewall.remove(d, persist_blocks=self.options.persist_blocks)
@@ -408,14 +484,14 @@ class Gate:
                         bridge.remove(d)
                 except XfgateError as e:
                     errors.append(str(e))
-        elif self.domains:
+        elif domains:
             log.info(
                 "leaving the enforcement of domain(s) %s in the kernel (%s while no gate is"
                 " bound); `xfgate cleanup` releases it",
-                ", ".join(str(d) for d in self.domains),
+                ", ".join(str(d) for d in domains),
                 "unsettled flows pass" if self.options.queue_bypass else "unsettled flows drop",
             )
-        for dg in self.domains.values():
+        for dg in domains.values():
             if dg.queue is not None:
                 with contextlib.suppress(Exception):
                     dg.queue.unbind()
@@ -424,13 +500,6 @@ class Gate:
                 dg.control.close()
                 dg.control = None
             dg.source.close()
-        if self.log is not None:
-            self.log.close()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._wake_r = self._wake_w = -1
         if errors:
             log.error("cleanup incomplete: %s", "; ".join(errors))
 
@@ -459,7 +528,7 @@ class Gate:
 
     def _tick(self) -> None:
         # Packets and control requests have their own threads; here: signals and poll mode.
-        readers: dict[int, Callable[[], None]] = {self._wake_r: self._drain_wake}
+        readers: dict[int, Callable[[], None]] = {self._wake_r: self._drain_wake, **self.readers}
         timeout = IDLE_TICK
         if self.options.mode is GateMode.POLL:
             now = time.monotonic()
@@ -477,6 +546,12 @@ class Gate:
                 if now >= dg.next_poll:
                     self._poll(dg)
                     dg.next_poll = now + self.options.interval
+        for hook in self.tick_hooks:
+            try:
+                hook()
+            except Exception as e:  # a service's housekeeping must not end the gate
+                self.loop_errors += 1
+                log.error("loop error: %s: %s", type(e).__name__, e)
         if not ready and self.log is not None:
             self.log.flush()
 
@@ -556,6 +631,8 @@ class Gate:
         op = req.get("op")
         if op == "status":
             return {"ok": True, **self.status(dg)}
+        if op in ("block", "unblock", "unknown") and self.policy_hook is not None:
+            return self.policy_hook(dg.cfg.id, req)
         if op in ("block", "unblock"):
             new = dg.engine.policy.changed(str(op), str(req.get("kind")), str(req.get("value")))
             self._set_policy(dg, new)
