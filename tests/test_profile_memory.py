@@ -79,6 +79,23 @@ def test_a_cached_profile_whose_banner_the_guest_does_not_hold_is_rebuilt(
     assert "XXXX" in result.profile.banner
 
 
+def test_a_cache_entry_poisoned_by_another_guest_is_never_used(tmp_path: Path) -> None:
+    """A hostile guest kernel claims a neighbour's release and build-id with its own BTF (a
+    member renamed): its build is cached under that key, yet the honest guest gets a profile
+    built from its own bytes, and the other way round."""
+    forged, _ = build(FakeKernel())
+    at = forged.index(b"skc_num\0")
+    forged[at : at + 7] = b"skc_nuX"
+    poisoned = profile_memory.build_memory_profile(BufferMemory(forged), tmp_path)
+    assert poisoned.profile.has_member("sock_common", "skc_nuX")
+    honest = _build(FakeKernel(), tmp_path)
+    assert not honest.from_cache and honest.profile_path == poisoned.profile_path
+    assert honest.profile.offset("sock_common", "skc_num") == 14
+    assert not honest.profile.has_member("sock_common", "skc_nuX")
+    again = profile_memory.build_memory_profile(BufferMemory(forged), tmp_path)
+    assert not again.from_cache and again.profile.has_member("sock_common", "skc_nuX")
+
+
 def test_no_vmcoreinfo_names_what_to_supply(tmp_path: Path) -> None:
     mem = bytearray(1 << 20)
     with pytest.raises(ProfileError) as err:

@@ -95,10 +95,14 @@ def _read(read: ImageReader, address: int, length: int, what: str) -> bytes:
     return data
 
 
+def token_table_size(read: ImageReader, tables: KallsymsTables) -> tuple[tuple[int, ...], int]:
+    index = struct.unpack("<256H", _read(read, tables.token_index, 512, "kallsyms_token_index"))
+    return index, min(max(index) + 256, TOKEN_TABLE_MAX)
+
+
 def read_tokens(read: ImageReader, tables: KallsymsTables) -> list[str]:
     """The 256 expansion strings of the name compression."""
-    index = struct.unpack("<256H", _read(read, tables.token_index, 512, "kallsyms_token_index"))
-    size = min(max(index) + 256, TOKEN_TABLE_MAX)
+    index, size = token_table_size(read, tables)
     raw = _read(read, tables.token_table, size, "kallsyms_token_table")
     tokens = []
     for start in index:
@@ -109,8 +113,9 @@ def read_tokens(read: ImageReader, tables: KallsymsTables) -> list[str]:
     return tokens
 
 
-def read_names(read: ImageReader, tables: KallsymsTables, count: int) -> list[str]:
-    """``count`` expanded names (type letter first), in table order (sorted by address)."""
+def read_names(read: ImageReader, tables: KallsymsTables, count: int) -> tuple[list[str], int]:
+    """``count`` expanded names (type letter first), in table order (sorted by address), and
+    the bytes of ``kallsyms_names`` they took."""
     tokens = read_tokens(read, tables)
     buf = b""
     base = tables.names  # address of buf[0]
@@ -136,7 +141,7 @@ def read_names(read: ImageReader, tables: KallsymsTables, count: int) -> list[st
             )
         names.append("".join([tokens[b] for b in buf[pos : pos + length]]))
         pos += length
-    return names
+    return names, base + pos - tables.names
 
 
 def read_num_syms(read: ImageReader, tables: KallsymsTables) -> int:
@@ -163,12 +168,21 @@ def read_addresses(
     return [(base + (off & 0xFFFFFFFF)) & mask for off in offsets]
 
 
+@dataclass(frozen=True)
+class Decoded:
+    table: list[tuple[int, str, str]]  # (link-time address, type letter, name)
+    # (runtime address, length) of the bytes the table was decoded from that do not move with
+    # KASLR; besides them only kallsyms_relative_base (relocated). None with absolute
+    # kallsyms_addresses (every address relocated): no fixed bytes to compare.
+    extents: tuple[tuple[int, int], ...] | None
+
+
 def decode(
     read: ImageReader,
     tables: KallsymsTables,
     virt_shift: int,
     anchors: Mapping[str, int],
-) -> list[tuple[int, str, str]]:
+) -> Decoded:
     """(link-time address, type letter, name) for every entry, in the kernel's order, as
     ``kernel_image.kallsyms_table`` gives them from a vmlinuz.
 
@@ -176,7 +190,16 @@ def decode(
     addressing mode that puts them where VMCOREINFO says is the kernel's; none agreeing is an
     error (a table of another kernel, or garbage)."""
     count = read_num_syms(read, tables)
-    names = read_names(read, tables, count)
+    names, names_bytes = read_names(read, tables, count)
+    _index, token_bytes = token_table_size(read, tables)
+    extents = [
+        (tables.num_syms, 4),
+        (tables.names, names_bytes),
+        (tables.token_index, 512),
+        (tables.token_table, token_bytes),
+    ]
+    if tables.offsets:  # kallsyms_relative_base is relocated by KASLR: not a fixed byte
+        extents.append((tables.offsets, 4 * count))
     mask = (1 << 64) - 1
     modes = (True, False) if tables.offsets else (False,)
     for absolute_percpu in modes:
@@ -186,11 +209,12 @@ def decode(
             if name[1:] in anchors:
                 found.setdefault(name[1:], address)
         if found and all(found[k] == v for k, v in anchors.items() if k in found):
-            return [
+            table = [
                 # Per-cpu symbols (absolute, below the kernel image) are not relocated.
                 ((a - virt_shift) & mask if a >= 1 << 63 else a, n[:1], n[1:])
                 for a, n in zip(addresses, names, strict=True)
             ]
+            return Decoded(table, tuple(extents) if tables.offsets else None)
     raise ProfileError(
         "the kallsyms tables in guest memory do not agree with VMCOREINFO "
         f"(none of {', '.join(sorted(anchors))} decodes to the address VMCOREINFO gives)",

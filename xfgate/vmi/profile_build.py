@@ -279,7 +279,9 @@ def profile_for_domain(domain: DomainConfig, cache: Path = DEFAULT_CACHE_DIR) ->
 
 
 def cached_profiles(cache: Path = DEFAULT_CACHE_DIR) -> list[Path]:
-    return sorted(profiles_dir(cache).glob("*.json"))
+    return sorted(
+        p for p in profiles_dir(cache).glob("*.json") if not p.name.endswith(".sources.json")
+    )
 
 
 def profile_for_release(release: str, cache: Path = DEFAULT_CACHE_DIR) -> Profile:
@@ -299,7 +301,8 @@ def profile_for_banner(banner: str, cache: Path = DEFAULT_CACHE_DIR) -> Profile:
     release = kernel_image.banner_release(banner)
     text = banner.rstrip("\0")
     for path in cached_profiles(cache):
-        if path.name.startswith(f"{release}-"):
+        # Profiles built from a guest's memory serve that guest only (profile_memory).
+        if path.name.startswith(f"{release}-") and not path.name.startswith(f"{release}-mem-"):
             profile = load_profile(path)
             if profile.banner == text:
                 return profile

@@ -7,15 +7,19 @@
 4. ``linux_banner``; then the same ISF -> Profile path the package build takes
    (``isf.isf_from_btf``), so both builds give equal profiles.
 
-Cached in ``<cache dir>/profiles/`` as ``<release>-mem-<sha256(release, build-id)[:16]>.*``:
-a later contact with the same kernel build costs the VMCOREINFO scan and a load, and the cached
-profile's banner must read back from the guest's ``linux_banner`` or it is rebuilt.
+Cached in ``<cache dir>/profiles/`` as ``<release>-mem-<sha256(release, build-id)[:16]>.*``,
+with ``.sources.json`` listing the guest bytes it was built from (kallsyms tables, BTF, banner)
+and their sha256: a later contact costs the VMCOREINFO scan, a hash of those ~8 MB and a load,
+and a guest whose bytes differ (another build claiming the same release and build-id: a hostile
+kernel poisoning the cache for its neighbours) gets its own build, never the cached one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import struct
 import time
 from pathlib import Path
 
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 
 MAX_BTF = 64 << 20  # a Debian kernel's BTF is ~5 MB
 BANNER_MAX = 512
+MAX_EXTENTS = 16
+MAX_SOURCE_BYTES = 256 << 20
 # Runtime addresses VMCOREINFO states and kallsyms also lists: they decide the addressing mode.
 ANCHORS = ("swapper_pg_dir", "init_uts_ns", "_stext", "init_top_pgt", "node_online_map")
 
@@ -95,21 +101,50 @@ def _paths(key: str, cache: Path) -> tuple[Path, Path, Path]:
     return (out / f"{key}.json", out / f"{key}.isf.json.xz", out / f"{key}.System.map")
 
 
+def _sources_path(profile_path: Path) -> Path:
+    return profile_path.with_name(profile_path.name.removesuffix(".json") + ".sources.json")
+
+
+def content_digest(memory: PhysicalMemory, info: VmcoreInfo, extents: list[tuple[int, int]]) -> str:
+    """sha256 of the guest bytes a profile was built from (link-time extents: kallsyms
+    tables, BTF, banner), read at this boot's addresses."""
+    if len(extents) > MAX_EXTENTS or sum(n for _a, n in extents) > MAX_SOURCE_BYTES:
+        raise ProfileError("a cached profile's source list is too large", "cache")
+    digest = hashlib.sha256()
+    base = info.symbols.get("kallsyms_relative_base")
+    if base is not None:  # relocated by KASLR: compared at its link-time value
+        try:
+            (value,) = struct.unpack("<Q", memory.read(info.image_paddr(base), 8))
+        except MemoryReadError as e:
+            raise ProfileError(f"cannot re-read kallsyms_relative_base: {e}", "cache") from e
+        digest.update(struct.pack("<Q", (value - info.virt_shift) & ((1 << 64) - 1)))
+    for link, length in extents:
+        try:
+            digest.update(memory.read(info.image_paddr(link + info.virt_shift), length))
+        except MemoryReadError as e:
+            raise ProfileError(f"cannot re-read the profile's sources: {e}", "cache") from e
+    return digest.hexdigest()
+
+
 def _cached(
     memory: PhysicalMemory, info: VmcoreInfo, paths: tuple[Path, Path, Path]
 ) -> Profile | None:
-    if not all(p.exists() for p in paths):
+    """The cached build of this kernel, only if this guest holds the very bytes it was built
+    from: a cache entry another guest (a hostile kernel) made under the same release and
+    build-id is never used for this one."""
+    sources = _sources_path(paths[0])
+    if not all(p.exists() for p in (*paths, sources)):
         return None
     try:
-        profile = load_profile(paths[0])
-        banner = read_guest_banner(memory, info, profile.symbol("linux_banner"))
-    except ProfileError as e:
+        recorded = json.loads(sources.read_text())
+        extents = [(int(a), int(n)) for a, n in recorded["extents"]]
+        if content_digest(memory, info, extents) != recorded["sha256"]:
+            log.warning("cached profile %s was built from other bytes: rebuilding", paths[0].name)
+            return None
+        return load_profile(paths[0])
+    except (OSError, ValueError, KeyError, TypeError, ProfileError) as e:
         log.info("cached memory profile %s not usable (%s): rebuilding", paths[0].name, e)
         return None
-    if banner != profile.banner:
-        log.warning("cached profile %s has another banner than the guest: rebuilding", paths[0])
-        return None
-    return profile
 
 
 def build_memory_profile(
@@ -137,7 +172,8 @@ def build_memory_profile(
     except ProfileError as e:
         raise ProfileError(f"{e}; {no_profile_hint(memory)}", e.symbol) from e
     anchors = {k: info.symbols[k] for k in ANCHORS if k in info.symbols}
-    table = kallsyms.decode(_image_reader(memory, info), tables, info.virt_shift, anchors)
+    decoded = kallsyms.decode(_image_reader(memory, info), tables, info.virt_shift, anchors)
+    table = decoded.table
     t2 = time.perf_counter()
     symbols: dict[str, int] = {}
     for address, _type, name in table:
@@ -148,6 +184,12 @@ def build_memory_profile(
     check_banner(info, banner)
     blob = read_btf(memory, info, symbols)
     btf = parse_btf(blob)
+    sources = None
+    if decoded.extents is not None:
+        extents = [(a - info.virt_shift, n) for a, n in decoded.extents]
+        extents.append((symbols["__start_BTF"], len(blob)))
+        extents.append((symbols["linux_banner"], len(banner.encode()) + 1))
+        sources = {"extents": extents, "sha256": content_digest(memory, info, extents)}
     t3 = time.perf_counter()
     source = {"name": f"guest memory ({memory.name})", "build_id": info.build_id}
     doc = isf.isf_from_btf(btf, symbols, banner, WELL_KNOWN_SYMBOL_TYPES, source)
@@ -157,6 +199,10 @@ def build_memory_profile(
     # xz preset 0: a first contact waits for this write (~2 s, 1.9 MB, vs ~15 s at 6).
     isf_bytes = isf.write_isf(doc, paths[1], preset=0)
     paths[2].write_text(kernel_image.system_map_text(table))
+    if sources is not None:  # without it the build is never reused
+        _sources_path(paths[0]).write_text(json.dumps(sources))
+    else:
+        _sources_path(paths[0]).unlink(missing_ok=True)
     save_profile(profile, paths[0])  # last: its presence marks a complete build
     timings["write"] = time.perf_counter() - t4
     log.info(
