@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ import pytest
 from tests.conftest import require_lab_prerequisites
 from tests.test_isf_volatility import _processes_from_volatility, _symbols_dir, _volatility
 from tests.test_vmi_lab import ps_against_truth
-from xfgate.config import DomainConfig, KernelConfig, MemoryConfig
+from xfgate.config import DomainConfig, KernelConfig, MemoryConfig, save_domains
 from xfgate.vmi import isf
 from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.profile import Profile
@@ -29,12 +31,20 @@ from xfgate.vmi.profile_build import build_profile_files, profile_for_domain
 from xfgate.vmi.profile_memory import domain_memory_profile
 from xfgate.vmi.qmp import QmpClient
 from xfgate_lab import lab
+from xfgate_lab.gate_process import start_gate
 from xfgate_lab.layout import LabLayout
 
 pytestmark = pytest.mark.lab
 log = logging.getLogger(__name__)
 
-SERIES = {"6.1": "linux-image-amd64", "6.12": "linux-image-6.12-amd64"}
+# Debian 12's kernel series and flavours, by meta-package (each resolves to the current build).
+SERIES = {
+    "6.1": "linux-image-amd64",
+    "6.12": "linux-image-6.12-amd64",
+    "6.12-cloud": "linux-image-6.12-cloud-amd64",
+    "6.12-rt": "linux-image-6.12-rt-amd64",
+}
+GUEST4 = "198.18.1.1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +62,18 @@ def memory_lab(
     require_lab_prerequisites()
     series: str = request.param
     prefix = os.environ.get("XFGATE_PROFILE_LAB_PREFIX", "xfpm")
-    layout = LabLayout(f"{prefix}{series.replace('.', '')}{os.getpid() % 10000}")
+    tag = series.replace(".", "").replace("-cloud", "c").replace("-rt", "r")
+    layout = LabLayout(f"{prefix}{tag}{os.getpid() % 10000}")
     tmp = tmp_path_factory.mktemp(f"memlab{series}")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XFGATE_DOMAINS", str(tmp / "domains.toml"))
         try:
             up = lab.lab_up(layout, domains=1, kernel_package=SERIES[series], log=lambda _m: None)
             domain = up.domains[0]
-            assert domain.kernel.release.startswith(f"{series}.")
+            version, _, flavour = series.partition("-")
+            release = domain.kernel.release
+            assert release.startswith(f"{version}.") and release.endswith("-amd64"), release
+            assert f"-{flavour}-" in release if flavour else release.count("-") <= 2, release
             yield MemoryLab(
                 layout, domain, dataclasses.replace(domain, kernel=KernelConfig()), tmp / "cache"
             )
@@ -128,3 +142,44 @@ def test_volatility_accepts_the_isf_built_from_memory(
     with GuestIntrospector(offline, built.profile) as guest:
         ours = {(t.tgid, t.ppid, t.uid, t.comm) for t in guest.walk().tasks}
     assert ours == theirs and len(ours) >= 10
+
+
+def test_gate_on_first_contact_blocks_by_listener_owner(
+    memory_lab: MemoryLab, tmp_path: Path
+) -> None:
+    """`xfgate run` on a domain whose config names no kernel: the profile comes from memory,
+    blocking uid 0 kills its port 80 and nothing else, and incoming connections are decided by
+    their listener's owner (never "unknown owner")."""
+    domains = tmp_path / "domains.toml"
+    save_domains({1: memory_lab.bare}, domains)
+    env = {
+        **os.environ,
+        "XFGATE_DOMAINS": str(domains),
+        "XFGATE_RUN_DIR": str(tmp_path / "run"),
+        "XFGATE_CACHE": str(memory_lab.cache),
+    }
+    log_path = tmp_path / "verdicts.log"
+    gate = start_gate(
+        ["--domain", "1", "--log", str(log_path), "--block-uid", "0"],
+        tmp_path / "gate.out",
+        env=env,
+    )
+    try:
+        gate.wait_ready(120)
+        assert lab.client_http_get(memory_lab.layout, GUEST4, 80) is None
+        assert lab.client_http_get(memory_lab.layout, GUEST4, 8080) is not None
+    finally:
+        assert gate.stop(timeout=30) == 0
+        subprocess.run(
+            [sys.executable, "-m", "xfgate.cli", "cleanup", "--domain", "1"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    incoming = [r for r in records if r["direction"] == "in" and r["dport"] in (80, 8080)]
+    assert incoming, records[-5:]
+    for r in incoming:
+        assert r["pid"] is not None, r  # decided by the listener's owner, not "unknown"
+        assert (r["uid"], r["verdict"]) == ((0, "drop") if r["dport"] == 80 else (1000, "accept"))
