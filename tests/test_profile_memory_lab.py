@@ -45,6 +45,9 @@ SERIES = {
     "6.12-rt": "linux-image-6.12-rt-amd64",
 }
 GUEST4 = "198.18.1.1"
+# Boots take 15-30 s; with the 2 cores shared by other labs, a guest once said READY after the
+# lab's default bound.
+BOOT_TIMEOUT = 150.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +71,13 @@ def memory_lab(
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XFGATE_DOMAINS", str(tmp / "domains.toml"))
         try:
-            up = lab.lab_up(layout, domains=1, kernel_package=SERIES[series], log=lambda _m: None)
+            up = lab.lab_up(
+                layout,
+                domains=1,
+                kernel_package=SERIES[series],
+                boot_timeout=BOOT_TIMEOUT,
+                log=lambda _m: None,
+            )
             domain = up.domains[0]
             version, _, flavour = series.partition("-")
             release = domain.kernel.release
@@ -125,9 +134,12 @@ def test_ps_with_the_memory_profile_equals_truth(memory_lab: MemoryLab) -> None:
 def test_volatility_accepts_the_isf_built_from_memory(
     memory_lab: MemoryLab, tmp_path: Path
 ) -> None:
-    """Volatility runs ~1-3 min on a dump here: once, on the newer series."""
-    if not memory_lab.domain.kernel.release.startswith("6.12."):
-        pytest.skip("Volatility runs on the 6.12 guest only (the 6.1 ISFs are byte-equal)")
+    """Volatility runs ~1-3 min on a dump here: once, on the generic 6.12 guest."""
+    release = memory_lab.domain.kernel.release
+    if not (release.startswith("6.12.") and release.endswith("+deb12-amd64")):
+        # The other ISFs equal their package's (first test); Volatility accepted the cloud
+        # one too when tried (REPORT-README.md).
+        pytest.skip("Volatility runs on the generic 6.12 guest only")
     built = domain_memory_profile(memory_lab.bare, memory_lab.cache)
     dump = tmp_path / "guest.elf"
     assert memory_lab.domain.qmp is not None
