@@ -181,3 +181,17 @@ def expected_symbols(table: list[tuple[int, str, str]]) -> dict[str, int]:
     for address, _type, name in table:
         out.setdefault(name, address)
     return out
+
+
+def map_image(mem: bytearray, k: FakeKernel, root: int) -> None:
+    """4-level page tables at ``root`` (three pages) mapping the image's first 2 MiB at its
+    runtime address with one large page, as the kernel's own mapping does."""
+    vaddr = TEXT_LINK + k.shift
+    pdpt, pd = root + 0x1000, root + 0x2000
+    entries = (
+        (root, (vaddr >> 39) & 511, pdpt | 0x3),
+        (pdpt, (vaddr >> 30) & 511, pd | 0x3),
+        (pd, (vaddr >> 21) & 511, (k.image_paddr & ~0x1FFFFF) | 0x83),  # present, rw, 2 MiB
+    )
+    for table, index, entry in entries:
+        struct.pack_into("<Q", mem, table + 8 * index, entry)

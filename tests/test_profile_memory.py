@@ -16,6 +16,7 @@ from tests.kallsyms_fakes import (
     FakeKernel,
     build,
     expected_symbols,
+    map_image,
 )
 from xfgate.cli import main
 from xfgate.config import DomainConfig, KernelConfig, MemoryConfig
@@ -253,3 +254,37 @@ def test_cli_profile_build_domain_from_memory(
     assert isf_out.exists()
     with pytest.raises(SystemExit):
         main(["profile", "build", "--vmlinuz", "x", "--domain", "3"])  # one source only
+
+
+def _guest_with_a_forgery() -> tuple[bytearray, FakeKernel, FakeKernel]:
+    """The real kernel, and a whole fake one (VMCOREINFO, uts, tables) a user process could
+    write into its own pages."""
+    real = FakeKernel(image_paddr=0x400000, memory_size=0x800000)
+    mem, _ = build(real)
+    fake = dataclasses.replace(
+        real, shift=0x10000000, image_paddr=0x200000, vmcoreinfo_paddr=0x3000
+    )
+    forged, _ = build(fake)
+    mem[0x3000:0x3FFFFF] = forged[0x3000:0x3FFFFF]
+    return mem, real, fake
+
+
+def test_the_vcpus_page_tables_pick_the_running_kernel_over_a_forgery() -> None:
+    mem, real, _fake = _guest_with_a_forgery()
+    assert len(candidates(BufferMemory(mem))) == 2
+    with pytest.raises(ProfileError, match="2 different kernels"):
+        find_vmcoreinfo(BufferMemory(mem))  # memory alone: no guess
+    map_image(mem, real, root=0x700000)
+    assert find_vmcoreinfo(BufferMemory(mem), kernel_root=0x700000).virt_shift == real.shift
+
+
+def test_with_page_tables_a_lone_forgery_is_refused() -> None:
+    """The real note hidden (say, by a spray ahead of it), only the forgery left: the vCPU's
+    page tables do not map it, so no profile is built from it."""
+    mem, real, fake = _guest_with_a_forgery()
+    at = real.vmcoreinfo_paddr
+    mem[at : at + 4096] = bytes(4096)  # the real text out of reach of the scan
+    map_image(mem, real, root=0x700000)
+    assert [c.virt_shift for c in candidates(BufferMemory(mem))] == [fake.shift]
+    with pytest.raises(ProfileError, match="confirm none"):
+        find_vmcoreinfo(BufferMemory(mem), kernel_root=0x700000)

@@ -5,8 +5,11 @@ kernel/vmcore_info.c, kernel/crash_core.c before v6.9) into a page of its own an
 ``vmcoreinfo_note`` ELF note: ``OSRELEASE=``, ``BUILD-ID=``, ``PAGESIZE=``, ``SYMBOL(name)=``
 (runtime addresses), ``NUMBER(phys_base)=``, ``KERNELOFFSET=`` (the KASLR shift)... A scan for
 ``OSRELEASE=`` finds both copies (identical) and any stale copy a previous boot left in free
-memory: a candidate counts only if its own ``init_uts_ns`` holds its release, and copies that
-disagree need the vCPU's page-table root to choose (or the operator's profile).
+memory: a candidate counts only if its own ``init_uts_ns`` holds its release. With the vCPU's
+page-table root (QMP), only a copy whose ``swapper_pg_dir`` those tables map where the copy says
+counts: user space can forge a whole VMCOREINFO and kallsyms in its own pages, not the kernel's
+mappings. From memory alone (dumps, no monitor) a forged copy is caught only when it disagrees
+with another one (then nothing is guessed).
 
 QEMU's ``-device vmcoreinfo`` tells the host where the note is only inside a
 ``dump-guest-memory`` core; for a live guest the scan is the way (~0.1-0.4 s per 256 MiB).
@@ -27,7 +30,8 @@ from xfgate.vmi.kaslr import (
 from xfgate.vmi.memory import PhysicalMemory
 from xfgate.vmi.paging import AddressSpace
 
-MAX_CANDIDATES = 64
+MAX_CANDIDATES = 4096  # hits of OSRELEASE= examined: a spray of fakes must not hide the note
+MAX_KEPT = 64  # distinct self-consistent kernels kept
 VMCOREINFO_MAX = 4096  # VMCOREINFO_BYTES: one page
 NEW_UTS_LEN = 65  # include/uapi/linux/utsname.h: struct new_utsname's char arrays
 UTS_RELEASE_OFFSET = 2 * NEW_UTS_LEN  # sysname, nodename, then release
@@ -135,6 +139,8 @@ def candidates(memory: PhysicalMemory) -> list[VmcoreInfo]:
         if info is None or not _self_consistent(memory, info):
             continue
         found.setdefault((info.release, info.build_id, info.virt_shift, info.phys_base), info)
+        if len(found) >= MAX_KEPT:
+            break
     return list(found.values())
 
 
@@ -157,6 +163,20 @@ def find_vmcoreinfo(memory: PhysicalMemory, kernel_root: int = -1) -> VmcoreInfo
     """The running kernel's VMCOREINFO. ``kernel_root``: the vCPU's page-table root (CR3),
     when known, picks the live copy among several boots' copies."""
     found = candidates(memory)
+    if kernel_root >= 0:
+        # With the vCPU's page tables, a candidate counts only if they map its swapper_pg_dir
+        # where it says: user space can write a whole fake VMCOREINFO + tables into its own
+        # pages (and spray copies ahead of the real one), but not the kernel's mappings.
+        live = [info for info in found if _mapped_by(memory, info, kernel_root)]
+        if live:
+            return live[0]
+        if found:
+            raise ProfileError(
+                f"no VMCOREINFO in the guest's memory ({memory.name}) is the running kernel's "
+                f"(the vCPU's page tables confirm none of {len(found)}): "
+                + no_profile_hint(memory),
+                symbol="VMCOREINFO",
+            )
     if not found:
         raise ProfileError(
             f"no VMCOREINFO in the guest's memory ({memory.name}): the guest is still booting, "
@@ -166,17 +186,10 @@ def find_vmcoreinfo(memory: PhysicalMemory, kernel_root: int = -1) -> VmcoreInfo
         )
     if len(found) == 1:
         return found[0]
-    live = [info for info in found if kernel_root >= 0 and _mapped_by(memory, info, kernel_root)]
-    if len(live) == 1:
-        return live[0]
     kernels = ", ".join(f"{i.release} shift {i.virt_shift:#x}" for i in found)
     raise ProfileError(
-        f"{len(found)} different kernels' VMCOREINFO in the guest's memory ({kernels}), and "
-        + (
-            "the vCPU's page-table root matches none"
-            if kernel_root >= 0
-            else "no QEMU monitor to tell the running one"
-        )
-        + ": configure the domain's [domain.qmp] socket, or name its kernel package",
+        f"{len(found)} different kernels' VMCOREINFO in the guest's memory ({kernels}), and no "
+        "QEMU monitor to tell the running one: configure the domain's [domain.qmp] socket, or "
+        "name its kernel package",
         symbol="VMCOREINFO",
     )
