@@ -122,6 +122,7 @@ def test_profile_from_memory_equals_the_package_profile(memory_lab: MemoryLab) -
     assert _same_profile(from_memory, package.profile) == []
     # The ISF exported is the package's, but for where it came from.
     built = domain_memory_profile(memory_lab.bare, memory_lab.cache)
+    log.warning("%s: cached profile reused in %s", from_memory.release, built.timings)
     assert built.from_cache and built.timings["vmcoreinfo"] + built.timings["load"] < 10
     ours, theirs = isf.read_isf(built.isf_path), isf.read_isf(package.isf_path)
     assert {k: v for k, v in ours.items() if k != "metadata"} == {
