@@ -369,12 +369,13 @@ def _flatten(
 # ---------------------------------------------------------------- files
 
 
-def write_isf(doc: Mapping[str, Any], path: Path | str) -> int:
-    """Write an ISF as compact JSON (``.xz`` suffix: compressed); returns the bytes written."""
+def write_isf(doc: Mapping[str, Any], path: Path | str, preset: int = 6) -> int:
+    """Write an ISF as compact JSON (``.xz`` suffix: compressed with xz ``preset``: 6 is ~5x
+    slower than 0 for ~25 % less); returns the bytes written."""
     path = Path(path)
     data = json.dumps(doc, separators=(",", ":")).encode()
     if path.suffix == ".xz":
-        data = lzma.compress(data, preset=6)
+        data = lzma.compress(data, preset=preset)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)

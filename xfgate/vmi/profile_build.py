@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
 import time
 from collections.abc import Iterator, Mapping
@@ -29,6 +30,8 @@ from xfgate.errors import ProfileError
 from xfgate.vmi import isf, kernel_image
 from xfgate.vmi.btf import parse_btf
 from xfgate.vmi.profile import Member, Profile, StructLayout
+
+log = logging.getLogger(__name__)
 
 PROFILE_FORMAT = "xfgate-profile-1"
 # Bumped whenever a build would produce different content: older cached builds are redone.
@@ -257,22 +260,28 @@ def kernel_assets_for(package: str, cache: Path = DEFAULT_CACHE_DIR) -> Path:
 
 def profile_for_domain(domain: DomainConfig, cache: Path = DEFAULT_CACHE_DIR) -> Profile:
     """The profile of a configured domain's kernel: from ``[domain.kernel] assets``, else its
-    ``package`` (downloaded into the cache), else a cached profile of its ``release``."""
+    ``package`` (downloaded into the cache), else a cached profile of its ``release``, else
+    built from the running guest's memory (and cached): a domain needs no kernel field."""
     kernel = domain.kernel
     if kernel.assets and Path(kernel.assets).exists():
         return profile_for_assets(kernel.assets, cache)
     if kernel.package:
         return profile_for_assets(kernel_assets_for(kernel.package, cache), cache)
     if kernel.release:
-        return profile_for_release(kernel.release, cache)
-    raise ProfileError(
-        f"domain {domain.id} names no kernel ([domain.kernel] assets, package or release): "
-        "add one to the domains file, or pass a profile file"
-    )
+        try:
+            return profile_for_release(kernel.release, cache)
+        except ProfileError as e:
+            log.info("domain %s: %s; building the profile from guest memory", domain.id, e)
+    # No kernel named (or no cached build of it): the guest's own memory has everything.
+    from xfgate.vmi import profile_memory  # it builds on this module
+
+    return profile_memory.domain_memory_profile(domain, cache).profile
 
 
 def cached_profiles(cache: Path = DEFAULT_CACHE_DIR) -> list[Path]:
-    return sorted(profiles_dir(cache).glob("*.json"))
+    return sorted(
+        p for p in profiles_dir(cache).glob("*.json") if not p.name.endswith(".sources.json")
+    )
 
 
 def profile_for_release(release: str, cache: Path = DEFAULT_CACHE_DIR) -> Profile:
@@ -292,7 +301,8 @@ def profile_for_banner(banner: str, cache: Path = DEFAULT_CACHE_DIR) -> Profile:
     release = kernel_image.banner_release(banner)
     text = banner.rstrip("\0")
     for path in cached_profiles(cache):
-        if path.name.startswith(f"{release}-"):
+        # Profiles built from a guest's memory serve that guest only (profile_memory).
+        if path.name.startswith(f"{release}-") and not path.name.startswith(f"{release}-mem-"):
             profile = load_profile(path)
             if profile.banner == text:
                 return profile

@@ -11,9 +11,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from xfgate.config import DomainConfig
 from xfgate.errors import ConfigError
 from xfgate.hypervisor.resolve import resolve_domain
-from xfgate.vmi import isf, profile_build
+from xfgate.vmi import isf, profile_build, profile_memory
+from xfgate.vmi.liveness import require_running
 from xfgate.vmi.profile import Profile
 
 
@@ -36,7 +38,15 @@ def register(sub: Any) -> None:
     )
     source.add_argument("--vmlinuz", metavar="PATH", help="a vmlinuz, vmlinux or unpacked package")
     source.add_argument(
-        "--domain", metavar="SPEC", help="the kernel of domain SPEC (id, name, UUID)"
+        "--domain",
+        metavar="SPEC",
+        help="the kernel of domain SPEC (id, name, UUID): its package, else read from its memory",
+    )
+    build.add_argument(
+        "--from-memory",
+        action="store_true",
+        help="with --domain: build from the running guest's memory (VMCOREINFO, kallsyms, BTF) "
+        "even when the domains file names its kernel package",
     )
     build.add_argument("--isf", metavar="OUT", help="also write the Volatility 3 ISF (.json|.xz)")
     build.add_argument(
@@ -60,26 +70,32 @@ def register(sub: Any) -> None:
     show.set_defaults(handler=run_show)
 
 
-def _build_source(args: argparse.Namespace) -> Path:
+def _build_source(args: argparse.Namespace) -> Path | DomainConfig:
+    """A kernel image to build from, or the domain whose memory to build from."""
+    if args.from_memory and args.domain is None:
+        raise ConfigError("--from-memory reads a running guest: name it with --domain N")
     if args.kernel_package:
         return profile_build.kernel_assets_for(args.kernel_package, args.cache_dir)
     if args.vmlinuz:
         return Path(args.vmlinuz)
     domain = resolve_domain(args.domain, args.domains_file, args.libvirt_uri)
+    if args.from_memory:
+        return domain
     if domain.kernel.assets:
         return Path(domain.kernel.assets)
     if domain.kernel.package:
         return profile_build.kernel_assets_for(domain.kernel.package, args.cache_dir)
-    raise ConfigError(
-        f"domain {args.domain} names no kernel assets or package in the domains file: "
-        "use --kernel-package or --vmlinuz"
-    )
+    return domain  # no kernel named: the guest's memory has everything
 
 
 def run_build(args: argparse.Namespace) -> int:
-    result = profile_build.build_profile_files(
-        _build_source(args), args.cache_dir, rebuild=args.rebuild
-    )
+    source = _build_source(args)
+    if isinstance(source, DomainConfig):
+        require_running(source)
+        result = profile_memory.domain_memory_profile(source, args.cache_dir, args.rebuild)
+        print(f"domain {source.id}: profile from guest memory")
+    else:
+        result = profile_build.build_profile_files(source, args.cache_dir, rebuild=args.rebuild)
     p = result.profile
     how = "cached" if result.from_cache else "built"
     print(f"{how} profile for {p.release}: {len(p.structs)} structs, {len(p.symbols)} symbols")
