@@ -28,6 +28,7 @@ from xfgate.errors import GuestNotRunning, MemoryReadError, ProfileError, Profil
 from xfgate.vmi import isf, kallsyms, kernel_image
 from xfgate.vmi.btf import parse_btf
 from xfgate.vmi.memory import PhysicalMemory, open_domain_memory
+from xfgate.vmi.monitor import open_monitor
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.profile_build import (
     BUILDER_VERSION,
@@ -37,7 +38,6 @@ from xfgate.vmi.profile_build import (
     profiles_dir,
     save_profile,
 )
-from xfgate.vmi.monitor import open_monitor
 from xfgate.vmi.vmcoreinfo import VmcoreInfo, find_vmcoreinfo, no_profile_hint
 
 log = logging.getLogger(__name__)
