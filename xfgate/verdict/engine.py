@@ -69,6 +69,16 @@ def kernel_sent(parsed: ParsedPacket) -> str:
     return ""
 
 
+def is_bare_syn(parsed: ParsedPacket) -> bool:
+    """A TCP SYN without ACK or RST: a connection's first packet, never one the guest kernel
+    sends on its own (it answers for no socket only with RSTs and ICMP errors)."""
+    return (
+        parsed.proto == IPProto.TCP
+        and parsed.embedded is None
+        and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST) == TCPFlag.SYN
+    )
+
+
 def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:
     """An incoming TCP SYN (no ACK, no RST): the guest kernel hands it to a listener."""
     return (
@@ -107,20 +117,38 @@ def source_degraded(source: object) -> str:
 
 
 class LockedOwnerSource:
-    """Serializes access to an OwnerSource shared by the packet loop and the refresher."""
+    """Serializes access to an OwnerSource shared by the packet loop and the refresher.
+
+    Fair enough that a flood cannot starve the refresher: CPython's lock is no hand-off, so a
+    packet thread that releases it and asks again within one GIL slice would win every time
+    (a flood of new flows keeps it asking). Every caller first takes a turnstile, then the
+    lock, then lets the turnstile go: a refresher waiting for the lock holds the turnstile,
+    so the packet thread's next request waits (within its own bound) until the refresher had
+    its turn.
+    """
 
     def __init__(
         self, source: OwnerSource, timeout: float = WALK_WAIT, packet_timeout: float = PACKET_WAIT
     ) -> None:
         self._source = source
         self._lock = threading.Lock()
+        self._turnstile = threading.Lock()
         self._timeout = timeout  # walks (view, sockets) and closing
         self._packet_timeout = packet_timeout  # lookups on the packet path
         self._generation = 0
 
+    def _try_acquire(self, wait: float) -> bool:
+        deadline = time.monotonic() + wait
+        if not self._turnstile.acquire(timeout=wait):
+            return False
+        try:
+            return self._lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            self._turnstile.release()
+
     def _acquire(self, timeout: float | None = None) -> None:
         wait = self._timeout if timeout is None else timeout
-        if not self._lock.acquire(timeout=wait):
+        if not self._try_acquire(wait):
             raise TimeoutError(f"owner source busy for more than {wait * 1000:.0f} ms")
 
     def lookup(self, flow: Flow) -> Ownership | None:
@@ -164,7 +192,7 @@ class LockedOwnerSource:
 
     def close(self) -> None:
         closer = getattr(self._source, "close", None)
-        if callable(closer) and self._lock.acquire(timeout=self._timeout):
+        if callable(closer) and self._try_acquire(self._timeout):
             try:
                 closer()
             finally:
@@ -173,7 +201,7 @@ class LockedOwnerSource:
     def generation(self) -> int:
         """The source's generation; the last one read while a walk holds the source (the
         packet path never waits on a walk for it)."""
-        if not self._lock.acquire(timeout=self._packet_timeout):
+        if not self._try_acquire(self._packet_timeout):
             return self._generation
         try:
             self._generation = self._source.generation()
@@ -381,6 +409,17 @@ class Engine:
             kernel = kernel_sent(parsed)
             if kernel:
                 decision = decide(None, flow, policy, kernel)
+            elif is_bare_syn(parsed) and policy.blocks_anything:
+                # Its socket is gone by the time its turn came (connect() then close(): a flood
+                # does it by the thousand while the queue is long) or it never had one (a raw
+                # socket). No one can be named, and a SYN of no socket opens nothing anyone
+                # could use: dropped while a block is in force, unsettled.
+                decision = Decision(
+                    Verdict.DROP,
+                    "tcp SYN of no guest socket (closed before its verdict, or forged)",
+                    known=False,
+                    settle=False,
+                )
             else:
                 decision = self._unattributable(policy, what)
             return Evaluation(decision, answer.source, parsed, flow, direction, answer.ownership)
