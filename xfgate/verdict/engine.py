@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from xfgate.flow import Direction, Flow, GuestSocket, GuestView, Ownership, OwnerSource, Via
 from xfgate.inet import IPProto, TCPFlag, proto_label
@@ -87,6 +87,15 @@ def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:
         and parsed.embedded is None
         and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST) == TCPFlag.SYN
     )
+
+
+@runtime_checkable
+class CreatorShortcut(Protocol):
+    """An owner source that can skip the walk for a sock whose creator alone decides
+    (GuestIntrospector.creator_decides); the gate sets it to its current policy's
+    ``Policy.blocks_creator``."""
+
+    creator_decides: Callable[[int], bool] | None
 
 
 class QueuedPacket(Protocol):

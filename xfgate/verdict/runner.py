@@ -38,7 +38,13 @@ from xfgate.inet import proto_label
 from xfgate.verdict import bridge, control
 from xfgate.verdict.blocksets import BlockEntry, blocked_entries, ports_text
 from xfgate.verdict.cache import OwnerCache
-from xfgate.verdict.engine import PACKET_WAIT, Engine, LockedOwnerSource, QueuedPacket
+from xfgate.verdict.engine import (
+    PACKET_WAIT,
+    CreatorShortcut,
+    Engine,
+    LockedOwnerSource,
+    QueuedPacket,
+)
 from xfgate.verdict.fastpath import (
     Firewall,
     GateLayout,
@@ -333,11 +339,17 @@ class Gate:
         base = opts.queue_num if opts.queue_num is not None else DEFAULT_QUEUE_BASE + cfg.id
         queue_num = base + index if opts.queue_num is not None else base
         layout = GateLayout(cfg.id, cfg.vifs, queue_num, opts.queue_bypass, opts.fastpath)
-        source = LockedOwnerSource(self._owner_source_factory(cfg, opts))
+        raw_source = self._owner_source_factory(cfg, opts)
+        source = LockedOwnerSource(raw_source)
         cache = OwnerCache(opts.cache_ttl, opts.negative_ttl)
         engine = Engine(
             cfg.id, vifs, source, opts.policy, cache, self.log, opts.fastpath, opts.on_error
         )
+        if isinstance(raw_source, CreatorShortcut):
+            # A blocked uid's new sockets are dropped by creator without a walk each (a flood
+            # of new connections would otherwise walk the guest every 50 ms); the policy read
+            # at each lookup, so a live change applies at once.
+            raw_source.creator_decides = lambda uid: engine.policy.blocks_creator(uid)
         engine.refresh_view = lambda: source.view(timeout=PACKET_WAIT)
         if engine.degraded:
             log.warning("domain %d: degraded: %s", cfg.id, engine.degraded)
