@@ -234,7 +234,9 @@ def test_blocked_uid_sends_not_one_packet_first_syn_included(lab: NetLab, gate: 
         (r["verdict"], r["pid"], r["uid"], r["comm"]) == ("drop", 300, 1001, "spray") for r in spray
     )
     web = [r for r in records if r["dport"] == 8080 or r["sport"] == 8080]
-    assert web and all((r["pid"], r["uid"], r["verdict"]) == (200, 1000, "accept") for r in web)
+    # uid 1000's :8080 is a granted listener once the first walk is in: its new connections
+    # are accepted in the kernel, without a verdict record; any the engine saw are accepts.
+    assert all((r["pid"], r["uid"], r["verdict"]) == (200, 1000, "accept") for r in web)
 
 
 @pytest.mark.parametrize(
@@ -285,7 +287,8 @@ def test_fast_path_settles_flows_in_the_kernel(lab: NetLab, gate: Any) -> None:
     # Accepts settle in mangle POSTROUTING: FORWARD never sees a repeated (marked) packet.
     save = lab.ns(lab.dom0, ["iptables-legacy", "-t", "mangle", "-S", "XFGATE-9-SAVE", "-v"])
     saved = [int(w.split()[w.split().index("-c") + 1]) for w in save.splitlines() if "-c" in w]
-    assert saved and saved[0] >= 1
+    # (:8080 is a granted listener: its flows are settled in XFGATE-9-LSN, not by a mark.)
+    assert saved and saved[0] + fast_status["kernel"]["listener_accept"] >= 1
     forward = lab.ns(lab.dom0, ["iptables-legacy", "-S", "XFGATE-9", "-v"]).splitlines()
     repeated = [ln for ln in forward if "-m mark" in ln]
     assert len(repeated) == 4 and all(" -c 0 0 " in ln for ln in repeated)
@@ -616,8 +619,9 @@ def test_a_raw_packet_forging_a_good_listeners_port_is_not_the_listeners(
         assert counted(lab, rule) == 0
         g.stop()
     reasons = [r["reason"] for r in g.records() if r["dport"] == 7001]
-    assert len(reasons) == 3 and all("not a SYN-ACK" in r for r in reasons), reasons
-    assert all("raw-socket holder pid 300" in r for r in reasons)
+    assert len(reasons) == 3 and all("not a SYN-ACK" in r for r in reasons[:2]), reasons
+    assert all("raw-socket holder pid 300" in r for r in reasons[:2])
+    assert "tcp SYN of no guest socket" in reasons[2]  # a SYN no socket sends: dropped as such
     # The good listener itself still answers.
     g2 = gate("--block-uid", "1001")
     assert talk(lab, lab.client, "tcp", GUEST4, 8080)

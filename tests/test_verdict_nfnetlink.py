@@ -222,7 +222,7 @@ def test_counters_come_from_the_rules_counters() -> None:
             ListedRule(r, 2 * factor, 0) for r in block_rules(9, ["vif9.0"], family)
         ]
         backend.rules[(family, listener_chain_name(9), "filter")] = [
-            ListedRule(r, 9 * factor, 0) for r in listener_rules(9, ["vif9.0"], family)
+            ListedRule(r, 9 * factor, 0) for r in listener_rules(9, ["vif9.0"], family)[1:]
         ]
     assert Firewall(backend, FakeSets()).counters(9) == {
         "fastpath_accept": 55,

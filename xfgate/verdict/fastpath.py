@@ -8,7 +8,7 @@ Layout (filter table, IPv4 and IPv6 alike; bridged packets cross FORWARD via br_
               -j XFGATE-D-BLK                       blocked owners' known sockets (ipsets)
               -m connmark --mark DROP(D)   -j DROP
               -j XFGATE-D-LSN                       a new connection to a granted listener:
-                                                    marked ACCEPT(D) here, settled below
+                                                    settled ACCEPT(D) and accepted there
               -m mark --mark ACCEPT(D) -j CONNMARK --save-mark   the engine's verdict, repeated
               -m mark --mark ACCEPT(D) -j ACCEPT                 (NF_REPEAT) so the rule set
               (the same two for DROP(D))                         stores it in conntrack
@@ -26,7 +26,8 @@ Layout (filter table, IPv4 and IPv6 alike; bridged packets cross FORWARD via br_
                   -m physdev --physdev-out vif -m set --match-set xfgate-D-flowF dst,dst,src -j DROP
     XFGATE-D-LSN  -p tcp -m physdev --physdev-out vif -m tcp --tcp-flags FIN,SYN,RST,ACK SYN
                   -m conntrack --ctstate NEW -m set --match-set xfgate-D-lsnF dst,dst
-                  -j MARK --set-xmark ACCEPT(D)      (``listeners``: good listeners only, each
+                  -j CONNMARK --set-xmark ACCEPT(D), then the same match -j ACCEPT
+                                                    (``listeners``: good listeners only, each
                                                     entry renewed by the refresher or gone in 1 s)
     XFGATE-D-POLL (poll mode only) the thesis's per-port DROP rules
 
@@ -166,16 +167,19 @@ def block_rules(domain: int, vifs: Sequence[str], family: int) -> list[Rule]:
 
 
 def listener_rules(domain: int, vifs: Sequence[str], family: int) -> list[Rule]:
-    """Mark a new incoming connection (a SYN of a NEW conntrack flow) to a granted listener
-    with the settled-accept mark; XFGATE-D's mark rules then save it and accept."""
-    mark = ("-j", "MARK", "--set-xmark", _mark(settle_mark(domain, True)))
+    """A new incoming connection (a SYN of a NEW conntrack flow) to a granted listener: its
+    conntrack entry gets the settled-accept mark here and the SYN is accepted, so the SYN-ACK
+    and the rest of the flow are settled without the engine (the mark rules of XFGATE-D stay
+    the engine's: only its NF_REPEAT answers cross them)."""
+    settle = ("-j", "CONNMARK", "--set-xmark", _mark(settle_mark(domain, True)))
     syn = ("-m", "tcp", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN")
     new = ("-m", "conntrack", "--ctstate", "NEW")
     granted = ("-m", "set", "--match-set", listener_set_name(domain, family), "dst,dst")
-    return [
-        ("-p", "tcp", "-m", "physdev", "--physdev-out", vif, *syn, *new, *granted, *mark)
-        for vif in vifs
-    ]
+    rules: list[Rule] = []
+    for vif in vifs:
+        match = ("-p", "tcp", "-m", "physdev", "--physdev-out", vif, *syn, *new, *granted)
+        rules += [(*match, *settle), (*match, "-j", "ACCEPT")]
+    return rules
 
 
 def queue_rules(layout: GateLayout) -> list[Rule]:
@@ -725,7 +729,8 @@ class Firewall:
             for rule in self.backend.listing(family, block_chain_name(domain)):
                 out["set_drop"] += rule.packets
             for rule in self.backend.listing(family, listener_chain_name(domain)):
-                out["listener_accept"] += rule.packets
+                if rule.target == "ACCEPT":
+                    out["listener_accept"] += rule.packets
         return out
 
     def dump(self, domain: int) -> dict[str, list[str]]:

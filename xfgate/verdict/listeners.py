@@ -4,8 +4,8 @@ A flood of new flows by a blocked owner reaches the engine one first packet at a
 connections to a good owner's service would wait behind it in the same queue. So the refresher
 grants, per walk, the listeners it can prove are good ones: their (family, guest address,
 tcp:port) go into ``xfgate-D-lsn4|6`` (``hash:net,port`` with a per-entry timeout), and an
-incoming SYN of a new conntrack flow to one of them gets the settled-accept mark in the kernel
-(chain ``XFGATE-D-LSN``), its SYN-ACK and the rest of the flow follow the mark.
+incoming SYN of a new conntrack flow to one of them is accepted in the kernel with the
+settled-accept connmark (chain ``XFGATE-D-LSN``): its SYN-ACK and the rest of the flow follow.
 
 What makes a listener grantable (``listener_grants``), on a **complete** view only:
 
