@@ -400,3 +400,26 @@ def test_a_syn_whose_socket_is_gone_is_dropped_while_a_block_is_in_force() -> No
     rst = FakePacket(bytes(IP(src=G, dst=C) / TCP(sport=41000, dport=9999, flags="R")))
     e.handle(rst)
     assert rst.verdicts == ["accept"]
+
+
+class BusySource(TableSource):
+    def lookup(self, flow: Flow) -> Ownership | None:
+        raise TimeoutError("owner source busy for more than 50 ms")
+
+
+def test_a_syn_whose_lookup_timed_out_is_dropped_while_a_block_is_in_force() -> None:
+    # The red team's fd bomb: a walk held the source, the SYN's lookup timed out, the last
+    # view did not know the new socket: --unknown let 2 SYNs out. Now dropped, unsettled.
+    e, out = engine({"uids": [1001]}, BusySource({}))
+    p = FakePacket(syn(41000, 2305))
+    e.handle(p)
+    assert p.verdicts == ["drop"] and p.mark == 0
+    assert "tcp SYN, owner lookup" in json.loads(out.getvalue())["reason"]
+    # Not a SYN (a datagram, an ACK): the last view and --unknown, as before.
+    ack = FakePacket(bytes(IP(src=G, dst=C) / TCP(sport=41000, dport=2305, flags="A")))
+    e.handle(ack)
+    assert ack.verdicts == ["accept"]
+    e2, _ = engine({}, BusySource({}))
+    p2 = FakePacket(syn(41000, 2305))
+    e2.handle(p2)
+    assert p2.verdicts == ["accept"]
