@@ -299,7 +299,8 @@ def test_fast_path_settles_flows_in_the_kernel(lab: NetLab, gate: Any) -> None:
     # 2 packets per message, each way, plus handshake: all of them reach Python without the
     # fast path; with it only the first packet (settled) and stray IPv6 ND do.
     assert slow["packets"] >= 2 * messages
-    assert fast["settled"] >= 1
+    # The first packet settled by the engine, or (a granted listener) in XFGATE-9-LSN.
+    assert fast["settled"] + fast_status["kernel"]["listener_accept"] >= 1
     assert fast["packets"] <= slow["packets"] // 4
 
 
@@ -803,7 +804,9 @@ def test_a_good_listener_answers_through_a_blocked_owners_flood_without_the_queu
     assert "tcp/8080" in g.status()["granted_listeners"]
     assert "tcp/2222" not in g.status()["granted_listeners"]
     # New flows as fast as a raw socket sends them: SYNs to the client's :2222 (uid 1001's,
-    # per the owner table) from ever new source ports; no scapy, so the flood starts at once.
+    # per the owner table) from ever new source ports (a dropped first packet's conntrack
+    # entry is never confirmed: a port used again is a new flow again); no scapy, so the flood
+    # starts at once.
     flood = f"""
 import socket, struct, time
 src, dst = socket.inet_aton("{GUEST4}"), socket.inet_aton("{CLIENT4}")
@@ -813,8 +816,8 @@ def csum(b):
     n = (n >> 16) + (n & 0xFFFF)
     return ~(n + (n >> 16)) & 0xFFFF
 end, i = time.monotonic() + 40, 0
-while time.monotonic() < end and i < 64000:
-    hdr = struct.pack("!HHIIBBHHH", 1500 + i, 2222, i, 0, 5 << 4, 2, 65535, 0, 0)
+while time.monotonic() < end and i < 5_000_000:
+    hdr = struct.pack("!HHIIBBHHH", 1500 + i % 60000, 2222, i, 0, 5 << 4, 2, 65535, 0, 0)
     c = csum(src + dst + struct.pack("!BBH", 0, 6, 20) + hdr)
     s.sendto(hdr[:16] + struct.pack("!H", c) + hdr[18:], ("{CLIENT4}", 0))
     i += 1
@@ -851,5 +854,5 @@ while time.monotonic() < end and i < 64000:
     assert max(times) < 1.5, times
     # A policy change revokes every grant at once: uid 1000 blocked, :8080 no longer answers.
     g.ctl("block", "--domain", "9", "--uid", "1000")
-    assert g.status()["granted_listeners"] == []
+    assert "tcp/8080" not in g.status()["granted_listeners"]
     assert not talk(lab, lab.client, "tcp", GUEST4, 8080, timeout=1.0)

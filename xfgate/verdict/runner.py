@@ -206,6 +206,8 @@ class Refresher(threading.Thread):
                         answers[grant.probe] = None
                 if renewable(grant, answers[grant.probe], policy, facts):
                     keep.add(grant.entry)
+            if self._stop.is_set():  # stopping: revoke_listeners follows, renew nothing
+                return
             gone = self._granted - keep
             if keep or gone:
                 self._listeners.renew(keep, gone)
@@ -463,6 +465,12 @@ class Gate:
         for dg in self.domains.values():
             if dg.refresher is not None:
                 dg.refresher.stop()
+                # No grant outlives the gate: new connections then follow --queue-bypass
+                # like every unsettled flow (the keeper renews nothing once stopped).
+                try:
+                    dg.refresher.revoke_listeners()
+                except XfgateError as e:
+                    errors.append(str(e))
             for t in dg.threads:
                 t.stop()
         for dg in self.domains.values():
