@@ -8,12 +8,18 @@ With `second_domain`, the gate serves that domain too and a second httperf runs 
 :8000 at the same time: a flood in one domain must not starve the other (needs
 `xfgate-lab up --domains 2`).
 
+With `compare` (a source tree of another revision, e.g. `git worktree add /tmp/base HEAD~3`
+or a `git archive` of it), the same schedule also runs that tree's gate (its code first on
+PYTHONPATH), interleaved with this one's: "before" and "after" in one run, under the same
+host load.
+
     .venv/bin/python -m bench --profile quick --skip thesis --skip sweep --skip micro --skip leak
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import subprocess
 import sys
@@ -48,6 +54,7 @@ class FloodRun:
     valid: bool
     flood_opened: int
     gated: bool = True  # False: the same flood with no gate (the guest's own limit)
+    tree: str = ""  # "" this source tree's gate, else the compared tree's label
 
 
 def success_pct(r: HttperfResult, planned: int) -> float:
@@ -99,16 +106,25 @@ def run_pair(
     rep: int,
     second: DomainConfig | None,
     gated: bool = True,
+    tree: Path | None = None,
 ) -> list[FloodRun]:
     """One httperf run (two at once with a second domain) under the gate (or with no gate:
-    what the flood costs the guest itself on its one TCG vCPU), flood or not."""
+    what the flood costs the guest itself on its one TCG vCPU), flood or not; `tree`: the
+    gate of that source tree instead of this one."""
     doms = [dom, *([second] if second else [])]
     run_args = [a for d in doms for a in ("--domain", str(d.id))] + list(BLOCK)
-    tag = f"flood-{'on' if flood else 'off'}-{'gate' if gated else 'nogate'}-{rep}"
+    label = tree.name if tree else ""
+    tag = f"flood-{'on' if flood else 'off'}-{'gate' if gated else 'nogate'}{label}-{rep}"
     seconds = int(conns / RATE) + 5
     results: dict[int, HttperfResult] = {}
+    env = None
+    if tree is not None:
+        # Its code first; PYTHONSAFEPATH: not the working directory (this tree) before it.
+        env = {**os.environ, "PYTHONPATH": str(tree.resolve()), "PYTHONSAFEPATH": "1"}
     gate = (
-        gate_process(run_args, raw / f"{tag}.gate.log", 90) if gated else contextlib.nullcontext()
+        gate_process(run_args, raw / f"{tag}.gate.log", 90, env=env)
+        if gated
+        else contextlib.nullcontext()
     )
     with gate:
         for d in doms:  # warm-up: the listener's owner cached, the server's paths translated
@@ -140,25 +156,39 @@ def run_pair(
                 valid=r.valid,
                 flood_opened=opened if d.id == dom.id else 0,
                 gated=gated,
+                tree=label,
             )
         )
     return runs
 
 
 def run_flood(
-    dom: DomainConfig, conns: int, repeats: int, raw: Path, second: DomainConfig | None = None
+    dom: DomainConfig,
+    conns: int,
+    repeats: int,
+    raw: Path,
+    second: DomainConfig | None = None,
+    compare: Path | None = None,
 ) -> dict[str, Any]:
     """Interleaved runs: gate without flood, gate with flood, and the flood with no gate (the
-    guest's own limit under it); the summary with ratios per domain."""
+    guest's own limit under it), and the same two gate runs with the `compare` tree's gate;
+    the summary with ratios per domain (and tree)."""
     runs: list[FloodRun] = []
-    configs = [(True, False), (True, True), (False, True)]  # (gated, flood)
+    configs: list[tuple[bool, bool, Path | None]] = [
+        (True, False, None),
+        (True, True, None),
+        (False, True, None),
+    ]  # (gated, flood, tree)
+    if compare is not None:
+        configs += [(True, False, compare), (True, True, compare)]
     for rep in range(repeats):
         order = configs if rep % 2 == 0 else configs[::-1]
-        for gated, flood in order:
-            pair = run_pair(dom, conns, flood, raw, rep, second, gated)
+        for gated, flood, tree in order:
+            pair = run_pair(dom, conns, flood, raw, rep, second, gated, tree)
             for r in pair:
+                gate = f"gate {r.tree}" if r.tree else "gate"
                 print(
-                    f"  {'gate' if gated else 'no gate'} flood {'on ' if flood else 'off'}"
+                    f"  {gate if gated else 'no gate'} flood {'on ' if flood else 'off'}"
                     f" domain {r.domain}: "
                     f"{r.success_pct:.1f} % ok, avg {r.conn_time_avg:.2f} ms, "
                     f"flood opened {r.flood_opened}",
@@ -170,9 +200,9 @@ def run_flood(
 
 def summarize(runs: list[FloodRun]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for d in sorted({r.domain for r in runs}):
-        off = [r for r in runs if r.domain == d and not r.flood and r.gated]
-        on = [r for r in runs if r.domain == d and r.flood and r.gated]
+    for d, tree in sorted({(r.domain, r.tree) for r in runs}):
+        off = [r for r in runs if (r.domain, r.tree) == (d, tree) and not r.flood and r.gated]
+        on = [r for r in runs if (r.domain, r.tree) == (d, tree) and r.flood and r.gated]
         bare = [r for r in runs if r.domain == d and r.flood and not r.gated]
         if not off or not on:
             continue
@@ -182,7 +212,8 @@ def summarize(runs: list[FloodRun]) -> dict[str, dict[str, float]]:
 
         base_avg = mean([r.conn_time_avg for r in off])
         flood_avg = mean([r.conn_time_avg for r in on])
-        out[str(d)] = {
+        key = f"{d} ({tree})" if tree else str(d)
+        out[key] = {
             "success_pct_off": mean([r.success_pct for r in off]),
             "success_pct_on": mean([r.success_pct for r in on]),
             "conn_time_off_ms": base_avg,
@@ -193,9 +224,9 @@ def summarize(runs: list[FloodRun]) -> dict[str, dict[str, float]]:
         }
         if bare:  # the same flood with no gate: what is the guest's, not the gate's
             bare_avg = mean([r.conn_time_avg for r in bare])
-            out[str(d)]["success_pct_nogate"] = mean([r.success_pct for r in bare])
-            out[str(d)]["conn_time_nogate_ms"] = bare_avg
-            out[str(d)]["gate_vs_nogate_under_flood"] = (
+            out[key]["success_pct_nogate"] = mean([r.success_pct for r in bare])
+            out[key]["conn_time_nogate_ms"] = bare_avg
+            out[key]["gate_vs_nogate_under_flood"] = (
                 flood_avg / bare_avg if bare_avg and flood_avg else -1.0
             )
     return out

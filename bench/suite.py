@@ -218,6 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also serve this domain in the flood benchmark's gate and measure it (a lab of "
         "`xfgate-lab up --domains 2`)",
     )
+    ap.add_argument(
+        "--flood-compare-tree",
+        type=Path,
+        default=None,
+        help="also run the flood benchmark's gate from this source tree (another revision),"
+        " interleaved: before and after in one run",
+    )
     args = ap.parse_args(argv)
     prof = PROFILES[args.profile]
     if args.conns:
@@ -284,7 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"150 conn/s, x{prof.flood_repeats}",
             flush=True,
         )
-        flood = run_flood(dom, prof.flood_conns, prof.flood_repeats, raw, second)
+        flood = run_flood(
+            dom, prof.flood_conns, prof.flood_repeats, raw, second, args.flood_compare_tree
+        )
     summary.update(
         {
             "flood": flood,

@@ -35,6 +35,8 @@ from xfgate.verdict.fastpath import (
     block_chain_name,
     block_rules,
     chain_name,
+    listener_chain_name,
+    listener_rules,
     queue_rules,
     render_rule,
     settle_mark,
@@ -219,11 +221,15 @@ def test_counters_come_from_the_rules_counters() -> None:
         backend.rules[(family, block_chain_name(9), "filter")] = [
             ListedRule(r, 2 * factor, 0) for r in block_rules(9, ["vif9.0"], family)
         ]
+        backend.rules[(family, listener_chain_name(9), "filter")] = [
+            ListedRule(r, 9 * factor, 0) for r in listener_rules(9, ["vif9.0"], family)[1:]
+        ]
     assert Firewall(backend, FakeSets()).counters(9) == {
         "fastpath_accept": 55,
         "fastpath_drop": 33,
         "set_drop": 4 * 2 * 11,
         "queued": 77,
+        "listener_accept": 99,
     }
 
 
@@ -319,7 +325,7 @@ def _probe() -> dict[str, Any]:
     listed = {
         f"{family} {chain}": [list(r.spec) for r in backend.listing(family, chain)]
         for family in (4, 6)
-        for chain in ("FORWARD", chain_name(9), block_chain_name(9))
+        for chain in ("FORWARD", chain_name(9), block_chain_name(9), listener_chain_name(9))
     }
     out["listed"] = listed
     out["rendered"] = fw.dump(9)
@@ -344,6 +350,13 @@ def _probe() -> dict[str, Any]:
     out["cli_types"] = [
         ln for ln in _cli("ipset", "list", "-t").splitlines() if ln.startswith(("Name", "Type"))
     ]
+    granted = socket_entries(LISTEN80)
+    fw.set_listeners(9, granted)
+    fw.set_listeners(9, granted[:1], gone=granted)  # one renewed, the other deleted at once
+    out["granted"] = fw.granted(9)
+    out["cli_granted"] = _cli("ipset", "list", "xfgate-9-lsn4")
+    fw.revoke_listeners(9)
+    out["revoked"] = fw.granted(9)
     out["leftovers"] = sorted(fw.leftover_domains())
     out["jumps_deleted"] = backend.delete_jumps(4, "FORWARD", chain_name(9))
     out["jumps_deleted_again"] = backend.delete_jumps(4, "FORWARD", chain_name(9))
@@ -424,6 +437,9 @@ class TestInAFreshNamespace:
             assert listed[f"{family} {block_chain_name(9)}"] == [
                 list(r) for r in block_rules(9, ["vif9.0"], family)
             ]
+            assert listed[f"{family} {listener_chain_name(9)}"] == [
+                list(r) for r in listener_rules(9, ["vif9.0"], family)
+            ]
             assert listed[f"{family} FORWARD"] == [
                 list(r) for r in fastpath.forward_jumps(9, ["vif9.0"])
             ]
@@ -431,13 +447,20 @@ class TestInAFreshNamespace:
         assert set(probed["rendered"]) == {
             f"ipv{f} {c}"
             for f in (4, 6)
-            for c in ("XFGATE-9", "XFGATE-9-BLK", "mangle XFGATE-9-SAVE")
+            for c in ("XFGATE-9", "XFGATE-9-BLK", "XFGATE-9-LSN", "mangle XFGATE-9-SAVE")
         }
         assert probed["rendered"] == probed["cli"]  # the CLI as oracle, counters included
         # The ipset program as oracle: what the adapter wrote and lists is what ipset lists.
         assert sorted(probed["blocked"]) == sorted(probed["cli_blocked"]) == ORACLE_MEMBERS
         assert "Type: hash:net,port" in probed["cli_types"]
         assert "Type: hash:ip,port,ip" in probed["cli_types"]
+
+    def test_granted_listener_sets_time_out_and_renew(self, probed: dict[str, Any]) -> None:
+        # Entries live GRANT_TTL (1 s) unless renewed; a renewal or a deletion is immediate.
+        assert probed["granted"] == ["0.0.0.0/1,tcp:80"]
+        assert "timeout 1" in probed["cli_granted"].split("Header:")[1].splitlines()[0]
+        assert "0.0.0.0/1,tcp:80 timeout" in probed["cli_granted"]
+        assert probed["revoked"] == []
         assert probed["leftovers"] == [9]
         assert probed["jumps_deleted"] == 2 and probed["jumps_deleted_again"] == 0
         assert probed["after_remove"] == [] and probed["chains_after"] == []

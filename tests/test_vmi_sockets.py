@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -615,3 +616,34 @@ def test_a_queued_connection_is_the_listeners_only_as_sure_as_its_own_holders() 
         own = gi.lookup(flow)
         assert own is not None and own.via is Via.ESTABLISHED_LISTENER
         assert [o.pid for o in own.owners] == [100] and not own.holders_known
+
+
+def test_a_new_sock_of_a_creator_the_policy_names_is_answered_without_a_walk() -> None:
+    """A blocked uid's flood of new connections: each new sock would make the lookup walk the
+    guest (every 50 ms at most). With `creator_decides` naming its creator, no walk: holders
+    unknown, sk_uid given, the policy drops it by creator. Other creators' holders are read."""
+    g, spray, _ = _spray_connection()
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
+        gi.walk()
+        gi.creator_decides = lambda uid: uid == 1001
+        walks: list[int] = []
+        real_walk = gi.walk
+
+        def counting_walk(*a: Any, **kw: Any) -> Any:
+            walks.append(1)
+            return real_walk(*a, **kw)
+
+        gi.walk = counting_walk  # type: ignore[method-assign]
+        sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 33002, "198.18.0.1", 2222, sk_uid=1001)
+        g.hash_established(sk, "198.18.1.1", 33002, "198.18.0.1", 2222)
+        g.add_fd(spray, 4, sk)
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 33002, "198.18.0.1", 2222))
+        assert own is not None and own.owners == () and own.sk_uid == 1001
+        assert not own.holders_known and walks == []
+        web = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 33003, "198.18.0.1", 7000, sk_uid=1000)
+        g.hash_established(web, "198.18.1.1", 33003, "198.18.0.1", 7000)
+        g.add_fd(spray, 5, web)
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 33003, "198.18.0.1", 7000))
+        # Another creator's sock: its holders are resolved (the holder resolver finds the fd
+        # without a full walk), never judged by creator.
+        assert own is not None and [o.pid for o in own.owners] == [400] and own.holders_known

@@ -133,6 +133,14 @@ class StaticOwnerSource:
                 return entry.ownership
         return None
 
+    def lookup_listener(self, flow: Flow) -> Ownership | None:
+        """The first LISTEN entry matching `flow`'s local end, as a listener's answer (what
+        the gate's keeper of granted listeners asks, like GuestIntrospector.lookup_listener)."""
+        for entry in self._entries:
+            if entry.ownership.state == "LISTEN" and entry.matches(flow):
+                return replace(entry.ownership, via=Via.LISTENER)
+        return None
+
     def sockets(self) -> Sequence[GuestSocket]:
         self._reload()
         out = []

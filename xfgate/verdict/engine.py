@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from xfgate.flow import Direction, Flow, GuestSocket, GuestView, Ownership, OwnerSource, Via
 from xfgate.inet import IPProto, TCPFlag, proto_label
@@ -70,6 +70,16 @@ def kernel_sent(parsed: ParsedPacket) -> str:
     return ""
 
 
+def is_bare_syn(parsed: ParsedPacket) -> bool:
+    """A TCP SYN without ACK or RST: a connection's first packet, never one the guest kernel
+    sends on its own (it answers for no socket only with RSTs and ICMP errors)."""
+    return (
+        parsed.proto == IPProto.TCP
+        and parsed.embedded is None
+        and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST) == TCPFlag.SYN
+    )
+
+
 def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:
     """An incoming TCP SYN (no ACK, no RST): the guest kernel hands it to a listener."""
     return (
@@ -78,6 +88,15 @@ def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:
         and parsed.embedded is None
         and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST) == TCPFlag.SYN
     )
+
+
+@runtime_checkable
+class CreatorShortcut(Protocol):
+    """An owner source that can skip the walk for a sock whose creator alone decides
+    (GuestIntrospector.creator_decides); the gate sets it to its current policy's
+    ``Policy.blocks_creator``."""
+
+    creator_decides: Callable[[int], bool] | None
 
 
 class QueuedPacket(Protocol):
@@ -108,13 +127,22 @@ def source_degraded(source: object) -> str:
 
 
 class LockedOwnerSource:
-    """Serializes access to an OwnerSource shared by the packet loop and the refresher."""
+    """Serializes access to an OwnerSource shared by the packet loop and the refresher.
+
+    Fair enough that a flood cannot starve the refresher: CPython's lock is no hand-off, so a
+    packet thread that releases it and asks again within one GIL slice would win every time
+    (a flood of new flows keeps it asking). Every caller first takes a turnstile, then the
+    lock, then lets the turnstile go: a refresher waiting for the lock holds the turnstile,
+    so the packet thread's next request waits (within its own bound) until the refresher had
+    its turn.
+    """
 
     def __init__(
         self, source: OwnerSource, timeout: float = WALK_WAIT, packet_timeout: float = PACKET_WAIT
     ) -> None:
         self._source = source
         self._lock = threading.Lock()
+        self._turnstile = threading.Lock()
         self._timeout = timeout  # walks (view, sockets) and closing
         self._packet_timeout = packet_timeout  # lookups on the packet path
         self._generation = 0
@@ -124,9 +152,18 @@ class LockedOwnerSource:
         """The wrapped source (for counters such as an introspector's pauses; not locked)."""
         return self._source
 
+    def _try_acquire(self, wait: float) -> bool:
+        deadline = time.monotonic() + wait
+        if not self._turnstile.acquire(timeout=wait):
+            return False
+        try:
+            return self._lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            self._turnstile.release()
+
     def _acquire(self, timeout: float | None = None) -> None:
         wait = self._timeout if timeout is None else timeout
-        if not self._lock.acquire(timeout=wait):
+        if not self._try_acquire(wait):
             raise TimeoutError(f"owner source busy for more than {wait * 1000:.0f} ms")
 
     def lookup(self, flow: Flow) -> Ownership | None:
@@ -170,7 +207,7 @@ class LockedOwnerSource:
 
     def close(self) -> None:
         closer = getattr(self._source, "close", None)
-        if callable(closer) and self._lock.acquire(timeout=self._timeout):
+        if callable(closer) and self._try_acquire(self._timeout):
             try:
                 closer()
             finally:
@@ -179,7 +216,7 @@ class LockedOwnerSource:
     def generation(self) -> int:
         """The source's generation; the last one read while a walk holds the source (the
         packet path never waits on a walk for it)."""
-        if not self._lock.acquire(timeout=self._packet_timeout):
+        if not self._try_acquire(self._packet_timeout):
             return self._generation
         try:
             self._generation = self._source.generation()
@@ -381,6 +418,21 @@ class Engine:
                 answer = self.cache.get_or_load(flow, self._lookup, PACKET_WAIT)
         except TimeoutError as e:
             decision = decide_unanswered(flow, policy, facts, f"owner lookup: {e}")
+            if (
+                outgoing
+                and decision.verdict is Verdict.ACCEPT
+                and is_bare_syn(parsed)
+                and policy.blocks_anything
+            ):
+                # A new connection no one could be named for (its socket newer than the last
+                # view, a walk holding the source): the fd bomb's SYNs took --unknown here. A
+                # good owner's SYN is sent again in a second, judged then.
+                decision = Decision(
+                    Verdict.DROP,
+                    f"tcp SYN, owner lookup: {e}: dropped while a block is in force",
+                    known=False,
+                    settle=False,
+                )
             return Evaluation(decision, AnswerSource.TIMEOUT, parsed, flow, direction)
         ownership = answer.ownership
         if (
@@ -399,6 +451,17 @@ class Engine:
             kernel = kernel_sent(parsed)
             if kernel:
                 decision = decide(None, flow, policy, kernel)
+            elif is_bare_syn(parsed) and policy.blocks_anything:
+                # Its socket is gone by the time its turn came (connect() then close(): a flood
+                # does it by the thousand while the queue is long) or it never had one (a raw
+                # socket). No one can be named, and a SYN of no socket opens nothing anyone
+                # could use: dropped while a block is in force, unsettled.
+                decision = Decision(
+                    Verdict.DROP,
+                    "tcp SYN of no guest socket (closed before its verdict, or forged)",
+                    known=False,
+                    settle=False,
+                )
             else:
                 decision = self._unattributable(policy, what)
             return Evaluation(decision, answer.source, parsed, flow, direction, answer.ownership)

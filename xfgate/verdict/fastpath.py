@@ -7,6 +7,8 @@ Layout (filter table, IPv4 and IPv6 alike; bridged packets cross FORWARD via br_
     XFGATE-D  -m connmark --mark ACCEPT(D) -j ACCEPT   flow settled earlier: never reaches Python
               -j XFGATE-D-BLK                       blocked owners' known sockets (ipsets)
               -m connmark --mark DROP(D)   -j DROP
+              -j XFGATE-D-LSN                       a new connection to a granted listener:
+                                                    settled ACCEPT(D) and accepted there
               -m mark --mark ACCEPT(D) -j CONNMARK --save-mark   the engine's verdict, repeated
               -m mark --mark ACCEPT(D) -j ACCEPT                 (NF_REPEAT) so the rule set
               (the same two for DROP(D))                         stores it in conntrack
@@ -22,6 +24,11 @@ Layout (filter table, IPv4 and IPv6 alike; bridged packets cross FORWARD via br_
                   -m physdev --physdev-in vif  -m set --match-set xfgate-D-flowF src,src,dst -j DROP
                   -m physdev --physdev-out vif -m set --match-set xfgate-D-portF dst,dst -j DROP
                   -m physdev --physdev-out vif -m set --match-set xfgate-D-flowF dst,dst,src -j DROP
+    XFGATE-D-LSN  -p tcp -m physdev --physdev-out vif -m tcp --tcp-flags FIN,SYN,RST,ACK SYN
+                  -m conntrack --ctstate NEW -m set --match-set xfgate-D-lsnF dst,dst
+                  -j CONNMARK --set-xmark ACCEPT(D), then the same match -j ACCEPT
+                                                    (``listeners``: good listeners only, each
+                                                    entry renewed by the refresher or gone in 1 s)
     XFGATE-D-POLL (poll mode only) the thesis's per-port DROP rules
 
 The sets (F = 4 or 6, per family) name exactly what they block (``blocksets``): (guest address,
@@ -53,6 +60,7 @@ from xfgate.verdict.blocksets import (
     set_names,
     set_type,
 )
+from xfgate.verdict.listeners import LISTENER_SET, listener_set_name, listener_set_names
 from xfgate.verdict.nfnetlink import (
     PyrouteSets,
     SetAdapter,
@@ -90,6 +98,10 @@ def block_chain_name(domain: int) -> str:
 
 def save_chain_name(domain: int) -> str:
     return f"{CHAIN_PREFIX}{domain}-SAVE"
+
+
+def listener_chain_name(domain: int) -> str:
+    return f"{CHAIN_PREFIX}{domain}-LSN"
 
 
 def poll_chain_name(domain: int) -> str:
@@ -154,6 +166,22 @@ def block_rules(domain: int, vifs: Sequence[str], family: int) -> list[Rule]:
     return rules
 
 
+def listener_rules(domain: int, vifs: Sequence[str], family: int) -> list[Rule]:
+    """A new incoming connection (a SYN of a NEW conntrack flow) to a granted listener: its
+    conntrack entry gets the settled-accept mark here and the SYN is accepted, so the SYN-ACK
+    and the rest of the flow are settled without the engine (the mark rules of XFGATE-D stay
+    the engine's: only its NF_REPEAT answers cross them)."""
+    settle = ("-j", "CONNMARK", "--set-xmark", _mark(settle_mark(domain, True)))
+    syn = ("-m", "tcp", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN")
+    new = ("-m", "conntrack", "--ctstate", "NEW")
+    granted = ("-m", "set", "--match-set", listener_set_name(domain, family), "dst,dst")
+    rules: list[Rule] = []
+    for vif in vifs:
+        match = ("-p", "tcp", "-m", "physdev", "--physdev-out", vif, *syn, *new, *granted)
+        rules += [(*match, *settle), (*match, "-j", "ACCEPT")]
+    return rules
+
+
 def queue_rules(layout: GateLayout) -> list[Rule]:
     d = layout.domain
     if not layout.fastpath:
@@ -167,6 +195,7 @@ def queue_rules(layout: GateLayout) -> list[Rule]:
             ("-m", "connmark", "--mark", _mark(acc), "-j", "ACCEPT"),
             ("-j", block_chain_name(d)),
             ("-m", "connmark", "--mark", _mark(drp), "-j", "DROP"),
+            ("-j", listener_chain_name(d)),
             ("-m", "mark", "--mark", _mark(acc), *save),
             ("-m", "mark", "--mark", _mark(acc), "-j", "ACCEPT"),
             ("-m", "mark", "--mark", _mark(drp), *save),
@@ -513,6 +542,8 @@ class Firewall:
         with self.sets.session() as sets:
             for name in set_names(domain):
                 sets.create(name, set_type(name))
+            for family in FAMILIES:
+                sets.create(listener_set_name(domain, family), LISTENER_SET[family])
 
     def install(self, layout: GateLayout) -> None:
         d = layout.domain
@@ -520,6 +551,8 @@ class Firewall:
         for family in FAMILIES:
             blk = block_rules(d, layout.vifs, family)
             self.backend.replace_rules(family, block_chain_name(d), blk)
+            lsn = listener_rules(d, layout.vifs, family) if layout.fastpath else []
+            self.backend.replace_rules(family, listener_chain_name(d), lsn)
             self.backend.replace_rules(family, chain_name(d), queue_rules(layout))
             self._ensure_jumps(family, "FORWARD", chain_name(d), forward_jumps(d, layout.vifs))
 
@@ -572,6 +605,38 @@ class Firewall:
                 sets.swap(staging, live)
                 sets.destroy(staging)
 
+    def set_listeners(
+        self, domain: int, entries: Iterable[BlockEntry], gone: Iterable[BlockEntry] = ()
+    ) -> None:
+        """Add or renew (the set's timeout starts again) the granted listeners' entries and
+        delete those in ``gone`` at once."""
+        keep = set(entries)
+        with self.sets.session() as sets:
+            for family in FAMILIES:
+                name, kind = listener_set_name(domain, family), LISTENER_SET[family]
+                drop = [set_entry(e) for e in sorted(set(gone) - keep) if e.family == family]
+                add = [set_entry(e) for e in sorted(keep) if e.family == family]
+                if drop:
+                    sets.delete(name, kind, drop)
+                if add:
+                    sets.add(name, kind, add)
+
+    def revoke_listeners(self, domain: int) -> None:
+        """Empty the granted-listener sets (a policy change, a stop)."""
+        with self.sets.session() as sets:
+            for family in FAMILIES:
+                with contextlib.suppress(FirewallError):  # absent (poll mode): nothing to do
+                    sets.flush(listener_set_name(domain, family))
+
+    def granted(self, domain: int) -> list[str]:
+        """The granted-listener entries, as `ipset list` prints them."""
+        with self.sets.session() as sets:
+            return [
+                m
+                for fam in FAMILIES
+                for m in sets.member_texts(listener_set_name(domain, fam), LISTENER_SET[fam])
+            ]
+
     def blocked(self, domain: int) -> list[str]:
         """The members of the domain's sets, as `ipset list` prints them."""
         out: list[str] = []
@@ -606,10 +671,15 @@ class Firewall:
                 self.backend.delete_chain(family, queue)
                 if not persist_blocks:
                     self.backend.delete_chain(family, block)
+            # Nothing refers to it any more: XFGATE-D is gone or only jumps to XFGATE-D-BLK.
+            self.backend.delete_chain(family, listener_chain_name(domain))
             if not persist_blocks:
                 self.remove_poll(domain, family)
         self.remove_save(domain)
         self.reset_settled(domain)
+        with self.sets.session() as sets:
+            for name in listener_set_names(domain):
+                sets.destroy(name)
         if not persist_blocks:
             with self.sets.session() as sets:
                 # bitmap:port sets of an older gate (set_name) too
@@ -642,7 +712,13 @@ class Firewall:
     def counters(self, domain: int) -> dict[str, int]:
         """Packets the kernel decided without us (the fast path), from the rule counters:
         settled flows accepted/dropped, set drops, and what went to the queue."""
-        out = {"fastpath_accept": 0, "fastpath_drop": 0, "set_drop": 0, "queued": 0}
+        out = {
+            "fastpath_accept": 0,
+            "fastpath_drop": 0,
+            "set_drop": 0,
+            "queued": 0,
+            "listener_accept": 0,  # new connections to granted listeners, never queued
+        }
         for family in FAMILIES:
             for rule in self.backend.listing(family, chain_name(domain)):
                 if "connmark" in rule.spec:
@@ -652,12 +728,21 @@ class Firewall:
                     out["queued"] += rule.packets
             for rule in self.backend.listing(family, block_chain_name(domain)):
                 out["set_drop"] += rule.packets
+            for rule in self.backend.listing(family, listener_chain_name(domain)):
+                if rule.target == "ACCEPT":
+                    out["listener_accept"] += rule.packets
         return out
 
     def dump(self, domain: int) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for family in FAMILIES:
-            for chain in (chain_name(domain), block_chain_name(domain), poll_chain_name(domain)):
+            chains = (
+                chain_name(domain),
+                block_chain_name(domain),
+                listener_chain_name(domain),
+                poll_chain_name(domain),
+            )
+            for chain in chains:
                 lines = [render_rule(chain, r) for r in self.backend.listing(family, chain)]
                 if lines:
                     out[f"ipv{family} {chain}"] = lines

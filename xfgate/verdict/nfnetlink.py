@@ -28,6 +28,8 @@ class SetType:
     family: int = NFPROTO_UNSPEC
     etype: str = "port"  # the entry kind pyroute2 encodes: "port", "ip", "net,port", ...
     port_range: tuple[int, int] | None = None  # bitmap:port only (inclusive)
+    # Seconds an entry lives unless added again (ipset's ``timeout``); None: for ever.
+    timeout: int | None = None
 
 
 BITMAP_PORT = SetType("bitmap:port", NFPROTO_UNSPEC, "port", (0, 65535))
@@ -104,11 +106,14 @@ class IpsetSession:
                 family=kind.family,
                 exclusive=False,
                 bitmap_ports_range=kind.port_range,
+                timeout=kind.timeout,
             )
 
         self._do(f"create {name} {kind.stype}", do)
 
     def add(self, name: str, kind: SetType, entries: Sequence[SetEntry]) -> None:
+        """Add (or, in a set with timeouts, renew) ``entries``."""
+
         def do(sock: Any) -> None:
             for entry in entries:
                 sock.add(name, _encode(entry), etype=kind.etype, exclusive=False, **_fam(kind))

@@ -151,6 +151,11 @@ class Policy:
             return f"comm {owner.comm!r} blocked"
         return None
 
+    def blocks_creator(self, sk_uid: int) -> bool:
+        """A uid or sk_uid rule names this socket creator: its sockets whose holders are not
+        known yet are dropped by creator, no walk needed to find out (``creator_blocked``)."""
+        return sk_uid in self.block_uids or sk_uid in self.block_sk_uids
+
     def creator_blocked(self, sk_uid: int, facts: GuestFacts = NO_FACTS) -> str | None:
         """Why a socket no visible task holds is blocked, judged by its creator (sk_uid): a
         uid or sk_uid rule matches it directly; a pid/exe/comm rule matches when sk_uid is

@@ -39,13 +39,19 @@ from xfgate.errors import (
     QueueError,
     XfgateError,
 )
-from xfgate.flow import OwnerSource
+from xfgate.flow import Flow, Ownership, OwnerSource
 from xfgate.hypervisor.resolve import resolve_domain
 from xfgate.inet import proto_label
 from xfgate.verdict import bridge, control
 from xfgate.verdict.blocksets import BlockEntry, blocked_entries, ports_text
 from xfgate.verdict.cache import OwnerCache
-from xfgate.verdict.engine import PACKET_WAIT, Engine, LockedOwnerSource, QueuedPacket
+from xfgate.verdict.engine import (
+    PACKET_WAIT,
+    CreatorShortcut,
+    Engine,
+    LockedOwnerSource,
+    QueuedPacket,
+)
 from xfgate.verdict.fastpath import (
     Firewall,
     GateLayout,
@@ -53,6 +59,7 @@ from xfgate.verdict.fastpath import (
     make_backend,
     poll_rules,
 )
+from xfgate.verdict.listeners import KEEP_INTERVAL, ListenerGrant, listener_grants, renewable
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.netns import enter_netns, ifindex
 from xfgate.verdict.options import GateMode, GateOptions
@@ -122,6 +129,7 @@ class Refresher(threading.Thread):
         engine: Engine,
         apply: Callable[[set[BlockEntry]], None],
         interval: float,
+        listeners: ListenerSets | None = None,
     ) -> None:
         super().__init__(name=f"xfgate-refresh-{domain}", daemon=True)
         self.domain = domain
@@ -137,6 +145,15 @@ class Refresher(threading.Thread):
         self.last_error = ""
         self.degraded = ""
         self.last_walk_ms = 0.0
+        # Granted listeners (``listeners``): computed by a walk under `_grant_policy`, renewed
+        # by keep_listeners; None: the gate grants none (no fast path).
+        self._listeners = listeners
+        self._grant_lock = threading.Lock()
+        self._grants: set[ListenerGrant] = set()
+        self._grant_policy: Policy | None = None
+        self._granted: set[BlockEntry] = set()  # what the kernel set holds (or may, until TTL)
+        self.grant_renewals = 0
+        self.grant_refusals = 0
 
     def trigger(self) -> None:
         self._wake.set()
@@ -154,6 +171,7 @@ class Refresher(threading.Thread):
             self.last_walk_ms = round((time.monotonic() - start) * 1000, 2)
             facts = self._engine.absorb_view(view)
             entries = blocked_entries(facts.sockets, policy, facts)
+            self._set_grants(listener_grants(facts.sockets, policy, facts), policy)
             if view.complete:
                 self.degraded = ""
             else:
@@ -168,20 +186,86 @@ class Refresher(threading.Thread):
             self._apply(entries)
             self.entries = entries
 
-    def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.refresh_once()
-                self.last_error = ""
-            except GuestNotRunning as e:  # the gate lets go of the domain (Gate._let_go_gone)
-                self.gone = self.last_error = str(e)
-                log.error("domain %d: %s", self.domain, e)
+    @property
+    def granted(self) -> set[BlockEntry]:
+        return set(self._granted)
+
+    def _set_grants(self, grants: set[ListenerGrant], policy: Policy) -> None:
+        with self._grant_lock:
+            self._grants = grants
+            self._grant_policy = policy
+
+    def revoke_listeners(self) -> None:
+        """Forget every grant and empty the kernel sets (before a policy change settles)."""
+        with self._grant_lock:
+            self._grants = set()
+            self._grant_policy = None
+            self._granted = set()
+            if self._listeners is not None:
+                self._listeners.revoke()
+
+    def keep_listeners(self) -> None:
+        """Renew the grants whose listener the guest still shows unchanged and good; delete
+        the others at once (see ``listeners``). A lookup that fails or times out renews
+        nothing: the entry lapses within GRANT_TTL and its SYNs go to the queue again."""
+        if self._listeners is None:
+            return
+        with self._grant_lock:
+            policy = self._engine.policy
+            grants = self._grants if self._grant_policy is policy else set()
+            facts = self._engine.facts
+            answers: dict[Flow, Ownership | None] = {}
+            keep: set[BlockEntry] = set()
+            for grant in sorted(grants, key=lambda g: g.entry):
+                if grant.probe not in answers:
+                    try:
+                        answers[grant.probe] = self._source.lookup_listener(grant.probe)
+                    except Exception as e:  # busy source, torn memory: not renewed
+                        log.debug("domain %d: listener %s not renewed: %s", self.domain, grant, e)
+                        answers[grant.probe] = None
+                if renewable(grant, answers[grant.probe], policy, facts):
+                    keep.add(grant.entry)
+            if self._stop.is_set():  # stopping: revoke_listeners follows, renew nothing
                 return
-            except Exception as e:  # a torn walk must not end the refresher, nor change a set
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("domain %d: refresh failed: %s", self.domain, e)
-            self._wake.wait(self._interval)
-            self._wake.clear()
+            gone = self._granted - keep
+            if keep or gone:
+                self._listeners.renew(keep, gone)
+            self.grant_renewals += len(keep)
+            self.grant_refusals += len({g.entry for g in grants} - keep)
+            self._granted = keep
+
+    def run(self) -> None:
+        next_walk = 0.0
+        while not self._stop.is_set():
+            if self._wake.is_set() or time.monotonic() >= next_walk:
+                self._wake.clear()
+                try:
+                    self.refresh_once()
+                    self.last_error = ""
+                except GuestNotRunning as e:  # the gate lets go of the domain (_let_go_gone)
+                    self.gone = self.last_error = str(e)
+                    log.error("domain %d: %s", self.domain, e)
+                    return
+                except Exception as e:  # a torn walk must not end the refresher, nor a set
+                    self.last_error = f"{type(e).__name__}: {e}"
+                    log.warning("domain %d: refresh failed: %s", self.domain, e)
+                next_walk = time.monotonic() + self._interval
+            try:
+                self.keep_listeners()
+            except Exception as e:  # e.g. ipset refused: the grants lapse on their own
+                log.warning("domain %d: granted listeners not renewed: %s", self.domain, e)
+            wait = min(KEEP_INTERVAL, next_walk - time.monotonic())
+            if self._listeners is None:
+                wait = next_walk - time.monotonic()
+            self._wake.wait(max(0.0, wait))
+
+
+@dataclass(frozen=True)
+class ListenerSets:
+    """How the refresher reaches the domain's granted-listener sets."""
+
+    renew: Callable[[set[BlockEntry], set[BlockEntry]], None]
+    revoke: Callable[[], None]
 
 
 class ServeThread(threading.Thread):
@@ -336,7 +420,8 @@ class Gate:
         base = opts.queue_num if opts.queue_num is not None else DEFAULT_QUEUE_BASE + cfg.id
         queue_num = base + index if opts.queue_num is not None else base
         layout = GateLayout(cfg.id, cfg.vifs, queue_num, opts.queue_bypass, opts.fastpath)
-        source = LockedOwnerSource(self._owner_source_factory(cfg, opts))
+        raw_source = self._owner_source_factory(cfg, opts)
+        source = LockedOwnerSource(raw_source)
         cache = OwnerCache(opts.cache_ttl, opts.negative_ttl)
         engine = Engine(
             cfg.id,
@@ -348,6 +433,11 @@ class Gate:
             opts.fastpath,
             opts.on_error,
         )
+        if isinstance(raw_source, CreatorShortcut):
+            # A blocked uid's new sockets are dropped by creator without a walk each (a flood
+            # of new connections would otherwise walk the guest every 50 ms); the policy read
+            # at each lookup, so a live change applies at once.
+            raw_source.creator_decides = lambda uid: engine.policy.blocks_creator(uid)
         engine.refresh_view = lambda: source.view(timeout=PACKET_WAIT)
         if engine.degraded:
             log.warning("domain %d: degraded: %s", cfg.id, engine.degraded)
@@ -439,12 +529,19 @@ class Gate:
             return
         assert self.firewall is not None
         fw, d = self.firewall, dg.cfg.id
+        listeners = None
+        if dg.layout.fastpath:
+            listeners = ListenerSets(
+                lambda keep, gone: fw.set_listeners(d, keep, gone),
+                lambda: fw.revoke_listeners(d),
+            )
         dg.refresher = Refresher(
             d,
             dg.source,
             dg.engine,
             lambda entries: fw.set_blocked(d, entries),
             self.options.refresh_interval,
+            listeners,
         )
         try:
             dg.refresher.refresh_once(walk=True)
@@ -469,6 +566,12 @@ class Gate:
         for dg in domains.values():
             if dg.refresher is not None:
                 dg.refresher.stop()
+                # No grant outlives the gate: new connections then follow --queue-bypass
+                # like every unsettled flow (the keeper renews nothing once stopped).
+                try:
+                    dg.refresher.revoke_listeners()
+                except XfgateError as e:
+                    errors.append(str(e))
             for t in dg.threads:
                 t.stop()
         for dg in domains.values():
@@ -646,6 +749,10 @@ class Gate:
     def _set_policy(self, dg: DomainGate, new: Policy) -> None:
         assert self.firewall is not None
         dg.engine.set_policy(new)  # new snapshot + cache dropped
+        if dg.refresher is not None:
+            # No listener stays granted under the old policy (a walk under way then computes
+            # grants the keeper refuses: their policy is not the engine's).
+            dg.refresher.revoke_listeners()
         self._frame_filter(dg)
         if self.options.mode is GateMode.QUEUE:
             # Settled flows are re-decided from their next packet: established flows of a
@@ -686,8 +793,11 @@ class Gate:
             else _ports_text(dg.poll_ports or set()),
             "blocked": sorted(str(e) for e in (ref.entries or set())) if ref else [],
             "degraded": _degraded(dg),
+            "granted_listeners": ports_text(ref.granted) if ref else [],
             "refresh": {
                 "walks": ref.walks,
+                "grant_renewals": ref.grant_renewals,
+                "grant_refusals": ref.grant_refusals,
                 "last_walk_ms": ref.last_walk_ms,
                 "error": ref.last_error,
             }

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address
@@ -142,6 +142,11 @@ class GuestIntrospector:
         self.lookup_budget_seconds = lookup_budget_seconds
         self.revalidate_seconds = revalidate_seconds
         self._last_walk = -1e9
+        # Set by the gate: True for a creator (sk_uid) whose sockets the policy blocks by that
+        # uid alone. A sock the index lacks whose creator it names is answered at once, without
+        # the lookup's walk (holders_known False: the policy judges the creator). Under a flood
+        # of new connections by a blocked uid each one would otherwise walk the guest.
+        self.creator_decides: Callable[[int], bool] | None = None
         self._checked_at = -1e9  # monotonic time of the last boot check that passed
         self._owns_memory = memory is None
         self.memory = memory if memory is not None else open_domain_memory(domain)
@@ -458,6 +463,9 @@ class GuestIntrospector:
         owners = boot.owners.get(sock_addr)
         if owners is not None and not _reused(boot, sock_addr, current):
             return owners, True
+        decides = self.creator_decides
+        if current is not None and decides is not None and decides(current.sk_uid):
+            return (), False
         now = time.monotonic()
         if now >= deadline:
             return (), False
