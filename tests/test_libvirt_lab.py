@@ -45,19 +45,13 @@ def vlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabLayout, 
     if not Path(libvirt_lab.LIBVIRTD).exists():
         pytest.skip("libvirtd not installed: scripts/bootstrap.sh")
     pytest.importorskip("libvirt")
-    layout = LabLayout(PREFIX)
     domains_file = tmp_path_factory.mktemp("vlab") / "domains.toml"
-    old = os.environ.get("XFGATE_DOMAINS")
-    os.environ["XFGATE_DOMAINS"] = str(domains_file)  # the harness's env, read by lab_up
+    layout = LabLayout(PREFIX, domains_file=domains_file)
     try:
         lab.lab_up(layout, domains=1, hypervisor="libvirt", log=lambda m: print(m))
         yield layout, domains_file
     finally:
         lab.lab_down(layout, force=True, log=lambda m: None)
-        if old is None:
-            os.environ.pop("XFGATE_DOMAINS", None)
-        else:
-            os.environ["XFGATE_DOMAINS"] = old
 
 
 def xfgate(layout: LabLayout, domains_file: Path, *args: str, uri: str = "") -> Any:

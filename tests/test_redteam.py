@@ -45,21 +45,8 @@ def rlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedteamLab]:
         "XFGATE_DOMAINS": str(workdir / "domains.toml"),
         "XFGATE_RUN_DIR": str(workdir / "run"),
     }
-    saved = {k: os.environ.get(k) for k in ("XFGATE_DOMAINS", "XFGATE_LAB_PREFIX")}
-
-    def swap(values: dict[str, str | None]) -> None:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-    layout = LabLayout(prefix)
-    swap({k: env[k] for k in saved})
-    try:
-        result = labmod.lab_up(layout, domains=1)
-    finally:
-        swap(saved)
+    layout = LabLayout(prefix, domains_file=workdir / "domains.toml")
+    result = labmod.lab_up(layout, domains=1)
     domains = {d.id: d for d in result.domains}
     if not domains and result.state.domains_file:  # up already, recorded in another file
         domains = load_domains(Path(result.state.domains_file))
@@ -68,11 +55,7 @@ def rlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedteamLab]:
         yield RedteamLab(layout, env, workdir)
     finally:
         if not result.already_up and os.environ.get("XFGATE_LAB_KEEP") != "1":
-            swap({k: env[k] for k in saved})
-            try:
-                labmod.lab_down(layout)
-            finally:
-                swap(saved)
+            labmod.lab_down(layout)
 
 
 def run(rlab: RedteamLab, name: str) -> ProbeResult:

@@ -11,7 +11,6 @@ uid 1001 `spray` -> client :2222/tcp and :5353/udp every 0.5 s; uid 1002 httpd [
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -99,9 +98,8 @@ def vlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         "XFGATE_DOMAINS": str(workdir / "domains.toml"),
         "XFGATE_RUN_DIR": str(workdir / "run"),
     }
-    layout = LabLayout(prefix)
-    with _lab_environment(env):
-        result = labmod.lab_up(layout, domains=1)
+    layout = LabLayout(prefix, domains_file=workdir / "domains.toml")
+    result = labmod.lab_up(layout, domains=1)
     # Our own domains file, also when the lab was already up (written elsewhere then).
     domains = {d.id: d for d in result.domains}
     if not domains and result.state.domains_file:  # up already, recorded in another file
@@ -118,24 +116,7 @@ def vlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         for prog in ("iptables-legacy", "ip6tables-legacy"):
             lab.client([prog, "-F", "INPUT"])
         if not result.already_up and os.environ.get("XFGATE_LAB_KEEP") != "1":
-            with _lab_environment(env):
-                labmod.lab_down(layout)
-
-
-@contextlib.contextmanager
-def _lab_environment(env: dict[str, str]) -> Iterator[None]:
-    """The harness's lab reads its domains file and prefix from the environment: set them for
-    one call, then put back what was there."""
-    saved = {k: os.environ.get(k) for k in ("XFGATE_DOMAINS", "XFGATE_LAB_PREFIX")}
-    os.environ.update({k: env[k] for k in saved})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            labmod.lab_down(layout)
 
 
 def arrived(lab: Lab, proto: str, port: int) -> int:

@@ -29,7 +29,6 @@ from tests.test_verdict_lab import (
     GUEST6,
     SPRAY_PERIOD,
     Lab,
-    _lab_environment,
     leftovers,
     spray_quiet,
 )
@@ -222,9 +221,8 @@ def alab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         "XFGATE_DOMAINS": str(workdir / "domains.toml"),
         "XFGATE_RUN_DIR": str(workdir / "run"),
     }
-    layout = LabLayout(prefix)
-    with _lab_environment(env):
-        result = labmod.lab_up(layout, domains=1, memory="anonymous")
+    layout = LabLayout(prefix, domains_file=workdir / "domains.toml")
+    result = labmod.lab_up(layout, domains=1, memory="anonymous")
     domains = {d.id: d for d in result.domains}
     if not domains and result.state.domains_file:
         domains = load_domains(Path(result.state.domains_file))
@@ -239,8 +237,7 @@ def alab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         for prog in ("iptables-legacy", "ip6tables-legacy"):
             lab.client([prog, "-F", "INPUT"])
         if not result.already_up and os.environ.get("XFGATE_LAB_KEEP") != "1":
-            with _lab_environment(env):
-                labmod.lab_down(layout)
+            labmod.lab_down(layout)
 
 
 def test_anonymous_lab_guest_has_no_ram_file_and_an_operators_entry(alab: Lab) -> None:

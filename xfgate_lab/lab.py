@@ -43,7 +43,6 @@ from xfgate_lab.layout import (
     MAX_DOMAINS,
     LabLayout,
     cache_dir_from_env,
-    domains_file_from_env,
     guest_mac,
     guest_v4,
     guest_v6,
@@ -601,9 +600,7 @@ def lab_domain_configs(layout: LabLayout, state: LabState) -> tuple[DomainConfig
     libvirt shows them."""
     if state.hypervisor == "libvirt":
         return libvirt_lab.domain_configs(layout, state.domains)
-    known = load_domains(
-        Path(state.domains_file) if state.domains_file else domains_file_from_env()
-    )
+    known = load_domains(Path(state.domains_file) if state.domains_file else layout.domains_path)
     return tuple(known[d] for d in state.domains if d in known and is_lab_domain(layout, known[d]))
 
 
@@ -658,7 +655,7 @@ def _up_locked(
         + (
             f"libvirt {libvirt_lab.libvirt_uri(layout)}"
             if hypervisor == "libvirt"
-            else f"domains file {domains_file_from_env()}"
+            else f"domains file {layout.domains_path}"
         )
     )
     return UpResult(False, state, configs)
@@ -697,7 +694,7 @@ def _new_state(
         assets=str(assets.dir),
         cpu=guests.cpu,
         memory=guests.memory,
-        domains_file=str(domains_file_from_env()),
+        domains_file=str(layout.domains_path),
         crowd=guests.crowd,
         ram_mb=guests.ram_mb,
     )
@@ -785,12 +782,10 @@ def _record_domains(
         domain_config(layout, d, state.qemu_pid(d), assets, state.memory) for d in state.domains
     )
     known = {
-        k: v
-        for k, v in load_domains(domains_file_from_env()).items()
-        if not is_lab_domain(layout, v)
+        k: v for k, v in load_domains(layout.domains_path).items() if not is_lab_domain(layout, v)
     }
     known.update({c.id: c for c in configs})
-    save_domains(known, domains_file_from_env())
+    save_domains(known, layout.domains_path)
     return configs
 
 
@@ -834,7 +829,7 @@ def _down_locked(layout: LabLayout, force: bool, log: Log) -> list[str]:
         ram.unlink(missing_ok=True)
         removed.append(str(ram))
     domains_file = Path(state.domains_file) if state and state.domains_file else None
-    for path in {domains_file or domains_file_from_env(), domains_file_from_env()}:
+    for path in {domains_file or layout.domains_path, layout.domains_path}:
         known = load_domains(path)
         ours = [k for k, v in known.items() if is_lab_domain(layout, v)]
         if ours:

@@ -61,6 +61,9 @@ def check_domain_id(domain: int) -> int:
 class LabLayout:
     prefix: str = DEFAULT_PREFIX
     run_root: Path = RUN_ROOT  # another root only for tests of the run dir's life cycle
+    # The domains file `up` writes the lab's domains into; None: $XFGATE_DOMAINS, else the
+    # product's default (the command line's choice; tests pass their own file instead).
+    domains_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -68,6 +71,10 @@ class LabLayout:
                 f"lab prefix {self.prefix!r} invalid: lowercase letter first, then up to 11 "
                 "of [a-z0-9-] (it becomes part of namespace and file names)"
             )
+
+    @property
+    def domains_path(self) -> Path:
+        return self.domains_file if self.domains_file is not None else domains_file_from_env()
 
     @property
     def dom0_netns(self) -> str:
