@@ -9,7 +9,6 @@ the client namespace, per guest source address, of what the guests' attacker (ui
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -120,9 +119,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         "XFGATE_DOMAINS": str(workdir / "domains.toml"),
         "XFGATE_RUN_DIR": str(workdir / "run"),
     }
-    layout = LabLayout(prefix)
-    with _environment({"XFGATE_DOMAINS": str(lab_domains), "XFGATE_LAB_PREFIX": prefix}):
-        result = labmod.lab_up(layout, domains=2)
+    layout = LabLayout(prefix, domains_file=lab_domains)
+    result = labmod.lab_up(layout, domains=2)
     known = {d.id: d for d in result.domains}
     if not known and result.state.domains_file:  # up already, recorded in another file
         known = load_domains(Path(result.state.domains_file))
@@ -140,23 +138,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         for d in (1, 2):
             rig.xfgate(["cleanup", "--domain", str(d)])
         if not result.already_up and os.environ.get("XFGATE_LAB_KEEP") != "1":
-            with _environment({"XFGATE_DOMAINS": str(lab_domains), "XFGATE_LAB_PREFIX": prefix}):
-                labmod.lab_down(layout)
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """The harness's lab reads its domains file and prefix from the environment."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            labmod.lab_down(layout)
 
 
 def scrape(address: str) -> dict[str, float]:
