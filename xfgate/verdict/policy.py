@@ -313,7 +313,12 @@ def decide(
             )
         reason = policy.creator_blocked(ownership.sk_uid, facts)
         if reason is not None:
-            return Decision(Verdict.DROP, f"socket held by no visible task: {reason}")
+            who = (
+                "socket held by no visible task"
+                if ownership.holders_known
+                else "socket whose holders were not read (judged by its creator)"
+            )
+            return Decision(Verdict.DROP, f"{who}: {reason}")
         return Decision(
             policy.unknown,
             f"unknown owner (socket {ownership.state} held by no visible task,"
