@@ -118,6 +118,13 @@ def test_netns_by_inode(tmp_path: Path) -> None:
     (proc / "self" / "ns" / "net").write_text("y")
     os.link(proc / "5" / "ns" / "net", netns / "lab-dom0")
     assert lv.netns_of(5, netns, proc) == "lab-dom0"
+    # A caller that entered that namespace (the service, to reach the bridge) still gets its
+    # name: the domain's configuration must not look changed to the next discovery.
+    (proc / "self" / "ns" / "net").unlink()
+    os.link(proc / "5" / "ns" / "net", proc / "self" / "ns" / "net")
+    assert lv.netns_of(5, netns, proc) == "lab-dom0"
+    (proc / "self" / "ns" / "net").unlink()
+    (proc / "self" / "ns" / "net").write_text("y")
     os.link(proc / "self" / "ns" / "net", proc / "6")
     (netns / "lab-dom0").unlink()
     with pytest.raises(ConfigError, match="ip netns attach"):

@@ -1,6 +1,7 @@
 """The lab's guests under libvirt, on the real libvirt daemon (`xfgate-lab up --hypervisor
 libvirt`): discovery through libvirt (`xfgate domains`), truth/exec, the monitor through
-libvirt, bad input, and a `down` that leaves nothing.
+libvirt, bad input, `xfgate serve` taking on a guest started after it (and letting it go),
+and a `down` that leaves nothing.
 
 One private lab for the module: prefix $XFGATE_LIBVIRT_LAB_PREFIX (default xfvirt), an empty
 domains file of its own; the domains are found through libvirt, never through that file.
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,7 +29,7 @@ from xfgate.hypervisor.libvirt import LibvirtHost, LibvirtMonitor
 from xfgate_lab import lab, libvirt_lab
 from xfgate_lab.assets import ensure_assets
 from xfgate_lab.cli import guest_exec, guest_truth
-from xfgate_lab.gate_process import gate_process
+from xfgate_lab.gate_process import GateProcess, gate_process
 from xfgate_lab.layout import LabLayout
 from xfgate_lab.namespaces import netns_exists
 from xfgate_lab.peers import SPRAY_TCP_PORT, SPRAY_UDP_PORT
@@ -188,6 +190,132 @@ def test_ps_equals_truth_and_the_gate_blocks_uid_1001(
             attacker_packets = cap.stop()
     assert attacker_packets == 0
     assert all(a is not None for a in answered)
+
+
+def _iptables_text(layout: LabLayout) -> str:
+    return "".join(
+        subprocess.run(
+            ["ip", "netns", "exec", layout.dom0_netns, prog],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
+        for prog in ("iptables-legacy-save", "ip6tables-legacy-save")
+    )
+
+
+def test_serve_takes_on_a_guest_started_after_it_and_lets_it_go(
+    vlab: tuple[LabLayout, Path], tmp_path: Path
+) -> None:
+    """Issue 13's "the second [guest] started after the service", through libvirt: `xfgate
+    serve --libvirt-uri` runs with a policy blocking uid 1001 in domain "guest2" (by name: its
+    libvirt runtime id is not known before it starts and changes at each start), guest1
+    gated; guest2 is then started through libvirt: taken on within seconds, 0 packets of its
+    uid 1001 spray reach the client over its whole life (boot included), its uid 1000
+    services answer, `status`/`block --domain guest2` work by name. Destroyed through libvirt:
+    let go, its kernel rules released, said in status and log; guest1 still gated."""
+    layout, domains_file = vlab
+    state = lab.read_state(layout)
+    assert state is not None
+    uri = libvirt_lab.libvirt_uri(layout)
+    env = {**os.environ, "XFGATE_DOMAINS": str(domains_file), "XFGATE_LIBVIRT_URI": uri}
+    env["XFGATE_RUN_DIR"] = str(tmp_path / "run")
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[rule]]\ndomain = "guest2"\nuid = 1001\nreason = "spray"\n')
+
+    def cli(*args: str) -> Any:
+        argv = [sys.executable, "-m", "xfgate.cli", *args]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+
+    def status() -> dict[str, Any]:
+        r = cli("status", "--json")
+        assert r.returncode == 0, r.stderr
+        return cast(dict[str, Any], json.loads(r.stdout))
+
+    def gated() -> dict[str, dict[str, Any]]:
+        return {s["name"]: s for s in status()["domains"]}
+
+    def until(what: str, check: Callable[[], bool], timeout: float) -> float:
+        t0 = time.monotonic()
+        while not check():
+            assert time.monotonic() - t0 < timeout, what
+            time.sleep(0.2)
+        return time.monotonic() - t0
+
+    argv = [sys.executable, "-m", "xfgate.cli", "--libvirt-uri", uri, "serve"]
+    argv += ["--policy", str(policy), "--metrics", "127.0.0.1:0", "--discover-interval", "0.5"]
+    argv += ["--audit-log", str(tmp_path / "audit.jsonl")]
+    out = tmp_path / "serve.out"
+    with out.open("wb") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
+    serve = GateProcess(proc, out, (), env)
+    assets = ensure_assets(state.kernel_package, lambda m: None)
+    bpf = f"src host 198.18.1.2 and (tcp port {SPRAY_TCP_PORT} or udp port {SPRAY_UDP_PORT})"
+    cap = None
+    try:
+        serve.wait_ready(90)
+        until(
+            "guest1 gated",
+            lambda: gated().get("guest1", {}).get("refresh", {}).get("walks", 0) > 0,
+            60,
+        )
+        waiting = status()["waiting"]
+        assert [(w["domain"], w["value"]) for w in waiting] == [("guest2", "1001")]
+        cap = start_capture(layout.client_netns, bpf, tmp_path / "spray2.pcap")
+        qemu2 = libvirt_lab.start_domain(layout, 2, assets, state.cpu)  # after the service
+        taken = until("guest2 taken on", lambda: "guest2" in gated(), 10)
+        g2 = gated()["guest2"]
+        assert g2["uuid"] == libvirt_lab.domain_uuid(layout, 2)
+        print(f"guest2 taken on {taken:.1f} s after libvirt started it")
+        lab.wait_guest_ready(
+            layout, 2, lambda: Path(f"/proc/{qemu2}").exists(), time.monotonic() + 240, print
+        )
+        time.sleep(5.0)  # spray (uid 1001) sends every 0.5 s
+        answered = [lab.client_http_get(layout, "198.18.1.2", p) for p in (8080, 8000)]
+        spray2 = cap.stop()
+        cap = None
+        assert spray2 == 0, serve.output()[-3000:]
+        assert all(a is not None for a in answered)  # uid 1000's services
+        g2 = gated()["guest2"]
+        assert g2["refresh"]["walks"] > 0 and g2["stats"]["dropped"] > 0
+        assert g2["policy"]["block_uids"] == [1001]
+        # By name against the service: status and block (the rule follows the name).
+        r = cli("status", "--domain", "guest2")
+        assert r.returncode == 0 and "guest2" in r.stdout and "guest1" not in r.stdout, r
+        r = cli("block", "--domain", "guest2", "--uid", "1002", "--for", "10m")
+        assert r.returncode == 0, r.stderr
+        reply = json.loads(r.stdout)
+        assert reply["rule"]["domain"] == "guest2" and reply["gated"] == [g2["domain"]]
+        assert reply["policy"]["block_uids"] == [1001, 1002]
+        assert cli("unblock", "--domain", "guest2", "--uid", "1002").returncode == 0
+        # Destroyed through libvirt: let go, its kernel rules released, guest1 still gated.
+        tap2 = g2["vifs"][0]
+        assert tap2 in _iptables_text(layout)
+        with LibvirtHost(uri) as host:
+            dom = host.lookup("guest2")
+            assert dom is not None
+            dom.destroy()
+        until("guest2 let go", lambda: "guest2" not in gated(), 10)
+        st = status()
+        let_go = st["service"]["let_go"][str(g2["domain"])]
+        assert let_go["name"] == "guest2" and let_go["released"], let_go
+        assert [(w["domain"], w["value"]) for w in st["waiting"]] == [("guest2", "1001")]
+        assert tap2 not in _iptables_text(layout)
+        assert f"domain {g2['domain']} (guest2" in serve.output() and "released" in serve.output()
+        walks = gated()["guest1"]["refresh"]["walks"]
+        until("guest1 still walked", lambda: gated()["guest1"]["refresh"]["walks"] > walks, 10)
+        assert lab.client_http_get(layout, "198.18.1.1", 8080) is not None
+        assert serve.proc.poll() is None
+    finally:
+        if cap is not None:
+            cap.stop()
+        serve.stop(signal.SIGTERM)
+        cli("cleanup", "--domain", "guest1")
+        with LibvirtHost(uri) as host:
+            dom = host.lookup("guest2")
+            if dom is not None and dom.isActive():
+                dom.destroy()
 
 
 def test_down_leaves_nothing(vlab: tuple[LabLayout, Path]) -> None:

@@ -58,6 +58,7 @@ class FakeGate:
         self.netns: list[str] = []
         self.fail: dict[int, str] = {}
         self.removed: list[int] = []
+        self.released: list[int] = []
         self.kept: set[int] = set()
 
     def open(self, netns: str) -> None:
@@ -72,8 +73,10 @@ class FakeGate:
             raise ConfigError(self.fail[c.id])
         self.domains[c.id] = FakeDomain(c, SimpleNamespace(policy=policy))
 
-    def remove_domain(self, d: int) -> None:
+    def remove_domain(self, d: int, release: bool = False) -> None:
         self.removed.append(d)
+        if release:
+            self.released.append(d)
         self.domains.pop(d, None)
 
     def set_policy(self, d: int, policy: Policy) -> None:

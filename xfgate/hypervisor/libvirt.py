@@ -145,15 +145,16 @@ def find_qemu_pid(
 
 
 def netns_of(pid: int, netns_dir: Path = Path("/run/netns"), proc: Path = Path("/proc")) -> str:
-    """The named network namespace the process lives in ("" = the caller's own), where its taps
-    are. A namespace with no name under /run/netns cannot be entered by name: an error."""
+    """The named network namespace the process lives in, where its taps are; "" when it has
+    no name and is the caller's own. The name comes first: the answer must not change when
+    the caller itself enters that namespace (`xfgate serve` does, to reach the bridge, and
+    compares each discovery's configuration with the last). A namespace with no name under
+    /run/netns, not the caller's, cannot be entered by name: an error."""
     try:
         target = os.stat(proc / str(pid) / "ns" / "net")
         own = os.stat(proc / "self" / "ns" / "net")
     except OSError as e:
         raise GuestNotRunning(pid, f"cannot see QEMU pid {pid}'s network namespace: {e}") from e
-    if (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino):
-        return ""
     try:
         names = sorted(os.listdir(netns_dir))
     except OSError:
@@ -165,6 +166,8 @@ def netns_of(pid: int, netns_dir: Path = Path("/run/netns"), proc: Path = Path("
             continue
         if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
             return name
+    if (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino):
+        return ""
     raise ConfigError(
         f"QEMU pid {pid} runs in a network namespace with no name under {netns_dir}: "
         f"name it (`ip netns attach NAME {pid}`) so that xfgate can reach its taps"

@@ -7,7 +7,7 @@ never touch a file (``xfgate/service/store.py`` reads and writes it). Format::
     unknown = "accept"                     # optional: verdict when an owner cannot be known
 
     [[rule]]
-    domain = 1
+    domain = 1                             # an id, or a name or UUID: "web01" (see below)
     uid = 1001                             # exactly one of uid, pid, exe, comm, sk_uid, port
     until = 2026-11-30T05:30:00Z           # optional: the rule ends then (UTC)
     reason = "spraying 198.18.0.0/15"      # optional
@@ -16,6 +16,11 @@ never touch a file (``xfgate/service/store.py`` reads and writes it). Format::
 
 ``pid`` blocks the process and its descendants; ``port`` is ``tcp/23`` or ``udp/53``; ``exe`` an
 absolute guest path. What a rule can block is what ``xfgate/verdict/policy.py`` enforces.
+
+``domain`` is an integer id (a domains-file id) or a string: a domain's name or UUID. A string
+rule is in force in every gated domain of that name or UUID, from the moment it appears (a
+libvirt domain's runtime id changes each time it starts; its name and UUID do not). UUIDs are
+compared in lower case; a string of digits is refused (write the integer).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,22 +44,51 @@ MAX_TEXT = 512  # reason / by
 MAX_RULES = 10_000
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+MAX_DOMAIN_NAME = 256
+# A rule's domain: an id, or a domain's name or UUID (lower case), stable across restarts.
+DomainRef = int | str
+
+
+def domain_ref(value: object) -> DomainRef:
+    """A rule's `domain` as the policy keeps it, or ConfigError."""
+    if isinstance(value, bool):
+        raise ConfigError("domain: an integer id, or a name or UUID string")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"domain must be >= 0, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"domain: an integer id, or a name or UUID string, got {value!r}")
+    text = value.strip()
+    if not text or len(text) > MAX_DOMAIN_NAME or any(ord(c) < 32 for c in text):
+        raise ConfigError(f"domain: a name of 1 to {MAX_DOMAIN_NAME} printable characters")
+    if text.isdigit():
+        raise ConfigError(f"domain: write the id {text} as an integer, not a string")
+    return text.lower() if _UUID.match(text) else text
+
+
+def _ref_order(ref: DomainRef) -> tuple[bool, int, str]:
+    return (True, 0, ref) if isinstance(ref, str) else (False, ref, "")
 
 
 class PolicyFileError(ConfigError):
     """The policy file does not parse or validate; the message names file:line."""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class RuleKey:
-    domain: int
+    domain: DomainRef
     kind: str
     value: str
+
+    def order(self) -> tuple[tuple[bool, int, str], str, str]:
+        return (_ref_order(self.domain), self.kind, self.value)
 
 
 @dataclass(frozen=True)
 class Rule:
-    domain: int
+    domain: DomainRef
     kind: str
     value: str  # normalized text (ints as decimal)
     until: float | None = None  # epoch seconds; None: no expiry
@@ -68,6 +102,10 @@ class Rule:
 
     def expired(self, now: float) -> bool:
         return self.until is not None and self.until <= now
+
+    def applies_to(self, keys: Collection[DomainRef]) -> bool:
+        """Whether the rule names a domain known by any of `keys` (its id, name, UUID)."""
+        return self.domain in keys
 
     def describe(self) -> str:
         until = f" until {iso(self.until)}" if self.until is not None else ""
@@ -97,7 +135,8 @@ class PolicySet:
 
     def __post_init__(self) -> None:
         by_key = {r.key: r for r in self.rules}  # the last rule of a key wins
-        object.__setattr__(self, "rules", tuple(by_key[k] for k in sorted(by_key)))
+        ordered = sorted(by_key, key=RuleKey.order)
+        object.__setattr__(self, "rules", tuple(by_key[k] for k in ordered))
         object.__setattr__(self, "_by_key", by_key)
 
     def get(self, key: RuleKey) -> Rule | None:
@@ -114,11 +153,14 @@ class PolicySet:
         gone = set(keys)
         return replace(self, rules=tuple(r for r in self.rules if r.key not in gone))
 
-    def domains(self) -> set[int]:
+    def domains(self) -> set[DomainRef]:
         return {r.domain for r in self.rules}
 
-    def active(self, domain: int, now: float) -> tuple[Rule, ...]:
-        return tuple(r for r in self.rules if r.domain == domain and not r.expired(now))
+    def active(self, domain: DomainRef | Collection[DomainRef], now: float) -> tuple[Rule, ...]:
+        """The rules in force at `now` for a domain known by `domain` (one id/name/UUID, or
+        all of a domain's keys)."""
+        keys = _keys(domain)
+        return tuple(r for r in self.rules if r.applies_to(keys) and not r.expired(now))
 
     def expired(self, now: float) -> tuple[Rule, ...]:
         return tuple(r for r in self.rules if r.expired(now))
@@ -127,12 +169,16 @@ class PolicySet:
         times = [r.until for r in self.rules if r.until is not None and r.until > now]
         return min(times) if times else None
 
-    def policy_for(self, domain: int, now: float) -> Policy:
+    def policy_for(self, domain: DomainRef | Collection[DomainRef], now: float) -> Policy:
         """The verdict engine's policy for `domain` at time `now`: expired rules left out."""
         policy = Policy(unknown=self.unknown)
         for r in self.active(domain, now):
             policy = policy.changed("block", r.kind, r.value)
         return replace(policy, version=0)
+
+
+def _keys(domain: DomainRef | Collection[DomainRef]) -> Collection[DomainRef]:
+    return {domain} if isinstance(domain, int | str) else domain
 
 
 def iso(t: float) -> str:
@@ -155,8 +201,8 @@ def parse_duration(text: str) -> float:
 
 def validate_rule(rule: Rule) -> None:
     """Raise ConfigError unless the verdict policy can enforce this rule."""
-    if rule.domain < 0:
-        raise ConfigError(f"domain must be >= 0, got {rule.domain}")
+    if domain_ref(rule.domain) != rule.domain:
+        raise ConfigError(f"domain {rule.domain!r}: not in its normal form")
     if rule.kind not in KINDS:
         raise ConfigError(f"unknown rule kind {rule.kind!r} ({', '.join(KINDS)})")
     Policy().changed("block", rule.kind, rule.value)  # the verdict policy's own validation
@@ -166,7 +212,7 @@ def validate_rule(rule: Rule) -> None:
 
 
 def make_rule(
-    domain: int,
+    domain: DomainRef,
     kind: str,
     value: str,
     now: float,
@@ -181,7 +227,7 @@ def make_rule(
         except ValueError:
             raise ConfigError(f"{kind} must be an integer, got {value!r}") from None
     until = now + duration if duration is not None else None
-    rule = Rule(domain, kind, value, until, reason, by, now)
+    rule = Rule(domain_ref(domain), kind, value, until, reason, by, now)
     validate_rule(rule)
     return rule
 
@@ -210,9 +256,9 @@ def _rule_from_table(t: Mapping[str, Any]) -> Rule:
     unknown_keys = sorted(set(t) - RULE_KEYS)
     if unknown_keys:
         raise ConfigError(f"unknown key(s) {', '.join(unknown_keys)}")
-    domain = t.get("domain")
-    if not isinstance(domain, int) or isinstance(domain, bool):
-        raise ConfigError("domain: an integer is required")
+    if "domain" not in t:
+        raise ConfigError("domain: an id, a name or a UUID is required")
+    domain = domain_ref(t["domain"])
     kinds = [k for k in KINDS if k in t]
     if len(kinds) != 1:
         raise ConfigError(f"exactly one of {', '.join(KINDS)} per rule, got {len(kinds)}")
@@ -273,7 +319,7 @@ def parse_policy(text: str, path: str = "<policy>") -> PolicySet:
 def render_policy(policy: PolicySet) -> str:
     """The TOML text of `policy`; ``parse_policy(render_policy(p))`` gives `p` back."""
     tables = []
-    for r in sorted(policy.rules, key=lambda r: r.key):
+    for r in sorted(policy.rules, key=lambda r: r.key.order()):
         t: dict[str, Any] = {"domain": r.domain}
         t[r.kind] = int(r.value) if r.kind in INT_KINDS else r.value
         if r.until is not None:

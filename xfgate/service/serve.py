@@ -32,7 +32,15 @@ from typing import Any
 from xfgate.config import DomainConfig, load_domains
 from xfgate.errors import ConfigError, XfgateError
 from xfgate.service.metrics import MetricsServer, ServiceInfo
-from xfgate.service.policyfile import KINDS, PolicySet, RuleKey, make_rule, parse_duration
+from xfgate.service.policyfile import (
+    KINDS,
+    DomainRef,
+    PolicySet,
+    Rule,
+    domain_ref,
+    make_rule,
+    parse_duration,
+)
 from xfgate.service.sdnotify import Notifier
 from xfgate.service.store import PolicyStore
 from xfgate.verdict import control
@@ -49,6 +57,9 @@ DEAD_STRIKES = 2  # discovery rounds a gated VM must look stopped in before it i
 DomainSource = Callable[[], Sequence[DomainConfig]]
 # Why a domain's VM is not running ("" when it is): a stopped VM is let go.
 Liveness = Callable[[DomainConfig], str]
+# Whether a domain's VM is gone for good, so that its kernel rules go with it (see vm_gone).
+Gone = Callable[[DomainConfig], bool]
+LET_GO_KEPT = 32  # domains let go, remembered for `status`
 
 
 def domains_file_source(path: Path) -> DomainSource:
@@ -67,6 +78,32 @@ def vm_liveness(cfg: DomainConfig) -> str:
     except GuestNotRunning as e:
         return str(e)
     return ""
+
+
+def domain_keys(cfg: DomainConfig) -> frozenset[DomainRef]:
+    """Every way a policy rule can name this domain: its id, its name, its libvirt UUID."""
+    keys: set[DomainRef] = {cfg.id}
+    if cfg.name and not cfg.name.isdigit():
+        keys.add(cfg.name)
+    if cfg.libvirt is not None:
+        keys.add(cfg.libvirt.uuid.lower())
+        if cfg.libvirt.name and not cfg.libvirt.name.isdigit():
+            keys.add(cfg.libvirt.name)
+    return frozenset(keys)
+
+
+def vm_gone(cfg: DomainConfig) -> bool:
+    """A libvirt domain whose QEMU exited: its taps are gone, and its runtime id will not come
+    back (libvirt gives a new one at each start). Its kernel rules are released: left behind,
+    they would meet a later tap of the same name (libvirt reuses `vnetN`) and queue that
+    domain's packets to a queue nobody reads. A domains-file domain keeps its id across
+    restarts: its rules stay (stop-not-release) and are adopted when it comes back."""
+    from xfgate.hypervisor.libvirt import is_qemu_of
+    from xfgate.vmi.liveness import qemu_cmdline
+
+    if cfg.libvirt is None or cfg.libvirt.pid <= 0:
+        return False
+    return not is_qemu_of(qemu_cmdline(cfg.libvirt.pid), cfg.libvirt.uuid)
 
 
 def lock_path(run_dir: Path) -> Path:
@@ -118,10 +155,12 @@ class Service:
         owner_source_factory: OwnerSourceFactory = introspection_source,
         liveness: Liveness = vm_liveness,
         clock: Callable[[], float] = time.time,
+        gone: Gone = vm_gone,
     ) -> None:
         self.options = options
         self._domain_source = domain_source
         self._liveness = liveness
+        self._gone = gone
         self._clock = clock
         self.gate = Gate(options.gate, owner_source_factory)
         self.store = PolicyStore(options.policy_path, options.audit_path, clock)
@@ -132,6 +171,7 @@ class Service:
         self.listed: dict[int, DomainConfig] = {}  # what the source listed last
         self._dead: dict[int, int] = {}  # gated domains whose VM looked stopped: times in a row
         self.pending: dict[int, str] = {}  # listed, not gated: why
+        self.let_go: dict[int, dict[str, Any]] = {}  # domains let go: what, when, why
         self._service_lock: ServiceLock | None = None
         self._control: control.ControlServer | None = None
         self._metrics: MetricsServer | None = None
@@ -230,14 +270,35 @@ class Service:
                 if cfg is not None and not why and cfg != self.gate.domains[d].cfg:
                     why = "its configuration changed"
                 if why:
-                    log.info("domain %d: letting go (%s); its rules stay in the kernel", d, why)
-                    self.gate.remove_domain(d)
+                    self._let_go(
+                        d, why, release=cfg is None and self._gone(self.gate.domains[d].cfg)
+                    )
             for d in list(self.pending):
                 if d not in listed:
                     del self.pending[d]
             for d, cfg in sorted(listed.items()):
                 if d not in self.gate.domains:
                     self._take_on(cfg, set(listed))
+
+    def _let_go(self, domain: int, why: str, release: bool) -> None:
+        cfg = self.gate.domains[domain].cfg
+        name = cfg.name + (f", libvirt {cfg.libvirt.uuid}" if cfg.libvirt is not None else "")
+        if release:
+            what = "its QEMU exited: its kernel rules are released"
+        else:
+            what = "its rules stay in the kernel"
+        log.info("domain %d (%s): letting go (%s); %s", domain, name, why, what)
+        self.gate.remove_domain(domain, release=release)
+        self.let_go.pop(domain, None)
+        self.let_go[domain] = {
+            "name": cfg.name,
+            "uuid": cfg.libvirt.uuid.lower() if cfg.libvirt is not None else "",
+            "why": why,
+            "released": release,
+            "at": round(self._clock(), 3),
+        }
+        while len(self.let_go) > LET_GO_KEPT:
+            del self.let_go[next(iter(self.let_go))]
 
     def _take_on(self, cfg: DomainConfig, listed: set[int]) -> None:
         why = self._liveness(cfg)
@@ -246,7 +307,8 @@ class Service:
                 if self.gate.firewall is None:
                     self.gate.open(cfg.netns)
                     self.gate.clean_leftovers(keep=listed)
-                self.gate.add_domain(cfg, self.store.policy.policy_for(cfg.id, self._clock()))
+                policy = self.store.policy.policy_for(domain_keys(cfg), self._clock())
+                self.gate.add_domain(cfg, policy)
             except XfgateError as e:
                 why = str(e)
         if why:
@@ -255,8 +317,17 @@ class Service:
             self.pending[cfg.id] = why
             return
         self.pending.pop(cfg.id, None)
-        rules = len(self.store.policy.active(cfg.id, self._clock()))
-        log.info("domain %d (%s): gated, %d rule(s)", cfg.id, cfg.name, rules)
+        self.let_go.pop(cfg.id, None)
+        rules = self.store.policy.active(domain_keys(cfg), self._clock())
+        how = f", libvirt {cfg.libvirt.uuid}" if cfg.libvirt is not None else ""
+        log.info(
+            "domain %d (%s%s): gated, %d rule(s)%s",
+            cfg.id,
+            cfg.name,
+            how,
+            len(rules),
+            "".join(f"; {r.describe()}" for r in rules),
+        )
 
     def apply(self) -> None:
         """Put the policy file's rules in force in every gated domain whose policy changed."""
@@ -264,7 +335,7 @@ class Service:
         with self._lock:
             for d, dg in list(self.gate.domains.items()):
                 current = dg.engine.policy
-                new = self.store.policy.policy_for(d, now)
+                new = self.store.policy.policy_for(domain_keys(dg.cfg), now)
                 if replace(new, version=current.version) != current:
                     self.gate.set_policy(d, replace(new, version=current.version + 1))
                     log.info("domain %d: policy now %s", d, _summary(new))
@@ -288,11 +359,35 @@ class Service:
             return {"ok": True, "unknown": verdict.value}
         raise ConfigError(f"unknown control operation {op!r}")
 
+    def rule_domain(self, spec: object) -> DomainRef:
+        """The `domain` a rule asked for by `spec` is written with: an id stays an id, but the
+        runtime id of a domain found through libvirt becomes its UUID (a libvirt domain gets
+        a new id each time it starts: a rule by id would not follow it)."""
+        if spec is None or spec == "":
+            raise ConfigError("give --domain")
+        if isinstance(spec, str) and spec.strip().isdigit():
+            spec = int(spec)
+        ref = domain_ref(spec)
+        if isinstance(ref, int):
+            cfg = self.listed.get(ref)
+            if cfg is not None and cfg.libvirt is not None:
+                return cfg.libvirt.uuid.lower()
+        return ref
+
+    def _same_domain(self, ref: DomainRef) -> frozenset[DomainRef]:
+        """`ref` and every other key of the listed domains it names (unblock by name finds a
+        rule written by UUID, and the other way round)."""
+        keys: set[DomainRef] = {ref}
+        for cfg in self.listed.values():
+            if ref in domain_keys(cfg):
+                keys |= domain_keys(cfg)
+        return frozenset(keys)
+
+    def _gated_for(self, ref: DomainRef) -> list[int]:
+        return [d for d, dg in sorted(self.gate.domains.items()) if ref in domain_keys(dg.cfg)]
+
     def _change(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
-        try:
-            domain = int(req["domain"])
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError("give --domain") from None
+        domain = self.rule_domain(req.get("domain"))
         kind, value = str(req.get("kind")), str(req.get("value"))
         if kind not in KINDS:
             raise ConfigError(f"unknown rule kind {kind!r} ({', '.join(KINDS)})")
@@ -307,35 +402,48 @@ class Service:
             log.info("block: %s (by %s)", rule.describe(), by or "?")
             result: dict[str, Any] = {"rule": rule.to_dict()}
         else:
-            key = RuleKey(domain, kind, make_rule(domain, kind, value, now).value)
-            old = self.store.policy.get(key)
-            if old is None:
+            normal = make_rule(domain, kind, value, now).value
+            keys = self._same_domain(domain)
+            olds = [r for r in self.store.policy.rules if r.kind == kind and r.value == normal]
+            olds = [r for r in olds if r.applies_to(keys)]
+            if not olds:
                 raise ConfigError(f"no rule blocks {kind} {value} in domain {domain}")
             self.store.change(
-                lambda p: p.without([key]), {"op": "unblock", "rule": old.to_dict(), "by": by}
+                lambda p: p.without(r.key for r in olds),
+                {"op": "unblock", "rule": olds[0].to_dict(), "by": by},
             )
-            log.info("unblock: %s (by %s)", old.describe(), by or "?")
-            result = {"rule": old.to_dict()}
+            for old in olds:
+                log.info("unblock: %s (by %s)", old.describe(), by or "?")
+            result = {"rule": olds[0].to_dict()}
         self.apply()
-        gated = domain in self.gate.domains
-        result["waiting"] = "" if gated else self._waiting_reason(domain)
         with self._lock:
-            dg = self.gate.domains.get(domain)
+            gated = self._gated_for(domain)
+            dg = self.gate.domains.get(gated[0]) if gated else None
             policy = dg.engine.policy if dg else self.store.policy.policy_for(domain, now)
+        result["waiting"] = "" if gated else self._waiting_reason(domain)
+        result["gated"] = gated
         return {"ok": True, "policy": policy.to_dict(), **result}
 
-    def _waiting_reason(self, domain: int) -> str:
-        if domain in self.pending:
-            return f"domain {domain} is not gated yet: {self.pending[domain]}"
-        return f"domain {domain} is not in the domain list: the rule waits for it"
+    def _waiting_reason(self, ref: DomainRef) -> str:
+        for d, why in sorted(self.pending.items()):
+            cfg = self.listed.get(d)
+            if d == ref or (cfg is not None and ref in domain_keys(cfg)):
+                return f"domain {ref} is not gated yet: {why}"
+        return f"domain {ref} is not in the domain list: the rule waits for it"
+
+    def _waiting(self, now: float) -> list[Rule]:
+        gated = [domain_keys(dg.cfg) for dg in self.gate.domains.values()]
+        return [r for r in self.store.policy.rules if not any(r.applies_to(k) for k in gated)]
 
     def info(self) -> ServiceInfo:
         pol = self.store.policy
         now = self._clock()
-        gated = set(self.gate.domains)
+        with self._lock:
+            keys = {d: domain_keys(dg.cfg) for d, dg in self.gate.domains.items()}
+            waiting = len(self._waiting(now))
         return ServiceInfo(
-            rules={d: len(pol.active(d, now)) for d in gated},
-            waiting=sum(1 for r in pol.rules if r.domain not in gated),
+            rules={d: len(pol.active(k, now)) for d, k in keys.items()},
+            waiting=waiting,
             policy_error=bool(self.store.error),
         )
 
@@ -343,14 +451,15 @@ class Service:
         now = self._clock()
         pol = self.store.policy
         with self._lock:
-            domains = [self.gate.status(dg) for _, dg in sorted(self.gate.domains.items())]
-        for s in domains:
-            s["rules"] = [r.to_dict() for r in pol.active(s["domain"], now)]
-        waiting = [
-            {**r.to_dict(), "why": self._waiting_reason(r.domain)}
-            for r in pol.rules
-            if r.domain not in self.gate.domains
-        ]
+            domains = []
+            for _, dg in sorted(self.gate.domains.items()):
+                s = self.gate.status(dg)
+                s["uuid"] = dg.cfg.libvirt.uuid.lower() if dg.cfg.libvirt is not None else ""
+                s["rules"] = [r.to_dict() for r in pol.active(domain_keys(dg.cfg), now)]
+                domains.append(s)
+            waiting = [
+                {**r.to_dict(), "why": self._waiting_reason(r.domain)} for r in self._waiting(now)
+            ]
         return {
             "service": {
                 "pid": os.getpid(),
@@ -359,6 +468,7 @@ class Service:
                 "policy_error": self.store.error,
                 "metrics": self._metrics.address if self._metrics else "",
                 "pending": {str(d): why for d, why in sorted(self.pending.items())},
+                "let_go": {str(d): v for d, v in self.let_go.items()},
             },
             "domains": domains,
             "waiting": waiting,

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from xfgate.errors import ConfigError
+from xfgate.errors import ConfigError, XfgateError
 from xfgate.verdict.options import GateMode, GateOptions
 from xfgate.verdict.policy import Verdict
 
@@ -238,6 +238,21 @@ def _resolve_arg(args: argparse.Namespace) -> None:
         args.domain = domain_ids(args, [args.domain])[0]
 
 
+def service_domain(args: argparse.Namespace) -> int | str:
+    """--domain as `xfgate serve` takes it: a domains-file entry's id (ids of the file are
+    stable), an id as given, or the name/UUID itself: the service resolves it against the
+    domains it lists, and a rule by name or UUID follows a libvirt domain across restarts and
+    waits for one that does not run. No libvirt round trip here."""
+    from xfgate.config import load_domains
+    from xfgate.hypervisor.resolve import match_file
+
+    spec = str(args.domain).strip()
+    if spec.isdigit():
+        return int(spec)
+    found = match_file(spec, load_domains(args.domains_file))
+    return found.id if found is not None else spec
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from xfgate.verdict.runner import run_gate
 
@@ -251,22 +266,27 @@ def cmd_block(args: argparse.Namespace) -> int:
 
     from xfgate.verdict import control
 
-    _resolve_arg(args)
+    served = control.answers(control.service_socket(args.run_dir))
+    if served and args.domain is not None:
+        args.domain = service_domain(args)
+    else:
+        _resolve_arg(args)
     for kind in BLOCK_KINDS:
         value = getattr(args, kind)
         if value is None:
             continue
         request: dict[str, Any] = {"op": args.op, "kind": kind, "value": value}
         duration, reason = getattr(args, "duration", None), getattr(args, "reason", "")
-        if control.answers(control.service_socket(args.run_dir)):
+        if served:
             by = args.by or pwd.getpwuid(os.getuid()).pw_name
             request.update(domain=args.domain, reason=reason, by=by)
             if duration:
                 request["for"] = duration
             reply = control.request(
-                args.run_dir, args.domain, request, path=control.service_socket(args.run_dir)
+                args.run_dir, -1, request, path=control.service_socket(args.run_dir)
             )
-            print(json.dumps({k: reply[k] for k in ("rule", "policy", "waiting")}))
+            keys = ("rule", "policy", "waiting", "gated")
+            print(json.dumps({k: reply[k] for k in keys if k in reply}))
             if reply.get("waiting"):
                 log.warning("%s", reply["waiting"])
             return 0
@@ -283,7 +303,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     `xfgate run` gate the service does not hold."""
     from xfgate.verdict import control
 
-    _resolve_arg(args)
     run_dir = args.run_dir
     service: dict[str, Any] | None = None
     out: list[dict[str, Any]] = []
@@ -293,8 +312,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         reply = control.request(run_dir, -1, {"op": "status"}, timeout=5.0, path=path)
         service = {"service": reply["service"], "waiting": reply["waiting"]}
         served = {s["domain"] for s in reply["domains"]}
-        out = [s for s in reply["domains"] if args.domain in (None, s["domain"])]
-    domains = [args.domain] if args.domain is not None else control.running_domains(run_dir)
+        out = [s for s in reply["domains"] if _status_named(s, args.domain)]
+        if args.domain is not None and out:
+            args.domain = out[0]["domain"]  # named by the service: no libvirt round trip
+    domains: list[int] = []
+    if args.domain is None:
+        domains = control.running_domains(run_dir)
+    elif isinstance(args.domain, int):
+        domains = [args.domain]
+    else:
+        try:
+            domains = domain_ids(args, [args.domain])
+        except XfgateError:
+            if service is None:
+                raise  # under the service: a domain it does not gate shows as none
+
     domains = [d for d in domains if d not in served]
     for d in domains:
         try:
@@ -311,6 +343,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_named(status: dict[str, Any], spec: str | int | None) -> bool:
+    """Whether a service's domain status is the one --domain names (id, name or UUID)."""
+    if spec is None:
+        return True
+    text = str(spec).strip()
+    if text.isdigit():
+        return bool(status["domain"] == int(text))
+    uuid = str(status.get("uuid") or "")
+    return text == str(status.get("name")) or (bool(uuid) and text.lower() == uuid)
+
+
 def render_service(service: dict[str, Any], statuses: Sequence[dict[str, Any]]) -> str:
     """`xfgate status` under `xfgate serve`: the service, its domains, rules that wait."""
     sv = service["service"]
@@ -321,6 +364,9 @@ def render_service(service: dict[str, Any], statuses: Sequence[dict[str, Any]]) 
         lines.append(f"  policy file REJECTED (the last good policy stays): {sv['policy_error']}")
     for d, why in sv.get("pending", {}).items():
         lines.append(f"domain {d}: not gated: {why}")
+    for d, gone in sv.get("let_go", {}).items():
+        kept = "kernel rules released" if gone.get("released") else "its rules stay in the kernel"
+        lines.append(f"domain {d} ({gone.get('name', '?')}): let go: {gone.get('why')}; {kept}")
     for s in statuses:
         lines += _status_lines(s)
         for r in s.get("rules", []):

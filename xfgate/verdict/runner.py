@@ -402,13 +402,15 @@ class Gate:
             self.remove_domain(cfg.id)
             raise
 
-    def remove_domain(self, domain: int) -> None:
+    def remove_domain(self, domain: int, release: bool = False) -> None:
         """Stop gating one domain: its threads end, its queue is unbound and its control
-        socket closed; its kernel rules stay (or go with release_on_exit), as on `stop`."""
+        socket closed; its kernel rules stay (or go with release_on_exit), as on `stop`.
+        `release`: they go in any case, blocked-socket sets too (its VM is gone for good:
+        rules left for its vifs would meet a later interface of the same name)."""
         dg = self.domains.pop(domain, None)
         if dg is None:
             return
-        self._stop_domains({domain: dg})
+        self._stop_domains({domain: dg}, release)
 
     def set_policy(self, domain: int, policy: Policy) -> None:
         """Put `policy` in force for a gated domain (settled flows are decided again)."""
@@ -561,7 +563,7 @@ class Gate:
                     os.close(fd)
         self._wake_r = self._wake_w = -1
 
-    def _stop_domains(self, domains: dict[int, DomainGate]) -> None:
+    def _stop_domains(self, domains: dict[int, DomainGate], release: bool = False) -> None:
         errors: list[str] = []
         for dg in domains.values():
             if dg.refresher is not None:
@@ -578,12 +580,13 @@ class Gate:
             for t in dg.threads:
                 t.join(2 * IDLE_TICK + 1)
             dg.threads.clear()
-        if self.firewall is not None and self.options.release_on_exit:
+        if self.firewall is not None and (release or self.options.release_on_exit):
+            persist = self.options.persist_blocks and not release
             for d in domains:
                 try:
                     # Jumps go first, so no packet is queued to a consumer about to vanish.
-                    self.firewall.remove(d, persist_blocks=self.options.persist_blocks)
-                    if not self.options.persist_blocks:
+                    self.firewall.remove(d, persist_blocks=persist)
+                    if not persist:
                         bridge.remove(d)
                 except XfgateError as e:
                     errors.append(str(e))
