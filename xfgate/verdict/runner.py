@@ -39,7 +39,7 @@ from xfgate.errors import (
     QueueError,
     XfgateError,
 )
-from xfgate.flow import OwnerSource
+from xfgate.flow import GuestView, Owner, OwnerSource
 from xfgate.hypervisor.resolve import resolve_domain
 from xfgate.inet import proto_label
 from xfgate.verdict import bridge, control
@@ -137,6 +137,9 @@ class Refresher(threading.Thread):
         self.last_error = ""
         self.degraded = ""
         self.last_walk_ms = 0.0
+        self.unchanged = 0  # refreshes that found nothing changed (no facts or sets recomputed)
+        self._last_view: GuestView | None = None
+        self._last_policy: Policy | None = None
 
     def trigger(self) -> None:
         self._wake.set()
@@ -150,10 +153,22 @@ class Refresher(threading.Thread):
         policy = self._engine.policy
         start = time.monotonic()
         if policy.blocks_anything or walk:
-            view = self._source.view()
+            facts_before = self._engine.facts
+
+            def watch(owner: Owner) -> bool:  # the blocked owners' sockets: always read afresh
+                return policy.owner_blocked(owner, facts_before) is not None
+
+            view = self._source.refresh(watch)
             self.last_walk_ms = round((time.monotonic() - start) * 1000, 2)
+            if view is self._last_view and policy is self._last_policy and view.complete:
+                # Nothing changed in the guest (the introspector handed back the same view) nor
+                # in the policy: the facts and sets stand as they are.
+                self.unchanged += 1
+                self.walks += 1
+                return
             facts = self._engine.absorb_view(view)
             entries = blocked_entries(facts.sockets, policy, facts)
+            self._last_view, self._last_policy = view, policy
             if view.complete:
                 self.degraded = ""
             else:
@@ -688,8 +703,10 @@ class Gate:
             "degraded": _degraded(dg),
             "refresh": {
                 "walks": ref.walks,
+                "unchanged": ref.unchanged,
                 "last_walk_ms": ref.last_walk_ms,
                 "error": ref.last_error,
+                **_crosscheck(dg),
             }
             if ref
             else {"poll_walk_ms": dg.polls[-10:]},
@@ -706,6 +723,14 @@ def _degraded(dg: DomainGate) -> str:
     if dg.engine.degraded:  # the profile lacks what lookups need: for the gate's whole life
         why.insert(0, dg.engine.degraded)
     return "; ".join(why)
+
+
+def _crosscheck(dg: DomainGate) -> dict[str, Any]:
+    """The introspector's walk and cross-check counters (full walks, incremental refreshes,
+    disagreements), read without the source's lock (plain counters)."""
+    cc: Any = getattr(dg.source.inner, "crosscheck", None)
+    ok = dataclasses.is_dataclass(cc) and not isinstance(cc, type)
+    return {"crosscheck": dataclasses.asdict(cc)} if ok else {}
 
 
 def _ports_text(ports: set[tuple[int, int]]) -> list[str]:
