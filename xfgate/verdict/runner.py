@@ -153,14 +153,15 @@ class Refresher(threading.Thread):
         policy = self._engine.policy
         start = time.monotonic()
         if policy.blocks_anything or walk:
-            facts_before = self._engine.facts
+            engine = self._engine
 
             def watch(owner: Owner) -> bool:  # the blocked owners' sockets: always read afresh
-                return policy.owner_blocked(owner, facts_before) is not None
+                return policy.owner_blocked(owner, engine.facts) is not None
 
-            view = self._source.refresh(watch)
+            refresh = getattr(self._source, "refresh", None)  # a plain source: full views
+            view: GuestView = refresh(watch) if callable(refresh) else self._source.view()
             self.last_walk_ms = round((time.monotonic() - start) * 1000, 2)
-            if view is self._last_view and policy is self._last_policy and view.complete:
+            if view.complete and view is self._last_view and policy is self._last_policy:
                 # Nothing changed in the guest (the introspector handed back the same view) nor
                 # in the policy: the facts and sets stand as they are.
                 self.unchanged += 1

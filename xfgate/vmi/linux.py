@@ -449,9 +449,7 @@ class RefreshState:
     tables: dict[int, tuple[TableFingerprint, dict[int, list[int]]]] = field(default_factory=dict)
     socks: dict[int, InetSock | PacketSock | None] = field(default_factory=dict)
     # (tgid, files_struct) of a single-table thread group -> the entries its table gave.
-    held: dict[tuple[int, int], tuple[list[FdSocket], list[FdPacket]]] = field(
-        default_factory=dict
-    )
+    held: dict[tuple[int, int], tuple[list[FdSocket], list[FdPacket]]] = field(default_factory=dict)
 
 
 @dataclass
