@@ -501,8 +501,9 @@ class GuestIntrospector:
         refresh is an incomplete view (adds to the index, never replaces it)."""
         boot = self.boot()
         prior = boot.refresh_state
-        if self.full_walk_due() or prior is None:
-            return self.view()
+        if self.full_walk_due() or prior is None:  # with the full walk's longer bound
+            plan = self.prepare_full_walk()
+            return self.finish_full_walk(plan, self.run_full_walk(plan))
         if watch is None:
             task_watch = None
         else:
