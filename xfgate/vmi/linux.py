@@ -448,6 +448,9 @@ class RefreshState:
     tasks: dict[int, tuple[bytes, Task]] = field(default_factory=dict)
     tables: dict[int, tuple[TableFingerprint, dict[int, list[int]]]] = field(default_factory=dict)
     socks: dict[int, InetSock | PacketSock | None] = field(default_factory=dict)
+    # fd tables read afresh for a watched task: never reused, so not cross-checked (they may
+    # have changed since, which is no disagreement).
+    fresh: set[int] = field(default_factory=set)
     # (tgid, files_struct) of a single-table thread group -> the entries its table gave.
     held: dict[tuple[int, int], tuple[list[FdSocket], list[FdPacket]]] = field(default_factory=dict)
 
@@ -905,6 +908,8 @@ class Walk:
             self._reused_table = True
             return seen[1]
         self._reused_table = False
+        if self._watching:
+            self.state.fresh.add(files)
         self.counts.tables_decoded += 1
         if self.prior is not None and (seen is None or seen[0] != fingerprint):
             self.counts.changes += 1
