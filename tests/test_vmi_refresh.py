@@ -11,11 +11,12 @@ from tests.vmi_fakes import FakeGuest, standard_guest
 from xfgate.config import DomainConfig, MemoryConfig
 from xfgate.flow import GuestView, Owner
 from xfgate.inet import IPProto
+from xfgate.verdict.blocksets import blocked_entries
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource
 from xfgate.verdict.policy import compile_policy
 from xfgate.verdict.runner import Refresher
-from xfgate.vmi.introspect import GuestIntrospector
+from xfgate.vmi.introspect import GuestIntrospector, guest_view
 
 
 def _domain() -> DomainConfig:
@@ -32,6 +33,11 @@ def _guest() -> tuple[FakeGuest, int, int, int]:
     lsk = g.new_sock(IPProto.TCP, 10, "0.0.0.0", 8080, "0.0.0.0", 0, sk_uid=1000)
     g.add_fd(web, 4, lsk)
     return g, spray, web, lsk
+
+
+def _from_scratch(gi: GuestIntrospector) -> GuestView:
+    assert gi._boot is not None and gi._boot.last_walk is not None
+    return guest_view(gi._boot.last_walk)
 
 
 def _ports(view: GuestView, pid: int) -> set[int]:
@@ -60,8 +66,12 @@ def test_a_refresh_at_rest_decodes_nothing_and_hands_back_the_same_view() -> Non
         g.add_fd(spray, 9, sk)
         view = gi.refresh_view()
         assert view is not first and view.complete and 40001 in _ports(view, 400)
+        assert view == _from_scratch(gi)  # built from the old view: the same as from scratch
         counts = gi.crosscheck.last_refresh
         assert counts["tables_decoded"] == 1 and counts["files_resolved"] == 1
+        g.put_fd(g.task_at(spray).fd_array, 9, 0)  # closed again
+        view = gi.refresh_view()
+        assert 40001 not in _ports(view, 400) and view == _from_scratch(gi)
         assert gi.crosscheck.full_walks == 1
 
 
@@ -78,6 +88,7 @@ def test_blocked_owners_are_read_afresh_and_the_full_walk_catches_a_planted_disa
         g.w(spray_sk + num, "<H", 33001)  # spray (uid 1001, watched) too
         view = gi.refresh_view(_blocked_1001)
         assert _ports(view, 400) == {33001}  # watched: read afresh
+        assert view == _from_scratch(gi)
         assert _ports(view, 500) == {8080}  # not watched: the reused (planted stale) decode
         assert gi.crosscheck.refresh_disagreements == 0
         gi.crosscheck_seconds = 0  # the periodic full walk is due
@@ -123,6 +134,12 @@ def test_the_refresher_at_rest_does_no_full_walk_and_recomputes_no_set() -> None
     assert gi.crosscheck.full_walks == 1 and gi.crosscheck.refreshes == 5
     assert r.unchanged == 5 and engine.facts is facts and len(applied) == 1
     assert source.views == 0  # never the full view() path of the lock either
+    # A change: the sets follow, judged again only for what changed, as from scratch.
+    sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40001, "198.18.0.1", 53, sk_uid=1001)
+    g.add_fd(_spray, 9, sk)
+    r.refresh_once()
+    assert len(applied) == 2 and 40001 in {e.port for e in applied[1]}
+    assert applied[1] == blocked_entries(engine.facts.sockets, engine.policy, engine.facts)
     # The full walk, when due, runs without holding the source's lock.
     gi.crosscheck_seconds = 0
     held: list[bool] = []

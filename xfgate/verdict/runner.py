@@ -39,11 +39,17 @@ from xfgate.errors import (
     QueueError,
     XfgateError,
 )
-from xfgate.flow import GuestView, Owner, OwnerSource
+from xfgate.flow import GuestSocket, GuestView, Owner, OwnerSource
 from xfgate.hypervisor.resolve import resolve_domain
 from xfgate.inet import proto_label
 from xfgate.verdict import bridge, control
-from xfgate.verdict.blocksets import BlockEntry, blocked_entries, ports_text
+from xfgate.verdict.blocksets import (
+    BlockEntry,
+    blocked_entries,
+    port_entries,
+    ports_text,
+    socket_entries,
+)
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import PACKET_WAIT, Engine, LockedOwnerSource, QueuedPacket
 from xfgate.verdict.fastpath import (
@@ -56,7 +62,7 @@ from xfgate.verdict.fastpath import (
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.netns import enter_netns, ifindex
 from xfgate.verdict.options import GateMode, GateOptions
-from xfgate.verdict.policy import Policy, Verdict, blocked_ports
+from xfgate.verdict.policy import GuestFacts, Policy, Verdict, blocked_ports, socket_blocked
 
 log = logging.getLogger(__name__)
 DEFAULT_QUEUE_BASE = 100  # queue number = base + domain id unless --queue-num is given
@@ -140,6 +146,8 @@ class Refresher(threading.Thread):
         self.unchanged = 0  # refreshes that found nothing changed (no facts or sets recomputed)
         self._last_view: GuestView | None = None
         self._last_policy: Policy | None = None
+        self._entry_cache: dict[int, tuple[GuestSocket, tuple[BlockEntry, ...]]] = {}
+        self._entries_policy: Policy | None = None
 
     def trigger(self) -> None:
         self._wake.set()
@@ -168,7 +176,7 @@ class Refresher(threading.Thread):
                 self.walks += 1
                 return
             facts = self._engine.absorb_view(view)
-            entries = blocked_entries(facts.sockets, policy, facts)
+            entries = self._entries(facts, policy)
             self._last_view, self._last_policy = view, policy
             if view.complete:
                 self.degraded = ""
@@ -183,6 +191,29 @@ class Refresher(threading.Thread):
         if entries != self.entries:
             self._apply(entries)
             self.entries = entries
+
+    def _entries(self, facts: GuestFacts, policy: Policy) -> set[BlockEntry]:
+        """blocked_entries(facts.sockets, policy, facts), each socket judged once while the
+        policy is the same object and names no process (then a socket's decision depends on
+        its owners and sk_uid only, not on the facts' lineage): an incremental view hands back
+        the same GuestSocket objects for what did not change."""
+        if policy.blocks_processes or policy is not self._entries_policy:
+            self._entry_cache = {}
+            self._entries_policy = policy
+            if policy.blocks_processes:
+                return blocked_entries(facts.sockets, policy, facts)
+        out = {e for proto, port in policy.block_ports for e in port_entries(proto, port)}
+        cache: dict[int, tuple[GuestSocket, tuple[BlockEntry, ...]]] = {}
+        old = self._entry_cache
+        for s in facts.sockets:
+            hit = old.get(id(s))
+            if hit is None or hit[0] is not s:
+                blocked = socket_blocked(s, policy, facts)
+                hit = (s, tuple(socket_entries(s)) if blocked else ())
+            cache[id(s)] = hit
+            out.update(hit[1])
+        self._entry_cache = cache
+        return out
 
     def run(self) -> None:
         while not self._stop.is_set():

@@ -529,8 +529,12 @@ class GuestIntrospector:
             cc.refresh_unchanged += 1
             boot.refresh_state = result.state
             return boot.last_view
+        old_result, old_view = boot.last_walk, boot.last_view
         self._install(boot, result, full=False)
-        view = guest_view(result)
+        if result.complete and old_result is not None and old_view is not None:
+            view = view_delta(old_result, old_view, result)
+        else:
+            view = guest_view(result)
         if result.complete:
             boot.last_view = view
         return view
@@ -853,6 +857,41 @@ def guest_view(result: WalkResult) -> GuestView:
         raw_holders=tuple(holders),
         complete=result.complete,
         problems=tuple(map(str, result.errors)),
+    )
+
+
+def view_delta(old: WalkResult, old_view: GuestView, new: WalkResult) -> GuestView:
+    """guest_view(new), built from `old_view` (of the walk `old`) at the cost of what changed:
+    an incremental walk hands back the very same entry objects for what it reused, so the
+    entries that are not the old ones, and the socks of tasks whose Owner changed, are all
+    that is decoded into GuestSockets again; the other GuestSockets are the old ones."""
+    new_owners = task_owners(new.tasks)
+    old_owners = {o.pid: o for o in old_view.tasks}
+    moved = {pid for pid, o in new_owners.items() if old_owners.get(pid) != o}
+    moved |= old_owners.keys() - new_owners.keys()
+    old_ids = {id(s) for s in old.sockets}
+    new_ids = {id(s) for s in new.sockets}
+    changed = {s.sock.address for s in old.sockets if id(s) not in new_ids or s.pid in moved}
+    changed |= {s.sock.address for s in new.sockets if id(s) not in old_ids or s.pid in moved}
+    fresh = [s for s in new.sockets if s.sock.address in changed]
+    index = owners_index(new.tasks, fresh, [p for p in new.packets if p.sock.address in changed])
+    kept = [g for g in old_view.sockets if g.sock_addr not in changed]
+    sockets = kept + guest_sockets(fresh, index)
+    sockets.sort(key=lambda g: (g.owners[0].pid if g.owners else 0, g.sock_addr))
+    raw = {s.sock.address for s in new.sockets if s.sock.is_raw}
+    raw |= {p.sock.address for p in new.packets}
+    raw_index = owners_index(
+        new.tasks,
+        [s for s in new.sockets if s.sock.address in raw],
+        [p for p in new.packets if p.sock.address in raw],
+    )
+    holders = sorted({o for a in raw for o in raw_index.get(a, ())}, key=lambda o: (o.pid, o.fd))
+    return GuestView(
+        sockets=tuple(sockets),
+        tasks=tuple(sorted(new_owners.values(), key=lambda o: o.pid)),
+        raw_holders=tuple(holders),
+        complete=new.complete,
+        problems=tuple(map(str, new.errors)),
     )
 
 
