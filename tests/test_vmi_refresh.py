@@ -5,16 +5,17 @@ the same on the crowded lab guest."""
 
 from __future__ import annotations
 
+from ipaddress import ip_address
 from typing import Any, cast
 
 from tests.vmi_fakes import FakeGuest, standard_guest
 from xfgate.config import DomainConfig, MemoryConfig
-from xfgate.flow import GuestView, Owner
+from xfgate.flow import Flow, GuestView, Owner
 from xfgate.inet import IPProto
 from xfgate.verdict.blocksets import blocked_entries
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource
-from xfgate.verdict.policy import compile_policy
+from xfgate.verdict.policy import Verdict, compile_policy, decide
 from xfgate.verdict.runner import Refresher
 from xfgate.vmi.introspect import GuestIntrospector, guest_view
 
@@ -156,3 +157,26 @@ def test_the_refresher_at_rest_does_no_full_walk_and_recomputes_no_set() -> None
     r.refresh_once()
     assert held == [False] and gi.crosscheck.full_walks == 2
     gi.close()
+
+
+def test_the_resolver_stops_at_the_first_blocked_holder_and_never_settles_an_accept() -> None:
+    """A new sock held by web (uid 1000) and spray (uid 1001, blocked): with the blocked owners
+    watched, spray's table is searched first and ends the search (a drop needs one); the answer
+    says the holders are not all known, so the policy drops and could never settle an accept."""
+    g, spray, web, _ = _guest()
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.refresh_view(_blocked_1001)
+        sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40001, "198.18.0.1", 53, sk_uid=1000)
+        g.hash_udp(sk, 40001)
+        file = g.add_fd(web, 9, sk)
+        g.put_fd(g.task_at(spray).fd_array, 7, file)
+        flow = Flow(IPProto.UDP, ip_address("198.18.1.1"), 40001, ip_address("198.18.0.1"), 53)
+        own = gi.lookup(flow)
+        assert own is not None and [o.pid for o in own.owners] == [400]
+        assert not own.holders_known
+        assert decide(own, flow, compile_policy(uids=[1001])).verdict is Verdict.DROP
+        gi.watch = None  # nobody blocked: every table searched, all holders known
+        gi._boot.owners.pop(sk, None)  # type: ignore[union-attr]
+        own = gi.lookup(flow)
+        assert own is not None and own.holders_known
+        assert [o.pid for o in own.owners] == [400, 500]

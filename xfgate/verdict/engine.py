@@ -188,6 +188,7 @@ class LockedOwnerSource:
             return self.view()
         self._acquire()
         try:
+            source.watch = watch  # type: ignore[attr-defined]
             plan = source.prepare_full_walk() if source.full_walk_due() else None  # type: ignore[attr-defined]
             if plan is None:
                 view: GuestView = refresh(watch)

@@ -205,6 +205,10 @@ class GuestIntrospector:
         # profile lacks sock.sk_socket or socket.file (then a lookup walks, as before).
         self.holder_layout = HolderLayout.from_profile(profile)
         self.crosscheck = CrossCheck()
+        # The owners the gate's policy blocks (set by each refresh): their tables are read
+        # afresh by refreshes and searched first by the resolver (a blocked holder is enough
+        # for a drop).
+        self.watch: Callable[[Owner], bool] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -409,7 +413,16 @@ class GuestIntrospector:
         resolver = HolderResolver(
             boot.space, self.layout, self.holder_layout, boot.location.virt_shift, self.bounds
         )
-        res = resolver.resolve(sock_addr, boot.tasks, seconds)
+        watch = self.watch
+        stop_at = None
+        if watch is not None:
+            owners_now = boot.task_owners
+
+            def stop_at(t: Task) -> bool:
+                known = owners_now.get(t.tgid)
+                return known is not None and watch(known)
+
+        res = resolver.resolve(sock_addr, boot.tasks, seconds, stop_at)
         if res.new_tasks:
             boot.tasks = boot.tasks + res.new_tasks
             boot.task_owners = task_owners(boot.tasks)
@@ -499,6 +512,7 @@ class GuestIntrospector:
         ones: all their tables and sockets read afresh every time). Nothing changed: the last
         view itself. A full walk instead when one is due (`full_walk_due`). An incomplete
         refresh is an incomplete view (adds to the index, never replaces it)."""
+        self.watch = watch
         boot = self.boot()
         prior = boot.refresh_state
         if self.full_walk_due() or prior is None:  # with the full walk's longer bound
