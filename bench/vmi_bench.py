@@ -157,6 +157,7 @@ def run(
     }
     with guest:
         out.update(new_sock_lookups(guest, rounds))
+        out.update(blocked_new_sock_lookups(guest, rounds))
         out.update(decisions_per_second(guest, rounds * 20))
         if domain.qmp is not None:
             pauses, bare = [], []
@@ -205,6 +206,34 @@ def new_sock_lookups(guest: GuestIntrospector, rounds: int) -> dict[str, Any]:
         "new_sock_unknown": unknown,
         "new_sock_disagreements": wrong,
         "crosscheck": dataclasses.asdict(guest.crosscheck),
+    }
+
+
+def blocked_new_sock_lookups(
+    guest: GuestIntrospector, rounds: int, uid: int = 1001
+) -> dict[str, Any]:
+    """new_sock_lookups for the socks uid `uid`'s tasks hold, with that uid watched as
+    `--block-uid` makes the gate do: the resolver searches its tasks first and stops at the
+    first holder (a drop needs one). `blocked_found`: answers naming a holder of that uid."""
+    result = guest.walk()
+    tgids = {t.tgid for t in result.tasks if uid in (t.uid, t.euid)}
+    socks = [s.sock for s in result.sockets if s.pid in tgids and s.sock.proto in (6, 17)]
+    guest.watch = lambda o: uid in (o.uid, o.euid)
+    boot = guest.boot()
+    samples, found = [], 0
+    for i in range(rounds if socks else 0):
+        k = socks[i % len(socks)]
+        boot.owners.pop(k.address, None)
+        flow = Flow(k.proto, k.local, k.lport, k.remote, k.rport)
+        t = time.perf_counter()
+        own = guest.lookup(flow)
+        samples.append(time.perf_counter() - t)
+        found += own is not None and any(uid in (o.uid, o.euid) for o in own.owners)
+    guest.watch = None
+    return {
+        "blocked_new_sock_lookup": summary_ms(samples) if samples else {"n": 0},
+        "blocked_new_sock_socks": len(socks),
+        "blocked_found": found,
     }
 
 
