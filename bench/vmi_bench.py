@@ -91,6 +91,7 @@ def walk_and_lookup(
         incomplete += not result.complete
     out["full_walk"] = summary_ms(walks)
     out["full_walk_incomplete"] = incomplete
+    out.update(incremental_refreshes(guest, walk_rounds or rounds))
     flows = [
         Flow(s.sock.proto, s.sock.local, s.sock.lport, s.sock.remote, s.sock.rport)
         for s in guest.walk().sockets
@@ -105,6 +106,25 @@ def walk_and_lookup(
     out["lookup"] = summary_ms(lookups)
     out["lookup_misses"] = misses
     return out, guest
+
+
+def incremental_refreshes(guest: GuestIntrospector, rounds: int) -> dict[str, Any]:
+    """The gate's periodic refresh (GuestIntrospector.refresh_view) right after a full walk,
+    watching uid 1001's tasks as `--block-uid 1001` does: time per refresh, how many found
+    nothing changed (the last view handed back), the last one's decode counts."""
+    guest.crosscheck_seconds = 3600.0  # no cross-check walk inside the timed rounds
+    guest.refresh_view()
+    samples: list[float] = []
+    before = guest.crosscheck.refresh_unchanged
+    for _ in range(rounds):
+        t = time.perf_counter()
+        guest.refresh_view(lambda o: o.uid == 1001)
+        samples.append(time.perf_counter() - t)
+    return {
+        "incremental_refresh": summary_ms(samples),
+        "incremental_refresh_unchanged": guest.crosscheck.refresh_unchanged - before,
+        "incremental_refresh_counts": dict(guest.crosscheck.last_refresh),
+    }
 
 
 def run(
@@ -128,11 +148,16 @@ def run(
         except XfgateError as e:
             backends["qemu-process"] = {"error": str(e)}
     out["backends"] = {
-        name: {k: b.get(k) for k in ("backend", "full_walk", "lookup", "error") if k in b}
+        name: {
+            k: b.get(k)
+            for k in ("backend", "full_walk", "incremental_refresh", "lookup", "error")
+            if k in b
+        }
         for name, b in backends.items()
     }
     with guest:
         out.update(new_sock_lookups(guest, rounds))
+        out.update(blocked_new_sock_lookups(guest, rounds))
         out.update(decisions_per_second(guest, rounds * 20))
         if domain.qmp is not None:
             pauses, bare = [], []
@@ -181,6 +206,34 @@ def new_sock_lookups(guest: GuestIntrospector, rounds: int) -> dict[str, Any]:
         "new_sock_unknown": unknown,
         "new_sock_disagreements": wrong,
         "crosscheck": dataclasses.asdict(guest.crosscheck),
+    }
+
+
+def blocked_new_sock_lookups(
+    guest: GuestIntrospector, rounds: int, uid: int = 1001
+) -> dict[str, Any]:
+    """new_sock_lookups for the socks uid `uid`'s tasks hold, with that uid watched as
+    `--block-uid` makes the gate do: the resolver searches its tasks first and stops at the
+    first holder (a drop needs one). `blocked_found`: answers naming a holder of that uid."""
+    result = guest.walk()
+    tgids = {t.tgid for t in result.tasks if uid in (t.uid, t.euid)}
+    socks = [s.sock for s in result.sockets if s.pid in tgids and s.sock.proto in (6, 17)]
+    guest.watch = lambda o: uid in (o.uid, o.euid)
+    boot = guest.boot()
+    samples, found = [], 0
+    for i in range(rounds if socks else 0):
+        k = socks[i % len(socks)]
+        boot.owners.pop(k.address, None)
+        flow = Flow(k.proto, k.local, k.lport, k.remote, k.rport)
+        t = time.perf_counter()
+        own = guest.lookup(flow)
+        samples.append(time.perf_counter() - t)
+        found += own is not None and any(uid in (o.uid, o.euid) for o in own.owners)
+    guest.watch = None
+    return {
+        "blocked_new_sock_lookup": summary_ms(samples) if samples else {"n": 0},
+        "blocked_new_sock_socks": len(socks),
+        "blocked_found": found,
     }
 
 

@@ -86,3 +86,34 @@ def test_new_socks_resolved_without_a_walk_agree_with_one(
         assert guest.crosscheck.checked > before
         assert guest.crosscheck.disagreements == 0
         guest_exec(layout, 1, "kill $(pidof nc)")
+
+
+def test_refreshes_at_rest_do_no_full_walk_on_the_crowd(
+    crowd_lab: tuple[LabLayout, DomainConfig],
+) -> None:
+    """The gate's periodic refresh on the crowd: after one full walk, incremental refreshes
+    re-decode only the watched (blocked, uid 1001) owners' tables and hand back the same view
+    while nothing changes; a new listener is picked up by the next refresh (its table only);
+    the periodic full walk then cross-checks what the refreshes reused, without disagreement."""
+    layout, domain = crowd_lab
+    profile = load_domain_profile(domain, None)
+    with GuestIntrospector(domain, profile, full_walk_seconds=30.0) as guest:
+        first = guest.refresh_view()
+        assert first.complete and guest.crosscheck.full_walks == 1
+        watch = lambda o: o.uid == 1001  # noqa: E731
+        views = [guest.refresh_view(watch) for _ in range(5)]
+        cc = guest.crosscheck
+        assert cc.full_walks == 1 and cc.refreshes == 5
+        assert all(v.complete for v in views)
+        assert cc.refresh_unchanged >= 3  # the lab's own workload may change a table now and then
+        assert cc.last_refresh["tables_reused"] > 1000
+        assert cc.last_refresh["tables_decoded"] <= 5
+        guest_exec(layout, 1, "nc -l -p 23457 >/dev/null 2>&1 </dev/null & sleep 0.5")
+        view = guest.refresh_view(watch)
+        assert any(s.lport == 23457 for s in view.sockets)
+        assert cc.full_walks == 1
+        guest.crosscheck_seconds = 0
+        assert guest.refresh_view(watch).complete
+        assert cc.full_walks == 2 and cc.refresh_checked > 1000
+        assert cc.refresh_disagreements == 0
+        guest_exec(layout, 1, "kill $(pidof nc)")

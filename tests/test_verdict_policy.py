@@ -164,3 +164,20 @@ def test_unanswered_lookup_is_never_a_free_pass_while_a_block_is_in_force() -> N
         new, compile_policy(unknown="drop"), GuestFacts(), "owner lookup: timed out"
     )
     assert d.verdict is Verdict.DROP
+
+
+def test_holders_not_all_known_is_never_a_settled_accept() -> None:
+    """A lookup whose budget ran out found a holder that is not blocked: the holders it did not
+    read may be (a socket passed to a blocked process): the unknown verdict, never settled; a
+    blocked holder among those read still drops, and so does a blocked creator."""
+    p = compile_policy(uids=[1001])
+    partial = Ownership((WEB,), 1000, "ESTABLISHED", Via.ESTABLISHED, 0x1000, False)
+    d = decide(partial, FLOW, p)
+    assert d.verdict is Verdict.ACCEPT and not d.known and not d.settle
+    assert (
+        decide(partial, FLOW, compile_policy(uids=[1001], unknown="drop")).verdict is Verdict.DROP
+    )
+    with_spray = Ownership((WEB, SPRAY), 1000, "ESTABLISHED", Via.ESTABLISHED, 0x1000, False)
+    assert decide(with_spray, FLOW, p).verdict is Verdict.DROP
+    by_creator = Ownership((WEB,), 1001, "ESTABLISHED", Via.ESTABLISHED, 0x1000, False)
+    assert decide(by_creator, FLOW, p).verdict is Verdict.DROP

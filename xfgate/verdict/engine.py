@@ -15,7 +15,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from xfgate.flow import Direction, Flow, GuestSocket, GuestView, Ownership, OwnerSource, Via
+from xfgate.flow import (
+    Direction,
+    Flow,
+    GuestSocket,
+    GuestView,
+    Owner,
+    Ownership,
+    OwnerSource,
+    Via,
+)
 from xfgate.inet import IPProto, TCPFlag, proto_label
 from xfgate.verdict.cache import AnswerSource, CacheKey, ListenerKey, OwnerCache
 from xfgate.verdict.fastpath import MARK_MASK, settle_mark
@@ -202,6 +211,32 @@ class LockedOwnerSource:
         self._acquire(timeout)
         try:
             return self._source.view()
+        finally:
+            self._lock.release()
+
+    def refresh(self, watch: Callable[[Owner], bool] | None = None) -> GuestView:
+        """The refresher's view: the source's incremental `refresh_view(watch)` when it has
+        one (GuestIntrospector), else a full `view()`. A full walk the source says is due runs
+        in three steps, only the first and last holding the lock: the packet path's lookups
+        go on while a crowded guest is walked for seconds."""
+        source = self._source
+        refresh = getattr(source, "refresh_view", None)
+        if not callable(refresh):
+            return self.view()
+        self._acquire()
+        try:
+            source.watch = watch  # type: ignore[attr-defined]
+            plan = source.prepare_full_walk() if source.full_walk_due() else None  # type: ignore[attr-defined]
+            if plan is None:
+                view: GuestView = refresh(watch)
+                return view
+        finally:
+            self._lock.release()
+        result = source.run_full_walk(plan)  # type: ignore[attr-defined]
+        self._acquire()
+        try:
+            done: GuestView = source.finish_full_walk(plan, result)  # type: ignore[attr-defined]
+            return done
         finally:
             self._lock.release()
 

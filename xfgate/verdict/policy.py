@@ -304,6 +304,19 @@ def decide(
     if ownership.sk_uid in policy.block_sk_uids:
         first = ownership.owners[0] if ownership.owners else None
         return Decision(Verdict.DROP, f"sk_uid {ownership.sk_uid} blocked", first)
+    if ownership.owners and not ownership.holders_known:
+        # Some holders read, not all (a lookup's budget spent, unreadable memory): the ones
+        # not read may be blocked, so no owner found so far makes it an accept to settle.
+        reason = policy.creator_blocked(ownership.sk_uid, facts)
+        if reason is not None:
+            return Decision(Verdict.DROP, f"holders not all known: {reason}", ownership.owners[0])
+        return Decision(
+            policy.unknown,
+            f"holders not all known ({len(ownership.owners)} read, none blocked)",
+            ownership.owners[0],
+            known=False,
+            settle=False,
+        )
     if not ownership.owners:
         if ownership.state in KERNEL_ONLY_STATES:
             return Decision(

@@ -39,11 +39,17 @@ from xfgate.errors import (
     QueueError,
     XfgateError,
 )
-from xfgate.flow import Flow, Ownership, OwnerSource
+from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, OwnerSource
 from xfgate.hypervisor.resolve import resolve_domain
 from xfgate.inet import proto_label
 from xfgate.verdict import bridge, control
-from xfgate.verdict.blocksets import BlockEntry, blocked_entries, ports_text
+from xfgate.verdict.blocksets import (
+    BlockEntry,
+    blocked_entries,
+    port_entries,
+    ports_text,
+    socket_entries,
+)
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import (
     PACKET_WAIT,
@@ -63,7 +69,7 @@ from xfgate.verdict.listeners import KEEP_INTERVAL, ListenerGrant, listener_gran
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.netns import enter_netns, ifindex
 from xfgate.verdict.options import GateMode, GateOptions
-from xfgate.verdict.policy import Policy, Verdict, blocked_ports
+from xfgate.verdict.policy import GuestFacts, Policy, Verdict, blocked_ports, socket_blocked
 
 log = logging.getLogger(__name__)
 DEFAULT_QUEUE_BASE = 100  # queue number = base + domain id unless --queue-num is given
@@ -154,6 +160,11 @@ class Refresher(threading.Thread):
         self._granted: set[BlockEntry] = set()  # what the kernel set holds (or may, until TTL)
         self.grant_renewals = 0
         self.grant_refusals = 0
+        self.unchanged = 0  # refreshes that found nothing changed (no facts or sets recomputed)
+        self._last_view: GuestView | None = None
+        self._last_policy: Policy | None = None
+        self._entry_cache: dict[int, tuple[GuestSocket, tuple[BlockEntry, ...]]] = {}
+        self._entries_policy: Policy | None = None
 
     def trigger(self) -> None:
         self._wake.set()
@@ -167,11 +178,24 @@ class Refresher(threading.Thread):
         policy = self._engine.policy
         start = time.monotonic()
         if policy.blocks_anything or walk:
-            view = self._source.view()
+            engine = self._engine
+
+            def watch(owner: Owner) -> bool:  # the blocked owners' sockets: always read afresh
+                return policy.owner_blocked(owner, engine.facts) is not None
+
+            refresh = getattr(self._source, "refresh", None)  # a plain source: full views
+            view: GuestView = refresh(watch) if callable(refresh) else self._source.view()
             self.last_walk_ms = round((time.monotonic() - start) * 1000, 2)
+            if view.complete and view is self._last_view and policy is self._last_policy:
+                # Nothing changed in the guest (the introspector handed back the same view) nor
+                # in the policy: the facts and sets stand as they are.
+                self.unchanged += 1
+                self.walks += 1
+                return
             facts = self._engine.absorb_view(view)
-            entries = blocked_entries(facts.sockets, policy, facts)
+            entries = self._entries(facts, policy)
             self._set_grants(listener_grants(facts.sockets, policy, facts), policy)
+            self._last_view, self._last_policy = view, policy
             if view.complete:
                 self.degraded = ""
             else:
@@ -185,6 +209,29 @@ class Refresher(threading.Thread):
         if entries != self.entries:
             self._apply(entries)
             self.entries = entries
+
+    def _entries(self, facts: GuestFacts, policy: Policy) -> set[BlockEntry]:
+        """blocked_entries(facts.sockets, policy, facts), each socket judged once while the
+        policy is the same object and names no process (then a socket's decision depends on
+        its owners and sk_uid only, not on the facts' lineage): an incremental view hands back
+        the same GuestSocket objects for what did not change."""
+        if policy.blocks_processes or policy is not self._entries_policy:
+            self._entry_cache = {}
+            self._entries_policy = policy
+            if policy.blocks_processes:
+                return blocked_entries(facts.sockets, policy, facts)
+        out = {e for proto, port in policy.block_ports for e in port_entries(proto, port)}
+        cache: dict[int, tuple[GuestSocket, tuple[BlockEntry, ...]]] = {}
+        old = self._entry_cache
+        for s in facts.sockets:
+            hit = old.get(id(s))
+            if hit is None or hit[0] is not s:
+                blocked = socket_blocked(s, policy, facts)
+                hit = (s, tuple(socket_entries(s)) if blocked else ())
+            cache[id(s)] = hit
+            out.update(hit[1])
+        self._entry_cache = cache
+        return out
 
     @property
     def granted(self) -> set[BlockEntry]:
@@ -801,8 +848,10 @@ class Gate:
                 "walks": ref.walks,
                 "grant_renewals": ref.grant_renewals,
                 "grant_refusals": ref.grant_refusals,
+                "unchanged": ref.unchanged,
                 "last_walk_ms": ref.last_walk_ms,
                 "error": ref.last_error,
+                **_crosscheck(dg),
             }
             if ref
             else {"poll_walk_ms": dg.polls[-10:]},
@@ -819,6 +868,14 @@ def _degraded(dg: DomainGate) -> str:
     if dg.engine.degraded:  # the profile lacks what lookups need: for the gate's whole life
         why.insert(0, dg.engine.degraded)
     return "; ".join(why)
+
+
+def _crosscheck(dg: DomainGate) -> dict[str, Any]:
+    """The introspector's walk and cross-check counters (full walks, incremental refreshes,
+    disagreements), read without the source's lock (plain counters)."""
+    cc: Any = getattr(dg.source.inner, "crosscheck", None)
+    ok = dataclasses.is_dataclass(cc) and not isinstance(cc, type)
+    return {"crosscheck": dataclasses.asdict(cc)} if ok else {}
 
 
 def _ports_text(ports: set[tuple[int, int]]) -> list[str]:

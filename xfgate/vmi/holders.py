@@ -20,7 +20,7 @@ a resolution that hit a bound or unreadable memory answers "holders not known", 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from xfgate.errors import MemoryReadError, ProfileError
@@ -75,8 +75,17 @@ class HolderResolver:
         self.shift = virt_shift
         self.bounds = bounds
 
-    def resolve(self, sock: int, tasks: Sequence[Task], seconds: float) -> Resolution:
-        """The holders of `sock` among `tasks` and the tasks created after them."""
+    def resolve(
+        self,
+        sock: int,
+        tasks: Sequence[Task],
+        seconds: float,
+        stop_at: Callable[[Task], bool] | None = None,
+    ) -> Resolution:
+        """The holders of `sock` among `tasks` and the tasks created after them. With
+        `stop_at` (the blocked owners): those tasks are searched first, and a holder among
+        them ends the search: the answer then has a blocked holder, `known` False (a drop
+        needs one blocked holder; an accept needs them all, so no early end without one)."""
         out = Resolution()
         deadline = Deadline.after(seconds)
         walk = Walk(self.space, self.layout, self.shift, self.bounds)
@@ -95,7 +104,16 @@ class HolderResolver:
                 out.why = f"new tasks: {walk.errors[0]}"
                 return out
             needle = struct.pack("<Q", file)
-            for task in (*tasks, *out.new_tasks):
+            order = [*tasks, *out.new_tasks]
+            first = [t for t in order if stop_at(t)] if stop_at is not None else []
+            for task in first:
+                for table in self._tables_now(walk, task):
+                    out.holders += [(task, fd) for fd in self._search(walk, table, needle, out)]
+            if out.holders:
+                out.why = "stopped at a blocked holder (the others not searched)"
+                return out
+            searched = {id(t) for t in first}
+            for task in (t for t in order if id(t) not in searched):
                 if deadline.expired():
                     out.why = f"{seconds:.3f} s reached"
                     return out

@@ -425,10 +425,52 @@ class WalkResult:
     fd_slots: int = 0  # fd-array slots read
     files: int = 0  # distinct struct file resolved
     folded_fds: int = 0  # fds beyond fds_per_file of one file in one table (not listed)
+    state: RefreshState | None = None  # what the next incremental walk starts from
+    counts: RefreshCounts | None = None
 
     @property
     def complete(self) -> bool:
         return not self.errors
+
+
+# What one fd table was when a walk read it: (fdtable pointer, max_fds, fd array pointer, the
+# fd array's bytes). Equal fingerprints: the same files in the same slots (the file objects
+# themselves may have been freed and reused: the periodic full walk cross-checks that).
+TableFingerprint = tuple[int, int, int, bytes]
+
+
+@dataclass
+class RefreshState:
+    """What a walk decoded, kept so the next refresh re-decodes only what changed: each task
+    with the fields that decide it (its fingerprint), each fd table with its fingerprint, each
+    file's sock. Built by every walk (full or incremental), read by the next one (`prior`)."""
+
+    tasks: dict[int, tuple[bytes, Task]] = field(default_factory=dict)
+    tables: dict[int, tuple[TableFingerprint, dict[int, list[int]]]] = field(default_factory=dict)
+    socks: dict[int, InetSock | PacketSock | None] = field(default_factory=dict)
+    # fd tables read afresh for a watched task: never reused, so not cross-checked (they may
+    # have changed since, which is no disagreement).
+    fresh: set[int] = field(default_factory=set)
+    # (tgid, files_struct) of a single-table thread group -> the entries its table gave.
+    held: dict[tuple[int, int], tuple[list[FdSocket], list[FdPacket]]] = field(default_factory=dict)
+
+
+@dataclass
+class RefreshCounts:
+    """How much of an incremental walk was decoded again (the rest reused)."""
+
+    tasks_decoded: int = 0
+    tasks_reused: int = 0
+    tables_decoded: int = 0
+    tables_reused: int = 0
+    files_resolved: int = 0
+    files_reused: int = 0
+    changes: int = 0  # anything that differs from the prior state
+
+
+# Decides whether a task is watched: its fd tables and sockets are decoded afresh on every
+# refresh, nothing reused (the gate watches the owners its policy blocks).
+WatchFn = Callable[[Task], bool]
 
 
 class WalkAborted(Exception):
@@ -463,6 +505,14 @@ class Walk:
         self._files_bound_hit = False
         self.fd_slots = 0
         self.folded_fds = 0
+        # Incremental refresh: what the previous walk decoded (None: decode everything) and
+        # which tasks are never served from it; `state` records this walk for the next one.
+        self.prior: RefreshState | None = None
+        self.watch: WatchFn | None = None
+        self.state = RefreshState()
+        self.counts = RefreshCounts()
+        self._watching = False
+        self._reused_table = False  # the last fd_table came unchanged from the prior state
 
     def check_time(self, what: str) -> None:
         if self.deadline.expired():
@@ -520,7 +570,45 @@ class Walk:
         tgids.update((task, lay.task_tgid.get(blob, lo)) for task, blob in raw)
         return [t for t in (self._task(addr, blob, tgids) for addr, blob in raw) if t is not None]
 
+    def _task_fingerprint(self, blob: bytes, tgids: dict[int, int]) -> bytes:
+        """The task_struct fields a Task is decoded from (pid, tgid, parent, cred, comm, files,
+        mm, signal, thread list head) and its parent's tgid: equal, the Task is the same."""
+        lay = self.layout
+        lo = lay.task_span[0]
+        spans = [
+            (lay.task_pid.offset, 4),
+            (lay.task_tgid.offset, 4),
+            (lay.task_real_parent, 8),
+            (lay.task_real_cred, 8),
+            (lay.task_comm, TASK_COMM_LEN),
+            (lay.task_files, 8),
+        ]
+        if lay.has_exe:
+            spans.append((lay.task_mm, 8))
+        if lay.has_threads:
+            spans += [(lay.task_signal, 8), (lay.task_thread_node, 8)]
+        parent = self._u64(blob, lay.task_real_parent - lo)
+        tail = struct.pack("<q", tgids.get(parent, -1))
+        return b"".join(blob[o - lo : o - lo + n] for o, n in spans) + tail
+
     def _task(self, address: int, blob: bytes, tgids: dict[int, int]) -> Task | None:
+        """One thread group's Task; with a `prior` state, the prior Task when its fingerprint
+        is unchanged (not for a watched task: decoded afresh, its threads walked again)."""
+        key = self._task_fingerprint(blob, tgids)
+        seen = self.prior.tasks.get(address) if self.prior is not None else None
+        if seen is not None and seen[0] == key and not (self.watch and self.watch(seen[1])):
+            self.counts.tasks_reused += 1
+            self.state.tasks[address] = seen
+            return seen[1]
+        task = self._decode_task(address, blob, tgids)
+        self.counts.tasks_decoded += 1
+        if task is not None:
+            if seen is None or seen[1] != task:
+                self.counts.changes += 1
+            self.state.tasks[address] = (key, task)
+        return task
+
+    def _decode_task(self, address: int, blob: bytes, tgids: dict[int, int]) -> Task | None:
         lay = self.layout
         lo = lay.task_span[0]
         pid, tgid = lay.task_pid.get(blob, lo), lay.task_tgid.get(blob, lo)
@@ -811,6 +899,21 @@ class Walk:
         if arr is None:
             return out
         self.fd_slots += count
+        fingerprint = (fdt, max_fds, fd_array, arr)
+        seen = self.prior.tables.get(files) if self.prior is not None else None
+        if seen is not None and seen[0] == fingerprint and not self._watching:
+            self.counts.tables_reused += 1
+            self.state.tables[files] = seen
+            self._tables[files] = seen[1]
+            self._reused_table = True
+            return seen[1]
+        self._reused_table = False
+        if self._watching:
+            self.state.fresh.add(files)
+        self.counts.tables_decoded += 1
+        if self.prior is not None and (seen is None or seen[0] != fingerprint):
+            self.counts.changes += 1
+        self.state.tables[files] = (fingerprint, out)
         slots = array("Q")
         slots.frombytes(arr)
         if sys.byteorder != "little":  # pragma: no cover - x86 guests on a big-endian host
@@ -852,6 +955,19 @@ class Walk:
         walk, at most `max_files` of them."""
         if file in self._socks:
             return self._socks[file]
+        prior = self.prior.socks if self.prior is not None else None
+        if prior is not None and file in prior and not self._watching:
+            self.counts.files_reused += 1
+            sock = self._socks[file] = self.state.socks[file] = prior[file]
+            return sock
+        sock = self._resolve_file(file, pid, fd)
+        self.counts.files_resolved += 1
+        if prior is not None and (file not in prior or prior[file] != sock):
+            self.counts.changes += 1
+        self.state.socks[file] = sock
+        return sock
+
+    def _resolve_file(self, file: int, pid: int, fd: int) -> InetSock | PacketSock | None:
         self._socks[file] = None
         if len(self._socks) > self.bounds.max_files:
             if not self._files_bound_hit:
@@ -902,9 +1018,20 @@ class Walk:
     def sockets(self, tasks: list[Task], result: WalkResult) -> None:
         """Every socket held by each thread group's fds (all its threads' file tables) into
         `result`, (tgid, fd, sock) once each; a bound stops adding, keeps what was read."""
-        for task in tasks:
+        watch = self.watch if self.prior is not None else None
+        watched = {id(t) for t in tasks if watch is not None and watch(t)}
+        ordered = sorted(tasks, key=lambda t: id(t) not in watched) if watched else tasks
+        for task in ordered:
             self.check_time("fd tables")
+            self._watching = id(task) in watched
+            if self._watching:  # its tables and files read again, whoever read them before
+                for files in task.file_tables:
+                    self._tables.pop(files, None)
+                self._socks.clear()
+            if self._held_again(task, result):
+                continue
             seen: set[tuple[int, int]] = set()
+            mark = (len(result.sockets), len(result.packets))
             for files in task.file_tables:
                 for n, (file, fds) in enumerate(self.fd_table(files, task.tgid).items()):
                     if not n & 0xFF:
@@ -924,6 +1051,30 @@ class Walk:
                             result.packets.append(FdPacket(task.tgid, fd, sock))
                         else:
                             result.sockets.append(FdSocket(task.tgid, fd, sock))
+            if len(task.file_tables) == 1:
+                held = (result.sockets[mark[0] :], result.packets[mark[1] :])
+                self.state.held[(task.tgid, task.file_tables[0])] = held
+
+    def _held_again(self, task: Task, result: WalkResult) -> bool:
+        """An incremental walk's fast path: a single-table task (not watched) whose fd table is
+        unchanged gives the entries it gave last time, without a look at each fd."""
+        tables = task.file_tables
+        if self.prior is None or self._watching or len(tables) != 1:
+            return False
+        key = (task.tgid, tables[0])
+        cached = self.prior.held.get(key)
+        if cached is None:
+            return False
+        self.fd_table(tables[0], task.tgid)
+        socks, packets = cached
+        room = self.bounds.max_sockets - len(result.sockets) - len(result.packets)
+        if not self._reused_table or len(socks) + len(packets) > room:
+            return False
+        self.counts.files_reused += len(socks) + len(packets)
+        result.sockets += socks
+        result.packets += packets
+        self.state.held[key] = cached
+        return True
 
 
 def decode_inet_sock(layout: KernelLayout, address: int, blob: bytes) -> InetSock | None:
@@ -973,12 +1124,22 @@ PauseFactory = Callable[[], AbstractContextManager[PauseRecord]]
 
 
 def walk_once(
-    space: AddressSpace, layout: KernelLayout, virt_shift: int, bounds: WalkBounds
+    space: AddressSpace,
+    layout: KernelLayout,
+    virt_shift: int,
+    bounds: WalkBounds,
+    prior: RefreshState | None = None,
+    watch: WatchFn | None = None,
 ) -> WalkResult:
-    """One attempt: every task and its inet sockets. Never raises on guest data."""
+    """One attempt: every task and its inet sockets. Never raises on guest data. With a
+    `prior` state (incremental): tasks, fd tables and files unchanged since are reused,
+    except the `watch`ed tasks'."""
     space.new_snapshot()
     walk = Walk(space, layout, virt_shift, bounds)
-    result = WalkResult(attempts=1)
+    walk.prior, walk.watch = prior, watch
+    if prior is not None:  # files of tables served whole (_held_again) stay known; a full
+        walk.state.socks = dict(prior.socks)  # walk starts afresh (no stale files kept)
+    result = WalkResult(attempts=1, state=walk.state, counts=walk.counts)
     try:
         result.tasks = walk.for_each_task()
         walk.sockets(result.tasks, result)
@@ -1001,22 +1162,25 @@ def walk_guest(
     virt_shift: int,
     bounds: WalkBounds | None = None,
     pause: PauseFactory | None = None,
+    prior: RefreshState | None = None,
+    watch: WatchFn | None = None,
 ) -> WalkResult:
-    """A full walk, retried while it meets inconsistent data; paused as a last resort."""
+    """A full walk (incremental with a `prior` state: see walk_once), retried while it meets
+    inconsistent data; paused as a last resort."""
     bounds = bounds or WalkBounds()
     start = time.perf_counter()
     result = WalkResult()
     attempts = 0
     for _ in range(max(1, bounds.retries)):
         attempts += 1
-        result = walk_once(space, layout, virt_shift, bounds)
+        result = walk_once(space, layout, virt_shift, bounds, prior, watch)
         if result.complete:
             break
     else:
         if pause is not None:
             attempts += 1
             with pause() as record:
-                result = walk_once(space, layout, virt_shift, bounds)
+                result = walk_once(space, layout, virt_shift, bounds, prior, watch)
             result.paused_seconds = record.seconds
     result.attempts = attempts
     result.seconds = time.perf_counter() - start
