@@ -647,3 +647,30 @@ def test_a_new_sock_of_a_creator_the_policy_names_is_answered_without_a_walk() -
         # Another creator's sock: its holders are resolved (the holder resolver finds the fd
         # without a full walk), never judged by creator.
         assert own is not None and [o.pid for o in own.owners] == [400] and own.holders_known
+
+
+def test_a_new_socks_holder_is_named_by_who_it_is_now_not_at_the_last_walk() -> None:
+    """Found by the red team: a root shell the walk saw forks, drops to the blocked uid and
+    execs the probe (how a login or a cron job starts a user's program); the probe's new
+    socket was named by the walk's picture of that pid (root, 'sh') and settled as accepted.
+    The resolver reads the holder's task_struct again: uid, euid and comm as they are now."""
+    g = standard_guest()
+    shell = g.add_task(500, "sh", uid=0)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        cred = g.alloc(0x60)
+        g.w(cred + g.off("cred", "uid"), "<I", 1001)
+        g.w(cred + g.off("cred", "euid"), "<I", 1001)
+        g.w(shell + g.off("task_struct", "real_cred"), "<QQ", cred, cred)
+        g._write_bytes(shell + g.off("task_struct", "comm"), b"xfprobe\0")
+        sk = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 41000, "198.18.0.1", 2307, sk_uid=1001)
+        g.hash_established(sk, "198.18.1.1", 41000, "198.18.0.1", 2307)
+        g.add_fd(shell, 3, sk)
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 41000, "198.18.0.1", 2307))
+        assert own is not None and own.holders_known
+        assert [(o.pid, o.uid, o.euid, o.comm) for o in own.owners] == [
+            (500, 1001, 1001, "xfprobe")
+        ]
+        # The index learnt it too: ps and later lookups see the task as it is now.
+        again = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 41000, "198.18.0.1", 2307))
+        assert again is not None and again.owners[0].uid == 1001

@@ -110,6 +110,7 @@ class HolderResolver:
                 for table in self._tables_now(walk, task):
                     out.holders += [(task, fd) for fd in self._search(walk, table, needle, out)]
             if out.holders:
+                out.holders = self._as_now(walk, out.holders, order)
                 out.why = "stopped at a blocked holder (the others not searched)"
                 return out
             searched = {id(t) for t in first}
@@ -120,6 +121,7 @@ class HolderResolver:
                 for table in self._tables_now(walk, task):
                     fds = self._search(walk, table, needle, out)
                     out.holders += [(task, fd) for fd in fds]
+            out.holders = self._as_now(walk, out.holders, order)
             out.known = not walk.errors
             out.why = str(walk.errors[0]) if walk.errors else ""
         except (MemoryReadError, struct.error, ValueError) as e:
@@ -195,6 +197,33 @@ class HolderResolver:
         tgids.update((a, lay.task_tgid.get(b, lo)) for a, b in found)
         tasks = [walk._task(a, b, tgids) for a, b in reversed(found)]
         return [t for t in tasks if t is not None]
+
+    def _as_now(
+        self, walk: Walk, holders: list[tuple[Task, int]], tasks: Sequence[Task]
+    ) -> list[tuple[Task, int]]:
+        """The holders as their task_structs say now, not as the last walk saw them: a task
+        that was a root shell at the walk may have dropped to the blocked uid and exec'd the
+        attacker's program since (how a login or a cron job starts one), and its sockets must
+        not be judged by who it was. A holder that cannot be decoded again is left out and the
+        answer is not known (`walk.errors`)."""
+        lay = self.layout
+        lo, hi = lay.task_span
+        tgids = {t.address: t.tgid for t in tasks}
+        tgids[lay.init_task + self.shift] = 0
+        fresh: dict[int, Task | None] = {}
+        out: list[tuple[Task, int]] = []
+        for task, fd in holders:
+            if task.address not in fresh:
+                blob = walk.read(task.address + lo, hi - lo, f"holder pid {task.pid}")
+                now = walk._decode_task(task.address, blob, tgids) if blob is not None else None
+                if now is not None and now.pid != task.pid:
+                    walk.issue("holder", WalkReason.IMPLAUSIBLE, task.address, "pid changed")
+                    now = None
+                fresh[task.address] = now
+            now = fresh[task.address]
+            if now is not None:
+                out.append((now, fd))
+        return out
 
     def _tables_now(self, walk: Walk, task: Task) -> tuple[int, ...]:
         """The task's fd tables as the walk saw them, the leader's re-read (an exited task has

@@ -428,8 +428,15 @@ class GuestIntrospector:
                 return known is not None and watch(known)
 
         res = resolver.resolve(sock_addr, boot.tasks, seconds, stop_at)
-        if res.new_tasks:
-            boot.tasks = boot.tasks + res.new_tasks
+        # The holders as they are now (uid, comm, exe re-read: see HolderResolver._as_now)
+        # replace what the index knew of them, so that owners are never named by who a task
+        # was at the last walk.
+        by_address = {t.address: t for t in boot.tasks}
+        now = {t.address: t for t, _ in res.holders if by_address.get(t.address) != t}
+        if res.new_tasks or now:
+            known = by_address.keys()
+            added = [t for t in res.new_tasks if t.address not in known]
+            boot.tasks = [now.get(t.address, t) for t in [*boot.tasks, *added]]
             boot.task_owners = task_owners(boot.tasks)
         cc = self.crosscheck
         cc.resolutions += 1
