@@ -180,3 +180,32 @@ def test_the_resolver_stops_at_the_first_blocked_holder_and_never_settles_an_acc
         own = gi.lookup(flow)
         assert own is not None and own.holders_known
         assert [o.pid for o in own.owners] == [400, 500]
+
+
+def test_a_connection_whose_holder_becomes_blocked_makes_settled_flows_be_decided_again() -> None:
+    """uid 1000's web holds an established connection (settled as accepted, the settled-accept
+    rule before the sets); web then drops to the blocked uid 1001. The refresher sees the
+    connection's owner blocked: its flow entry joins the sets and the domain's settled flows
+    are reset, so the connection's next packet meets the set. New blocked sockets (a flood)
+    never reset anything."""
+    g, spray, web, _ = _guest()
+    conn = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 8080, "198.18.0.1", 45000, sk_uid=1000)
+    g.add_fd(web, 5, conn)
+    gi = GuestIntrospector(_domain(), g.profile, memory=g.memory)
+    source = LockedOwnerSource(gi)
+    engine = Engine(1, {}, source, compile_policy(uids=[1001]), OwnerCache())
+    resets: list[int] = []
+    r = Refresher(1, source, engine, lambda e: None, 0.01, reset_settled=lambda: resets.append(1))
+    r.refresh_once(walk=True)
+    sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 33001, "198.18.0.1", 2222, sk_uid=1001)
+    g.add_fd(spray, 4, sk)  # the blocked owner's new connection: no reset
+    r.refresh_once()
+    assert resets == [] and 33001 in {e.port for e in r.entries or set()}
+    cred = g.alloc(0x60)
+    g.w(cred + g.off("cred", "uid"), "<I", 1001)
+    g.w(cred + g.off("cred", "euid"), "<I", 1001)
+    g.w(web + g.off("task_struct", "real_cred"), "<QQ", cred, cred)
+    r.refresh_once()
+    assert resets == [1] and r.settled_resets == 1
+    assert any(e.port == 8080 and e.is_flow for e in r.entries or set())
+    gi.close()

@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -136,12 +136,19 @@ class Refresher(threading.Thread):
         apply: Callable[[set[BlockEntry]], None],
         interval: float,
         listeners: ListenerSets | None = None,
+        reset_settled: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name=f"xfgate-refresh-{domain}", daemon=True)
         self.domain = domain
         self._source = source
         self._engine = engine
         self._apply = apply
+        # Called when a connection the last view showed unblocked now belongs to a blocked
+        # owner (its holder dropped to a blocked uid, exec'd a blocked program, or handed the
+        # fd on): its flow may be settled as accepted, and the settled-accept rule comes
+        # before the sets, so the domain's settled flows are re-decided.
+        self._reset_settled = reset_settled
+        self.settled_resets = 0
         self._interval = interval
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -192,8 +199,10 @@ class Refresher(threading.Thread):
                 self.unchanged += 1
                 self.walks += 1
                 return
+            before = self._engine.facts.sockets
             facts = self._engine.absorb_view(view)
             entries = self._entries(facts, policy)
+            self._reset_if_owners_became_blocked(entries, before)
             self._set_grants(listener_grants(facts.sockets, policy, facts), policy)
             self._last_view, self._last_policy = view, policy
             if view.complete:
@@ -209,6 +218,25 @@ class Refresher(threading.Thread):
         if entries != self.entries:
             self._apply(entries)
             self.entries = entries
+
+    def _reset_if_owners_became_blocked(
+        self, entries: set[BlockEntry], before: Sequence[GuestSocket]
+    ) -> None:
+        new_flows = {e for e in entries - (self.entries or set()) if e.is_flow}
+        if not new_flows or self._reset_settled is None or self.entries is None:
+            return
+        seen = {e for s in before if s.rport for e in socket_entries(s)}
+        changed = new_flows & seen
+        if changed:
+            log.warning(
+                "domain %d: %d connection(s) seen unblocked now belong to a blocked owner "
+                "(e.g. %s): the domain's settled flows are decided again",
+                self.domain,
+                len(changed),
+                min(str(e) for e in changed),
+            )
+            self.settled_resets += 1
+            self._reset_settled()
 
     def _entries(self, facts: GuestFacts, policy: Policy) -> set[BlockEntry]:
         """blocked_entries(facts.sockets, policy, facts), each socket judged once while the
@@ -591,6 +619,7 @@ class Gate:
             lambda entries: fw.set_blocked(d, entries),
             self.options.refresh_interval,
             listeners,
+            lambda: fw.reset_settled(d),
         )
         try:
             dg.refresher.refresh_once(walk=True)
@@ -846,6 +875,7 @@ class Gate:
             "granted_listeners": ports_text(ref.granted) if ref else [],
             "refresh": {
                 "walks": ref.walks,
+                "settled_resets": ref.settled_resets,
                 "grant_renewals": ref.grant_renewals,
                 "grant_refusals": ref.grant_refusals,
                 "unchanged": ref.unchanged,
