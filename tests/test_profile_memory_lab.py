@@ -203,7 +203,9 @@ def test_gate_on_first_contact_blocks_by_listener_owner(
         )
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     incoming = [r for r in records if r["direction"] == "in" and r["dport"] in (80, 8080)]
-    assert incoming, records[-5:]
+    # uid 0's :80 is blocked: its SYNs reach the engine. uid 1000's :8080 is a good listener,
+    # granted in the kernel once a walk saw it: its connections may never reach the engine.
+    assert any(r["dport"] == 80 for r in incoming), records[-5:]
     for r in incoming:
         assert r["pid"] is not None, r  # decided by the listener's owner, not "unknown"
         assert (r["uid"], r["verdict"]) == ((0, "drop") if r["dport"] == 80 else (1000, "accept"))
