@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # "la57": the generic 6.12 kernel on a CPU with 5-level paging (QEMU -cpu max).
 SERIES = {
     "6.1": "linux-image-amd64",
+    "6.1-cloud": "linux-image-cloud-amd64",
+    "6.1-rt": "linux-image-rt-amd64",
     "6.12": "linux-image-6.12-amd64",
     "6.12-cloud": "linux-image-6.12-cloud-amd64",
     "6.12-rt": "linux-image-6.12-rt-amd64",
