@@ -11,13 +11,14 @@ uid 1001 `spray` -> client :2222/tcp and :5353/udp every 0.5 s; uid 1002 httpd [
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,13 +86,16 @@ class Lab:
         return int(min(pids))
 
 
-@pytest.fixture(scope="module")
-def vlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+@contextlib.contextmanager
+def private_lab(
+    workdir: Path, prefix: str, counted: Sequence[tuple[str, int]], **up: Any
+) -> Iterator[Lab]:
+    """A lab of its own (prefix, domains file and run dir under `workdir`), with client-side
+    counters of what the guest sends the peers on `counted` (proto, port), first SYN included;
+    `up`: lab_up's options (e.g. memory="anonymous")."""
     from tests.conftest import require_lab_prerequisites
 
     require_lab_prerequisites()
-    workdir = tmp_path_factory.mktemp("xfvlab")
-    prefix = os.environ.get("XFGATE_VERDICT_LAB_PREFIX", "xfvlab")
     env = {
         **os.environ,
         "XFGATE_LAB_PREFIX": prefix,
@@ -99,16 +103,15 @@ def vlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         "XFGATE_RUN_DIR": str(workdir / "run"),
     }
     layout = LabLayout(prefix, domains_file=workdir / "domains.toml")
-    result = labmod.lab_up(layout, domains=1)
+    result = labmod.lab_up(layout, domains=1, **up)
     # Our own domains file, also when the lab was already up (written elsewhere then).
     domains = {d.id: d for d in result.domains}
     if not domains and result.state.domains_file:  # up already, recorded in another file
         domains = load_domains(Path(result.state.domains_file))
     save_domains(domains, workdir / "domains.toml")
-    # Client-side counters of what the guest sends the peers (first SYN included).
     lab = Lab(layout, env, workdir)
     for prog, src in (("iptables-legacy", GUEST4), ("ip6tables-legacy", GUEST6)):
-        for proto, port in (("tcp", 2222), ("udp", 5353), ("tcp", 7000)):
+        for proto, port in counted:
             lab.client([prog, "-A", "INPUT", "-s", src, "-p", proto, "--dport", str(port)])
     try:
         yield lab
@@ -117,6 +120,14 @@ def vlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             lab.client([prog, "-F", "INPUT"])
         if not result.already_up and os.environ.get("XFGATE_LAB_KEEP") != "1":
             labmod.lab_down(layout)
+
+
+@pytest.fixture(scope="module")
+def vlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    prefix = os.environ.get("XFGATE_VERDICT_LAB_PREFIX", "xfvlab")
+    counted = (("tcp", 2222), ("udp", 5353), ("tcp", 7000))
+    with private_lab(tmp_path_factory.mktemp("xfvlab"), prefix, counted) as lab:
+        yield lab
 
 
 def arrived(lab: Lab, proto: str, port: int) -> int:

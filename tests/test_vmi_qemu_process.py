@@ -26,14 +26,14 @@ import pytest
 
 from tests.test_verdict_lab import (
     GUEST4,
-    GUEST6,
     SPRAY_PERIOD,
     Lab,
     leftovers,
+    private_lab,
     spray_quiet,
 )
 from tests.test_vmi_lab import cli_ps_json, ps_against_truth, workload_stopped
-from xfgate.config import DomainConfig, MemoryConfig, QmpConfig, load_domains, save_domains
+from xfgate.config import DomainConfig, MemoryConfig, QmpConfig, load_domains
 from xfgate.errors import ConfigError, GuestNotRunning, MemoryReadError
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
@@ -210,34 +210,11 @@ def test_both_backends_give_the_same_walk(lab_domain: DomainConfig, lab_layout: 
 
 @pytest.fixture(scope="module")
 def alab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    from tests.conftest import require_lab_prerequisites
-
-    require_lab_prerequisites()
-    workdir = tmp_path_factory.mktemp("xfqlab")
     prefix = os.environ.get("XFGATE_QEMU_LAB_PREFIX", "xfqlab")
-    env = {
-        **os.environ,
-        "XFGATE_LAB_PREFIX": prefix,
-        "XFGATE_DOMAINS": str(workdir / "domains.toml"),
-        "XFGATE_RUN_DIR": str(workdir / "run"),
-    }
-    layout = LabLayout(prefix, domains_file=workdir / "domains.toml")
-    result = labmod.lab_up(layout, domains=1, memory="anonymous")
-    domains = {d.id: d for d in result.domains}
-    if not domains and result.state.domains_file:
-        domains = load_domains(Path(result.state.domains_file))
-    save_domains(domains, workdir / "domains.toml")
-    lab = Lab(layout, env, workdir)
-    for prog, src in (("iptables-legacy", GUEST4), ("ip6tables-legacy", GUEST6)):
-        for proto, port in (("tcp", 2222), ("udp", 5353)):
-            lab.client([prog, "-A", "INPUT", "-s", src, "-p", proto, "--dport", str(port)])
-    try:
+    counted = (("tcp", 2222), ("udp", 5353))
+    workdir = tmp_path_factory.mktemp("xfqlab")
+    with private_lab(workdir, prefix, counted, memory="anonymous") as lab:
         yield lab
-    finally:
-        for prog in ("iptables-legacy", "ip6tables-legacy"):
-            lab.client([prog, "-F", "INPUT"])
-        if not result.already_up and os.environ.get("XFGATE_LAB_KEEP") != "1":
-            labmod.lab_down(layout)
 
 
 def test_anonymous_lab_guest_has_no_ram_file_and_an_operators_entry(alab: Lab) -> None:
