@@ -12,7 +12,7 @@ import bisect
 import io
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, cast
@@ -287,20 +287,7 @@ class LibvmiMemory:
         return bytes(data)
 
     def find(self, needle: bytes, start: int = 0) -> int:
-        addr = max(0, start)
-        step = self.CHUNK
-        while addr < self._size:
-            n = min(step + len(needle), self._size - addr)
-            try:
-                chunk = self.read(addr, n)
-            except MemoryReadError:
-                addr += step
-                continue
-            hit = chunk.find(needle)
-            if hit >= 0:
-                return addr + hit
-            addr += step
-        return -1
+        return find_chunked(self.read, needle, max(0, start), self._size, self.CHUNK)
 
     def identity(self) -> tuple[int, ...]:
         return (hash(self._source), self._size)
@@ -309,6 +296,27 @@ class LibvmiMemory:
         destroy = getattr(self._vmi, "destroy", None)
         if destroy is not None:
             destroy()
+
+
+def find_chunked(
+    read: Callable[[int, int], bytes], needle: bytes, start: int, end: int, chunk: int
+) -> int:
+    """The first `needle` in [start, end), read `chunk` bytes (plus the needle's length less
+    one, so no hit straddles two reads) at a time; an unreadable chunk is skipped. -1: none."""
+    overlap = max(0, len(needle) - 1)
+    addr = start
+    while addr < end:
+        n = min(chunk + overlap, end - addr)
+        try:
+            data = read(addr, n)
+        except MemoryReadError:
+            addr += chunk
+            continue
+        hit = data.find(needle)
+        if hit >= 0:
+            return addr + hit
+        addr += chunk
+    return -1
 
 
 def open_domain_memory(domain: DomainConfig) -> PhysicalMemory:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from xfgate.errors import GuestNotRunning, MemoryReadError, PrerequisiteError, QmpError
+from xfgate.vmi.memory import find_chunked
 from xfgate.vmi.monitor import Monitor, process_start_time
 
 log = logging.getLogger(__name__)
@@ -322,22 +323,12 @@ class QemuProcessMemory:
         skipped."""
         if not needle:
             return max(0, start)
-        overlap = len(needle) - 1
         for r in list(self._ranges):
             if r.end <= start:
                 continue
-            addr = max(start, r.gpa)
-            while addr < r.end:
-                n = min(FIND_CHUNK + overlap, r.end - addr)
-                try:
-                    chunk = self.read(addr, n)
-                except MemoryReadError:
-                    addr += FIND_CHUNK
-                    continue
-                hit = chunk.find(needle)
-                if hit >= 0:
-                    return addr + hit
-                addr += FIND_CHUNK
+            hit = find_chunked(self.read, needle, max(start, r.gpa), r.end, FIND_CHUNK)
+            if hit >= 0:
+                return hit
         return -1
 
     def identity(self) -> tuple[int, ...]:
