@@ -51,6 +51,10 @@ UUID_NAMESPACE = uuid.UUID("3b5bb1c6-5d1f-4c55-9d0a-7f0b7c1c2a10")
 DAEMON_START_TIMEOUT = 20.0
 LIBVIRT_LOG_DIR = Path("/var/log/libvirt/qemu")
 LIBVIRT_RUN_DIR = Path("/run/libvirt")
+# libvirt's QEMU driver probes QEMU's capabilities with a QEMU of its own, daemonized with its pid
+# file in a private dir of the driver's libDir (src/qemu/qemu_process.c, qemuProcessQMPInit:
+# "<libDir>/qmp-XXXXXX/qmp.pid"); a libvirtd killed while probing leaves it running.
+LIBVIRT_QEMU_LIB_DIR = Path("/var/lib/libvirt/qemu")
 
 
 def libvirt_dir(layout: LabLayout) -> Path:
@@ -286,6 +290,30 @@ def find_lab_qemus(layout: LabLayout) -> dict[int, int]:
     return found
 
 
+def is_capability_probe(args: list[str]) -> bool:
+    """args (a command line) are libvirt's capability-probing QEMU: `-machine none` and a pid
+    file in a `qmp-*` dir of the system driver's libDir."""
+    if not args or "qemu" not in Path(args[0]).name:
+        return False
+    pidfile = next((v for f, v in itertools.pairwise(args) if f == "-pidfile"), "")
+    machine = next((v for f, v in itertools.pairwise(args) if f == "-machine"), "")
+    path = Path(pidfile)
+    return (
+        machine.split(",")[0] == "none"
+        and path.name == "qmp.pid"
+        and path.parent.name.startswith("qmp-")
+        and path.parent.parent == LIBVIRT_QEMU_LIB_DIR
+    )
+
+
+def find_capability_probes() -> list[int]:
+    """pids of libvirt capability-probing QEMUs (anyone's: call only when no foreign daemon
+    runs, since the lab shares the system driver's directories)."""
+    return [
+        int(e) for e in os.listdir("/proc") if e.isdigit() and is_capability_probe(_cmdline(int(e)))
+    ]
+
+
 def domain_configs(layout: LabLayout, domains: list[int]) -> tuple[DomainConfig, ...]:
     """The lab's domains as xfgate finds them through libvirt."""
     with LibvirtHost(libvirt_uri(layout)) as host:
@@ -334,6 +362,12 @@ def down(
     for pid, name in sorted(daemons.items(), key=lambda x: x[1] != "libvirtd"):
         stop(pid, lambda p: is_our_daemon(p, layout))
         removed.append(f"{name} pid {pid}")
+    if libvirt_dir(layout).exists() and not foreign_daemons(layout):
+        # Left by a libvirtd of ours that died while probing (this lab ran libvirt and no other
+        # libvirt daemon runs on the host: the probe is ours).
+        for pid in find_capability_probes():
+            stop(pid, lambda p: is_capability_probe(_cmdline(p)))
+            removed.append(f"qemu pid {pid} (libvirt capability probe)")
     if daemons or seen:
         removed += remove_domain_logs(sorted(seen))
     if daemons and not foreign_daemons(layout) and LIBVIRT_RUN_DIR.exists():
