@@ -706,3 +706,39 @@ def test_flow_hash_is_computed_once_and_equal_for_equal_flows() -> None:
     assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
     assert c != a and hash(c) == hash(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40001))
     assert "_hash" not in repr(a)
+
+
+def test_locator_takes_the_kernel_root_from_cr3_without_a_memory_scan() -> None:
+    """With the vCPU's registers, the kernel is located from CR3 (a user process's tables
+    under PTI) but keeps the kernel's own init_top_pgt as its root, the same location the
+    VMCOREINFO note gives, without scanning memory; registers that lead nowhere fall back
+    to the note."""
+    from xfgate.vmi.qmp import ControlRegisters
+
+    g = FakeGuest()
+    user = g.pa(g.alloc(0x1000, 0x2000))  # a process's top table: the kernel half copied
+    g.buf[user + 0x800 : user + 0x1000] = g.buf[g.root + 0x800 : g.root + 0x1000]
+    finds: list[bytes] = []
+    memory = g.memory
+    real_find = memory.find
+
+    def counting_find(needle: bytes, start: int = 0) -> int:
+        finds.append(needle)
+        return real_find(needle, start)
+
+    memory.find = counting_find  # type: ignore[method-assign]
+    regs = ControlRegisters(user | 0x5, 0x6F0)
+    loc = KernelLocator(memory, g.profile, lambda: regs).locate()
+    assert finds == []  # no scan
+    note = from_vmcoreinfo(memory, g.profile)
+    assert note is not None
+    assert (loc.virt_shift, loc.phys_base, loc.root, loc.levels, loc.method) == (
+        note.virt_shift,
+        note.phys_base,
+        note.root,
+        note.levels,
+        "cr3",
+    )
+    assert loc.root == g.root != user
+    nowhere = ControlRegisters(0x7FF000, 0x6F0)  # an empty table: nothing mapped
+    assert KernelLocator(memory, g.profile, lambda: nowhere).locate().method == "vmcoreinfo"

@@ -54,16 +54,24 @@ _U32 = struct.Struct("<I")
 _LINKS = struct.Struct("<QQ")  # hlist_node / hlist_nulls_node: next, pprev
 
 
-def _symbol_prefixed(profile: Profile, name: str) -> int | None:
+def symbol_names(profile: Profile) -> str:
+    """Every symbol name, one a line (with a newline before the first): a prefix search by
+    `str.find` at C speed instead of a Python loop over ~94,000 names (0.1 s each)."""
+    return "\n" + "\n".join(profile.symbols) + "\n"
+
+
+def _symbol_prefixed(profile: Profile, name: str, names: str | None = None) -> int | None:
     """A symbol by its exact name, else by the spelling kallsyms gives a function-local static
     (`static u32 inet_ehash_secret` inside inet_ehashfn in 6.1: ``inet_ehash_secret.5``);
-    None if the profile has neither."""
+    None if the profile has neither. `names`: symbol_names(profile), if the caller has it."""
     if profile.has_symbol(name):
         return profile.symbol(name)
-    for sym, addr in profile.symbols.items():
-        if sym.startswith(name + "."):
-            return addr
-    return None
+    text = symbol_names(profile) if names is None else names
+    at = text.find("\n" + name + ".")
+    if at < 0:
+        return None
+    found = text[at + 1 : text.index("\n", at + 1)]
+    return profile.symbols.get(found)
 
 
 # The hash secrets the lookups need, each: the names it has had (a global or a function-local
@@ -83,12 +91,13 @@ HASH_SECRETS: dict[str, tuple[tuple[str, ...], tuple[str, str]]] = {
 }
 
 
-def hash_secret(profile: Profile, what: str) -> int:
+def hash_secret(profile: Profile, what: str, symbols: str | None = None) -> int:
     """The link-time address of a hash secret (a HASH_SECRETS key), tested for by symbol and
-    member, never by version; ProfileError naming every spelling tried if none is there."""
+    member, never by version; ProfileError naming every spelling tried if none is there.
+    `symbols`: symbol_names(profile), made once by a caller asking for several."""
     names, (holder, path) = HASH_SECRETS[what]
     for name in names:
-        addr = _symbol_prefixed(profile, name)
+        addr = _symbol_prefixed(profile, name, symbols)
         if addr is not None:
             return addr
     if profile.has_symbol(holder):
@@ -145,14 +154,15 @@ class HashLayout:
         # 6.0+ chains listeners on hlist_nulls (inet_listen_hashbucket.nulls_head); before
         # that on a plain hlist `head`. Either way the first pointer is the chain head.
         lhead = "nulls_head" if p.has_member("inet_listen_hashbucket", "nulls_head") else "head"
+        names = symbol_names(p)
         return cls(
             tcp_hashinfo=p.symbol("tcp_hashinfo"),
             udp_table=p.symbol("udp_table"),
             init_net=p.symbol("init_net"),
             hash_mix=p.offset("net", "hash_mix"),
-            inet_ehash_secret=hash_secret(p, "inet_ehash_secret"),
-            inet6_ehash_secret=hash_secret(p, "inet6_ehash_secret"),
-            ipv6_hash_secret=hash_secret(p, "ipv6_hash_secret"),
+            inet_ehash_secret=hash_secret(p, "inet_ehash_secret", names),
+            inet6_ehash_secret=hash_secret(p, "inet6_ehash_secret", names),
+            ipv6_hash_secret=hash_secret(p, "ipv6_hash_secret", names),
             ehash=p.offset("inet_hashinfo", "ehash"),
             ehash_mask=p.offset("inet_hashinfo", "ehash_mask"),
             lhash2=p.offset("inet_hashinfo", "lhash2"),
