@@ -10,9 +10,13 @@
 - new_sock_lookup: GuestIntrospector.lookup() of a socket the owner index does not know yet (the
   first packet of a new flow: before, a full walk; now the holder resolver, xfgate.vmi.holders),
   each answer checked against the full walk's holders (`new_sock_disagreements`);
-- decisions_per_s: Engine.evaluate() of the first packet of distinct flows (every one a cache
-  miss) from the guest's IPv4 TCP and UDP sockets, owners from guest memory (hash tables and
-  the walk's index), on one core;
+- decisions_per_s / decisions_per_cpu_s: Engine.evaluate() over the gate's LockedOwnerSource of
+  the first packet of distinct flows (every one a cache miss): half sent by the guest's
+  connected TCP/UDP sockets (IPv4 and IPv6), half sent to its listeners and bound UDP sockets
+  from distinct remote ports; owners from guest memory (hash tables and the walk's index), one
+  thread; wall-clock and process-CPU rates (the CPU one is what one core does on a loaded host).
+  Before 2026-11-30 it timed only the outgoing IPv4 flows: one packet on the 51-task guest;
+- ps_end_to_end: `xfgate ps --domain N --json` in a new process, as an operator runs it;
 - pause: the guest stopped over QMP around one full walk (stop, walk, cont), as the thesis's
   xFilter paused per poll (19 ms average, 52 ms max there), and the bare stop+cont round trip.
 Bounded: `rounds` iterations of each, nothing else runs.
@@ -25,10 +29,13 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 from xfgate.config import DomainConfig, MemoryConfig, get_domain
@@ -129,7 +136,11 @@ def incremental_refreshes(guest: GuestIntrospector, rounds: int) -> dict[str, An
 
 
 def run(
-    domain_id: int, rounds: int, profile_path: str | None, walk_rounds: int | None = None
+    domain_id: int,
+    rounds: int,
+    profile_path: str | None,
+    walk_rounds: int | None = None,
+    ps_runs: int = 5,
 ) -> dict[str, Any]:
     domain = get_domain(domain_id, domains_file_from_env())
     profile = load_domain_profile(domain, profile_path, cache_dir_from_env())
@@ -174,6 +185,7 @@ def run(
             out["pause_with_walk"] = summary_ms(pauses)
             out["pause_bare_stop_cont"] = summary_ms(bare)
     out["thesis_pause_ms"] = {"mean": 19, "max": 52, "min": 15}
+    out.update(ps_end_to_end(domain_id, ps_runs))
     return out
 
 
@@ -341,6 +353,37 @@ def decisions_per_second(guest: GuestIntrospector, count: int) -> dict[str, Any]
     }
 
 
+def ps_end_to_end(domain_id: int, runs: int) -> dict[str, Any]:
+    """`xfgate ps --domain N --json` as an operator runs it: a new process each time (Python
+    start, imports, profile load, kernel location, full walk, JSON out), one untimed run first
+    (page cache). `bytecode_cached` False: this Python writes no .pyc (PYTHONDONTWRITEBYTECODE),
+    every import compiles its module (an installed package has its .pyc: faster)."""
+    command = Path(sys.executable).with_name("xfgate")
+    argv = [str(command)] if command.exists() else [sys.executable, "-m", "xfgate.cli"]
+    argv += [
+        "--domains-file",
+        str(domains_file_from_env()),
+        "--cache-dir",
+        str(cache_dir_from_env()),
+    ]
+    argv += ["ps", "--domain", str(domain_id), "--json"]
+    samples: list[float] = []
+    doc: dict[str, Any] = {}
+    for i in range(runs + 1):
+        t = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, timeout=120, check=False)
+        if i:
+            samples.append(time.perf_counter() - t)
+        if done.returncode not in (0, 1):
+            return {"ps_error": done.stderr.decode(errors="replace")[-500:]}
+        doc = json.loads(done.stdout)
+    return {
+        "ps_end_to_end": summary_ms(samples),
+        "ps_processes_sockets": [len(doc.get("processes", ())), len(doc.get("sockets", ()))],
+        "ps_bytecode_cached": not sys.flags.dont_write_bytecode,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", type=int, default=1)
@@ -349,10 +392,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--walk-rounds", type=int, help="full walks (and paused walks) to time (default rounds)"
     )
     parser.add_argument("--profile", help="profile/ISF file (default: the domain's kernel)")
+    parser.add_argument("--ps-runs", type=int, default=5, help="`xfgate ps` runs to time")
     args = parser.parse_args(argv)
     print(
         json.dumps(
-            run(args.domain, max(1, min(args.rounds, 100000)), args.profile, args.walk_rounds),
+            run(
+                args.domain,
+                max(1, min(args.rounds, 100000)),
+                args.profile,
+                args.walk_rounds,
+                max(0, min(args.ps_runs, 100)),
+            ),
             indent=1,
         )
     )
