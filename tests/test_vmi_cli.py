@@ -94,3 +94,17 @@ def test_a_loaded_profile_is_kept_out_of_the_cyclic_collector(
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_json_lines_is_the_same_document_one_entry_a_line() -> None:
+    from xfgate.vmi.cli import json_lines
+
+    doc = {
+        "processes": [{"pid": 1, "comm": "init"}, {"pid": 2, "comm": 'a "b"\n'}],
+        "sockets": [],
+        "other_sockets": [{"pid": 1, "fd": 3, "proto": "packet"}],
+    }
+    text = json_lines(doc)
+    assert json.loads(text) == doc
+    assert text.splitlines()[2] == '  {"pid": 1, "comm": "init"},'
+    assert json.loads(json_lines({})) == {}

@@ -80,6 +80,21 @@ def filter_document(doc: dict[str, Any], pid: int | None, uid: int | None) -> di
     return {"processes": procs, "sockets": [s for s in doc["sockets"] if s["pid"] in keep]}
 
 
+def json_lines(doc: dict[str, Any]) -> str:
+    """`doc` as JSON, each entry of its lists on a line of its own: as readable as indent=1
+    for a listing, and written by json's C encoder (indent=N takes the pure-Python one: 1 s
+    of a crowded guest's 3.7 MB document)."""
+    parts = []
+    for key, value in doc.items():
+        head = f" {json.dumps(key)}: "
+        if isinstance(value, list) and value:
+            items = ",\n  ".join(json.dumps(item) for item in value)
+            parts.append(f"{head}[\n  {items}\n ]")
+        else:
+            parts.append(head + json.dumps(value))
+    return "{\n" + ",\n".join(parts) + "\n}" if parts else "{}"
+
+
 def _endpoint(addr: str, port: int, family: int) -> str:
     return f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
 
@@ -132,7 +147,7 @@ def run_ps(args: argparse.Namespace) -> int:
         result = guest.walk()
         doc = filter_document(guest.ps_json(result), args.pid, args.uid)
     if args.json:
-        print(json.dumps(doc, indent=1))
+        print(json_lines(doc))
     else:
         print(format_table(doc))
     for err in result.errors[:10]:
