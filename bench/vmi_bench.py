@@ -36,7 +36,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import ip_address
-from pathlib import Path
 from typing import Any
 
 from xfgate.config import DomainConfig, MemoryConfig, get_domain
@@ -365,8 +364,7 @@ def ps_end_to_end(domain_id: int, runs: int) -> dict[str, Any]:
     start, imports, profile load, kernel location, full walk, JSON out), one untimed run first
     (page cache). `bytecode_cached` False: this Python writes no .pyc (PYTHONDONTWRITEBYTECODE),
     every import compiles its module (an installed package has its .pyc: faster)."""
-    command = Path(sys.executable).with_name("xfgate")
-    argv = [str(command)] if command.exists() else [sys.executable, "-m", "xfgate.cli"]
+    argv = [sys.executable, "-m", "xfgate.cli"]
     argv += [
         "--domains-file",
         str(domains_file_from_env()),
