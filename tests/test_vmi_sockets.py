@@ -706,6 +706,11 @@ def test_flow_hash_is_computed_once_and_equal_for_equal_flows() -> None:
     assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
     assert c != a and hash(c) == hash(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40001))
     assert "_hash" not in repr(a)
+    import copy
+    import pickle
+
+    assert pickle.loads(pickle.dumps(a)) == a and copy.copy(a) == a
+    assert hash(pickle.loads(pickle.dumps(a))) == hash(a)
 
 
 def test_locator_takes_the_kernel_root_from_cr3_without_a_memory_scan() -> None:

@@ -69,6 +69,10 @@ class Flow:
     def __hash__(self) -> int:
         return self._hash
 
+    def __reduce__(self) -> tuple[type[Flow], tuple[int, IPAddress, int, IPAddress, int]]:
+        # Rebuilt (hash recomputed), never restored: str hashes differ between processes.
+        return Flow, (self.proto, self.local, self.lport, self.remote, self.rport)
+
     @property
     def family(self) -> int:
         return self.local.version
