@@ -415,9 +415,6 @@ class SocketTables:
             self.errors.append(walked.issue)
         return [(node - node_off, head) for node, head in walked.nodes]
 
-    def _head(self, sk: int) -> bytes:
-        return self.space.read(sk, self.h.sock_common_size)
-
     def _full(self, sk: int, head: bytes) -> InetSock | None:
         """Decode a full struct sock (for sk_uid/protocol) or, for the sock_common-only
         time-wait and request socks, just its head."""
