@@ -10,9 +10,13 @@
 - new_sock_lookup: GuestIntrospector.lookup() of a socket the owner index does not know yet (the
   first packet of a new flow: before, a full walk; now the holder resolver, xfgate.vmi.holders),
   each answer checked against the full walk's holders (`new_sock_disagreements`);
-- decisions_per_s: Engine.evaluate() of the first packet of distinct flows (every one a cache
-  miss) from the guest's IPv4 TCP and UDP sockets, owners from guest memory (hash tables and
-  the walk's index), on one core;
+- decisions_per_s / decisions_per_cpu_s: Engine.evaluate() over the gate's LockedOwnerSource of
+  the first packet of distinct flows (every one a cache miss): half sent by the guest's
+  connected TCP/UDP sockets (IPv4 and IPv6), half sent to its listeners and bound UDP sockets
+  from distinct remote ports; owners from guest memory (hash tables and the walk's index), one
+  thread; wall-clock and process-CPU rates (the CPU one is what one core does on a loaded host).
+  Before 2026-11-30 it timed only the outgoing IPv4 flows: one packet on the 51-task guest;
+- ps_end_to_end: `xfgate ps --domain N --json` in a new process, as an operator runs it;
 - pause: the guest stopped over QMP around one full walk (stop, walk, cont), as the thesis's
   xFilter paused per poll (19 ms average, 52 ms max there), and the bare stop+cont round trip.
 Bounded: `rounds` iterations of each, nothing else runs.
@@ -24,18 +28,22 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from ipaddress import ip_address
 from typing import Any
 
 from xfgate.config import DomainConfig, MemoryConfig, get_domain
 from xfgate.errors import XfgateError
-from xfgate.flow import Flow
+from xfgate.flow import Flow, IPAddress
 from xfgate.inet import IPProto
 from xfgate.verdict.cache import OwnerCache
-from xfgate.verdict.engine import Engine
+from xfgate.verdict.engine import Engine, LockedOwnerSource
 from xfgate.verdict.policy import compile_policy
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
@@ -128,7 +136,11 @@ def incremental_refreshes(guest: GuestIntrospector, rounds: int) -> dict[str, An
 
 
 def run(
-    domain_id: int, rounds: int, profile_path: str | None, walk_rounds: int | None = None
+    domain_id: int,
+    rounds: int,
+    profile_path: str | None,
+    walk_rounds: int | None = None,
+    ps_runs: int = 5,
 ) -> dict[str, Any]:
     domain = get_domain(domain_id, domains_file_from_env())
     profile = load_domain_profile(domain, profile_path, cache_dir_from_env())
@@ -173,6 +185,7 @@ def run(
             out["pause_with_walk"] = summary_ms(pauses)
             out["pause_bare_stop_cont"] = summary_ms(bare)
     out["thesis_pause_ms"] = {"mean": 19, "max": 52, "min": 15}
+    out.update(ps_end_to_end(domain_id, ps_runs))
     return out
 
 
@@ -237,41 +250,145 @@ def blocked_new_sock_lookups(
     }
 
 
-def _packet_from(sock: InetSock) -> bytes:
-    """An IPv4 packet the guest's socket sends (TCP ACK or a UDP datagram), raw bytes."""
-    proto = sock.proto
-    src, dst = sock.local.packed, sock.remote.packed
-    length = 20 + (20 if proto == IPProto.TCP else 8)
-    ip = bytes([0x45, 0, 0, length, 0, 1, 0x40, 0, 64, proto, 0, 0]) + src + dst
-    ports = sock.lport.to_bytes(2, "big") + sock.rport.to_bytes(2, "big")
+def _packet(proto: int, src: IPAddress, sport: int, dst: IPAddress, dport: int) -> bytes:
+    """An IPv4 or IPv6 packet (TCP ACK or a UDP datagram, no payload), raw bytes."""
+    l4 = sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
     if proto == IPProto.TCP:
-        return ip + ports + bytes(8) + b"\x50\x10" + bytes(6)
-    return ip + ports + (8).to_bytes(2, "big") + bytes(2)
+        l4 += bytes(8) + b"\x50\x10" + bytes(6)
+    else:
+        l4 += (8).to_bytes(2, "big") + bytes(2)
+    if src.version == 4:
+        length = (20 + len(l4)).to_bytes(2, "big")
+        return (
+            bytes([0x45, 0])
+            + length
+            + bytes([0, 1, 0x40, 0, 64, proto, 0, 0])
+            + src.packed
+            + dst.packed
+            + l4
+        )
+    return (
+        b"\x60"
+        + bytes(3)
+        + len(l4).to_bytes(2, "big")
+        + bytes([proto, 64])
+        + src.packed
+        + dst.packed
+        + l4
+    )
+
+
+def _packet_from(sock: InetSock) -> bytes:
+    """A packet the guest's (connected) socket sends, raw bytes."""
+    return _packet(sock.proto, sock.local, sock.lport, sock.remote, sock.rport)
+
+
+def first_packets(
+    sockets: Sequence[InetSock], count: int
+) -> dict[str, list[tuple[bytes, int, int]]]:
+    """Up to `count` first packets of distinct flows, each (payload, physindev, physoutdev),
+    by kind: "out" - sent by the guest's connected TCP/UDP sockets (IPv4 and IPv6); "in" -
+    sent to its listeners (a TCP ACK: a SYN is cached per listener, not per flow) and bound
+    UDP sockets from distinct remote ports. Half of each when the guest has both."""
+    ported = [k for k in sockets if k.proto in (IPProto.TCP, IPProto.UDP)]
+    out = list(dict.fromkeys(_packet_from(k) for k in ported if k.rport))
+    servers = [k for k in ported if not k.rport and k.lport]
+    incoming: list[bytes] = []
+    peers = {4: ip_address("198.19.0.1"), 6: ip_address("2001:2::9:1")}
+    for i in range(count if servers else 0):
+        k = servers[i % len(servers)]
+        peer = peers[k.family]
+        local = (
+            k.local
+            if not k.local.is_unspecified
+            else ip_address("198.18.1.1" if k.family == 4 else "2001:2::1:1")
+        )
+        sport = 1024 + (i // len(servers)) % 64000
+        incoming.append(_packet(k.proto, peer, sport, local, k.lport))
+    n_in = min(len(incoming), max(count // 2, count - len(out)))
+    n_out = min(len(out), count - n_in)
+    return {
+        "out": [(p, VIF, OTHER) for p in out[:n_out]],
+        "in": [(p, OTHER, VIF) for p in incoming[:n_in]],
+    }
+
+
+VIF, OTHER = 7, 3  # ifindexes: the domain's vif and the bridge's other port
 
 
 def decisions_per_second(guest: GuestIntrospector, count: int) -> dict[str, Any]:
-    """First-packet decisions of distinct flows (IPv4 TCP/UDP sockets of the last walk, each
-    flow once: every one a cache miss), owners from guest memory; one thread, one core."""
+    """First-packet decisions of distinct flows (first_packets: every one a cache miss),
+    through the gate's own path (Engine.evaluate over a LockedOwnerSource), owners from guest
+    memory (hash tables, the walk's index); one thread. One decision first, untimed (the hash
+    secrets and table pointers are read once per boot). Wall-clock and process CPU rates: on a
+    loaded host the CPU rate is the one that says what one core does."""
     result = guest.walk()
-    socks = [
-        s.sock
-        for s in result.sockets
-        if s.sock.family == 4 and s.sock.proto in (IPProto.TCP, IPProto.UDP) and s.sock.rport
-    ]
-    packets = list(dict.fromkeys(_packet_from(k) for k in socks))[:count]
+    kinds = first_packets([s.sock for s in result.sockets], count)
+    packets = kinds["out"] + kinds["in"]
     if not packets:
         return {}
-    engine = Engine(guest.domain.id, {7: "vif"}, guest, compile_policy(uids=[1001]), OwnerCache())
+    engine = Engine(
+        guest.domain.id,
+        {VIF: "vif"},
+        LockedOwnerSource(guest),
+        compile_policy(uids=[1001]),
+        OwnerCache(),
+    )
+    engine.evaluate(
+        _packet(IPProto.UDP, ip_address("198.19.0.9"), 9, ip_address("198.18.1.1"), 9), OTHER, VIF
+    )
+    engine.cache.clear()
     owned = 0
-    t0 = time.perf_counter()
-    for payload in packets:
-        ev = engine.evaluate(payload, 7, 3)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for payload, physin, physout in packets:
+        ev = engine.evaluate(payload, physin, physout)
         owned += ev.ownership is not None and bool(ev.ownership.owners)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "decisions": len(packets),
+        "decisions_out_in": [len(kinds["out"]), len(kinds["in"])],
         "decisions_with_owners": owned,
         "decisions_per_s": round(len(packets) / seconds),
+        "decisions_per_cpu_s": round(len(packets) / cpu) if cpu > 0 else None,
+    }
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's waited-for children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def ps_end_to_end(domain_id: int, runs: int) -> dict[str, Any]:
+    """`xfgate ps --domain N --json` as an operator runs it: a new process each time (Python
+    start, imports, profile load, kernel location, full walk, JSON out), one untimed run first
+    (page cache). `bytecode_cached` False: this Python writes no .pyc (PYTHONDONTWRITEBYTECODE),
+    every import compiles its module (an installed package has its .pyc: faster)."""
+    argv = [sys.executable, "-m", "xfgate.cli"]
+    argv += [
+        "--domains-file",
+        str(domains_file_from_env()),
+        "--cache-dir",
+        str(cache_dir_from_env()),
+    ]
+    argv += ["ps", "--domain", str(domain_id), "--json"]
+    samples: list[float] = []
+    cpu: list[float] = []
+    doc: dict[str, Any] = {}
+    for i in range(runs + 1):
+        t, c = time.perf_counter(), _children_cpu()
+        done = subprocess.run(argv, capture_output=True, timeout=120, check=False)
+        if i:
+            samples.append(time.perf_counter() - t)
+            cpu.append(_children_cpu() - c)
+        if done.returncode not in (0, 1):
+            return {"ps_error": done.stderr.decode(errors="replace")[-500:]}
+        doc = json.loads(done.stdout)
+    return {
+        "ps_end_to_end": summary_ms(samples),
+        "ps_end_to_end_cpu": summary_ms(cpu),
+        "ps_processes_sockets": [len(doc.get("processes", ())), len(doc.get("sockets", ()))],
+        "ps_bytecode_cached": not sys.flags.dont_write_bytecode,
     }
 
 
@@ -283,10 +400,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--walk-rounds", type=int, help="full walks (and paused walks) to time (default rounds)"
     )
     parser.add_argument("--profile", help="profile/ISF file (default: the domain's kernel)")
+    parser.add_argument("--ps-runs", type=int, default=5, help="`xfgate ps` runs to time")
     args = parser.parse_args(argv)
     print(
         json.dumps(
-            run(args.domain, max(1, min(args.rounds, 100000)), args.profile, args.walk_rounds),
+            run(
+                args.domain,
+                max(1, min(args.rounds, 100000)),
+                args.profile,
+                args.walk_rounds,
+                max(0, min(args.ps_runs, 100)),
+            ),
             indent=1,
         )
     )

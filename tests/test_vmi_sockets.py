@@ -674,3 +674,76 @@ def test_a_new_socks_holder_is_named_by_who_it_is_now_not_at_the_last_walk() -> 
         # The index learnt it too: ps and later lookups see the task as it is now.
         again = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 41000, "198.18.0.1", 2307))
         assert again is not None and again.owners[0].uid == 1001
+
+
+def test_udp_lookup_keeps_the_best_score_and_stops_at_an_exact_match() -> None:
+    """udp4_lib_lookup2's scoring over the port's chain: a connected sock of the flow beats
+    the wildcard one bound to the same port whichever comes first; the chain is followed only
+    up to an exact match (a cycle behind it is never reached), and past a wildcard one."""
+    g = standard_guest()
+    conn = g.new_sock(IPProto.UDP, 1, "198.18.1.1", 5353, "198.18.0.1", 9999, sk_uid=1000)
+    g.hash_udp(conn, 5353)  # head of the chain, before the wildcard [0.0.0.0]:5353 (uid 1001)
+    t = _tables(g)
+    exact = t.find(_flow(IPProto.UDP, "198.18.1.1", 5353, "198.18.0.1", 9999))
+    assert exact is not None and exact.sock.address == conn and exact.sock.sk_uid == 1000
+    other = t.find(_flow(IPProto.UDP, "198.18.1.1", 5353, "198.18.0.2", 9999))
+    assert other is not None and other.sock.sk_uid == 1001 and not t.errors
+    # The wildcard sock (second on the chain) now points back at the head: a cycle.
+    node_off = g.off("sock_common", "skc_node")
+    assert other.sock.address != conn
+    g.w(other.sock.address + node_off, "<Q", conn + node_off)
+    again = t.find(_flow(IPProto.UDP, "198.18.1.1", 5353, "198.18.0.1", 9999))
+    assert again is not None and again.sock.address == conn and not t.errors
+    # A flow that needs the whole chain meets the cycle and says so.
+    t.find(_flow(IPProto.UDP, "198.18.1.1", 5353, "198.18.0.2", 9999))
+    assert [i.reason for i in t.errors] == [WalkReason.CYCLE]
+
+
+def test_flow_hash_is_computed_once_and_equal_for_equal_flows() -> None:
+    a = _flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000)
+    b = _flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000)
+    c = dataclasses.replace(a, rport=40001)
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert c != a and hash(c) == hash(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40001))
+    assert "_hash" not in repr(a)
+    import copy
+    import pickle
+
+    assert pickle.loads(pickle.dumps(a)) == a and copy.copy(a) == a
+    assert hash(pickle.loads(pickle.dumps(a))) == hash(a)
+
+
+def test_locator_takes_the_kernel_root_from_cr3_without_a_memory_scan() -> None:
+    """With the vCPU's registers, the kernel is located from CR3 (a user process's tables
+    under PTI) but keeps the kernel's own init_top_pgt as its root, the same location the
+    VMCOREINFO note gives, without scanning memory; registers that lead nowhere fall back
+    to the note."""
+    from xfgate.vmi.qmp import ControlRegisters
+
+    g = FakeGuest()
+    user = g.pa(g.alloc(0x1000, 0x2000))  # a process's top table: the kernel half copied
+    g.buf[user + 0x800 : user + 0x1000] = g.buf[g.root + 0x800 : g.root + 0x1000]
+    finds: list[bytes] = []
+    memory = g.memory
+    real_find = memory.find
+
+    def counting_find(needle: bytes, start: int = 0) -> int:
+        finds.append(needle)
+        return real_find(needle, start)
+
+    memory.find = counting_find  # type: ignore[method-assign]
+    regs = ControlRegisters(user | 0x5, 0x6F0)
+    loc = KernelLocator(memory, g.profile, lambda: regs).locate()
+    assert finds == []  # no scan
+    note = from_vmcoreinfo(memory, g.profile)
+    assert note is not None
+    assert (loc.virt_shift, loc.phys_base, loc.root, loc.levels, loc.method) == (
+        note.virt_shift,
+        note.phys_base,
+        note.root,
+        note.levels,
+        "cr3",
+    )
+    assert loc.root == g.root != user
+    nowhere = ControlRegisters(0x7FF000, 0x6F0)  # an empty table: nothing mapped
+    assert KernelLocator(memory, g.profile, lambda: nowhere).locate().method == "vmcoreinfo"

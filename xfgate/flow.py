@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
@@ -58,6 +58,20 @@ class Flow:
     lport: int
     remote: IPAddress
     rport: int
+    # The hash, computed once: a first packet's flow is hashed ~8 times on the way through the
+    # cache, and an ipaddress hash is hash(hex(int)) each time (14 % of a decision's time).
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        key = (self.proto, self.local, self.lport, self.remote, self.rport)
+        object.__setattr__(self, "_hash", hash(key))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[Flow], tuple[int, IPAddress, int, IPAddress, int]]:
+        # Rebuilt (hash recomputed), never restored: str hashes differ between processes.
+        return Flow, (self.proto, self.local, self.lport, self.remote, self.rport)
 
     @property
     def family(self) -> int:

@@ -946,16 +946,26 @@ def guest_sockets(
     return sorted(seen.values(), key=lambda g: (g.owners[0].pid if g.owners else 0, g.sock_addr))
 
 
-def _socket_entry(s: FdSocket) -> dict[str, Any]:
-    """One held socket as `xfgate-lab truth --json` spells it (/proc/net/* fields)."""
+def _socket_entry(s: FdSocket, names: dict[IPAddress, str] | None = None) -> dict[str, Any]:
+    """One held socket as `xfgate-lab truth --json` spells it (/proc/net/* fields). `names`:
+    addresses already spelled (an IPv6 address's str() is ~20 us, and a crowd's 20,000
+    sockets share a handful of addresses)."""
+    names = {} if names is None else names
+    local, remote = s.sock.local, s.sock.remote
+    local_text = names.get(local)
+    if local_text is None:
+        local_text = names[local] = str(local)
+    remote_text = names.get(remote)
+    if remote_text is None:
+        remote_text = names[remote] = str(remote)
     return {
         "pid": s.pid,
         "fd": s.fd,
         "proto": proto_label(s.sock.proto),
         "family": s.sock.family,
-        "local": str(s.sock.local),
+        "local": local_text,
         "lport": s.sock.lport,
-        "remote": str(s.sock.remote),
+        "remote": remote_text,
         "rport": s.sock.rport,
         "state": s.sock.state_name,
     }
@@ -975,7 +985,8 @@ def ps_document(result: WalkResult) -> dict[str, Any]:
         for t in sorted(result.tasks, key=lambda t: t.tgid)
     ]
     held = sorted(result.sockets, key=lambda s: (s.pid, s.fd))
-    sockets = [_socket_entry(s) for s in held if s.sock.is_port_socket]
+    names: dict[IPAddress, str] = {}
+    sockets = [_socket_entry(s, names) for s in held if s.sock.is_port_socket]
     doc: dict[str, Any] = {"processes": processes, "sockets": sockets}
     others = [
         {**_socket_entry(s), "type": _sock_type_label(s.sock.sk_type)}
