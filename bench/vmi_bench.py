@@ -9,7 +9,9 @@
   verdict engine's cache-miss path);
 - new_sock_lookup: GuestIntrospector.lookup() of a socket the owner index does not know yet (the
   first packet of a new flow: before, a full walk; now the holder resolver, xfgate.vmi.holders),
-  each answer checked against the full walk's holders (`new_sock_disagreements`);
+  each answer checked against the full walk's holders (`new_sock_disagreements`), also split by
+  the flow it stands for (`new_sock_by_kind`: tcp_out, tcp_in, tcp_listen, udp, see
+  new_sock_kind; the resolver's counters are in `crosscheck`);
 - decisions_per_s: Engine.evaluate() of the first packet of distinct flows (every one a cache
   miss) from the guest's IPv4 TCP and UDP sockets, owners from guest memory (hash tables and
   the walk's index), on one core;
@@ -185,8 +187,10 @@ def new_sock_lookups(guest: GuestIntrospector, rounds: int) -> dict[str, Any]:
         held.setdefault(s.sock.address, set()).add((s.pid, s.fd))
     socks = {s.sock.address: s.sock for s in result.sockets if s.sock.proto in (6, 17)}
     addrs = sorted(socks)
+    listening = {(k.family, k.lport) for k in socks.values() if k.proto == 6 and k.state == 10}
     boot = guest.boot()
     samples, wrong, unknown = [], 0, 0
+    by_kind: dict[str, list[float]] = {}
     step = max(1, len(addrs) // max(1, rounds))
     for i in range(rounds):
         k = socks[addrs[(i * step) % len(addrs)]]
@@ -195,6 +199,7 @@ def new_sock_lookups(guest: GuestIntrospector, rounds: int) -> dict[str, Any]:
         t = time.perf_counter()
         own = guest.lookup(flow)
         samples.append(time.perf_counter() - t)
+        by_kind.setdefault(new_sock_kind(k, listening), []).append(samples[-1])
         if own is None or not own.holders_known:
             unknown += 1
         elif own.sock_addr == k.address and {(o.pid, o.fd) for o in own.owners} != held.get(
@@ -205,8 +210,21 @@ def new_sock_lookups(guest: GuestIntrospector, rounds: int) -> dict[str, Any]:
         "new_sock_lookup": summary_ms(samples),
         "new_sock_unknown": unknown,
         "new_sock_disagreements": wrong,
+        "new_sock_by_kind": {kind: summary_ms(v) for kind, v in sorted(by_kind.items())},
         "crosscheck": dataclasses.asdict(guest.crosscheck),
     }
+
+
+def new_sock_kind(sock: InetSock, listening: set[tuple[int, int]]) -> str:
+    """What first packet a new sock stands for: `tcp_out` an outgoing connection of an existing
+    process (the connect()ing end), `tcp_in` an incoming connection's accepted end (its local
+    port is a listener's), `tcp_listen` a new listener (the SYN of an incoming connection to a
+    server started since the last walk), `udp` a datagram from a new UDP socket."""
+    if sock.proto == IPProto.UDP:
+        return "udp"
+    if sock.state == 10:
+        return "tcp_listen"
+    return "tcp_in" if (sock.family, sock.lport) in listening else "tcp_out"
 
 
 def blocked_new_sock_lookups(

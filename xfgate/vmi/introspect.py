@@ -28,7 +28,7 @@ from xfgate.config import DomainConfig
 from xfgate.errors import MemoryReadError, ProfileError, QmpError, WalkError
 from xfgate.flow import Flow, GuestSocket, GuestView, IPAddress, Owner, Ownership, Via
 from xfgate.inet import IPProto, proto_label
-from xfgate.vmi.holders import HolderLayout, HolderResolver
+from xfgate.vmi.holders import HolderLayout, HolderResolver, TaskIndex
 from xfgate.vmi.kaslr import KernelLocation, KernelLocator
 from xfgate.vmi.kernel_constants import SockType, TCPState
 from xfgate.vmi.linux import (
@@ -107,6 +107,8 @@ class _Boot:
     # The thread groups the resolver searches: the last walk's, plus those it found since.
     tasks: list[Task] = field(default_factory=list)
     task_owners: dict[int, Owner] = field(default_factory=dict)  # tgid -> Owner (fd -1)
+    # `tasks` indexed for the resolver (by cred, uid, fd table), and the list it was built from.
+    task_index: tuple[list[Task], TaskIndex] | None = None
     # sock -> {(tgid, fd)} the resolver answered since the last complete walk (cross-checked).
     resolved: dict[int, frozenset[tuple[int, int]]] = field(default_factory=dict)
     # The incremental refresh's starting point: the last complete walk's (full or incremental)
@@ -135,6 +137,10 @@ class CrossCheck:
     unknown: int = 0  # of which the holders could not all be read (answered as unknown)
     checked: int = 0  # resolutions a complete walk saw again
     disagreements: int = 0  # of which the walk found other holders (the index repaired)
+    # Resolutions whose holders the file's reference count accounted for (the other tables not
+    # read), and the fd tables the resolver read in all (xfgate.vmi.holders).
+    by_count: int = 0
+    tables_read: int = 0
     # Incremental refreshes against the next full walk: tasks and fd tables the full walk found
     # unchanged (same fingerprint) are compared with what the refreshes reused; a difference is
     # a disagreement (logged, counted; the full walk's state replaces the refreshes').
@@ -427,7 +433,10 @@ class GuestIntrospector:
                 known = owners_now.get(t.tgid)
                 return known is not None and watch(known)
 
-        res = resolver.resolve(sock_addr, boot.tasks, seconds, stop_at)
+        if boot.task_index is None or boot.task_index[0] is not boot.tasks:
+            boot.task_index = (boot.tasks, TaskIndex.build(boot.tasks))
+        sk_uid = current.sk_uid if current is not None else None
+        res = resolver.resolve(sock_addr, boot.tasks, seconds, stop_at, sk_uid, boot.task_index[1])
         # The holders as they are now (uid, comm, exe re-read: see HolderResolver._as_now)
         # replace what the index knew of them, so that owners are never named by who a task
         # was at the last walk.
@@ -440,6 +449,8 @@ class GuestIntrospector:
             boot.task_owners = task_owners(boot.tasks)
         cc = self.crosscheck
         cc.resolutions += 1
+        cc.by_count += res.by_count
+        cc.tables_read += res.tables
         owners = tuple(
             sorted(
                 (

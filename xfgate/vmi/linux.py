@@ -345,6 +345,8 @@ class Task:
     # The other files_structs of the group's threads (unshare(CLONE_FILES)), distinct.
     thread_files: tuple[int, ...] = ()
     threads: int = 1
+    # task_struct.real_cred: a hint only (file.f_cred is the creator's cred, see holders.py).
+    cred: int = 0
 
     @property
     def file_tables(self) -> tuple[int, ...]:
@@ -619,7 +621,8 @@ class Walk:
         ppid = tgids.get(parent)
         if ppid is None:
             ppid = self._read_int(parent, lay.task_tgid, f"parent of pid {pid}")
-        uid, euid = self._cred(self._u64(blob, lay.task_real_cred - lo), pid)
+        cred = self._u64(blob, lay.task_real_cred - lo)
+        uid, euid = self._cred(cred, pid)
         comm_raw = blob[lay.task_comm - lo : lay.task_comm - lo + TASK_COMM_LEN]
         comm = comm_raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
         files = self._u64(blob, lay.task_files - lo)
@@ -637,6 +640,7 @@ class Walk:
             self._exe(blob, pid),
             thread_files,
             threads,
+            cred,
         )
 
     def _thread_files(
