@@ -12,6 +12,11 @@
   each answer checked against the full walk's holders (`new_sock_disagreements`), also split by
   the flow it stands for (`new_sock_by_kind`: tcp_out, tcp_in, tcp_listen, udp, see
   new_sock_kind; the resolver's counters are in `crosscheck`);
+- guest_new_flows (`--guest-flows N`, a lab guest): real new flows of an existing process,
+  first-packet lookup latency per kind (`xfprobe newflows` in the guest: started, the guest
+  walked, then it opens N new listeners (the SYN of an incoming connection), N loopback TCP
+  connections (the outgoing end and the accepted, incoming end) and N UDP sockets; each looked
+  up once, as the gate's first packet of that flow would be, `--block-uid 1001` watched);
 - decisions_per_s: Engine.evaluate() of the first packet of distinct flows (every one a cache
   miss) from the guest's IPv4 TCP and UDP sockets, owners from guest memory (hash tables and
   the walk's index), on one core;
@@ -26,10 +31,12 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from ipaddress import ip_address
 from typing import Any
 
 from xfgate.config import DomainConfig, MemoryConfig, get_domain
@@ -46,7 +53,13 @@ from xfgate.vmi.memory import PhysicalMemory
 from xfgate.vmi.monitor import open_monitor
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.qmp import paused
-from xfgate_lab.layout import cache_dir_from_env, domains_file_from_env
+from xfgate_lab.cli import guest_exec
+from xfgate_lab.layout import (
+    LabLayout,
+    cache_dir_from_env,
+    domains_file_from_env,
+    layout_from_env,
+)
 
 
 def summary_ms(samples: Sequence[float]) -> dict[str, float]:
@@ -129,8 +142,80 @@ def incremental_refreshes(guest: GuestIntrospector, rounds: int) -> dict[str, An
     }
 
 
+NEW_FLOWS_PORT = 26000  # the crowd's ports are 20000 + worker (xfgate_lab/guest/crowd.c)
+
+
+def guest_new_flows(
+    guest: GuestIntrospector, n: int, layout: LabLayout | None = None
+) -> dict[str, Any]:
+    """First-packet lookups of flows a process the last walk saw opens after it (see the module
+    doc): per kind p50/p99, how many answered with that process as a holder, all known. The
+    guest is `layout`'s (default: $XFGATE_LAB_PREFIX's lab)."""
+    layout = layout or layout_from_env()
+    domain = guest.domain.id
+    t = time.perf_counter()
+    guest.walk()
+    delay_ms = int((time.perf_counter() - t) * 3000) + 3000  # the next walk ends before it
+    start = (
+        f"setsid xfprobe newflows {NEW_FLOWS_PORT} {n} {delay_ms} 600"
+        " > /tmp/xfnewflows.log 2>&1 < /dev/null & sleep 1; cat /tmp/xfnewflows.log"
+    )
+    out = guest_exec(layout, domain, start, timeout=20).output.decode(errors="replace")
+    m = re.search(r"pid (\d+) waiting", out)
+    if m is None:
+        return {"guest_new_flows_error": out.strip()[-200:]}
+    pid = int(m.group(1))
+    try:
+        result = guest.walk()
+        if not any(t.pid == pid for t in result.tasks) or not result.complete:
+            return {"guest_new_flows_error": "the walk did not see the probe (delay too short)"}
+        for _ in range(int(delay_ms / 1000) + 60):
+            time.sleep(1.0)
+            log = guest_exec(layout, domain, "cat /tmp/xfnewflows.log", timeout=10).output
+            if b"ready" in log:
+                break
+        else:
+            return {"guest_new_flows_error": "the probe did not get ready"}
+        guest.watch = lambda o: 1001 in (o.uid, o.euid)
+        here, lo = ip_address("198.18.1.1"), ip_address("127.0.0.1")
+        out_side = ip_address("198.18.0.50")
+        p = NEW_FLOWS_PORT
+        samples: dict[str, list[float]] = {}
+        right: dict[str, int] = {}
+        cc = guest.crosscheck  # getattr: the same bench runs against code without them
+        by_count, tables = getattr(cc, "by_count", 0), getattr(cc, "tables_read", 0)
+        for i in range(n):
+            flows = {
+                "tcp_listen": Flow(IPProto.TCP, here, p + 1000 + i, out_side, 40000 + i),
+                "tcp_out": Flow(IPProto.TCP, lo, p + 1 + i, lo, p),
+                "tcp_in": Flow(IPProto.TCP, lo, p, lo, p + 1 + i),
+                "udp": Flow(IPProto.UDP, lo, p + 2000 + i, lo, p),
+            }
+            for kind, flow in flows.items():
+                t = time.perf_counter()
+                own = guest.lookup(flow)
+                samples.setdefault(kind, []).append(time.perf_counter() - t)
+                ok = own is not None and own.holders_known and pid in {o.pid for o in own.owners}
+                right[kind] = right.get(kind, 0) + ok
+        tables = getattr(cc, "tables_read", 0) - tables
+        by_count = getattr(cc, "by_count", 0) - by_count
+    finally:
+        guest.watch = None
+        guest_exec(layout, domain, f"kill {pid}", timeout=10)
+    return {
+        "guest_new_flows": {k: summary_ms(v) for k, v in samples.items()},
+        "guest_new_flows_attributed": right,
+        "guest_new_flows_by_count": by_count,
+        "guest_new_flows_tables_read": tables,
+    }
+
+
 def run(
-    domain_id: int, rounds: int, profile_path: str | None, walk_rounds: int | None = None
+    domain_id: int,
+    rounds: int,
+    profile_path: str | None,
+    walk_rounds: int | None = None,
+    guest_flows: int = 0,
 ) -> dict[str, Any]:
     domain = get_domain(domain_id, domains_file_from_env())
     profile = load_domain_profile(domain, profile_path, cache_dir_from_env())
@@ -158,6 +243,8 @@ def run(
         for name, b in backends.items()
     }
     with guest:
+        if guest_flows:
+            out.update(guest_new_flows(guest, guest_flows))
         out.update(new_sock_lookups(guest, rounds))
         out.update(blocked_new_sock_lookups(guest, rounds))
         out.update(decisions_per_second(guest, rounds * 20))
@@ -301,13 +388,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--walk-rounds", type=int, help="full walks (and paused walks) to time (default rounds)"
     )
     parser.add_argument("--profile", help="profile/ISF file (default: the domain's kernel)")
-    args = parser.parse_args(argv)
-    print(
-        json.dumps(
-            run(args.domain, max(1, min(args.rounds, 100000)), args.profile, args.walk_rounds),
-            indent=1,
-        )
+    parser.add_argument(
+        "--guest-flows",
+        type=int,
+        default=0,
+        help="real new flows per kind from a process in the lab guest ($XFGATE_LAB_PREFIX)",
     )
+    args = parser.parse_args(argv)
+    rounds = max(1, min(args.rounds, 100000))
+    flows = max(0, min(args.guest_flows, 300))
+    print(json.dumps(run(args.domain, rounds, args.profile, args.walk_rounds, flows), indent=1))
     return 0
 
 

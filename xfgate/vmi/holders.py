@@ -32,8 +32,10 @@ a resolution that hit a bound or unreadable memory answers "holders not known", 
 from __future__ import annotations
 
 import struct
+from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 from xfgate.errors import MemoryReadError, ProfileError
 from xfgate.vmi.kernel_constants import PID_MAX_LIMIT
@@ -96,18 +98,22 @@ class TaskIndex:
     by_cred: Mapping[int, Sequence[Task]]
     by_uid: Mapping[int, Sequence[Task]]
     by_table: Mapping[int, Sequence[Task]]
+    by_address: Mapping[int, Task]
+    tgids: dict[int, int]  # task_struct address -> tgid (a parent's pid without a read); read only
 
     @classmethod
     def build(cls, tasks: Sequence[Task]) -> TaskIndex:
         by_cred: dict[int, list[Task]] = {}
         by_uid: dict[int, list[Task]] = {}
         by_table: dict[int, list[Task]] = {}
+        by_address = {t.address: t for t in tasks}
+        tgids = {t.address: t.tgid for t in tasks}
         for t in tasks:
             by_cred.setdefault(t.cred, []).append(t)
             by_uid.setdefault(t.uid, []).append(t)
             for table in t.file_tables:
                 by_table.setdefault(table, []).append(t)
-        return cls(by_cred, by_uid, by_table)
+        return cls(by_cred, by_uid, by_table, by_address, tgids)
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,7 @@ class HolderResolver:
         stop_at: Callable[[Task], bool] | None = None,
         sk_uid: int | None = None,
         index: TaskIndex | None = None,
+        watched: Sequence[Task] | None = None,
     ) -> Resolution:
         """The holders of `sock` among `tasks` and the tasks created after them. With
         `stop_at` (the blocked owners): those tasks are searched first, and a holder among
@@ -176,7 +183,9 @@ class HolderResolver:
         needs one blocked holder; an accept needs them all, so no early end without one).
         Then the likely holders (new tasks, the file's creator, `sk_uid`'s groups; `index`
         is `tasks` indexed, built here when not given), and the rest only while the file's
-        reference count is not accounted for (see _settled)."""
+        reference count is not accounted for (see _settled). `watched`: the tasks `stop_at`
+        picks, when the caller has them already (nothing on the packet path is O(tasks) then
+        but the fallback search)."""
         out = Resolution()
         deadline = Deadline.after(seconds)
         walk = Walk(self.space, self.layout, self.shift, self.bounds)
@@ -191,13 +200,16 @@ class HolderResolver:
                 out.why = "the sock's socket and file do not point back at each other"
                 return out
             out.refs = ref.count
-            out.new_tasks = self._new_tasks(walk, tasks)
+            index = index if index is not None else TaskIndex.build(tasks)
+            out.new_tasks = self._new_tasks(walk, index)
             if walk.errors:
                 out.why = f"new tasks: {walk.errors[0]}"
                 return out
             needle = struct.pack("<Q", ref.file)
-            order = [*tasks, *out.new_tasks]
-            first = [t for t in order if stop_at(t)] if stop_at is not None else []
+            if watched is not None:
+                first = list(watched)
+            else:
+                first = [t for t in tasks if stop_at(t)] if stop_at is not None else []
             scans: dict[int, Scan] = {}
             found: dict[int, tuple[Task, list[int]]] = {}  # task address -> holder, fds
             searched: set[int] = set()
@@ -219,10 +231,9 @@ class HolderResolver:
             for task in first:
                 search(task)
             if found:
-                out.holders = self._as_now(walk, holders(), order)
+                out.holders = self._as_now(walk, holders(), index, out.new_tasks)
                 out.why = "stopped at a blocked holder (the others not searched)"
                 return out
-            index = index if index is not None else TaskIndex.build(tasks)
             # New tasks first, all of them (no Owner judged them yet), then the likely
             # holders, then the rest while the count is not accounted for.
             likely = [*index.by_cred.get(ref.cred, ())]
@@ -232,7 +243,8 @@ class HolderResolver:
             if not counting:
                 out.unsettled = "no reference count"
             new = {t.address for t in out.new_tasks}
-            for task in (t for t in [*out.new_tasks, *likely, *order] if t.address not in searched):
+            candidates = chain(out.new_tasks, likely, tasks)
+            for task in (t for t in candidates if t.address not in searched):
                 if deadline.expired():
                     out.why = f"{seconds:.3f} s reached"
                     return out
@@ -246,7 +258,7 @@ class HolderResolver:
                                 search(t)
                         out.by_count = True
                         break
-            out.holders = self._as_now(walk, holders(), order)
+            out.holders = self._as_now(walk, holders(), index, out.new_tasks)
             out.known = not walk.errors
             out.why = str(walk.errors[0]) if walk.errors else ""
         except (MemoryReadError, struct.error, ValueError) as e:
@@ -343,7 +355,7 @@ class HolderResolver:
         count = count + hl.refs.count_bias if count <= FILE_REF_MAXREF else -1
         return FileRef(file, count, walk._u64(raw, hl.refs.file_cred - flo))
 
-    def _new_tasks(self, walk: Walk, known: Sequence[Task]) -> list[Task]:
+    def _new_tasks(self, walk: Walk, index: TaskIndex) -> list[Task]:
         """Thread groups added after the last walk: back from the task list's tail to the
         first known task (at most max_tasks steps, `next->prev` checked each step)."""
         lay = self.layout
@@ -351,7 +363,7 @@ class HolderResolver:
         head = lay.init_task + self.shift + lay.task_tasks
         # A task_struct freed and handed to a new task (the slab reuses it at once: exit, fork)
         # is not the known task: the pid tells them apart.
-        seen = {t.address: t.pid for t in known}
+        known = index.by_address
         raw = walk.read(head, 16, "task list")
         if raw is None:
             return []
@@ -367,7 +379,8 @@ class HolderResolver:
             blob = walk.read(task + lo, hi - lo, "task list (backwards)")
             if blob is None:
                 return []
-            if seen.get(task) == lay.task_pid.get(blob, lo):
+            seen = known.get(task)
+            if seen is not None and seen.pid == lay.task_pid.get(blob, lo):
                 break
             nxt, prev = struct.unpack_from("<QQ", blob, lay.task_tasks - lo)
             if nxt != expect_next:
@@ -379,14 +392,18 @@ class HolderResolver:
             detail = f"more than {self.bounds.max_tasks} new tasks"
             walk.issue("task list (backwards)", WalkReason.STEP_BOUND, node, detail)
             return []
-        tgids = {t.address: t.tgid for t in known}
-        tgids[lay.init_task + self.shift] = 0
-        tgids.update((a, lay.task_tgid.get(b, lo)) for a, b in found)
+        fresh = {lay.init_task + self.shift: 0}
+        fresh.update((a, lay.task_tgid.get(b, lo)) for a, b in found)
+        tgids = ChainMap(fresh, index.tgids)
         tasks = [walk._task(a, b, tgids) for a, b in reversed(found)]
         return [t for t in tasks if t is not None]
 
     def _as_now(
-        self, walk: Walk, holders: list[tuple[Task, int]], tasks: Sequence[Task]
+        self,
+        walk: Walk,
+        holders: list[tuple[Task, int]],
+        index: TaskIndex,
+        new_tasks: Sequence[Task],
     ) -> list[tuple[Task, int]]:
         """The holders as their task_structs say now, not as the last walk saw them: a task
         that was a root shell at the walk may have dropped to the blocked uid and exec'd the
@@ -395,8 +412,9 @@ class HolderResolver:
         answer is not known (`walk.errors`)."""
         lay = self.layout
         lo, hi = lay.task_span
-        tgids = {t.address: t.tgid for t in tasks}
-        tgids[lay.init_task + self.shift] = 0
+        extra = {t.address: t.tgid for t in new_tasks}
+        extra[lay.init_task + self.shift] = 0
+        tgids = ChainMap(extra, index.tgids)
         fresh: dict[int, Task | None] = {}
         out: list[tuple[Task, int]] = []
         for task, fd in holders:

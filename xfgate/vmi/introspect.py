@@ -109,6 +109,8 @@ class _Boot:
     task_owners: dict[int, Owner] = field(default_factory=dict)  # tgid -> Owner (fd -1)
     # `tasks` indexed for the resolver (by cred, uid, fd table), and the list it was built from.
     task_index: tuple[list[Task], TaskIndex] | None = None
+    # The tasks the gate's watch (blocked owners) picks among `tasks`: (tasks, watch, picked).
+    watched: tuple[list[Task], object, list[Task]] | None = None
     # sock -> {(tgid, fd)} the resolver answered since the last complete walk (cross-checked).
     resolved: dict[int, frozenset[tuple[int, int]]] = field(default_factory=dict)
     # The incremental refresh's starting point: the last complete walk's (full or incremental)
@@ -424,23 +426,32 @@ class GuestIntrospector:
         resolver = HolderResolver(
             boot.space, self.layout, self.holder_layout, boot.location.virt_shift, self.bounds
         )
-        watch = self.watch
-        stop_at = None
-        if watch is not None:
-            owners_now = boot.task_owners
-
-            def stop_at(t: Task) -> bool:
-                known = owners_now.get(t.tgid)
-                return known is not None and watch(known)
-
+        # Built once per task list (and watch), not per lookup: the packet path stays
+        # independent of the guest's size unless the reference count does not settle.
         if boot.task_index is None or boot.task_index[0] is not boot.tasks:
             boot.task_index = (boot.tasks, TaskIndex.build(boot.tasks))
+        index = boot.task_index[1]
+        watch = self.watch
+        watched: list[Task] = []
+        if watch is not None:
+            cached = boot.watched
+            if cached is None or cached[0] is not boot.tasks or cached[1] is not watch:
+                owners_now = boot.task_owners
+                picked = [
+                    t
+                    for t in boot.tasks
+                    if (owner := owners_now.get(t.tgid)) is not None and watch(owner)
+                ]
+                boot.watched = cached = (boot.tasks, watch, picked)
+            watched = cached[2]
         sk_uid = current.sk_uid if current is not None else None
-        res = resolver.resolve(sock_addr, boot.tasks, seconds, stop_at, sk_uid, boot.task_index[1])
+        res = resolver.resolve(
+            sock_addr, boot.tasks, seconds, sk_uid=sk_uid, index=index, watched=watched
+        )
         # The holders as they are now (uid, comm, exe re-read: see HolderResolver._as_now)
         # replace what the index knew of them, so that owners are never named by who a task
         # was at the last walk.
-        by_address = {t.address: t for t in boot.tasks}
+        by_address = index.by_address
         now = {t.address: t for t, _ in res.holders if by_address.get(t.address) != t}
         if res.new_tasks or now:
             known = by_address.keys()

@@ -17,7 +17,7 @@ import struct
 import sys
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
@@ -572,7 +572,7 @@ class Walk:
         tgids.update((task, lay.task_tgid.get(blob, lo)) for task, blob in raw)
         return [t for t in (self._task(addr, blob, tgids) for addr, blob in raw) if t is not None]
 
-    def _task_fingerprint(self, blob: bytes, tgids: dict[int, int]) -> bytes:
+    def _task_fingerprint(self, blob: bytes, tgids: Mapping[int, int]) -> bytes:
         """The task_struct fields a Task is decoded from (pid, tgid, parent, cred, comm, files,
         mm, signal, thread list head) and its parent's tgid: equal, the Task is the same."""
         lay = self.layout
@@ -593,7 +593,7 @@ class Walk:
         tail = struct.pack("<q", tgids.get(parent, -1))
         return b"".join(blob[o - lo : o - lo + n] for o, n in spans) + tail
 
-    def _task(self, address: int, blob: bytes, tgids: dict[int, int]) -> Task | None:
+    def _task(self, address: int, blob: bytes, tgids: Mapping[int, int]) -> Task | None:
         """One thread group's Task; with a `prior` state, the prior Task when its fingerprint
         is unchanged (not for a watched task: decoded afresh, its threads walked again)."""
         key = self._task_fingerprint(blob, tgids)
@@ -610,7 +610,7 @@ class Walk:
             self.state.tasks[address] = (key, task)
         return task
 
-    def _decode_task(self, address: int, blob: bytes, tgids: dict[int, int]) -> Task | None:
+    def _decode_task(self, address: int, blob: bytes, tgids: Mapping[int, int]) -> Task | None:
         lay = self.layout
         lo = lay.task_span[0]
         pid, tgid = lay.task_pid.get(blob, lo), lay.task_tgid.get(blob, lo)
