@@ -256,8 +256,11 @@ class HolderResolver:
                         for t in sharers:  # a table shared by groups: each is a holder
                             if t.address not in found:
                                 search(t)
-                        out.by_count = True
-                        break
+                        # A sharer that is not that task any more (pid changed): search on.
+                        if all(t.address in found for t in sharers):
+                            out.by_count = True
+                            break
+                        out.unsettled = "a group sharing a holding table is gone"
             out.holders = self._as_now(walk, holders(), index, out.new_tasks)
             out.known = not walk.errors
             out.why = str(walk.errors[0]) if walk.errors else ""
