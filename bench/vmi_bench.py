@@ -9,7 +9,14 @@
   verdict engine's cache-miss path);
 - new_sock_lookup: GuestIntrospector.lookup() of a socket the owner index does not know yet (the
   first packet of a new flow: before, a full walk; now the holder resolver, xfgate.vmi.holders),
-  each answer checked against the full walk's holders (`new_sock_disagreements`);
+  each answer checked against the full walk's holders (`new_sock_disagreements`), also split by
+  the flow it stands for (`new_sock_by_kind`: tcp_out, tcp_in, tcp_listen, udp, see
+  new_sock_kind; the resolver's counters are in `crosscheck`);
+- guest_new_flows (`--guest-flows N`, a lab guest): real new flows of an existing process,
+  first-packet lookup latency per kind (`xfprobe newflows` in the guest: started, the guest
+  walked, then it opens N new listeners (the SYN of an incoming connection), N loopback TCP
+  connections (the outgoing end and the accepted, incoming end) and N UDP sockets; each looked
+  up once, as the gate's first packet of that flow would be, `--block-uid 1001` watched);
 - decisions_per_s / decisions_per_cpu_s: Engine.evaluate() over the gate's LockedOwnerSource of
   the first packet of distinct flows (every one a cache miss): half sent by the guest's
   connected TCP/UDP sockets (IPv4 and IPv6), half sent to its listeners and bound UDP sockets
@@ -28,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -52,7 +60,13 @@ from xfgate.vmi.memory import PhysicalMemory
 from xfgate.vmi.monitor import open_monitor
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.qmp import paused
-from xfgate_lab.layout import cache_dir_from_env, domains_file_from_env
+from xfgate_lab.cli import guest_exec
+from xfgate_lab.layout import (
+    LabLayout,
+    cache_dir_from_env,
+    domains_file_from_env,
+    layout_from_env,
+)
 
 
 def summary_ms(samples: Sequence[float]) -> dict[str, float]:
@@ -135,12 +149,81 @@ def incremental_refreshes(guest: GuestIntrospector, rounds: int) -> dict[str, An
     }
 
 
+NEW_FLOWS_PORT = 26000  # the crowd's ports are 20000 + worker (xfgate_lab/guest/crowd.c)
+
+
+def guest_new_flows(
+    guest: GuestIntrospector, n: int, layout: LabLayout | None = None
+) -> dict[str, Any]:
+    """First-packet lookups of flows a process the last walk saw opens after it (see the module
+    doc): per kind p50/p99, how many answered with that process as a holder, all known. The
+    guest is `layout`'s (default: $XFGATE_LAB_PREFIX's lab)."""
+    layout = layout or layout_from_env()
+    domain = guest.domain.id
+    t = time.perf_counter()
+    guest.walk()
+    delay_ms = int((time.perf_counter() - t) * 3000) + 3000  # the next walk ends before it
+    start = (
+        f"setsid xfprobe newflows {NEW_FLOWS_PORT} {n} {delay_ms} 600"
+        " > /tmp/xfnewflows.log 2>&1 < /dev/null & sleep 1; cat /tmp/xfnewflows.log"
+    )
+    out = guest_exec(layout, domain, start, timeout=20).output.decode(errors="replace")
+    m = re.search(r"pid (\d+) waiting", out)
+    if m is None:
+        return {"guest_new_flows_error": out.strip()[-200:]}
+    pid = int(m.group(1))
+    try:
+        result = guest.walk()
+        if not any(t.pid == pid for t in result.tasks) or not result.complete:
+            return {"guest_new_flows_error": "the walk did not see the probe (delay too short)"}
+        for _ in range(int(delay_ms / 1000) + 60):
+            time.sleep(1.0)
+            log = guest_exec(layout, domain, "cat /tmp/xfnewflows.log", timeout=10).output
+            if b"ready" in log:
+                break
+        else:
+            return {"guest_new_flows_error": "the probe did not get ready"}
+        guest.watch = lambda o: 1001 in (o.uid, o.euid)
+        here, lo = ip_address("198.18.1.1"), ip_address("127.0.0.1")
+        out_side = ip_address("198.18.0.50")
+        p = NEW_FLOWS_PORT
+        samples: dict[str, list[float]] = {}
+        right: dict[str, int] = {}
+        cc = guest.crosscheck  # getattr: the same bench runs against code without them
+        by_count, tables = getattr(cc, "by_count", 0), getattr(cc, "tables_read", 0)
+        for i in range(n):
+            flows = {
+                "tcp_listen": Flow(IPProto.TCP, here, p + 1000 + i, out_side, 40000 + i),
+                "tcp_out": Flow(IPProto.TCP, lo, p + 1 + i, lo, p),
+                "tcp_in": Flow(IPProto.TCP, lo, p, lo, p + 1 + i),
+                "udp": Flow(IPProto.UDP, lo, p + 2000 + i, lo, p),
+            }
+            for kind, flow in flows.items():
+                t = time.perf_counter()
+                own = guest.lookup(flow)
+                samples.setdefault(kind, []).append(time.perf_counter() - t)
+                ok = own is not None and own.holders_known and pid in {o.pid for o in own.owners}
+                right[kind] = right.get(kind, 0) + ok
+        tables = getattr(cc, "tables_read", 0) - tables
+        by_count = getattr(cc, "by_count", 0) - by_count
+    finally:
+        guest.watch = None
+        guest_exec(layout, domain, f"kill {pid}", timeout=10)
+    return {
+        "guest_new_flows": {k: summary_ms(v) for k, v in samples.items()},
+        "guest_new_flows_attributed": right,
+        "guest_new_flows_by_count": by_count,
+        "guest_new_flows_tables_read": tables,
+    }
+
+
 def run(
     domain_id: int,
     rounds: int,
     profile_path: str | None,
     walk_rounds: int | None = None,
     ps_runs: int = 5,
+    guest_flows: int = 0,
 ) -> dict[str, Any]:
     domain = get_domain(domain_id, domains_file_from_env())
     profile = load_domain_profile(domain, profile_path, cache_dir_from_env())
@@ -168,6 +251,8 @@ def run(
         for name, b in backends.items()
     }
     with guest:
+        if guest_flows:
+            out.update(guest_new_flows(guest, guest_flows))
         out.update(new_sock_lookups(guest, rounds))
         out.update(blocked_new_sock_lookups(guest, rounds))
         out.update(decisions_per_second(guest, rounds * 20))
@@ -198,8 +283,10 @@ def new_sock_lookups(guest: GuestIntrospector, rounds: int) -> dict[str, Any]:
         held.setdefault(s.sock.address, set()).add((s.pid, s.fd))
     socks = {s.sock.address: s.sock for s in result.sockets if s.sock.proto in (6, 17)}
     addrs = sorted(socks)
+    listening = {(k.family, k.lport) for k in socks.values() if k.proto == 6 and k.state == 10}
     boot = guest.boot()
     samples, wrong, unknown = [], 0, 0
+    by_kind: dict[str, list[float]] = {}
     step = max(1, len(addrs) // max(1, rounds))
     for i in range(rounds):
         k = socks[addrs[(i * step) % len(addrs)]]
@@ -208,6 +295,7 @@ def new_sock_lookups(guest: GuestIntrospector, rounds: int) -> dict[str, Any]:
         t = time.perf_counter()
         own = guest.lookup(flow)
         samples.append(time.perf_counter() - t)
+        by_kind.setdefault(new_sock_kind(k, listening), []).append(samples[-1])
         if own is None or not own.holders_known:
             unknown += 1
         elif own.sock_addr == k.address and {(o.pid, o.fd) for o in own.owners} != held.get(
@@ -218,8 +306,21 @@ def new_sock_lookups(guest: GuestIntrospector, rounds: int) -> dict[str, Any]:
         "new_sock_lookup": summary_ms(samples),
         "new_sock_unknown": unknown,
         "new_sock_disagreements": wrong,
+        "new_sock_by_kind": {kind: summary_ms(v) for kind, v in sorted(by_kind.items())},
         "crosscheck": dataclasses.asdict(guest.crosscheck),
     }
+
+
+def new_sock_kind(sock: InetSock, listening: set[tuple[int, int]]) -> str:
+    """What first packet a new sock stands for: `tcp_out` an outgoing connection of an existing
+    process (the connect()ing end), `tcp_in` an incoming connection's accepted end (its local
+    port is a listener's), `tcp_listen` a new listener (the SYN of an incoming connection to a
+    server started since the last walk), `udp` a datagram from a new UDP socket."""
+    if sock.proto == IPProto.UDP:
+        return "udp"
+    if sock.state == 10:
+        return "tcp_listen"
+    return "tcp_in" if (sock.family, sock.lport) in listening else "tcp_out"
 
 
 def blocked_new_sock_lookups(
@@ -401,17 +502,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--profile", help="profile/ISF file (default: the domain's kernel)")
     parser.add_argument("--ps-runs", type=int, default=5, help="`xfgate ps` runs to time")
+    parser.add_argument(
+        "--guest-flows",
+        type=int,
+        default=0,
+        help="real new flows per kind from a process in the lab guest ($XFGATE_LAB_PREFIX)",
+    )
     args = parser.parse_args(argv)
+    rounds = max(1, min(args.rounds, 100000))
+    flows = max(0, min(args.guest_flows, 300))
+    ps_runs = max(0, min(args.ps_runs, 100))
     print(
         json.dumps(
-            run(
-                args.domain,
-                max(1, min(args.rounds, 100000)),
-                args.profile,
-                args.walk_rounds,
-                max(0, min(args.ps_runs, 100)),
-            ),
-            indent=1,
+            run(args.domain, rounds, args.profile, args.walk_rounds, ps_runs, flows), indent=1
         )
     )
     return 0

@@ -12,7 +12,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from bench.vmi_bench import new_sock_lookups
+from bench.vmi_bench import guest_new_flows, new_sock_lookups
 from tests.conftest import require_lab_prerequisites
 from tests.test_vmi_lab import cli_ps_json, ps_against_truth
 from xfgate.config import DomainConfig
@@ -86,6 +86,27 @@ def test_new_socks_resolved_without_a_walk_agree_with_one(
         assert guest.crosscheck.checked > before
         assert guest.crosscheck.disagreements == 0
         guest_exec(layout, 1, "kill $(pidof nc)")
+
+
+def test_real_new_flows_are_settled_by_the_reference_count_on_the_crowd(
+    crowd_lab: tuple[LabLayout, DomainConfig],
+) -> None:
+    """A process the walk saw opens new listeners, connections (both ends) and UDP sockets
+    (`xfprobe newflows`): each first lookup names it, all holders known, and the file's
+    reference count settles them without the crowd's 1,200 tables (xfgate.vmi.holders)."""
+    layout, domain = crowd_lab
+    profile = load_domain_profile(domain, None)
+    bounds = WalkBounds(seconds=30.0)
+    with GuestIntrospector(domain, profile, bounds=bounds, lookup_budget_seconds=2.0) as guest:
+        n = 10
+        found = guest_new_flows(guest, n, layout)
+        assert "guest_new_flows_error" not in found
+        assert found["guest_new_flows_attributed"] == {
+            k: n for k in ("tcp_listen", "tcp_out", "tcp_in", "udp")
+        }
+        assert found["guest_new_flows_by_count"] >= 4 * n - 2
+        assert found["guest_new_flows_tables_read"] < 10 * 4 * n  # not 1,200 per lookup
+        assert guest.walk().complete and guest.crosscheck.disagreements == 0
 
 
 def test_refreshes_at_rest_do_no_full_walk_on_the_crowd(

@@ -212,6 +212,42 @@ def test_exe_ancestors_and_v6only(
     assert {o.uid for o in nc.owners} == {1001} and nc.owners[0].exe == "/bin/busybox"
 
 
+def test_a_socket_passed_to_a_task_that_became_blocked_is_never_settled_without_it(
+    lab_domain: DomainConfig, lab_layout: LabLayout, guest_profile: Profile, probe: str
+) -> None:
+    """The reference count shortcut (xfgate.vmi.holders) on the real kernel: a root process
+    and its child, both root at the walk; then the child drops to uid 1001 (the watch, from
+    the walk, does not name it) and the parent creates a UDP socket and passes it to the child
+    (SCM_RIGHTS). The parent is its creator (f_cred) and holds one of its two references: the
+    search goes on until the child's slot accounts for the other, and the child is named as
+    it is now (uid 1001: the policy drops it)."""
+    port = 29000
+    pids: set[int] = set()
+    guest_exec(lab_layout, 1, f"{probe} passfd {port} 3000 60 > /tmp/passfd.log 2>&1 < /dev/null &")
+    try:
+        with GuestIntrospector(lab_domain, guest_profile, allow_pause=False) as guest:
+            walked = guest.walk()
+            assert walked.complete
+            root_probes = {t.pid for t in walked.tasks if t.exe == probe and t.uid == 0}
+            guest.watch = lambda o: 1001 in (o.uid, o.euid)
+            for _ in range(40):
+                log = guest_exec(lab_layout, 1, "cat /tmp/passfd.log").output.decode()
+                if "ready" in log:
+                    break
+                time.sleep(0.25)
+            parent, child = (int(w) for w in log.split("ready", 1)[1].split()[:2])
+            pids.update((parent, child))
+            assert {parent, child} <= root_probes  # both root at the walk
+            flow = Flow(IPProto.UDP, ip_address("127.0.0.1"), port, ip_address("127.0.0.1"), 29001)
+            own = guest.lookup(flow)
+            assert own is not None and own.holders_known
+            assert {(o.pid, o.uid) for o in own.owners} >= {(parent, 0), (child, 1001)}
+            assert guest.crosscheck.by_count == 1  # settled once both slots were found
+    finally:
+        if pids:
+            guest_exec(lab_layout, 1, f"kill {' '.join(map(str, sorted(pids)))} 2>/dev/null")
+
+
 def test_fd_bomb_does_not_make_the_walk_give_up(
     lab_domain: DomainConfig, lab_layout: LabLayout, guest_profile: Profile, probe: str
 ) -> None:

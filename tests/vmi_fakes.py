@@ -63,12 +63,18 @@ def synthetic_structs() -> dict[str, StructLayout]:
             _layout(
                 "cred", 0x60, {"uid": (0x8, "struct anon", 4), "euid": (0x18, "struct anon", 4)}
             ),
-            _layout("files_struct", 0x80, {"fdt": (0x28, P, 8)}),
+            _layout("files_struct", 0x80, {"count": (0x0, "atomic_t", 4), "fdt": (0x28, P, 8)}),
             _layout("fdtable", 0x30, {"max_fds": (0x0, U32, 4), "fd": (0x10, P, 8)}),
             _layout(
                 "file",
                 0x120,
-                {"f_inode": (0x18, P, 8), "f_op": (0x30, P, 8), "private_data": (0xD0, P, 8)},
+                {
+                    "f_inode": (0x18, P, 8),
+                    "f_op": (0x30, P, 8),
+                    "f_count": (0x38, "atomic_long_t", 8),
+                    "f_cred": (0x90, P, 8),
+                    "private_data": (0xD0, P, 8),
+                },
             ),
             _layout("socket", 0x40, {"sk": (0x20, P, 8), "file": (0x28, P, 8)}),
             _layout(
@@ -443,6 +449,7 @@ class FakeGuest:
         fdt = self.alloc(0x30)
         fd_array = self.alloc(max_fds * 8)
         self.w(files + self.off("files_struct", "fdt"), "<Q", fdt)
+        self.w(files + self.off("files_struct", "count"), "<i", 1)
         self.w(fdt + self.off("fdtable", "max_fds"), "<I", max_fds)
         self.w(fdt + self.off("fdtable", "fd"), "<Q", fd_array)
         return files, fd_array
@@ -455,6 +462,8 @@ class FakeGuest:
         tgid = self.task_at(leader).pid
         self.w(t + self.off(ts, "pid"), "<ii", tid, tgid)
         self.w(t + self.off(ts, "files"), "<Q", files or self.task_at(leader).files)
+        if not files:  # one more task on the leader's table (copy_files with CLONE_FILES)
+            self.add_count(self.task_at(leader).files + self.off("files_struct", "count"), 1, 4)
         signal = struct.unpack_from("<Q", self.buf, self.pa(leader + self.off(ts, "signal")))[0]
         head = signal + self.off("signal_struct", "thread_head")
         prev = struct.unpack_from("<Q", self.buf, self.pa(head + 8))[0]
@@ -465,7 +474,18 @@ class FakeGuest:
         return t
 
     def put_fd(self, fd_array: int, fd: int, file: int) -> None:
+        """Install `file` at `fd` (0: close it), the files' reference counts kept as the
+        kernel keeps them (when the profile has file.f_count)."""
+        old = self.read_q(fd_array + fd * 8)
         self.w(fd_array + fd * 8, "<Q", file)
+        if self.profile.has_member("file", "f_count"):
+            for f, delta in ((old, -1), (file, 1)):
+                if f:
+                    self.add_count(f + self.off("file", "f_count"), delta)
+
+    def add_count(self, vaddr: int, delta: int, size: int = 8) -> None:
+        fmt = "<q" if size == 8 else "<i"
+        self.w(vaddr, fmt, struct.unpack_from(fmt, self.buf, self.pa(vaddr))[0] + delta)
 
     def task_at(self, address: int) -> FakeTask:
         return next(t for t in self.tasks if t.address == address)
@@ -526,7 +546,10 @@ class FakeGuest:
         f_op = self.sym("socket_file_ops") if socket_file else self.sym("socket_file_ops") + 0x100
         self.w(file + self.off("file", "f_op"), "<Q", f_op)
         self.w(file + self.off("file", "private_data"), "<Q", sock)
-        self.w(fake.fd_array + fd * 8, "<Q", file)
+        if self.profile.has_member("file", "f_cred"):  # opened with the task's cred
+            cred = self.read_q(task + self.off("task_struct", "real_cred"))
+            self.w(file + self.off("file", "f_cred"), "<Q", cred)
+        self.put_fd(fake.fd_array, fd, file)
         return file
 
     # -- hash tables -----------------------------------------------------------------------------

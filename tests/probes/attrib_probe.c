@@ -6,6 +6,10 @@
  *   attrib_probe ping ADDR SECS           ICMP echo from a ping socket (SOCK_DGRAM, IPPROTO_ICMP)
  *   attrib_probe packet SECS              an AF_PACKET socket (root)
  *   attrib_probe bomb PROCS DUPS SECS     PROCS processes x DUPS dup()s of one UDP socket
+ *   attrib_probe passfd PORT DELAY_MS SECS  (root) forks a child; after DELAY_MS (the host
+ *       walks meanwhile) the child drops to uid 1001 and the parent opens a UDP socket
+ *       127.0.0.1:PORT -> :PORT+1 (one datagram) and passes it to the child (SCM_RIGHTS):
+ *       both hold it, the parent created it; prints "ready PARENT CHILD"
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -45,9 +49,50 @@ static void *thread_main(void *arg) {
     return NULL;
 }
 
+static int passfd(int port, int delay_ms, int secs) {
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_DGRAM, 0, pair) != 0) { perror("socketpair"); return 1; }
+    char byte = 'x';
+    char ctl[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl,
+                         .msg_controllen = sizeof ctl};
+    pid_t child = fork();
+    if (child == 0) {
+        usleep((useconds_t)delay_ms * 1000);
+        if (setgid(1001) != 0 || setuid(1001) != 0) { perror("setuid"); _exit(1); }
+        if (recvmsg(pair[1], &msg, 0) != 1) { perror("recvmsg"); _exit(1); }
+        sleep((unsigned)secs);
+        _exit(0);
+    }
+    usleep((useconds_t)delay_ms * 1000 + 300000);
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    char local[16], peer[16];
+    snprintf(local, sizeof local, "%d", port);
+    snprintf(peer, sizeof peer, "%d", port + 1);
+    struct sockaddr_in me = target("127.0.0.1", local), to = target("127.0.0.1", peer);
+    if (bind(s, (struct sockaddr *)&me, sizeof me) != 0) { perror("bind"); return 1; }
+    if (connect(s, (struct sockaddr *)&to, sizeof to) != 0) { perror("connect"); return 1; }
+    if (send(s, "x", 1, 0) != 1) perror("send");
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &s, sizeof s);
+    if (sendmsg(pair[0], &msg, 0) != 1) { perror("sendmsg"); return 1; }
+    usleep(200000); /* received by the child */
+    printf("ready %d %d\n", getpid(), child);
+    fflush(stdout);
+    sleep((unsigned)secs);
+    waitpid(child, NULL, 0);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) return 2;
     const char *mode = argv[1];
+    if (!strcmp(mode, "passfd") && argc == 5)
+        return passfd(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
     if (!strcmp(mode, "udplite") || !strcmp(mode, "mptcp")) {
         int lite = !strcmp(mode, "udplite");
         int s = lite ? socket(AF_INET, SOCK_DGRAM, 136) : socket(AF_INET, SOCK_STREAM, 262);

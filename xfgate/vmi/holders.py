@@ -11,6 +11,18 @@ since the last walk are found at the tail of the task list (`copy_process` adds 
 group with `list_add_tail_rcu(&p->tasks, &init_task.tasks)`), walking back from
 `init_task.tasks.prev` to the first task the last walk knew: old tasks are not re-read.
 
+Most holders are found without reading every table: a file's reference count (`file.f_count`)
+counts each fd slot that holds it, plus transient references (fdget() in a syscall of a
+process whose table is shared, SCM_RIGHTS in flight, io_uring, mmap, splice...). The likely
+holders are searched first — the watched (blocked) owners, tasks created since the walk, the
+groups whose cred is the file's `f_cred` (the creator: sock_alloc_file() opens the file with
+current_cred()), then the groups of the sock's `sk_uid` — and when the slots found equal the
+count (read before the search, and twice after the holding tables are read again, unchanged;
+each holding table's `files_struct.count` equal to the threads of the groups known to share
+it), every holder is known and the rest is not read. A reference unaccounted for (a transient
+one, a table shared with an unknown task, anything that moved meanwhile) is no shortcut: the
+search goes on through every table, as before.
+
 What it cannot see (a thread that unshared its files since the walk, a task freed and its
 memory reused) is what the periodic full walk cross-checks (GuestIntrospector counts every
 disagreement and repairs the index from the walk). Every read is bounded (tasks, slots, time);
@@ -20,8 +32,10 @@ a resolution that hit a bound or unreadable memory answers "holders not known", 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 from xfgate.errors import MemoryReadError, ProfileError
 from xfgate.vmi.kernel_constants import PID_MAX_LIMIT
@@ -30,6 +44,33 @@ from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
 from xfgate.vmi.walk import Deadline, WalkReason
 
+# file_ref_t (file.f_ref, v6.13 "fs: port files to file_ref") stores the count minus one;
+# values past FILE_REF_MAXREF are saturated, released or dead: no count.
+FILE_REF_MAXREF = 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True)
+class RefLayout:
+    """What the reference count shortcut reads (absent: every table is searched, as before)."""
+
+    file_count: int  # file.f_count (atomic_long_t) or, since v6.13, file.f_ref (file_ref_t)
+    count_bias: int  # added to the raw value: 0 for f_count, 1 for f_ref
+    file_cred: int  # file.f_cred: the opener's cred (a hint of who created the socket)
+    files_count: int  # files_struct.count (atomic_t): the tasks whose `files` is this table
+
+    @classmethod
+    def from_profile(cls, p: Profile) -> RefLayout | None:
+        member = next((m for m in ("f_count", "f_ref") if p.has_member("file", m)), "")
+        needed = [("file", "f_cred"), ("files_struct", "count")]
+        if not member or not all(p.has_member(s, m) for s, m in needed):
+            return None
+        return cls(
+            p.offset("file", member),
+            1 if member == "f_ref" else 0,
+            p.offset("file", "f_cred"),
+            p.offset("files_struct", "count"),
+        )
+
 
 @dataclass(frozen=True)
 class HolderLayout:
@@ -37,13 +78,61 @@ class HolderLayout:
 
     sock_sk_socket: int
     socket_file: int
+    refs: RefLayout | None = None
 
     @classmethod
     def from_profile(cls, p: Profile) -> HolderLayout | None:
         try:
-            return cls(p.offset("sock", "sk_socket"), p.offset("socket", "file"))
+            return cls(
+                p.offset("sock", "sk_socket"), p.offset("socket", "file"), RefLayout.from_profile(p)
+            )
         except ProfileError:
             return None
+
+
+@dataclass(frozen=True)
+class TaskIndex:
+    """The known thread groups by what the resolver asks first: the creator's cred, the uid,
+    and which groups use each fd table (built once per task list, not per lookup)."""
+
+    by_cred: Mapping[int, Sequence[Task]]
+    by_uid: Mapping[int, Sequence[Task]]
+    by_table: Mapping[int, Sequence[Task]]
+    by_address: Mapping[int, Task]
+    tgids: dict[int, int]  # task_struct address -> tgid (a parent's pid without a read); read only
+
+    @classmethod
+    def build(cls, tasks: Sequence[Task]) -> TaskIndex:
+        by_cred: dict[int, list[Task]] = {}
+        by_uid: dict[int, list[Task]] = {}
+        by_table: dict[int, list[Task]] = {}
+        by_address = {t.address: t for t in tasks}
+        tgids = {t.address: t.tgid for t in tasks}
+        for t in tasks:
+            by_cred.setdefault(t.cred, []).append(t)
+            by_uid.setdefault(t.uid, []).append(t)
+            for table in t.file_tables:
+                by_table.setdefault(table, []).append(t)
+        return cls(by_cred, by_uid, by_table, by_address, tgids)
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """The sock's file, its reference count (-1: unknown) and the cred it was opened with."""
+
+    file: int
+    count: int
+    cred: int
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One fd table searched for one file: the fds holding it (at most fds_per_file), all
+    slots holding it, and the table's files_struct.count (-1: not read)."""
+
+    fds: tuple[int, ...]
+    slots: int
+    users: int
 
 
 @dataclass
@@ -56,6 +145,9 @@ class Resolution:
     why: str = ""
     tables: int = 0  # fd tables searched
     slots: int = 0  # fd slots searched
+    refs: int = -1  # the file's reference count before the search (-1: not read)
+    by_count: bool = False  # settled by the reference count: the other tables not read
+    unsettled: str = ""  # why the count did not settle it (the whole search then)
 
 
 class HolderResolver:
@@ -81,82 +173,192 @@ class HolderResolver:
         tasks: Sequence[Task],
         seconds: float,
         stop_at: Callable[[Task], bool] | None = None,
+        sk_uid: int | None = None,
+        index: TaskIndex | None = None,
+        watched: Sequence[Task] | None = None,
     ) -> Resolution:
         """The holders of `sock` among `tasks` and the tasks created after them. With
         `stop_at` (the blocked owners): those tasks are searched first, and a holder among
         them ends the search: the answer then has a blocked holder, `known` False (a drop
-        needs one blocked holder; an accept needs them all, so no early end without one)."""
+        needs one blocked holder; an accept needs them all, so no early end without one).
+        Then the likely holders (new tasks, the file's creator, `sk_uid`'s groups; `index`
+        is `tasks` indexed, built here when not given), and the rest only while the file's
+        reference count is not accounted for (see _settled). `watched`: the tasks `stop_at`
+        picks, when the caller has them already (nothing on the packet path is O(tasks) then
+        but the fallback search)."""
         out = Resolution()
         deadline = Deadline.after(seconds)
         walk = Walk(self.space, self.layout, self.shift, self.bounds)
         walk.deadline = deadline
         try:
-            file = self._file_of(walk, sock)
-            if file == 0:  # sock_orphan()ed (closed): no fd table can hold it
+            ref = self._file_of(walk, sock)
+            if ref.file == 0:  # sock_orphan()ed (closed): no fd table can hold it
                 out.why = "the sock has no socket (orphaned)"
                 out.known = not walk.errors
                 return out
-            if file < 0:
+            if ref.file < 0:
                 out.why = "the sock's socket and file do not point back at each other"
                 return out
-            out.new_tasks = self._new_tasks(walk, tasks)
+            out.refs = ref.count
+            index = index if index is not None else TaskIndex.build(tasks)
+            out.new_tasks = self._new_tasks(walk, index)
             if walk.errors:
                 out.why = f"new tasks: {walk.errors[0]}"
                 return out
-            needle = struct.pack("<Q", file)
-            order = [*tasks, *out.new_tasks]
-            first = [t for t in order if stop_at(t)] if stop_at is not None else []
-            for task in first:
+            needle = struct.pack("<Q", ref.file)
+            if watched is not None:
+                first = list(watched)
+            else:
+                first = [t for t in tasks if stop_at(t)] if stop_at is not None else []
+            scans: dict[int, Scan] = {}
+            found: dict[int, tuple[Task, list[int]]] = {}  # task address -> holder, fds
+            searched: set[int] = set()
+            slots = [0]  # slots holding the file in the tables read so far
+
+            def search(task: Task) -> None:
+                searched.add(task.address)
                 for table in self._tables_now(walk, task):
-                    out.holders += [(task, fd) for fd in self._search(walk, table, needle, out)]
-            if out.holders:
-                out.holders = self._as_now(walk, out.holders, order)
+                    scan = scans.get(table)
+                    if scan is None:
+                        scan = scans[table] = self._search(walk, table, needle, out)
+                        slots[0] += scan.slots
+                    if scan.fds:
+                        found.setdefault(task.address, (task, []))[1].extend(scan.fds)
+
+            def holders() -> list[tuple[Task, int]]:
+                return [(t, fd) for t, fds in found.values() for fd in fds]
+
+            for task in first:
+                search(task)
+            if found:
+                out.holders = self._as_now(walk, holders(), index, out.new_tasks)
                 out.why = "stopped at a blocked holder (the others not searched)"
                 return out
-            searched = {id(t) for t in first}
-            for task in (t for t in order if id(t) not in searched):
+            # New tasks first, all of them (no Owner judged them yet), then the likely
+            # holders, then the rest while the count is not accounted for.
+            likely = [*index.by_cred.get(ref.cred, ())]
+            if sk_uid is not None:
+                likely += index.by_uid.get(sk_uid, ())
+            counting = self.hl.refs is not None and ref.count > 0
+            if not counting:
+                out.unsettled = "no reference count"
+            new = {t.address for t in out.new_tasks}
+            candidates = chain(out.new_tasks, likely, tasks)
+            for task in (t for t in candidates if t.address not in searched):
                 if deadline.expired():
                     out.why = f"{seconds:.3f} s reached"
                     return out
-                for table in self._tables_now(walk, task):
-                    fds = self._search(walk, table, needle, out)
-                    out.holders += [(task, fd) for fd in fds]
-            out.holders = self._as_now(walk, out.holders, order)
+                search(task)
+                if counting and slots[0] == ref.count and new <= searched:
+                    counting = False  # one attempt: a count that moved is searched through
+                    sharers = self._settled(walk, ref, scans, needle, index, out)
+                    if sharers is not None:
+                        for t in sharers:  # a table shared by groups: each is a holder
+                            if t.address not in found:
+                                search(t)
+                        # A sharer that is not that task any more (pid changed): search on.
+                        if all(t.address in found for t in sharers):
+                            out.by_count = True
+                            break
+                        out.unsettled = "a group sharing a holding table is gone"
+            out.holders = self._as_now(walk, holders(), index, out.new_tasks)
             out.known = not walk.errors
             out.why = str(walk.errors[0]) if walk.errors else ""
         except (MemoryReadError, struct.error, ValueError) as e:
             out.known, out.why = False, f"bad data: {e}"
         return out
 
-    def _file_of(self, walk: Walk, sock: int) -> int:
-        """sock -> sk_socket -> file, each checked back; 0 when sk_socket is NULL (an orphan:
-        held by no task), -1 when anything does not check (torn or hostile: not known)."""
-        lay, hl = self.layout, self.hl
-        raw = walk.read(sock + hl.sock_sk_socket, 8, "sock.sk_socket")
+    def _settled(
+        self,
+        walk: Walk,
+        ref: FileRef,
+        scans: Mapping[int, Scan],
+        needle: bytes,
+        index: TaskIndex,
+        out: Resolution,
+    ) -> list[Task] | None:
+        """Every holder is known when the slots found account for the file's references:
+        the count read again after the holding tables are read again, each unchanged, and
+        each holding table used by no task but the threads of the groups known to use it
+        (files_struct.count: a table shared with a task the walk did not see is not
+        accounted for). Returns those groups (every one holds the file), None when anything
+        does not account (the caller searches on)."""
+        holding = {t: scan for t, scan in scans.items() if scan.slots}
+        sharers: list[Task] = []
+        for table, scan in holding.items():
+            if len(scan.fds) != scan.slots:  # more dups than listed: not all named
+                out.unsettled = "more fds than listed"
+                return None
+            users = [
+                *index.by_table.get(table, ()),
+                *(t for t in out.new_tasks if table in t.file_tables),
+            ]
+            if not users or any(t.file_tables != (table,) for t in users):
+                out.unsettled = "a holding table is not one group's only table"
+                return None
+            sharers += users
+            expected = sum(t.threads for t in users)
+            again = self._search(walk, table, needle, Resolution())
+            if again.fds != scan.fds or again.users != expected:
+                out.unsettled = f"table {table:#x}: {again.users} users, {expected} known"
+                return None
+        after = [self._count(walk, ref.file) for _ in range(2)]
+        if after != [ref.count, ref.count]:
+            out.unsettled = f"reference count moved: {ref.count} -> {after}"
+            return None
+        return sharers
+
+    def _count(self, walk: Walk, file: int) -> int:
+        """The file's reference count now (-1: unreadable or past the counter's range)."""
+        refs = self.hl.refs
+        if refs is None:
+            return -1
+        raw = walk.read(file + refs.file_count, 8, "file reference count")
         if raw is None:
             return -1
+        value = walk._u64(raw, 0)
+        return value + refs.count_bias if value <= FILE_REF_MAXREF else -1
+
+    def _file_of(self, walk: Walk, sock: int) -> FileRef:
+        """sock -> sk_socket -> file, each checked back; file 0 when sk_socket is NULL (an
+        orphan: held by no task), -1 when anything does not check (torn or hostile: not
+        known). With the file: its reference count and f_cred (when the profile has them)."""
+        lay, hl = self.layout, self.hl
+        bad = FileRef(-1, -1, 0)
+        raw = walk.read(sock + hl.sock_sk_socket, 8, "sock.sk_socket")
+        if raw is None:
+            return bad
         socket = walk._u64(raw, 0)
         if socket == 0:
-            return 0
+            return FileRef(0, -1, 0)
         if not walk.is_kernel_pointer(socket):
-            return -1
+            return bad
         lo = min(hl.socket_file, lay.socket_sk)
         hi = max(hl.socket_file, lay.socket_sk) + 8
         raw = walk.read(socket + lo, hi - lo, "socket")
         if raw is None or walk._u64(raw, lay.socket_sk - lo) != sock:
-            return -1
+            return bad
         file = walk._u64(raw, hl.socket_file - lo)
         if file == 0 or not walk.is_kernel_pointer(file):
-            return -1
+            return bad
         flo, fhi = lay.file_span
+        if hl.refs is not None:
+            flo = min(flo, hl.refs.file_count, hl.refs.file_cred)
+            fhi = max(fhi, hl.refs.file_count + 8, hl.refs.file_cred + 8)
         raw = walk.read(file + flo, fhi - flo, "socket file")
         if raw is None:
-            return -1
+            return bad
         if walk._u64(raw, lay.file_f_op - flo) != lay.socket_file_ops + self.shift:
-            return -1
-        return file if walk._u64(raw, lay.file_private_data - flo) == socket else -1
+            return bad
+        if walk._u64(raw, lay.file_private_data - flo) != socket:
+            return bad
+        if hl.refs is None:
+            return FileRef(file, -1, 0)
+        count = walk._u64(raw, hl.refs.file_count - flo)
+        count = count + hl.refs.count_bias if count <= FILE_REF_MAXREF else -1
+        return FileRef(file, count, walk._u64(raw, hl.refs.file_cred - flo))
 
-    def _new_tasks(self, walk: Walk, known: Sequence[Task]) -> list[Task]:
+    def _new_tasks(self, walk: Walk, index: TaskIndex) -> list[Task]:
         """Thread groups added after the last walk: back from the task list's tail to the
         first known task (at most max_tasks steps, `next->prev` checked each step)."""
         lay = self.layout
@@ -164,7 +366,7 @@ class HolderResolver:
         head = lay.init_task + self.shift + lay.task_tasks
         # A task_struct freed and handed to a new task (the slab reuses it at once: exit, fork)
         # is not the known task: the pid tells them apart.
-        seen = {t.address: t.pid for t in known}
+        known = index.by_address
         raw = walk.read(head, 16, "task list")
         if raw is None:
             return []
@@ -180,7 +382,8 @@ class HolderResolver:
             blob = walk.read(task + lo, hi - lo, "task list (backwards)")
             if blob is None:
                 return []
-            if seen.get(task) == lay.task_pid.get(blob, lo):
+            seen = known.get(task)
+            if seen is not None and seen.pid == lay.task_pid.get(blob, lo):
                 break
             nxt, prev = struct.unpack_from("<QQ", blob, lay.task_tasks - lo)
             if nxt != expect_next:
@@ -192,14 +395,18 @@ class HolderResolver:
             detail = f"more than {self.bounds.max_tasks} new tasks"
             walk.issue("task list (backwards)", WalkReason.STEP_BOUND, node, detail)
             return []
-        tgids = {t.address: t.tgid for t in known}
-        tgids[lay.init_task + self.shift] = 0
-        tgids.update((a, lay.task_tgid.get(b, lo)) for a, b in found)
+        fresh = {lay.init_task + self.shift: 0}
+        fresh.update((a, lay.task_tgid.get(b, lo)) for a, b in found)
+        tgids = ChainMap(fresh, index.tgids)
         tasks = [walk._task(a, b, tgids) for a, b in reversed(found)]
         return [t for t in tasks if t is not None]
 
     def _as_now(
-        self, walk: Walk, holders: list[tuple[Task, int]], tasks: Sequence[Task]
+        self,
+        walk: Walk,
+        holders: list[tuple[Task, int]],
+        index: TaskIndex,
+        new_tasks: Sequence[Task],
     ) -> list[tuple[Task, int]]:
         """The holders as their task_structs say now, not as the last walk saw them: a task
         that was a root shell at the walk may have dropped to the blocked uid and exec'd the
@@ -208,8 +415,9 @@ class HolderResolver:
         answer is not known (`walk.errors`)."""
         lay = self.layout
         lo, hi = lay.task_span
-        tgids = {t.address: t.tgid for t in tasks}
-        tgids[lay.init_task + self.shift] = 0
+        extra = {t.address: t.tgid for t in new_tasks}
+        extra[lay.init_task + self.shift] = 0
+        tgids = ChainMap(extra, index.tgids)
         fresh: dict[int, Task | None] = {}
         out: list[tuple[Task, int]] = []
         for task, fd in holders:
@@ -240,39 +448,49 @@ class HolderResolver:
         files = walk._u64(raw, lay.task_files - lo)
         return tuple(dict.fromkeys(f for f in (files, *task.thread_files) if f))
 
-    def _search(self, walk: Walk, files: int, needle: bytes, out: Resolution) -> list[int]:
-        """The fds of table `files` holding the file `needle` (at most fds_per_file)."""
+    def _search(self, walk: Walk, files: int, needle: bytes, out: Resolution) -> Scan:
+        """The fds of table `files` holding the file `needle` (at most fds_per_file listed,
+        every 8-aligned slot counted), and the table's users (files_struct.count)."""
         lay = self.layout
         what = "fd table"
+        none = Scan((), 0, -1)
         if not walk.is_kernel_pointer(files):
             walk.wild(what, files)
-            return []
-        raw = walk.read(files + lay.files_fdt, 8, what)
-        fdt = 0 if raw is None else walk._u64(raw, 0)
-        if not walk.is_kernel_pointer(fdt):
+            return none
+        refs = self.hl.refs
+        lo = hi = lay.files_fdt
+        if refs is not None:
+            lo, hi = min(lo, refs.files_count), max(hi, refs.files_count + 4)
+        raw = walk.read(files + lo, hi + 8 - lo, what)
+        fdt = 0 if raw is None else walk._u64(raw, lay.files_fdt - lo)
+        if raw is None or not walk.is_kernel_pointer(fdt):
             walk.wild(what, fdt)
-            return []
+            return none
+        users = -1 if refs is None else struct.unpack_from("<i", raw, refs.files_count - lo)[0]
         head = walk.read(fdt, max(lay.fdt_fd + 8, lay.fdt_max_fds.offset + 4), what)
         if head is None:
-            return []
+            return none
         count = min(lay.fdt_max_fds.get(head), self.bounds.max_fds)
         fd_array = walk._u64(head, lay.fdt_fd)
         if count <= 0:
-            return []
+            return Scan((), 0, users)
         if not walk.is_kernel_pointer(fd_array):
             walk.wild(what, fd_array)
-            return []
+            return none
         arr = walk.read(fd_array, count * 8, what)
         if arr is None:
-            return []
+            return none
         out.tables += 1
         out.slots += count
         fds: list[int] = []
+        slots = 0
         start = arr.find(needle)
-        while start >= 0 and len(fds) < self.bounds.fds_per_file:
+        while start >= 0:  # at most `count` aligned matches: bounded by the array
             if not start & 7:
-                fds.append(start >> 3)
+                slots += 1
+                if len(fds) < self.bounds.fds_per_file:
+                    fds.append(start >> 3)
                 start = arr.find(needle, start + 8)
             else:
                 start = arr.find(needle, start + 1)
-        return fds
+        return Scan(tuple(fds), slots, users)

@@ -28,7 +28,7 @@ from xfgate.config import DomainConfig
 from xfgate.errors import MemoryReadError, ProfileError, QmpError, WalkError
 from xfgate.flow import Flow, GuestSocket, GuestView, IPAddress, Owner, Ownership, Via
 from xfgate.inet import IPProto, proto_label
-from xfgate.vmi.holders import HolderLayout, HolderResolver
+from xfgate.vmi.holders import HolderLayout, HolderResolver, TaskIndex
 from xfgate.vmi.kaslr import KernelLocation, KernelLocator
 from xfgate.vmi.kernel_constants import SockType, TCPState
 from xfgate.vmi.linux import (
@@ -107,6 +107,10 @@ class _Boot:
     # The thread groups the resolver searches: the last walk's, plus those it found since.
     tasks: list[Task] = field(default_factory=list)
     task_owners: dict[int, Owner] = field(default_factory=dict)  # tgid -> Owner (fd -1)
+    # `tasks` indexed for the resolver (by cred, uid, fd table), and the list it was built from.
+    task_index: tuple[list[Task], TaskIndex] | None = None
+    # The tasks the gate's watch (blocked owners) picks among `tasks`: (tasks, watch, picked).
+    watched: tuple[list[Task], object, list[Task]] | None = None
     # sock -> {(tgid, fd)} the resolver answered since the last complete walk (cross-checked).
     resolved: dict[int, frozenset[tuple[int, int]]] = field(default_factory=dict)
     # The incremental refresh's starting point: the last complete walk's (full or incremental)
@@ -135,6 +139,10 @@ class CrossCheck:
     unknown: int = 0  # of which the holders could not all be read (answered as unknown)
     checked: int = 0  # resolutions a complete walk saw again
     disagreements: int = 0  # of which the walk found other holders (the index repaired)
+    # Resolutions whose holders the file's reference count accounted for (the other tables not
+    # read), and the fd tables the resolver read in all (xfgate.vmi.holders).
+    by_count: int = 0
+    tables_read: int = 0
     # Incremental refreshes against the next full walk: tasks and fd tables the full walk found
     # unchanged (same fingerprint) are compared with what the refreshes reused; a difference is
     # a disagreement (logged, counted; the full walk's state replaces the refreshes').
@@ -418,20 +426,32 @@ class GuestIntrospector:
         resolver = HolderResolver(
             boot.space, self.layout, self.holder_layout, boot.location.virt_shift, self.bounds
         )
+        # Built once per task list (and watch), not per lookup: the packet path stays
+        # independent of the guest's size unless the reference count does not settle.
+        if boot.task_index is None or boot.task_index[0] is not boot.tasks:
+            boot.task_index = (boot.tasks, TaskIndex.build(boot.tasks))
+        index = boot.task_index[1]
         watch = self.watch
-        stop_at = None
+        watched: list[Task] = []
         if watch is not None:
-            owners_now = boot.task_owners
-
-            def stop_at(t: Task) -> bool:
-                known = owners_now.get(t.tgid)
-                return known is not None and watch(known)
-
-        res = resolver.resolve(sock_addr, boot.tasks, seconds, stop_at)
+            cached = boot.watched
+            if cached is None or cached[0] is not boot.tasks or cached[1] is not watch:
+                owners_now = boot.task_owners
+                picked = [
+                    t
+                    for t in boot.tasks
+                    if (owner := owners_now.get(t.tgid)) is not None and watch(owner)
+                ]
+                boot.watched = cached = (boot.tasks, watch, picked)
+            watched = cached[2]
+        sk_uid = current.sk_uid if current is not None else None
+        res = resolver.resolve(
+            sock_addr, boot.tasks, seconds, sk_uid=sk_uid, index=index, watched=watched
+        )
         # The holders as they are now (uid, comm, exe re-read: see HolderResolver._as_now)
         # replace what the index knew of them, so that owners are never named by who a task
         # was at the last walk.
-        by_address = {t.address: t for t in boot.tasks}
+        by_address = index.by_address
         now = {t.address: t for t, _ in res.holders if by_address.get(t.address) != t}
         if res.new_tasks or now:
             known = by_address.keys()
@@ -440,6 +460,8 @@ class GuestIntrospector:
             boot.task_owners = task_owners(boot.tasks)
         cc = self.crosscheck
         cc.resolutions += 1
+        cc.by_count += res.by_count
+        cc.tables_read += res.tables
         owners = tuple(
             sorted(
                 (

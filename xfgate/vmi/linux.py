@@ -17,7 +17,7 @@ import struct
 import sys
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
@@ -345,6 +345,8 @@ class Task:
     # The other files_structs of the group's threads (unshare(CLONE_FILES)), distinct.
     thread_files: tuple[int, ...] = ()
     threads: int = 1
+    # task_struct.real_cred: a hint only (file.f_cred is the creator's cred, see holders.py).
+    cred: int = 0
 
     @property
     def file_tables(self) -> tuple[int, ...]:
@@ -570,7 +572,7 @@ class Walk:
         tgids.update((task, lay.task_tgid.get(blob, lo)) for task, blob in raw)
         return [t for t in (self._task(addr, blob, tgids) for addr, blob in raw) if t is not None]
 
-    def _task_fingerprint(self, blob: bytes, tgids: dict[int, int]) -> bytes:
+    def _task_fingerprint(self, blob: bytes, tgids: Mapping[int, int]) -> bytes:
         """The task_struct fields a Task is decoded from (pid, tgid, parent, cred, comm, files,
         mm, signal, thread list head) and its parent's tgid: equal, the Task is the same."""
         lay = self.layout
@@ -591,7 +593,7 @@ class Walk:
         tail = struct.pack("<q", tgids.get(parent, -1))
         return b"".join(blob[o - lo : o - lo + n] for o, n in spans) + tail
 
-    def _task(self, address: int, blob: bytes, tgids: dict[int, int]) -> Task | None:
+    def _task(self, address: int, blob: bytes, tgids: Mapping[int, int]) -> Task | None:
         """One thread group's Task; with a `prior` state, the prior Task when its fingerprint
         is unchanged (not for a watched task: decoded afresh, its threads walked again)."""
         key = self._task_fingerprint(blob, tgids)
@@ -608,7 +610,7 @@ class Walk:
             self.state.tasks[address] = (key, task)
         return task
 
-    def _decode_task(self, address: int, blob: bytes, tgids: dict[int, int]) -> Task | None:
+    def _decode_task(self, address: int, blob: bytes, tgids: Mapping[int, int]) -> Task | None:
         lay = self.layout
         lo = lay.task_span[0]
         pid, tgid = lay.task_pid.get(blob, lo), lay.task_tgid.get(blob, lo)
@@ -619,7 +621,8 @@ class Walk:
         ppid = tgids.get(parent)
         if ppid is None:
             ppid = self._read_int(parent, lay.task_tgid, f"parent of pid {pid}")
-        uid, euid = self._cred(self._u64(blob, lay.task_real_cred - lo), pid)
+        cred = self._u64(blob, lay.task_real_cred - lo)
+        uid, euid = self._cred(cred, pid)
         comm_raw = blob[lay.task_comm - lo : lay.task_comm - lo + TASK_COMM_LEN]
         comm = comm_raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
         files = self._u64(blob, lay.task_files - lo)
@@ -637,6 +640,7 @@ class Walk:
             self._exe(blob, pid),
             thread_files,
             threads,
+            cred,
         )
 
     def _thread_files(

@@ -18,6 +18,12 @@
  *                                 other (ethertype 0x88b5), broadcast destination
  *   flood HOST SECONDS MAX       new TCP connections to random ports as fast as possible
  *   hold HOST PORT SECONDS       one connection held open (a long-lived flow), then closed
+ *   newflows PORT N DELAY_MS HOLD_S  (bench) one process listens on 0.0.0.0:PORT, waits
+ *                                 DELAY_MS (the host walks meanwhile), then, 20 ms apart, opens
+ *                                 N listeners 0.0.0.0:PORT+1000+i, N loopback connections
+ *                                 127.0.0.1:PORT+1+i -> :PORT (accepted) and N UDP sockets
+ *                                 127.0.0.1:PORT+2000+i connected to :PORT (one datagram
+ *                                 each); prints "newflows: ready", holds them HOLD_S
  * Global option, first: --as-uid UID  the root-only probes (raw-tcp, frames) open their socket as
  *   root, then drop to UID (groups, gid and uid) before sending: the packets leave from a
  *   process of a blocked user holding a socket root created.
@@ -462,6 +468,46 @@ static int hold(const char *host, int port, long seconds) {
     return 0;
 }
 
+static int bound4(int type, const char *ip, int port) {
+    int s = socket(AF_INET, type, 0), one = 1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, ip, &a.sin_addr);
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) < 0) {
+        if (s >= 0) close(s);
+        return -1;
+    }
+    return s;
+}
+
+static int newflows(int port, long n, long delay_ms, long hold_s) {
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
+    int lis = bound4(SOCK_STREAM, "0.0.0.0", port);
+    if (lis < 0 || listen(lis, 1024) < 0) {
+        printf("xfprobe newflows: listen :%d: %s\n", port, strerror(errno));
+        return 1;
+    }
+    printf("xfprobe newflows: pid %d waiting\n", getpid());
+    sleep_ms(delay_ms);
+    long listeners = 0, conns = 0, udps = 0;
+    for (long i = 0; i < n; i++) {
+        int l = bound4(SOCK_STREAM, "0.0.0.0", port + 1000 + (int)i);
+        listeners += l >= 0 && listen(l, 8) == 0;
+        int c = bound4(SOCK_STREAM, "127.0.0.1", port + 1 + (int)i);
+        if (c >= 0 && connect(c, (struct sockaddr *)&to, sizeof to) == 0)
+            conns += accept(lis, NULL, NULL) >= 0;
+        int u = bound4(SOCK_DGRAM, "127.0.0.1", port + 2000 + (int)i);
+        if (u >= 0 && connect(u, (struct sockaddr *)&to, sizeof to) == 0)
+            udps += send(u, "x", 1, 0) == 1;
+        sleep_ms(20);
+    }
+    printf("xfprobe newflows: ready: %ld listeners, %ld connections, %ld udp\n", listeners,
+           conns, udps);
+    sleep_ms(hold_s * 1000); /* the sockets close at exit */
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc > 3 && !strcmp(argv[1], "--as-uid")) {
@@ -494,6 +540,9 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "flood") && argc == 5)
         return flood(argv[2], arg_n(argv[3], 600), arg_n(argv[4], 1000000));
     if (!strcmp(c, "hold") && argc == 5) return hold(argv[2], atoi(argv[3]), arg_n(argv[4], 600));
+    if (!strcmp(c, "newflows") && argc == 6)
+        return newflows(atoi(argv[2]), arg_n(argv[3], 300), arg_n(argv[4], 60000),
+                        arg_n(argv[5], 600));
 usage:
     fprintf(stderr, "usage: see the comment at the top of xfprobe.c\n");
     return 2;

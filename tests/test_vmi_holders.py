@@ -1,0 +1,221 @@
+"""The holder resolver's reference count shortcut (xfgate.vmi.holders): a new sock's holders
+settled without reading every fd table when the slots found account for the file's
+`f_count`, and every way a count can lie ending in the whole search, never in a missed holder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tests.vmi_fakes import FakeGuest, addr, standard_guest
+from xfgate.config import DomainConfig, MemoryConfig
+from xfgate.flow import Flow, Ownership
+from xfgate.inet import IPProto
+from xfgate.vmi.holders import RefLayout
+from xfgate.vmi.introspect import GuestIntrospector
+from xfgate.vmi.memory import BufferMemory
+
+CROWD = 40  # other thread groups: what the shortcut does not read
+
+
+def _domain() -> DomainConfig:
+    return DomainConfig(1, "fake", ("vif1.0",), MemoryConfig("raw", "/nonexistent/fake.mem"))
+
+
+def _crowded() -> FakeGuest:
+    g = standard_guest()
+    for i in range(CROWD):
+        g.add_task(1000 + i, f"worker{i}", uid=1000)
+    return g
+
+
+def _udp(g: FakeGuest, port: int, sk_uid: int = 0) -> tuple[int, Flow]:
+    sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", port, "198.18.0.1", 53, sk_uid=sk_uid)
+    g.hash_udp(sk, port)
+    return sk, Flow(IPProto.UDP, addr("198.18.1.1"), port, addr("198.18.0.1"), 53)
+
+
+def _holders(own: Ownership | None) -> list[tuple[int, int]]:
+    assert own is not None and own.holders_known
+    return [(o.pid, o.fd) for o in own.owners]
+
+
+def _lookup(gi: GuestIntrospector, flow: Flow) -> tuple[Ownership | None, int, int]:
+    """The answer, whether the count settled it, and the fd tables read for it."""
+    cc = gi.crosscheck
+    by_count, tables = cc.by_count, cc.tables_read
+    own = gi.lookup(flow)
+    return own, cc.by_count - by_count, cc.tables_read - tables
+
+
+def test_the_profiles_say_where_the_count_is() -> None:
+    g = standard_guest()
+    refs = RefLayout.from_profile(g.profile)
+    assert refs is not None and refs.count_bias == 0
+    assert refs.file_count == g.off("file", "f_count")
+
+
+def test_a_sock_its_creator_alone_holds_is_settled_without_the_other_tables() -> None:
+    g = _crowded()
+    app = g.add_task(500, "app", uid=0)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        assert gi.walk().complete
+        sk, flow = _udp(g, 40001)
+        g.add_fd(app, 7, sk)
+        own, by_count, tables = _lookup(gi, flow)
+        assert _holders(own) == [(500, 7)]
+        assert by_count == 1 and tables <= 2  # its own table (read twice), not the crowd's
+        # The full walk agrees (cross-check).
+        assert gi.walk().complete and gi.crosscheck.disagreements == 0
+
+
+def test_a_sock_shared_with_a_child_counts_both_before_it_stops() -> None:
+    """Created by one process, inherited by a child the walk saw (fork): f_count 2, the
+    creator's slot accounts for one; the search goes on until the child's is found."""
+    g = _crowded()
+    app = g.add_task(500, "app", uid=0)
+    child = g.add_task(501, "app-child", uid=0, parent=app)
+    g.add_task(502, "other", uid=0)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        sk, flow = _udp(g, 40002)
+        file = g.add_fd(app, 7, sk)
+        g.put_fd(g.task_at(child).fd_array, 9, file)
+        own, by_count, _ = _lookup(gi, flow)
+        assert _holders(own) == [(500, 7), (501, 9)] and by_count == 1
+
+
+def test_a_holder_that_became_blocked_since_the_walk_is_still_found() -> None:
+    """A good process created the socket and passed it (SCM_RIGHTS) to a task the walk saw as
+    root that has since dropped to uid 1001: the creator's slot is not all of the count, so the
+    search reaches that task, named as it is now."""
+    g = _crowded()
+    app = g.add_task(500, "app", uid=0)
+    shell = g.add_task(600, "sh", uid=0)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        cred = g.alloc(0x60)
+        g.w(cred + g.off("cred", "uid"), "<II", 1001, 1001)
+        g.w(cred + g.off("cred", "euid"), "<I", 1001)
+        g.w(shell + g.off("task_struct", "real_cred"), "<QQ", cred, cred)
+        sk, flow = _udp(g, 40003)
+        file = g.add_fd(app, 7, sk)
+        g.put_fd(g.task_at(shell).fd_array, 4, file)
+        own, _, _ = _lookup(gi, flow)
+        assert _holders(own) == [(500, 7), (600, 4)]
+        assert own is not None and own.owners[1].uid == 1001
+
+
+def test_a_reference_no_slot_accounts_for_means_the_whole_search() -> None:
+    """An SCM_RIGHTS message in flight, an fdget() of a threaded process, an mmap: a reference
+    no fd slot holds. The count is never reached: every table is read, the answer complete."""
+    g = _crowded()
+    app = g.add_task(500, "app", uid=0)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        sk, flow = _udp(g, 40004)
+        file = g.add_fd(app, 7, sk)
+        g.add_count(file + g.off("file", "f_count"), 1)
+        own, by_count, tables = _lookup(gi, flow)
+        assert _holders(own) == [(500, 7)] and by_count == 0 and tables > CROWD
+
+
+def test_counts_out_of_range_are_no_shortcut() -> None:
+    g = _crowded()
+    app = g.add_task(500, "app", uid=0)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        for port, value in ((40005, 0), (40006, -1), (40007, 1 << 63)):
+            sk, flow = _udp(g, port)
+            file = g.add_fd(app, port - 40000, sk)
+            g.w(file + g.off("file", "f_count"), "<Q", value & ((1 << 64) - 1))
+            own, by_count, tables = _lookup(gi, flow)
+            assert _holders(own) == [(500, port - 40000)]
+            assert by_count == 0 and tables > CROWD
+
+
+def test_a_table_shared_by_two_thread_groups_names_both() -> None:
+    """clone(CLONE_FILES) without CLONE_THREAD: two thread groups, one table, one slot, one
+    reference. Found through the creator, the other group is a holder too."""
+    g = _crowded()
+    app = g.add_task(500, "app", uid=0)
+    twin = g.add_task(501, "twin", uid=1001, with_files=False)
+    table = g.task_at(app).files
+    g.w(twin + g.off("task_struct", "files"), "<Q", table)
+    g.add_count(table + g.off("files_struct", "count"), 1, 4)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        sk, flow = _udp(g, 40008)
+        g.add_fd(app, 7, sk)
+        own, by_count, _ = _lookup(gi, flow)
+        assert _holders(own) == [(500, 7), (501, 7)] and by_count == 1
+        # A third task on that table the walk never saw (files_struct.count 3, two known):
+        # not accounted for, the whole search (which still names what it can read).
+        g.add_count(table + g.off("files_struct", "count"), 1, 4)
+        sk, flow = _udp(g, 40009)
+        g.add_fd(app, 8, sk)
+        own, by_count, tables = _lookup(gi, flow)
+        assert _holders(own) == [(500, 8), (501, 8)] and by_count == 0 and tables > CROWD
+
+
+def test_a_thread_with_its_own_table_is_no_shortcut() -> None:
+    """A threaded process one of whose threads unshare(CLONE_FILES)d: which threads use which
+    table is not known, so its tables never settle a count."""
+    g = _crowded()
+    app = g.add_task(500, "app", uid=0)
+    own_files, own_fds = g.new_files()
+    g.add_thread(app, 510, files=own_files)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        sk, flow = _udp(g, 40010)
+        file = g.add_fd(app, 7, sk)
+        g.put_fd(own_fds, 3, file)
+        own, by_count, tables = _lookup(gi, flow)
+        assert _holders(own) == [(500, 3), (500, 7)] and by_count == 0 and tables > CROWD
+
+
+class HookedMemory(BufferMemory):
+    """Guest memory that runs `hook(n, after)` around the n-th read of physical address `at`
+    (the guest acting between the resolver's reads)."""
+
+    def __init__(self, g: FakeGuest) -> None:
+        super().__init__(g.buf, "hooked fake guest")
+        self.at = -1
+        self.hook: Callable[[int, bool], None] = lambda n, after: None
+        self.hits = 0
+
+    def read(self, paddr: int, length: int) -> bytes:
+        if paddr != self.at:
+            return super().read(paddr, length)
+        self.hits += 1
+        self.hook(self.hits, False)
+        data = super().read(paddr, length)
+        self.hook(self.hits, True)
+        return data
+
+
+def test_a_dup_racing_the_search_cannot_hide_a_holder() -> None:
+    """The attacker's race: the creator (good) dup()s the socket just before its table is read
+    and closes the dup just after, so the slots found equal the count read before the search
+    (and after it) while another holder (a shell that became uid 1001 since the walk: not
+    watched yet) was not read. The holding table is read again before the count is trusted:
+    the dup is gone, the count does not settle, the whole search finds the shell."""
+    g = _crowded()
+    app = g.add_task(500, "app", uid=0)
+    shell = g.add_task(600, "sh", uid=0)
+    mem = HookedMemory(g)
+    with GuestIntrospector(_domain(), g.profile, memory=mem, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        sk, flow = _udp(g, 40011)
+        file = g.add_fd(app, 7, sk)
+        g.put_fd(g.task_at(shell).fd_array, 4, file)  # f_count 2
+        fds = g.task_at(app).fd_array
+
+        def race(n: int, after: bool) -> None:
+            if n == 1:
+                g.put_fd(fds, 8, 0 if after else file)  # dup before the read, close after
+
+        mem.at, mem.hook = g.pa(fds), race
+        own, by_count, _ = _lookup(gi, flow)
+        assert mem.hits >= 2
+        # What the tables held when read (the dup included), and the shell.
+        assert _holders(own) == [(500, 7), (500, 8), (600, 4)] and by_count == 0
