@@ -37,6 +37,8 @@ from bench.report import (
     with_ratios,
     write_sweep_plot,
 )
+from bench.scale import DEFAULT_CROWD, run_scale
+from bench.scale import render as render_scale
 from xfgate.config import DomainConfig, get_domain
 from xfgate.errors import PrerequisiteError
 from xfgate_lab.errors import LabError
@@ -212,7 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    ap.add_argument(
+        "--profile",
+        choices=sorted([*PROFILES, "scale"]),
+        default="quick",
+        help="scale: issue 10's figures on this lab and on a crowd lab it brings up itself",
+    )
     ap.add_argument("--domain", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
@@ -241,7 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run the flood benchmark's gate from this source tree (another revision),"
         " interleaved: before and after in one run",
     )
+    ap.add_argument("--crowd", default=DEFAULT_CROWD, help="scale profile: TASKS,SOCKETS")
     args = ap.parse_args(argv)
+    if args.profile == "scale":
+        return main_scale(args.domain, args.out, args.crowd)
     prof = PROFILES[args.profile]
     if args.conns:
         prof = replace(prof, thesis_conns=args.conns)
@@ -346,6 +356,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "results.md").write_text(md)
     print(md)
     print(f"results in {out} ({summary['elapsed_s']:.0f} s)")
+    return 0
+
+
+def main_scale(domain: int, out_dir: Path | None, crowd: str) -> int:
+    """`--profile scale`: bench.scale's table, written like the other profiles' results."""
+    dom = preflight(domain)
+    out = out_dir or Path(__file__).parent / "results" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "profile": {"name": "scale", "crowd": crowd},
+        "machine": {"nproc": os.cpu_count(), "uname": os.uname().release, "loadavg": loadavg()},
+        "guest": {"kernel": dom.kernel.release},
+    }
+    summary["scale"] = run_scale(out, dom.id, crowd)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    md = render_scale(summary["scale"])
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+    print(f"results in {out} ({summary['scale']['elapsed_s']:.0f} s)")
     return 0
 
 
