@@ -177,9 +177,9 @@ Reader = Callable[[Mapping[str, Any]], str]
 # (figure, how to read it from one lab's figures, target)
 ROWS: tuple[tuple[str, Reader, str], ...] = (
     (
-        "guest: tasks / sockets (`xfgate ps`)",
+        "guest: processes / sockets (`xfgate ps`)",
         lambda d: f"{d.get('ps_tasks')} / {d.get('ps_sockets')}",
-        "2,000 / 20,000",
+        "2,000 tasks / 20,000 sockets",
     ),
     ("full walk p50 / p99", lambda d: _pair(d, "full_walk"), "-"),
     ("incremental refresh p50 / p99", lambda d: _pair(d, "incremental_refresh"), "-"),

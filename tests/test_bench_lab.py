@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.gate import running_gate
+from bench.outgoing import client_server, run_connload
 from xfgate.config import DomainConfig
 
 pytestmark = pytest.mark.lab
@@ -32,6 +34,10 @@ def test_smoke_profile_runs_every_part(lab_domain: DomainConfig, tmp_path: Path)
         assert figures["valid_runs"] == 1, (config, figures)
         assert 0 < figures["conn_time_avg"] < 1000
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    for config in ("out-none", "out-gate"):  # the outgoing sweep (bench.outgoing)
+        figures = summary["sweep_outgoing"][f"{config}@300"]
+        assert figures["valid_runs"] == 1 and figures["success_pct"] > 90, (config, figures)
+    assert "out gate/none" in (out / "results.md").read_text()
     assert "full_walk" in summary["micro"]["vmi_bench"]
     assert "cache_hit" in summary["micro"]["verdict_bench"]["decision"]
     leaks = {x["config"]: x for x in summary["leak"]}
@@ -42,3 +48,17 @@ def test_smoke_profile_runs_every_part(lab_domain: DomainConfig, tmp_path: Path)
     assert flood["flood_opened"] > 0, flood
     assert flood["success_pct_off"] > 90, flood
     assert "### Flood" in (out / "results.md").read_text()
+
+
+def test_outgoing_load_goes_through_the_gate(lab_domain: DomainConfig, tmp_path: Path) -> None:
+    """The outgoing sweep measures gated traffic: the same connload run gets every reply with
+    the sweep's rule (--block-uid 1001) and none when its own uid (1000) is blocked."""
+    with client_server(tmp_path):
+        replies = {}
+        for uid in (1001, 1000):
+            args = ("--block-uid", str(uid))
+            with running_gate(lab_domain.id, "gate", args, tmp_path / f"gate-{uid}.log"):
+                result, text = run_connload(lab_domain.id, 50, 50)
+            replies[uid] = result.replies
+            assert result.connections == 50, text
+    assert replies == {1001: 50, 1000: 0}
