@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from bench.gate import running_gate
 from bench.outgoing import client_server, run_connload
 from xfgate.config import DomainConfig
+from xfgate_lab.layout import layout_from_env
 
 pytestmark = pytest.mark.lab
 
@@ -62,3 +64,29 @@ def test_outgoing_load_goes_through_the_gate(lab_domain: DomainConfig, tmp_path:
             replies[uid] = result.replies
             assert result.connections == 50, text
     assert replies == {1001: 50, 1000: 0}
+
+
+def test_outgoing_churn_never_lets_the_blocked_spray_out(
+    lab_domain: DomainConfig, tmp_path: Path
+) -> None:
+    """Attack probe: uid 1000's outgoing churn (connload at 400 conn/s: socks freed and
+    reallocated by the slab hundreds of times a second, the resolver's answers later "repaired
+    from the walk") while uid 1001's spray (~2 TCP + 2 UDP/s) runs. A sock address resolved to
+    uid 1000 and then reused for the spray's socket must never let the spray out."""
+    layout = layout_from_env()
+    with (
+        client_server(tmp_path),
+        running_gate(lab_domain.id, "gate", ("--block-uid", "1001"), tmp_path / "gate.log"),
+    ):
+        time.sleep(1.5)  # the peers write their statistics once a second
+        before = json.loads(layout.peers_stats_path.read_text())
+        result, text = run_connload(lab_domain.id, 400, 4000)
+        time.sleep(1.5)
+        after = json.loads(layout.peers_stats_path.read_text())
+    assert after["updated"] > before["updated"], "peer statistics are not updating"
+    assert result.replies > 0, text
+    spray = {k: after[k] - before[k] for k in ("tcp2222_accepted", "udp5353_datagrams")}
+    assert spray == {"tcp2222_accepted": 0, "udp5353_datagrams": 0}, (
+        spray,
+        (tmp_path / "gate.log").read_text()[-2000:],
+    )
