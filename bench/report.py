@@ -54,6 +54,7 @@ class RunRow:
     errors_total: int
     loadavg_before: float
     problems: tuple[str, ...] = ()
+    success_pct: float = math.nan  # replies / planned connections, in %
 
 
 def interleaved_schedule(
@@ -95,6 +96,7 @@ def aggregate(rows: Iterable[RunRow]) -> dict[tuple[str, float], dict[str, Any]]
             "test_duration_s",
             "reply_rate_avg",
             "conn_rate",
+            "success_pct",
         ):
             vals = [float(getattr(r, fld)) for r in rs]
             agg[fld] = statistics.fmean(vals) if vals else math.nan
@@ -151,6 +153,53 @@ def thesis_table(agg: Mapping[tuple[str, float], dict[str, Any]], rate: float) -
     return "\n".join(lines)
 
 
+def sweep_table(
+    incoming: Mapping[tuple[str, float], dict[str, Any]],
+    outgoing: Mapping[tuple[str, float], dict[str, Any]],
+    rates: Sequence[float],
+    gate: str = "gate",
+    out_prefix: str = "out-",
+) -> str:
+    """Both directions of the rate sweep side by side: average connection time (ms) with no
+    gate and with the gate, their ratio, success and the host's load, one row per rate."""
+
+    def cell(agg: Mapping[tuple[str, float], dict[str, Any]], config: str, rate: float) -> str:
+        f = agg.get((config, rate))
+        if f is None:
+            return "- | - | -"
+        if not f["valid_runs"]:
+            return f"invalid x{f['invalid_runs']} | - | -"
+        return (
+            f"{_fmt(f['conn_time_avg'], 2)} | {_fmt(f.get('success_pct', math.nan))} "
+            f"| {_fmt(f['loadavg'], 1)}"
+        )
+
+    def ratio(agg: Mapping[tuple[str, float], dict[str, Any]], config: str, rate: float) -> str:
+        f = agg.get((config, rate))
+        return "**" + _fmt(f.get("conn_time_avg_ratio", math.nan), 2) + "**" if f else "-"
+
+    head = (
+        "| offered conn/s | in: none ms | success % | load | in: gate ms | success % | load "
+        "| in gate/none | out: none ms | success % | load | out: gate ms | success % | load "
+        "| out gate/none |"
+    )
+    lines = [
+        "### Rate sweep, both directions (incoming: httperf in the client netns to the guest;"
+        " outgoing: connload in the guest as uid 1000 to the client netns)",
+        "",
+        head,
+        "|" + "---|" * 15,
+    ]
+    o_none, o_gate = out_prefix + "none", out_prefix + gate
+    for r in rates:
+        lines.append(
+            f"| {r:g} | {cell(incoming, 'none', r)} | {cell(incoming, gate, r)} "
+            f"| {ratio(incoming, gate, r)} | {cell(outgoing, o_none, r)} "
+            f"| {cell(outgoing, o_gate, r)} | {ratio(outgoing, o_gate, r)} |"
+        )
+    return "\n".join(lines)
+
+
 def write_sweep_plot(
     agg: Mapping[tuple[str, float], dict[str, Any]], path: Path, figure: str = "conn_time_avg"
 ) -> None:
@@ -169,7 +218,10 @@ def write_sweep_plot(
         pts = sorted((rate, f[figure]) for (c, rate), f in agg.items() if c == config)
         pts = [(x, y) for x, y in pts if not math.isnan(y)]
         if pts:
-            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=config)
+            style = "--" if config.startswith("out-") else "-"  # outgoing (bench.outgoing)
+            line = ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=config
+            )
         failed = sorted(r for (c, r), f in agg.items() if c == config and not f["valid_runs"])
         if failed:  # hung or fd-exhausted runs: shown, never averaged
             color = line[0].get_color() if pts else None

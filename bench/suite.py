@@ -10,7 +10,9 @@ Writes raw outputs, summary.json, results.md and sweep.png under bench/results/<
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,14 +27,18 @@ from bench.flood import run_flood
 from bench.gate import running_gate
 from bench.httperf import run_httperf
 from bench.leak import LeakResult, run_leak
+from bench.outgoing import client_server, run_connload
 from bench.report import (
     RunRow,
     aggregate,
     interleaved_schedule,
+    sweep_table,
     thesis_table,
     with_ratios,
     write_sweep_plot,
 )
+from bench.scale import DEFAULT_CROWD, run_scale
+from bench.scale import render as render_scale
 from xfgate.config import DomainConfig, get_domain
 from xfgate.errors import PrerequisiteError
 from xfgate_lab.errors import LabError
@@ -40,6 +46,7 @@ from xfgate_lab.layout import domains_file_from_env, layout_from_env
 
 SERVER_PORT = 8000  # the guest's static epoll server (uid 1000): busybox httpd saturates ~150/s
 BLOCK = ("--block-uid", "1001")  # a rule in force that matches none of the measured traffic
+OUT_PREFIX = "out-"  # a sweep configuration measured in the outgoing direction (bench.outgoing)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,8 @@ class Profile:
     leak_configs: tuple[str, ...]
     flood_conns: int  # httperf connections at 150 conn/s per flood / flood-free run
     flood_repeats: int
+    # The outgoing sweep (bench.outgoing), interleaved with the incoming one at the same rates.
+    out_sweep_configs: tuple[str, ...] = ("out-none", "out-gate")
 
 
 ALL_CONFIGS = ("none", "gate", "gate-nofastpath", "poll-3", "poll-5", "poll-10", "poll-15")
@@ -129,10 +138,16 @@ def run_one(
     tag = f"{config}-r{rate:g}-n{conns}-{rep}"
     load = loadavg()
     client = layout_from_env().client_netns  # $XFGATE_LAB_PREFIX selects a private lab
-    with running_gate(dom.id, config, BLOCK, raw / f"{tag}.gate.log"):
+    outgoing = config.startswith(OUT_PREFIX)  # from the guest (uid 1000) to the client netns
+    gate_config = config.removeprefix(OUT_PREFIX)
+    with running_gate(dom.id, gate_config, BLOCK, raw / f"{tag}.gate.log"):
         # Warm-up: the listener's owner gets cached and the server's accept path is hot.
-        run_httperf(client, server, SERVER_PORT, min(rate, 150), 50)
-        result, text = run_httperf(client, server, SERVER_PORT, rate, conns)
+        if outgoing:
+            run_connload(dom.id, min(rate, 150), 50)
+            result, text = run_connload(dom.id, rate, conns)
+        else:
+            run_httperf(client, server, SERVER_PORT, min(rate, 150), 50)
+            result, text = run_httperf(client, server, SERVER_PORT, rate, conns)
     (raw / f"{tag}.httperf.txt").write_text(text)
     row = RunRow(
         config=config,
@@ -151,6 +166,7 @@ def run_one(
         errors_total=result.errors.get("total", 0),
         loadavg_before=load,
         problems=result.problems,
+        success_pct=100.0 * result.replies / conns if conns else math.nan,
     )
     status = "ok" if result.valid else "INVALID " + "; ".join(result.problems)
     print(
@@ -185,10 +201,12 @@ def run_micro(out: Path, domain: int) -> dict[str, Any]:
     return results
 
 
-def client_limited(agg: dict[tuple[str, float], dict[str, Any]], rate: float) -> bool:
+def client_limited(
+    agg: dict[tuple[str, float], dict[str, Any]], rate: float, baseline: str = "none"
+) -> bool:
     """The baseline itself could not sustain `rate`: the client or the guest is the limit, not
     xfgate, and the rate is reported as such."""
-    base = agg.get(("none", rate))
+    base = agg.get((baseline, rate))
     return base is not None and float(base.get("conn_rate", 0.0)) < 0.9 * rate
 
 
@@ -196,7 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    ap.add_argument(
+        "--profile",
+        choices=sorted([*PROFILES, "scale"]),
+        default="quick",
+        help="scale: issue 10's figures on this lab and on a crowd lab it brings up itself",
+    )
     ap.add_argument("--domain", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
@@ -209,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--skip",
         action="append",
         default=[],
-        choices=["thesis", "sweep", "micro", "leak", "flood"],
+        choices=["thesis", "sweep", "outgoing", "micro", "leak", "flood"],
     )
     ap.add_argument(
         "--flood-second-domain",
@@ -225,7 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run the flood benchmark's gate from this source tree (another revision),"
         " interleaved: before and after in one run",
     )
+    ap.add_argument("--crowd", default=DEFAULT_CROWD, help="scale profile: TASKS,SOCKETS")
     args = ap.parse_args(argv)
+    if args.profile == "scale":
+        return main_scale(args.domain, args.out, args.crowd)
     prof = PROFILES[args.profile]
     if args.conns:
         prof = replace(prof, thesis_conns=args.conns)
@@ -254,20 +280,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(row)
             raw_results.append({"config": config, "rate": rate, "repeat": rep, **res})
     sweep_rows: list[RunRow] = []
-    if "sweep" not in args.skip:
-        print("rate sweep", flush=True)
-        plan = interleaved_schedule(prof.sweep_configs, prof.sweep_rates, prof.sweep_repeats)
-        for rep, rate, config in plan:
-            conns = int(rate * prof.sweep_seconds)
-            row, res = run_one(dom, config, rate, conns, rep, raw)
-            sweep_rows.append(row)
-            raw_results.append(
-                {"config": config, "rate": rate, "repeat": rep, "sweep": True, **res}
-            )
+    sweep_configs = [
+        *(prof.sweep_configs if "sweep" not in args.skip else ()),
+        *(prof.out_sweep_configs if "outgoing" not in args.skip else ()),
+    ]
+    if sweep_configs:
+        print(f"rate sweep: {', '.join(sweep_configs)} interleaved", flush=True)
+        plan = interleaved_schedule(sweep_configs, prof.sweep_rates, prof.sweep_repeats)
+        with contextlib.ExitStack() as stack:
+            if any(c.startswith(OUT_PREFIX) for c in sweep_configs):
+                stack.enter_context(client_server(raw))
+                run_connload(dom.id, 300, 900)  # warm the guest's outgoing paths, unmeasured
+            for rep, rate, config in plan:
+                conns = int(rate * prof.sweep_seconds)
+                row, res = run_one(dom, config, rate, conns, rep, raw)
+                sweep_rows.append(row)
+                raw_results.append(
+                    {"config": config, "rate": rate, "repeat": rep, "sweep": True, **res}
+                )
     thesis_agg = with_ratios(aggregate(rows), baseline="none")
-    sweep_agg = with_ratios(aggregate(sweep_rows), baseline="none")
-    if sweep_agg:
-        write_sweep_plot(sweep_agg, out / "sweep.png")
+    in_rows = [r for r in sweep_rows if not r.config.startswith(OUT_PREFIX)]
+    out_rows = [r for r in sweep_rows if r.config.startswith(OUT_PREFIX)]
+    sweep_agg = with_ratios(aggregate(in_rows), baseline="none")
+    out_agg = with_ratios(aggregate(out_rows), baseline=OUT_PREFIX + "none")
+    if sweep_agg or out_agg:
+        write_sweep_plot({**sweep_agg, **out_agg}, out / "sweep.png")
     micro = run_micro(raw, dom.id) if "micro" not in args.skip else {}
     leaks: list[LeakResult] = []
     if "leak" not in args.skip:
@@ -299,7 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "flood": flood,
             "thesis": {f"{c}@{r:g}": f for (c, r), f in thesis_agg.items()},
             "sweep": {f"{c}@{r:g}": f for (c, r), f in sweep_agg.items()},
+            "sweep_outgoing": {f"{c}@{r:g}": f for (c, r), f in out_agg.items()},
             "client_limited_rates": [r for r in prof.sweep_rates if client_limited(sweep_agg, r)],
+            "client_limited_rates_outgoing": [
+                r for r in prof.sweep_rates if client_limited(out_agg, r, OUT_PREFIX + "none")
+            ],
             "micro": micro,
             "leak": [asdict(x) for x in leaks],
             "runs": raw_results,
@@ -308,11 +349,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     md = render_markdown(summary, thesis_agg, leaks)
+    if sweep_agg or out_agg:
+        md += "\n" + sweep_table(sweep_agg, out_agg, prof.sweep_rates) + "\n"
     if flood:
         md += "\n" + render_flood(flood, prof.flood_conns)
     (out / "results.md").write_text(md)
     print(md)
     print(f"results in {out} ({summary['elapsed_s']:.0f} s)")
+    return 0
+
+
+def main_scale(domain: int, out_dir: Path | None, crowd: str) -> int:
+    """`--profile scale`: bench.scale's table, written like the other profiles' results."""
+    dom = preflight(domain)
+    out = out_dir or Path(__file__).parent / "results" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "profile": {"name": "scale", "crowd": crowd},
+        "machine": {"nproc": os.cpu_count(), "uname": os.uname().release, "loadavg": loadavg()},
+        "guest": {"kernel": dom.kernel.release},
+    }
+    summary["scale"] = run_scale(out, dom.id, crowd)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    md = render_scale(summary["scale"])
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+    print(f"results in {out} ({summary['scale']['elapsed_s']:.0f} s)")
     return 0
 
 

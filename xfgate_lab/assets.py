@@ -4,7 +4,7 @@ Layout of ``assets_dir(package)`` (``$XFGATE_CACHE/kernels/<package>/``)::
 
     tree/                 the package, extracted with dpkg-deb -x (boot/, lib/modules/...)
     vmlinuz config System.map   symlinks into tree/boot (System.map is Debian's one-line stub)
-    guest-bin/            fastweb, spray, keeper, xfprobe, crowd: static, gcc -static
+    guest-bin/            fastweb, spray, keeper, xfprobe, crowd, connload: static, gcc -static
     initramfs.cpio.gz     busybox-static + workload + NIC modules in load order
     assets.json           manifest, written last: its presence means the build is complete
 """
@@ -34,11 +34,12 @@ from xfgate_lab.layout import cache_dir_from_env
 
 DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"  # Debian's meta-package: resolved to a concrete one
 ASSETS_FORMAT = 1
-GUEST_PROGRAMS = ("fastweb", "spray", "keeper", "xfprobe", "crowd")
+GUEST_PROGRAMS = ("fastweb", "spray", "keeper", "xfprobe", "crowd", "connload")
 # Libraries a guest program links beyond libc (xfprobe's thread-files probe uses pthreads).
 GUEST_PROGRAM_LIBS: dict[str, tuple[str, ...]] = {
     "xfprobe": ("-lpthread",),
     "crowd": ("-lpthread",),
+    "connload": ("-lm",),
 }
 GUEST_FILES = ("init", "passwd", "group", *(f"{p}.c" for p in GUEST_PROGRAMS))
 _PACKAGE_NAME_RE = re.compile(r"^linux-image-[a-z0-9][a-z0-9.+-]*$")

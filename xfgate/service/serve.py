@@ -46,7 +46,7 @@ from xfgate.service.store import PolicyStore
 from xfgate.verdict import control
 from xfgate.verdict.options import GateOptions
 from xfgate.verdict.policy import Policy, Verdict
-from xfgate.verdict.runner import Gate, OwnerSourceFactory, introspection_source
+from xfgate.verdict.runner import Gate, OwnerSourceFactory
 
 log = logging.getLogger(__name__)
 DEAD_STRIKES = 2  # discovery rounds a gated VM must look stopped in before it is let go
@@ -152,7 +152,7 @@ class Service:
         self,
         options: ServeOptions,
         domain_source: DomainSource,
-        owner_source_factory: OwnerSourceFactory = introspection_source,
+        owner_source_factory: OwnerSourceFactory | None = None,
         liveness: Liveness = vm_liveness,
         clock: Callable[[], float] = time.time,
         gone: Gone = vm_gone,
@@ -489,7 +489,7 @@ def run_service(
     options: ServeOptions,
     domain_source: DomainSource,
     until: Callable[[], bool] | None = None,
-    owner_source_factory: OwnerSourceFactory = introspection_source,
+    owner_source_factory: OwnerSourceFactory | None = None,
 ) -> int:
     service = Service(options, domain_source, owner_source_factory)
     try:

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xfgate.config import DomainConfig
 from xfgate.errors import (
@@ -71,6 +71,9 @@ from xfgate.verdict.netns import enter_netns, ifindex
 from xfgate.verdict.options import GateMode, GateOptions
 from xfgate.verdict.policy import GuestFacts, Policy, Verdict, blocked_ports, socket_blocked
 
+if TYPE_CHECKING:
+    from xfgate.vmi.profile import Profile
+
 log = logging.getLogger(__name__)
 DEFAULT_QUEUE_BASE = 100  # queue number = base + domain id unless --queue-num is given
 IDLE_TICK = 0.5
@@ -80,16 +83,38 @@ IDLE_TICK = 0.5
 OwnerSourceFactory = Callable[[DomainConfig, GateOptions], OwnerSource]
 
 
-def introspection_source(domain: DomainConfig, options: GateOptions) -> OwnerSource:
-    """The gate's owner source: the guest kernel's memory, read by introspection."""
-    from xfgate.vmi.cli import load_domain_profile
-    from xfgate.vmi.introspect import GuestIntrospector
-    from xfgate.vmi.liveness import require_running
+class IntrospectionSources:
+    """The gate's owner sources: the guest kernel's memory, read by introspection. Domains that
+    name the same kernel share one profile object: a Debian 6.1 profile is ~30 MB of Python
+    objects (struct layouts and ~90k symbols), loaded once per kernel, not once per domain
+    (issue 10: memory per domain). A profile is read-only once loaded (its struct layouts are
+    decoded on first use, the same for every reader). A domain that names no kernel gets its
+    profile from its own memory, unshared."""
 
-    require_running(domain)  # a dead VM's RAM file would answer with stale owners
-    return GuestIntrospector(
-        domain, load_domain_profile(domain, options.profile, options.cache_dir)
-    )
+    def __init__(self) -> None:
+        self._profiles: dict[tuple[str, ...], Profile] = {}
+
+    def profile(self, domain: DomainConfig, options: GateOptions) -> Profile:
+        from xfgate.vmi.cli import load_domain_profile
+
+        k = domain.kernel
+        key = (options.profile or "", str(options.cache_dir), k.assets, k.package, k.release)
+        if not (options.profile or k.assets or k.package or k.release):
+            return load_domain_profile(domain, options.profile, options.cache_dir)
+        found = self._profiles.get(key)
+        if found is None:
+            found = load_domain_profile(domain, options.profile, options.cache_dir)
+            self._profiles[key] = found
+        else:
+            log.info("domain %d: sharing the loaded profile of kernel %s", domain.id, found.release)
+        return found
+
+    def __call__(self, domain: DomainConfig, options: GateOptions) -> OwnerSource:
+        from xfgate.vmi.introspect import GuestIntrospector
+        from xfgate.vmi.liveness import require_running
+
+        require_running(domain)  # a dead VM's RAM file would answer with stale owners
+        return GuestIntrospector(domain, self.profile(domain, options))
 
 
 def with_vifs(domain: DomainConfig) -> DomainConfig:
@@ -386,10 +411,12 @@ class DomainGate:
 
 class Gate:
     def __init__(
-        self, options: GateOptions, owner_source_factory: OwnerSourceFactory = introspection_source
+        self, options: GateOptions, owner_source_factory: OwnerSourceFactory | None = None
     ) -> None:
+        """`owner_source_factory`: None reads the guests' memory (IntrospectionSources: one
+        profile per kernel for all of this gate's domains)."""
         self.options = options
-        self._owner_source_factory = owner_source_factory
+        self._owner_source_factory = owner_source_factory or IntrospectionSources()
         self.domains: dict[int, DomainGate] = {}
         self.firewall: Firewall | None = None
         self.log: VerdictLog | None = None
@@ -965,7 +992,7 @@ def bind_queue(queue_num: int, callback: Callable[[QueuedPacket], None]) -> Any:
 def run_gate(
     options: GateOptions,
     until: Callable[[], bool] | None = None,
-    owner_source_factory: OwnerSourceFactory = introspection_source,
+    owner_source_factory: OwnerSourceFactory | None = None,
 ) -> int:
     """Runs a gate until `until()` or a signal. The owner source is injected: the default reads
     the guest's memory; a test harness may pass its own."""
