@@ -65,7 +65,15 @@ from xfgate.verdict.fastpath import (
     make_backend,
     poll_rules,
 )
-from xfgate.verdict.listeners import KEEP_INTERVAL, ListenerGrant, listener_grants, renewable
+from xfgate.verdict.listeners import (
+    CARRY_SECONDS,
+    KEEP_INTERVAL,
+    ListenerGrant,
+    carried_grants,
+    keeper_facts,
+    listener_grants,
+    renewable,
+)
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.netns import enter_netns, ifindex
 from xfgate.verdict.options import GateMode, GateOptions
@@ -165,8 +173,11 @@ class Refresher(threading.Thread):
         self._grants: set[ListenerGrant] = set()
         self._grant_policy: Policy | None = None
         self._granted: set[BlockEntry] = set()  # what the kernel set holds (or may, until TTL)
+        self._grants_at = 0.0  # monotonic time of the complete view the grants come from
         self.grant_renewals = 0
         self.grant_refusals = 0
+        self.grants_carried = 0  # incomplete views that carried the last complete view's grants
+        self.keeper = ListenerKeeper(self) if listeners is not None else None
         self.unchanged = 0  # refreshes that found nothing changed (no facts or sets recomputed)
         self._last_view: GuestView | None = None
         self._last_policy: Policy | None = None
@@ -175,6 +186,10 @@ class Refresher(threading.Thread):
 
     def trigger(self) -> None:
         self._wake.set()
+
+    def wait_keep(self, seconds: float) -> None:
+        """The keeper's pause: ends early when the refresher stops."""
+        self._stop.wait(seconds)
 
     def stop(self) -> None:
         self._stop.set()
@@ -203,7 +218,7 @@ class Refresher(threading.Thread):
             facts = self._engine.absorb_view(view)
             entries = self._entries(facts, policy)
             self._reset_if_owners_became_blocked(entries, before)
-            self._set_grants(listener_grants(facts.sockets, policy, facts), policy)
+            self._set_grants(self._grants_of(facts, policy), policy)
             self._last_view, self._last_policy = view, policy
             if view.complete:
                 self.degraded = ""
@@ -265,6 +280,20 @@ class Refresher(threading.Thread):
     def granted(self) -> set[BlockEntry]:
         return set(self._granted)
 
+    def _grants_of(self, facts: GuestFacts, policy: Policy) -> set[ListenerGrant]:
+        """The grants after a view: a complete one's own; an incomplete one carries what it
+        bears out of the last complete view's grants (same policy), for CARRY_SECONDS."""
+        now = time.monotonic()
+        if facts.complete:
+            self._grants_at = now
+            return listener_grants(facts.sockets, policy, facts)
+        with self._grant_lock:
+            previous = self._grants if self._grant_policy is policy else set()
+        if not previous or now - self._grants_at > CARRY_SECONDS:
+            return set()
+        self.grants_carried += 1
+        return carried_grants(previous, facts.sockets, policy, facts)
+
     def _set_grants(self, grants: set[ListenerGrant], policy: Policy) -> None:
         with self._grant_lock:
             self._grants = grants
@@ -288,7 +317,7 @@ class Refresher(threading.Thread):
         with self._grant_lock:
             policy = self._engine.policy
             grants = self._grants if self._grant_policy is policy else set()
-            facts = self._engine.facts
+            facts = keeper_facts(self._engine.facts, time.monotonic() - self._grants_at)
             answers: dict[Flow, Ownership | None] = {}
             keep: set[BlockEntry] = set()
             for grant in sorted(grants, key=lambda g: g.entry):
@@ -309,8 +338,15 @@ class Refresher(threading.Thread):
             self.grant_refusals += len({g.entry for g in grants} - keep)
             self._granted = keep
 
+    def start(self) -> None:
+        super().start()
+        if self.keeper is not None:
+            self.keeper.start()
+
     def run(self) -> None:
-        next_walk = 0.0
+        # The gate's first walk (refresh_once before start) is the first one: the next in one
+        # interval, unless triggered.
+        next_walk = time.monotonic() + self._interval if self.walks else 0.0
         while not self._stop.is_set():
             if self._wake.is_set() or time.monotonic() >= next_walk:
                 self._wake.clear()
@@ -325,14 +361,31 @@ class Refresher(threading.Thread):
                     self.last_error = f"{type(e).__name__}: {e}"
                     log.warning("domain %d: refresh failed: %s", self.domain, e)
                 next_walk = time.monotonic() + self._interval
+            self._wake.wait(max(0.0, next_walk - time.monotonic()))
+
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+
+class ListenerKeeper(threading.Thread):
+    """Renews the refresher's grants every KEEP_INTERVAL on its own thread. In the refresher's
+    loop a renewal waited for the walk before it: under a flood (the packet thread holding the
+    GIL, the walk reading the flood's tables afresh) a refresh took over a second, the
+    one-second grants lapsed, and a good service's new connections queued behind the flood
+    (measured: renewals stalled 0.7-1.3 s at each walk, the queue 500-2,000 packets deep)."""
+
+    def __init__(self, refresher: Refresher) -> None:
+        super().__init__(name=f"xfgate-keeper-{refresher.domain}", daemon=True)
+        self._refresher = refresher
+
+    def run(self) -> None:
+        r = self._refresher
+        while not r.stopped():
             try:
-                self.keep_listeners()
+                r.keep_listeners()
             except Exception as e:  # e.g. ipset refused: the grants lapse on their own
-                log.warning("domain %d: granted listeners not renewed: %s", self.domain, e)
-            wait = min(KEEP_INTERVAL, next_walk - time.monotonic())
-            if self._listeners is None:
-                wait = next_walk - time.monotonic()
-            self._wake.wait(max(0.0, wait))
+                log.warning("domain %d: granted listeners not renewed: %s", r.domain, e)
+            r.wait_keep(KEEP_INTERVAL)
 
 
 @dataclass(frozen=True)
@@ -623,6 +676,8 @@ class Gate:
         )
         try:
             dg.refresher.refresh_once(walk=True)
+            # The first walk's grants are in the kernel before the gate says it is ready.
+            dg.refresher.keep_listeners()
         except Exception as e:
             dg.refresher.last_error = f"{type(e).__name__}: {e}"
             log.warning("domain %d: first walk failed: %s", d, e)
@@ -878,6 +933,7 @@ class Gate:
                 "settled_resets": ref.settled_resets,
                 "grant_renewals": ref.grant_renewals,
                 "grant_refusals": ref.grant_refusals,
+                "grants_carried": ref.grants_carried,
                 "unchanged": ref.unchanged,
                 "last_walk_ms": ref.last_walk_ms,
                 "error": ref.last_error,
