@@ -168,6 +168,23 @@ def probes(domain: int = 1) -> dict[str, Probe]:
             )
             for kind, f in FRAME_FILTERS.items()
         ),
+        # Datagram sockets closed right after their one datagram (issue 9's flood, the UDP
+        # side): the gate's lookup finds no socket by the time of its verdict.
+        Probe(
+            "udp-close",
+            ("send-close", "udp", CLIENT, "2310", "2000"),
+            f"src host {g4} and udp dst port 2310",
+        ),
+        Probe(
+            "udplite-close",
+            ("send-close", "udplite", CLIENT, "2311", "2000"),
+            f"src host {g4} and ip proto 136",
+        ),
+        Probe(
+            "ping-close",
+            ("send-close", "ping", CLIENT, "0", "2000"),
+            f"src host {g4} and icmp[icmptype] == icmp-echo",
+        ),
         Probe(
             "restart",
             ("tcp", CLIENT, "2309", "15"),

@@ -89,6 +89,24 @@ def is_bare_syn(parsed: ParsedPacket) -> bool:
     )
 
 
+def opens_a_flow(parsed: ParsedPacket) -> str:
+    """What an outgoing packet is when only a socket sends it and it may open a flow: a TCP SYN,
+    a UDP or UDP-Lite datagram, an ICMP/ICMPv6 echo request ("" otherwise). The guest kernel
+    sends none of these for no socket (for no socket it sends RSTs and ICMP errors; its own
+    UDP tunnels and echo replies have sockets or are told apart before), so one whose socket
+    the lookup does not find was sent by a socket closed before its verdict (connect or send,
+    then close: a flood does it by the thousand while the queue is long) or forged."""
+    if parsed.embedded is not None:
+        return ""
+    if is_bare_syn(parsed):
+        return "tcp SYN"
+    if parsed.proto in (IPProto.UDP, IPProto.UDPLITE):
+        return f"{proto_label(parsed.proto)} datagram"
+    if parsed.echo_id >= 0 and parsed.icmp_type in ECHO_REQUEST_TYPES:
+        return f"{proto_label(parsed.proto)} echo request"
+    return ""
+
+
 def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:
     """An incoming TCP SYN (no ACK, no RST): the guest kernel hands it to a listener."""
     return (
@@ -486,14 +504,15 @@ class Engine:
             kernel = kernel_sent(parsed)
             if kernel:
                 decision = decide(None, flow, policy, kernel)
-            elif is_bare_syn(parsed) and policy.blocks_anything:
-                # Its socket is gone by the time its turn came (connect() then close(): a flood
-                # does it by the thousand while the queue is long) or it never had one (a raw
-                # socket). No one can be named, and a SYN of no socket opens nothing anyone
-                # could use: dropped while a block is in force, unsettled.
+            elif (opening := opens_a_flow(parsed)) and policy.blocks_anything:
+                # Its socket is gone by the time its turn came (connect() or sendto(), then
+                # close(): a flood does it by the thousand while the queue is long; the red
+                # team's send-close probes got 2,000 of 2,000 datagrams out before) or it never
+                # had one (a raw socket). No one can be named, and the flow is nobody's:
+                # dropped while a block is in force, unsettled.
                 decision = Decision(
                     Verdict.DROP,
-                    "tcp SYN of no guest socket (closed before its verdict, or forged)",
+                    f"{opening} of no guest socket (closed before its verdict, or forged)",
                     known=False,
                     settle=False,
                 )

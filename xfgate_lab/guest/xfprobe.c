@@ -17,6 +17,9 @@
  *                                 with IPv4/UDP inside), qinq, pppoe (PPPoE session, IPv4/UDP),
  *                                 other (ethertype 0x88b5), broadcast destination
  *   flood HOST SECONDS MAX       new TCP connections to random ports as fast as possible
+ *   send-close KIND HOST PORT N  N times: a new datagram socket (KIND udp, udplite or ping),
+ *                                 one datagram (an echo for ping), close at once: the socket
+ *                                 is gone before the gate's verdict on its datagram
  *   hold HOST PORT SECONDS       one connection held open (a long-lived flow), then closed
  * Global option, first: --as-uid UID  the root-only probes (raw-tcp, frames) open their socket as
  *   root, then drop to UID (groups, gid and uid) before sending: the packets leave from a
@@ -244,6 +247,30 @@ static int fdbomb(const char *host, int port, long procs, long dups, long second
     for (long i = 0; i < nkids; i++) kill(kids[i], SIGKILL);
     for (long i = 0; i < nkids; i++) waitpid(kids[i], NULL, 0);
     printf("xfprobe fdbomb: %d attempts, %d connected\n", attempts, ok);
+    return 0;
+}
+
+static int send_close(const char *kind, const char *host, int port, long n) {
+    struct sockaddr_storage ss;
+    socklen_t len = parse_addr(host, port, &ss);
+    if (!len) return 2;
+    int v6 = ss.ss_family == AF_INET6;
+    int proto = !strcmp(kind, "udplite") ? IPPROTO_UDPLITE
+                : !strcmp(kind, "ping")  ? (v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP)
+                                         : IPPROTO_UDP;
+    int sent = 0, failed = 0;
+    for (long i = 0; i < n; i++) {
+        int s = socket(ss.ss_family, SOCK_DGRAM, proto);
+        if (s < 0) {
+            failed++;
+            continue;
+        }
+        unsigned char pkt[16] = {v6 ? 128 : 8, 0, 0, 0, 0, 0, (unsigned char)(i >> 8), (unsigned char)i};
+        memcpy(pkt + 8, "xfprobe!", 8);
+        sent += sendto(s, pkt, sizeof pkt, 0, (struct sockaddr *)&ss, len) > 0;
+        close(s);
+    }
+    printf("xfprobe send-close %s: %d of %ld sent (%d sockets refused)\n", kind, sent, n, failed);
     return 0;
 }
 
@@ -493,6 +520,8 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "frames") && argc == 5) return frames(argv[2], argv[3], arg_n(argv[4], MAX_N));
     if (!strcmp(c, "flood") && argc == 5)
         return flood(argv[2], arg_n(argv[3], 600), arg_n(argv[4], 1000000));
+    if (!strcmp(c, "send-close") && argc == 6)
+        return send_close(argv[2], argv[3], atoi(argv[4]), arg_n(argv[5], MAX_N));
     if (!strcmp(c, "hold") && argc == 5) return hold(argv[2], atoi(argv[3]), arg_n(argv[4], 600));
 usage:
     fprintf(stderr, "usage: see the comment at the top of xfprobe.c\n");
