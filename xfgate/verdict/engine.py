@@ -470,22 +470,8 @@ class Engine:
             else:
                 answer = self.cache.get_or_load(flow, self._lookup, PACKET_WAIT)
         except TimeoutError as e:
-            decision = decide_unanswered(flow, policy, facts, f"owner lookup: {e}")
-            if (
-                outgoing
-                and decision.verdict is Verdict.ACCEPT
-                and is_bare_syn(parsed)
-                and policy.blocks_anything
-            ):
-                # A new connection no one could be named for (its socket newer than the last
-                # view, a walk holding the source): the fd bomb's SYNs took --unknown here. A
-                # good owner's SYN is sent again in a second, judged then.
-                decision = Decision(
-                    Verdict.DROP,
-                    f"tcp SYN, owner lookup: {e}: dropped while a block is in force",
-                    known=False,
-                    settle=False,
-                )
+            flags = parsed.tcp_flags if parsed.embedded is None else 0
+            decision = decide_unanswered(flow, policy, facts, f"owner lookup: {e}", flags, outgoing)
             return Evaluation(decision, AnswerSource.TIMEOUT, parsed, flow, direction)
         ownership = answer.ownership
         if (
