@@ -14,7 +14,7 @@ from xfgate.inet import IPProto
 from xfgate.verdict.blocksets import BlockEntry
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine
-from xfgate.verdict.listeners import CARRY_SECONDS
+from xfgate.verdict.listeners import CARRY_SECONDS, GRANT_TTL, KEEP_INTERVAL
 from xfgate.verdict.policy import compile_policy
 from xfgate.verdict.runner import ListenerSets, Refresher
 
@@ -32,6 +32,8 @@ class SlowSource:
         self.hold = threading.Event()
         self.held = threading.Event()
         self.release = threading.Event()
+        self.answer: Ownership | None = ANSWER
+        self.busy = False
 
     def refresh(self, watch: Any = None) -> GuestView:
         if self.hold.is_set():
@@ -40,7 +42,9 @@ class SlowSource:
         return GuestView((LISTENER,), (WEB,), (), self.complete, () if self.complete else ("torn",))
 
     def lookup_listener(self, flow: Flow) -> Ownership | None:
-        return ANSWER
+        if self.busy:
+            raise TimeoutError("owner source busy")
+        return self.answer
 
     def lookup(self, flow: Flow) -> Ownership | None:
         return None
@@ -108,3 +112,30 @@ def test_an_incomplete_view_keeps_the_grants_for_a_bounded_time_only() -> None:
     r.refresh_once()
     r.keep_listeners()
     assert kept[-1] == granted
+
+
+def test_a_renewal_that_does_not_answer_lets_the_grant_lapse_a_refusal_deletes_it() -> None:
+    r, source, kept, gone = _refresher()
+    r.refresh_once(walk=True)
+    r.keep_listeners()
+    granted = kept[-1]
+    rounds = len(kept)
+    source.busy = True  # the packet path holds the source under a flood
+    r.keep_listeners()
+    # Neither renewed nor deleted: the kernel entries live out their GRANT_TTL.
+    assert len(kept) == rounds and r.granted == granted and r.grant_unanswered == len(granted)
+    source.busy = False
+    r.keep_listeners()
+    assert kept[-1] == granted and not gone[-1]
+    # Unanswered for a whole GRANT_TTL: lapsed in the kernel, no longer counted as granted.
+    source.busy = True
+    for _ in range(int(GRANT_TTL / KEEP_INTERVAL)):
+        r.keep_listeners()
+    assert r.granted == set() and gone[-1] == set()
+    # A refusal (another sock answers) deletes at once.
+    source.busy = False
+    r.keep_listeners()
+    assert kept[-1] == granted
+    source.answer = Ownership((WEB,), 1000, "LISTEN", Via.LISTENER, 0x2000)
+    r.keep_listeners()
+    assert kept[-1] == set() and gone[-1] == granted and r.granted == set()

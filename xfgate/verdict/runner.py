@@ -67,6 +67,7 @@ from xfgate.verdict.fastpath import (
 )
 from xfgate.verdict.listeners import (
     CARRY_SECONDS,
+    GRANT_TTL,
     KEEP_INTERVAL,
     ListenerGrant,
     carried_grants,
@@ -177,6 +178,8 @@ class Refresher(threading.Thread):
         self.grant_renewals = 0
         self.grant_refusals = 0
         self.grants_carried = 0  # incomplete views that carried the last complete view's grants
+        self.grant_unanswered = 0  # renewals whose lookup did not answer (left to lapse)
+        self._misses: dict[BlockEntry, int] = {}  # consecutive unanswered renewals per entry
         self.keeper = ListenerKeeper(self) if listeners is not None else None
         self.unchanged = 0  # refreshes that found nothing changed (no facts or sets recomputed)
         self._last_view: GuestView | None = None
@@ -319,7 +322,9 @@ class Refresher(threading.Thread):
             grants = self._grants if self._grant_policy is policy else set()
             facts = keeper_facts(self._engine.facts, time.monotonic() - self._grants_at)
             answers: dict[Flow, Ownership | None] = {}
+            failed: set[Flow] = set()
             keep: set[BlockEntry] = set()
+            unanswered: set[BlockEntry] = set()
             for grant in sorted(grants, key=lambda g: g.entry):
                 if grant.probe not in answers:
                     try:
@@ -327,16 +332,29 @@ class Refresher(threading.Thread):
                     except Exception as e:  # busy source, torn memory: not renewed
                         log.debug("domain %d: listener %s not renewed: %s", self.domain, grant, e)
                         answers[grant.probe] = None
-                if renewable(grant, answers[grant.probe], policy, facts):
+                        failed.add(grant.probe)
+                if grant.probe in failed:
+                    unanswered.add(grant.entry)
+                elif renewable(grant, answers[grant.probe], policy, facts):
                     keep.add(grant.entry)
             if self._stop.is_set():  # stopping: revoke_listeners follows, renew nothing
                 return
-            gone = self._granted - keep
-            if keep or gone:
-                self._listeners.renew(keep, gone)
+            # A lookup that did not answer (the source busy with the packet path under a
+            # flood) renews nothing and deletes nothing: the entry lapses within GRANT_TTL
+            # unless the next round renews it. Deleting it at once, as a refusal does, sent
+            # the good service's connections into the flood's queue for a busy moment.
+            for entry in unanswered:
+                self._misses[entry] = self._misses.get(entry, 0) + 1
+            lapsed = {e for e in unanswered if self._misses[e] * KEEP_INTERVAL >= GRANT_TTL}
+            pending = (unanswered & self._granted) - lapsed
+            gone = self._granted - keep - pending
+            if keep or gone - lapsed:
+                self._listeners.renew(keep, gone - lapsed)
+            self._misses = {e: n for e, n in self._misses.items() if e in pending}
             self.grant_renewals += len(keep)
-            self.grant_refusals += len({g.entry for g in grants} - keep)
-            self._granted = keep
+            self.grant_refusals += len({g.entry for g in grants} - keep - unanswered)
+            self.grant_unanswered += len(unanswered)
+            self._granted = keep | pending
 
     def start(self) -> None:
         super().start()
@@ -934,6 +952,7 @@ class Gate:
                 "grant_renewals": ref.grant_renewals,
                 "grant_refusals": ref.grant_refusals,
                 "grants_carried": ref.grants_carried,
+                "grant_unanswered": ref.grant_unanswered,
                 "unchanged": ref.unchanged,
                 "last_walk_ms": ref.last_walk_ms,
                 "error": ref.last_error,

@@ -21,6 +21,14 @@
  *                                 one datagram (an echo for ping), close at once: the socket
  *                                 is gone before the gate's verdict on its datagram
  *   hold HOST PORT SECONDS       one connection held open (a long-lived flow), then closed
+ * Sockets held for the walks to find (tests/test_vmi_attrib_lab.py): each prints "ready FD"
+ * once its socket is open, then holds it for SECS seconds.
+ *   hold-udplite HOST PORT SECS  a connected UDP-Lite socket, one datagram a second
+ *   hold-mptcp HOST PORT SECS    an MPTCP connection (IPPROTO_MPTCP)
+ *   hold-thread HOST PORT SECS   a thread unshare(CLONE_FILES)s, then connects (TCP)
+ *   hold-ping HOST SECS          a ping socket (SOCK_DGRAM, IPPROTO_ICMP), one echo a second
+ *   hold-packet SECS             an AF_PACKET socket (root)
+ *   hold-bomb PROCS DUPS SECS    PROCS processes x DUPS dup()s of one UDP socket
  * Global option, first: --as-uid UID  the root-only probes (raw-tcp, frames) open their socket as
  *   root, then drop to UID (groups, gid and uid) before sending: the packets leave from a
  *   process of a blocked user holding a socket root created.
@@ -489,6 +497,116 @@ static int hold(const char *host, int port, long seconds) {
     return 0;
 }
 
+static void ready(int s) {
+    printf("ready %d\n", s);
+    fflush(stdout);
+}
+
+/* hold-udplite, hold-mptcp: a connected socket held `secs` seconds (UDP-Lite: one datagram a
+ * second). */
+static int hold_connected(int lite, const char *host, int port, long secs) {
+    struct sockaddr_storage ss;
+    socklen_t len = parse_addr(host, port, &ss);
+    if (!len) return 2;
+    int s = lite ? socket(ss.ss_family, SOCK_DGRAM, IPPROTO_UDPLITE)
+                 : socket(ss.ss_family, SOCK_STREAM, IPPROTO_MPTCP);
+    if (s < 0 || connect(s, (struct sockaddr *)&ss, len) != 0) {
+        perror(lite ? "hold-udplite" : "hold-mptcp");
+        return 1;
+    }
+    ready(s);
+    for (long i = 0; i < secs; i++) {
+        if (lite && send(s, "x", 1, 0) < 0) {}
+        sleep_ms(1000);
+    }
+    return 0;
+}
+
+struct hold_args {
+    const char *host;
+    int port;
+    long secs;
+};
+
+static void *hold_thread_main(void *p) {
+    struct hold_args *a = p;
+    if (unshare(CLONE_FILES) != 0) {
+        perror("unshare");
+        exit(1);
+    }
+    struct sockaddr_storage ss;
+    socklen_t len = parse_addr(a->host, a->port, &ss);
+    int s = len ? socket(ss.ss_family, SOCK_STREAM, 0) : -1;
+    if (s < 0 || connect(s, (struct sockaddr *)&ss, len) != 0) {
+        perror("hold-thread");
+        exit(1);
+    }
+    ready(s);
+    sleep_ms(a->secs * 1000);
+    return NULL;
+}
+
+static int hold_thread(const char *host, int port, long secs) {
+    struct hold_args a = {host, port, secs};
+    pthread_t t;
+    if (pthread_create(&t, NULL, hold_thread_main, &a) != 0) return 1;
+    pthread_join(t, NULL);
+    return 0;
+}
+
+static int hold_ping(const char *host, long secs) {
+    struct sockaddr_storage ss;
+    socklen_t len = parse_addr(host, 0, &ss);
+    if (!len) return 2;
+    int v6 = ss.ss_family == AF_INET6;
+    int s = socket(ss.ss_family, SOCK_DGRAM, v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP);
+    if (s < 0) {
+        perror("hold-ping");
+        return 1;
+    }
+    ready(s);
+    for (long i = 0; i < secs; i++) {
+        unsigned char pkt[8] = {v6 ? 128 : 8, 0, 0, 0, 0, 0, (unsigned char)(i >> 8), (unsigned char)i};
+        if (sendto(s, pkt, sizeof pkt, 0, (struct sockaddr *)&ss, len) < 0) {}
+        sleep_ms(1000);
+    }
+    return 0;
+}
+
+static int hold_packet(long secs) {
+    int s = socket(AF_PACKET, SOCK_RAW, htons(0x0003)); /* ETH_P_ALL */
+    if (s < 0) {
+        perror("hold-packet");
+        return 1;
+    }
+    ready(s);
+    sleep_ms(secs * 1000);
+    return 0;
+}
+
+static int hold_bomb(long procs, long dups, long secs) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    if (s < 0) return 1;
+    for (long p = 0; p < procs; p++) {
+        pid_t k = fork();
+        if (k == 0) {
+            for (long i = 0; i < dups; i++)
+                if (dup(s) < 0) break;
+            sleep_ms(secs * 1000);
+            _exit(0);
+        }
+        if (k < 0) break;
+    }
+    ready(s);
+    while (wait(NULL) > 0) {}
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc > 3 && !strcmp(argv[1], "--as-uid")) {
@@ -522,6 +640,16 @@ int main(int argc, char **argv) {
         return flood(argv[2], arg_n(argv[3], 600), arg_n(argv[4], 1000000));
     if (!strcmp(c, "send-close") && argc == 6)
         return send_close(argv[2], argv[3], atoi(argv[4]), arg_n(argv[5], MAX_N));
+    if (!strcmp(c, "hold-udplite") && argc == 5)
+        return hold_connected(1, argv[2], atoi(argv[3]), arg_n(argv[4], 600));
+    if (!strcmp(c, "hold-mptcp") && argc == 5)
+        return hold_connected(0, argv[2], atoi(argv[3]), arg_n(argv[4], 600));
+    if (!strcmp(c, "hold-thread") && argc == 5)
+        return hold_thread(argv[2], atoi(argv[3]), arg_n(argv[4], 600));
+    if (!strcmp(c, "hold-ping") && argc == 4) return hold_ping(argv[2], arg_n(argv[3], 600));
+    if (!strcmp(c, "hold-packet") && argc == 3) return hold_packet(arg_n(argv[2], 600));
+    if (!strcmp(c, "hold-bomb") && argc == 5)
+        return hold_bomb(arg_n(argv[2], 1000), arg_n(argv[3], 100000), arg_n(argv[4], 600));
     if (!strcmp(c, "hold") && argc == 5) return hold(argv[2], atoi(argv[3]), arg_n(argv[4], 600));
 usage:
     fprintf(stderr, "usage: see the comment at the top of xfprobe.c\n");
