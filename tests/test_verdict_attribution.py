@@ -232,6 +232,12 @@ def test_a_datagram_whose_socket_is_gone_is_dropped_while_a_block_is_in_force() 
         assert d.verdict is Verdict.DROP and not d.settle, what
         assert d.reason == f"{what} of no guest socket (closed before its verdict, or forged)"
         assert free.evaluate(pkt, VIF, 0).decision.verdict is Verdict.ACCEPT, what
+    # A DHCP client's datagram comes from a packet socket (no UDP socket): judged by the
+    # packet-socket holders, as before (root's, not blocked: the unknown verdict).
+    dhcp = bytes(IP(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67))
+    assert e.evaluate(dhcp, VIF, 0).decision.verdict is Verdict.ACCEPT
+    blocked_raw, _ = make({"uids": [1001]}, {}, view([CHILD], raw=[CHILD]))
+    assert blocked_raw.evaluate(dhcp, VIF, 0).decision.verdict is Verdict.DROP
     # What the kernel sends for no socket still passes: an ICMP error about a datagram.
     inner = bytes(IP(src=C, dst=G) / UDP(sport=9, dport=53))[:28]
     unreach = e.evaluate(bytes(IP(src=G, dst=C) / ICMP(type=3, code=3) / inner), VIF, 0)

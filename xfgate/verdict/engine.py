@@ -57,6 +57,8 @@ LISTENER_STATES = frozenset({"LISTEN", "NEW_SYN_RECV", "SYN_RECV"})
 PACKET_WAIT = 0.05
 # How long a walk or a control-side caller waits for it.
 WALK_WAIT = 5.0
+# DHCPv4 client -> server (RFC 2131): sent from packet sockets, not UDP sockets.
+DHCP_CLIENT_PORTS = frozenset({(68, 67)})
 # The oldest view a packet no socket sends is judged on (a walk is taken on the packet path,
 # at most once per this interval, when the last one is older).
 FRESH_VIEW = 0.05
@@ -100,6 +102,11 @@ def opens_a_flow(parsed: ParsedPacket) -> str:
         return ""
     if is_bare_syn(parsed):
         return "tcp SYN"
+    if parsed.proto == IPProto.UDP and (parsed.sport, parsed.dport) in DHCP_CLIENT_PORTS:
+        # A DHCP client (udhcpc, dhclient) sends from an AF_PACKET socket, no UDP socket: judged
+        # by the raw/packet-socket holders as before. Port 68 needs privilege to bind, so a
+        # blocked unprivileged user cannot send-and-close through this exception.
+        return ""
     if parsed.proto in (IPProto.UDP, IPProto.UDPLITE):
         return f"{proto_label(parsed.proto)} datagram"
     if parsed.echo_id >= 0 and parsed.icmp_type in ECHO_REQUEST_TYPES:
