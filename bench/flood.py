@@ -55,6 +55,8 @@ class FloodRun:
     flood_opened: int
     gated: bool = True  # False: the same flood with no gate (the guest's own limit)
     tree: str = ""  # "" this source tree's gate, else the compared tree's label
+    rep: int = 0  # the repeat it belongs to
+    load: float = -1.0  # the host's 1-minute load average when the run started
 
 
 def success_pct(r: HttperfResult, planned: int) -> float:
@@ -116,6 +118,7 @@ def run_pair(
     label = tree.name if tree else ""
     tag = f"flood-{'on' if flood else 'off'}-{'gate' if gated else 'nogate'}{label}-{rep}"
     seconds = int(conns / RATE) + 5
+    load = os.getloadavg()[0]
     results: dict[int, HttperfResult] = {}
     env = None
     if tree is not None:
@@ -157,6 +160,8 @@ def run_pair(
                 flood_opened=opened if d.id == dom.id else 0,
                 gated=gated,
                 tree=label,
+                rep=rep,
+                load=load,
             )
         )
     return runs
@@ -232,6 +237,32 @@ def summarize(runs: list[FloodRun]) -> dict[str, dict[str, float]]:
     return out
 
 
+def per_repeat(runs: list[dict[str, Any]]) -> list[str]:
+    """One row per repeat and domain (this tree's gate): the flood-free run, the flood run and
+    the same flood with no gate side by side, the host's load average at each run's start."""
+    rows = []
+    keys = sorted({(r["rep"], r["domain"]) for r in runs if not r["tree"]})
+    for rep, d in keys:
+        mine = [r for r in runs if (r["rep"], r["domain"]) == (rep, d) and not r["tree"]]
+        pick = {(r["gated"], r["flood"]): r for r in mine}
+        cells = []
+        for key in ((True, False), (True, True), (False, True)):
+            r = pick.get(key)
+            cells.append(
+                f"{r['success_pct']:.1f} % / {r['conn_time_avg']:.1f} ms (load {r['load']:.1f})"
+                if r
+                else "-"
+            )
+        on, bare = pick.get((True, True)), pick.get((False, True))
+        ratio = (
+            on["conn_time_avg"] / bare["conn_time_avg"]
+            if on and bare and on["conn_time_avg"] and bare["conn_time_avg"]
+            else -1.0
+        )
+        rows.append(f"| {rep} | {d} | {' | '.join(cells)} | {_ratio(ratio)} |")
+    return rows
+
+
 def _ratio(x: float) -> str:
     return f"{x:.2f}" if x >= 0 else "- (no reply)"
 
@@ -266,4 +297,15 @@ def render(summary: dict[str, Any], conns: int) -> str:
                 f"| {d} | {s['success_pct_nogate']:.1f} | {s['conn_time_nogate_ms']:.2f} "
                 f"| {_ratio(s['gate_vs_nogate_under_flood'])} |"
             )
+    rows = per_repeat(summary.get("runs", []))
+    if rows:
+        lines += [
+            "",
+            "Every repeat (success / mean connection time, the host's load average at the start):",
+            "",
+            "| repeat | domain | gate, no flood | gate, flood | no gate, flood "
+            "| gate / no gate under the flood |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
     return "\n".join(lines) + "\n"

@@ -93,13 +93,17 @@ SIMPLE = [
     "frames-qinq",
     "frames-pppoe",
     "frames-other",
+    "udp-close",
+    "udplite-close",
+    "ping-close",
 ]
 
 
 @pytest.mark.parametrize("name", SIMPLE)
 def test_blocked_user_gets_nothing_out(rlab: RedteamLab, name: str) -> None:
     """MPTCP, a thread's private fd table, UDP-Lite, ping sockets, a forged raw SYN with a good
-    listener's source port, VLAN/QinQ/PPPoE/other-ethertype frames: blocked, all of it."""
+    listener's source port, VLAN/QinQ/PPPoE/other-ethertype frames, datagrams of sockets
+    closed before their verdict: blocked, all of it."""
     assert_held(run(rlab, name))
 
 

@@ -4,7 +4,7 @@ refusals, the tables."""
 from __future__ import annotations
 
 import struct
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -113,6 +113,16 @@ def test_flood_summary_and_script() -> None:
     assert "| 1 | 99.0 | 2.50 | 1.20 |" in render({"by_domain": s}, 100)
     starved = summarize([run(False, 2.0, 100.0), run(True, 0.0, 0.0)])
     assert "| 0.0 | 2.00 | 0.00 | - (no reply) |" in render({"by_domain": starved}, 100)
+    runs = [
+        asdict(replace(run(False, 2.0, 100.0), load=1.5)),
+        asdict(replace(run(True, 3.0, 98.0), load=2.0)),
+        asdict(replace(bare, load=2.5)),
+    ]
+    table = render({"by_domain": summarize([]), "runs": runs}, 100)
+    assert (
+        "| 0 | 1 | 100.0 % / 2.0 ms (load 1.5) | 98.0 % / 3.0 ms (load 2.0) "
+        "| 99.0 % / 2.5 ms (load 2.5) | 1.20 |" in table
+    )
     script = flood_script(13, procs=2)
     assert script.count("timeout 18 su -s /bin/sh mallory -c") == 2
     assert "xfprobe flood 198.18.0.1 13 500000" in script

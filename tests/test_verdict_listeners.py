@@ -11,7 +11,14 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from xfgate.flow import Flow, GuestSocket, Owner, Ownership, Via
 from xfgate.inet import IPProto
 from xfgate.verdict.blocksets import BlockEntry
-from xfgate.verdict.listeners import ListenerGrant, listener_grants, renewable
+from xfgate.verdict.listeners import (
+    CARRY_SECONDS,
+    ListenerGrant,
+    carried_grants,
+    keeper_facts,
+    listener_grants,
+    renewable,
+)
 from xfgate.verdict.policy import GuestFacts, Policy, compile_policy
 
 ANY4, ANY6 = IPv4Address(0), IPv6Address(0)
@@ -146,3 +153,34 @@ def test_the_keeper_renews_only_the_same_good_listener() -> None:
         assert not renewable(GRANT, answer, BLOCK_1001, facts), answer
     assert not renewable(GRANT, SAME, BLOCK_1001, GuestFacts(complete=False))
     assert not renewable(GRANT, SAME, compile_policy(uids=[1000]), facts)
+
+
+def test_an_incomplete_view_carries_only_the_grants_it_bears_out() -> None:
+    """A flood's churning tables tear a walk now and then: the last complete view's grants go
+    on while the incomplete view shows the same good listener, and no further."""
+    good = [listener()]
+    previous = listener_grants(good, BLOCK_1001, GuestFacts(sockets=tuple(good)))
+    torn = GuestFacts(complete=False)
+    assert carried_grants(previous, good, BLOCK_1001, torn) == previous
+    # Nothing new from an incomplete view.
+    other = [listener(), listener(port=9000, addr=0x3000)]
+    assert carried_grants(previous, other, BLOCK_1001, torn) == previous
+    refused = [
+        [],  # the listener not seen (its table unread, or it closed)
+        [listener(addr=0x2000)],  # another sock on the port
+        [listener(), listener(MALLORY, addr=0x2000)],  # a blocked SO_REUSEPORT sibling
+        [listener(WEB, sk_uid=1001)],
+    ]
+    for view in refused:
+        assert carried_grants(previous, view, BLOCK_1001, torn) == set(), view
+
+
+def test_the_keeper_judges_carried_grants_as_on_the_last_complete_view_for_a_bounded_time() -> None:
+    torn = GuestFacts(complete=False)
+    assert keeper_facts(torn, 1.0).complete
+    assert renewable(GRANT, SAME, BLOCK_1001, keeper_facts(torn, 1.0))
+    assert not keeper_facts(torn, CARRY_SECONDS + 0.1).complete
+    assert not renewable(GRANT, SAME, BLOCK_1001, keeper_facts(torn, CARRY_SECONDS + 0.1))
+    # The facts of an incomplete view are the union with the complete one's: a blocked holder
+    # stays blocked whatever the flag.
+    assert not renewable(GRANT, replace(SAME, owners=(MALLORY,)), BLOCK_1001, keeper_facts(torn, 1))

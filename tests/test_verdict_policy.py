@@ -166,6 +166,33 @@ def test_unanswered_lookup_is_never_a_free_pass_while_a_block_is_in_force() -> N
     assert d.verdict is Verdict.DROP
 
 
+def test_an_unanswered_outgoing_syn_is_not_vouched_for_by_the_last_views_good_owner() -> None:
+    """The last view shows uid 1000's socket on port 40001; a SYN from that port whose lookup
+    timed out may be the blocked owner's new socket on a port just left: dropped while a block
+    is in force. Anything else on that port (an ACK, an incoming SYN) the view still answers."""
+    from xfgate.inet import TCPFlag
+    from xfgate.verdict.policy import GuestFacts, decide_unanswered
+
+    g, c = ip_address("198.18.1.1"), ip_address("198.18.0.1")
+    facts = GuestFacts(
+        sockets=(GuestSocket(IPProto.TCP, g, 40001, c, 2222, "ESTABLISHED", 1000, (WEB,)),)
+    )
+    flow = Flow(IPProto.TCP, g, 40001, c, 2222)
+    block, why = compile_policy(uids=[1001]), "owner lookup: timed out"
+    d = decide_unanswered(flow, block, facts, why, TCPFlag.SYN, outgoing=True)
+    assert (d.verdict, d.known, d.settle) == (Verdict.DROP, False, False)
+    assert d.reason.startswith("tcp SYN, owner lookup: timed out")
+    for flags, outgoing in (
+        (TCPFlag.ACK, True),
+        (TCPFlag.SYN | TCPFlag.ACK, True),
+        (TCPFlag.SYN, False),
+    ):
+        d = decide_unanswered(flow, block, facts, why, flags, outgoing)
+        assert (d.verdict, d.owner, d.settle) == (Verdict.ACCEPT, WEB, False), (flags, outgoing)
+    d = decide_unanswered(flow, compile_policy(), facts, why, TCPFlag.SYN, outgoing=True)
+    assert d.verdict is Verdict.ACCEPT  # nothing blocked: nothing to protect
+
+
 def test_holders_not_all_known_is_never_a_settled_accept() -> None:
     """A lookup whose budget ran out found a holder that is not blocked: the holders it did not
     read may be (a socket passed to a blocked process): the unknown verdict, never settled; a

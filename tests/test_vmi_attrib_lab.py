@@ -1,19 +1,15 @@
 """Attribution that cannot be dodged, on the real lab guest (issue 9): sockets of every protocol,
 every thread's file table, the fd bomb, exe paths and ancestors. Probes run as mallory (uid
-1001): busybox where it can (ping), else tests/probes/attrib_probe.c built with gcc -static on
-the host and fetched by the guest from the client namespace."""
+1001): busybox where it can (ping), else the red team's probe program built into the lab guest
+(`xfprobe hold-*`, xfgate_lab/guest/xfprobe.c): one program for the red team and these tests."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from ipaddress import ip_address
-from pathlib import Path
 
 import pytest
 
@@ -27,14 +23,12 @@ from xfgate.vmi.linux import WalkResult
 from xfgate.vmi.profile import Profile
 from xfgate_lab.cli import guest_exec
 from xfgate_lab.layout import LabLayout
+from xfgate_lab.redteam import PROBE
 
 pytestmark = pytest.mark.lab
 
-PROBE_SRC = Path(__file__).parent / "probes" / "attrib_probe.c"
-GUEST_PROBE = "/tmp/attrib_probe"
 CLIENT = "198.18.0.1"
 GUEST4 = "198.18.1.1"
-SERVE_PORT = 8765
 
 
 @pytest.fixture(scope="module")
@@ -43,56 +37,9 @@ def guest_profile(lab_domain: DomainConfig) -> Profile:
 
 
 @pytest.fixture(scope="module")
-def probe(
-    lab_domain: DomainConfig, lab_layout: LabLayout, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """The static probe, in the guest at GUEST_PROBE."""
-    if shutil.which("gcc") is None:
-        pytest.fail("gcc is needed to build the guest probe")
-    out = tmp_path_factory.mktemp("probe")
-    subprocess.run(
-        ["gcc", "-static", "-O2", "-o", str(out / "attrib_probe"), str(PROBE_SRC), "-lpthread"],
-        check=True,
-        timeout=120,
-    )
-    server = subprocess.Popen(  # served from the client namespace, for a bounded time
-        [
-            "ip",
-            "netns",
-            "exec",
-            lab_layout.client_netns,
-            "timeout",
-            "120",
-            sys.executable,
-            "-m",
-            "http.server",
-            str(SERVE_PORT),
-            "--bind",
-            CLIENT,
-            "--directory",
-            str(out),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(20):
-            got = guest_exec(
-                lab_layout,
-                lab_domain.id,
-                f"timeout 10 wget -q -O {GUEST_PROBE}.new http://{CLIENT}:{SERVE_PORT}/attrib_probe"
-                f" && chmod 755 {GUEST_PROBE}.new && mv -f {GUEST_PROBE}.new {GUEST_PROBE}"
-                " && echo fetched",
-            )
-            if b"fetched" in got.output:
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the guest could not fetch the probe")
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-    yield GUEST_PROBE
+def probe() -> str:
+    """The red team's probe program, built into the lab guest: its hold-* subcommands."""
+    return PROBE
 
 
 def as_mallory(layout: LabLayout, command: str) -> None:
@@ -114,12 +61,12 @@ def test_udplite_ping_raw_packet_sockets(
     lab_domain: DomainConfig, lab_layout: LabLayout, guest_profile: Profile, probe: str
 ) -> None:
     guest_exec(lab_layout, 1, "echo 0 2147483647 > /proc/sys/net/ipv4/ping_group_range")
-    as_mallory(lab_layout, f"{probe} udplite {CLIENT} 7777 20")
-    as_mallory(lab_layout, f"{probe} ping {CLIENT} 20")  # busybox ping here has no ping socket
+    as_mallory(lab_layout, f"{probe} hold-udplite {CLIENT} 7777 20")
+    as_mallory(lab_layout, f"{probe} hold-ping {CLIENT} 20")  # busybox ping here has no ping socket
     guest_exec(
         lab_layout,
         1,
-        f"(ping -c 20 {CLIENT} >/dev/null 2>&1 &); ({probe} packet 20 >/dev/null 2>&1 &)",
+        f"(ping -c 20 {CLIENT} >/dev/null 2>&1 &); ({probe} hold-packet 20 >/dev/null 2>&1 &)",
     )
     with GuestIntrospector(lab_domain, guest_profile) as guest:
 
@@ -162,8 +109,8 @@ def test_udplite_ping_raw_packet_sockets(
 def test_mptcp_subflow_and_private_thread_files(
     lab_domain: DomainConfig, lab_layout: LabLayout, guest_profile: Profile, probe: str
 ) -> None:
-    as_mallory(lab_layout, f"{probe} mptcp {GUEST4} 8000 20")
-    as_mallory(lab_layout, f"{probe} thread {GUEST4} 8000 20")
+    as_mallory(lab_layout, f"{probe} hold-mptcp {GUEST4} 8000 20")
+    as_mallory(lab_layout, f"{probe} hold-thread {GUEST4} 8000 20")
     with GuestIntrospector(lab_domain, guest_profile) as guest:
 
         def ready(r: WalkResult) -> bool:
@@ -190,7 +137,7 @@ def test_mptcp_subflow_and_private_thread_files(
         k = thr.sock
         own = guest.lookup(Flow(IPProto.TCP, k.local, k.lport, k.remote, k.rport))
         assert own is not None and own.via == "established"
-        assert [(o.pid, o.uid, o.exe) for o in own.owners] == [(thr.pid, 1001, GUEST_PROBE)]
+        assert [(o.pid, o.uid, o.exe) for o in own.owners] == [(thr.pid, 1001, PROBE)]
 
 
 def test_exe_ancestors_and_v6only(
@@ -223,7 +170,7 @@ def test_a_socket_passed_to_a_task_that_became_blocked_is_never_settled_without_
     it is now (uid 1001: the policy drops it)."""
     port = 29000
     pids: set[int] = set()
-    guest_exec(lab_layout, 1, f"{probe} passfd {port} 3000 60 > /tmp/passfd.log 2>&1 < /dev/null &")
+    guest_exec(lab_layout, 1, f"{probe} hold-passfd {port} 3000 60 > /tmp/passfd.log 2>&1 < /dev/null &")
     try:
         with GuestIntrospector(lab_domain, guest_profile, allow_pause=False) as guest:
             walked = guest.walk()
@@ -269,7 +216,7 @@ def _bomb(
 ) -> None:
     with GuestIntrospector(lab_domain, guest_profile, allow_pause=False) as guest:
         before = [guest.walk().seconds for _ in range(20)]
-        as_mallory(lab_layout, f"ulimit -n 4096; {probe} bomb 70 4090 60")
+        as_mallory(lab_layout, f"ulimit -n 4096; {probe} hold-bomb 70 4090 60")
 
         def ready(r: WalkResult) -> bool:
             return r.folded_fds >= 70 * (4090 - 16)

@@ -209,3 +209,26 @@ def test_a_connection_whose_holder_becomes_blocked_makes_settled_flows_be_decide
     assert resets == [1] and r.settled_resets == 1
     assert any(e.port == 8080 and e.is_flow for e in r.entries or set())
     gi.close()
+
+
+def test_a_blocked_owners_socket_on_a_good_connections_port_resets_nothing() -> None:
+    """A flood reuses local ports: uid 1001's new socket on the local port and peer address of
+    uid 1000's connection (another remote port, another sock) has the same set entry (the flow
+    sets carry no remote port). Only the same connection turning blocked resets the domain's
+    settled flows; before, this reset every one of them, the good service's included."""
+    g, spray, web, _ = _guest()
+    conn = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 33002, "198.18.0.1", 2222, sk_uid=1000)
+    g.add_fd(web, 5, conn)
+    gi = GuestIntrospector(_domain(), g.profile, memory=g.memory)
+    source = LockedOwnerSource(gi)
+    engine = Engine(1, {}, source, compile_policy(uids=[1001]), OwnerCache())
+    resets: list[int] = []
+    r = Refresher(1, source, engine, lambda e: None, 0.01, reset_settled=lambda: resets.append(1))
+    r.refresh_once(walk=True)
+    assert not any(e.port == 33002 for e in r.entries or set())
+    sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 33002, "198.18.0.1", 2223, sk_uid=1001)
+    g.add_fd(spray, 6, sk)
+    r.refresh_once()
+    assert any(e.port == 33002 and e.is_flow for e in r.entries or set())  # blocked in the sets
+    assert resets == [] and r.settled_resets == 0
+    gi.close()

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,23 @@ def probes(domain: int = 1) -> dict[str, Probe]:
             )
             for kind, f in FRAME_FILTERS.items()
         ),
+        # Datagram sockets closed right after their one datagram (issue 9's flood, the UDP
+        # side): the gate's lookup finds no socket by the time of its verdict.
+        Probe(
+            "udp-close",
+            ("send-close", "udp", CLIENT, "2310", "2000"),
+            f"src host {g4} and udp dst port 2310",
+        ),
+        Probe(
+            "udplite-close",
+            ("send-close", "udplite", CLIENT, "2311", "2000"),
+            f"src host {g4} and ip proto 136",
+        ),
+        Probe(
+            "ping-close",
+            ("send-close", "ping", CLIENT, "0", "2000"),
+            f"src host {g4} and icmp[icmptype] == icmp-echo",
+        ),
         Probe(
             "restart",
             ("tcp", CLIENT, "2309", "15"),
@@ -258,15 +276,25 @@ class HttpTally:
         return self.answered / self.asked if self.asked else 0.0
 
 
+WATCHING = "watching"  # the watcher's first line, once its first GETs are done
+WATCHER_START_TIMEOUT = 30.0
+
+
 def watch_http(
-    host: str, ports: Sequence[int], interval: float, max_seconds: float, stop: threading.Event
+    host: str,
+    ports: Sequence[int],
+    interval: float,
+    max_seconds: float,
+    stop: threading.Event,
+    started: Callable[[], None] = lambda: None,
 ) -> dict[int, HttpTally]:
     """GETs each port every `interval` s until `stop` or `max_seconds` (runs in the client
-    netns: `python -m xfgate_lab.redteam watch-http`)."""
+    netns: `python -m xfgate_lab.redteam watch-http`); `started` after the first round."""
     from xfgate_lab.peers import http_get
 
     tally = {p: HttpTally() for p in ports}
     end = time.monotonic() + max_seconds
+    first = True
     while not stop.is_set() and time.monotonic() < end:
         t0 = time.monotonic()
         for p in ports:
@@ -276,6 +304,9 @@ def watch_http(
                 tally[p].answered += status == 200
             except OSError:
                 pass
+        if first:
+            started()
+            first = False
         stop.wait(max(0.0, interval - (time.monotonic() - t0)))
     return tally
 
@@ -306,6 +337,13 @@ def start_http_watcher(
     argv += ["watch-http", host, ",".join(map(str, ports)), "--interval", str(interval)]
     argv += ["--max-seconds", str(max_seconds)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=python_env())
+    # The probe starts once the watcher is asking (its Python takes seconds to start on a
+    # loaded host: a 1-2 s probe was otherwise over before the first GET, asked 0-1 times).
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], WATCHER_START_TIMEOUT)
+    line = proc.stdout.readline() if ready else ""
+    if line.strip() != WATCHING:
+        log.warning("http watcher not asking after %.0f s: %r", WATCHER_START_TIMEOUT, line)
     return HttpWatcher(proc)
 
 
@@ -568,7 +606,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ports = [int(x) for x in args.ports.split(",") if x]
-    tally = watch_http(args.host, ports, args.interval, args.max_seconds, stop)
+    tally = watch_http(
+        args.host,
+        ports,
+        args.interval,
+        args.max_seconds,
+        stop,
+        lambda: print(WATCHING, flush=True),
+    )
     sys.stdout.write(json.dumps({p: [t.asked, t.answered] for p, t in tally.items()}) + "\n")
     return 0
 

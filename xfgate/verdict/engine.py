@@ -57,6 +57,8 @@ LISTENER_STATES = frozenset({"LISTEN", "NEW_SYN_RECV", "SYN_RECV"})
 PACKET_WAIT = 0.05
 # How long a walk or a control-side caller waits for it.
 WALK_WAIT = 5.0
+# DHCPv4 client -> server (RFC 2131): sent from packet sockets, not UDP sockets.
+DHCP_CLIENT_PORTS = frozenset({(68, 67)})
 # The oldest view a packet no socket sends is judged on (a walk is taken on the packet path,
 # at most once per this interval, when the last one is older).
 FRESH_VIEW = 0.05
@@ -87,6 +89,29 @@ def is_bare_syn(parsed: ParsedPacket) -> bool:
         and parsed.embedded is None
         and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST) == TCPFlag.SYN
     )
+
+
+def opens_a_flow(parsed: ParsedPacket) -> str:
+    """What an outgoing packet is when only a socket sends it and it may open a flow: a TCP SYN,
+    a UDP or UDP-Lite datagram, an ICMP/ICMPv6 echo request ("" otherwise). The guest kernel
+    sends none of these for no socket (for no socket it sends RSTs and ICMP errors; its own
+    UDP tunnels and echo replies have sockets or are told apart before), so one whose socket
+    the lookup does not find was sent by a socket closed before its verdict (connect or send,
+    then close: a flood does it by the thousand while the queue is long) or forged."""
+    if parsed.embedded is not None:
+        return ""
+    if is_bare_syn(parsed):
+        return "tcp SYN"
+    if parsed.proto == IPProto.UDP and (parsed.sport, parsed.dport) in DHCP_CLIENT_PORTS:
+        # A DHCP client (udhcpc, dhclient) sends from an AF_PACKET socket, no UDP socket: judged
+        # by the raw/packet-socket holders as before. Port 68 needs privilege to bind, so a
+        # blocked unprivileged user cannot send-and-close through this exception.
+        return ""
+    if parsed.proto in (IPProto.UDP, IPProto.UDPLITE):
+        return f"{proto_label(parsed.proto)} datagram"
+    if parsed.echo_id >= 0 and parsed.icmp_type in ECHO_REQUEST_TYPES:
+        return f"{proto_label(parsed.proto)} echo request"
+    return ""
 
 
 def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:
@@ -452,22 +477,8 @@ class Engine:
             else:
                 answer = self.cache.get_or_load(flow, self._lookup, PACKET_WAIT)
         except TimeoutError as e:
-            decision = decide_unanswered(flow, policy, facts, f"owner lookup: {e}")
-            if (
-                outgoing
-                and decision.verdict is Verdict.ACCEPT
-                and is_bare_syn(parsed)
-                and policy.blocks_anything
-            ):
-                # A new connection no one could be named for (its socket newer than the last
-                # view, a walk holding the source): the fd bomb's SYNs took --unknown here. A
-                # good owner's SYN is sent again in a second, judged then.
-                decision = Decision(
-                    Verdict.DROP,
-                    f"tcp SYN, owner lookup: {e}: dropped while a block is in force",
-                    known=False,
-                    settle=False,
-                )
+            flags = parsed.tcp_flags if parsed.embedded is None else 0
+            decision = decide_unanswered(flow, policy, facts, f"owner lookup: {e}", flags, outgoing)
             return Evaluation(decision, AnswerSource.TIMEOUT, parsed, flow, direction)
         ownership = answer.ownership
         if (
@@ -486,14 +497,15 @@ class Engine:
             kernel = kernel_sent(parsed)
             if kernel:
                 decision = decide(None, flow, policy, kernel)
-            elif is_bare_syn(parsed) and policy.blocks_anything:
-                # Its socket is gone by the time its turn came (connect() then close(): a flood
-                # does it by the thousand while the queue is long) or it never had one (a raw
-                # socket). No one can be named, and a SYN of no socket opens nothing anyone
-                # could use: dropped while a block is in force, unsettled.
+            elif (opening := opens_a_flow(parsed)) and policy.blocks_anything:
+                # Its socket is gone by the time its turn came (connect() or sendto(), then
+                # close(): a flood does it by the thousand while the queue is long; the red
+                # team's send-close probes got 2,000 of 2,000 datagrams out before) or it never
+                # had one (a raw socket). No one can be named, and the flow is nobody's:
+                # dropped while a block is in force, unsettled.
                 decision = Decision(
                     Verdict.DROP,
-                    "tcp SYN of no guest socket (closed before its verdict, or forged)",
+                    f"{opening} of no guest socket (closed before its verdict, or forged)",
                     known=False,
                     settle=False,
                 )

@@ -7,7 +7,9 @@ tcp:port) go into ``xfgate-D-lsn4|6`` (``hash:net,port`` with a per-entry timeou
 incoming SYN of a new conntrack flow to one of them is accepted in the kernel with the
 settled-accept connmark (chain ``XFGATE-D-LSN``): its SYN-ACK and the rest of the flow follow.
 
-What makes a listener grantable (``listener_grants``), on a **complete** view only:
+What makes a listener grantable (``listener_grants``), on a **complete** view only (an
+incomplete view grants nothing new; it carries the last complete view's grants it still bears
+out, for at most ``CARRY_SECONDS``: ``carried_grants``):
 
 - it is a TCP listener (not MPTCP: its subflow listener is another story) on a port the policy
   does not block outright;
@@ -54,6 +56,8 @@ from xfgate.vmi.kernel_constants import IPPROTO_MPTCP
 
 GRANT_TTL = 1  # seconds (ipset timeouts are whole seconds); the engine's listener_ttl
 KEEP_INTERVAL = 0.25  # how often the keeper renews the grants
+# How long the grants of the last complete view are carried through incomplete ones.
+CARRY_SECONDS = 10.0
 LISTENER_SET = {
     4: SetType("hash:net,port", AF_INET, "net,port", timeout=GRANT_TTL),
     6: SetType("hash:net,port", AF_INET6, "net,port", timeout=GRANT_TTL),
@@ -112,6 +116,33 @@ def listener_grants(
     """The good listeners of a complete view (see the module's docstring); none otherwise."""
     if not facts.complete:
         return set()
+    return _grants(sockets, policy, facts)
+
+
+def carried_grants(
+    previous: set[ListenerGrant],
+    sockets: Iterable[GuestSocket],
+    policy: Policy,
+    facts: GuestFacts,
+) -> set[ListenerGrant]:
+    """The grants of the last complete view that an incomplete one still bears out: the same
+    entry with the same listener socks, every socket the incomplete view shows on it good.
+
+    An incomplete view proves no absence, so it grants nothing new; but withdrawing every grant
+    on each incomplete walk (a flood's churning fd tables tear a read now and then) sent a good
+    service's new connections into the queue behind the flood for the walk's interval. What it
+    does show still refuses: a blocked rival, a listener gone or changed. What it cannot show
+    is the window between two complete walks the grants always had; the caller bounds it
+    (CARRY_SECONDS after the last complete view), and the keeper's per-renewal lookup stands."""
+    # Judged as on a complete view: the facts of an incomplete one are the union with the
+    # last complete view's (a blocked owner and its lineage stay), only flagged incomplete.
+    now = _grants(sockets, policy, replace(facts, complete=True))
+    return previous & now
+
+
+def _grants(
+    sockets: Iterable[GuestSocket], policy: Policy, facts: GuestFacts
+) -> set[ListenerGrant]:
     by_port: dict[int, list[GuestSocket]] = {}
     for s in sockets:
         unconnected = not s.rport and s.state not in KERNEL_ONLY_STATES
@@ -131,6 +162,17 @@ def listener_grants(
                 listening = frozenset(r.sock_addr for r in rivals if r.state == "LISTEN")
                 grants.add(ListenerGrant(entry, _probe(entry), listening))
     return grants
+
+
+def keeper_facts(facts: GuestFacts, since_complete: float) -> GuestFacts:
+    """The facts the keeper judges renewals on. After an incomplete view the engine's facts
+    are the union with the last complete view's (nothing taken away: a blocked owner, its
+    lineage stay blocked), marked incomplete so the engine settles no accept; within
+    CARRY_SECONDS of the last complete view the carried grants are judged on them as on a
+    complete view, later not at all (``decide`` then settles nothing, nothing is renewed)."""
+    if facts.complete or since_complete > CARRY_SECONDS:
+        return facts
+    return replace(facts, complete=True)
 
 
 def renewable(

@@ -14,7 +14,7 @@ from typing import Any
 
 from xfgate.errors import ConfigError
 from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, Via
-from xfgate.inet import PORT_PROTOS, proto_label
+from xfgate.inet import PORT_PROTOS, IPProto, TCPFlag, proto_label
 from xfgate.vmi.kernel_constants import COMM_MAX_CHARS, comm_key
 
 # Harness compatibility (xfgate/verdict/static_source.py reads it): use IPProto.from_label.
@@ -363,7 +363,14 @@ def decide_unattributable(policy: Policy, facts: GuestFacts, what: str) -> Decis
     return Decision(policy.unknown, f"unknown owner (unattributable {what})", known=False)
 
 
-def decide_unanswered(flow: Flow, policy: Policy, facts: GuestFacts, why: str) -> Decision:
+def decide_unanswered(
+    flow: Flow,
+    policy: Policy,
+    facts: GuestFacts,
+    why: str,
+    tcp_flags: int = 0,
+    outgoing: bool = False,
+) -> Decision:
     """The safe verdict when the owner lookup did not answer in time. Never settled: the next
     packet (a retransmitted SYN) is judged again.
 
@@ -372,7 +379,17 @@ def decide_unanswered(flow: Flow, policy: Policy, facts: GuestFacts, why: str) -
     last view does not show is dropped while any block is in force: it may be the blocked
     owner's newest socket, and a starved lookup is exactly what a flood or a heavy walk makes,
     so "did not answer" must never be a free pass; the cost for anyone else is one
-    retransmission. With no block in force, the ``unknown`` verdict."""
+    retransmission. With no block in force, the ``unknown`` verdict.
+
+    An outgoing TCP SYN (`tcp_flags` of the packet, `outgoing` from the guest) opens a new
+    connection: a good owner the last view shows on its port vouches for nothing (the port
+    may have been left and taken since, the fd bomb's SYNs went out that way), so while a block
+    is in force it is dropped too; a good owner's SYN is sent again a second later."""
+    syn_out = (
+        outgoing
+        and flow.proto == IPProto.TCP
+        and tcp_flags & (TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST) == TCPFlag.SYN
+    )
     if (flow.proto, flow.lport) in policy.block_ports:
         return Decision(Verdict.DROP, f"{why}; guest port {flow.lport} blocked", settle=False)
     for s in facts.sockets:
@@ -389,6 +406,14 @@ def decide_unanswered(flow: Flow, policy: Policy, facts: GuestFacts, why: str) -
         reason = policy.creator_blocked(s.sk_uid, facts)
         if reason is not None:
             return Decision(Verdict.DROP, f"{why}; last view: {reason}", known=False, settle=False)
+        if s.owners and syn_out and policy.blocks_anything:
+            return Decision(
+                Verdict.DROP,
+                f"tcp SYN, {why}: the last view's good owner of port {flow.lport} vouches for no"
+                " new connection; dropped while a block is in force",
+                known=False,
+                settle=False,
+            )
         if s.owners:
             return Decision(
                 Verdict.ACCEPT,

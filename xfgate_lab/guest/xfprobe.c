@@ -17,6 +17,9 @@
  *                                 with IPv4/UDP inside), qinq, pppoe (PPPoE session, IPv4/UDP),
  *                                 other (ethertype 0x88b5), broadcast destination
  *   flood HOST SECONDS MAX       new TCP connections to random ports as fast as possible
+ *   send-close KIND HOST PORT N  N times: a new datagram socket (KIND udp, udplite or ping),
+ *                                 one datagram (an echo for ping), close at once: the socket
+ *                                 is gone before the gate's verdict on its datagram
  *   hold HOST PORT SECONDS       one connection held open (a long-lived flow), then closed
  *   newflows PORT N DELAY_MS HOLD_S  (bench) one process listens on 0.0.0.0:PORT, waits
  *                                 DELAY_MS (the host walks meanwhile), then, 20 ms apart, opens
@@ -24,6 +27,19 @@
  *                                 127.0.0.1:PORT+1+i -> :PORT (accepted) and N UDP sockets
  *                                 127.0.0.1:PORT+2000+i connected to :PORT (one datagram
  *                                 each); prints "newflows: ready", holds them HOLD_S
+ * Sockets held for the walks to find (tests/test_vmi_attrib_lab.py): each prints "ready FD"
+ * once its socket is open, then holds it for SECS seconds.
+ *   hold-udplite HOST PORT SECS  a connected UDP-Lite socket, one datagram a second
+ *   hold-mptcp HOST PORT SECS    an MPTCP connection (IPPROTO_MPTCP)
+ *   hold-thread HOST PORT SECS   a thread unshare(CLONE_FILES)s, then connects (TCP)
+ *   hold-ping HOST SECS          a ping socket (SOCK_DGRAM, IPPROTO_ICMP), one echo a second
+ *   hold-packet SECS             an AF_PACKET socket (root)
+ *   hold-bomb PROCS DUPS SECS    PROCS processes x DUPS dup()s of one UDP socket
+ *   hold-passfd PORT DELAY_MS SECS  (root) forks a child; after DELAY_MS (the host walks
+ *                                 meanwhile) the child drops to uid 1001 and the parent opens a
+ *                                 UDP socket 127.0.0.1:PORT -> :PORT+1 (one datagram) and passes
+ *                                 it to the child (SCM_RIGHTS): both hold it, the parent created
+ *                                 it; prints "ready PARENT CHILD"
  * Global option, first: --as-uid UID  the root-only probes (raw-tcp, frames) open their socket as
  *   root, then drop to UID (groups, gid and uid) before sending: the packets leave from a
  *   process of a blocked user holding a socket root created.
@@ -250,6 +266,30 @@ static int fdbomb(const char *host, int port, long procs, long dups, long second
     for (long i = 0; i < nkids; i++) kill(kids[i], SIGKILL);
     for (long i = 0; i < nkids; i++) waitpid(kids[i], NULL, 0);
     printf("xfprobe fdbomb: %d attempts, %d connected\n", attempts, ok);
+    return 0;
+}
+
+static int send_close(const char *kind, const char *host, int port, long n) {
+    struct sockaddr_storage ss;
+    socklen_t len = parse_addr(host, port, &ss);
+    if (!len) return 2;
+    int v6 = ss.ss_family == AF_INET6;
+    int proto = !strcmp(kind, "udplite") ? IPPROTO_UDPLITE
+                : !strcmp(kind, "ping")  ? (v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP)
+                                         : IPPROTO_UDP;
+    int sent = 0, failed = 0;
+    for (long i = 0; i < n; i++) {
+        int s = socket(ss.ss_family, SOCK_DGRAM, proto);
+        if (s < 0) {
+            failed++;
+            continue;
+        }
+        unsigned char pkt[16] = {v6 ? 128 : 8, 0, 0, 0, 0, 0, (unsigned char)(i >> 8), (unsigned char)i};
+        memcpy(pkt + 8, "xfprobe!", 8);
+        sent += sendto(s, pkt, sizeof pkt, 0, (struct sockaddr *)&ss, len) > 0;
+        close(s);
+    }
+    printf("xfprobe send-close %s: %d of %ld sent (%d sockets refused)\n", kind, sent, n, failed);
     return 0;
 }
 
@@ -508,6 +548,172 @@ static int newflows(int port, long n, long delay_ms, long hold_s) {
     return 0;
 }
 
+static void ready(int s) {
+    printf("ready %d\n", s);
+    fflush(stdout);
+}
+
+/* hold-udplite, hold-mptcp: a connected socket held `secs` seconds (UDP-Lite: one datagram a
+ * second). */
+static int hold_connected(int lite, const char *host, int port, long secs) {
+    struct sockaddr_storage ss;
+    socklen_t len = parse_addr(host, port, &ss);
+    if (!len) return 2;
+    int s = lite ? socket(ss.ss_family, SOCK_DGRAM, IPPROTO_UDPLITE)
+                 : socket(ss.ss_family, SOCK_STREAM, IPPROTO_MPTCP);
+    if (s < 0 || connect(s, (struct sockaddr *)&ss, len) != 0) {
+        perror(lite ? "hold-udplite" : "hold-mptcp");
+        return 1;
+    }
+    ready(s);
+    for (long i = 0; i < secs; i++) {
+        if (lite && send(s, "x", 1, 0) < 0) {}
+        sleep_ms(1000);
+    }
+    return 0;
+}
+
+struct hold_args {
+    const char *host;
+    int port;
+    long secs;
+};
+
+static void *hold_thread_main(void *p) {
+    struct hold_args *a = p;
+    if (unshare(CLONE_FILES) != 0) {
+        perror("unshare");
+        exit(1);
+    }
+    struct sockaddr_storage ss;
+    socklen_t len = parse_addr(a->host, a->port, &ss);
+    int s = len ? socket(ss.ss_family, SOCK_STREAM, 0) : -1;
+    if (s < 0 || connect(s, (struct sockaddr *)&ss, len) != 0) {
+        perror("hold-thread");
+        exit(1);
+    }
+    ready(s);
+    sleep_ms(a->secs * 1000);
+    return NULL;
+}
+
+static int hold_thread(const char *host, int port, long secs) {
+    struct hold_args a = {host, port, secs};
+    pthread_t t;
+    if (pthread_create(&t, NULL, hold_thread_main, &a) != 0) return 1;
+    pthread_join(t, NULL);
+    return 0;
+}
+
+static int hold_ping(const char *host, long secs) {
+    struct sockaddr_storage ss;
+    socklen_t len = parse_addr(host, 0, &ss);
+    if (!len) return 2;
+    int v6 = ss.ss_family == AF_INET6;
+    int s = socket(ss.ss_family, SOCK_DGRAM, v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP);
+    if (s < 0) {
+        perror("hold-ping");
+        return 1;
+    }
+    ready(s);
+    for (long i = 0; i < secs; i++) {
+        unsigned char pkt[8] = {v6 ? 128 : 8, 0, 0, 0, 0, 0, (unsigned char)(i >> 8), (unsigned char)i};
+        if (sendto(s, pkt, sizeof pkt, 0, (struct sockaddr *)&ss, len) < 0) {}
+        sleep_ms(1000);
+    }
+    return 0;
+}
+
+static int hold_packet(long secs) {
+    int s = socket(AF_PACKET, SOCK_RAW, htons(0x0003)); /* ETH_P_ALL */
+    if (s < 0) {
+        perror("hold-packet");
+        return 1;
+    }
+    ready(s);
+    sleep_ms(secs * 1000);
+    return 0;
+}
+
+static int hold_bomb(long procs, long dups, long secs) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    if (s < 0) return 1;
+    for (long p = 0; p < procs; p++) {
+        pid_t k = fork();
+        if (k == 0) {
+            for (long i = 0; i < dups; i++)
+                if (dup(s) < 0) break;
+            sleep_ms(secs * 1000);
+            _exit(0);
+        }
+        if (k < 0) break;
+    }
+    ready(s);
+    while (wait(NULL) > 0) {}
+    return 0;
+}
+
+/* hold-passfd: a socket one task creates and passes (SCM_RIGHTS) to a task that became uid 1001
+ * after the host's walk: the reference-count shortcut (xfgate.vmi.holders) must find both. */
+static int hold_passfd(int port, long delay_ms, long secs) {
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_DGRAM, 0, pair) != 0) {
+        perror("socketpair");
+        return 1;
+    }
+    char byte = 'x';
+    char ctl[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    struct msghdr msg = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl, .msg_controllen = sizeof ctl};
+    pid_t child = fork();
+    if (child == 0) {
+        sleep_ms(delay_ms);
+        if (setgid(1001) != 0 || setuid(1001) != 0) {
+            perror("setuid");
+            _exit(1);
+        }
+        if (recvmsg(pair[1], &msg, 0) != 1) {
+            perror("recvmsg");
+            _exit(1);
+        }
+        sleep_ms(secs * 1000);
+        _exit(0);
+    }
+    if (child < 0) return 1;
+    sleep_ms(delay_ms + 300);
+    struct sockaddr_storage me, to;
+    socklen_t len = parse_addr("127.0.0.1", port, &me);
+    parse_addr("127.0.0.1", port + 1, &to);
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    if (s < 0 || bind(s, (struct sockaddr *)&me, len) != 0 ||
+        connect(s, (struct sockaddr *)&to, len) != 0) {
+        perror("hold-passfd");
+        return 1;
+    }
+    if (send(s, "x", 1, 0) != 1) perror("send");
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &s, sizeof s);
+    if (sendmsg(pair[0], &msg, 0) != 1) {
+        perror("sendmsg");
+        return 1;
+    }
+    sleep_ms(200); /* received by the child */
+    printf("ready %d %d\n", getpid(), child);
+    fflush(stdout);
+    sleep_ms(secs * 1000);
+    waitpid(child, NULL, 0);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc > 3 && !strcmp(argv[1], "--as-uid")) {
@@ -539,6 +745,20 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "frames") && argc == 5) return frames(argv[2], argv[3], arg_n(argv[4], MAX_N));
     if (!strcmp(c, "flood") && argc == 5)
         return flood(argv[2], arg_n(argv[3], 600), arg_n(argv[4], 1000000));
+    if (!strcmp(c, "send-close") && argc == 6)
+        return send_close(argv[2], argv[3], atoi(argv[4]), arg_n(argv[5], MAX_N));
+    if (!strcmp(c, "hold-udplite") && argc == 5)
+        return hold_connected(1, argv[2], atoi(argv[3]), arg_n(argv[4], 600));
+    if (!strcmp(c, "hold-mptcp") && argc == 5)
+        return hold_connected(0, argv[2], atoi(argv[3]), arg_n(argv[4], 600));
+    if (!strcmp(c, "hold-thread") && argc == 5)
+        return hold_thread(argv[2], atoi(argv[3]), arg_n(argv[4], 600));
+    if (!strcmp(c, "hold-ping") && argc == 4) return hold_ping(argv[2], arg_n(argv[3], 600));
+    if (!strcmp(c, "hold-packet") && argc == 3) return hold_packet(arg_n(argv[2], 600));
+    if (!strcmp(c, "hold-bomb") && argc == 5)
+        return hold_bomb(arg_n(argv[2], 1000), arg_n(argv[3], 100000), arg_n(argv[4], 600));
+    if (!strcmp(c, "hold-passfd") && argc == 5)
+        return hold_passfd(atoi(argv[2]), arg_n(argv[3], 60000), arg_n(argv[4], 600));
     if (!strcmp(c, "hold") && argc == 5) return hold(argv[2], atoi(argv[3]), arg_n(argv[4], 600));
     if (!strcmp(c, "newflows") && argc == 6)
         return newflows(atoi(argv[2]), arg_n(argv[3], 300), arg_n(argv[4], 60000),
