@@ -170,7 +170,9 @@ def test_a_socket_passed_to_a_task_that_became_blocked_is_never_settled_without_
     it is now (uid 1001: the policy drops it)."""
     port = 29000
     pids: set[int] = set()
-    guest_exec(lab_layout, 1, f"{probe} hold-passfd {port} 3000 60 > /tmp/passfd.log 2>&1 < /dev/null &")
+    guest_exec(
+        lab_layout, 1, f"{probe} hold-passfd {port} 3000 60 > /tmp/passfd.log 2>&1 < /dev/null &"
+    )
     try:
         with GuestIntrospector(lab_domain, guest_profile, allow_pause=False) as guest:
             walked = guest.walk()
