@@ -32,6 +32,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -141,6 +142,7 @@ def run(
     profile_path: str | None,
     walk_rounds: int | None = None,
     ps_runs: int = 5,
+    ps_bytecode: bool = False,
 ) -> dict[str, Any]:
     domain = get_domain(domain_id, domains_file_from_env())
     profile = load_domain_profile(domain, profile_path, cache_dir_from_env())
@@ -185,7 +187,27 @@ def run(
             out["pause_with_walk"] = summary_ms(pauses)
             out["pause_bare_stop_cont"] = summary_ms(bare)
     out["thesis_pause_ms"] = {"mean": 19, "max": 52, "min": 15}
-    out.update(ps_end_to_end(domain_id, ps_runs))
+    out.update(ps_end_to_end(domain_id, ps_runs, ps_bytecode))
+    return out
+
+
+def quick(
+    domain_id: int, what: str, rounds: int, ps_runs: int, ps_bytecode: bool
+) -> dict[str, Any]:
+    """One figure only, for an A/B of two trees in one session: "decisions" (three runs of
+    decisions_per_second over rounds*20 distinct flows each) or "ps" (ps_end_to_end)."""
+    out: dict[str, Any] = {"domain": domain_id, "loadavg": os.getloadavg()}
+    if what == "ps":
+        out.update(ps_end_to_end(domain_id, ps_runs, ps_bytecode))
+        return out
+    domain = get_domain(domain_id, domains_file_from_env())
+    profile = load_domain_profile(domain, None, cache_dir_from_env())
+    guest = GuestIntrospector(domain, profile, allow_pause=False, bounds=WalkBounds(seconds=30.0))
+    with guest:
+        runs = [decisions_per_second(guest, rounds * 20) for _ in range(3)]
+    out["decisions_runs"] = runs
+    for key in ("decisions_per_s", "decisions_per_cpu_s"):
+        out[key] = statistics.median(r.get(key) or 0 for r in runs)
     return out
 
 
@@ -359,11 +381,24 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def ps_end_to_end(domain_id: int, runs: int) -> dict[str, Any]:
+def ps_end_to_end(domain_id: int, runs: int, bytecode: bool = False) -> dict[str, Any]:
     """`xfgate ps --domain N --json` as an operator runs it: a new process each time (Python
     start, imports, profile load, kernel location, full walk, JSON out), one untimed run first
-    (page cache). `bytecode_cached` False: this Python writes no .pyc (PYTHONDONTWRITEBYTECODE),
-    every import compiles its module (an installed package has its .pyc: faster)."""
+    (page cache, and the profile's side cache). `bytecode_cached` False: this Python writes no
+    .pyc (PYTHONDONTWRITEBYTECODE), every import compiles its module; `bytecode` True runs the
+    children as an installed package runs (.pyc kept, in a private PYTHONPYCACHEPREFIX written
+    by the untimed run and removed after)."""
+    if bytecode:
+        with tempfile.TemporaryDirectory(prefix="xfgate-bench-pyc-") as prefix:
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            env["PYTHONPYCACHEPREFIX"] = prefix
+            return _ps_runs(domain_id, runs, env, True)
+    return _ps_runs(domain_id, runs, None, not sys.flags.dont_write_bytecode)
+
+
+def _ps_runs(
+    domain_id: int, runs: int, env: dict[str, str] | None, bytecode_cached: bool
+) -> dict[str, Any]:
     argv = [sys.executable, "-m", "xfgate.cli"]
     argv += [
         "--domains-file",
@@ -377,7 +412,7 @@ def ps_end_to_end(domain_id: int, runs: int) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     for i in range(runs + 1):
         t, c = time.perf_counter(), _children_cpu()
-        done = subprocess.run(argv, capture_output=True, timeout=120, check=False)
+        done = subprocess.run(argv, capture_output=True, timeout=120, check=False, env=env)
         if i:
             samples.append(time.perf_counter() - t)
             cpu.append(_children_cpu() - c)
@@ -388,7 +423,7 @@ def ps_end_to_end(domain_id: int, runs: int) -> dict[str, Any]:
         "ps_end_to_end": summary_ms(samples),
         "ps_end_to_end_cpu": summary_ms(cpu),
         "ps_processes_sockets": [len(doc.get("processes", ())), len(doc.get("sockets", ()))],
-        "ps_bytecode_cached": not sys.flags.dont_write_bytecode,
+        "ps_bytecode_cached": bytecode_cached,
     }
 
 
@@ -401,15 +436,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--profile", help="profile/ISF file (default: the domain's kernel)")
     parser.add_argument("--ps-runs", type=int, default=5, help="`xfgate ps` runs to time")
+    parser.add_argument(
+        "--ps-bytecode",
+        action="store_true",
+        help="`xfgate ps` children keep their .pyc (as an installed package), in a private dir",
+    )
+    parser.add_argument(
+        "--only",
+        choices=["decisions", "ps"],
+        help="time only new-flow decisions/s or only `xfgate ps` (a quick A/B)",
+    )
     args = parser.parse_args(argv)
+    rounds, ps_runs = max(1, min(args.rounds, 100000)), max(0, min(args.ps_runs, 100))
+    if args.only:
+        print(
+            json.dumps(quick(args.domain, args.only, rounds, ps_runs, args.ps_bytecode), indent=1)
+        )
+        return 0
     print(
         json.dumps(
             run(
                 args.domain,
-                max(1, min(args.rounds, 100000)),
+                rounds,
                 args.profile,
                 args.walk_rounds,
-                max(0, min(args.ps_runs, 100)),
+                ps_runs,
+                args.ps_bytecode,
             ),
             indent=1,
         )
