@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import ip_address
@@ -46,6 +47,7 @@ from xfgate.inet import IPProto
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource
 from xfgate.verdict.policy import compile_policy
+from xfgate.vmi import jhash
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.linux import InetSock, WalkBounds
@@ -191,6 +193,39 @@ def run(
     return out
 
 
+def udp_chain_lengths(guest: GuestIntrospector) -> dict[str, Any]:
+    """How long the UDP chains a lookup follows are, per bound UDP sock of the last walk, in
+    the port-hashed table (udp_table.hash: what SocketTables._udp walks) and in the
+    address+port one (hash2, on skc_portaddr_node: what __udp4_lib_lookup walks, first the
+    sock's own address, then the wildcard's when nothing matched there)."""
+    result = guest.walk()
+    tables = guest.boot().tables
+    if tables is None:
+        return {}
+    mix, mask = tables.secrets().hash_mix, tables.tables().udp_mask
+    socks = {s.sock.address: s.sock for s in result.sockets if s.sock.proto == IPProto.UDP}
+
+    def slot2(sock: InetSock, addr: bytes) -> int:
+        portaddr = jhash.ipv4_portaddr_hash if sock.family == 4 else jhash.ipv6_portaddr_hash
+        return portaddr(addr, sock.lport, mix) & mask
+
+    by_port = Counter((k.lport + mix) & mask for k in socks.values())
+    by_addr = Counter(slot2(k, k.local.packed) for k in socks.values())
+    hash1 = [by_port[(k.lport + mix) & mask] for k in socks.values()]
+    own = [by_addr[slot2(k, k.local.packed)] for k in socks.values()]
+    both = [
+        n + (0 if k.local.is_unspecified else by_addr[slot2(k, bytes(4 if k.family == 4 else 16))])
+        for n, k in zip(own, socks.values(), strict=True)
+    ]
+    return {
+        "udp_socks": len(socks),
+        "udp_slots": mask + 1,
+        "hash1_chain_mean": round(statistics.fmean(hash1), 1) if hash1 else 0,
+        "hash2_own_address_chain_mean": round(statistics.fmean(own), 1) if own else 0,
+        "hash2_own_plus_wildcard_mean": round(statistics.fmean(both), 1) if both else 0,
+    }
+
+
 def quick(
     domain_id: int, what: str, rounds: int, ps_runs: int, ps_bytecode: bool
 ) -> dict[str, Any]:
@@ -204,6 +239,9 @@ def quick(
     profile = load_domain_profile(domain, None, cache_dir_from_env())
     guest = GuestIntrospector(domain, profile, allow_pause=False, bounds=WalkBounds(seconds=30.0))
     with guest:
+        if what == "udp-chains":
+            out.update(udp_chain_lengths(guest))
+            return out
         runs = [decisions_per_second(guest, rounds * 20) for _ in range(3)]
     out["decisions_runs"] = runs
     for key in ("decisions_per_s", "decisions_per_cpu_s"):
@@ -443,8 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["decisions", "ps"],
-        help="time only new-flow decisions/s or only `xfgate ps` (a quick A/B)",
+        choices=["decisions", "ps", "udp-chains"],
+        help="only new-flow decisions/s, only `xfgate ps` (a quick A/B), or only the UDP "
+        "chain lengths of the port and the address+port tables",
     )
     args = parser.parse_args(argv)
     rounds, ps_runs = max(1, min(args.rounds, 100000)), max(0, min(args.ps_runs, 100))
