@@ -40,7 +40,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import ip_address
@@ -53,6 +55,7 @@ from xfgate.inet import IPProto
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource
 from xfgate.verdict.policy import compile_policy
+from xfgate.vmi import jhash
 from xfgate.vmi.cli import load_domain_profile
 from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.linux import InetSock, WalkBounds
@@ -224,6 +227,7 @@ def run(
     walk_rounds: int | None = None,
     ps_runs: int = 5,
     guest_flows: int = 0,
+    ps_bytecode: bool = False,
 ) -> dict[str, Any]:
     domain = get_domain(domain_id, domains_file_from_env())
     profile = load_domain_profile(domain, profile_path, cache_dir_from_env())
@@ -270,7 +274,63 @@ def run(
             out["pause_with_walk"] = summary_ms(pauses)
             out["pause_bare_stop_cont"] = summary_ms(bare)
     out["thesis_pause_ms"] = {"mean": 19, "max": 52, "min": 15}
-    out.update(ps_end_to_end(domain_id, ps_runs))
+    out.update(ps_end_to_end(domain_id, ps_runs, ps_bytecode))
+    return out
+
+
+def udp_chain_lengths(guest: GuestIntrospector) -> dict[str, Any]:
+    """How long the UDP chains a lookup follows are, per bound UDP sock of the last walk, in
+    the port-hashed table (udp_table.hash: what SocketTables._udp walks) and in the
+    address+port one (hash2, on skc_portaddr_node: what __udp4_lib_lookup walks, first the
+    sock's own address, then the wildcard's when nothing matched there)."""
+    result = guest.walk()
+    tables = guest.boot().tables
+    if tables is None:
+        return {}
+    mix, mask = tables.secrets().hash_mix, tables.tables().udp_mask
+    socks = {s.sock.address: s.sock for s in result.sockets if s.sock.proto == IPProto.UDP}
+
+    def slot2(sock: InetSock, addr: bytes) -> int:
+        portaddr = jhash.ipv4_portaddr_hash if sock.family == 4 else jhash.ipv6_portaddr_hash
+        return portaddr(addr, sock.lport, mix) & mask
+
+    by_port = Counter((k.lport + mix) & mask for k in socks.values())
+    by_addr = Counter(slot2(k, k.local.packed) for k in socks.values())
+    hash1 = [by_port[(k.lport + mix) & mask] for k in socks.values()]
+    own = [by_addr[slot2(k, k.local.packed)] for k in socks.values()]
+    both = [
+        n + (0 if k.local.is_unspecified else by_addr[slot2(k, bytes(4 if k.family == 4 else 16))])
+        for n, k in zip(own, socks.values(), strict=True)
+    ]
+    return {
+        "udp_socks": len(socks),
+        "udp_slots": mask + 1,
+        "hash1_chain_mean": round(statistics.fmean(hash1), 1) if hash1 else 0,
+        "hash2_own_address_chain_mean": round(statistics.fmean(own), 1) if own else 0,
+        "hash2_own_plus_wildcard_mean": round(statistics.fmean(both), 1) if both else 0,
+    }
+
+
+def quick(
+    domain_id: int, what: str, rounds: int, ps_runs: int, ps_bytecode: bool
+) -> dict[str, Any]:
+    """One figure only, for an A/B of two trees in one session: "decisions" (three runs of
+    decisions_per_second over rounds*20 distinct flows each) or "ps" (ps_end_to_end)."""
+    out: dict[str, Any] = {"domain": domain_id, "loadavg": os.getloadavg()}
+    if what == "ps":
+        out.update(ps_end_to_end(domain_id, ps_runs, ps_bytecode))
+        return out
+    domain = get_domain(domain_id, domains_file_from_env())
+    profile = load_domain_profile(domain, None, cache_dir_from_env())
+    guest = GuestIntrospector(domain, profile, allow_pause=False, bounds=WalkBounds(seconds=30.0))
+    with guest:
+        if what == "udp-chains":
+            out.update(udp_chain_lengths(guest))
+            return out
+        runs = [decisions_per_second(guest, rounds * 20) for _ in range(3)]
+    out["decisions_runs"] = runs
+    for key in ("decisions_per_s", "decisions_per_cpu_s"):
+        out[key] = statistics.median(r.get(key) or 0 for r in runs)
     return out
 
 
@@ -460,11 +520,24 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def ps_end_to_end(domain_id: int, runs: int) -> dict[str, Any]:
+def ps_end_to_end(domain_id: int, runs: int, bytecode: bool = False) -> dict[str, Any]:
     """`xfgate ps --domain N --json` as an operator runs it: a new process each time (Python
     start, imports, profile load, kernel location, full walk, JSON out), one untimed run first
-    (page cache). `bytecode_cached` False: this Python writes no .pyc (PYTHONDONTWRITEBYTECODE),
-    every import compiles its module (an installed package has its .pyc: faster)."""
+    (page cache, and the profile's side cache). `bytecode_cached` False: this Python writes no
+    .pyc (PYTHONDONTWRITEBYTECODE), every import compiles its module; `bytecode` True runs the
+    children as an installed package runs (.pyc kept, in a private PYTHONPYCACHEPREFIX written
+    by the untimed run and removed after)."""
+    if bytecode:
+        with tempfile.TemporaryDirectory(prefix="xfgate-bench-pyc-") as prefix:
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            env["PYTHONPYCACHEPREFIX"] = prefix
+            return _ps_runs(domain_id, runs, env, True)
+    return _ps_runs(domain_id, runs, None, not sys.flags.dont_write_bytecode)
+
+
+def _ps_runs(
+    domain_id: int, runs: int, env: dict[str, str] | None, bytecode_cached: bool
+) -> dict[str, Any]:
     argv = [sys.executable, "-m", "xfgate.cli"]
     argv += [
         "--domains-file",
@@ -478,7 +551,7 @@ def ps_end_to_end(domain_id: int, runs: int) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     for i in range(runs + 1):
         t, c = time.perf_counter(), _children_cpu()
-        done = subprocess.run(argv, capture_output=True, timeout=120, check=False)
+        done = subprocess.run(argv, capture_output=True, timeout=120, check=False, env=env)
         if i:
             samples.append(time.perf_counter() - t)
             cpu.append(_children_cpu() - c)
@@ -489,7 +562,7 @@ def ps_end_to_end(domain_id: int, runs: int) -> dict[str, Any]:
         "ps_end_to_end": summary_ms(samples),
         "ps_end_to_end_cpu": summary_ms(cpu),
         "ps_processes_sockets": [len(doc.get("processes", ())), len(doc.get("sockets", ()))],
-        "ps_bytecode_cached": not sys.flags.dont_write_bytecode,
+        "ps_bytecode_cached": bytecode_cached,
     }
 
 
@@ -508,13 +581,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0,
         help="real new flows per kind from a process in the lab guest ($XFGATE_LAB_PREFIX)",
     )
+    parser.add_argument(
+        "--ps-bytecode",
+        action="store_true",
+        help="`xfgate ps` children keep their .pyc (as an installed package), in a private dir",
+    )
+    parser.add_argument(
+        "--only",
+        choices=["decisions", "ps", "udp-chains"],
+        help="only new-flow decisions/s, only `xfgate ps` (a quick A/B), or only the UDP "
+        "chain lengths of the port and the address+port tables",
+    )
     args = parser.parse_args(argv)
-    rounds = max(1, min(args.rounds, 100000))
+    rounds, ps_runs = max(1, min(args.rounds, 100000)), max(0, min(args.ps_runs, 100))
     flows = max(0, min(args.guest_flows, 300))
-    ps_runs = max(0, min(args.ps_runs, 100))
+    if args.only:
+        print(
+            json.dumps(quick(args.domain, args.only, rounds, ps_runs, args.ps_bytecode), indent=1)
+        )
+        return 0
     print(
         json.dumps(
-            run(args.domain, rounds, args.profile, args.walk_rounds, ps_runs, flows), indent=1
+            run(
+                args.domain,
+                rounds,
+                args.profile,
+                args.walk_rounds,
+                ps_runs,
+                flows,
+                args.ps_bytecode,
+            ),
+            indent=1,
         )
     )
     return 0

@@ -154,3 +154,33 @@ def test_listener_entries_live_the_listener_ttl() -> None:
     clock.now += 1.0
     assert cache.get(listener) is None  # a new listener on the port is looked up
     assert cache.get(FLOW) == Answer(OWNED, CACHED)
+
+
+def test_an_uncontended_miss_makes_no_event_and_leaves_nothing_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The miss path's cheap case: no waiter, no Event made; the key released after."""
+    made: list[object] = []
+    real = threading.Event
+
+    def counting() -> threading.Event:
+        event = real()
+        made.append(event)
+        return event
+
+    cache = OwnerCache(timer=Clock())
+    monkeypatch.setattr(threading, "Event", counting)
+    assert cache.get_or_load(FLOW, lambda f: OWNED) == Answer(OWNED, LOADED)
+    assert made == [] and cache._inflight == {}
+
+
+def test_a_failing_store_key_does_not_wedge_the_key() -> None:
+    cache = OwnerCache(timer=Clock())
+
+    def bad_key(_o: Ownership | None) -> Flow:
+        raise RuntimeError("no key")
+
+    with pytest.raises(RuntimeError, match="no key"):
+        cache.get_or_load(FLOW, lambda f: OWNED, store_as=bad_key)
+    assert cache._inflight == {}
+    assert cache.get_or_load(FLOW, lambda f: OWNED) == Answer(OWNED, LOADED)

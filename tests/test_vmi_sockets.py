@@ -747,3 +747,21 @@ def test_locator_takes_the_kernel_root_from_cr3_without_a_memory_scan() -> None:
     assert loc.root == g.root != user
     nowhere = ControlRegisters(0x7FF000, 0x6F0)  # an empty table: nothing mapped
     assert KernelLocator(memory, g.profile, lambda: nowhere).locate().method == "vmcoreinfo"
+
+
+def test_decoded_addresses_are_interned_and_bounded() -> None:
+    """decode_inet_sock with an interning dict: equal addresses are one object, the dict
+    never grows past MAX_INTERNED (hostile memory full of distinct addresses)."""
+    from ipaddress import IPv4Address, IPv6Address
+
+    from xfgate.vmi import linux
+
+    interned: dict[bytes, IPv4Address | IPv6Address] = {}
+    a = linux._address(b"\x7f\x00\x00\x01", interned)
+    assert a is linux._address(b"\x7f\x00\x00\x01", interned) and str(a) == "127.0.0.1"
+    six = linux._address(bytes(15) + b"\x01", interned)
+    assert str(six) == "::1" and six is linux._address(bytes(15) + b"\x01", interned)
+    for i in range(linux.MAX_INTERNED + 100):
+        assert int(linux._address(i.to_bytes(4, "big"), interned)) == i
+    assert len(interned) == linux.MAX_INTERNED
+    assert str(linux._address(b"\x7f\x00\x00\x02", None)) == "127.0.0.2"

@@ -95,12 +95,15 @@ class OwnerCache:
             maxsize=maxsize, ttl=ttl, timer=timer
         )
         self._lock = threading.Lock()
-        self._inflight: dict[CacheKey, threading.Event] = {}
+        # Loads under way: None, or the Event a waiter made for the leader to set.
+        self._inflight: dict[CacheKey, threading.Event | None] = {}
         self._generation: int | None = None
         self._hits = self._misses = self._loads = self._clears = 0
 
     def check_generation(self, generation: int) -> bool:
         """Drop everything if the source's generation moved. True if it did."""
+        if self._generation == generation:
+            return False  # every packet's case, without the lock (one attribute read)
         with self._lock:
             if self._generation == generation:
                 return False
@@ -165,23 +168,46 @@ class OwnerCache:
                 if cached is not None:
                     self._hits += 1
                     return cached
-                event = self._inflight.get(want)
-                if event is None:
-                    event = threading.Event()
-                    self._inflight[want] = event
-                    leader = True
+                lead = want not in self._inflight
+                if lead:
+                    # The leader marks the key; an Event is made only if a waiter comes (most
+                    # misses have none: one allocation and one set() fewer per new flow).
+                    self._inflight[want] = None
                     self._misses += 1
                 else:
-                    leader = False
-            if leader:
-                try:
-                    return self._load(flow, loader, want, store_as)
-                finally:
-                    with self._lock:
-                        del self._inflight[want]
-                    event.set()
+                    event = self._inflight[want] or threading.Event()
+                    self._inflight[want] = event
+            if lead:
+                return self._lead(flow, loader, want, store_as)
             event.wait(wait)
         return self._load(flow, loader, want, store_as)
+
+    def _lead(
+        self,
+        flow: Flow,
+        loader: Loader,
+        want: CacheKey,
+        store_as: Callable[[Ownership | None], CacheKey] | None,
+    ) -> Answer:
+        """The leader's load: the answer stored and the key released under one lock."""
+        self._loads += 1
+        try:
+            value = loader(flow)
+            store_key = want if store_as is None else store_as(value)
+        except BaseException:
+            with self._lock:
+                event = self._inflight.pop(want)
+            if event is not None:
+                event.set()  # waiters try themselves
+            raise
+        with self._lock:
+            event = self._inflight.pop(want)
+            try:
+                self._put_locked(store_key, value)
+            finally:
+                if event is not None:
+                    event.set()
+        return Answer(value, AnswerSource.INTROSPECTION)
 
     def _load(
         self,

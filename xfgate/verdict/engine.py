@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from xfgate.fastinit import fast_init
 from xfgate.flow import (
     Direction,
     Flow,
@@ -285,6 +286,7 @@ class LockedOwnerSource:
             self._lock.release()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Evaluation:
     decision: Decision

@@ -26,16 +26,15 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-from elftools.common.exceptions import ELFError
-from elftools.construct import ConstructError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import NoteSection
+from typing import TYPE_CHECKING
 
 from xfgate.errors import PrerequisiteError, ProfileError
 
 MAX_VMLINUX = 512 << 20  # a decompressed x86-64 vmlinux is ~66 MB
 ELF_MAGIC = b"\x7fELF"
+
+if TYPE_CHECKING:
+    from elftools.elf.elffile import ELFFile
 BANNER_RE = re.compile(rb"Linux version (\S+) \([^\n\x00]{1,400}\n?\x00")
 # A concrete Debian kernel image package carries its ABI in its name, in either of Debian 12's
 # spellings: linux-image-6.1.0-56-cloud-amd64 (6.1: version-ABI number) and
@@ -150,15 +149,26 @@ def _decompress_lz4_legacy(payload: bytes, max_size: int, path: Path) -> bytes:
     return bytes(out)
 
 
+def _elf_errors() -> tuple[type[Exception], ...]:
+    """pyelftools' parse errors; pyelftools is imported on first use (0.05 s that `xfgate ps`
+    with a cached profile never needs)."""
+    from elftools.common.exceptions import ELFError
+    from elftools.construct import ConstructError
+
+    return (ELFError, ConstructError, ValueError, IndexError)
+
+
 def _elf(elf: bytes) -> ELFFile:
     """pyelftools' view of a little-endian ELF64 file held in memory (nothing is copied)."""
     if len(elf) < 64 or elf[:4] != ELF_MAGIC:
         raise ProfileError("not an ELF file")
     if elf[4] != 2 or elf[5] != 1:
         raise ProfileError("only little-endian 64-bit ELF kernels are supported")
+    from elftools.elf.elffile import ELFFile
+
     try:
         return ELFFile(io.BytesIO(elf))
-    except (ELFError, ConstructError, ValueError) as e:
+    except _elf_errors() as e:
         raise ProfileError(f"malformed ELF header: {e}") from e
 
 
@@ -169,7 +179,7 @@ def _parsing(what: str) -> Iterator[None]:
         yield
     except ProfileError:
         raise
-    except (ELFError, ConstructError, ValueError, IndexError) as e:
+    except _elf_errors() as e:
         raise ProfileError(f"ELF {what} is truncated or malformed: {e}") from e
 
 
@@ -205,6 +215,8 @@ def read_elf_virtual(elf: bytes, address: int, length: int) -> bytes:
 
 def read_build_id(elf: bytes) -> str:
     """The GNU build-id (hex) from the ELF notes, or "" when the kernel has none."""
+    from elftools.elf.sections import NoteSection
+
     with _parsing("notes"):
         for section in _elf(elf).iter_sections():
             if not isinstance(section, NoteSection):
@@ -222,12 +234,14 @@ def elf_is_static(data: bytes) -> bool:
     loader); False for anything else, including files that are not ELF."""
     if len(data) < 64 or data[:4] != ELF_MAGIC or data[4] != 2:
         return False
+    from elftools.elf.elffile import ELFFile
+
     try:
         elf = ELFFile(io.BytesIO(data))
         return elf["e_machine"] == "EM_X86_64" and not any(
             segment["p_type"] == "PT_INTERP" for segment in elf.iter_segments()
         )
-    except (ELFError, ConstructError, ValueError, IndexError):
+    except _elf_errors():
         return False
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 from xfgate.errors import MemoryReadError, ProfileError
+from xfgate.fastinit import fast_init
 from xfgate.flow import IPAddress
 from xfgate.inet import AddressFamily, IPProto
 from xfgate.vmi.kernel_constants import (
@@ -61,10 +62,14 @@ class Field:
 
     offset: int
     fmt: str
+    # The format compiled once (struct.unpack_from(fmt, ...) looks it up in a cache each call).
+    _unpack: Callable[[bytes, int], tuple[int]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_unpack", struct.Struct(self.fmt).unpack_from)
 
     def get(self, blob: bytes, base: int = 0) -> int:
-        value: int = struct.unpack_from(self.fmt, blob, self.offset - base)[0]
-        return value
+        return self._unpack(blob, self.offset - base)[0]
 
 
 def _int_field(profile: Profile, struct_name: str, path: str, default_size: int) -> Field:
@@ -330,6 +335,7 @@ class WalkBounds:
     retries: int = 3  # unpaused attempts before pausing (or giving up)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Task:
     address: int
@@ -354,6 +360,7 @@ class Task:
         return tuple(dict.fromkeys(f for f in (self.files, *self.thread_files) if f))
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class InetSock:
     """A struct sock of family AF_INET/AF_INET6, any protocol and type (the shared struct
@@ -397,6 +404,7 @@ class PacketSock:
     sk_uid: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class FdSocket:
     """A socket held by a process's fd."""
@@ -496,6 +504,7 @@ class Walk:
         self.space = space
         self.layout = layout
         self.shift = virt_shift
+        self.addresses: dict[bytes, IPAddress] = {}  # decode_inet_sock's, this walk's only
         self.bounds = bounds
         self.deadline = Deadline.after(bounds.seconds)
         self.errors: list[WalkIssue] = []
@@ -1013,11 +1022,11 @@ class Walk:
         if self.layout.skc_family.get(blob) == AF_PACKET:
             lay = self.layout
             return PacketSock(sk, lay.sk_type.get(blob), lay.sk_uid.get(blob))
-        return decode_inet_sock(self.layout, sk, blob)
+        return decode_inet_sock(self.layout, sk, blob, self.addresses)
 
     def inet_sock(self, sk: int) -> InetSock | None:
         blob = self.read(sk, self.layout.sock_span, "struct sock")
-        return None if blob is None else decode_inet_sock(self.layout, sk, blob)
+        return None if blob is None else decode_inet_sock(self.layout, sk, blob, self.addresses)
 
     def sockets(self, tasks: list[Task], result: WalkResult) -> None:
         """Every socket held by each thread group's fds (all its threads' file tables) into
@@ -1081,8 +1090,31 @@ class Walk:
         return True
 
 
-def decode_inet_sock(layout: KernelLayout, address: int, blob: bytes) -> InetSock | None:
-    """A struct sock (or its sock_common head) decoded; None unless AF_INET/AF_INET6."""
+MAX_INTERNED = 4096  # distinct addresses one interning dict keeps (hostile memory: bounded)
+
+
+def _address(raw: bytes, interned: dict[bytes, IPAddress] | None) -> IPAddress:
+    """The address object of 4 or 16 raw bytes; the same object again for the same bytes
+    when `interned` is given (a crowd's 20,000 sockets share a handful of addresses, and an
+    ipaddress object costs ~1 us to build)."""
+    if interned is None:
+        return IPv4Address(raw) if len(raw) == 4 else IPv6Address(raw)
+    known = interned.get(raw)
+    if known is None:
+        known = IPv4Address(raw) if len(raw) == 4 else IPv6Address(raw)
+        if len(interned) < MAX_INTERNED:
+            interned[raw] = known
+    return known
+
+
+def decode_inet_sock(
+    layout: KernelLayout,
+    address: int,
+    blob: bytes,
+    interned: dict[bytes, IPAddress] | None = None,
+) -> InetSock | None:
+    """A struct sock (or its sock_common head) decoded; None unless AF_INET/AF_INET6.
+    `interned`: the caller's address objects by their bytes (see _address)."""
     lay = layout
     family = lay.skc_family.get(blob)
     if family not in (AddressFamily.INET, AddressFamily.INET6):
@@ -1100,24 +1132,27 @@ def decode_inet_sock(layout: KernelLayout, address: int, blob: bytes) -> InetSoc
     local: IPAddress
     remote: IPAddress
     if family == AddressFamily.INET:
-        local = IPv4Address(blob[lay.skc_rcv_saddr : lay.skc_rcv_saddr + 4])
-        remote = IPv4Address(blob[lay.skc_daddr : lay.skc_daddr + 4])
+        local = _address(blob[lay.skc_rcv_saddr : lay.skc_rcv_saddr + 4], interned)
+        remote = _address(blob[lay.skc_daddr : lay.skc_daddr + 4], interned)
     else:
-        local = IPv6Address(blob[lay.skc_v6_rcv_saddr : lay.skc_v6_rcv_saddr + 16])
-        remote = IPv6Address(blob[lay.skc_v6_daddr : lay.skc_v6_daddr + 16])
+        local = _address(blob[lay.skc_v6_rcv_saddr : lay.skc_v6_rcv_saddr + 16], interned)
+        remote = _address(blob[lay.skc_v6_daddr : lay.skc_v6_daddr + 16], interned)
     return InetSock(
-        address=address,
-        family=4 if family == AddressFamily.INET else 6,
-        proto=proto,
-        state=blob[lay.skc_state],
-        local=local,
-        lport=struct.unpack_from("<H", blob, lay.skc_num)[0],
-        remote=remote,
-        rport=struct.unpack_from(">H", blob, lay.skc_dport)[0],
-        sk_uid=sk_uid,
-        sk_type=sk_type,
-        v6only=v6only,
+        address,
+        4 if family == AddressFamily.INET else 6,
+        proto,
+        blob[lay.skc_state],
+        local,
+        _U16.unpack_from(blob, lay.skc_num)[0],
+        remote,
+        _U16_BE.unpack_from(blob, lay.skc_dport)[0],
+        sk_uid,
+        sk_type,
+        v6only,
     )
+
+
+_U16, _U16_BE = struct.Struct("<H"), struct.Struct(">H")
 
 
 MAX_ISSUES = 256  # issues recorded per walk attempt (the first ones; the walk is incomplete)

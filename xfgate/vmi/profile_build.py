@@ -27,7 +27,7 @@ from typing import Any
 
 from xfgate.config import DEFAULT_CACHE_DIR, DomainConfig
 from xfgate.errors import ProfileError
-from xfgate.vmi import isf, kernel_image
+from xfgate.vmi import isf, kernel_image, profile_compact
 from xfgate.vmi.btf import parse_btf
 from xfgate.vmi.profile import Member, Profile, StructLayout
 
@@ -129,7 +129,7 @@ def build_profile_files(
     if not rebuild and all(p.exists() for p in paths):
         t0 = time.perf_counter()
         try:
-            doc = isf.read_isf(paths[0])
+            doc = profile_compact.read_profile_json(paths[0], PROFILE_FORMAT)
             if doc.get("builder") == BUILDER_VERSION:
                 return ProfileBuild(
                     profile_from_dict(doc),
@@ -194,10 +194,13 @@ class LazyStructs(Mapping[str, StructLayout]):
     def __getitem__(self, name: str) -> StructLayout:
         layout = self._built.get(name)
         if layout is None:
-            size, members = self._raw[name]
+            entry = self._raw[name]
             try:
+                if isinstance(entry, str):  # the marshal side cache's form (profile_compact)
+                    entry = json.loads(entry)
+                size, members = entry
                 layout = StructLayout(name, int(size), {m[0]: Member(*m[1:]) for m in members})
-            except (TypeError, ValueError, IndexError) as e:
+            except (TypeError, ValueError, IndexError) as e:  # JSONDecodeError too
                 raise ProfileError(f"cached profile entry for struct {name} is corrupt: {e}") from e
             self._built[name] = layout
         return layout
@@ -240,7 +243,7 @@ def save_profile(profile: Profile, path: Path) -> None:
 def load_profile(path: Path | str) -> Profile:
     """A profile file: our compact JSON, or any Volatility ISF (``.json`` or ``.json.xz``)."""
     path = Path(path)
-    doc = isf.read_isf(path)
+    doc = profile_compact.read_profile_json(path, PROFILE_FORMAT)
     if doc.get("format") == PROFILE_FORMAT:
         return profile_from_dict(doc)
     if "metadata" in doc:

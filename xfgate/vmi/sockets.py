@@ -32,7 +32,7 @@ from ipaddress import IPv6Address
 from typing import NamedTuple
 
 from xfgate.errors import MemoryReadError, ProfileError
-from xfgate.flow import Flow
+from xfgate.flow import Flow, IPAddress
 from xfgate.inet import AddressFamily, IPProto
 from xfgate.vmi import jhash
 from xfgate.vmi.kernel_constants import TCPState
@@ -272,6 +272,8 @@ class SocketTables:
         self._deadline = Deadline.after(LOOKUP_SECONDS)
         # (local address, port, hash_mix) -> the two lhash2 keys (jhash in Python: 20 us).
         self._listener_keys: dict[tuple[bytes, int, int], tuple[int, int]] = {}
+        # Address objects by their bytes for decode_inet_sock (at most MAX_INTERNED).
+        self._addresses: dict[bytes, IPAddress] = {}
 
     def _u64(self, vaddr: int) -> int:
         value: int = _U64.unpack(self.space.read(vaddr, 8))[0]
@@ -420,8 +422,9 @@ class SocketTables:
         time-wait and request socks, just its head."""
         state = head[self.layout.skc_state]
         if state in (TCPState.TIME_WAIT, TCPState.NEW_SYN_RECV):
-            return decode_inet_sock(self.layout, sk, head)
-        return decode_inet_sock(self.layout, sk, self.space.read(sk, self.layout.sock_span))
+            return decode_inet_sock(self.layout, sk, head, self._addresses)
+        blob = self.space.read(sk, self.layout.sock_span)
+        return decode_inet_sock(self.layout, sk, blob, self._addresses)
 
     def _in_init_net(self, head: bytes) -> bool:
         net: int = _U64.unpack_from(head, self.h.skc_net)[0]
