@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
-from xfgate.fastinit import fast_init
 from xfgate.inet import proto_label
 
 IPAddress = IPv4Address | IPv6Address
@@ -52,7 +51,6 @@ class Direction(enum.Enum):
     TO_GUEST = "in"  # leaves the host into the guest's vif (physdev-out)
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Flow:
     proto: int  # IPProto.TCP or IPProto.UDP
@@ -88,7 +86,6 @@ def _hostport(addr: IPAddress, port: int) -> str:
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Owner:
     """A guest task holding the socket in its file table (one per thread group and fd)."""
@@ -105,7 +102,6 @@ class Owner:
     ancestors: tuple[int, ...] = ()
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Ownership:
     """The answer of a targeted lookup: the guest socket carrying a flow and its owners.
@@ -127,7 +123,6 @@ class Ownership:
     holders_known: bool = True
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class GuestSocket:
     """One inet socket inside the guest, with every (task, fd) that holds it."""

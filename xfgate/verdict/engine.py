@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from xfgate.fastinit import fast_init
 from xfgate.flow import (
     Direction,
     Flow,
@@ -286,7 +285,6 @@ class LockedOwnerSource:
             self._lock.release()
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Evaluation:
     decision: Decision

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from xfgate.fastinit import fast_init
 from xfgate.flow import Direction, Flow, IPAddress
 from xfgate.inet import IPProto
 
@@ -33,7 +32,6 @@ ECHO_REQUEST_TYPES = frozenset({8, 128})
 PORTED_PROTOS = frozenset({IPProto.TCP, IPProto.UDP, IPProto.UDPLITE})
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class ParsedPacket:
     family: int  # 4 or 6

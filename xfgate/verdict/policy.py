@@ -13,7 +13,6 @@ from types import MappingProxyType
 from typing import Any
 
 from xfgate.errors import ConfigError
-from xfgate.fastinit import fast_init
 from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, Via
 from xfgate.inet import PORT_PROTOS, IPProto, TCPFlag, proto_label
 from xfgate.vmi.kernel_constants import COMM_MAX_CHARS, comm_key
@@ -26,7 +25,6 @@ class Verdict(enum.StrEnum):
     DROP = "drop"
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Decision:
     verdict: Verdict

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 from xfgate.errors import MemoryReadError, ProfileError
-from xfgate.fastinit import fast_init
 from xfgate.flow import IPAddress
 from xfgate.inet import AddressFamily, IPProto
 from xfgate.vmi.kernel_constants import (
@@ -335,7 +334,6 @@ class WalkBounds:
     retries: int = 3  # unpaused attempts before pausing (or giving up)
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Task:
     address: int
@@ -360,7 +358,6 @@ class Task:
         return tuple(dict.fromkeys(f for f in (self.files, *self.thread_files) if f))
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class InetSock:
     """A struct sock of family AF_INET/AF_INET6, any protocol and type (the shared struct
@@ -404,7 +401,6 @@ class PacketSock:
     sk_uid: int
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class FdSocket:
     """A socket held by a process's fd."""
