@@ -225,7 +225,11 @@ class Refresher(threading.Thread):
         new_flows = {e for e in entries - (self.entries or set()) if e.is_flow}
         if not new_flows or self._reset_settled is None or self.entries is None:
             return
-        seen = {e for s in before if s.rport for e in socket_entries(s)}
+        # Only sockets on a port of a new flow entry can give one (the attacker's new flows
+        # appear on nearly every refresh: the entries of all 20,000 sockets of a crowd were
+        # computed each time).
+        ports = {e.port for e in new_flows}
+        seen = {e for s in before if s.rport and s.lport in ports for e in socket_entries(s)}
         changed = new_flows & seen
         if changed:
             log.warning(
