@@ -46,8 +46,8 @@ def _from_scratch(gi: GuestIntrospector) -> GuestView:
 
 
 def _introspector(g: FakeGuest, read: float = FOREVER, check: float = FOREVER) -> GuestIntrospector:
-    gi = GuestIntrospector(_domain(), g.profile, memory=g.memory, crosscheck_seconds=check)
-    gi.read_seconds = read
+    gi = GuestIntrospector(_domain(), g.profile, memory=g.memory)
+    gi.read_seconds, gi.check_seconds = read, check
     return gi
 
 
@@ -133,7 +133,7 @@ def test_the_sliced_cross_check_catches_and_repairs_a_planted_disagreement() -> 
         view = gi.refresh_view(_blocked_1001)
         assert _ports(view, 500) == {8080}  # stale: reused
         assert gi.crosscheck.refresh_disagreements == 0
-        gi.crosscheck_seconds = ALWAYS  # every task in the next slice
+        gi.check_seconds = ALWAYS  # every task in the next slice
         view = gi.refresh_view(_blocked_1001)
         cc = gi.crosscheck
         assert cc.refresh_disagreements == 1 and cc.slice_checked > 0  # counted ...

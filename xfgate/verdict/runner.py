@@ -41,7 +41,7 @@ from xfgate.errors import (
 )
 from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, OwnerSource
 from xfgate.hypervisor.resolve import resolve_domain
-from xfgate.inet import proto_label
+from xfgate.inet import IPProto, proto_label
 from xfgate.verdict import bridge, control
 from xfgate.verdict.blocksets import (
     BlockEntry,
@@ -65,11 +65,18 @@ from xfgate.verdict.fastpath import (
     make_backend,
     poll_rules,
 )
-from xfgate.verdict.listeners import KEEP_INTERVAL, ListenerGrant, listener_grants, renewable
+from xfgate.verdict.listeners import (
+    GRANT_TTL,
+    KEEP_INTERVAL,
+    ListenerGrant,
+    listener_grants,
+    renewable,
+)
 from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.netns import enter_netns, ifindex
 from xfgate.verdict.options import GateMode, GateOptions
 from xfgate.verdict.policy import GuestFacts, Policy, Verdict, blocked_ports, socket_blocked
+from xfgate.vmi.kernel_constants import IPPROTO_MPTCP
 
 log = logging.getLogger(__name__)
 DEFAULT_QUEUE_BASE = 100  # queue number = base + domain id unless --queue-num is given
@@ -170,8 +177,18 @@ class Refresher(threading.Thread):
         self.unchanged = 0  # refreshes that found nothing changed (no facts or sets recomputed)
         self._last_view: GuestView | None = None
         self._last_policy: Policy | None = None
+        # id(GuestSocket) -> (the socket, its entries if blocked): the cache holds the sockets,
+        # so no other object can take their ids while they are in it.
         self._entry_cache: dict[int, tuple[GuestSocket, tuple[BlockEntry, ...]]] = {}
+        self._entry_blocked: dict[int, tuple[BlockEntry, ...]] = {}  # the blocked ones
         self._entries_policy: Policy | None = None
+        # Set by _entries: whether the last facts added or removed a socket that can take a
+        # SYN (unconnected TCP/MPTCP), and the facts' tasks then: else the grants stand.
+        self._listeners_moved = True
+        self._grant_tasks: object = None
+        # When each granted entry was last added to the kernel set (renewals re-add an entry
+        # only when half its GRANT_TTL has passed; each check still looks the listener up).
+        self._added_at: dict[BlockEntry, float] = {}
 
     def trigger(self) -> None:
         self._wake.set()
@@ -203,7 +220,15 @@ class Refresher(threading.Thread):
             facts = self._engine.absorb_view(view)
             entries = self._entries(facts, policy)
             self._reset_if_owners_became_blocked(entries, before)
-            self._set_grants(listener_grants(facts.sockets, policy, facts), policy)
+            if (
+                self._listeners_moved
+                or policy.blocks_processes
+                or policy is not self._grant_policy
+                or facts.tasks is not self._grant_tasks
+                or not facts.complete
+            ):
+                self._set_grants(listener_grants(facts.sockets, policy, facts), policy)
+                self._grant_tasks = facts.tasks if facts.complete else None
             self._last_view, self._last_policy = view, policy
             if view.complete:
                 self.degraded = ""
@@ -247,22 +272,30 @@ class Refresher(threading.Thread):
         policy is the same object and names no process (then a socket's decision depends on
         its owners and sk_uid only, not on the facts' lineage): an incremental view hands back
         the same GuestSocket objects for what did not change."""
+        self._listeners_moved = True
         if policy.blocks_processes or policy is not self._entries_policy:
-            self._entry_cache = {}
+            self._entry_cache, self._entry_blocked = {}, {}
             self._entries_policy = policy
             if policy.blocks_processes:
                 return blocked_entries(facts.sockets, policy, facts)
         out = {e for proto, port in policy.block_ports for e in port_entries(proto, port)}
-        cache: dict[int, tuple[GuestSocket, tuple[BlockEntry, ...]]] = {}
-        old = self._entry_cache
-        for s in facts.sockets:
-            hit = old.get(id(s))
-            if hit is None or hit[0] is not s:
-                blocked = socket_blocked(s, policy, facts)
-                hit = (s, tuple(socket_entries(s)) if blocked else ())
-            cache[id(s)] = hit
-            out.update(hit[1])
-        self._entry_cache = cache
+        cache, blocked = self._entry_cache, self._entry_blocked
+        now = dict(zip(map(id, facts.sockets), facts.sockets, strict=True))  # at C speed
+        moved = False
+        for key in cache.keys() - now.keys():
+            moved = moved or _takes_syn(cache[key][0])
+            del cache[key]
+            blocked.pop(key, None)
+        for key in now.keys() - cache.keys():
+            s = now[key]
+            moved = moved or _takes_syn(s)
+            found = tuple(socket_entries(s)) if socket_blocked(s, policy, facts) else ()
+            cache[key] = (s, found)
+            if found:
+                blocked[key] = found
+        for found in blocked.values():
+            out.update(found)
+        self._listeners_moved = moved
         return out
 
     @property
@@ -280,6 +313,7 @@ class Refresher(threading.Thread):
             self._grants = set()
             self._grant_policy = None
             self._granted = set()
+            self._added_at = {}
             if self._listeners is not None:
                 self._listeners.revoke()
 
@@ -307,8 +341,11 @@ class Refresher(threading.Thread):
             if self._stop.is_set():  # stopping: revoke_listeners follows, renew nothing
                 return
             gone = self._granted - keep
-            if keep or gone:
-                self._listeners.renew(keep, gone)
+            now = time.monotonic()
+            due = {e for e in keep if now - self._added_at.get(e, -1e9) >= GRANT_TTL / 2}
+            if due or gone:
+                self._listeners.renew(due, gone)
+            self._added_at = {e: now if e in due else self._added_at[e] for e in keep}
             self.grant_renewals += len(keep)
             self.grant_refusals += len({g.entry for g in grants} - keep)
             self._granted = keep
@@ -337,6 +374,12 @@ class Refresher(threading.Thread):
             if self._listeners is None:
                 wait = next_walk - time.monotonic()
             self._wake.wait(max(0.0, wait))
+
+
+def _takes_syn(s: GuestSocket) -> bool:
+    """A socket listener_grants looks at: unconnected TCP or MPTCP (a listener, or a bound
+    socket that may listen)."""
+    return s.proto in (IPProto.TCP, IPPROTO_MPTCP) and not s.rport
 
 
 @dataclass(frozen=True)

@@ -97,10 +97,12 @@ MAX_LOGGED_DISAGREEMENTS = 5
 # watched (blocked) owners are read afresh, plus two rotating slices of the other tasks:
 # every task_struct is read again within READ_SECONDS (a setuid or exec of a task found
 # within that: it may become watched), and every task is decoded afresh (fd tables and files
-# included) and compared with what the refreshes reused within the cross-check period
-# (`crosscheck_seconds`): the sliced cross-check, instead of a periodic full walk.
+# included) and compared with what the refreshes reused within CHECK_SECONDS: the sliced
+# cross-check, instead of a full walk every CROSSCHECK_SECONDS. Its cost is a full walk's
+# spread over CHECK_SECONDS (a crowd's 1.2-2 s walk: ~0.5 % of a core at 300 s).
 COUNTER_SYMBOLS = ("total_forks", "nr_threads")
 READ_SECONDS = 10.0
+CHECK_SECONDS = 300.0
 MAX_PENDING_CHECKS = 4096  # resolver answers kept until a walk reads their holders again
 
 
@@ -254,6 +256,7 @@ class GuestIntrospector:
             forks, threads = (profile.symbol(n) for n in COUNTER_SYMBOLS)
             self.counter_symbols = (forks, threads)
         self.read_seconds = READ_SECONDS
+        self.check_seconds = CHECK_SECONDS
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -640,7 +643,7 @@ class GuestIntrospector:
             addrs, boot.read_at, boot.read_debt, dt, self.read_seconds
         )
         check, boot.check_at, boot.check_debt = rotating_slice(
-            addrs, boot.check_at, boot.check_debt, dt, self.crosscheck_seconds
+            addrs, boot.check_at, boot.check_debt, dt, self.check_seconds
         )
         tasks = addrs if counters == boot.counters else None
         return QuietPlan(tasks, read, check)
