@@ -256,6 +256,8 @@ class GuestIntrospector:
             forks, threads = (profile.symbol(n) for n in COUNTER_SYMBOLS)
             self.counter_symbols = (forks, threads)
         self.read_seconds = READ_SECONDS
+        self._watch_memo: dict[int, tuple[Task, bool]] = {}
+        self._memo_for: Callable[[Owner], bool] | None = None
         self.check_seconds = CHECK_SECONDS
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -700,11 +702,21 @@ class GuestIntrospector:
             task_watch = None
         else:
             owners = boot.task_owners
+            # The answer per Task object, while the caller passes the same function (the
+            # gate does while its policy names no pid: see Refresher._watch_fn).
+            if watch is not self._memo_for or len(self._watch_memo) > 4 * len(owners) + 1024:
+                self._watch_memo, self._memo_for = {}, watch
+            memo = self._watch_memo
 
             def task_watch(t: Task) -> bool:
+                hit = memo.get(id(t))
+                if hit is not None and hit[0] is t:
+                    return hit[1]
                 known = owners.get(t.tgid)
                 ancestors = known.ancestors if known is not None else ()
-                return watch(Owner(t.tgid, t.uid, t.euid, t.comm, -1, t.exe, ancestors))
+                answer = watch(Owner(t.tgid, t.uid, t.euid, t.comm, -1, t.exe, ancestors))
+                memo[id(t)] = (t, answer)
+                return answer
 
         bounds = dataclasses.replace(self.bounds, retries=1)
         counters = self._counters(boot)  # before the walk: a fork during it shows next time

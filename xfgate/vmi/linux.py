@@ -349,6 +349,8 @@ class Task:
     @property
     def file_tables(self) -> tuple[int, ...]:
         """Every distinct files_struct of the thread group, the leader's first."""
+        if not self.thread_files:  # the usual case, asked per task per refresh
+            return (self.files,) if self.files else ()
         return tuple(dict.fromkeys(f for f in (self.files, *self.thread_files) if f))
 
 
@@ -546,9 +548,19 @@ class Walk:
         self.recheck: frozenset[int] = frozenset()
         self.trusted: set[int] = set()
         self.trust_unchanged = False  # an unchanged task's tables are trusted (not read)
+        self._watched: dict[int, bool] = {}  # id(Task) -> watch(Task), once per walk
         # Thread groups whose socket entries are not the prior walk's objects (decoded,
         # read afresh, or a task that changed): what a view built from the prior one redoes.
         self.changed_pids: set[int] = set()
+
+    def watched(self, task: Task) -> bool:
+        """`watch(task)`, asked once per Task object per walk (a Task is immutable)."""
+        if self.watch is None:
+            return False
+        hit = self._watched.get(id(task))
+        if hit is None:
+            hit = self._watched[id(task)] = self.watch(task)
+        return hit
 
     def check_time(self, what: str) -> None:
         if self.deadline.expired():
@@ -623,7 +635,7 @@ class Walk:
             if not n & 0xFF:
                 self.check_time("task list")
             seen = prior.tasks.get(addr)
-            watched = seen is not None and self.watch is not None and self.watch(seen[1])
+            watched = seen is not None and self.watched(seen[1])
             if seen is not None and not watched and addr not in look:
                 self.counts.tasks_trusted += 1
                 self.state.tasks[addr] = seen
@@ -674,7 +686,7 @@ class Walk:
             self.state.rechecked_tasks.add(address)
             self.counts.tasks_rechecked += 1
         seen = self.prior.tasks.get(address) if self.prior is not None else None
-        watched = seen is not None and self.watch is not None and self.watch(seen[1])
+        watched = seen is not None and self.watched(seen[1])
         if seen is not None and seen[0] == key and not watched and not fresh:
             if self.trust_unchanged:  # read, unchanged: its tables are trusted too
                 self.trusted.add(address)
@@ -1103,18 +1115,21 @@ class Walk:
     def sockets(self, tasks: list[Task], result: WalkResult) -> None:
         """Every socket held by each thread group's fds (all its threads' file tables) into
         `result`, (tgid, fd, sock) once each; a bound stops adding, keeps what was read."""
-        watch = self.watch if self.prior is not None else None
-        watched = {id(t) for t in tasks if watch is not None and watch(t)}
+        watched = {id(t) for t in tasks if self.watched(t)} if self.prior is not None else set()
         ordered = sorted(tasks, key=lambda t: id(t) not in watched) if watched else tasks
-        for task in ordered:
-            self.check_time("fd tables")
+        trusted = self.trusted
+        for n, task in enumerate(ordered):
+            if task.address in trusted and id(task) not in watched and self._served(task, result):
+                continue  # a quiet walk's trusted task: no read (see _trusted_again)
+            if not n & 0x3F:
+                self.check_time("fd tables")
             self._watching = id(task) in watched
             self._fresh = self._watching or task.address in self.recheck
             if self._fresh:  # its tables and files read again, whoever read them before
                 for files in task.file_tables:
                     self._tables.pop(files, None)
                 self._socks.clear()
-            if self._trusted_again(task, result) or self._held_again(task, result):
+            if self._held_again(task, result):
                 continue
             self.changed_pids.add(task.tgid)
             seen: set[tuple[int, int]] = set()
@@ -1142,13 +1157,15 @@ class Walk:
                 held = (result.sockets[mark[0] :], result.packets[mark[1] :])
                 self.state.held[(task.tgid, task.file_tables[0])] = held
 
-    def _trusted_again(self, task: Task, result: WalkResult) -> bool:
+    def _served(self, task: Task, result: WalkResult) -> bool:
         """A quiet walk's fast path: a trusted task (QuietPlan: not read, or read and
         unchanged; neither watched nor rechecked) gives the entries, fd tables and socks the
-        prior walk found, with no read of guest memory."""
+        prior walk found, with no read of guest memory. False: the usual path (a task with
+        several tables has its prior tables put in place for it: still no read)."""
         prior = self.prior
-        if prior is None or self._fresh or task.address not in self.trusted:
+        if prior is None or task.address in self.recheck:
             return False
+        self._watching = self._fresh = False
         tables = task.file_tables
         if len(tables) == 1 and (task.tgid, tables[0]) in prior.held:
             if tables[0] not in prior.tables:
