@@ -99,10 +99,10 @@ MAX_LOGGED_DISAGREEMENTS = 5
 # within that: it may become watched), and every task is decoded afresh (fd tables and files
 # included) and compared with what the refreshes reused within CHECK_SECONDS: the sliced
 # cross-check, instead of a full walk every CROSSCHECK_SECONDS. Its cost is a full walk's
-# spread over CHECK_SECONDS (a crowd's 1.2-2 s walk: ~0.5 % of a core at 300 s).
+# spread over CHECK_SECONDS (a crowd's 1.2-4 s walk: 0.2-0.7 % of a core at 600 s).
 COUNTER_SYMBOLS = ("total_forks", "nr_threads")
 READ_SECONDS = 10.0
-CHECK_SECONDS = 300.0
+CHECK_SECONDS = 600.0
 MAX_PENDING_CHECKS = 4096  # resolver answers kept until a walk reads their holders again
 
 

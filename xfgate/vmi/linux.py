@@ -461,6 +461,9 @@ class RefreshState:
     # (task addresses) and their fd tables (files_struct addresses).
     rechecked_tasks: set[int] = field(default_factory=set)
     rechecked_tables: set[int] = field(default_factory=set)
+    # The walk's entries (WalkResult.sockets, .packets): a quiet walk keeps those of the
+    # thread groups it trusts.
+    entries: tuple[list[FdSocket], list[FdPacket]] = field(default_factory=lambda: ([], []))
 
 
 @dataclass(frozen=True)
@@ -618,30 +621,32 @@ class Walk:
         tgids.update((task, lay.task_tgid.get(blob, lo)) for task, blob in raw)
         return [t for t in (self._task(addr, blob, tgids) for addr, blob in raw) if t is not None]
 
-    def known_tasks(self, tasks: tuple[int, ...], read: frozenset[int]) -> list[Task]:
-        """The prior walk's thread groups without walking the task list (see QuietPlan): the
-        `read` and `recheck` ones (and the watched ones) read again at their address, the
-        others the prior Task as it was. A task that no longer looks like itself (another
-        pid) is an issue: the walk is incomplete and the next refresh walks the list."""
+    def quiet_walk(self, tasks: tuple[int, ...], read: frozenset[int], result: WalkResult) -> None:
+        """A walk over the prior walk's thread groups without walking the task list (see
+        QuietPlan), at the cost of the tasks it reads: the `read` and `recheck` ones and the
+        watched ones are read again at their address (a task that no longer looks like itself,
+        another pid, is an issue: the walk is incomplete and the next refresh walks the list);
+        those that changed, are watched or rechecked have their fd tables read; every other
+        task, its tables and its entries are the prior walk's, copied whole."""
         prior = self.prior
         assert prior is not None
         lay = self.layout
         lo, hi = lay.task_span
-        tgids: dict[int, int] = {lay.init_task + self.shift: 0}
-        tgids.update((addr, prior.tasks[addr][1].tgid) for addr in tasks if addr in prior.tasks)
+        self.state.tasks = dict(prior.tasks)
+        self.state.tables = dict(prior.tables)
+        self.state.held = dict(prior.held)
         look = read | self.recheck
-        out: list[Task] = []
-        for n, addr in enumerate(tasks):
-            if not n & 0xFF:
+        known = prior.tasks
+        todo = [a for a in tasks if a in look or a not in known or self.watched(known[a][1])]
+        self.trusted = set(tasks).difference(todo)
+        self.counts.tasks_trusted = len(self.trusted)
+        tgids: dict[int, int] = {lay.init_task + self.shift: 0}
+        if todo:
+            tgids.update((addr, known[addr][1].tgid) for addr in tasks if addr in known)
+        for n, addr in enumerate(todo):
+            if not n & 0x3F:
                 self.check_time("task list")
-            seen = prior.tasks.get(addr)
-            watched = seen is not None and self.watched(seen[1])
-            if seen is not None and not watched and addr not in look:
-                self.counts.tasks_trusted += 1
-                self.state.tasks[addr] = seen
-                self.trusted.add(addr)
-                out.append(seen[1])
-                continue
+            seen = known.get(addr)
             blob = self.read(addr + lo, hi - lo, "task")
             if blob is None:
                 raise WalkAborted(WalkIssue("task list", WalkReason.UNREADABLE, addr))
@@ -650,10 +655,18 @@ class Walk:
                 raise WalkAborted(
                     WalkIssue("task list", WalkReason.IMPLAUSIBLE, addr, detail=detail)
                 )
-            task = self._task(addr, blob, tgids)
-            if task is not None:
-                out.append(task)
-        return out
+            if self._task(addr, blob, tgids) is None:
+                self.state.tasks.pop(addr, None)
+        result.tasks = [self.state.tasks[a][1] for a in tasks if a in self.state.tasks]
+        redo = [t for t in result.tasks if t.address not in self.trusted]
+        pids = {t.tgid for t in redo}
+        old_sockets, old_packets = prior.entries
+        result.sockets = (
+            [e for e in old_sockets if e.pid not in pids] if pids else list(old_sockets)
+        )
+        result.packets = [e for e in old_packets if e.pid not in pids]
+        self.counts.files_reused += len(result.sockets) + len(result.packets)
+        self.sockets(redo, result)
 
     def _task_fingerprint(self, blob: bytes, tgids: dict[int, int]) -> bytes:
         """The task_struct fields a Task is decoded from (pid, tgid, parent, cred, comm, files,
@@ -1283,10 +1296,11 @@ def walk_once(
     result = WalkResult(attempts=1, state=walk.state, counts=walk.counts)
     try:
         if quiet is not None and quiet.tasks is not None:
-            result.tasks = walk.known_tasks(quiet.tasks, quiet.read)
+            walk.quiet_walk(quiet.tasks, quiet.read, result)
         else:
             result.tasks = walk.for_each_task()
-        walk.sockets(result.tasks, result)
+            walk.sockets(result.tasks, result)
+        walk.state.entries = (result.sockets, result.packets)
     except WalkAborted as e:  # what was read before the bound is kept
         walk.errors.append(e.issue)
     except (MemoryReadError, struct.error, ValueError) as e:  # belt and braces: bad guest data
