@@ -10,6 +10,10 @@ from tests.vmi_fakes import FakeGuest, counters_profile, standard_guest
 from xfgate.config import DomainConfig, MemoryConfig
 from xfgate.flow import GuestView, Owner
 from xfgate.inet import IPProto
+from xfgate.verdict.cache import OwnerCache
+from xfgate.verdict.engine import Engine, LockedOwnerSource
+from xfgate.verdict.policy import compile_policy
+from xfgate.verdict.runner import Refresher
 from xfgate.vmi.introspect import GuestIntrospector, guest_view, rotating_slice
 
 FOREVER = 1e9  # a slice period no test reaches: those refreshes read no slice at all
@@ -172,3 +176,37 @@ def test_rotating_slices_cover_every_task_once_per_period() -> None:
     assert part == {100} and debt == 0.0
     assert rotating_slice(addrs, 3, 0.0, 1e6, 10.0)[0] == frozenset(addrs)
     assert rotating_slice((), 3, 0.0, 2.0, 10.0) == (frozenset(), 0, 0.0)
+
+
+def test_a_connection_made_unseen_then_its_holder_blocked_resets_the_settled_flows() -> None:
+    """Quiet refreshes do not re-read web's (uid 1000, not watched) fd table: a connection
+    it opens after the walk is not in the view (its flow may be settled as accepted by the
+    packet path). web then drops to the blocked uid: the read slice finds it, it is watched,
+    its connection joins the sets, and, since web was in the last view and not blocked, the
+    settled flows are reset (the connection was never seen unblocked: the old rule missed
+    it). The blocked spray's own new connections never reset anything."""
+    g, spray, web, _ = _guest()
+    gi = _introspector(g)
+    source = LockedOwnerSource(gi)
+    engine = Engine(1, {}, source, compile_policy(uids=[1001]), OwnerCache())
+    resets: list[int] = []
+    r = Refresher(1, source, engine, lambda e: None, 0.01, reset_settled=lambda: resets.append(1))
+    r.refresh_once(walk=True)
+    sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 33001, "198.18.0.1", 2222, sk_uid=1001)
+    g.add_fd(spray, 4, sk)
+    r.refresh_once()
+    assert resets == [] and 33001 in {e.port for e in r.entries or set()}
+    conn = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 8080, "198.18.0.1", 45000, sk_uid=1000)
+    g.add_fd(web, 5, conn)
+    r.refresh_once()
+    assert gi.crosscheck.last_refresh["tasks_trusted"] > 0
+    assert not any(s.rport == 45000 for s in engine.facts.sockets)  # not read: trusted
+    cred = g.alloc(0x60)
+    g.w(cred + g.off("cred", "uid"), "<I", 1001)
+    g.w(cred + g.off("cred", "euid"), "<I", 1001)
+    g.w(web + g.off("task_struct", "real_cred"), "<QQ", cred, cred)
+    gi.read_seconds = ALWAYS
+    r.refresh_once()
+    assert any(e.port == 8080 and e.is_flow for e in r.entries or set())
+    assert resets == [1] and r.settled_resets == 1
+    gi.close()

@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -217,10 +217,10 @@ class Refresher(threading.Thread):
                 self.unchanged += 1
                 self.walks += 1
                 return
-            before = self._engine.facts.sockets
+            before = self._engine.facts
             facts = self._engine.absorb_view(view)
             entries = self._entries(facts, policy)
-            self._reset_if_owners_became_blocked(entries, before)
+            self._reset_if_owners_became_blocked(entries, before, facts, policy)
             if (
                 self._listeners_moved
                 or policy.blocks_processes
@@ -272,8 +272,12 @@ class Refresher(threading.Thread):
         return self._watch
 
     def _reset_if_owners_became_blocked(
-        self, entries: set[BlockEntry], before: Sequence[GuestSocket]
+        self, entries: set[BlockEntry], before: GuestFacts, facts: GuestFacts, policy: Policy
     ) -> None:
+        """Settled flows decided again when a new flow entry is a connection the last view
+        showed unblocked, or one held by a thread group the last view showed and did not
+        block (it became blocked: a setuid, an exec; its connection may predate the view, as
+        quiet refreshes do not re-read an unblocked task's fd table until a slice does)."""
         new_flows = {e for e in entries - (self.entries or set()) if e.is_flow}
         if not new_flows or self._reset_settled is None or self.entries is None:
             return
@@ -281,8 +285,19 @@ class Refresher(threading.Thread):
         # appear on nearly every refresh: the entries of all 20,000 sockets of a crowd were
         # computed each time).
         ports = {e.port for e in new_flows}
-        seen = {e for s in before if s.rport and s.lport in ports for e in socket_entries(s)}
+        seen = {
+            e for s in before.sockets if s.rport and s.lport in ports for e in socket_entries(s)
+        }
         changed = new_flows & seen
+        if not changed:
+            held = facts.sockets if policy.blocks_processes else self._blocked_sockets()
+            held = [s for s in held if s.rport and s.lport in ports]
+            pids = {o.pid for s in held for o in s.owners}
+            known = {t.pid: t for t in before.tasks if t.pid in pids}
+            free = {pid for pid, t in known.items() if policy.owner_blocked(t, before) is None}
+            for s in held:
+                if any(o.pid in free for o in s.owners):
+                    changed |= new_flows & set(socket_entries(s))
         if changed:
             log.warning(
                 "domain %d: %d connection(s) seen unblocked now belong to a blocked owner "
@@ -293,6 +308,10 @@ class Refresher(threading.Thread):
             )
             self.settled_resets += 1
             self._reset_settled()
+
+    def _blocked_sockets(self) -> list[GuestSocket]:
+        """The sockets the last _entries judged blocked (its cache holds them)."""
+        return [self._entry_cache[key][0] for key in self._entry_blocked]
 
     def _entries(self, facts: GuestFacts, policy: Policy) -> set[BlockEntry]:
         """blocked_entries(facts.sockets, policy, facts), each socket judged once while the
