@@ -51,7 +51,7 @@ def test_ps_json_equals_truth_on_the_crowd(crowd_lab: tuple[LabLayout, DomainCon
     diffs, ps = ps_against_truth(layout, cli_ps_json(domain.id), max_collector=3)
     assert diffs == []
     assert len(ps["sockets"]) >= CROWD.sockets
-    threads = int(guest_exec(layout, 1, "ls -d /proc/[0-9]*/task/* | wc -l").output)
+    threads = int(guest_exec(layout, 1, "ls -d /proc/[0-9]*/task/* 2>/dev/null | wc -l").output)
     assert threads >= CROWD.tasks
     assert {s["family"] for s in ps["sockets"]} == {4, 6}
     assert {s["proto"] for s in ps["sockets"]} == {"tcp", "udp"}
@@ -116,8 +116,10 @@ def test_refreshes_at_rest_do_no_full_walk_on_the_crowd(
         view = guest.refresh_view(watch)  # a fork: the task list walked, the new task read
         assert any(s.lport == 23457 for s in view.sockets)
         assert cc.full_walks == 1
-        guest.check_seconds = 1e-9  # the cross-check slice: every task this time
-        assert guest.refresh_view(watch).complete
-        assert cc.full_walks == 1 and cc.slice_checked > 1000
+        guest.check_seconds = 1e-9  # the cross-check slice: every task each time
+        # A refresh reads live memory once (no retry): one that meets a torn read (a task of
+        # the test's shell exiting) is incomplete and changes nothing; the next one goes on.
+        done = [guest.refresh_view(watch).complete for _ in range(3)]
+        assert any(done) and cc.full_walks == 1 and cc.slice_checked > 1000
         assert cc.refresh_disagreements == 0
         guest_exec(layout, 1, "kill $(pidof nc)")

@@ -206,9 +206,11 @@ class Refresher(threading.Thread):
         policy = self._engine.policy
         start = time.monotonic()
         if policy.blocks_anything or walk:
-            watch = self._watch_fn(policy)
             refresh = getattr(self._source, "refresh", None)  # a plain source: full views
-            view: GuestView = refresh(watch) if callable(refresh) else self._source.view()
+            if callable(refresh):
+                view: GuestView = refresh(self._watch_fn(policy))
+            else:
+                view = self._source.view()
             self.last_walk_ms = round((time.monotonic() - start) * 1000, 2)
             self._freeze_after_full_walk()
             if view.complete and view is self._last_view and policy is self._last_policy:
