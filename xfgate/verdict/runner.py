@@ -67,7 +67,6 @@ from xfgate.verdict.fastpath import (
     poll_rules,
 )
 from xfgate.verdict.listeners import (
-    GRANT_TTL,
     KEEP_INTERVAL,
     ListenerGrant,
     listener_grants,
@@ -187,9 +186,6 @@ class Refresher(threading.Thread):
         # SYN (unconnected TCP/MPTCP), and the facts' tasks then: else the grants stand.
         self._listeners_moved = True
         self._grant_tasks: object = None
-        # When each granted entry was last added to the kernel set (renewals re-add an entry
-        # only when half its GRANT_TTL has passed; each check still looks the listener up).
-        self._added_at: dict[BlockEntry, float] = {}
         self._watch: Callable[[Owner], bool] = lambda _owner: False
         self._watch_for: Policy | None = None
         self._frozen_walks = 0  # full walks seen (_freeze_after_full_walk)
@@ -361,7 +357,6 @@ class Refresher(threading.Thread):
             self._grants = set()
             self._grant_policy = None
             self._granted = set()
-            self._added_at = {}
             if self._listeners is not None:
                 self._listeners.revoke()
 
@@ -389,11 +384,8 @@ class Refresher(threading.Thread):
             if self._stop.is_set():  # stopping: revoke_listeners follows, renew nothing
                 return
             gone = self._granted - keep
-            now = time.monotonic()
-            due = {e for e in keep if now - self._added_at.get(e, -1e9) >= GRANT_TTL / 2}
-            if due or gone:
-                self._listeners.renew(due, gone)
-            self._added_at = {e: now if e in due else self._added_at[e] for e in keep}
+            if keep or gone:
+                self._listeners.renew(keep, gone)
             self.grant_renewals += len(keep)
             self.grant_refusals += len({g.entry for g in grants} - keep)
             self._granted = keep
