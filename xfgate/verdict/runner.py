@@ -291,8 +291,15 @@ class Refresher(threading.Thread):
             held = facts.sockets if policy.blocks_processes else self._blocked_sockets()
             held = [s for s in held if s.rport and s.lport in ports]
             pids = {o.pid for s in held for o in s.owners}
-            known = {t.pid: t for t in before.tasks if t.pid in pids}
-            free = {pid for pid, t in known.items() if policy.owner_blocked(t, before) is None}
+            was = {t.pid: t for t in before.tasks if t.pid in pids}
+            now = {t.pid: t for t in facts.tasks if t.pid in was}
+            free = {  # shown unblocked by the last view, blocked now: it became blocked
+                pid
+                for pid, t in was.items()
+                if policy.owner_blocked(t, before) is None
+                and pid in now
+                and policy.owner_blocked(now[pid], facts) is not None
+            }
             for s in held:
                 if any(o.pid in free for o in s.owners):
                     changed |= new_flows & set(socket_entries(s))
