@@ -706,12 +706,11 @@ class Gate:
                 lambda keep, gone: fw.set_listeners(d, keep, gone),
                 lambda: fw.revoke_listeners(d),
             )
-        applied: dict[str, frozenset[BlockEntry]] = {}  # what this gate last put in each set
         dg.refresher = Refresher(
             d,
             dg.source,
             dg.engine,
-            lambda entries: fw.set_blocked(d, entries, applied),
+            lambda entries: fw.set_blocked(d, entries),
             self.options.refresh_interval,
             listeners,
             lambda: fw.reset_settled(d),
