@@ -6,6 +6,8 @@ Starts `xfgate run --domain D --block-uid 1001` (queue mode), lets it warm up, t
 CPU time (utime + stime of every thread, /proc/PID/stat) over `seconds`: percent of one core.
 The lab's workload keeps running (its attacker opens ~2 flows/s), so "rest" here means no
 flows beyond that. Bounded: warmup + seconds, then the gate is stopped by its pid.
+`refresh_work`: what the gate's refresher did in the measured window (`xfgate status` before
+and after: full walks, refreshes, quiet ones, grant renewals, ...).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,6 +32,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def refresh_counters(domain: int) -> dict[str, float]:
+    """The numeric counters of `xfgate status`'s refresh section (crosscheck flattened);
+    {} when status does not answer."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "xfgate.cli", "status", "--domain", str(domain), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        refresh = json.loads(out)[0].get("refresh", {})
+    except (subprocess.SubprocessError, ValueError, IndexError, AttributeError):
+        return {}
+    flat = {**refresh, **refresh.get("crosscheck", {})}
+    return {
+        k: v for k, v in flat.items() if isinstance(v, int | float) and not k.startswith("last")
+    }
+
+
 def run(domain: int, seconds: float, warmup: float) -> dict[str, Any]:
     out: dict[str, Any] = {"domain": domain, "seconds": seconds, "loadavg": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="xfgate-rest-") as tmp:
@@ -35,10 +59,13 @@ def run(domain: int, seconds: float, warmup: float) -> dict[str, Any]:
         with running_gate(domain, "gate", ("--block-uid", "1001"), log_path) as pid:
             assert pid is not None
             time.sleep(warmup)
+            before = refresh_counters(domain)
             c0, t0 = cpu_seconds(pid), time.monotonic()
             time.sleep(seconds)
             c1, t1 = cpu_seconds(pid), time.monotonic()
+            after = refresh_counters(domain)
         out["gate_cpu_percent_of_one_core"] = round(100 * (c1 - c0) / (t1 - t0), 2)
+        out["refresh_work"] = {k: round(v - before.get(k, 0), 2) for k, v in after.items()}
         out["gate_log_tail"] = log_path.read_text(errors="replace").splitlines()[-5:]
     return out
 

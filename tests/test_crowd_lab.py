@@ -51,7 +51,7 @@ def test_ps_json_equals_truth_on_the_crowd(crowd_lab: tuple[LabLayout, DomainCon
     diffs, ps = ps_against_truth(layout, cli_ps_json(domain.id), max_collector=3)
     assert diffs == []
     assert len(ps["sockets"]) >= CROWD.sockets
-    threads = int(guest_exec(layout, 1, "ls -d /proc/[0-9]*/task/* | wc -l").output)
+    threads = int(guest_exec(layout, 1, "ls -d /proc/[0-9]*/task/* 2>/dev/null | wc -l").output)
     assert threads >= CROWD.tasks
     assert {s["family"] for s in ps["sockets"]} == {4, 6}
     assert {s["proto"] for s in ps["sockets"]} == {"tcp", "udp"}
@@ -114,8 +114,9 @@ def test_refreshes_at_rest_do_no_full_walk_on_the_crowd(
 ) -> None:
     """The gate's periodic refresh on the crowd: after one full walk, incremental refreshes
     re-decode only the watched (blocked, uid 1001) owners' tables and hand back the same view
-    while nothing changes; a new listener is picked up by the next refresh (its table only);
-    the periodic full walk then cross-checks what the refreshes reused, without disagreement."""
+    while nothing changes (quiet: the task list not walked while no task forks or exits); a
+    new listener is picked up by the next refresh (its table only); the sliced cross-check,
+    made to cover every task at once, agrees with what the refreshes reused: no full walk."""
     layout, domain = crowd_lab
     profile = load_domain_profile(domain, None)
     with GuestIntrospector(domain, profile, full_walk_seconds=30.0) as guest:
@@ -127,14 +128,19 @@ def test_refreshes_at_rest_do_no_full_walk_on_the_crowd(
         assert cc.full_walks == 1 and cc.refreshes == 5
         assert all(v.complete for v in views)
         assert cc.refresh_unchanged >= 3  # the lab's own workload may change a table now and then
-        assert cc.last_refresh["tables_reused"] > 1000
+        # Quiet refreshes (the kernel's fork/exit counters did not move): the task list not
+        # walked, nearly every task and its tables served without a read.
+        assert cc.quiet_refreshes >= 3
+        assert cc.last_refresh["tasks_trusted"] > 1000
         assert cc.last_refresh["tables_decoded"] <= 5
         guest_exec(layout, 1, "nc -l -p 23457 >/dev/null 2>&1 </dev/null & sleep 0.5")
-        view = guest.refresh_view(watch)
+        view = guest.refresh_view(watch)  # a fork: the task list walked, the new task read
         assert any(s.lport == 23457 for s in view.sockets)
         assert cc.full_walks == 1
-        guest.crosscheck_seconds = 0
-        assert guest.refresh_view(watch).complete
-        assert cc.full_walks == 2 and cc.refresh_checked > 1000
+        guest.check_seconds = 1e-9  # the cross-check slice: every task each time
+        # A refresh reads live memory once (no retry): one that meets a torn read (a task of
+        # the test's shell exiting) is incomplete and changes nothing; the next one goes on.
+        done = [guest.refresh_view(watch).complete for _ in range(3)]
+        assert any(done) and cc.full_walks == 1 and cc.slice_checked > 1000
         assert cc.refresh_disagreements == 0
         guest_exec(layout, 1, "kill $(pidof nc)")

@@ -146,3 +146,43 @@ def test_not_root_is_refused_before_anything_is_touched(monkeypatch: pytest.Monk
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     with pytest.raises(PrerequisiteError, match="needs root"):
         fastpath.check_prerequisites()
+
+
+class CountingSets:
+    """A SetAdapter that records which sets were swapped (filled)."""
+
+    def __init__(self) -> None:
+        self.swapped: list[str] = []
+
+    def session(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext(self)
+
+    def swap(self, a: str, b: str) -> None:
+        self.swapped.append(b)
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: []
+
+
+def test_set_blocked_fills_only_the_sets_whose_members_changed() -> None:
+    from xfgate.verdict.blocksets import BlockEntry
+
+    sets = CountingSets()
+    fw = Firewall(NoMangleBackend(), sets)  # type: ignore[arg-type]
+    flow = BlockEntry(4, IPProto.TCP, 33000, "198.18.1.1", "198.18.0.1")
+    port = BlockEntry(4, IPProto.UDP, 5353, "0.0.0.0/1")
+    applied: dict[str, Any] = {}
+    fw.set_blocked(1, [flow, port], applied)
+    assert len(sets.swapped) == 4  # the first time: every set
+    sets.swapped.clear()
+    fw.set_blocked(1, [flow, port], applied)
+    assert sets.swapped == []  # nothing changed: no netlink request
+    fw.set_blocked(
+        1, [BlockEntry(4, IPProto.TCP, 33001, "198.18.1.1", "198.18.0.1"), port], applied
+    )
+    assert sets.swapped == ["xfgate-1-flow4"]  # only the flow set of that family
+    sets.swapped.clear()
+    fw.set_blocked(1, [flow, port])  # without `applied`: every set, as before
+    assert len(sets.swapped) == 4

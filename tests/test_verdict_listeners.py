@@ -184,3 +184,19 @@ def test_the_keeper_judges_carried_grants_as_on_the_last_complete_view_for_a_bou
     # The facts of an incomplete view are the union with the complete one's: a blocked holder
     # stays blocked whatever the flag.
     assert not renewable(GRANT, replace(SAME, owners=(MALLORY,)), BLOCK_1001, keeper_facts(torn, 1))
+
+
+def test_a_loopback_listener_is_never_granted_but_still_rivals_a_wildcard_one() -> None:
+    # A SYN from the vif never reaches a listener bound to loopback: a grant would be renewed
+    # every KEEP_INTERVAL for nothing (a crowded guest has 1,200 of them).
+    for local in (ip_address("127.0.0.1"), ip_address("127.9.9.9"), ip_address("::1")):
+        assert grants([listener(local=local)]) == set(), local
+    assert grants([listener(local=ip_address("::ffff:127.0.0.1"))]) == set()
+    # ... and a blocked owner's loopback listener on the port still refuses the wildcard grant
+    # (the wildcard's nets cover 127/8).
+    rival = listener(MALLORY, local=ip_address("127.0.0.1"), addr=0x2000)
+    assert grants([listener(), rival]) == set()
+    assert grants([listener(), listener(local=ip_address("127.0.0.1"), addr=0x2000)]) == {
+        "0.0.0.0/1,tcp:8000",
+        "128.0.0.0/1,tcp:8000",
+    }

@@ -8,6 +8,7 @@ tests then check that the walkers read back what was built.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -157,6 +158,16 @@ def synthetic_profile(banner: str = BANNER, release: str = RELEASE) -> Profile:
         symbols={k: TEXT_LINK + v for k, v in SYMBOL_OFFSETS.items()},
         symbol_types={"init_task": "task_struct"},
     )
+
+
+def counters_profile() -> Profile:
+    """The synthetic profile with kernel/fork.c's `nr_threads` and `total_forks` (adjacent, as
+    on 6.1 and 6.12): the introspector's quiet refreshes use them; FakeGuest keeps them."""
+    base = synthetic_profile()
+    symbols = dict(base.symbols)
+    symbols["nr_threads"] = TEXT_LINK + 0x25000
+    symbols["total_forks"] = TEXT_LINK + 0x25008
+    return dataclasses.replace(base, symbols=symbols)
 
 
 def worker_profile(full_worker_id: bool = True) -> Profile:
@@ -416,6 +427,7 @@ class FakeGuest:
         self.w(node, "<QQ", head, head)
         self.w(t + self.off(ts, "signal"), "<Q", signal)
         self._list_add_tail(t + self.off(ts, "tasks"))
+        self.count_fork()
         ppid = 0 if parent == self.sym("init_task") else self.task_at(parent).pid
         self.tasks.append(
             FakeTask(
@@ -489,6 +501,24 @@ class FakeGuest:
 
     def task_at(self, address: int) -> FakeTask:
         return next(t for t in self.tasks if t.address == address)
+
+    def count_fork(self, threads: int = 1) -> None:
+        """What copy_process does to the counters (a profile with them: counters_profile)."""
+        if self.profile.has_symbol("total_forks"):
+            forks, nr = self.sym("total_forks"), self.sym("nr_threads")
+            self.w(forks, "<Q", self.read_q(forks) + 1)
+            self.w(nr, "<i", struct.unpack_from("<i", self.buf, self.pa(nr))[0] + threads)
+
+    def exit_task(self, task: int) -> None:
+        """A thread group leaves: unlinked from the task list (list_del_rcu), nr_threads down."""
+        node = task + self.off("task_struct", "tasks")
+        nxt, prev = self.read_q(node), self.read_q(node + 8)
+        self.w(prev, "<Q", nxt)
+        self.w(nxt + 8, "<Q", prev)
+        self.tasks = [t for t in self.tasks if t.address != task]
+        if self.profile.has_symbol("nr_threads"):
+            nr = self.sym("nr_threads")
+            self.w(nr, "<i", struct.unpack_from("<i", self.buf, self.pa(nr))[0] - 1)
 
     def _list_add_tail(self, node: int) -> None:
         head = self.sym("init_task") + self.off("task_struct", "tasks")

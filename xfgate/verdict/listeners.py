@@ -11,6 +11,8 @@ What makes a listener grantable (``listener_grants``), on a **complete** view on
 incomplete view grants nothing new; it carries the last complete view's grants it still bears
 out, for at most ``CARRY_SECONDS``: ``carried_grants``):
 
+- it is a TCP listener bound to an address a SYN from the vif can reach: not loopback (a
+  crowded guest's 1,200 loopback listeners cost 4,800 renewals a second and served nothing);
 - it is a TCP listener (not MPTCP: its subflow listener is another story) on a port the policy
   does not block outright;
 - every socket of the view that could take a SYN to that (family, address, port) — listeners
@@ -103,6 +105,17 @@ def _good(s: GuestSocket, policy: Policy, facts: GuestFacts) -> bool:
     return d.verdict is Verdict.ACCEPT and d.known and d.settle
 
 
+def _loopback(address: IPAddress) -> bool:
+    """A loopback address (127/8, ::1, ::ffff:127.0.0.0/104): a SYN from the vif does not reach a
+    listener bound there (the guest drops it as a martian unless route_localnet is set), so it
+    is never granted: a grant would cost a renewal every KEEP_INTERVAL and serve nothing (not
+    granting is always safe: the SYN goes to the engine). It still counts as a rival of
+    a wildcard grant (whose nets cover 127/8)."""
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
 def _probe(entry: BlockEntry) -> Flow:
     local = entry.local
     family = entry.family
@@ -153,7 +166,7 @@ def _grants(
         if (IPProto.TCP, port) in policy.block_ports:
             continue
         for s in group:
-            if s.proto != IPProto.TCP or s.state != "LISTEN":
+            if s.proto != IPProto.TCP or s.state != "LISTEN" or _loopback(s.local):
                 continue
             for entry in socket_entries(s):
                 rivals = [r for r in group if any(_overlaps(entry, e) for e in _reach(r))]

@@ -72,9 +72,12 @@ class GuestFacts:
         lineage: dict[int, frozenset[int]] = {}
         if not view.complete:
             lineage.update(self.lineage)
-        for t in view.tasks:
-            seen = frozenset(t.ancestors[:MAX_LINEAGE]) | self.lineage.get(t.pid, frozenset())
-            lineage[t.pid] = seen
+        if view.complete and view.tasks is self.tasks:  # the same tasks: the same lineage
+            lineage = dict(self.lineage)
+        else:
+            for t in view.tasks:
+                seen = frozenset(t.ancestors[:MAX_LINEAGE]) | self.lineage.get(t.pid, frozenset())
+                lineage[t.pid] = seen
         tasks, raws, sockets = view.tasks, view.raw_holders, view.sockets
         if not view.complete:
             tasks = _union_by_pid(self.tasks, tasks)

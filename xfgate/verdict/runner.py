@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import logging
 import os
 import select
@@ -26,7 +27,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ from xfgate.errors import (
 )
 from xfgate.flow import Flow, GuestSocket, GuestView, Owner, Ownership, OwnerSource
 from xfgate.hypervisor.resolve import resolve_domain
-from xfgate.inet import proto_label
+from xfgate.inet import IPProto, proto_label
 from xfgate.verdict import bridge, control
 from xfgate.verdict.blocksets import (
     BlockEntry,
@@ -79,6 +80,7 @@ from xfgate.verdict.log import VerdictLog
 from xfgate.verdict.netns import enter_netns, ifindex
 from xfgate.verdict.options import GateMode, GateOptions
 from xfgate.verdict.policy import GuestFacts, Policy, Verdict, blocked_ports, socket_blocked
+from xfgate.vmi.kernel_constants import IPPROTO_MPTCP
 
 if TYPE_CHECKING:
     from xfgate.vmi.profile import Profile
@@ -209,8 +211,18 @@ class Refresher(threading.Thread):
         self.unchanged = 0  # refreshes that found nothing changed (no facts or sets recomputed)
         self._last_view: GuestView | None = None
         self._last_policy: Policy | None = None
+        # id(GuestSocket) -> (the socket, its entries if blocked): the cache holds the sockets,
+        # so no other object can take their ids while they are in it.
         self._entry_cache: dict[int, tuple[GuestSocket, tuple[BlockEntry, ...]]] = {}
+        self._entry_blocked: dict[int, tuple[BlockEntry, ...]] = {}  # the blocked ones
         self._entries_policy: Policy | None = None
+        # Set by _entries: whether the last facts added or removed a socket that can take a
+        # SYN (unconnected TCP/MPTCP), and the facts' tasks then: else the grants stand.
+        self._listeners_moved = True
+        self._grant_tasks: object = None
+        self._watch: Callable[[Owner], bool] = lambda _owner: False
+        self._watch_for: Policy | None = None
+        self._frozen_walks = 0  # full walks seen (_freeze_after_full_walk)
 
     def trigger(self) -> None:
         self._wake.set()
@@ -228,25 +240,34 @@ class Refresher(threading.Thread):
         policy = self._engine.policy
         start = time.monotonic()
         if policy.blocks_anything or walk:
-            engine = self._engine
-
-            def watch(owner: Owner) -> bool:  # the blocked owners' sockets: always read afresh
-                return policy.owner_blocked(owner, engine.facts) is not None
-
             refresh = getattr(self._source, "refresh", None)  # a plain source: full views
-            view: GuestView = refresh(watch) if callable(refresh) else self._source.view()
+            if callable(refresh):
+                view: GuestView = refresh(self._watch_fn(policy))
+            else:
+                view = self._source.view()
             self.last_walk_ms = round((time.monotonic() - start) * 1000, 2)
+            self._freeze_after_full_walk()
             if view.complete and view is self._last_view and policy is self._last_policy:
                 # Nothing changed in the guest (the introspector handed back the same view) nor
                 # in the policy: the facts and sets stand as they are.
                 self.unchanged += 1
                 self.walks += 1
                 return
-            before = self._engine.facts.sockets
+            before = self._engine.facts
             facts = self._engine.absorb_view(view)
             entries = self._entries(facts, policy)
             self._reset_if_owners_became_blocked(entries, before, facts, policy)
-            self._set_grants(self._grants_of(facts, policy), policy)
+            if (
+                self._listeners_moved
+                or policy.blocks_processes
+                or policy is not self._grant_policy
+                or facts.tasks is not self._grant_tasks
+                or not facts.complete
+            ):
+                self._set_grants(self._grants_of(facts, policy), policy)
+                self._grant_tasks = facts.tasks if facts.complete else None
+            else:  # a complete view with the same listeners and tasks bears the grants out
+                self._grants_at = time.monotonic()
             self._last_view, self._last_policy = view, policy
             if view.complete:
                 self.degraded = ""
@@ -262,13 +283,39 @@ class Refresher(threading.Thread):
             self._apply(entries)
             self.entries = entries
 
+    def _freeze_after_full_walk(self) -> None:
+        """After a full walk (the gate's first, a reboot's), the garbage collected and what
+        lives on frozen (gc.freeze): a crowded guest's walk state is ~100,000 long-lived
+        objects, and a collection of the oldest generation scanned them all (355 ms, measured
+        on the crowd, at a random refresh). Acyclic data still frees by reference counting."""
+        cc = getattr(getattr(self._source, "inner", None), "crosscheck", None)
+        walks = getattr(cc, "full_walks", None)
+        if isinstance(walks, int) and walks != self._frozen_walks:
+            self._frozen_walks = walks
+            gc.collect()
+            gc.freeze()
+
+    def _watch_fn(self, policy: Policy) -> Callable[[Owner], bool]:
+        """The blocked owners (their sockets are read afresh on every refresh). The same
+        function while the policy is the same and names no pid (then an owner's answer
+        depends on the owner alone: the introspector may remember it per task); with a pid
+        rule it depends on the facts' lineage, so a new one each time."""
+        if policy.block_pids or self._watch_for is not policy:
+            engine = self._engine
+
+            def watch(owner: Owner) -> bool:
+                return policy.owner_blocked(owner, engine.facts) is not None
+
+            self._watch, self._watch_for = watch, policy
+        return self._watch
+
     def _reset_if_owners_became_blocked(
-        self,
-        entries: set[BlockEntry],
-        before: Sequence[GuestSocket],
-        facts: GuestFacts,
-        policy: Policy,
+        self, entries: set[BlockEntry], before: GuestFacts, facts: GuestFacts, policy: Policy
     ) -> None:
+        """Settled flows decided again when a new flow entry is a connection the last view
+        showed unblocked, or one held by a thread group the last view showed and did not
+        block (it became blocked: a setuid, an exec; its connection may predate the view, as
+        quiet refreshes do not re-read an unblocked task's fd table until a slice does)."""
         new_flows = {e for e in entries - (self.entries or set()) if e.is_flow}
         if not new_flows or self._reset_settled is None or self.entries is None:
             return
@@ -276,15 +323,34 @@ class Refresher(threading.Thread):
         # entry alone, which has no remote port: a blocked owner's flood reusing the local port
         # of a connection to the same peer reset every settled flow of the domain, the good
         # service's included, sending them into the queue behind the flood (measured: 91 of
-        # 1,200 httperf connections timed out after one such reset).
-        was = {_connection(s) for s in before if s.rport}
+        # 1,200 httperf connections timed out after one such reset). Only sockets on a port of
+        # a new flow entry can give one (the attacker's new flows appear on nearly every
+        # refresh: the entries of all 20,000 sockets of a crowd were computed each time).
+        ports = {e.port for e in new_flows}
+        was = {_connection(s) for s in before.sockets if s.rport and s.lport in ports}
         changed = {
             e
             for s in facts.sockets
-            if s.rport and _connection(s) in was
+            if s.rport and s.lport in ports and _connection(s) in was
             for e in socket_entries(s)
             if e in new_flows and socket_blocked(s, policy, facts)
         }
+        if not changed:
+            held = facts.sockets if policy.blocks_processes else self._blocked_sockets()
+            held = [s for s in held if s.rport and s.lport in ports]
+            pids = {o.pid for s in held for o in s.owners}
+            tasks_was = {t.pid: t for t in before.tasks if t.pid in pids}
+            now = {t.pid: t for t in facts.tasks if t.pid in tasks_was}
+            free = {  # shown unblocked by the last view, blocked now: it became blocked
+                pid
+                for pid, t in tasks_was.items()
+                if policy.owner_blocked(t, before) is None
+                and pid in now
+                and policy.owner_blocked(now[pid], facts) is not None
+            }
+            for s in held:
+                if any(o.pid in free for o in s.owners):
+                    changed |= new_flows & set(socket_entries(s))
         if changed:
             log.warning(
                 "domain %d: %d connection(s) seen unblocked now belong to a blocked owner "
@@ -296,27 +362,39 @@ class Refresher(threading.Thread):
             self.settled_resets += 1
             self._reset_settled()
 
+    def _blocked_sockets(self) -> list[GuestSocket]:
+        """The sockets the last _entries judged blocked (its cache holds them)."""
+        return [self._entry_cache[key][0] for key in self._entry_blocked]
+
     def _entries(self, facts: GuestFacts, policy: Policy) -> set[BlockEntry]:
         """blocked_entries(facts.sockets, policy, facts), each socket judged once while the
         policy is the same object and names no process (then a socket's decision depends on
         its owners and sk_uid only, not on the facts' lineage): an incremental view hands back
         the same GuestSocket objects for what did not change."""
+        self._listeners_moved = True
         if policy.blocks_processes or policy is not self._entries_policy:
-            self._entry_cache = {}
+            self._entry_cache, self._entry_blocked = {}, {}
             self._entries_policy = policy
             if policy.blocks_processes:
                 return blocked_entries(facts.sockets, policy, facts)
         out = {e for proto, port in policy.block_ports for e in port_entries(proto, port)}
-        cache: dict[int, tuple[GuestSocket, tuple[BlockEntry, ...]]] = {}
-        old = self._entry_cache
-        for s in facts.sockets:
-            hit = old.get(id(s))
-            if hit is None or hit[0] is not s:
-                blocked = socket_blocked(s, policy, facts)
-                hit = (s, tuple(socket_entries(s)) if blocked else ())
-            cache[id(s)] = hit
-            out.update(hit[1])
-        self._entry_cache = cache
+        cache, blocked = self._entry_cache, self._entry_blocked
+        now = dict(zip(map(id, facts.sockets), facts.sockets, strict=True))  # at C speed
+        moved = False
+        for key in cache.keys() - now.keys():
+            moved = moved or _takes_syn(cache[key][0])
+            del cache[key]
+            blocked.pop(key, None)
+        for key in now.keys() - cache.keys():
+            s = now[key]
+            moved = moved or _takes_syn(s)
+            found = tuple(socket_entries(s)) if socket_blocked(s, policy, facts) else ()
+            cache[key] = (s, found)
+            if found:
+                blocked[key] = found
+        for found in blocked.values():
+            out.update(found)
+        self._listeners_moved = moved
         return out
 
     @property
@@ -449,6 +527,12 @@ class ListenerKeeper(threading.Thread):
 def _connection(s: GuestSocket) -> tuple[int, object, int, object, int, int]:
     """One connection's identity across views: its sock and its 4-tuple."""
     return (s.proto, s.local, s.lport, s.remote, s.rport, s.sock_addr)
+
+
+def _takes_syn(s: GuestSocket) -> bool:
+    """A socket listener_grants looks at: unconnected TCP or MPTCP (a listener, or a bound
+    socket that may listen)."""
+    return s.proto in (IPProto.TCP, IPPROTO_MPTCP) and not s.rport
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,13 @@ established: its entries are added to the index, the older ones kept until a com
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import logging
+import math
 import os
+import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +40,7 @@ from xfgate.vmi.linux import (
     InetSock,
     KernelLayout,
     PacketSock,
+    QuietPlan,
     RefreshState,
     Task,
     WalkBounds,
@@ -86,6 +90,20 @@ REVALIDATE_SECONDS = 0.05
 CROSSCHECK_SECONDS = 45.0
 FULL_WALK_SECONDS = 20.0
 MAX_LOGGED_DISAGREEMENTS = 5
+# Cheap change detection (a kernel with these globals, kernel/fork.c; tested for as symbols):
+# `total_forks` grows on every fork/clone, `nr_threads` moves on every fork and exit. Both as
+# they were before the last complete walk: no fork and no exit since, so the task list holds
+# the same tasks and is not walked again (`linux.QuietPlan`). Then, per refresh, only the
+# watched (blocked) owners are read afresh, plus two rotating slices of the other tasks:
+# every task_struct is read again within READ_SECONDS (a setuid or exec of a task found
+# within that: it may become watched), and every task is decoded afresh (fd tables and files
+# included) and compared with what the refreshes reused within CHECK_SECONDS: the sliced
+# cross-check, instead of a full walk every CROSSCHECK_SECONDS. Its cost is a full walk's
+# spread over CHECK_SECONDS (a crowd's 1.2-4 s walk: 0.2-0.7 % of a core at 600 s).
+COUNTER_SYMBOLS = ("total_forks", "nr_threads")
+READ_SECONDS = 10.0
+CHECK_SECONDS = 600.0
+MAX_PENDING_CHECKS = 4096  # resolver answers kept until a walk reads their holders again
 
 
 @dataclass
@@ -119,6 +137,18 @@ class _Boot:
     last_view: GuestView | None = None
     task_addrs: tuple[int, ...] = ()
     full_at: float = -1e9
+    # Quiet refreshes (COUNTER_SYMBOLS): the counters read before the last complete walk, the
+    # two slices' cursors into task_addrs and their fractional debts, when they last moved,
+    # and when the owner index was last rebuilt from scratch (else updated per change).
+    counters: tuple[int, int] | None = None
+    read_at: int = 0
+    check_at: int = 0
+    read_debt: float = 0.0
+    check_debt: float = 0.0
+    sliced_at: float = -1e9
+    index_at: float = -1e9
+    walk_owners: dict[int, Owner] = field(default_factory=dict)  # task_owners(last_walk.tasks)
+    raw_socks: frozenset[int] = frozenset()  # raw and packet socks of last_walk
 
 
 @dataclass
@@ -129,6 +159,7 @@ class FullWalkPlan:
     boot: _Boot
     space: AddressSpace
     bounds: WalkBounds
+    counters: tuple[int, int] | None = None  # read before the walk (see COUNTER_SYMBOLS)
 
 
 @dataclass
@@ -154,6 +185,10 @@ class CrossCheck:
     last_full_ms: float = 0.0
     last_refresh_ms: float = 0.0
     last_refresh: dict[str, int] = field(default_factory=dict)  # linux.RefreshCounts
+    # Quiet refreshes: those that did not walk the task list (the kernel counters unchanged),
+    # and the tasks + fd tables the sliced cross-check compared.
+    quiet_refreshes: int = 0
+    slice_checked: int = 0
 
 
 class GuestIntrospector:
@@ -222,6 +257,16 @@ class GuestIntrospector:
         # afresh by refreshes and searched first by the resolver (a blocked holder is enough
         # for a drop).
         self.watch: Callable[[Owner], bool] | None = None
+        # Quiet refreshes: off (every refresh walks the task list and every fd table, and a
+        # full walk cross-checks every `crosscheck_seconds`) on a profile without the counters.
+        self.counter_symbols: tuple[int, int] | None = None
+        if all(profile.has_symbol(n) for n in COUNTER_SYMBOLS):
+            forks, threads = (profile.symbol(n) for n in COUNTER_SYMBOLS)
+            self.counter_symbols = (forks, threads)
+        self.read_seconds = READ_SECONDS
+        self._watch_memo: dict[int, tuple[Task, bool]] = {}
+        self._memo_for: Callable[[Owner], bool] | None = None
+        self.check_seconds = CHECK_SECONDS
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -324,10 +369,23 @@ class GuestIntrospector:
         self._install(boot, result, full=True)
         return result
 
-    def _install(self, boot: _Boot, result: WalkResult, *, full: bool) -> None:
+    def _install(self, boot: _Boot, result: WalkResult, *, full: bool) -> _Delta | None:
         """A walk's index into the boot: a complete walk (full or incremental) replaces it,
         an incomplete one adds to it; a complete full walk also cross-checks the state the
-        incremental refreshes reused and becomes their new starting point."""
+        incremental refreshes reused and becomes their new starting point. A complete
+        incremental walk that says which thread groups' entries it redid (`changed_pids`)
+        updates the index for their socks only (rebuilt from scratch once per
+        `crosscheck_seconds`), and says what it changed (for view_delta)."""
+        if (
+            result.complete
+            and not full
+            and result.changed_pids is not None
+            and boot.index_complete
+            and boot.last_walk is not None
+            and boot.last_walk.complete
+            and time.monotonic() - boot.index_at < self.crosscheck_seconds
+        ):
+            return self._install_delta(boot, boot.last_walk, result, result.changed_pids)
         index = owners_index(result.tasks, result.sockets, result.packets)
         identities = {s.sock.address: sock_identity(s.sock) for s in result.sockets}
         ports = port_index(result.sockets)
@@ -343,6 +401,9 @@ class GuestIntrospector:
                 boot.refresh_state = result.state
             boot.last_view = None  # built on demand (view, refresh_view)
             boot.task_addrs = tuple(t.address for t in result.tasks)
+            boot.index_at = time.monotonic()
+            boot.walk_owners = dict(boot.task_owners)
+            boot.raw_socks = raw_socks(result.sockets, result.packets)
             if full:
                 boot.full_at = time.monotonic()
                 self.crosscheck.full_walks += 1
@@ -352,15 +413,71 @@ class GuestIntrospector:
             boot.identities = {**boot.identities, **identities}
             boot.ports = {**boot.ports, **ports}
         boot.last_walk = result
+        return None
 
-    def _cross_check_refresh(self, old: RefreshState, new: RefreshState) -> None:
+    def _install_delta(
+        self, boot: _Boot, old: WalkResult, new: WalkResult, changed: set[int]
+    ) -> _Delta:
+        """_install for a complete incremental walk, at the cost of what changed: the socks
+        held (before or now) by the thread groups whose entries it redid or whose Owner
+        changed are the `affected` ones; only their index, identities and ports are redone.
+        The resolver's answers for socks no re-read table holds stay (identity-checked at
+        lookup) until a walk reads their holders (then cross-checked) or the index is rebuilt."""
+        same_tasks = len(old.tasks) == len(new.tasks) and all(
+            a is b for a, b in zip(old.tasks, new.tasks, strict=True)
+        )
+        owners = boot.walk_owners if same_tasks else task_owners(new.tasks)
+        pids = set(changed)
+        if not same_tasks:
+            was = boot.walk_owners
+            pids |= {pid for pid, o in owners.items() if was.get(pid) != o}
+            pids |= was.keys() - owners.keys()
+        affected = {s.sock.address for s in old.sockets if s.pid in pids}
+        affected |= {p.sock.address for p in old.packets if p.pid in pids}
+        fresh = [s for s in new.sockets if s.pid in pids]
+        fresh_packets = [p for p in new.packets if p.pid in pids]
+        affected |= {s.sock.address for s in fresh} | {p.sock.address for p in fresh_packets}
+        # A sock also held by an unchanged thread group: its entries from there too.
+        fresh = [s for s in new.sockets if s.sock.address in affected] if affected else []
+        fresh_packets = [p for p in new.packets if p.sock.address in affected] if affected else []
+        index = owners_index(new.tasks, fresh, fresh_packets, owners)
+        self._cross_check(boot, index, affected)
+        for addr in affected:
+            boot.owners.pop(addr, None)
+            boot.identities.pop(addr, None)
+        boot.owners.update(index)
+        boot.identities.update((s.sock.address, sock_identity(s.sock)) for s in fresh)
+        if affected and boot.ports:
+            kept = {k: tuple(a for a in v if a not in affected) for k, v in boot.ports.items()}
+            boot.ports = {k: v for k, v in kept.items() if v}
+        for key, addrs in port_index(fresh).items():
+            boot.ports[key] = tuple(dict.fromkeys((*boot.ports.get(key, ()), *addrs)))
+        raw = (boot.raw_socks - affected) | raw_socks(fresh, fresh_packets)
+        if new.state is not None:
+            boot.refresh_state = new.state
+        if not same_tasks:
+            boot.tasks = list(new.tasks)
+            boot.task_owners = owners
+            boot.walk_owners = owners
+            boot.task_addrs = tuple(t.address for t in new.tasks)
+        boot.raw_socks = raw
+        boot.last_walk = new
+        return _Delta(affected, owners, index, fresh, same_tasks)
+
+    def _cross_check_refresh(
+        self, old: RefreshState, new: RefreshState, sliced: bool = False
+    ) -> None:
         """What the incremental refreshes reused against a complete full walk: every task and
         fd table whose fingerprint is the same in both must have decoded the same (a task's
         kernel-thread name aside); every file of such a table the same sock (address and
         identity). A difference is a disagreement: logged, counted, and the full walk's state
-        replaces the old one (the caller installs it)."""
+        replaces the old one (the caller installs it). `sliced`: only what the walk decoded
+        afresh for the sliced cross-check (`rechecked_tasks`, `rechecked_tables`)."""
         cc = self.crosscheck
         logged = 0
+        tasks = new.rechecked_tasks if sliced else new.tasks.keys()
+        tables = new.rechecked_tables if sliced else new.tables.keys()
+        checked = cc.refresh_checked
 
         def disagree(what: str) -> None:
             nonlocal logged
@@ -374,14 +491,20 @@ class GuestIntrospector:
                     what,
                 )
 
-        for addr, (key, task) in new.tasks.items():
+        for addr in tasks:
+            if addr not in new.tasks:
+                continue
+            key, task = new.tasks[addr]
             seen = old.tasks.get(addr)
             if seen is None or seen[0] != key:
                 continue
             cc.refresh_checked += 1
             if dataclasses.replace(seen[1], name="") != dataclasses.replace(task, name=""):
                 disagree(f"task {task.pid} at {addr:#x}: {seen[1]} != {task}")
-        for files, (fingerprint, table) in new.tables.items():
+        for files in tables:
+            if files not in new.tables:
+                continue
+            fingerprint, table = new.tables[files]
             seen_table = old.tables.get(files)
             if seen_table is None or seen_table[0] != fingerprint or files in old.fresh:
                 continue
@@ -390,14 +513,26 @@ class GuestIntrospector:
                 was, now = old.socks.get(file), new.socks.get(file)
                 if _sock_key(was) != _sock_key(now):
                     disagree(f"fd table {files:#x}, file {file:#x}: {was} != {now}")
+        if sliced:
+            cc.slice_checked += cc.refresh_checked - checked
 
-    def _cross_check(self, boot: _Boot, index: Mapping[int, tuple[Owner, ...]]) -> None:
+    def _cross_check(
+        self,
+        boot: _Boot,
+        index: Mapping[int, tuple[Owner, ...]],
+        read: set[int] | None = None,
+    ) -> None:
         """Every sock resolved since the last complete walk against this complete walk's
         holders: a disagreement is counted and logged, and the walk's index replaces the
         resolver's answers (the caller installs it). A sock the walk no longer sees (closed
-        since) is not compared."""
+        since) is not compared. With `read` (an incremental walk: the socks whose holders it
+        read again), the others wait for a later walk (at most MAX_PENDING_CHECKS)."""
         cc = self.crosscheck
+        pending: dict[int, frozenset[tuple[int, int]]] = {}
         for sock, holders in boot.resolved.items():
+            if read is not None and sock not in read:
+                pending[sock] = holders
+                continue
             walked = index.get(sock)
             if walked is None:
                 continue
@@ -413,7 +548,7 @@ class GuestIntrospector:
                     sorted(holders),
                     sorted(seen),
                 )
-        boot.resolved = {}
+        boot.resolved = dict(list(pending.items())[-MAX_PENDING_CHECKS:])
 
     def resolve_holders(
         self, boot: _Boot, sock_addr: int, seconds: float, current: InetSock | None = None
@@ -500,12 +635,42 @@ class GuestIntrospector:
         """True when the next refresh should be a full walk: none complete yet on this boot,
         or the last one older than `crosscheck_seconds`."""
         boot = self._boot
-        return (
-            boot is None
-            or boot.refresh_state is None
-            or not boot.index_complete
-            or time.monotonic() - boot.full_at >= self.crosscheck_seconds
+        if boot is None or boot.refresh_state is None or not boot.index_complete:
+            return True
+        if self.counter_symbols is not None:  # the sliced cross-check instead
+            return False
+        return time.monotonic() - boot.full_at >= self.crosscheck_seconds
+
+    def _counters(self, boot: _Boot) -> tuple[int, int] | None:
+        """(total_forks, nr_threads) now; None without the symbols or when unreadable."""
+        if self.counter_symbols is None:
+            return None
+        shift = boot.location.virt_shift
+        forks_at, threads_at = self.counter_symbols
+        try:
+            forks = struct.unpack("<Q", boot.space.read(forks_at + shift, 8))[0]
+            threads = struct.unpack("<i", boot.space.read(threads_at + shift, 4))[0]
+        except MemoryReadError:
+            return None
+        return int(forks), int(threads)
+
+    def _quiet_plan(self, boot: _Boot, counters: tuple[int, int] | None) -> QuietPlan | None:
+        """What this refresh reads (see COUNTER_SYMBOLS): the task list only when the counters
+        moved, the read and cross-check slices that are due since the last refresh."""
+        if counters is None or boot.counters is None:
+            return None
+        addrs = boot.task_addrs
+        now = time.monotonic()
+        dt = max(0.0, now - boot.sliced_at)
+        boot.sliced_at = now
+        read, boot.read_at, boot.read_debt = rotating_slice(
+            addrs, boot.read_at, boot.read_debt, dt, self.read_seconds
         )
+        check, boot.check_at, boot.check_debt = rotating_slice(
+            addrs, boot.check_at, boot.check_debt, dt, self.check_seconds
+        )
+        tasks = addrs if counters == boot.counters else None
+        return QuietPlan(tasks, read, check)
 
     def prepare_full_walk(self) -> FullWalkPlan:
         """The boot checked (re-located after a reboot) and a private address space for a full
@@ -517,7 +682,8 @@ class GuestIntrospector:
         loc = boot.location
         space = AddressSpace(self.memory, loc.root, loc.levels, f"domain {self.domain.id}")
         seconds = max(self.bounds.seconds, self.full_walk_seconds)
-        return FullWalkPlan(boot, space, dataclasses.replace(self.bounds, seconds=seconds))
+        bounds = dataclasses.replace(self.bounds, seconds=seconds)
+        return FullWalkPlan(boot, space, bounds, self._counters(boot))
 
     def run_full_walk(self, plan: FullWalkPlan) -> WalkResult:
         """The planned walk: reads guest memory only, changes nothing of this introspector
@@ -537,6 +703,8 @@ class GuestIntrospector:
         self._install(plan.boot, result, full=True)
         if result.complete:
             plan.boot.last_view = view
+            plan.boot.counters = plan.counters
+            plan.boot.sliced_at = time.monotonic()
         return view
 
     def refresh_view(self, watch: Callable[[Owner], bool] | None = None) -> GuestView:
@@ -556,18 +724,45 @@ class GuestIntrospector:
             task_watch = None
         else:
             owners = boot.task_owners
+            # The answer per Task object, while the caller passes the same function (the
+            # gate does while its policy names no pid: see Refresher._watch_fn).
+            if watch is not self._memo_for or len(self._watch_memo) > 4 * len(owners) + 1024:
+                self._watch_memo, self._memo_for = {}, watch
+            memo = self._watch_memo
 
             def task_watch(t: Task) -> bool:
+                hit = memo.get(id(t))
+                if hit is not None and hit[0] is t:
+                    return hit[1]
                 known = owners.get(t.tgid)
                 ancestors = known.ancestors if known is not None else ()
-                return watch(Owner(t.tgid, t.uid, t.euid, t.comm, -1, t.exe, ancestors))
+                answer = watch(Owner(t.tgid, t.uid, t.euid, t.comm, -1, t.exe, ancestors))
+                memo[id(t)] = (t, answer)
+                return answer
 
         bounds = dataclasses.replace(self.bounds, retries=1)
+        counters = self._counters(boot)  # before the walk: a fork during it shows next time
+        quiet = self._quiet_plan(boot, counters)
         result = walk_guest(
-            boot.space, self.layout, boot.location.virt_shift, bounds, None, prior, task_watch
+            boot.space,
+            self.layout,
+            boot.location.virt_shift,
+            bounds,
+            None,
+            prior,
+            task_watch,
+            quiet,
         )
         cc = self.crosscheck
         cc.refreshes += 1
+        if quiet is not None and quiet.tasks is not None:
+            cc.quiet_refreshes += 1
+        if not result.complete:  # the next refresh walks the task list again
+            boot.counters = None
+        else:
+            boot.counters = counters
+            if quiet is not None and result.state is not None:
+                self._cross_check_refresh(prior, result.state, sliced=True)
         cc.last_refresh_ms = round(result.seconds * 1000, 2)
         if result.counts is not None:
             cc.last_refresh = dataclasses.asdict(result.counts)
@@ -577,10 +772,10 @@ class GuestIntrospector:
             cc.refresh_unchanged += 1
             boot.refresh_state = result.state
             return boot.last_view
-        old_result, old_view = boot.last_walk, boot.last_view
-        self._install(boot, result, full=False)
-        if result.complete and old_result is not None and old_view is not None:
-            view = view_delta(old_result, old_view, result)
+        old_view = boot.last_view
+        delta = self._install(boot, result, full=False)
+        if delta is not None and old_view is not None:
+            view = view_delta(old_view, result, delta, boot)
         else:
             view = guest_view(result)
         if result.complete:
@@ -861,9 +1056,12 @@ def owners_index(
     tasks: Sequence[Task],
     sockets: Sequence[FdSocket],
     packets: Sequence[FdPacket] = (),
+    by_pid: Mapping[int, Owner] | None = None,
 ) -> dict[int, tuple[Owner, ...]]:
-    """{struct sock address: every (process, fd) holding it}, deterministic order."""
-    by_pid = task_owners(tasks)
+    """{struct sock address: every (process, fd) holding it}, deterministic order (`by_pid`:
+    task_owners(tasks) when the caller has it)."""
+    if by_pid is None:
+        by_pid = task_owners(tasks)
     index: dict[int, list[Owner]] = {}
     held: list[tuple[int, int, int]] = [(s.pid, s.fd, s.sock.address) for s in sockets]
     held += [(p.pid, p.fd, p.sock.address) for p in packets]
@@ -911,39 +1109,67 @@ def guest_view(result: WalkResult) -> GuestView:
     )
 
 
-def view_delta(old: WalkResult, old_view: GuestView, new: WalkResult) -> GuestView:
-    """guest_view(new), built from `old_view` (of the walk `old`) at the cost of what changed:
-    an incremental walk hands back the very same entry objects for what it reused, so the
-    entries that are not the old ones, and the socks of tasks whose Owner changed, are all
-    that is decoded into GuestSockets again; the other GuestSockets are the old ones."""
-    new_owners = task_owners(new.tasks)
-    old_owners = {o.pid: o for o in old_view.tasks}
-    moved = {pid for pid, o in new_owners.items() if old_owners.get(pid) != o}
-    moved |= old_owners.keys() - new_owners.keys()
-    old_ids = {id(s) for s in old.sockets}
-    new_ids = {id(s) for s in new.sockets}
-    changed = {s.sock.address for s in old.sockets if id(s) not in new_ids or s.pid in moved}
-    changed |= {s.sock.address for s in new.sockets if id(s) not in old_ids or s.pid in moved}
-    fresh = [s for s in new.sockets if s.sock.address in changed]
-    index = owners_index(new.tasks, fresh, [p for p in new.packets if p.sock.address in changed])
-    kept = [g for g in old_view.sockets if g.sock_addr not in changed]
-    sockets = kept + guest_sockets(fresh, index)
-    sockets.sort(key=lambda g: (g.owners[0].pid if g.owners else 0, g.sock_addr))
-    raw = {s.sock.address for s in new.sockets if s.sock.is_raw}
-    raw |= {p.sock.address for p in new.packets}
-    raw_index = owners_index(
-        new.tasks,
-        [s for s in new.sockets if s.sock.address in raw],
-        [p for p in new.packets if p.sock.address in raw],
-    )
-    holders = sorted({o for a in raw for o in raw_index.get(a, ())}, key=lambda o: (o.pid, o.fd))
+@dataclass
+class _Delta:
+    """What a complete incremental walk changed in the index (GuestIntrospector._install_delta):
+    the affected socks, the thread groups as Owners, the affected socks' index and entries."""
+
+    affected: set[int]
+    owners: dict[int, Owner]
+    index: dict[int, tuple[Owner, ...]]
+    fresh: list[FdSocket]
+    same_tasks: bool
+
+
+def _view_order(g: GuestSocket) -> tuple[int, int]:
+    return (g.owners[0].pid if g.owners else 0, g.sock_addr)
+
+
+def view_delta(old_view: GuestView, new: WalkResult, delta: _Delta, boot: _Boot) -> GuestView:
+    """guest_view(new), built from `old_view` at the cost of what changed (`delta`): the
+    affected socks' GuestSockets are made again and put in place, the others are the old
+    objects; the tasks too when no task changed."""
+    affected = delta.affected
+    sockets = [g for g in old_view.sockets if g.sock_addr not in affected] if affected else []
+    if not affected:
+        sockets = list(old_view.sockets)
+    for g in guest_sockets(delta.fresh, delta.index):
+        bisect.insort(sockets, g, key=_view_order)
+    raw = boot.raw_socks
+    holders = sorted({o for a in raw for o in boot.owners.get(a, ())}, key=lambda o: (o.pid, o.fd))
+    tasks = old_view.tasks
+    if not delta.same_tasks:
+        tasks = tuple(sorted(delta.owners.values(), key=lambda o: o.pid))
     return GuestView(
         sockets=tuple(sockets),
-        tasks=tuple(sorted(new_owners.values(), key=lambda o: o.pid)),
+        tasks=tasks,
         raw_holders=tuple(holders),
         complete=new.complete,
         problems=tuple(map(str, new.errors)),
     )
+
+
+def raw_socks(sockets: Sequence[FdSocket], packets: Sequence[FdPacket]) -> frozenset[int]:
+    """The socks that can send any packet: raw inet socks and packet socks."""
+    raw = {s.sock.address for s in sockets if s.sock.sk_type == SockType.SOCK_RAW}
+    return frozenset(raw | {p.sock.address for p in packets})
+
+
+def rotating_slice(
+    addrs: tuple[int, ...], cursor: int, debt: float, dt: float, seconds: float
+) -> tuple[frozenset[int], int, float]:
+    """The next tasks of a rotation that covers all of `addrs` every `seconds` (the part due
+    after `dt` seconds, the remainder carried in `debt`; at most all of them, 0 seconds: all):
+    (the slice, the next cursor, the debt left)."""
+    n = len(addrs)
+    if n == 0:
+        return frozenset(), 0, 0.0
+    due = n * dt / seconds if seconds > 0 else float(n)
+    debt = min(float(n), debt + due)
+    k = math.floor(debt)
+    cursor %= n
+    chosen = addrs[cursor : cursor + k] + addrs[: max(0, cursor + k - n)]
+    return frozenset(chosen), (cursor + k) % n, debt - k
 
 
 def guest_sockets(

@@ -355,6 +355,8 @@ class Task:
     @property
     def file_tables(self) -> tuple[int, ...]:
         """Every distinct files_struct of the thread group, the leader's first."""
+        if not self.thread_files:  # the usual case, asked per task per refresh
+            return (self.files,) if self.files else ()
         return tuple(dict.fromkeys(f for f in (self.files, *self.thread_files) if f))
 
 
@@ -433,6 +435,8 @@ class WalkResult:
     folded_fds: int = 0  # fds beyond fds_per_file of one file in one table (not listed)
     state: RefreshState | None = None  # what the next incremental walk starts from
     counts: RefreshCounts | None = None
+    # tgids whose entries are not the prior walk's objects (None: a walk without a prior)
+    changed_pids: set[int] | None = None
 
     @property
     def complete(self) -> bool:
@@ -459,6 +463,32 @@ class RefreshState:
     fresh: set[int] = field(default_factory=set)
     # (tgid, files_struct) of a single-table thread group -> the entries its table gave.
     held: dict[tuple[int, int], tuple[list[FdSocket], list[FdPacket]]] = field(default_factory=dict)
+    # A quiet walk (`QuietPlan`): the tasks decoded afresh to be compared with the prior state
+    # (task addresses) and their fd tables (files_struct addresses).
+    rechecked_tasks: set[int] = field(default_factory=set)
+    rechecked_tables: set[int] = field(default_factory=set)
+    # The walk's entries (WalkResult.sockets, .packets): a quiet walk keeps those of the
+    # thread groups it trusts.
+    entries: tuple[list[FdSocket], list[FdPacket]] = field(default_factory=lambda: ([], []))
+
+
+@dataclass(frozen=True)
+class QuietPlan:
+    """How an incremental refresh spends its reads: only on what may have changed.
+
+    `tasks`: the prior walk's thread-group leaders, in list order, when the task list is known
+    not to have changed (no fork, no exit since the prior walk: see introspect's kernel
+    counters): the list is not walked; None: it is walked (every task_struct read, an
+    unchanged one's fd tables trusted all the same). `read`: those whose
+    task_struct is read again (fingerprint compared: a setuid, an exec show there); their fd
+    tables are read again only if the task changed. `recheck`: those decoded afresh, fd tables
+    and files included, and compared with the prior state (the sliced cross-check). Every
+    other task, and its fd tables and sockets, is the prior walk's, with no read at all.
+    Watched tasks are always read afresh."""
+
+    tasks: tuple[int, ...] | None  # None: the task list changed, walk it
+    read: frozenset[int]
+    recheck: frozenset[int]
 
 
 @dataclass
@@ -472,6 +502,8 @@ class RefreshCounts:
     files_resolved: int = 0
     files_reused: int = 0
     changes: int = 0  # anything that differs from the prior state
+    tasks_trusted: int = 0  # quiet walk: task_structs not read (nor their fd tables)
+    tasks_rechecked: int = 0  # quiet walk: tasks decoded afresh for the sliced cross-check
 
 
 # Decides whether a task is watched: its fd tables and sockets are decoded afresh on every
@@ -519,7 +551,26 @@ class Walk:
         self.state = RefreshState()
         self.counts = RefreshCounts()
         self._watching = False
+        self._fresh = False  # the current task's tables and files are read afresh
         self._reused_table = False  # the last fd_table came unchanged from the prior state
+        # A quiet walk (QuietPlan): the task addresses decoded afresh and compared, and those
+        # served whole from the prior state with no read.
+        self.recheck: frozenset[int] = frozenset()
+        self.trusted: set[int] = set()
+        self.trust_unchanged = False  # an unchanged task's tables are trusted (not read)
+        self._watched: dict[int, bool] = {}  # id(Task) -> watch(Task), once per walk
+        # Thread groups whose socket entries are not the prior walk's objects (decoded,
+        # read afresh, or a task that changed): what a view built from the prior one redoes.
+        self.changed_pids: set[int] = set()
+
+    def watched(self, task: Task) -> bool:
+        """`watch(task)`, asked once per Task object per walk (a Task is immutable)."""
+        if self.watch is None:
+            return False
+        hit = self._watched.get(id(task))
+        if hit is None:
+            hit = self._watched[id(task)] = self.watch(task)
+        return hit
 
     def check_time(self, what: str) -> None:
         if self.deadline.expired():
@@ -577,6 +628,53 @@ class Walk:
         tgids.update((task, lay.task_tgid.get(blob, lo)) for task, blob in raw)
         return [t for t in (self._task(addr, blob, tgids) for addr, blob in raw) if t is not None]
 
+    def quiet_walk(self, tasks: tuple[int, ...], read: frozenset[int], result: WalkResult) -> None:
+        """A walk over the prior walk's thread groups without walking the task list (see
+        QuietPlan), at the cost of the tasks it reads: the `read` and `recheck` ones and the
+        watched ones are read again at their address (a task that no longer looks like itself,
+        another pid, is an issue: the walk is incomplete and the next refresh walks the list);
+        those that changed, are watched or rechecked have their fd tables read; every other
+        task, its tables and its entries are the prior walk's, copied whole."""
+        prior = self.prior
+        assert prior is not None
+        lay = self.layout
+        lo, hi = lay.task_span
+        self.state.tasks = dict(prior.tasks)
+        self.state.tables = dict(prior.tables)
+        self.state.held = dict(prior.held)
+        look = read | self.recheck
+        known = prior.tasks
+        todo = [a for a in tasks if a in look or a not in known or self.watched(known[a][1])]
+        self.trusted = set(tasks).difference(todo)
+        self.counts.tasks_trusted = len(self.trusted)
+        tgids: dict[int, int] = {lay.init_task + self.shift: 0}
+        if todo:
+            tgids.update((addr, known[addr][1].tgid) for addr in tasks if addr in known)
+        for n, addr in enumerate(todo):
+            if not n & 0x3F:
+                self.check_time("task list")
+            seen = known.get(addr)
+            blob = self.read(addr + lo, hi - lo, "task")
+            if blob is None:
+                raise WalkAborted(WalkIssue("task list", WalkReason.UNREADABLE, addr))
+            if seen is not None and lay.task_pid.get(blob, lo) != seen[1].pid:
+                detail = f"pid {seen[1].pid} is now {lay.task_pid.get(blob, lo)}"
+                raise WalkAborted(
+                    WalkIssue("task list", WalkReason.IMPLAUSIBLE, addr, detail=detail)
+                )
+            if self._task(addr, blob, tgids) is None:
+                self.state.tasks.pop(addr, None)
+        result.tasks = [self.state.tasks[a][1] for a in tasks if a in self.state.tasks]
+        redo = [t for t in result.tasks if t.address not in self.trusted]
+        pids = {t.tgid for t in redo}
+        old_sockets, old_packets = prior.entries
+        result.sockets = (
+            [e for e in old_sockets if e.pid not in pids] if pids else list(old_sockets)
+        )
+        result.packets = [e for e in old_packets if e.pid not in pids]
+        self.counts.files_reused += len(result.sockets) + len(result.packets)
+        self.sockets(redo, result)
+
     def _task_fingerprint(self, blob: bytes, tgids: Mapping[int, int]) -> bytes:
         """The task_struct fields a Task is decoded from (pid, tgid, parent, cred, comm, files,
         mm, signal, thread list head) and its parent's tgid: equal, the Task is the same."""
@@ -600,10 +698,18 @@ class Walk:
 
     def _task(self, address: int, blob: bytes, tgids: Mapping[int, int]) -> Task | None:
         """One thread group's Task; with a `prior` state, the prior Task when its fingerprint
-        is unchanged (not for a watched task: decoded afresh, its threads walked again)."""
+        is unchanged (not for a watched task, nor a rechecked one: decoded afresh, its threads
+        walked again)."""
         key = self._task_fingerprint(blob, tgids)
+        fresh = address in self.recheck
+        if fresh:
+            self.state.rechecked_tasks.add(address)
+            self.counts.tasks_rechecked += 1
         seen = self.prior.tasks.get(address) if self.prior is not None else None
-        if seen is not None and seen[0] == key and not (self.watch and self.watch(seen[1])):
+        watched = seen is not None and self.watched(seen[1])
+        if seen is not None and seen[0] == key and not watched and not fresh:
+            if self.trust_unchanged:  # read, unchanged: its tables are trusted too
+                self.trusted.add(address)
             self.counts.tasks_reused += 1
             self.state.tasks[address] = seen
             return seen[1]
@@ -612,6 +718,8 @@ class Walk:
         if task is not None:
             if seen is None or seen[1] != task:
                 self.counts.changes += 1
+            elif seen[0] == key:
+                task = seen[1]  # the same: keep the prior object (its entries stay the same)
             self.state.tasks[address] = (key, task)
         return task
 
@@ -910,7 +1018,7 @@ class Walk:
         self.fd_slots += count
         fingerprint = (fdt, max_fds, fd_array, arr)
         seen = self.prior.tables.get(files) if self.prior is not None else None
-        if seen is not None and seen[0] == fingerprint and not self._watching:
+        if seen is not None and seen[0] == fingerprint and not self._fresh:
             self.counts.tables_reused += 1
             self.state.tables[files] = seen
             self._tables[files] = seen[1]
@@ -919,6 +1027,8 @@ class Walk:
         self._reused_table = False
         if self._watching:
             self.state.fresh.add(files)
+        elif self._fresh:
+            self.state.rechecked_tables.add(files)
         self.counts.tables_decoded += 1
         if self.prior is not None and (seen is None or seen[0] != fingerprint):
             self.counts.changes += 1
@@ -965,7 +1075,7 @@ class Walk:
         if file in self._socks:
             return self._socks[file]
         prior = self.prior.socks if self.prior is not None else None
-        if prior is not None and file in prior and not self._watching:
+        if prior is not None and file in prior and not self._fresh:
             self.counts.files_reused += 1
             sock = self._socks[file] = self.state.socks[file] = prior[file]
             return sock
@@ -1027,18 +1137,23 @@ class Walk:
     def sockets(self, tasks: list[Task], result: WalkResult) -> None:
         """Every socket held by each thread group's fds (all its threads' file tables) into
         `result`, (tgid, fd, sock) once each; a bound stops adding, keeps what was read."""
-        watch = self.watch if self.prior is not None else None
-        watched = {id(t) for t in tasks if watch is not None and watch(t)}
+        watched = {id(t) for t in tasks if self.watched(t)} if self.prior is not None else set()
         ordered = sorted(tasks, key=lambda t: id(t) not in watched) if watched else tasks
-        for task in ordered:
-            self.check_time("fd tables")
+        trusted = self.trusted
+        for n, task in enumerate(ordered):
+            if task.address in trusted and id(task) not in watched and self._served(task, result):
+                continue  # a quiet walk's trusted task: no read (see _trusted_again)
+            if not n & 0x3F:
+                self.check_time("fd tables")
             self._watching = id(task) in watched
-            if self._watching:  # its tables and files read again, whoever read them before
+            self._fresh = self._watching or task.address in self.recheck
+            if self._fresh:  # its tables and files read again, whoever read them before
                 for files in task.file_tables:
                     self._tables.pop(files, None)
                 self._socks.clear()
             if self._held_again(task, result):
                 continue
+            self.changed_pids.add(task.tgid)
             seen: set[tuple[int, int]] = set()
             mark = (len(result.sockets), len(result.packets))
             for files in task.file_tables:
@@ -1064,11 +1179,44 @@ class Walk:
                 held = (result.sockets[mark[0] :], result.packets[mark[1] :])
                 self.state.held[(task.tgid, task.file_tables[0])] = held
 
+    def _served(self, task: Task, result: WalkResult) -> bool:
+        """A quiet walk's fast path: a trusted task (QuietPlan: not read, or read and
+        unchanged; neither watched nor rechecked) gives the entries, fd tables and socks the
+        prior walk found, with no read of guest memory. False: the usual path (a task with
+        several tables has its prior tables put in place for it: still no read)."""
+        prior = self.prior
+        if prior is None or task.address in self.recheck:
+            return False
+        self._watching = self._fresh = False
+        tables = task.file_tables
+        if len(tables) == 1 and (task.tgid, tables[0]) in prior.held:
+            if tables[0] not in prior.tables:
+                return False
+            key = (task.tgid, tables[0])
+            socks, packets = prior.held[key]
+            room = self.bounds.max_sockets - len(result.sockets) - len(result.packets)
+            if len(socks) + len(packets) > room:
+                return False
+            self.state.tables[tables[0]] = prior.tables[tables[0]]
+            self._tables[tables[0]] = prior.tables[tables[0]][1]
+            self.counts.tables_reused += 1
+            self.counts.files_reused += len(socks) + len(packets)
+            result.sockets += socks
+            result.packets += packets
+            self.state.held[key] = prior.held[key]
+            return True
+        if tables and all(f in prior.tables for f in tables):  # several tables: the prior
+            for f in tables:  # tables and socks serve the usual loop (no read)
+                self.state.tables[f] = prior.tables[f]
+                self._tables[f] = prior.tables[f][1]
+                self.counts.tables_reused += 1
+        return False
+
     def _held_again(self, task: Task, result: WalkResult) -> bool:
         """An incremental walk's fast path: a single-table task (not watched) whose fd table is
         unchanged gives the entries it gave last time, without a look at each fd."""
         tables = task.file_tables
-        if self.prior is None or self._watching or len(tables) != 1:
+        if self.prior is None or self._fresh or len(tables) != 1:
             return False
         key = (task.tgid, tables[0])
         cached = self.prior.held.get(key)
@@ -1165,19 +1313,29 @@ def walk_once(
     bounds: WalkBounds,
     prior: RefreshState | None = None,
     watch: WatchFn | None = None,
+    quiet: QuietPlan | None = None,
 ) -> WalkResult:
     """One attempt: every task and its inet sockets. Never raises on guest data. With a
     `prior` state (incremental): tasks, fd tables and files unchanged since are reused,
-    except the `watch`ed tasks'."""
+    except the `watch`ed tasks'; with a `quiet` plan too, the task list is not walked (see
+    QuietPlan)."""
     space.new_snapshot()
     walk = Walk(space, layout, virt_shift, bounds)
     walk.prior, walk.watch = prior, watch
+    if quiet is not None and prior is None:
+        quiet = None
+    if quiet is not None:
+        walk.recheck, walk.trust_unchanged = quiet.recheck, True
     if prior is not None:  # files of tables served whole (_held_again) stay known; a full
         walk.state.socks = dict(prior.socks)  # walk starts afresh (no stale files kept)
     result = WalkResult(attempts=1, state=walk.state, counts=walk.counts)
     try:
-        result.tasks = walk.for_each_task()
-        walk.sockets(result.tasks, result)
+        if quiet is not None and quiet.tasks is not None:
+            walk.quiet_walk(quiet.tasks, quiet.read, result)
+        else:
+            result.tasks = walk.for_each_task()
+            walk.sockets(result.tasks, result)
+        walk.state.entries = (result.sockets, result.packets)
     except WalkAborted as e:  # what was read before the bound is kept
         walk.errors.append(e.issue)
     except (MemoryReadError, struct.error, ValueError) as e:  # belt and braces: bad guest data
@@ -1188,6 +1346,7 @@ def walk_once(
         len(walk._socks),
         walk.folded_fds,
     )
+    result.changed_pids = walk.changed_pids
     return result
 
 
@@ -1199,23 +1358,24 @@ def walk_guest(
     pause: PauseFactory | None = None,
     prior: RefreshState | None = None,
     watch: WatchFn | None = None,
+    quiet: QuietPlan | None = None,
 ) -> WalkResult:
-    """A full walk (incremental with a `prior` state: see walk_once), retried while it meets
-    inconsistent data; paused as a last resort."""
+    """A full walk (incremental with a `prior` state, quiet with a plan: see walk_once),
+    retried while it meets inconsistent data; paused as a last resort."""
     bounds = bounds or WalkBounds()
     start = time.perf_counter()
     result = WalkResult()
     attempts = 0
     for _ in range(max(1, bounds.retries)):
         attempts += 1
-        result = walk_once(space, layout, virt_shift, bounds, prior, watch)
+        result = walk_once(space, layout, virt_shift, bounds, prior, watch, quiet)
         if result.complete:
             break
     else:
         if pause is not None:
             attempts += 1
             with pause() as record:
-                result = walk_once(space, layout, virt_shift, bounds, prior, watch)
+                result = walk_once(space, layout, virt_shift, bounds, prior, watch, quiet)
             result.paused_seconds = record.seconds
     result.attempts = attempts
     result.seconds = time.perf_counter() - start
