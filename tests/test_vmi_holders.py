@@ -219,3 +219,33 @@ def test_a_dup_racing_the_search_cannot_hide_a_holder() -> None:
         assert mem.hits >= 2
         # What the tables held when read (the dup included), and the shell.
         assert _holders(own) == [(500, 7), (500, 8), (600, 4)] and by_count == 0
+
+
+def test_a_resolved_sock_whose_address_is_another_socket_at_the_walk_is_no_disagreement() -> None:
+    """The slab reuses a closed sock's address within milliseconds (seen under the outgoing
+    sweep's churn: hundreds of false "disagreements" a run). The walk's cross-check compares
+    a resolution only with the same socket; another one there is counted as reused. The same
+    socket with other holders is still a disagreement."""
+    g = _crowded()
+    app = g.add_task(500, "app", uid=0)
+    other = g.add_task(600, "other", uid=1000)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        assert gi.walk().complete
+        sk, flow = _udp(g, 40011)
+        g.add_fd(app, 7, sk)
+        assert _holders(gi.lookup(flow)) == [(500, 7)]
+        # Closed; another socket (other port, other creator) made at the same address.
+        g.put_fd(g.task_at(app).fd_array, 7, 0)
+        g.w(sk + g.off("sock_common", "skc_num"), "<H", 40012)
+        g.w(sk + g.off("sock", "sk_uid"), "<I", 1000)
+        g.add_fd(other, 9, sk)
+        assert gi.walk().complete
+        cc = gi.crosscheck
+        assert (cc.disagreements, cc.reused) == (0, 1)
+        # The same socket passed to another holder: a real disagreement.
+        sk2, flow2 = _udp(g, 40013)
+        g.add_fd(app, 8, sk2)
+        assert _holders(gi.lookup(flow2)) == [(500, 8)]
+        g.put_fd(g.task_at(app).fd_array, 8, 0)
+        g.add_fd(other, 10, sk2)
+        assert gi.walk().complete and cc.disagreements == 1

@@ -130,7 +130,11 @@ class _Boot:
     # The tasks the gate's watch (blocked owners) picks among `tasks`: (tasks, watch, picked).
     watched: tuple[list[Task], object, list[Task]] | None = None
     # sock -> {(tgid, fd)} the resolver answered since the last complete walk (cross-checked).
-    resolved: dict[int, frozenset[tuple[int, int]]] = field(default_factory=dict)
+    # With what the sock was then (sock_identity; None when not read): the slab reuses a freed
+    # sock's address within milliseconds, and another socket there is no disagreement.
+    resolved: dict[int, tuple[SockIdentity | None, frozenset[tuple[int, int]]]] = field(
+        default_factory=dict
+    )
     # The incremental refresh's starting point: the last complete walk's (full or incremental)
     # decoded state, its view and task list, and when the last complete full walk ran.
     refresh_state: RefreshState | None = None
@@ -170,6 +174,7 @@ class CrossCheck:
     unknown: int = 0  # of which the holders could not all be read (answered as unknown)
     checked: int = 0  # resolutions a complete walk saw again
     disagreements: int = 0  # of which the walk found other holders (the index repaired)
+    reused: int = 0  # resolved socks that were another socket at the walk (not compared)
     # Resolutions whose holders the file's reference count accounted for (the other tables not
     # read), and the fd tables the resolver read in all (xfgate.vmi.holders).
     by_count: int = 0
@@ -390,7 +395,7 @@ class GuestIntrospector:
         identities = {s.sock.address: sock_identity(s.sock) for s in result.sockets}
         ports = port_index(result.sockets)
         if result.complete:
-            self._cross_check(boot, index)
+            self._cross_check(boot, index, identities)
             boot.owners, boot.ports, boot.index_complete = index, ports, True
             boot.identities = identities
             boot.tasks = list(result.tasks)
@@ -441,12 +446,13 @@ class GuestIntrospector:
         fresh = [s for s in new.sockets if s.sock.address in affected] if affected else []
         fresh_packets = [p for p in new.packets if p.sock.address in affected] if affected else []
         index = owners_index(new.tasks, fresh, fresh_packets, owners)
-        self._cross_check(boot, index, affected)
+        identities = {s.sock.address: sock_identity(s.sock) for s in fresh}
+        self._cross_check(boot, index, identities, affected)
         for addr in affected:
             boot.owners.pop(addr, None)
             boot.identities.pop(addr, None)
         boot.owners.update(index)
-        boot.identities.update((s.sock.address, sock_identity(s.sock)) for s in fresh)
+        boot.identities.update(identities)
         if affected and boot.ports:
             kept = {k: tuple(a for a in v if a not in affected) for k, v in boot.ports.items()}
             boot.ports = {k: v for k, v in kept.items() if v}
@@ -520,21 +526,27 @@ class GuestIntrospector:
         self,
         boot: _Boot,
         index: Mapping[int, tuple[Owner, ...]],
+        identities: Mapping[int, SockIdentity],
         read: set[int] | None = None,
     ) -> None:
         """Every sock resolved since the last complete walk against this complete walk's
         holders: a disagreement is counted and logged, and the walk's index replaces the
         resolver's answers (the caller installs it). A sock the walk no longer sees (closed
-        since) is not compared. With `read` (an incremental walk: the socks whose holders it
-        read again), the others wait for a later walk (at most MAX_PENDING_CHECKS)."""
+        since) is not compared, nor one that is another socket now (closed, and its address
+        reused by the slab: counted as `reused`). With `read` (an incremental walk: the socks
+        whose holders it read again), the others wait for a later walk (at most
+        MAX_PENDING_CHECKS)."""
         cc = self.crosscheck
-        pending: dict[int, frozenset[tuple[int, int]]] = {}
-        for sock, holders in boot.resolved.items():
+        pending: dict[int, tuple[SockIdentity | None, frozenset[tuple[int, int]]]] = {}
+        for sock, (identity, holders) in boot.resolved.items():
             if read is not None and sock not in read:
-                pending[sock] = holders
+                pending[sock] = (identity, holders)
                 continue
             walked = index.get(sock)
             if walked is None:
+                continue
+            if identity is not None and identities.get(sock, identity) != identity:
+                cc.reused += 1
                 continue
             cc.checked += 1
             seen = frozenset((o.pid, o.fd) for o in walked)
@@ -617,7 +629,10 @@ class GuestIntrospector:
             boot.owners[sock_addr] = owners
             if current is not None:
                 boot.identities[sock_addr] = sock_identity(current)
-        boot.resolved[sock_addr] = frozenset((o.pid, o.fd) for o in owners)
+        boot.resolved[sock_addr] = (
+            sock_identity(current) if current is not None else None,
+            frozenset((o.pid, o.fd) for o in owners),
+        )
         return owners, True
 
     def view(self) -> GuestView:
