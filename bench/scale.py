@@ -29,6 +29,7 @@ REPO = Path(__file__).parent.parent
 DEFAULT_CROWD = "2000,20000"
 UP_TIMEOUT_S = 1200.0  # boot + starting 2,000 tasks / 20,000 sockets under TCG on a loaded host
 MODULE_TIMEOUT_S = 1800.0
+GUEST_FLOWS = 50  # real new flows of each kind (`xfprobe newflows`) timed on each guest
 
 
 def lab_env(prefix: str, domains_file: Path) -> dict[str, str]:
@@ -93,7 +94,7 @@ def lab_figures(
     figures["ps_tasks"] = len(ps_doc.get("tasks", ps_doc.get("processes", [])))
     figures["ps_sockets"] = len(ps_doc.get("sockets", []))
     vmi = [py, "-m", "bench.vmi_bench", "--domain", str(domain), "--rounds", str(rounds)]
-    vmi += ["--walk-rounds", str(walk_rounds)]
+    vmi += ["--walk-rounds", str(walk_rounds), "--guest-flows", str(GUEST_FLOWS)]
     figures["vmi_bench"] = _json(_run(vmi, env, MODULE_TIMEOUT_S, raw / f"{label}-vmi.txt"))
     rest = [py, "-m", "bench.rest_bench", "--domain", str(domain)]
     figures["rest_bench"] = _json(_run(rest, env, 600, raw / f"{label}-rest.txt"))
@@ -168,6 +169,16 @@ def _pair(doc: Mapping[str, Any], key: str) -> str:
     return f"{_fmt(p50)} / {_fmt(p99)} ms" if p50 is not None else "-"
 
 
+def _flows(kind: str) -> Callable[[Mapping[str, Any]], str]:
+    def read(d: Mapping[str, Any]) -> str:
+        p50 = _dig(d, "vmi_bench", "guest_new_flows", kind, "p50_ms")
+        p99 = _dig(d, "vmi_bench", "guest_new_flows", kind, "p99_ms")
+        right = _dig(d, "vmi_bench", "guest_new_flows_attributed", kind)
+        return f"{_fmt(p50)} / {_fmt(p99)} ms ({_fmt(right)} attributed)" if p50 else "-"
+
+    return read
+
+
 def _loads(d: Mapping[str, Any]) -> str:
     before, after = d.get("loadavg_before") or [None], d.get("loadavg_after") or [None]
     return f"{_fmt(before[0])} / {_fmt(after[0])}"
@@ -202,10 +213,19 @@ ROWS: tuple[tuple[str, Reader, str], ...] = (
         lambda d: _fmt(_dig(d, "vmi_bench", "new_sock_disagreements")),
         "0",
     ),
+    ("first packet: new outgoing TCP connection", _flows("tcp_out"), "p50 <= 1, p99 <= 5 ms"),
+    ("first packet: SYN to a new listener (incoming)", _flows("tcp_listen"), "same"),
+    ("first packet: accepted end of an incoming connection", _flows("tcp_in"), "same"),
+    ("first packet: UDP datagram of a new socket", _flows("udp"), "same"),
     ("blocked uid's new-sock lookup p50 / p99", lambda d: _pair(d, "blocked_new_sock_lookup"), "-"),
     (
         "first-packet decisions/s, owners from guest memory",
         lambda d: _fmt(_dig(d, "vmi_bench", "decisions_per_s"), " /s"),
+        ">= 20,000 /s",
+    ),
+    (
+        "same, per CPU-second of the deciding thread's process",
+        lambda d: _fmt(_dig(d, "vmi_bench", "decisions_per_cpu_s"), " /s"),
         ">= 20,000 /s",
     ),
     (
