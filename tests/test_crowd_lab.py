@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Iterator
 from ipaddress import ip_address
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,10 @@ from xfgate.vmi.linux import WalkBounds
 from xfgate_lab import lab
 from xfgate_lab.cli import guest_exec
 from xfgate_lab.crowd import parse_crowd
+from xfgate_lab.gate_process import gate_process
 from xfgate_lab.layout import LabLayout
+from xfgate_lab.peers import SPRAY_TCP_PORT, SPRAY_UDP_PORT
+from xfgate_lab.redteam import start_capture
 
 pytestmark = pytest.mark.lab
 CROWD = parse_crowd(os.environ.get("XFGATE_TEST_CROWD", "2000,20000"))
@@ -144,3 +148,23 @@ def test_refreshes_at_rest_do_no_full_walk_on_the_crowd(
         assert any(done) and cc.full_walks == 1 and cc.slice_checked > 1000
         assert cc.refresh_disagreements == 0
         guest_exec(layout, 1, "kill $(pidof nc)")
+
+
+def test_the_gate_blocks_uid_1001_on_the_crowd(
+    crowd_lab: tuple[LabLayout, DomainConfig], tmp_path: Path
+) -> None:
+    """Issue 10's done-when: the blocking test on the crowded guest. `xfgate run --block-uid
+    1001` lets 0 of spray's (uid 1001) packets reach the client, counted by tcpdump there,
+    while uid 0's :80 and uid 1000's :8080 answer from the client through the gate."""
+    layout, _domain = crowd_lab
+    env = {**os.environ, "XFGATE_RUN_DIR": str(tmp_path / "run")}
+    bpf = f"src host 198.18.1.1 and (tcp port {SPRAY_TCP_PORT} or udp port {SPRAY_UDP_PORT})"
+    with gate_process(["--domain", "1", "--block-uid", "1001"], tmp_path / "gate.out", env=env):
+        cap = start_capture(layout.client_netns, bpf, tmp_path / "spray.pcap")
+        try:
+            time.sleep(6.0)  # spray sends continuously (new TCP connections and datagrams)
+            answered = [lab.client_http_get(layout, "198.18.1.1", p) for p in (80, 8080)]
+        finally:
+            spray_packets = cap.stop()
+    assert spray_packets == 0
+    assert all(a is not None for a in answered), answered
