@@ -9,7 +9,10 @@ whose file is a served domain's RAM file (`[domain.memory] path` of the domains 
 qemu-shm RAM file, a raw or ELF dump). Those pages are the guest's, shared with QEMU (pages
 QEMU has not touched yet would show as the gate's Private_Clean); they are reported beside it
 (their Rss), never in it. A domain read through the qemu-process backend maps nothing (it reads
-/proc/QEMU/mem), so nothing is left out for it. Prints one JSON document.
+/proc/QEMU/mem), so nothing is left out for it. The gate runs with the packaged unit's
+interpreter setting (`SETUPTOOLS_USE_DISTUTILS`, read from packaging/systemd/xfgate.service), as
+an operator's service would; `--as-shell` measures it as a shell starts it. Prints one JSON
+document.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -27,6 +31,8 @@ from xfgate.config import get_domain
 from xfgate_lab.gate_process import gate_process
 from xfgate_lab.layout import domains_file_from_env
 
+UNIT = Path(__file__).parent.parent / "packaging/systemd/xfgate.service"
+UNIT_INTERPRETER_VARS = ("SETUPTOOLS_USE_DISTUTILS",)  # not its paths: the lab's stay
 SETTLE_S = 10.0  # >= a few refresh periods (2 s) after `gate ready`
 MAX_SMAPS_BYTES = 64 << 20  # a bound on what is read of one smaps file
 
@@ -104,12 +110,25 @@ def guest_ram_paths(domains: Sequence[int], domains_file: Path) -> set[str]:
     return paths
 
 
-def measure(domains: Sequence[int], out: Path, settle_s: float) -> dict[str, Any]:
+def unit_environment(unit_text: str) -> dict[str, str]:
+    """The unit's `Environment=` settings that change the interpreter (UNIT_INTERPRETER_VARS)."""
+    found = {}
+    for line in unit_text.splitlines():
+        if line.startswith("Environment="):
+            name, _, value = line.removeprefix("Environment=").partition("=")
+            if name in UNIT_INTERPRETER_VARS:
+                found[name] = value
+    return found
+
+
+def measure(
+    domains: Sequence[int], out: Path, settle_s: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """One gate serving `domains`: its smaps totals after `settle_s` seconds of running."""
     run_args = [a for d in domains for a in ("--domain", str(d))] + ["--block-uid", "1001"]
     tag = "-".join(str(d) for d in domains)
     ram = guest_ram_paths(domains, domains_file_from_env())
-    with gate_process(run_args, out / f"memory-{tag}.gate.log") as gate:
+    with gate_process(run_args, out / f"memory-{tag}.gate.log", env=env) as gate:
         time.sleep(settle_s)
         totals = parse_smaps(read_smaps(gate.pid), ram)
     return {"domains": list(domains), **asdict(totals)}
@@ -120,9 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--domains", type=int, default=4, help="measure 1..N domains")
     ap.add_argument("--settle", type=float, default=SETTLE_S)
     ap.add_argument("--out", type=Path, default=Path("/tmp"))
+    ap.add_argument("--as-shell", action="store_true", help="without the unit's settings")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [measure(range(1, n + 1), args.out, args.settle) for n in range(1, args.domains + 1)]
+    unit = {} if args.as_shell else unit_environment(UNIT.read_text())
+    env = {**os.environ, **unit}
+    rows = [
+        measure(range(1, n + 1), args.out, args.settle, env) for n in range(1, args.domains + 1)
+    ]
     mb = [r["private_kb"] / 1024 for r in rows]
     result = {
         "rows": rows,
@@ -130,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "first_domain_mb": mb[0] if mb else None,
         "per_further_domain_mb": [b - a for a, b in itertools.pairwise(mb)],
         "targets": {"first_domain_mb": 64, "per_further_domain_mb": 16},
+        "unit_environment": unit,
     }
     print(json.dumps(result, indent=1))
     return 0

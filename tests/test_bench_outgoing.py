@@ -128,3 +128,11 @@ def test_scale_table_puts_both_labs_side_by_side() -> None:
     assert "| gate CPU at rest (% of one core) | 1.03 % | - | <= 1 % |" in md
     assert "crowd: no lab" in md
     assert "| host load average before / after | 2 / - | - / - | - |" in md
+
+
+def test_memory_bench_takes_the_units_interpreter_setting_only() -> None:
+    from bench.memory_bench import UNIT, unit_environment
+
+    env = unit_environment(UNIT.read_text())
+    assert env == {"SETUPTOOLS_USE_DISTUTILS": "stdlib"}  # paths (run dir, cache) stay the lab's
+    assert unit_environment("[Service]\nEnvironment=XFGATE_CACHE=/x\n") == {}
