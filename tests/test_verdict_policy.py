@@ -208,3 +208,16 @@ def test_holders_not_all_known_is_never_a_settled_accept() -> None:
     assert decide(with_spray, FLOW, p).verdict is Verdict.DROP
     by_creator = Ownership((WEB,), 1001, "ESTABLISHED", Via.ESTABLISHED, 0x1000, False)
     assert decide(by_creator, FLOW, p).verdict is Verdict.DROP
+
+
+def test_a_lineage_that_breaks_off_is_no_settled_accept_under_a_pid_block() -> None:
+    """An owner whose real_parent chain ends in a task the lookup did not know may descend
+    from the blocked pid: dropped, unsettled, while a pid block is in force; a chain that
+    reaches init (or kthreadd) is judged as usual, and no pid rule: no question asked."""
+    broken = Owner(pid=174, uid=1001, euid=1001, comm="xfprobe", ancestors=(171,))
+    whole = Owner(pid=174, uid=1001, euid=1001, comm="xfprobe", ancestors=(171, 130, 1))
+    d = decide(own(broken), FLOW, compile_policy(pids=[133]))
+    assert (d.verdict, d.settle) == (Verdict.DROP, False) and "lineage not known" in d.reason
+    assert decide(own(whole), FLOW, compile_policy(pids=[133])).verdict is Verdict.ACCEPT
+    assert decide(own(broken), FLOW, compile_policy(uids=[0])).verdict is Verdict.ACCEPT
+    assert decide(own(WEB), FLOW, compile_policy(pids=[133])).verdict is Verdict.ACCEPT

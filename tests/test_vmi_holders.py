@@ -249,3 +249,23 @@ def test_a_resolved_sock_whose_address_is_another_socket_at_the_walk_is_no_disag
         g.put_fd(g.task_at(app).fd_array, 8, 0)
         g.add_fd(other, 10, sk2)
         assert gi.walk().complete and cc.disagreements == 1
+
+
+def test_a_child_of_a_task_forked_into_a_reused_task_struct_keeps_its_lineage() -> None:
+    """Red team `spawn` (found by CI): the blocked shell forks the probe into the task_struct
+    of a task that exited since the walk, and the probe forks the child that connects. The
+    new task at the known address replaces the gone one: the child's ancestors reach the
+    shell (before the fix they stopped at its parent, and the first SYN was a settled accept)."""
+    g = _crowded()
+    shell = g.add_task(133, "sh", uid=1001)
+    gone = g.add_task(151, "sleep", uid=1001)
+    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        assert gi.walk().complete
+        g.exit_task(gone)
+        probe = g.add_task(171, "xfprobe", uid=1001, parent=shell, at=gone)
+        child = g.add_task(174, "xfprobe", uid=1001, parent=probe)
+        sk, flow = _udp(g, 40021, sk_uid=1001)
+        g.add_fd(child, 3, sk)
+        own = gi.lookup(flow)
+        assert own is not None and [o.pid for o in own.owners] == [174]
+        assert own.owners[0].ancestors[:2] == (171, 133)

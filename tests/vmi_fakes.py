@@ -404,9 +404,11 @@ class FakeGuest:
         parent: int = 0,
         max_fds: int = 64,
         with_files: bool = True,
+        at: int | None = None,
     ) -> int:
-        """A thread-group leader appended to init_task.tasks; returns its address."""
-        t = self.alloc(0x600)
+        """A thread-group leader appended to init_task.tasks; returns its address (`at`: the
+        task_struct of a task that exited, reused as the slab does)."""
+        t = at if at is not None else self.alloc(0x600)
         ts = "task_struct"
         self.w(t + self.off(ts, "pid"), "<ii", pid, pid)
         parent = parent or self.sym("init_task")

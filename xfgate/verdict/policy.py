@@ -281,6 +281,19 @@ def policy_from_dict(d: Mapping[str, Any]) -> Policy:
     )
 
 
+# The pids a complete real_parent chain ends in: init and kthreadd (their parent is the idle
+# task, pid 0, which ends every chain).
+ROOT_PIDS = frozenset({1, 2})
+
+
+def lineage_known(owner: Owner) -> bool:
+    """The owner's ancestors reach init or kthreadd (or were cut at their bound): none of its
+    forebears is a task the reader did not know. An owner read without ancestors (a static
+    owner table) is taken as it is."""
+    a = owner.ancestors
+    return not a or a[-1] in ROOT_PIDS or len(a) >= MAX_LINEAGE or owner.pid in ROOT_PIDS
+
+
 def decide(
     ownership: Ownership | None,
     flow: Flow | None,
@@ -304,6 +317,20 @@ def decide(
         reason = policy.owner_blocked(owner, facts)
         if reason is not None:
             return Decision(Verdict.DROP, reason, owner)
+    if policy.block_pids:
+        for owner in ownership.owners:
+            if not lineage_known(owner):
+                # Its real_parent chain ends in a task the lookup did not know (one forked
+                # since the last walk): it may descend from the blocked pid. Dropped, unsettled:
+                # the retransmission is judged on a view that knows the parent.
+                return Decision(
+                    Verdict.DROP,
+                    f"pid {owner.pid}: lineage not known (parent pid {owner.ancestors[-1]} not"
+                    " seen) while a pid block is in force",
+                    owner,
+                    known=False,
+                    settle=False,
+                )
     if ownership.sk_uid in policy.block_sk_uids:
         first = ownership.owners[0] if ownership.owners else None
         return Decision(Verdict.DROP, f"sk_uid {ownership.sk_uid} blocked", first)

@@ -601,6 +601,11 @@ class GuestIntrospector:
         by_address = index.by_address
         now = {t.address: t for t, _ in res.holders if by_address.get(t.address) != t}
         if res.new_tasks or now:
+            # A new task at a known task's address is that task_struct reused (an exit, then a
+            # fork: the slab hands it out at once): it replaces the gone task, or its children
+            # would name a parent no task in the list has, and their lineage would break off
+            # before the blocked pid they descend from (red team `spawn`, found by CI).
+            now = {**{t.address: t for t in res.new_tasks}, **now}
             known = by_address.keys()
             added = [t for t in res.new_tasks if t.address not in known]
             boot.tasks = [now.get(t.address, t) for t in [*boot.tasks, *added]]
