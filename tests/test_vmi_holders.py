@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.vmi_fakes import FakeGuest, addr, standard_guest
-from xfgate.config import DomainConfig, MemoryConfig
+from tests.vmi_fakes import FakeGuest, addr, fake_domain, standard_guest
 from xfgate.flow import Flow, Ownership
 from xfgate.inet import IPProto
 from xfgate.vmi.holders import RefLayout
@@ -15,10 +14,6 @@ from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.memory import BufferMemory
 
 CROWD = 40  # other thread groups: what the shortcut does not read
-
-
-def _domain() -> DomainConfig:
-    return DomainConfig(1, "fake", ("vif1.0",), MemoryConfig("raw", "/nonexistent/fake.mem"))
 
 
 def _crowded() -> FakeGuest:
@@ -57,7 +52,7 @@ def test_the_profiles_say_where_the_count_is() -> None:
 def test_a_sock_its_creator_alone_holds_is_settled_without_the_other_tables() -> None:
     g = _crowded()
     app = g.add_task(500, "app", uid=0)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         assert gi.walk().complete
         sk, flow = _udp(g, 40001)
         g.add_fd(app, 7, sk)
@@ -75,7 +70,7 @@ def test_a_sock_shared_with_a_child_counts_both_before_it_stops() -> None:
     app = g.add_task(500, "app", uid=0)
     child = g.add_task(501, "app-child", uid=0, parent=app)
     g.add_task(502, "other", uid=0)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         sk, flow = _udp(g, 40002)
         file = g.add_fd(app, 7, sk)
@@ -91,7 +86,7 @@ def test_a_holder_that_became_blocked_since_the_walk_is_still_found() -> None:
     g = _crowded()
     app = g.add_task(500, "app", uid=0)
     shell = g.add_task(600, "sh", uid=0)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         cred = g.alloc(0x60)
         g.w(cred + g.off("cred", "uid"), "<II", 1001, 1001)
@@ -110,7 +105,7 @@ def test_a_reference_no_slot_accounts_for_means_the_whole_search() -> None:
     no fd slot holds. The count is never reached: every table is read, the answer complete."""
     g = _crowded()
     app = g.add_task(500, "app", uid=0)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         sk, flow = _udp(g, 40004)
         file = g.add_fd(app, 7, sk)
@@ -122,7 +117,7 @@ def test_a_reference_no_slot_accounts_for_means_the_whole_search() -> None:
 def test_counts_out_of_range_are_no_shortcut() -> None:
     g = _crowded()
     app = g.add_task(500, "app", uid=0)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         for port, value in ((40005, 0), (40006, -1), (40007, 1 << 63)):
             sk, flow = _udp(g, port)
@@ -142,7 +137,7 @@ def test_a_table_shared_by_two_thread_groups_names_both() -> None:
     table = g.task_at(app).files
     g.w(twin + g.off("task_struct", "files"), "<Q", table)
     g.add_count(table + g.off("files_struct", "count"), 1, 4)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         sk, flow = _udp(g, 40008)
         g.add_fd(app, 7, sk)
@@ -164,7 +159,7 @@ def test_a_thread_with_its_own_table_is_no_shortcut() -> None:
     app = g.add_task(500, "app", uid=0)
     own_files, own_fds = g.new_files()
     g.add_thread(app, 510, files=own_files)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         sk, flow = _udp(g, 40010)
         file = g.add_fd(app, 7, sk)
@@ -203,7 +198,7 @@ def test_a_dup_racing_the_search_cannot_hide_a_holder() -> None:
     app = g.add_task(500, "app", uid=0)
     shell = g.add_task(600, "sh", uid=0)
     mem = HookedMemory(g)
-    with GuestIntrospector(_domain(), g.profile, memory=mem, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=mem, min_rewalk_seconds=60) as gi:
         gi.walk()
         sk, flow = _udp(g, 40011)
         file = g.add_fd(app, 7, sk)
@@ -229,7 +224,7 @@ def test_a_resolved_sock_whose_address_is_another_socket_at_the_walk_is_no_disag
     g = _crowded()
     app = g.add_task(500, "app", uid=0)
     other = g.add_task(600, "other", uid=1000)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         assert gi.walk().complete
         sk, flow = _udp(g, 40011)
         g.add_fd(app, 7, sk)
@@ -259,7 +254,7 @@ def test_a_child_of_a_task_forked_into_a_reused_task_struct_keeps_its_lineage() 
     g = _crowded()
     shell = g.add_task(133, "sh", uid=1001)
     gone = g.add_task(151, "sleep", uid=1001)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         assert gi.walk().complete
         g.exit_task(gone)
         probe = g.add_task(171, "xfprobe", uid=1001, parent=shell, at=gone)

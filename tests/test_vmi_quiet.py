@@ -6,51 +6,29 @@ refreshes on the crowded lab guest."""
 
 from __future__ import annotations
 
-from tests.vmi_fakes import FakeGuest, counters_profile, standard_guest
-from xfgate.config import DomainConfig, MemoryConfig
-from xfgate.flow import GuestView, Owner
+from tests.test_vmi_refresh import resetting_refresher
+from tests.vmi_fakes import (
+    FakeGuest,
+    counters_profile,
+    fake_domain,
+    lports_of,
+    spray_and_web,
+    view_from_scratch,
+)
+from xfgate.flow import Owner
 from xfgate.inet import IPProto
-from xfgate.verdict.cache import OwnerCache
-from xfgate.verdict.engine import Engine, LockedOwnerSource
-from xfgate.verdict.policy import compile_policy
-from xfgate.verdict.runner import Refresher
-from xfgate.vmi.introspect import GuestIntrospector, guest_view, rotating_slice
+from xfgate.vmi.introspect import GuestIntrospector, rotating_slice
 
 FOREVER = 1e9  # a slice period no test reaches: those refreshes read no slice at all
 ALWAYS = 1e-9  # a slice period every refresh exceeds: all tasks in the slice
-
-
-def _domain() -> DomainConfig:
-    return DomainConfig(1, "fake", ("vif1.0",), MemoryConfig("raw", "/nonexistent/fake.mem"))
-
-
-def _guest() -> tuple[FakeGuest, int, int, int]:
-    """uid 1001's spray (pid 400) and uid 1000's web (pid 500), each holding one socket."""
-    g = standard_guest(profile=counters_profile())
-    spray = g.add_task(400, "spray", uid=1001)
-    sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 33000, "198.18.0.1", 2222, sk_uid=1001)
-    g.add_fd(spray, 3, sk)
-    web = g.add_task(500, "web", uid=1000)
-    lsk = g.new_sock(IPProto.TCP, 10, "0.0.0.0", 8080, "0.0.0.0", 0, sk_uid=1000)
-    g.add_fd(web, 4, lsk)
-    return g, spray, web, lsk
 
 
 def _blocked_1001(owner: Owner) -> bool:
     return owner.uid == 1001
 
 
-def _ports(view: GuestView, pid: int) -> set[int]:
-    return {s.lport for s in view.sockets for o in s.owners if o.pid == pid}
-
-
-def _from_scratch(gi: GuestIntrospector) -> GuestView:
-    assert gi._boot is not None and gi._boot.last_walk is not None
-    return guest_view(gi._boot.last_walk)
-
-
 def _introspector(g: FakeGuest, read: float = FOREVER, check: float = FOREVER) -> GuestIntrospector:
-    gi = GuestIntrospector(_domain(), g.profile, memory=g.memory)
+    gi = GuestIntrospector(fake_domain(), g.profile, memory=g.memory)
     gi.read_seconds, gi.check_seconds = read, check
     return gi
 
@@ -62,7 +40,7 @@ def _sock_at(g: FakeGuest, task: int, fd: int) -> int:
 
 
 def test_at_rest_the_task_list_is_not_walked_and_only_watched_owners_are_read() -> None:
-    g, spray, _web, _ = _guest()
+    g, spray, _web, _ = spray_and_web(counters_profile())
     with _introspector(g) as gi:
         first = gi.refresh_view(_blocked_1001)  # the full walk: counters noted
         assert gi.counter_symbols is not None and gi.crosscheck.full_walks == 1
@@ -79,15 +57,15 @@ def test_at_rest_the_task_list_is_not_walked_and_only_watched_owners_are_read() 
         sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40001, "198.18.0.1", 53, sk_uid=1001)
         g.add_fd(spray, 9, sk)
         view = gi.refresh_view(_blocked_1001)
-        assert 40001 in _ports(view, 400) and view == _from_scratch(gi)
+        assert 40001 in lports_of(view, 400) and view == view_from_scratch(gi)
         assert cc.quiet_refreshes == 4 and cc.full_walks == 1
         g.put_fd(g.task_at(spray).fd_array, 9, 0)  # closed again
         view = gi.refresh_view(_blocked_1001)
-        assert 40001 not in _ports(view, 400) and view == _from_scratch(gi)
+        assert 40001 not in lports_of(view, 400) and view == view_from_scratch(gi)
 
 
 def test_a_fork_or_an_exit_walks_the_task_list_and_a_blocked_child_is_watched() -> None:
-    g, spray, web, _ = _guest()
+    g, spray, web, _ = spray_and_web(counters_profile())
     with _introspector(g) as gi:
         gi.refresh_view(_blocked_1001)
         gi.refresh_view(_blocked_1001)
@@ -97,20 +75,20 @@ def test_a_fork_or_an_exit_walks_the_task_list_and_a_blocked_child_is_watched() 
         g.add_fd(child, 3, sk)
         view = gi.refresh_view(_blocked_1001)
         assert gi.crosscheck.quiet_refreshes == 1  # the list was walked
-        assert _ports(view, 401) == {33001} and view == _from_scratch(gi)
+        assert lports_of(view, 401) == {33001} and view == view_from_scratch(gi)
         gi.refresh_view(_blocked_1001)
         assert gi.crosscheck.quiet_refreshes == 2  # quiet again
         g.exit_task(web)
         view = gi.refresh_view(_blocked_1001)
         assert gi.crosscheck.quiet_refreshes == 2
-        assert 500 not in {t.pid for t in view.tasks} and _ports(view, 500) == set()
-        assert view == _from_scratch(gi) and gi.crosscheck.full_walks == 1
+        assert 500 not in {t.pid for t in view.tasks} and lports_of(view, 500) == set()
+        assert view == view_from_scratch(gi) and gi.crosscheck.full_walks == 1
 
 
 def test_a_setuid_is_found_by_the_read_slice_within_its_period() -> None:
     """web (uid 1000, not watched) becomes uid 1001 without a fork: no counter moves. The read
     slice reads its task_struct within `read_seconds`; it is then watched (read afresh)."""
-    g, _spray, web, _ = _guest()
+    g, _spray, web, _ = spray_and_web(counters_profile())
     with _introspector(g) as gi:
         gi.refresh_view(_blocked_1001)
         cred = g.alloc(0x60)
@@ -123,25 +101,25 @@ def test_a_setuid_is_found_by_the_read_slice_within_its_period() -> None:
         view = gi.refresh_view(_blocked_1001)
         assert {t.uid for t in view.tasks if t.pid == 500} == {1001}
         assert {o.uid for s in view.sockets for o in s.owners if o.pid == 500} == {1001}
-        assert view == _from_scratch(gi) and gi.crosscheck.full_walks == 1
+        assert view == view_from_scratch(gi) and gi.crosscheck.full_walks == 1
 
 
 def test_the_sliced_cross_check_catches_and_repairs_a_planted_disagreement() -> None:
     """A bind() in place (fd array unchanged) by a task nobody watches: the refreshes reuse the
     old decode until the cross-check slice decodes that task afresh, counts, repairs; never a
     full walk."""
-    g, _spray, _web, lsk = _guest()
+    g, _spray, _web, lsk = spray_and_web(counters_profile())
     with _introspector(g) as gi:
         gi.refresh_view(_blocked_1001)
         g.w(lsk + g.off("sock_common", "skc_num"), "<H", 8081)
         view = gi.refresh_view(_blocked_1001)
-        assert _ports(view, 500) == {8080}  # stale: reused
+        assert lports_of(view, 500) == {8080}  # stale: reused
         assert gi.crosscheck.refresh_disagreements == 0
         gi.check_seconds = ALWAYS  # every task in the next slice
         view = gi.refresh_view(_blocked_1001)
         cc = gi.crosscheck
         assert cc.refresh_disagreements == 1 and cc.slice_checked > 0  # counted ...
-        assert _ports(view, 500) == {8081} and view == _from_scratch(gi)  # ... and repaired
+        assert lports_of(view, 500) == {8081} and view == view_from_scratch(gi)  # ... and repaired
         assert cc.full_walks == 1 and cc.quiet_refreshes == 2
 
 
@@ -149,7 +127,7 @@ def test_a_task_that_is_not_itself_any_more_makes_an_incomplete_view_that_change
     """Hostile or torn memory: a known task_struct shows another pid while no counter moved.
     The quiet refresh is incomplete (adds nothing wrong, replaces nothing); the next one walks
     the task list."""
-    g, spray, _web, _ = _guest()
+    g, spray, _web, _ = spray_and_web(counters_profile())
     with _introspector(g, read=ALWAYS) as gi:
         before = gi.refresh_view(_blocked_1001)
         g.w(spray + g.off("task_struct", "pid"), "<i", 999)
@@ -185,12 +163,9 @@ def test_a_connection_made_unseen_then_its_holder_blocked_resets_the_settled_flo
     its connection joins the sets, and, since web was in the last view and not blocked, the
     settled flows are reset (the connection was never seen unblocked: the old rule missed
     it). The blocked spray's own new connections never reset anything."""
-    g, spray, web, _ = _guest()
+    g, spray, web, _ = spray_and_web(counters_profile())
     gi = _introspector(g)
-    source = LockedOwnerSource(gi)
-    engine = Engine(1, {}, source, compile_policy(uids=[1001]), OwnerCache())
-    resets: list[int] = []
-    r = Refresher(1, source, engine, lambda e: None, 0.01, reset_settled=lambda: resets.append(1))
+    r, engine, resets = resetting_refresher(gi)
     r.refresh_once(walk=True)
     sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 33001, "198.18.0.1", 2222, sk_uid=1001)
     g.add_fd(spray, 4, sk)

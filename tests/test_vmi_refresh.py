@@ -8,8 +8,13 @@ from __future__ import annotations
 from ipaddress import ip_address
 from typing import Any, cast
 
-from tests.vmi_fakes import FakeGuest, standard_guest
-from xfgate.config import DomainConfig, MemoryConfig
+from tests.vmi_fakes import (
+    FakeGuest,
+    fake_domain,
+    lports_of,
+    spray_and_web,
+    view_from_scratch,
+)
 from xfgate.flow import Flow, GuestView, Owner
 from xfgate.inet import IPProto
 from xfgate.verdict.blocksets import blocked_entries
@@ -17,32 +22,17 @@ from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource
 from xfgate.verdict.policy import Verdict, compile_policy, decide
 from xfgate.verdict.runner import Refresher
-from xfgate.vmi.introspect import GuestIntrospector, guest_view
+from xfgate.vmi.introspect import GuestIntrospector
 
 
-def _domain() -> DomainConfig:
-    return DomainConfig(1, "fake", ("vif1.0",), MemoryConfig("raw", "/nonexistent/fake.mem"))
-
-
-def _guest() -> tuple[FakeGuest, int, int, int]:
-    """uid 1001's spray (pid 400) and uid 1000's web (pid 500), each holding one socket."""
-    g = standard_guest()
-    spray = g.add_task(400, "spray", uid=1001)
-    sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 33000, "198.18.0.1", 2222, sk_uid=1001)
-    g.add_fd(spray, 3, sk)
-    web = g.add_task(500, "web", uid=1000)
-    lsk = g.new_sock(IPProto.TCP, 10, "0.0.0.0", 8080, "0.0.0.0", 0, sk_uid=1000)
-    g.add_fd(web, 4, lsk)
-    return g, spray, web, lsk
-
-
-def _from_scratch(gi: GuestIntrospector) -> GuestView:
-    assert gi._boot is not None and gi._boot.last_walk is not None
-    return guest_view(gi._boot.last_walk)
-
-
-def _ports(view: GuestView, pid: int) -> set[int]:
-    return {s.lport for s in view.sockets for o in s.owners if o.pid == pid}
+def resetting_refresher(gi: GuestIntrospector) -> tuple[Refresher, Engine, list[int]]:
+    """A refresher of the gate's kind over `gi`, policy `--block-uid 1001`, sets applied nowhere:
+    it, its engine and the list its settled-flow resets append to."""
+    source = LockedOwnerSource(gi)
+    engine = Engine(1, {}, source, compile_policy(uids=[1001]), OwnerCache())
+    resets: list[int] = []
+    r = Refresher(1, source, engine, lambda e: None, 0.01, reset_settled=lambda: resets.append(1))
+    return r, engine, resets
 
 
 def _blocked_1001(owner: Owner) -> bool:
@@ -50,8 +40,8 @@ def _blocked_1001(owner: Owner) -> bool:
 
 
 def test_a_refresh_at_rest_decodes_nothing_and_hands_back_the_same_view() -> None:
-    g, spray, _web, _ = _guest()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+    g, spray, _web, _ = spray_and_web()
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory) as gi:
         first = gi.refresh_view()  # no complete walk yet: a full one
         assert first.complete and gi.crosscheck.full_walks == 1
         for _ in range(3):
@@ -66,13 +56,13 @@ def test_a_refresh_at_rest_decodes_nothing_and_hands_back_the_same_view() -> Non
         sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40001, "198.18.0.1", 53, sk_uid=1001)
         g.add_fd(spray, 9, sk)
         view = gi.refresh_view()
-        assert view is not first and view.complete and 40001 in _ports(view, 400)
-        assert view == _from_scratch(gi)  # built from the old view: the same as from scratch
+        assert view is not first and view.complete and 40001 in lports_of(view, 400)
+        assert view == view_from_scratch(gi)  # built from the old view: the same as from scratch
         counts = gi.crosscheck.last_refresh
         assert counts["tables_decoded"] == 1 and counts["files_resolved"] == 1
         g.put_fd(g.task_at(spray).fd_array, 9, 0)  # closed again
         view = gi.refresh_view()
-        assert 40001 not in _ports(view, 400) and view == _from_scratch(gi)
+        assert 40001 not in lports_of(view, 400) and view == view_from_scratch(gi)
         assert gi.crosscheck.full_walks == 1
 
 
@@ -80,25 +70,25 @@ def test_blocked_owners_are_read_afresh_and_the_full_walk_catches_a_planted_disa
     """A bind() after the walk changes a sock, not the fd array: a refresh reuses the old
     decode for an owner it does not watch (stale until the full walk, which counts and repairs
     the disagreement), and sees it at once for a watched (blocked) owner."""
-    g, spray, _web, lsk = _guest()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+    g, spray, _web, lsk = spray_and_web()
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory) as gi:
         gi.refresh_view(_blocked_1001)
         num = g.off("sock_common", "skc_num")
         g.w(lsk + num, "<H", 8081)  # web (uid 1000, not watched) rebinds in place
         spray_sk = _sock_at(g, spray, 3)
         g.w(spray_sk + num, "<H", 33001)  # spray (uid 1001, watched) too
         view = gi.refresh_view(_blocked_1001)
-        assert _ports(view, 400) == {33001}  # watched: read afresh
-        assert view == _from_scratch(gi)
-        assert _ports(view, 500) == {8080}  # not watched: the reused (planted stale) decode
+        assert lports_of(view, 400) == {33001}  # watched: read afresh
+        assert view == view_from_scratch(gi)
+        assert lports_of(view, 500) == {8080}  # not watched: the reused (planted stale) decode
         assert gi.crosscheck.refresh_disagreements == 0
         gi.crosscheck_seconds = 0  # the periodic full walk is due
         view = gi.refresh_view(_blocked_1001)
         assert gi.crosscheck.full_walks == 2
         assert gi.crosscheck.refresh_disagreements == 1  # counted ...
-        assert _ports(view, 500) == {8081}  # ... and repaired
+        assert lports_of(view, 500) == {8081}  # ... and repaired
         gi.crosscheck_seconds = 3600
-        assert _ports(gi.refresh_view(_blocked_1001), 500) == {8081}
+        assert lports_of(gi.refresh_view(_blocked_1001), 500) == {8081}
 
 
 def _sock_at(g: FakeGuest, task: int, fd: int) -> int:
@@ -121,8 +111,8 @@ class _Counting(LockedOwnerSource):
 
 
 def test_the_refresher_at_rest_does_no_full_walk_and_recomputes_no_set() -> None:
-    g, _spray, _web, _ = _guest()
-    gi = GuestIntrospector(_domain(), g.profile, memory=g.memory)
+    g, _spray, _web, _ = spray_and_web()
+    gi = GuestIntrospector(fake_domain(), g.profile, memory=g.memory)
     source = _Counting(gi)
     engine = Engine(1, {}, source, compile_policy(uids=[1001]), OwnerCache())
     applied: list[set[Any]] = []
@@ -163,8 +153,8 @@ def test_the_resolver_stops_at_the_first_blocked_holder_and_never_settles_an_acc
     """A new sock held by web (uid 1000) and spray (uid 1001, blocked): with the blocked owners
     watched, spray's table is searched first and ends the search (a drop needs one); the answer
     says the holders are not all known, so the policy drops and could never settle an accept."""
-    g, spray, web, _ = _guest()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    g, spray, web, _ = spray_and_web()
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.refresh_view(_blocked_1001)
         sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40001, "198.18.0.1", 53, sk_uid=1000)
         g.hash_udp(sk, 40001)
@@ -188,14 +178,11 @@ def test_a_connection_whose_holder_becomes_blocked_makes_settled_flows_be_decide
     connection's owner blocked: its flow entry joins the sets and the domain's settled flows
     are reset, so the connection's next packet meets the set. New blocked sockets (a flood)
     never reset anything."""
-    g, spray, web, _ = _guest()
+    g, spray, web, _ = spray_and_web()
     conn = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 8080, "198.18.0.1", 45000, sk_uid=1000)
     g.add_fd(web, 5, conn)
-    gi = GuestIntrospector(_domain(), g.profile, memory=g.memory)
-    source = LockedOwnerSource(gi)
-    engine = Engine(1, {}, source, compile_policy(uids=[1001]), OwnerCache())
-    resets: list[int] = []
-    r = Refresher(1, source, engine, lambda e: None, 0.01, reset_settled=lambda: resets.append(1))
+    gi = GuestIntrospector(fake_domain(), g.profile, memory=g.memory)
+    r, _engine, resets = resetting_refresher(gi)
     r.refresh_once(walk=True)
     sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 33001, "198.18.0.1", 2222, sk_uid=1001)
     g.add_fd(spray, 4, sk)  # the blocked owner's new connection: no reset
@@ -216,14 +203,11 @@ def test_a_blocked_owners_socket_on_a_good_connections_port_resets_nothing() -> 
     uid 1000's connection (another remote port, another sock) has the same set entry (the flow
     sets carry no remote port). Only the same connection turning blocked resets the domain's
     settled flows; before, this reset every one of them, the good service's included."""
-    g, spray, web, _ = _guest()
+    g, spray, web, _ = spray_and_web()
     conn = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 33002, "198.18.0.1", 2222, sk_uid=1000)
     g.add_fd(web, 5, conn)
-    gi = GuestIntrospector(_domain(), g.profile, memory=g.memory)
-    source = LockedOwnerSource(gi)
-    engine = Engine(1, {}, source, compile_policy(uids=[1001]), OwnerCache())
-    resets: list[int] = []
-    r = Refresher(1, source, engine, lambda e: None, 0.01, reset_settled=lambda: resets.append(1))
+    gi = GuestIntrospector(fake_domain(), g.profile, memory=g.memory)
+    r, _engine, resets = resetting_refresher(gi)
     r.refresh_once(walk=True)
     assert not any(e.port == 33002 for e in r.entries or set())
     sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 33002, "198.18.0.1", 2223, sk_uid=1001)

@@ -14,6 +14,7 @@ from tests.vmi_fakes import (
     TEXT_LINK,
     FakeGuest,
     addr,
+    fake_domain,
     hotdata_profile,
     standard_guest,
     synthetic_profile,
@@ -40,10 +41,6 @@ def _tables(g: FakeGuest) -> SocketTables:
         HashLayout.from_profile(g.profile),
         g.virt_shift,
     )
-
-
-def _domain() -> DomainConfig:
-    return DomainConfig(1, "fake", ("vif1.0",), MemoryConfig("raw", "/nonexistent/fake.mem"))
 
 
 def _flow(proto: int, local: str, lport: int, remote: str, rport: int) -> Flow:
@@ -189,7 +186,7 @@ def test_introspector_lookup_owners_and_request_attribution() -> None:
     req = g.new_sock(IPProto.TCP, 12, "198.18.1.1", 80, "198.18.0.7", 5555, size=0x90)
     g.set_request_listener(req, lst.sock.address)
     g.hash_established(req, "198.18.1.1", 80, "198.18.0.7", 5555)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory) as gi:
         own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.7", 5555))
         assert own is not None and own.via == "request-sock->listener"
         assert [(o.pid, o.fd, o.comm) for o in own.owners] == [(100, 3, "httpd")]
@@ -203,7 +200,7 @@ def test_introspector_lookup_owners_and_request_attribution() -> None:
 
 def test_new_socket_triggers_a_rewalk_and_unaccepted_goes_to_listener() -> None:
     g = standard_guest()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
         gi.walk()
         # A socket created after the walk, held by a new process.
         t = g.add_task(400, "late", uid=42)
@@ -227,7 +224,7 @@ def test_sockets_groups_owners_per_sock() -> None:
     g.add_fd(web, 9, shared)
     child = g.add_task(101, "httpd-child", parent=web)
     g.add_fd(child, 0, shared)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory) as gi:
         socks = [s for s in gi.sockets() if s.lport == 6000]
     assert len(socks) == 1 and [(o.pid, o.fd) for o in socks[0].owners] == [(100, 9), (101, 0)]
     assert next(p for p in gi.processes() if p.pid == 101).ppid == 100
@@ -314,7 +311,7 @@ def test_listener_lookup_for_a_syn_meeting_time_wait() -> None:
     tw = g.new_sock(IPProto.TCP, 6, "198.18.1.1", 80, "198.18.0.9", 7000, size=0x90)
     g.hash_established(tw, "198.18.1.1", 80, "198.18.0.9", 7000)
     flow = _flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.9", 7000)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory) as gi:
         own = gi.lookup(flow)
         assert own is not None and own.via == "time-wait" and own.owners == ()
         lst = gi.lookup_listener(flow)
@@ -345,7 +342,7 @@ def test_bucket_arrays_are_read_once_per_boot(monkeypatch: pytest.MonkeyPatch) -
 
 def test_an_incomplete_walk_merges_into_the_index_and_lookups_keep_their_budget() -> None:
     g = standard_guest()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
         gi.walk()
         flow = _flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40000)
         own = gi.lookup(flow)
@@ -371,7 +368,7 @@ def test_an_incomplete_walk_merges_into_the_index_and_lookups_keep_their_budget(
         assert own is not None and [(o.pid, o.fd) for o in own.owners] == [(400, 3)]
         assert own.holders_known and gi.crosscheck.resolutions == 1
     # Right after a walk, a new socket is answered at once, without a walk.
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         sk = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 33001, "198.18.0.1", 22, sk_uid=43)
         g.hash_established(sk, "198.18.1.1", 33001, "198.18.0.1", 22)
@@ -411,7 +408,7 @@ def test_a_sock_reallocated_at_a_known_address_does_not_inherit_its_holders() ->
     process's closed socket. The index remembers what each sock was; a different socket at
     the same address is looked up again."""
     g, spray, sk = _spray_connection()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
         gi.walk()
         own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 33000, "198.18.0.1", 2222))
         assert own is not None and [o.comm for o in own.owners] == ["spray"]
@@ -425,7 +422,9 @@ def test_a_sock_reallocated_at_a_known_address_does_not_inherit_its_holders() ->
     # Within the rewalk interval the stale holders are not trusted either: holders unknown
     # without the resolver; with it, the holder memory shows now (spray, still at fd 3).
     g2, _, sk2 = _spray_connection()
-    with GuestIntrospector(_domain(), g2.profile, memory=g2.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(
+        fake_domain(), g2.profile, memory=g2.memory, min_rewalk_seconds=60
+    ) as gi:
         gi.walk()
         _reconnect(g2, sk2)
         resolver, gi.holder_layout = gi.holder_layout, None
@@ -443,7 +442,7 @@ def test_the_holder_resolver_answers_new_socks_and_the_next_walk_cross_checks_it
     at the list's tail): found without a walk; a disagreement with the next complete walk is
     counted and repaired; hostile memory (a cyclic task list) answers "not known"."""
     g, spray, _ = _spray_connection()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40001, "198.18.0.1", 53, sk_uid=1001)
         g.hash_udp(sk, 40001)
@@ -483,7 +482,7 @@ def test_a_task_struct_reused_by_a_new_process_is_a_new_task() -> None:
     """spray exits and the slab hands its task_struct to the next fork (pid 600, at the task
     list's tail): the resolver must not stop at that address as if it were spray."""
     g, spray, _ = _spray_connection()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40004, "198.18.0.1", 53, sk_uid=1001)
         g.hash_udp(sk, 40004)
@@ -556,7 +555,7 @@ def _without_secret(name: str = "inet_ehash_secret") -> Profile:
 
 def test_a_profile_without_a_secret_degrades_lookups_to_the_walk_and_says_so() -> None:
     g = standard_guest(profile=_without_secret())
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory) as gi:
         assert gi.hashes is None
         assert "socket hash lookups off" in gi.degraded()
         assert "inet_ehash_secret" in gi.degraded()
@@ -578,7 +577,9 @@ def test_a_profile_without_a_secret_degrades_lookups_to_the_walk_and_says_so() -
 
 def test_degraded_lookups_walk_at_most_every_min_rewalk_seconds() -> None:
     g = standard_guest(profile=_without_secret("ipv6_hash_secret"))
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=3600) as gi:
+    with GuestIntrospector(
+        fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=3600
+    ) as gi:
         assert "ipv6_hash_secret" in gi.degraded()
         assert gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.7", 1)) is not None
         walks = gi._last_walk
@@ -595,7 +596,7 @@ def test_degraded_lookups_walk_at_most_every_min_rewalk_seconds() -> None:
 
 def test_a_complete_profile_is_not_degraded() -> None:
     g = standard_guest()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory) as gi:
         assert gi.degraded() == ""
 
 
@@ -604,7 +605,7 @@ def test_a_queued_connection_is_the_listeners_only_as_sure_as_its_own_holders() 
     the listener's owners, known; one whose holders could not be read must not borrow the
     listener's certainty (it may be held by a blocked process)."""
     g = standard_guest()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         sk = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 80, "198.18.0.1", 40001)
         g.hash_established(sk, "198.18.1.1", 80, "198.18.0.1", 40001)
@@ -623,7 +624,7 @@ def test_a_new_sock_of_a_creator_the_policy_names_is_answered_without_a_walk() -
     guest (every 50 ms at most). With `creator_decides` naming its creator, no walk: holders
     unknown, sk_uid given, the policy drops it by creator. Other creators' holders are read."""
     g, spray, _ = _spray_connection()
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=0) as gi:
         gi.walk()
         gi.creator_decides = lambda uid: uid == 1001
         walks: list[int] = []
@@ -656,7 +657,7 @@ def test_a_new_socks_holder_is_named_by_who_it_is_now_not_at_the_last_walk() -> 
     The resolver reads the holder's task_struct again: uid, euid and comm as they are now."""
     g = standard_guest()
     shell = g.add_task(500, "sh", uid=0)
-    with GuestIntrospector(_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
         gi.walk()
         cred = g.alloc(0x60)
         g.w(cred + g.off("cred", "uid"), "<I", 1001)

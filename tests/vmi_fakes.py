@@ -13,10 +13,12 @@ import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+from xfgate.config import DomainConfig, MemoryConfig
 from xfgate.errors import ProfileError
-from xfgate.flow import IPAddress
+from xfgate.flow import GuestView, IPAddress
 from xfgate.inet import IPProto
 from xfgate.vmi import jhash
+from xfgate.vmi.introspect import GuestIntrospector, guest_view
 from xfgate.vmi.kaslr import START_KERNEL_MAP
 from xfgate.vmi.memory import BufferMemory
 from xfgate.vmi.profile import Member, Profile, StructLayout
@@ -693,3 +695,35 @@ def addr(text: str) -> IPAddress:
     a = ip_address(text)
     assert isinstance(a, IPv4Address | IPv6Address)
     return a
+
+
+# -- shared by the introspection tests -----------------------------------------------------------
+
+
+def fake_domain() -> DomainConfig:
+    """Domain 1 of the fake guests (its memory is passed to the introspector, never opened)."""
+    return DomainConfig(1, "fake", ("vif1.0",), MemoryConfig("raw", "/nonexistent/fake.mem"))
+
+
+def spray_and_web(profile: Profile | None = None) -> tuple[FakeGuest, int, int, int]:
+    """standard_guest plus uid 1001's spray (pid 400) and uid 1000's web (pid 500), each holding
+    one socket: (guest, spray, web, web's listening sock)."""
+    g = standard_guest(profile=profile)
+    spray = g.add_task(400, "spray", uid=1001)
+    sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 33000, "198.18.0.1", 2222, sk_uid=1001)
+    g.add_fd(spray, 3, sk)
+    web = g.add_task(500, "web", uid=1000)
+    lsk = g.new_sock(IPProto.TCP, 10, "0.0.0.0", 8080, "0.0.0.0", 0, sk_uid=1000)
+    g.add_fd(web, 4, lsk)
+    return g, spray, web, lsk
+
+
+def lports_of(view: GuestView, pid: int) -> set[int]:
+    """The local ports of the view's sockets `pid` holds."""
+    return {s.lport for s in view.sockets for o in s.owners if o.pid == pid}
+
+
+def view_from_scratch(gi: GuestIntrospector) -> GuestView:
+    """The view of the introspector's last walk built anew (what an incremental one must equal)."""
+    assert gi._boot is not None and gi._boot.last_walk is not None
+    return guest_view(gi._boot.last_walk)
