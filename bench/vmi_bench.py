@@ -274,7 +274,8 @@ def run(
             out["pause_with_walk"] = summary_ms(pauses)
             out["pause_bare_stop_cont"] = summary_ms(bare)
     out["thesis_pause_ms"] = {"mean": 19, "max": 52, "min": 15}
-    out.update(ps_end_to_end(domain_id, ps_runs, ps_bytecode))
+    if ps_runs:  # 0: the caller times `xfgate ps` itself (bench.scale)
+        out.update(ps_end_to_end(domain_id, ps_runs, ps_bytecode))
     return out
 
 
