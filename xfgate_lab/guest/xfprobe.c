@@ -203,21 +203,34 @@ static int udplite(const char *host, int port, long n) {
     return 0;
 }
 
+/* A ping socket (SOCK_DGRAM, IPPROTO_ICMP[V6]: needs ping_group_range) and the echo
+ * request sequence i sent through it: what `ping` and `hold-ping` share. */
+static int open_ping(const char *host, struct sockaddr_storage *ss, socklen_t *len, int *v6) {
+    *len = parse_addr(host, 0, ss);
+    if (!*len) return -2;
+    *v6 = ss->ss_family == AF_INET6;
+    return socket(ss->ss_family, SOCK_DGRAM, *v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP);
+}
+
+static int send_echo(int s, int v6, long i, const struct sockaddr_storage *ss, socklen_t len) {
+    unsigned char pkt[16] = {v6 ? 128 : 8, 0, 0, 0, 0, 0, (unsigned char)(i >> 8), (unsigned char)i};
+    memcpy(pkt + 8, "xfprobe!", 8);
+    return sendto(s, pkt, sizeof pkt, 0, (const struct sockaddr *)ss, len) > 0;
+}
+
 static int ping(const char *host, long n) {
     struct sockaddr_storage ss;
-    socklen_t len = parse_addr(host, 0, &ss);
-    if (!len) return 2;
-    int v6 = ss.ss_family == AF_INET6;
-    int s = socket(ss.ss_family, SOCK_DGRAM, v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP);
+    socklen_t len;
+    int v6;
+    int s = open_ping(host, &ss, &len, &v6);
+    if (s == -2) return 2;
     if (s < 0) {
         printf("xfprobe ping: socket: %s (ping_group_range?)\n", strerror(errno));
         return 1;
     }
     int sent = 0;
     for (long i = 0; i < n; i++) {
-        unsigned char pkt[16] = {v6 ? 128 : 8, 0, 0, 0, 0, 0, 0, (unsigned char)i};
-        memcpy(pkt + 8, "xfprobe!", 8);
-        sent += sendto(s, pkt, sizeof pkt, 0, (struct sockaddr *)&ss, len) > 0;
+        sent += send_echo(s, v6, i, &ss, len);
         sleep_ms(100);
     }
     printf("xfprobe ping: %d of %ld echoes sent\n", sent, n);
@@ -607,18 +620,17 @@ static int hold_thread(const char *host, int port, long secs) {
 
 static int hold_ping(const char *host, long secs) {
     struct sockaddr_storage ss;
-    socklen_t len = parse_addr(host, 0, &ss);
-    if (!len) return 2;
-    int v6 = ss.ss_family == AF_INET6;
-    int s = socket(ss.ss_family, SOCK_DGRAM, v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP);
+    socklen_t len;
+    int v6;
+    int s = open_ping(host, &ss, &len, &v6);
+    if (s == -2) return 2;
     if (s < 0) {
         perror("hold-ping");
         return 1;
     }
     ready(s);
     for (long i = 0; i < secs; i++) {
-        unsigned char pkt[8] = {v6 ? 128 : 8, 0, 0, 0, 0, 0, (unsigned char)(i >> 8), (unsigned char)i};
-        if (sendto(s, pkt, sizeof pkt, 0, (struct sockaddr *)&ss, len) < 0) {}
+        send_echo(s, v6, i, &ss, len);
         sleep_ms(1000);
     }
     return 0;
