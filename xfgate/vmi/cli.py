@@ -8,6 +8,7 @@ import gc
 import importlib
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ from xfgate.vmi.profile import Profile
 log = logging.getLogger(__name__)
 
 
-def register(sub: Any) -> None:
-    """Add this subsystem's subcommands to the top-level parser's subparsers."""
+def register(sub: Any, with_profile: bool = True) -> None:
+    """Add this subsystem's subcommands to the top-level parser's subparsers (`ps` alone
+    without `with_profile`: `xfgate ps` does not import the profile builder)."""
     ps = sub.add_parser(
         "ps",
         help="list a domain's processes, users and sockets by introspecting its memory",
@@ -42,7 +44,15 @@ def register(sub: Any) -> None:
         action="store_true",
         help="never pause the guest, even when live reads keep tearing",
     )
+    ps.add_argument(
+        "--walk",
+        action="store_true",
+        help="walk the guest's memory from this process even when a gate serves the domain "
+        "(default: ask the gate, which answers from its view made current for the request)",
+    )
     ps.set_defaults(handler=run_ps)
+    if not with_profile:
+        return
     try:  # the `profile` subcommands live with the profile builder
         profile_cli = importlib.import_module("xfgate.vmi.profile_cli")
     except ModuleNotFoundError:
@@ -133,7 +143,57 @@ def format_table(doc: dict[str, Any]) -> str:
 PS_WALK_SECONDS = 30.0
 
 
+# How long `ps` waits for a gate's answer (its walk is bounded by xfgate.vmi.current's 10 s).
+PS_GATE_TIMEOUT = 30.0
+
+
+def ps_from_gate(args: argparse.Namespace) -> int | None:
+    """`ps` answered by the gate serving the domain (`xfgate run` or `xfgate serve`), its
+    exit code; None when no gate serves it or it cannot answer (then the caller walks).
+    Imports only the control protocol: not the walk, not the profile."""
+    from xfgate.verdict import control
+
+    spec = str(args.domain)
+    if spec.isdigit():
+        domain = int(spec)
+    else:  # a name or UUID: the domains file or libvirt says which id its gate has
+        from xfgate.hypervisor.resolve import resolve_domain
+
+        domain = resolve_domain(spec, args.domains_file, args.libvirt_uri).id
+    path = control.socket_path(args.run_dir, domain)
+    if not path.exists():
+        log.debug("no gate serves domain %d (%s): walking the guest", domain, path)
+        return None
+    request: dict[str, Any] = {"op": "ps", "format": "json" if args.json else "table"}
+    if args.pid is not None:
+        request["pid"] = args.pid
+    if args.uid is not None:
+        request["uid"] = args.uid
+    try:
+        reply, body = control.request_body(args.run_dir, domain, request, PS_GATE_TIMEOUT)
+    except control.ControlError as e:
+        log.warning("%s: walking the guest instead", e)
+        return None
+    sys.stdout.write(body.decode())
+    sys.stdout.flush()
+    gate = reply.get("gate", {})
+    log.info(
+        "from the gate (pid %s): read %.0f ms ago, made current from a view %.1f s old%s",
+        gate.get("pid"),
+        1000 * float(gate.get("age_seconds", 0.0)),
+        float(gate.get("base_age_seconds", -1.0)),
+        "" if gate.get("complete") else " (INCOMPLETE)",
+    )
+    for problem in gate.get("problems", [])[:10]:
+        log.warning("%s", problem)
+    return 0 if gate.get("complete") else 1
+
+
 def run_ps(args: argparse.Namespace) -> int:
+    if not args.walk and args.profile is None:
+        answered = ps_from_gate(args)
+        if answered is not None:
+            return answered
     from xfgate.hypervisor.resolve import resolve_domain
     from xfgate.vmi.introspect import GuestIntrospector
     from xfgate.vmi.linux import WalkBounds
@@ -147,7 +207,7 @@ def run_ps(args: argparse.Namespace) -> int:
         result = guest.walk()
         doc = filter_document(guest.ps_json(result), args.pid, args.uid)
     if args.json:
-        print(json_lines(doc))
+        print(json_lines({**doc, "source": "walk"}))
     else:
         print(format_table(doc))
     for err in result.errors[:10]:
