@@ -6,6 +6,7 @@ tests/test_crowd_lab.py runs the same through a real gate on the crowded guest."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.vmi_fakes import FakeGuest, counters_profile, fake_domain, lports_of, spray_and_web
+from xfgate.config import save_domains
 from xfgate.errors import ControlError
 from xfgate.flow import Owner
 from xfgate.inet import IPProto
@@ -170,7 +172,7 @@ def test_the_gate_answers_ps_through_its_control_socket(tmp_path: Path) -> None:
     control socket; the client's ps_from_gate prints it, says where it came from."""
     g, _spray, web, _lsk = spray_and_web(counters_profile())
     with _gate_introspector(g) as gi:
-        answerer = PsAnswerer(1, LockedOwnerSource(gi))
+        answerer = PsAnswerer(fake_domain(), LockedOwnerSource(gi))
         sk = g.new_sock(IPProto.TCP, 10, "0.0.0.0", 9090, "0.0.0.0", 0, sk_uid=1000)
         g.add_fd(web, 7, sk)
         gi.refresh_view(_blocked_1001)  # quiet: misses it
@@ -185,7 +187,9 @@ def test_the_gate_answers_ps_through_its_control_socket(tmp_path: Path) -> None:
             assert "0.0.0.0:9090" in body.decode() and body.decode().startswith("PID")
             with pytest.raises(ControlError, match="format"):
                 control.request_body(tmp_path, 1, {"op": "ps", "format": "yaml"})
-            out = _client(tmp_path, "--json")
+            domains = tmp_path / "domains.toml"
+            save_domains({1: fake_domain()}, domains)
+            out = _client(tmp_path, domains, "--json")
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["source"] == "gate"
         assert "from the gate (pid" in out.stderr
@@ -193,31 +197,40 @@ def test_the_gate_answers_ps_through_its_control_socket(tmp_path: Path) -> None:
         assert "walk modules: none" in out.stderr
 
 
-def test_no_gate_or_a_gate_that_cannot_answer_means_a_walk(tmp_path: Path) -> None:
+def test_no_gate_a_gate_that_cannot_answer_or_serves_another_guest_means_a_walk(
+    tmp_path: Path,
+) -> None:
     from argparse import Namespace
 
     from xfgate.vmi.cli import ps_from_gate
 
-    args = Namespace(
-        domain="1",
-        run_dir=tmp_path,
-        json=True,
-        pid=None,
-        uid=None,
-        domains_file=tmp_path / "none.toml",
-        libvirt_uri="none",
-    )
+    domains = tmp_path / "domains.toml"
+    save_domains({1: fake_domain()}, domains)
+    args = Namespace(domain="1", run_dir=tmp_path, json=True, pid=None, uid=None)
+    args.domains_file, args.libvirt_uri = domains, "none"
     assert ps_from_gate(args) is None  # no socket
     with _control_server(tmp_path, lambda req: {"ok": False, "error": "unknown operation"}):
         assert ps_from_gate(args) is None
+    # A gate behind the same run directory that serves another guest (another lab's domain 1)
+    # refuses: its answer would list another guest's processes.
+    g, _spray, _web, _lsk = spray_and_web(counters_profile())
+    with _gate_introspector(g) as gi:
+        other = dataclasses.replace(fake_domain(), name="other")
+        answerer = PsAnswerer(other, LockedOwnerSource(gi))
+        with _control_server(tmp_path, answerer.answer):
+            with pytest.raises(ControlError, match="another domain"):
+                want = {"id": 1, "name": "fake", "memory": fake_domain().memory.path}
+                control.request_body(tmp_path, 1, {"op": "ps", "domain": want})
+            assert ps_from_gate(args) is None
 
 
-def _client(run_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _client(run_dir: Path, domains: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """`xfgate ps --domain 1` in a new process; it reports the walk modules it imported."""
     code = (
         "import sys\n"
         "from xfgate.cli import main\n"
-        f"rc = main(['--run-dir', {str(run_dir)!r}, 'ps', '--domain', '1', *{list(extra)!r}])\n"
+        f"rc = main(['--run-dir', {str(run_dir)!r}, '--domains-file', {str(domains)!r},"
+        f" 'ps', '--domain', '1', *{list(extra)!r}])\n"
         "walk = sorted(m for m in sys.modules if m in ('xfgate.vmi.linux', "
         "'xfgate.vmi.introspect', 'xfgate.vmi.profile_build', 'xfgate.vmi.paging'))\n"
         "print('walk modules:', ', '.join(walk) or 'none', file=sys.stderr)\n"

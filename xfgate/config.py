@@ -171,7 +171,7 @@ def load_domains(path: Path) -> dict[int, DomainConfig]:
         return {}
     except OSError as e:
         raise ConfigError(f"cannot read domains file {path}: {e}") from e
-    import tomllib  # here: `xfgate ps` through a gate reads no TOML (8 ms of imports)
+    import tomllib  # imported on use (`xfgate ps`'s start-up is part of its answer time)
 
     try:
         data = tomllib.loads(text)

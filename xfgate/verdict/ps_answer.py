@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any
 
+from xfgate.config import DomainConfig
 from xfgate.errors import ConfigError, ControlError
 from xfgate.verdict.control import BodyReply
 from xfgate.verdict.engine import LockedOwnerSource
@@ -32,7 +33,7 @@ class PsAnswerer:
     """A domain's `ps` answers: its reader (memo of files and socks) and renderer (cached
     entries), used by the domain's control thread only."""
 
-    domain: int
+    cfg: DomainConfig
     source: LockedOwnerSource
     reader: CurrentReader = dataclasses.field(default_factory=CurrentReader)
     renderer: PsRenderer = dataclasses.field(default_factory=PsRenderer)
@@ -42,9 +43,10 @@ class PsAnswerer:
         if fmt not in FORMATS:
             raise ConfigError(f"ps: format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         pid, uid = _optional_int(req, "pid"), _optional_int(req, "uid")
+        self._check_domain(req.get("domain"))
         if not callable(getattr(self.source.inner, "current_plan", None)):
             raise ControlError(
-                f"the gate of domain {self.domain} does not read guest memory:"
+                f"the gate of domain {self.cfg.id} does not read guest memory:"
                 " use `xfgate ps --walk`"
             )
         start = time.monotonic()
@@ -61,7 +63,8 @@ class PsAnswerer:
             "source": "gate",
             "gate": {
                 "pid": os.getpid(),
-                "domain": self.domain,
+                "domain": self.cfg.id,
+                "name": self.cfg.name,
                 "complete": current.complete,
                 "problems": current.problems,
                 "read_at": round(current.walked_at, 3),
@@ -82,6 +85,22 @@ class PsAnswerer:
         gate["counts"]["render_ms"] = round((time.perf_counter() - render) * 1000, 2)
         gate["answer_ms"] = round((time.monotonic() - start) * 1000, 2)
         return BodyReply({"ok": True, "format": fmt, "source": "gate", "gate": gate}, text.encode())
+
+    def _check_domain(self, want: Any) -> None:
+        """The client's domain (id, name, memory path as its domains file says) must be
+        this gate's: else it would print another guest's processes."""
+        if want is None:
+            return
+        if not isinstance(want, dict):
+            raise ConfigError(f"ps: domain must be an object, not {want!r}")
+        mine = {"id": self.cfg.id, "name": self.cfg.name, "memory": self.cfg.memory.path}
+        differ = {k: v for k, v in want.items() if k in mine and mine[k] != v}
+        if differ:
+            theirs = ", ".join(f"{k} {mine[k]!r}" for k in sorted(differ))
+            raise ControlError(
+                f"this gate serves another domain ({theirs}; asked for"
+                f" {', '.join(f'{k} {v!r}' for k, v in sorted(differ.items()))})"
+            )
 
 
 def _optional_int(req: dict[str, Any], key: str) -> int | None:

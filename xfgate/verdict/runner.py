@@ -1022,7 +1022,7 @@ class Gate:
             from xfgate.verdict.ps_answer import PsAnswerer
 
             if dg.ps is None:
-                dg.ps = PsAnswerer(dg.cfg.id, dg.source)
+                dg.ps = PsAnswerer(dg.cfg, dg.source)
             reply: control.BodyReply = dg.ps.answer(req)
             return reply
         if op in ("block", "unblock", "unknown") and self.policy_hook is not None:

@@ -151,26 +151,32 @@ def ps_from_gate(args: argparse.Namespace) -> int | None:
     """`ps` answered by the gate serving the domain (`xfgate run` or `xfgate serve`), its
     exit code; None when no gate serves it or it cannot answer (then the caller walks).
     Imports only the control protocol: not the walk, not the profile."""
+    from xfgate.config import load_domains  # (its module is imported already)
     from xfgate.verdict import control
 
-    spec = str(args.domain)
-    if spec.isdigit():
-        domain = int(spec)
-    else:  # a name or UUID: the domains file or libvirt says which id its gate has
+    spec = str(args.domain).strip()
+    cfg = load_domains(args.domains_file).get(int(spec)) if spec.isdigit() else None
+    if cfg is None:  # a name or UUID, a libvirt domain: resolved as the walk resolves it
         from xfgate.hypervisor.resolve import resolve_domain
 
-        domain = resolve_domain(spec, args.domains_file, args.libvirt_uri).id
-    path = control.socket_path(args.run_dir, domain)
+        cfg = resolve_domain(spec, args.domains_file, args.libvirt_uri)
+    path = control.socket_path(args.run_dir, cfg.id)
     if not path.exists():
-        log.debug("no gate serves domain %d (%s): walking the guest", domain, path)
+        log.debug("no gate serves domain %d (%s): walking the guest", cfg.id, path)
         return None
-    request: dict[str, Any] = {"op": "ps", "format": "json" if args.json else "table"}
+    request: dict[str, Any] = {
+        "op": "ps",
+        "format": "json" if args.json else "table",
+        # The gate refuses unless it serves this very guest (another domains file, another
+        # lab behind the same run directory: its answer would be another guest's).
+        "domain": {"id": cfg.id, "name": cfg.name, "memory": cfg.memory.path},
+    }
     if args.pid is not None:
         request["pid"] = args.pid
     if args.uid is not None:
         request["uid"] = args.uid
     try:
-        reply, body = control.request_body(args.run_dir, domain, request, PS_GATE_TIMEOUT)
+        reply, body = control.request_body(args.run_dir, cfg.id, request, PS_GATE_TIMEOUT)
     except control.ControlError as e:
         log.warning("%s: walking the guest instead", e)
         return None
