@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.vmi_bench import guest_new_flows, new_sock_lookups
+from bench.vmi_bench import NEW_FLOWS_PORT, guest_new_flows, new_sock_lookups
 from tests.conftest import require_lab_prerequisites
 from tests.test_vmi_lab import cli_ps_json, ps_against_truth
 from xfgate.config import DomainConfig
@@ -180,7 +180,7 @@ def test_ps_through_a_running_gate_equals_truth_and_is_current(
     walk reads every table's header and array again (xfgate.vmi.current)."""
     layout, domain = crowd_lab
     env = {**os.environ, "XFGATE_RUN_DIR": str(tmp_path / "run")}
-    port, n = 47000, 5
+    port, n = NEW_FLOWS_PORT + 500, 5  # below the guest's ephemeral ports, above the crowd's
     with gate_process(["--domain", "1", "--block-uid", "1001"], tmp_path / "gate.out", env=env):
         # The probe forks now (the counters move: the gate's next refresh walks the list and
         # reads its table), waits 8 s (several 2 s refreshes), then opens its sockets.
@@ -193,10 +193,13 @@ def test_ps_through_a_running_gate_equals_truth_and_is_current(
         assert m is not None, out
         pid = int(m.group(1))
         try:
+            log = b""
             for _ in range(60):
                 time.sleep(1.0)
-                if b"ready" in guest_exec(layout, 1, "cat /tmp/xfps.log", timeout=10).output:
+                log = guest_exec(layout, 1, "cat /tmp/xfps.log", timeout=10).output
+                if b"ready" in log:
                     break
+            assert f"ready: {n} listeners, {n} connections, {n} udp".encode() in log, log
             read = cli_ps_json(domain.id, env=env)
             doc = read()
             assert doc["source"] == "gate" and doc["gate"]["complete"], doc.get("gate")
