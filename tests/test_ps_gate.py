@@ -84,6 +84,28 @@ def test_a_socket_the_quiet_refresh_misses_is_in_the_gate_answer() -> None:
         assert _ports(_current(gi, reader, renderer), 500) == {8080}
 
 
+def test_the_table_equals_format_table_of_the_document_as_entries_change() -> None:
+    """The gate's table (per-process lines kept while the entries and column widths are the
+    same) is format_table of the walk's document, also after a change that widens a column
+    and with a filter in between."""
+    from xfgate.vmi.cli import filter_document, format_table
+
+    g, _spray, web, _lsk = spray_and_web(counters_profile())
+    with _gate_introspector(g) as gi:
+        reader, renderer = CurrentReader(), PsRenderer()
+
+        def walked(pid: int | None = None, uid: int | None = None) -> str:
+            fresh = GuestIntrospector(fake_domain(), gi.profile, memory=gi.memory)
+            return format_table(filter_document(ps_document(fresh.walk()), pid, uid))
+
+        assert renderer.table_text(reader.read(gi.current_plan())) == walked()
+        assert renderer.table_text(reader.read(gi.current_plan()), uid=1000) == walked(uid=1000)
+        sk = g.new_sock(IPProto.TCP, 1, "2001:2::1:1", 41234, "2001:2:ffff::1234", 4433)
+        g.add_fd(web, 11, sk)
+        assert renderer.table_text(reader.read(gi.current_plan())) == walked()
+        assert renderer.table_text(reader.read(gi.current_plan())) == walked()
+
+
 def test_changes_in_place_are_in_the_gate_answer() -> None:
     """What no fd array shows: a bind() in place (the sock's bytes), and a file whose socket
     now holds another sock (the file and socket reused at the same addresses for a new

@@ -76,9 +76,7 @@ class PsAnswerer:
         meta["gate"]["age_seconds"] = round(time.time() - current.walked_at, 3)
         render = time.perf_counter()
         if fmt == "table":
-            from xfgate.vmi.cli import format_table
-
-            text = format_table(self.renderer.document(current, pid, uid)) + "\n"
+            text = self.renderer.table_text(current, pid, uid) + "\n"
         else:
             text = self.renderer.json_text(current, meta, pid, uid) + "\n"
         gate = {**meta["gate"], "counts": {**counts}}

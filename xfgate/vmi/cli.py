@@ -109,33 +109,46 @@ def _endpoint(addr: str, port: int, family: int) -> str:
     return f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
 
 
+TABLE_HEADER = ("PID", "PPID", "UID", "COMM", "PROTO", "LOCAL", "REMOTE", "STATE")
+
+
+def table_rows(p: dict[str, Any], mine: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """One process's rows: one per socket, or one of its own without sockets."""
+    base = (str(p["pid"]), str(p["ppid"]), str(p["uid"]), p["comm"])
+    if not mine:
+        return [(*base, "", "", "", "")]
+    return [
+        (
+            *base,
+            f"{s['proto']}{'6' if s['family'] == 6 else ''}",
+            _endpoint(s["local"], s["lport"], s["family"]),
+            _endpoint(s["remote"], s["rport"], s["family"]),
+            s["state"],
+        )
+        for s in mine
+    ]
+
+
+def table_widths(rows: list[tuple[str, ...]]) -> tuple[int, ...]:
+    return tuple(max((len(r[i]) for r in rows), default=0) for i in range(len(TABLE_HEADER)))
+
+
+def table_lines(rows: list[tuple[str, ...]], widths: tuple[int, ...]) -> str:
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
 def format_table(doc: dict[str, Any]) -> str:
     """One line per (process, socket), a process without sockets on a line of its own."""
-    header = ("PID", "PPID", "UID", "COMM", "PROTO", "LOCAL", "REMOTE", "STATE")
     rows: list[tuple[str, ...]] = []
     socks: dict[int, list[dict[str, Any]]] = {}
     for s in doc["sockets"]:
         socks.setdefault(s["pid"], []).append(s)
     for p in doc["processes"]:
-        base = (str(p["pid"]), str(p["ppid"]), str(p["uid"]), p["comm"])
-        mine = socks.get(p["pid"], [])
-        if not mine:
-            rows.append((*base, "", "", "", ""))
-        for s in mine:
-            rows.append(
-                (
-                    *base,
-                    f"{s['proto']}{'6' if s['family'] == 6 else ''}",
-                    _endpoint(s["local"], s["lport"], s["family"]),
-                    _endpoint(s["remote"], s["rport"], s["family"]),
-                    s["state"],
-                )
-            )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, *rows]
-    )
+        rows += table_rows(p, socks.get(p["pid"], []))
+    widths = table_widths([TABLE_HEADER, *rows])
+    return table_lines([TABLE_HEADER, *rows], widths)
 
 
 # `ps` is an operator's read, not the packet path: its walk may take longer than the gate's

@@ -327,22 +327,51 @@ class PsRenderer:
     20,000 entries are mostly the last request's)."""
 
     def __init__(self) -> None:
-        self._procs: dict[int, tuple[Task, dict[str, Any], str]] = {}
-        self._groups: dict[int, tuple[_Group, list[dict[str, Any]], str]] = {}
+        self._procs: dict[int, _ProcHit] = {}
+        self._groups: dict[int, _GroupHit] = {}
         self._names: dict[IPAddress, str] = {}
+        # (id of a process's entry, id of its group's) -> (both, its table rows, their widths,
+        # (the widths its text was padded to, the text))
+        self._rows: dict[tuple[int, int], _Rows] = {}
 
-    def _parts(
+    def table_text(self, current: Current, pid: int | None = None, uid: int | None = None) -> str:
+        """format_table(document(...)), each process's lines kept while its entries and the
+        table's column widths are the same."""
+        from xfgate.vmi.cli import TABLE_HEADER, table_lines, table_rows, table_widths
+
+        entries = self._entries(current, pid, uid)
+        old, rows = self._rows, {}
+        widths = table_widths([TABLE_HEADER])
+        for hit, ghit in entries:
+            key = (id(hit), id(ghit))
+            got = old.get(key)
+            if got is None or got.proc is not hit or got.group is not ghit:
+                mine = table_rows(hit[1], ghit[1] if ghit is not None else [])
+                got = _Rows(hit, ghit, mine, table_widths(mine))
+            rows[key] = got
+            widths = tuple(map(max, widths, got.widths))
+        texts = [table_lines([TABLE_HEADER], widths)]
+        for key in (((id(hit), id(ghit))) for hit, ghit in entries):
+            got = rows[key]
+            if got.text is None or got.text[0] != widths:
+                got.text = (widths, table_lines(got.rows, widths))
+            texts.append(got.text[1])
+        if pid is None and uid is None:
+            self._rows = rows
+        return "\n".join(texts)
+
+    def _entries(
         self, current: Current, pid: int | None, uid: int | None
-    ) -> tuple[list[tuple[dict[str, Any], str]], list[tuple[list[dict[str, Any]], str]]]:
-        """(process dict, its JSON), (a thread group's socket dicts, their JSON lines) in
-        ps_document's order, filtered to `pid` and `uid` as filter_document does."""
+    ) -> list[tuple[_ProcHit, _GroupHit | None]]:
+        """Each listed process's entry (Task, dict, JSON) and its group's (group, socket
+        dicts, their JSON lines), in ps_document's order, filtered to `pid` and `uid` as
+        filter_document does; the caches keep those of every process."""
         procs_old, procs = self._procs, {}
         groups_old, groups = self._groups, {}
         if len(self._names) > 4096:  # hostile memory: as many addresses as socks
             self._names = {}
         names = self._names
-        processes = []
-        sockets = []
+        out: list[tuple[_ProcHit, _GroupHit | None]] = []
         for t in sorted(current.result.tasks, key=lambda t: t.tgid):
             hit = procs_old.get(id(t))
             if hit is None or hit[0] is not t:
@@ -365,10 +394,17 @@ class PsRenderer:
                     ghit = (group, dicts, ",\n  ".join(map(json.dumps, dicts)))
                 groups[id(group)] = ghit
             if (pid is None or t.tgid == pid) and (uid is None or t.uid == uid):
-                processes.append((hit[1], hit[2]))
-                if ghit is not None and ghit[1]:
-                    sockets.append((ghit[1], ghit[2]))
+                out.append((hit, ghit))
         self._procs, self._groups = procs, groups
+        return out
+
+    def _parts(
+        self, current: Current, pid: int | None, uid: int | None
+    ) -> tuple[list[tuple[dict[str, Any], str]], list[tuple[list[dict[str, Any]], str]]]:
+        """(process dict, its JSON), (a thread group's socket dicts, their JSON lines)."""
+        entries = self._entries(current, pid, uid)
+        processes = [(hit[1], hit[2]) for hit, _ in entries]
+        sockets = [(g[1], g[2]) for _, g in entries if g is not None and g[1]]
         return processes, sockets
 
     def document(
@@ -401,6 +437,19 @@ class PsRenderer:
             parts.append(_list_text("other_sockets", [json.dumps(o) for o in others]))
         parts += [f" {json.dumps(key)}: {json.dumps(value)}" for key, value in meta.items()]
         return "{\n" + ",\n".join(parts) + "\n}"
+
+
+_ProcHit = tuple[Task, dict[str, Any], str]
+_GroupHit = tuple["_Group", list[dict[str, Any]], str]
+
+
+@dataclass
+class _Rows:
+    proc: _ProcHit
+    group: _GroupHit | None
+    rows: list[tuple[str, ...]]
+    widths: tuple[int, ...]
+    text: tuple[tuple[int, ...], str] | None = None
 
 
 def _list_text(key: str, items: list[str]) -> str:
