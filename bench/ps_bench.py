@@ -1,6 +1,7 @@
 """`python -m bench.ps_bench`: `xfgate ps --json` answered by a running gate beside `xfgate ps
---json --walk`, end to end (a new process each, as an operator types it), on the current lab's
-domain, in one session, with the load averages (issue 10's `ps` target: <= 0.3 s on the crowd).
+--json --walk` (and the table through the gate), end to end (a new process each, as an operator
+types it), on the current lab's domain, in one session, with the load averages (issue 10's
+`ps` target: <= 0.3 s on the crowd).
 
 The gate is `xfgate run --domain D --block-uid 1001` (the lab's usual policy) with a private
 run directory; its first answer decodes every sock (its memo is empty: `ps_gate_first_s`), the
@@ -28,9 +29,13 @@ from xfgate_lab.layout import cache_dir_from_env, domains_file_from_env
 SETTLE_S = 4.0  # the gate's first walk and refreshes, before the first request
 
 
-def _ps(domain: int, env: Mapping[str, str], *extra: str) -> tuple[float, dict[str, Any]]:
+def _ps(
+    domain: int, env: Mapping[str, str], *extra: str, table: bool = False
+) -> tuple[float, dict[str, Any]]:
+    """One `xfgate ps --json` (the table with `table`: then no document) and its time."""
     argv = [sys.executable, "-m", "xfgate.cli", "--domains-file", str(domains_file_from_env())]
-    argv += ["--cache-dir", str(cache_dir_from_env()), "ps", "--domain", str(domain), "--json"]
+    argv += ["--cache-dir", str(cache_dir_from_env()), "ps", "--domain", str(domain)]
+    argv += [] if table else ["--json"]
     t = time.perf_counter()
     done = subprocess.run(
         [*argv, *extra], capture_output=True, timeout=120, check=False, env=dict(env)
@@ -38,7 +43,7 @@ def _ps(domain: int, env: Mapping[str, str], *extra: str) -> tuple[float, dict[s
     elapsed = time.perf_counter() - t
     if done.returncode not in (0, 1):
         raise RuntimeError(done.stderr.decode(errors="replace")[-500:])
-    doc: dict[str, Any] = json.loads(done.stdout)
+    doc: dict[str, Any] = {} if table else json.loads(done.stdout)
     return elapsed, doc
 
 
@@ -57,7 +62,7 @@ def measure(domain: int, runs: int, out_dir: Path) -> dict[str, Any]:
         first, doc = _ps(domain, env)
         figures["ps_gate_first_s"] = round(first, 3)
         samples: list[float] = []
-        parts: dict[str, list[float]] = {"walk_ms": [], "check_ms": [], "render_ms": []}
+        parts: dict[str, list[float]] = {"walk_ms": [], "check_ms": []}
         for _ in range(runs):
             elapsed, doc = _ps(domain, env)
             if doc.get("source") != "gate":
@@ -67,6 +72,9 @@ def measure(domain: int, runs: int, out_dir: Path) -> dict[str, Any]:
             for key, values in parts.items():
                 values.append(float(counts.get(key, 0.0)) / 1000)
         figures["ps_gate"] = summary_ms(samples)
+        figures["ps_gate_table"] = summary_ms(
+            [_ps(domain, env, table=True)[0] for _ in range(runs)]
+        )
         figures["ps_gate_parts"] = {k: summary_ms(v) for k, v in parts.items()}
         figures["ps_gate_complete"] = bool(doc["gate"]["complete"])
         figures["ps_processes_sockets"] = [len(doc["processes"]), len(doc["sockets"])]
