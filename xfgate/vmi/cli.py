@@ -156,7 +156,7 @@ def format_table(doc: dict[str, Any]) -> str:
 PS_WALK_SECONDS = 30.0
 
 
-# How long `ps` waits for a gate's answer (its walk is bounded by xfgate.vmi.current's 10 s).
+# How long `ps` waits for a gate's answer (its walk is bounded by xfgate.vmi.current's 5 s).
 PS_GATE_TIMEOUT = 30.0
 
 

@@ -54,8 +54,9 @@ from xfgate.vmi.memory import PhysicalMemory
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.walk import WalkIssue, WalkReason
 
-# A request's bound (the crowd's 2,000 tasks / 20,000 sockets: ~0.1-0.2 s of it).
-CURRENT_SECONDS = 10.0
+# A request's bound (the crowd's 2,000 tasks / 20,000 sockets: ~0.2 s of it). The domain's
+# control thread answers nothing else meanwhile (`xfgate block` to an `xfgate run` gate waits).
+CURRENT_SECONDS = 5.0
 _U64 = struct.Struct("<Q")
 AnySock = InetSock | PacketSock
 
