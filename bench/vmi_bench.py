@@ -546,7 +546,7 @@ def _ps_runs(
         "--cache-dir",
         str(cache_dir_from_env()),
     ]
-    argv += ["ps", "--domain", str(domain_id), "--json"]
+    argv += ["ps", "--domain", str(domain_id), "--json", "--walk"]  # the walk, not a gate
     samples: list[float] = []
     cpu: list[float] = []
     doc: dict[str, Any] = {}

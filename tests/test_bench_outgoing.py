@@ -122,8 +122,17 @@ def test_scale_table_puts_both_labs_side_by_side() -> None:
         "vmi_bench": {"full_walk": {"p50_ms": 11.5, "p99_ms": 16.1}, "decisions_per_s": 3000},
         "rest_bench": {"gate_cpu_percent_of_one_core": 1.03},
         "loadavg_before": [2.0, 1.0, 1.0],
+        "ps_bench": {
+            "ps_gate": {"p50_ms": 120.0, "p99_ms": 150.0},
+            "ps_gate_first_s": 0.2,
+            "ps_walk": {"p50_ms": 280.0},
+        },
     }
     md = render({"crowd": "2000,20000", "small": small, "crowd_figures": {"error": "no lab"}})
+    assert (
+        "| `xfgate ps --json` through a running gate p50 / p99 | 120 / 150 ms"
+        " (first 0.2 s; --walk p50 280 ms) | - (not run) | <= 0.3 s |"
+    ) in md
     assert "| full walk p50 / p99 | 11.5 / 16.1 ms | - |" in md
     assert "| gate CPU at rest (% of one core) | 1.03 % | - | <= 1 % |" in md
     assert "crowd: no lab" in md

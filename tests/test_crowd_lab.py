@@ -6,6 +6,7 @@ One module-scoped private lab (~80 s to boot and start the crowd; the truth ~30 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from ipaddress import ip_address
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.vmi_bench import guest_new_flows, new_sock_lookups
+from bench.vmi_bench import NEW_FLOWS_PORT, guest_new_flows, new_sock_lookups
 from tests.conftest import require_lab_prerequisites
 from tests.test_vmi_lab import cli_ps_json, ps_against_truth
 from xfgate.config import DomainConfig
@@ -168,3 +169,45 @@ def test_the_gate_blocks_uid_1001_on_the_crowd(
             spray_packets = cap.stop()
     assert spray_packets == 0
     assert all(a is not None for a in answered), answered
+
+
+def test_ps_through_a_running_gate_equals_truth_and_is_current(
+    crowd_lab: tuple[LabLayout, DomainConfig], tmp_path: Path
+) -> None:
+    """`xfgate ps` answered by a running gate (`"source": "gate"`) equals the guest's truth on
+    the crowd, sockets included that a process the gate's refreshes already know opened after
+    them without forking: the quiet refresh trusts its fd table (seen late), the request's
+    walk reads every table's header and array again (xfgate.vmi.current)."""
+    layout, domain = crowd_lab
+    env = {**os.environ, "XFGATE_RUN_DIR": str(tmp_path / "run")}
+    port, n = NEW_FLOWS_PORT + 500, 5  # below the guest's ephemeral ports, above the crowd's
+    with gate_process(["--domain", "1", "--block-uid", "1001"], tmp_path / "gate.out", env=env):
+        # The probe forks now (the counters move: the gate's next refresh walks the list and
+        # reads its table), waits 8 s (several 2 s refreshes), then opens its sockets.
+        start = (
+            f"setsid xfprobe newflows {port} {n} 8000 600 > /tmp/xfps.log 2>&1 < /dev/null &"
+            " sleep 1; cat /tmp/xfps.log"
+        )
+        out = guest_exec(layout, 1, start, timeout=20).output.decode(errors="replace")
+        m = re.search(r"pid (\d+) waiting", out)
+        assert m is not None, out
+        pid = int(m.group(1))
+        try:
+            log = b""
+            for _ in range(60):
+                time.sleep(1.0)
+                log = guest_exec(layout, 1, "cat /tmp/xfps.log", timeout=10).output
+                if b"ready" in log:
+                    break
+            assert f"ready: {n} listeners, {n} connections, {n} udp".encode() in log, log
+            read = cli_ps_json(domain.id, env=env)
+            doc = read()
+            assert doc["source"] == "gate" and doc["gate"]["complete"], doc.get("gate")
+            ports = {s["lport"] for s in doc["sockets"] if s["pid"] == pid}
+            assert {port + 1000 + i for i in range(n)} <= ports  # its new listeners
+            assert {port + 2000 + i for i in range(n)} <= ports  # its new UDP sockets
+            diffs, ps = ps_against_truth(layout, read, max_collector=3)
+            assert diffs == []
+            assert ps["source"] == "gate" and len(ps["sockets"]) >= CROWD.sockets
+        finally:
+            guest_exec(layout, 1, f"kill {pid}")

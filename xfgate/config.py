@@ -27,12 +27,9 @@ Read-only for the rest of xfgate. Format (TOML)::
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomli_w
 
 from xfgate.errors import ConfigError, DomainNotFound
 
@@ -174,6 +171,8 @@ def load_domains(path: Path) -> dict[int, DomainConfig]:
         return {}
     except OSError as e:
         raise ConfigError(f"cannot read domains file {path}: {e}") from e
+    import tomllib  # imported on use (`xfgate ps`'s start-up is part of its answer time)
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -199,5 +198,7 @@ def save_domains(domains: dict[int, DomainConfig], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     body = {"domain": [domains[k].to_dict() for k in sorted(domains)]}
+    import tomli_w
+
     tmp.write_text(tomli_w.dumps(body))
     os.replace(tmp, path)

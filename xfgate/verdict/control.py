@@ -1,8 +1,10 @@
 """The running gate's control socket: `xfgate block|unblock|status` talk to it.
 
 One unix stream socket per served domain, ``RUN_DIR/gate-D.sock`` (``--run-dir``, default
-/run/xfgate), mode 0600. One JSON request line, one JSON reply line. The server side is polled by
-the gate's own loop, so a policy change never races a packet verdict.
+/run/xfgate), mode 0600. One JSON request line, one JSON reply line; a reply too big for a line
+(`xfgate ps` of a crowded guest: megabytes) is a `BodyReply`: its line says ``"body_bytes": N``
+and N bytes follow (at most MAX_REPLY_BODY). The server side is polled by the gate's own loop,
+so a policy change never races a packet verdict.
 """
 
 from __future__ import annotations
@@ -12,17 +14,28 @@ import json
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xfgate.errors import ControlError, XfgateError
 
-REQUEST_TIMEOUT = 2.0
-MAX_REQUEST = 4096
+REQUEST_TIMEOUT = 2.0  # per request: reading it, and sending the reply (a body included)
+MAX_REQUEST = 4096  # a request line (requests are small; replies are not)
+MAX_REPLY_BODY = 1 << 28  # a reply's body: 256 MiB (the crowd's `ps`: ~3 MB)
 
-__all__ = ["ControlError", "ControlServer", "request"]
+__all__ = ["BodyReply", "ControlError", "ControlServer", "request", "request_body"]
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+@dataclass(frozen=True)
+class BodyReply:
+    """A reply with a body: its JSON line (`header`, which gets "body_bytes"), then `body`."""
+
+    header: dict[str, Any]
+    body: bytes
+
+
+Handler = Callable[[dict[str, Any]], "dict[str, Any] | BodyReply"]
 
 
 def socket_path(run_dir: Path, domain: int) -> Path:
@@ -83,7 +96,12 @@ class ControlServer:
             except Exception as e:  # a bug in a handler must not end the gate
                 reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
             with contextlib.suppress(OSError):
-                conn.sendall((json.dumps(reply) + "\n").encode())
+                if isinstance(reply, BodyReply):
+                    head = {**reply.header, "body_bytes": len(reply.body)}
+                    conn.sendall((json.dumps(head) + "\n").encode())
+                    conn.sendall(reply.body)
+                else:
+                    conn.sendall((json.dumps(reply) + "\n").encode())
 
     def close(self) -> None:
         self.sock.close()
@@ -122,19 +140,48 @@ def request(
 ) -> dict[str, Any]:
     """One request to domain's gate (or to the socket at `path`), its reply; ControlError if
     none answers or it refuses."""
+    return request_body(run_dir, domain, payload, timeout, path)[0]
+
+
+def request_body(
+    run_dir: Path,
+    domain: int,
+    payload: dict[str, Any],
+    timeout: float = 10.0,
+    path: Path | None = None,
+) -> tuple[dict[str, Any], bytes]:
+    """`request`, and the reply's body (b"" for a reply without one)."""
     who = f"gate of domain {domain}" if path is None else f"xfgate serve ({path})"
     path = path or socket_path(run_dir, domain)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    chunks: list[bytes] = []
     try:
         s.connect(str(path))
         s.sendall((json.dumps(payload) + "\n").encode())
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
+        received = 0
+        while True:
+            chunk = s.recv(1 << 16)
             if not chunk:
                 break
-            data += chunk
+            chunks.append(chunk)
+            received += len(chunk)
+            if b"\n" in chunk:
+                break
+            if received > MAX_REPLY_BODY:
+                raise ControlError(f"{who} sent a reply line of more than {received} bytes")
+        data = b"".join(chunks)
+        line, _, rest = data.partition(b"\n")
+        reply = _reply(who, line)
+        size = reply.get("body_bytes", 0)
+        if not isinstance(size, int) or not 0 <= size <= MAX_REPLY_BODY:
+            raise ControlError(f"{who} announced a body of {size!r} bytes")
+        body = bytearray(rest[:size])
+        while len(body) < size:
+            chunk = s.recv(min(1 << 20, size - len(body)))
+            if not chunk:
+                raise ControlError(f"{who} sent {len(body)} of {size} body bytes")
+            body += chunk
     except FileNotFoundError:
         raise ControlError(
             f"no gate runs for domain {domain} ({path} missing): start one with"
@@ -144,12 +191,18 @@ def request(
         raise ControlError(f"{who} did not answer on {path}: {e}") from None
     finally:
         s.close()
-    try:
-        reply: dict[str, Any] = json.loads(data)
-    except ValueError:
-        raise ControlError(f"{who} sent a bad reply: {data[:200]!r}") from None
     if not reply.get("ok"):
         raise ControlError(f"{who}: {reply.get('error', 'refused')}")
+    return reply, bytes(body)
+
+
+def _reply(who: str, line: bytes) -> dict[str, Any]:
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise ControlError(f"{who} sent a bad reply: {line[:200]!r}") from None
+    if not isinstance(reply, dict):
+        raise ControlError(f"{who} sent a bad reply: {line[:200]!r}")
     return reply
 
 

@@ -265,6 +265,15 @@ class LockedOwnerSource:
         finally:
             self._lock.release()
 
+    def locked(self, fn: Callable[[OwnerSource], Any], timeout: float | None = None) -> Any:
+        """fn(source) with the lock held, waiting at most `timeout` (the walks' wait): short
+        steps of the control thread (a `ps` request's plan) that must not race a refresh."""
+        self._acquire(timeout)
+        try:
+            return fn(self._source)
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
         closer = getattr(self._source, "close", None)
         if callable(closer) and self._try_acquire(self._timeout):

@@ -582,6 +582,7 @@ class DomainGate:
     poll_ports: set[tuple[int, int]] | None = None
     next_poll: float = 0.0
     polls: list[float] = field(default_factory=list)
+    ps: Any = None  # its PsAnswerer (xfgate.verdict.ps_answer), made at the first `ps`
 
 
 class Gate:
@@ -1013,10 +1014,17 @@ class Gate:
 
     # --- control -----------------------------------------------------------------------
 
-    def _control(self, dg: DomainGate, req: dict[str, Any]) -> dict[str, Any]:
+    def _control(self, dg: DomainGate, req: dict[str, Any]) -> dict[str, Any] | control.BodyReply:
         op = req.get("op")
         if op == "status":
             return {"ok": True, **self.status(dg)}
+        if op == "ps":  # the domain's control thread: off the packet path
+            from xfgate.verdict.ps_answer import PsAnswerer
+
+            if dg.ps is None:
+                dg.ps = PsAnswerer(dg.cfg, dg.source)
+            reply: control.BodyReply = dg.ps.answer(req)
+            return reply
         if op in ("block", "unblock", "unknown") and self.policy_hook is not None:
             return self.policy_hook(dg.cfg.id, req)
         if op in ("block", "unblock"):

@@ -8,6 +8,7 @@ import gc
 import importlib
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ from xfgate.vmi.profile import Profile
 log = logging.getLogger(__name__)
 
 
-def register(sub: Any) -> None:
-    """Add this subsystem's subcommands to the top-level parser's subparsers."""
+def register(sub: Any, with_profile: bool = True) -> None:
+    """Add this subsystem's subcommands to the top-level parser's subparsers (`ps` alone
+    without `with_profile`: `xfgate ps` does not import the profile builder)."""
     ps = sub.add_parser(
         "ps",
         help="list a domain's processes, users and sockets by introspecting its memory",
@@ -42,7 +44,15 @@ def register(sub: Any) -> None:
         action="store_true",
         help="never pause the guest, even when live reads keep tearing",
     )
+    ps.add_argument(
+        "--walk",
+        action="store_true",
+        help="walk the guest's memory from this process even when a gate serves the domain "
+        "(default: ask the gate, which answers from its view made current for the request)",
+    )
     ps.set_defaults(handler=run_ps)
+    if not with_profile:
+        return
     try:  # the `profile` subcommands live with the profile builder
         profile_cli = importlib.import_module("xfgate.vmi.profile_cli")
     except ModuleNotFoundError:
@@ -99,33 +109,46 @@ def _endpoint(addr: str, port: int, family: int) -> str:
     return f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
 
 
+TABLE_HEADER = ("PID", "PPID", "UID", "COMM", "PROTO", "LOCAL", "REMOTE", "STATE")
+
+
+def table_rows(p: dict[str, Any], mine: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """One process's rows: one per socket, or one of its own without sockets."""
+    base = (str(p["pid"]), str(p["ppid"]), str(p["uid"]), p["comm"])
+    if not mine:
+        return [(*base, "", "", "", "")]
+    return [
+        (
+            *base,
+            f"{s['proto']}{'6' if s['family'] == 6 else ''}",
+            _endpoint(s["local"], s["lport"], s["family"]),
+            _endpoint(s["remote"], s["rport"], s["family"]),
+            s["state"],
+        )
+        for s in mine
+    ]
+
+
+def table_widths(rows: list[tuple[str, ...]]) -> tuple[int, ...]:
+    return tuple(max((len(r[i]) for r in rows), default=0) for i in range(len(TABLE_HEADER)))
+
+
+def table_lines(rows: list[tuple[str, ...]], widths: tuple[int, ...]) -> str:
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
 def format_table(doc: dict[str, Any]) -> str:
     """One line per (process, socket), a process without sockets on a line of its own."""
-    header = ("PID", "PPID", "UID", "COMM", "PROTO", "LOCAL", "REMOTE", "STATE")
     rows: list[tuple[str, ...]] = []
     socks: dict[int, list[dict[str, Any]]] = {}
     for s in doc["sockets"]:
         socks.setdefault(s["pid"], []).append(s)
     for p in doc["processes"]:
-        base = (str(p["pid"]), str(p["ppid"]), str(p["uid"]), p["comm"])
-        mine = socks.get(p["pid"], [])
-        if not mine:
-            rows.append((*base, "", "", "", ""))
-        for s in mine:
-            rows.append(
-                (
-                    *base,
-                    f"{s['proto']}{'6' if s['family'] == 6 else ''}",
-                    _endpoint(s["local"], s["lport"], s["family"]),
-                    _endpoint(s["remote"], s["rport"], s["family"]),
-                    s["state"],
-                )
-            )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, *rows]
-    )
+        rows += table_rows(p, socks.get(p["pid"], []))
+    widths = table_widths([TABLE_HEADER, *rows])
+    return table_lines([TABLE_HEADER, *rows], widths)
 
 
 # `ps` is an operator's read, not the packet path: its walk may take longer than the gate's
@@ -133,7 +156,63 @@ def format_table(doc: dict[str, Any]) -> str:
 PS_WALK_SECONDS = 30.0
 
 
+# How long `ps` waits for a gate's answer (its walk is bounded by xfgate.vmi.current's 5 s).
+PS_GATE_TIMEOUT = 30.0
+
+
+def ps_from_gate(args: argparse.Namespace) -> int | None:
+    """`ps` answered by the gate serving the domain (`xfgate run` or `xfgate serve`), its
+    exit code; None when no gate serves it or it cannot answer (then the caller walks).
+    Imports only the control protocol: not the walk, not the profile."""
+    from xfgate.config import load_domains  # (its module is imported already)
+    from xfgate.verdict import control
+
+    spec = str(args.domain).strip()
+    cfg = load_domains(args.domains_file).get(int(spec)) if spec.isdigit() else None
+    if cfg is None:  # a name or UUID, a libvirt domain: resolved as the walk resolves it
+        from xfgate.hypervisor.resolve import resolve_domain
+
+        cfg = resolve_domain(spec, args.domains_file, args.libvirt_uri)
+    path = control.socket_path(args.run_dir, cfg.id)
+    if not path.exists():
+        log.debug("no gate serves domain %d (%s): walking the guest", cfg.id, path)
+        return None
+    request: dict[str, Any] = {
+        "op": "ps",
+        "format": "json" if args.json else "table",
+        # The gate refuses unless it serves this very guest (another domains file, another
+        # lab behind the same run directory: its answer would be another guest's).
+        "domain": {"id": cfg.id, "name": cfg.name, "memory": cfg.memory.path},
+    }
+    if args.pid is not None:
+        request["pid"] = args.pid
+    if args.uid is not None:
+        request["uid"] = args.uid
+    try:
+        reply, body = control.request_body(args.run_dir, cfg.id, request, PS_GATE_TIMEOUT)
+    except control.ControlError as e:
+        log.warning("%s: walking the guest instead", e)
+        return None
+    sys.stdout.write(body.decode())
+    sys.stdout.flush()
+    gate = reply.get("gate", {})
+    log.info(
+        "from the gate (pid %s): read %.0f ms ago, made current from a view %.1f s old%s",
+        gate.get("pid"),
+        1000 * float(gate.get("age_seconds", 0.0)),
+        float(gate.get("base_age_seconds", -1.0)),
+        "" if gate.get("complete") else " (INCOMPLETE)",
+    )
+    for problem in gate.get("problems", [])[:10]:
+        log.warning("%s", problem)
+    return 0 if gate.get("complete") else 1
+
+
 def run_ps(args: argparse.Namespace) -> int:
+    if not args.walk and args.profile is None:
+        answered = ps_from_gate(args)
+        if answered is not None:
+            return answered
     from xfgate.hypervisor.resolve import resolve_domain
     from xfgate.vmi.introspect import GuestIntrospector
     from xfgate.vmi.linux import WalkBounds
@@ -147,7 +226,7 @@ def run_ps(args: argparse.Namespace) -> int:
         result = guest.walk()
         doc = filter_document(guest.ps_json(result), args.pid, args.uid)
     if args.json:
-        print(json_lines(doc))
+        print(json_lines({**doc, "source": "walk"}))
     else:
         print(format_table(doc))
     for err in result.errors[:10]:

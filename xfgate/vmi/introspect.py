@@ -31,6 +31,7 @@ from xfgate.config import DomainConfig
 from xfgate.errors import MemoryReadError, ProfileError, QmpError, WalkError
 from xfgate.flow import Flow, GuestSocket, GuestView, IPAddress, Owner, Ownership, Via
 from xfgate.inet import IPProto, proto_label
+from xfgate.vmi.current import CURRENT_SECONDS, CurrentPlan
 from xfgate.vmi.holders import HolderLayout, HolderResolver, TaskIndex
 from xfgate.vmi.kaslr import KernelLocation, KernelLocator
 from xfgate.vmi.kernel_constants import SockType, TCPState
@@ -141,6 +142,7 @@ class _Boot:
     last_view: GuestView | None = None
     task_addrs: tuple[int, ...] = ()
     full_at: float = -1e9
+    state_at: float = -1e9  # monotonic time refresh_state was installed
     # Quiet refreshes (COUNTER_SYMBOLS): the counters read before the last complete walk, the
     # two slices' cursors into task_addrs and their fractional debts, when they last moved,
     # and when the owner index was last rebuilt from scratch (else updated per change).
@@ -403,7 +405,7 @@ class GuestIntrospector:
             if result.state is not None:
                 if full and boot.refresh_state is not None:
                     self._cross_check_refresh(boot.refresh_state, result.state)
-                boot.refresh_state = result.state
+                boot.refresh_state, boot.state_at = result.state, time.monotonic()
             boot.last_view = None  # built on demand (view, refresh_view)
             boot.task_addrs = tuple(t.address for t in result.tasks)
             boot.index_at = time.monotonic()
@@ -460,7 +462,7 @@ class GuestIntrospector:
             boot.ports[key] = tuple(dict.fromkeys((*boot.ports.get(key, ()), *addrs)))
         raw = (boot.raw_socks - affected) | raw_socks(fresh, fresh_packets)
         if new.state is not None:
-            boot.refresh_state = new.state
+            boot.refresh_state, boot.state_at = new.state, time.monotonic()
         if not same_tasks:
             boot.tasks = list(new.tasks)
             boot.task_owners = owners
@@ -790,7 +792,7 @@ class GuestIntrospector:
         unchanged = result.counts is not None and result.counts.changes == 0
         if result.complete and unchanged and addrs == boot.task_addrs and boot.last_view:
             cc.refresh_unchanged += 1
-            boot.refresh_state = result.state
+            boot.refresh_state, boot.state_at = result.state, time.monotonic()
             return boot.last_view
         old_view = boot.last_view
         delta = self._install(boot, result, full=False)
@@ -801,6 +803,30 @@ class GuestIntrospector:
         if result.complete:
             boot.last_view = view
         return view
+
+    def current_plan(self, seconds: float = CURRENT_SECONDS) -> CurrentPlan:
+        """What a `ps` request's walk needs (xfgate.vmi.current): the boot checked, the last
+        refresh state to start from (None before the first complete walk: then a walk from
+        scratch), bounds. Call with the source's lock; the walk runs without it."""
+        boot = self.boot()
+        loc = boot.location
+        prior = boot.refresh_state if boot.index_complete else None
+        age = time.monotonic() - boot.state_at if prior is not None else -1.0
+        bounds = dataclasses.replace(self.bounds, seconds=seconds, retries=2)
+        hl = self.holder_layout
+        sk_socket = hl.sock_sk_socket if hl is not None else None
+        return CurrentPlan(
+            self.memory,
+            loc.root,
+            loc.levels,
+            self.layout,
+            loc.virt_shift,
+            prior,
+            bounds,
+            sk_socket,
+            boot,
+            age,
+        )
 
     def processes(self) -> list[Task]:
         return sorted(self.walk().tasks, key=lambda t: t.pid)

@@ -1123,12 +1123,7 @@ class Walk:
 
     def any_sock(self, sk: int) -> InetSock | PacketSock | None:
         blob = self.read(sk, self.layout.sock_span, "struct sock")
-        if blob is None:
-            return None
-        if self.layout.skc_family.get(blob) == AF_PACKET:
-            lay = self.layout
-            return PacketSock(sk, lay.sk_type.get(blob), lay.sk_uid.get(blob))
-        return decode_inet_sock(self.layout, sk, blob, self.addresses)
+        return None if blob is None else decode_any_sock(self.layout, sk, blob, self.addresses)
 
     def inet_sock(self, sk: int) -> InetSock | None:
         blob = self.read(sk, self.layout.sock_span, "struct sock")
@@ -1249,6 +1244,19 @@ def _address(raw: bytes, interned: dict[bytes, IPAddress] | None) -> IPAddress:
         if len(interned) < MAX_INTERNED:
             interned[raw] = known
     return known
+
+
+def decode_any_sock(
+    layout: KernelLayout,
+    address: int,
+    blob: bytes,
+    interned: dict[bytes, IPAddress] | None = None,
+) -> InetSock | PacketSock | None:
+    """A struct sock's first `layout.sock_span` bytes decoded: a packet sock, an inet sock of
+    any protocol, or None for any other family."""
+    if layout.skc_family.get(blob) == AF_PACKET:
+        return PacketSock(address, layout.sk_type.get(blob), layout.sk_uid.get(blob))
+    return decode_inet_sock(layout, address, blob, interned)
 
 
 def decode_inet_sock(
