@@ -159,9 +159,11 @@ def test_unreadable_memory_makes_an_incomplete_answer_that_says_so() -> None:
 
 @contextmanager
 def _control_server(
-    run_dir: Path, handler: Callable[[dict[str, Any]], Any]
+    run_dir: Path,
+    handler: Callable[[dict[str, Any]], Any],
+    slow_ops: frozenset[str] = frozenset(),
 ) -> Iterator[control.ControlServer]:
-    server = control.ControlServer(run_dir, 1, handler)
+    server = control.ControlServer(run_dir, 1, handler, slow_ops=slow_ops)
     stop = threading.Event()
 
     def serve() -> None:
@@ -187,6 +189,35 @@ def test_the_control_protocol_carries_a_body_of_megabytes(tmp_path: Path) -> Non
     assert got == body and reply["body_bytes"] == len(body)
     with _control_server(tmp_path, lambda req: {"ok": True, "x": 1}):
         assert control.request_body(tmp_path, 1, {"op": "status"}) == ({"ok": True, "x": 1}, b"")
+
+
+def test_a_slow_ps_does_not_hold_up_status_or_block(tmp_path: Path) -> None:
+    """Issue 9: control requests answer within a second under any load. A `ps` may take its
+    whole 5 s walk bound: it runs on its own thread, one at a time (a second one is refused
+    as busy), while `status` answers at once."""
+    release = threading.Event()
+
+    def handler(req: dict[str, Any]) -> dict[str, Any] | control.BodyReply:
+        if req["op"] == "ps":
+            release.wait(10)
+            return control.BodyReply({"ok": True}, b"ps body")
+        return {"ok": True, "op": req["op"]}
+
+    with _control_server(tmp_path, handler, slow_ops=frozenset({"ps"})):
+        got: list[tuple[dict[str, Any], bytes]] = []
+        slow = threading.Thread(
+            target=lambda: got.append(control.request_body(tmp_path, 1, {"op": "ps"}))
+        )
+        slow.start()
+        try:
+            assert control.request(tmp_path, 1, {"op": "status"}, timeout=1.0)["op"] == "status"
+            with pytest.raises(ControlError, match="busy"):
+                control.request(tmp_path, 1, {"op": "ps"}, timeout=1.0)
+            assert control.request(tmp_path, 1, {"op": "block"}, timeout=1.0)["op"] == "block"
+        finally:
+            release.set()
+            slow.join(5)
+        assert got and got[0][1] == b"ps body"
 
 
 def test_the_gate_answers_ps_through_its_control_socket(tmp_path: Path) -> None:

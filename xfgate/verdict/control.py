@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +50,23 @@ def service_socket(run_dir: Path) -> Path:
 
 class ControlServer:
     def __init__(
-        self, run_dir: Path, domain: int, handler: Handler, path: Path | None = None
+        self,
+        run_dir: Path,
+        domain: int,
+        handler: Handler,
+        path: Path | None = None,
+        slow_ops: frozenset[str] = frozenset(),
     ) -> None:
-        """A domain's socket (``gate-D.sock``), or any other `path` (a service's own)."""
+        """A domain's socket (``gate-D.sock``), or any other `path` (a service's own).
+
+        Requests whose op is in `slow_ops` (`ps`: up to its 5 s walk bound) are answered on a
+        thread of their own, one at a time (another meanwhile is refused as busy), so that
+        `status`, `block` and `unblock` still answer at once (issue 9: control within 1 s)."""
         self.domain = domain
         self.path = path or socket_path(run_dir, domain)
         self._handler = handler
+        self._slow_ops = slow_ops
+        self._slow: threading.Thread | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             if answers(self.path):
@@ -82,26 +94,48 @@ class ControlServer:
             conn, _ = self.sock.accept()
         except BlockingIOError:
             return
-        with conn:
-            conn.settimeout(REQUEST_TIMEOUT)
-            try:
-                request = json.loads(_read_line(conn))
-                if not isinstance(request, dict):
-                    raise ValueError("request must be a JSON object")
-                reply = self._handler(request)
-            except XfgateError as e:
-                reply = {"ok": False, "error": str(e)}
-            except (OSError, ValueError) as e:
-                reply = {"ok": False, "error": f"bad request: {e}"}
-            except Exception as e:  # a bug in a handler must not end the gate
-                reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
-            with contextlib.suppress(OSError):
-                if isinstance(reply, BodyReply):
-                    head = {**reply.header, "body_bytes": len(reply.body)}
-                    conn.sendall((json.dumps(head) + "\n").encode())
-                    conn.sendall(reply.body)
-                else:
-                    conn.sendall((json.dumps(reply) + "\n").encode())
+        conn.settimeout(REQUEST_TIMEOUT)
+        try:
+            request = json.loads(_read_line(conn))
+            if not isinstance(request, dict):
+                raise ValueError("request must be a JSON object")
+        except (OSError, ValueError) as e:
+            self._send(conn, {"ok": False, "error": f"bad request: {e}"})
+            return
+        if request.get("op") not in self._slow_ops:
+            self._send(conn, self._answer(request))
+            return
+        if self._slow is not None and self._slow.is_alive():
+            busy = f"busy: another {request.get('op')} request is being answered"
+            self._send(conn, {"ok": False, "error": busy})
+            return
+        self._slow = threading.Thread(
+            target=lambda: self._send(conn, self._answer(request)),
+            name=f"xfgate-control-slow-{self.domain}",
+            daemon=True,
+        )
+        self._slow.start()
+
+    def _answer(self, request: dict[str, Any]) -> dict[str, Any] | BodyReply:
+        try:
+            return self._handler(request)
+        except XfgateError as e:
+            return {"ok": False, "error": str(e)}
+        except (OSError, ValueError) as e:
+            return {"ok": False, "error": f"bad request: {e}"}
+        except Exception as e:  # a bug in a handler must not end the gate
+            return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+
+    @staticmethod
+    def _send(conn: socket.socket, reply: dict[str, Any] | BodyReply) -> None:
+        """Send `reply` and close `conn`."""
+        with conn, contextlib.suppress(OSError):
+            if isinstance(reply, BodyReply):
+                head = {**reply.header, "body_bytes": len(reply.body)}
+                conn.sendall((json.dumps(head) + "\n").encode())
+                conn.sendall(reply.body)
+            else:
+                conn.sendall((json.dumps(reply) + "\n").encode())
 
     def close(self) -> None:
         self.sock.close()

@@ -1,10 +1,12 @@
 """A gate's answer to `xfgate ps` (op "ps" on its control socket, issue 10).
 
-Answered on the domain's control thread, off the packet path: the gate's last refresh state
-made current for the request (xfgate.vmi.current: every task_struct, fd table header and fd
-array, file and sock read again, only what changed decoded), rendered from per-entry caches,
-sent as the reply's body (control.BodyReply). The source's lock is held only to take the plan
-(the boot checked, the state to start from): lookups of the packet path go on during the walk.
+Answered on a thread of its own (`control.ControlServer` slow ops: one request at a time),
+off the packet path and the control thread (`status`/`block` answer meanwhile): the gate's
+last refresh state made current for the request (xfgate.vmi.current: every task_struct, fd
+table header and fd array, file and sock read again, only what changed decoded), rendered from
+per-entry caches, sent as the reply's body (control.BodyReply). The source's lock is held only
+to take the plan (the boot checked, the state to start from): lookups of the packet path go on
+during the walk.
 The answer says where it came from: ``"source": "gate"``, the gate's pid, when the guest was
 read, how old the state it started from was, whether it was complete.
 """
@@ -31,7 +33,7 @@ FORMATS = ("json", "table")
 @dataclasses.dataclass
 class PsAnswerer:
     """A domain's `ps` answers: its reader (memo of files and socks) and renderer (cached
-    entries), used by the domain's control thread only."""
+    entries), used by one slow-op thread at a time."""
 
     cfg: DomainConfig
     source: LockedOwnerSource

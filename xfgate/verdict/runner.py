@@ -88,6 +88,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DEFAULT_QUEUE_BASE = 100  # queue number = base + domain id unless --queue-num is given
 IDLE_TICK = 0.5
+# Control requests answered on a thread of their own: `ps` may take its whole walk bound (5 s);
+# status/block/unblock must not wait behind it.
+SLOW_OPS = frozenset({"ps"})
 
 
 # Builds a domain's owner source from its configuration and the gate's options.
@@ -724,7 +727,7 @@ class Gate:
         dg = DomainGate(cfg, layout, source, engine)
         self.domains[cfg.id] = dg
         dg.control = control.ControlServer(
-            opts.run_dir, cfg.id, functools.partial(self._control, dg)
+            opts.run_dir, cfg.id, functools.partial(self._control, dg), slow_ops=SLOW_OPS
         )
         if opts.mode is GateMode.QUEUE:
             dg.queue = bind_queue(queue_num, engine.handle)
@@ -1018,7 +1021,7 @@ class Gate:
         op = req.get("op")
         if op == "status":
             return {"ok": True, **self.status(dg)}
-        if op == "ps":  # the domain's control thread: off the packet path
+        if op == "ps":  # a thread of its own (SLOW_OPS): off the packet and control paths
             from xfgate.verdict.ps_answer import PsAnswerer
 
             if dg.ps is None:

@@ -54,8 +54,8 @@ from xfgate.vmi.memory import PhysicalMemory
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.walk import WalkIssue, WalkReason
 
-# A request's bound (the crowd's 2,000 tasks / 20,000 sockets: ~0.2 s of it). The domain's
-# control thread answers nothing else meanwhile (`xfgate block` to an `xfgate run` gate waits).
+# A request's bound (the crowd's 2,000 tasks / 20,000 sockets: ~0.2 s of it). It runs on the
+# control socket's slow-op thread: `status` and `block` answer meanwhile.
 CURRENT_SECONDS = 5.0
 _U64 = struct.Struct("<Q")
 AnySock = InetSock | PacketSock
@@ -117,7 +117,7 @@ _Table = tuple[Any, dict[int, list[int]]]  # RefreshState.tables' values: (finge
 
 class CurrentReader:
     """Makes a gate's last refresh state current for `ps` requests (see the module). One
-    caller at a time (the domain's control thread); the memo is rebuilt by each request."""
+    caller at a time (the control socket's slow-op thread); the memo is rebuilt by each request."""
 
     def __init__(self) -> None:
         self._memo: _Memo = {}
