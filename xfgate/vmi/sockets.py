@@ -37,6 +37,8 @@ from xfgate.inet import AddressFamily, IPProto
 from xfgate.vmi import jhash
 from xfgate.vmi.kernel_constants import TCPState
 from xfgate.vmi.linux import (
+    KERNEL_SPACE_START,
+    KERNEL_SPACE_START_LA57,
     InetSock,
     KernelLayout,
     decode_inet_sock,
@@ -44,7 +46,7 @@ from xfgate.vmi.linux import (
 )
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
-from xfgate.vmi.walk import Deadline, Links, ListSpec, WalkIssue, WalkReason, walk_list
+from xfgate.vmi.walk import Deadline, WalkIssue, WalkReason, walk_hlist
 
 MAX_CHAIN = 4096  # sockets per hash bucket we are willing to look at
 LOOKUP_SECONDS = 1.0  # time bound of one lookup (every chain it follows)
@@ -396,23 +398,19 @@ class SocketTables:
         if first == 0 or first & 1:  # an empty bucket (most of a lookup's): no walk to set up
             return []
         span = max(self.h.sock_common_size, node_off + _LINKS.size)
-        read = self.space.read
-        unpack_links = _LINKS.unpack_from
-
-        def read_node(node: int) -> Links[bytes]:
-            head = read(node - node_off, span)
-            nxt, pprev = unpack_links(head, node_off)
-            return Links(nxt, pprev, head)
-
-        levels = self.space.levels
-        spec = ListSpec(
+        low = KERNEL_SPACE_START_LA57 if self.space.levels == 5 else KERNEL_SPACE_START
+        walked = walk_hlist(
             what,
             bucket,
-            lambda node: node == 0 or bool(node & 1),  # NULL or a nulls marker: end of chain
-            lambda node: is_kernel_pointer(node, levels),
+            first,
+            self.space.read,
+            node_off,
+            span,
+            low,
+            self._deadline,
             MAX_CHAIN,
+            stop,
         )
-        walked = walk_list(spec, first, read_node, self._deadline, stop)
         if walked.issue is not None:
             self.errors.append(walked.issue)
         return [(node - node_off, head) for node, head in walked.nodes]
