@@ -180,6 +180,9 @@ class LockedOwnerSource:
         self._timeout = timeout  # walks (view, sockets) and closing
         self._packet_timeout = packet_timeout  # lookups on the packet path
         self._generation = 0
+        # A source whose generation() is one attribute read (GuestIntrospector) is asked
+        # without the lock: one lock per packet (the lookup's), none for a cache hit.
+        self._generation_lock_free = getattr(source, "generation_lock_free", False) is True
 
     @property
     def inner(self) -> OwnerSource:
@@ -276,6 +279,9 @@ class LockedOwnerSource:
     def generation(self) -> int:
         """The source's generation; the last one read while a walk holds the source (the
         packet path never waits on a walk for it)."""
+        if self._generation_lock_free:
+            self._generation = self._source.generation()
+            return self._generation
         if not self._try_acquire(self._packet_timeout):
             return self._generation
         try:
@@ -446,7 +452,7 @@ class Engine:
         flow = to_flow(parsed, direction)
         facts = self._facts
         outgoing = direction is Direction.FROM_GUEST
-        what = f"{proto_label(parsed.proto)} packet"
+        what = ""  # named only when a packet is judged unattributable (not on every packet)
         if parsed.fragment:
             # conntrack reassembles before FORWARD: a lone fragment here has no header to key on.
             if outgoing:
@@ -510,6 +516,7 @@ class Engine:
                     settle=False,
                 )
             else:
+                what = what or f"{proto_label(parsed.proto)} packet"
                 decision = self._unattributable(policy, what)
             return Evaluation(decision, answer.source, parsed, flow, direction, answer.ownership)
         why = "icmp error, no socket for the embedded flow" if parsed.is_icmp_error else ""

@@ -199,6 +199,10 @@ class CrossCheck:
 class GuestIntrospector:
     """Introspection of one domain. Not thread-safe: one caller at a time."""
 
+    # generation() reads one int attribute (the locator's): LockedOwnerSource may call it
+    # without the source's lock, so a packet answered from the cache never waits on a walk.
+    generation_lock_free = True
+
     def __init__(
         self,
         domain: DomainConfig,
