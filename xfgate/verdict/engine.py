@@ -71,12 +71,20 @@ def from_listener(ownership: Ownership) -> bool:
     return ownership.via in LISTENER_VIAS or ownership.state in LISTENER_STATES
 
 
+# The flag masks as plain ints, made once: an IntFlag `|` builds a new member per packet.
+_SYN, _RST = int(TCPFlag.SYN), int(TCPFlag.RST)
+_SYN_ACK, _SYN_ACK_RST = (
+    int(TCPFlag.SYN | TCPFlag.ACK),
+    int(TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST),
+)
+
+
 def kernel_sent(parsed: ParsedPacket) -> str:
     """Why an outgoing packet that matches no socket is one the guest kernel sends on its own
     (an ICMP error about a flow, a TCP reset for no socket), or "" if it is not such a one."""
     if parsed.embedded is not None:
         return "icmp error, no socket for the embedded flow"
-    if parsed.proto == IPProto.TCP and parsed.tcp_flags & TCPFlag.RST:
+    if parsed.proto == IPProto.TCP and parsed.tcp_flags & _RST:
         return "kernel tcp reset for no socket"
     return ""
 
@@ -87,7 +95,7 @@ def is_bare_syn(parsed: ParsedPacket) -> bool:
     return (
         parsed.proto == IPProto.TCP
         and parsed.embedded is None
-        and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST) == TCPFlag.SYN
+        and parsed.tcp_flags & _SYN_ACK_RST == _SYN
     )
 
 
@@ -120,7 +128,7 @@ def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:
         direction is Direction.TO_GUEST
         and parsed.proto == IPProto.TCP
         and parsed.embedded is None
-        and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST) == TCPFlag.SYN
+        and parsed.tcp_flags & _SYN_ACK_RST == _SYN
     )
 
 
@@ -493,7 +501,7 @@ class Engine:
             and parsed.proto == IPProto.TCP
             and parsed.embedded is None
             and from_listener(ownership)
-            and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK) != TCPFlag.SYN | TCPFlag.ACK
+            and parsed.tcp_flags & _SYN_ACK != _SYN_ACK
         ):
             # A listener sends only SYN-ACKs (syncookies included); anything else from its
             # port is some other sender's, e.g. a raw socket forging the listener's port.

@@ -145,8 +145,13 @@ class AddressSpace:
         if length < 0 or length > MAX_READ:
             raise MemoryReadError(vaddr, length, self.name, "absurd read length")
         if (vaddr & 0xFFF) + length <= 0x1000:  # the common case: inside one 4 KiB page
+            # translate's cache probes, 4 KiB then 2 MiB (the direct map's) inline.
             pa = self._cache4k.get(vaddr >> 12)
-            pa = self.translate(vaddr) if pa is None else pa | (vaddr & 0xFFF)
+            if pa is not None:
+                pa |= vaddr & 0xFFF
+            else:
+                pa = self._cache2m.get(vaddr >> 21)
+                pa = self.translate(vaddr) if pa is None else pa | (vaddr & 0x1FFFFF)
             if pa + length <= self._flat_len:
                 return bytes(self._flat_buf[pa : pa + length])
             return self.memory.read(pa, length)
