@@ -198,6 +198,12 @@ class LockedOwnerSource:
         return self._source
 
     def _try_acquire(self, wait: float) -> bool:
+        turnstile, lock = self._turnstile, self._lock
+        if turnstile.acquire(False):  # nobody waiting (every packet's case): no timed waits
+            try:
+                return lock.acquire(False) or lock.acquire(timeout=wait)
+            finally:
+                turnstile.release()
         deadline = time.monotonic() + wait
         if not self._turnstile.acquire(timeout=wait):
             return False
