@@ -328,6 +328,13 @@ def quick(
         if what == "udp-chains":
             out.update(udp_chain_lengths(guest))
             return out
+        if what == "flood":
+            floods = [flood_decisions_per_second(guest, rounds * 20) for _ in range(3)]
+            out["flood_runs"] = floods
+            out["flood_syns_per_cpu_s"] = statistics.median(
+                r.get("flood_syns_per_cpu_s") or 0 for r in floods
+            )
+            return out
         runs = [decisions_per_second(guest, rounds * 20) for _ in range(3)]
     out["decisions_runs"] = runs
     for key in ("decisions_per_s", "decisions_per_cpu_s"):
@@ -515,6 +522,51 @@ def decisions_per_second(guest: GuestIntrospector, count: int) -> dict[str, Any]
     }
 
 
+def flood_decisions_per_second(guest: GuestIntrospector, count: int) -> dict[str, Any]:
+    """The gate's CPU per flood SYN (issue 9's flood: a blocked user's new connections):
+    Engine.evaluate over LockedOwnerSource of one outgoing TCP SYN per connected TCP sock of
+    the guest (up to `count`, distinct flows), each sock forgotten by the owner index first
+    (a sock created since the last walk, as every flood connection is), the creator's uid
+    blocked and `creator_decides` set as `xfgate run` sets it: each SYN is dropped after its
+    ehash lookup, with no holder search. `flood_drops`: SYNs dropped (all, if the path holds)."""
+    result = guest.walk()
+    socks = [
+        s.sock
+        for s in result.sockets
+        if s.sock.proto == IPProto.TCP and s.sock.rport and s.sock.state == 1  # ESTABLISHED
+    ]
+    socks = list({k.address: k for k in socks}.values())[:count]
+    if not socks:
+        return {}
+    uids = sorted({k.sk_uid for k in socks})
+    policy = compile_policy(uids=uids)
+    engine = Engine(guest.domain.id, {VIF: "vif"}, LockedOwnerSource(guest), policy, OwnerCache())
+    guest.creator_decides = lambda uid: engine.policy.blocks_creator(uid)
+    packets = []
+    for k in socks:
+        syn = bytearray(_packet(k.proto, k.local, k.lport, k.remote, k.rport))
+        syn[-7] = 0x02  # the TCP header's flags octet (20 bytes, no payload): SYN only
+        packets.append(bytes(syn))
+    boot = guest.boot()
+    for k in socks:
+        boot.owners.pop(k.address, None)
+    drops = 0
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        for payload in packets:
+            ev = engine.evaluate(payload, VIF, OTHER)
+            drops += ev.decision.verdict.value == "drop"
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        guest.creator_decides = None
+    return {
+        "flood_syns": len(packets),
+        "flood_drops": drops,
+        "flood_syns_per_s": round(len(packets) / seconds),
+        "flood_syns_per_cpu_s": round(len(packets) / cpu) if cpu > 0 else None,
+    }
+
+
 def _children_cpu() -> float:
     """User + system CPU seconds of this process's waited-for children so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -589,9 +641,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["decisions", "ps", "udp-chains"],
-        help="only new-flow decisions/s, only `xfgate ps` (a quick A/B), or only the UDP "
-        "chain lengths of the port and the address+port tables",
+        choices=["decisions", "ps", "udp-chains", "flood"],
+        help="only new-flow decisions/s, only `xfgate ps` (a quick A/B), only the UDP "
+        "chain lengths of the port and the address+port tables, or only the flood SYN "
+        "decisions/s (a blocked creator's new socks, flood_decisions_per_second)",
     )
     args = parser.parse_args(argv)
     rounds, ps_runs = max(1, min(args.rounds, 100000)), max(0, min(args.ps_runs, 100))

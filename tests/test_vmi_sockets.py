@@ -619,6 +619,21 @@ def test_a_queued_connection_is_the_listeners_only_as_sure_as_its_own_holders() 
         assert [o.pid for o in own.owners] == [100] and not own.holders_known
 
 
+def test_a_connecting_sock_is_never_answered_with_a_listeners_owners() -> None:
+    """A SYN_SENT sock nobody holds (yet) on a listener's port is a connect(), in no accept
+    queue: its answer names no listener owner (and no listener lookup is spent on it: the
+    flood path's blocked SYNs)."""
+    g = standard_guest()
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        gi.walk()
+        sk = g.new_sock(IPProto.TCP, 2, "198.18.1.1", 80, "198.18.0.1", 40002, sk_uid=1001)
+        g.hash_established(sk, "198.18.1.1", 80, "198.18.0.1", 40002)
+        gi.creator_decides = lambda uid: uid == 1001
+        own = gi.lookup(_flow(IPProto.TCP, "198.18.1.1", 80, "198.18.0.1", 40002))
+        assert own is not None and own.via is Via.ESTABLISHED and own.state == "SYN_SENT"
+        assert own.owners == () and own.sk_uid == 1001 and not own.holders_known
+
+
 def test_a_new_sock_of_a_creator_the_policy_names_is_answered_without_a_walk() -> None:
     """A blocked uid's flood of new connections: each new sock would make the lookup walk the
     guest (every 50 ms at most). With `creator_decides` naming its creator, no walk: holders

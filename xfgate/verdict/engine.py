@@ -71,12 +71,20 @@ def from_listener(ownership: Ownership) -> bool:
     return ownership.via in LISTENER_VIAS or ownership.state in LISTENER_STATES
 
 
+# The flag masks as plain ints, made once: an IntFlag `|` builds a new member per packet.
+_SYN, _RST = int(TCPFlag.SYN), int(TCPFlag.RST)
+_SYN_ACK, _SYN_ACK_RST = (
+    int(TCPFlag.SYN | TCPFlag.ACK),
+    int(TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST),
+)
+
+
 def kernel_sent(parsed: ParsedPacket) -> str:
     """Why an outgoing packet that matches no socket is one the guest kernel sends on its own
     (an ICMP error about a flow, a TCP reset for no socket), or "" if it is not such a one."""
     if parsed.embedded is not None:
         return "icmp error, no socket for the embedded flow"
-    if parsed.proto == IPProto.TCP and parsed.tcp_flags & TCPFlag.RST:
+    if parsed.proto == IPProto.TCP and parsed.tcp_flags & _RST:
         return "kernel tcp reset for no socket"
     return ""
 
@@ -87,7 +95,7 @@ def is_bare_syn(parsed: ParsedPacket) -> bool:
     return (
         parsed.proto == IPProto.TCP
         and parsed.embedded is None
-        and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST) == TCPFlag.SYN
+        and parsed.tcp_flags & _SYN_ACK_RST == _SYN
     )
 
 
@@ -120,7 +128,7 @@ def is_connection_request(parsed: ParsedPacket, direction: Direction) -> bool:
         direction is Direction.TO_GUEST
         and parsed.proto == IPProto.TCP
         and parsed.embedded is None
-        and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK | TCPFlag.RST) == TCPFlag.SYN
+        and parsed.tcp_flags & _SYN_ACK_RST == _SYN
     )
 
 
@@ -180,6 +188,9 @@ class LockedOwnerSource:
         self._timeout = timeout  # walks (view, sockets) and closing
         self._packet_timeout = packet_timeout  # lookups on the packet path
         self._generation = 0
+        # A source whose generation() is one attribute read (GuestIntrospector) is asked
+        # without the lock: one lock per packet (the lookup's), none for a cache hit.
+        self._generation_lock_free = getattr(source, "generation_lock_free", False) is True
 
     @property
     def inner(self) -> OwnerSource:
@@ -187,6 +198,12 @@ class LockedOwnerSource:
         return self._source
 
     def _try_acquire(self, wait: float) -> bool:
+        turnstile, lock = self._turnstile, self._lock
+        if turnstile.acquire(False):  # nobody waiting (every packet's case): no timed waits
+            try:
+                return lock.acquire(False) or lock.acquire(timeout=wait)
+            finally:
+                turnstile.release()
         deadline = time.monotonic() + wait
         if not self._turnstile.acquire(timeout=wait):
             return False
@@ -285,6 +302,9 @@ class LockedOwnerSource:
     def generation(self) -> int:
         """The source's generation; the last one read while a walk holds the source (the
         packet path never waits on a walk for it)."""
+        if self._generation_lock_free:
+            self._generation = self._source.generation()
+            return self._generation
         if not self._try_acquire(self._packet_timeout):
             return self._generation
         try:
@@ -455,7 +475,7 @@ class Engine:
         flow = to_flow(parsed, direction)
         facts = self._facts
         outgoing = direction is Direction.FROM_GUEST
-        what = f"{proto_label(parsed.proto)} packet"
+        what = ""  # named only when a packet is judged unattributable (not on every packet)
         if parsed.fragment:
             # conntrack reassembles before FORWARD: a lone fragment here has no header to key on.
             if outgoing:
@@ -496,7 +516,7 @@ class Engine:
             and parsed.proto == IPProto.TCP
             and parsed.embedded is None
             and from_listener(ownership)
-            and parsed.tcp_flags & (TCPFlag.SYN | TCPFlag.ACK) != TCPFlag.SYN | TCPFlag.ACK
+            and parsed.tcp_flags & _SYN_ACK != _SYN_ACK
         ):
             # A listener sends only SYN-ACKs (syncookies included); anything else from its
             # port is some other sender's, e.g. a raw socket forging the listener's port.
@@ -519,6 +539,7 @@ class Engine:
                     settle=False,
                 )
             else:
+                what = what or f"{proto_label(parsed.proto)} packet"
                 decision = self._unattributable(policy, what)
             return Evaluation(decision, answer.source, parsed, flow, direction, answer.ownership)
         why = "icmp error, no socket for the embedded flow" if parsed.is_icmp_error else ""

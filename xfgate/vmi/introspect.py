@@ -201,6 +201,10 @@ class CrossCheck:
 class GuestIntrospector:
     """Introspection of one domain. Not thread-safe: one caller at a time."""
 
+    # generation() reads one int attribute (the locator's): LockedOwnerSource may call it
+    # without the source's lock, so a packet answered from the cache never waits on a walk.
+    generation_lock_free = True
+
     def __init__(
         self,
         domain: DomainConfig,
@@ -908,7 +912,12 @@ class GuestIntrospector:
                 owners, sock.sk_uid, sock.state_name, Via.MPTCP_SUBFLOW, sock.address, known
             )
         owners, known = self._owners_of(boot, sock.address, deadline, sock)
-        if not owners and found.table is HashTable.ESTABLISHED and flow.proto == IPProto.TCP:
+        if (
+            not owners
+            and found.table is HashTable.ESTABLISHED
+            and flow.proto == IPProto.TCP
+            and sock.state != TCPState.SYN_SENT  # a connect()ing sock is in no accept queue
+        ):
             # Accepted by the kernel, not yet by the process: it waits in the listener's queue.
             # Only as sure as the sock's own holders were: a sock whose holders could not all
             # be read (the budget spent) may be held by anyone, not the listener's owners.

@@ -4,6 +4,7 @@ include/net/ipv6.h, include/net/ip.h). Pure functions over 32-bit words."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 JHASH_INITVAL = 0xDEADBEEF
@@ -15,41 +16,43 @@ def _rol32(x: int, k: int) -> int:
 
 
 def _final(a: int, b: int, c: int) -> int:
+    # __jhash_final; rol32 written out (a call per rotation was a third of a lookup's hash).
     c ^= b
-    c = (c - _rol32(b, 14)) & M32
+    c = (c - (((b << 14) | (b >> 18)) & M32)) & M32
     a ^= c
-    a = (a - _rol32(c, 11)) & M32
+    a = (a - (((c << 11) | (c >> 21)) & M32)) & M32
     b ^= a
-    b = (b - _rol32(a, 25)) & M32
+    b = (b - (((a << 25) | (a >> 7)) & M32)) & M32
     c ^= b
-    c = (c - _rol32(b, 16)) & M32
+    c = (c - (((b << 16) | (b >> 16)) & M32)) & M32
     a ^= c
-    a = (a - _rol32(c, 4)) & M32
+    a = (a - (((c << 4) | (c >> 28)) & M32)) & M32
     b ^= a
-    b = (b - _rol32(a, 14)) & M32
+    b = (b - (((a << 14) | (a >> 18)) & M32)) & M32
     c ^= b
-    c = (c - _rol32(b, 24)) & M32
+    c = (c - (((b << 24) | (b >> 8)) & M32)) & M32
     return c
 
 
 def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
+    # __jhash_mix, rol32 written out as in _final.
     a = (a - c) & M32
-    a ^= _rol32(c, 4)
+    a ^= ((c << 4) | (c >> 28)) & M32
     c = (c + b) & M32
     b = (b - a) & M32
-    b ^= _rol32(a, 6)
+    b ^= ((a << 6) | (a >> 26)) & M32
     a = (a + c) & M32
     c = (c - b) & M32
-    c ^= _rol32(b, 8)
+    c ^= ((b << 8) | (b >> 24)) & M32
     b = (b + a) & M32
     a = (a - c) & M32
-    a ^= _rol32(c, 16)
+    a ^= ((c << 16) | (c >> 16)) & M32
     c = (c + b) & M32
     b = (b - a) & M32
-    b ^= _rol32(a, 19)
+    b ^= ((a << 19) | (a >> 13)) & M32
     a = (a + c) & M32
     c = (c - b) & M32
-    c ^= _rol32(b, 4)
+    c ^= ((b << 4) | (b >> 28)) & M32
     b = (b + a) & M32
     return a, b, c
 
@@ -100,8 +103,13 @@ def inet_ehashfn(laddr: bytes, lport: int, faddr: bytes, fport: int, secret: int
     return jhash_3words(be32(laddr), be32(faddr), ((lport << 16) | be16(fport)) & M32, secret)
 
 
-def _s6_addr32(addr: bytes) -> list[int]:
-    return [int.from_bytes(addr[i : i + 4], "little") for i in range(0, 16, 4)]
+def _s6_addr32(addr: bytes) -> tuple[int, int, int, int]:
+    """in6_addr.s6_addr32 as the little-endian CPU sees it (16 bytes: 4 words)."""
+    words: tuple[int, int, int, int] = _S6_ADDR32.unpack(addr)
+    return words
+
+
+_S6_ADDR32 = struct.Struct("<4I")
 
 
 def inet6_ehashfn(

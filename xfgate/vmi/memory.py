@@ -79,6 +79,14 @@ class SegmentedMemory:
     def segments(self) -> tuple[Segment, ...]:
         return tuple(self._segments)
 
+    def flat_view(self) -> tuple[Any, int]:
+        """(buffer, n): guest physical [0, n) is buffer[0:n], read by slicing it (the address
+        space's in-page fast path); n 0 when the layout is not one segment at 0, or when a
+        subclass reads otherwise (a test's failing or counting memory must see every read)."""
+        if type(self).read is not SegmentedMemory.read:
+            return None, 0
+        return self._buf, self._flat
+
     def read(self, paddr: int, length: int) -> bytes:
         if paddr >= 0 and length >= 0 and paddr + length <= self._flat:
             return bytes(self._buf[paddr : paddr + length])

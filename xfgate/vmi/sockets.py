@@ -37,6 +37,8 @@ from xfgate.inet import AddressFamily, IPProto
 from xfgate.vmi import jhash
 from xfgate.vmi.kernel_constants import TCPState
 from xfgate.vmi.linux import (
+    KERNEL_SPACE_START,
+    KERNEL_SPACE_START_LA57,
     InetSock,
     KernelLayout,
     decode_inet_sock,
@@ -44,7 +46,7 @@ from xfgate.vmi.linux import (
 )
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
-from xfgate.vmi.walk import Deadline, Links, ListSpec, WalkIssue, WalkReason, walk_list
+from xfgate.vmi.walk import Deadline, WalkIssue, WalkReason, walk_hlist
 
 MAX_CHAIN = 4096  # sockets per hash bucket we are willing to look at
 LOOKUP_SECONDS = 1.0  # time bound of one lookup (every chain it follows)
@@ -274,6 +276,16 @@ class SocketTables:
         self._listener_keys: dict[tuple[bytes, int, int], tuple[int, int]] = {}
         # Address objects by their bytes for decode_inet_sock (at most MAX_INTERNED).
         self._addresses: dict[bytes, IPAddress] = {}
+        self._fb_flow: Flow | None = None
+        self._fb: FlowBytes | None = None
+
+    def _flow_bytes(self, flow: Flow) -> FlowBytes:
+        """FlowBytes of `flow`, made once per lookup (the ehash and the listener step of one
+        TCP lookup share it: the last flow's is kept, by identity)."""
+        if flow is not self._fb_flow:
+            self._fb_flow, self._fb = flow, FlowBytes.of(flow)
+        assert self._fb is not None
+        return self._fb
 
     def _u64(self, vaddr: int) -> int:
         value: int = _U64.unpack(self.space.read(vaddr, 8))[0]
@@ -396,23 +408,19 @@ class SocketTables:
         if first == 0 or first & 1:  # an empty bucket (most of a lookup's): no walk to set up
             return []
         span = max(self.h.sock_common_size, node_off + _LINKS.size)
-        read = self.space.read
-        unpack_links = _LINKS.unpack_from
-
-        def read_node(node: int) -> Links[bytes]:
-            head = read(node - node_off, span)
-            nxt, pprev = unpack_links(head, node_off)
-            return Links(nxt, pprev, head)
-
-        levels = self.space.levels
-        spec = ListSpec(
+        low = KERNEL_SPACE_START_LA57 if self.space.levels == 5 else KERNEL_SPACE_START
+        walked = walk_hlist(
             what,
             bucket,
-            lambda node: node == 0 or bool(node & 1),  # NULL or a nulls marker: end of chain
-            lambda node: is_kernel_pointer(node, levels),
+            first,
+            self.space.read,
+            node_off,
+            span,
+            low,
+            self._deadline,
             MAX_CHAIN,
+            stop,
         )
-        walked = walk_list(spec, first, read_node, self._deadline, stop)
         if walked.issue is not None:
             self.errors.append(walked.issue)
         return [(node - node_off, head) for node, head in walked.nodes]
@@ -435,7 +443,8 @@ class SocketTables:
     def _established(self, flow: Flow) -> FoundSock | None:
         h, lay, sec, tab = self.h, self.layout, self.secrets(), self.tables()
         ehash, mask = tab.ehash, tab.ehash_mask
-        local, remote = flow.local.packed, flow.remote.packed
+        fb = self._flow_bytes(flow)
+        local, remote = fb.local, fb.remote
         if flow.family == 4:
             key = jhash.inet_ehashfn(
                 local, flow.lport, remote, flow.rport, (sec.ehash + sec.hash_mix) & jhash.M32
@@ -444,8 +453,6 @@ class SocketTables:
             key = jhash.inet6_ehashfn(
                 local, flow.lport, remote, flow.rport, sec.ehash6, sec.ipv6, sec.hash_mix
             )
-
-        fb = FlowBytes.of(flow)
 
         def matches(head: bytes) -> bool:
             return (
@@ -475,7 +482,7 @@ class SocketTables:
         """inet_lhash2_lookup: the (address, port) bucket, then the (any, port) one."""
         h, sec, tab = self.h, self.secrets(), self.tables()
         lhash2, mask = tab.lhash2, tab.lhash2_mask
-        fb = FlowBytes.of(flow)
+        fb = self._flow_bytes(flow)
         keys = self._listener_keys.get((fb.local, fb.lport, sec.hash_mix))
         if keys is None:
             if flow.family == 4:
@@ -516,10 +523,14 @@ class SocketTables:
             hash_base, mask = tab.udp_hash, tab.udp_mask
             proto, table = IPProto.UDP, HashTable.UDP
         slot = hash_base + ((flow.lport + sec.hash_mix) & mask) * h.hslot_size + h.hslot_head
-        fb = FlowBytes.of(flow)
+        fb = self._flow_bytes(flow)
         scores: list[int] = []  # of each node of the chain, in order
+        num, want = self.layout.skc_num, fb.num
 
         def exact(head: bytes) -> bool:
+            if head[num : num + 2] != want:  # another port's sock (most of a chain): score 0
+                scores.append(0)
+                return False
             score = _udp_score(self.layout, head, fb)
             if score and not self._in_init_net(head):
                 score = 0
@@ -529,7 +540,7 @@ class SocketTables:
         # udp4_lib_lookup2 keeps the first sock of the highest score: none can beat a sock
         # bound and connected to the flow's every field, the chain is followed up to it.
         best: tuple[int, FoundSock] | None = None
-        chain = self._chain(slot, h.skc_node, f"{table} hash", exact)
+        chain = self._chain(slot, h.skc_node, _CHAIN_NAMES[table], exact)
         for (sk, head), score in zip(chain, scores, strict=True):
             if score > 0 and (best is None or score > best[0]):
                 sock = self._full(sk, head)
@@ -584,6 +595,9 @@ class SocketTables:
         return found.get(flow.proto) or found.get(IPProto.RAW)
 
 
+_CHAIN_NAMES = {t: f"{t} hash" for t in (HashTable.UDP, HashTable.UDPLITE)}
+
+
 # -- matching (pure, over a sock_common head) ----------------------------------------------------
 
 
@@ -601,14 +615,27 @@ class FlowBytes(NamedTuple):
     rport: int
     local: bytes
     remote: bytes
+    num: bytes  # lport as skc_num holds it (host order: little-endian on x86-64)
+    dport: bytes  # rport as skc_dport holds it (__be16)
 
     @classmethod
     def of(cls, flow: Flow) -> FlowBytes:
-        return cls(flow.family, flow.lport, flow.rport, flow.local.packed, flow.remote.packed)
+        lport, rport = flow.lport, flow.rport
+        return cls(
+            flow.family,
+            lport,
+            rport,
+            flow.local.packed,
+            flow.remote.packed,
+            lport.to_bytes(2, "little") if 0 <= lport <= 0xFFFF else b"",  # b"": no match
+            rport.to_bytes(2, "big") if 0 <= rport <= 0xFFFF else b"",
+        )
 
 
 def _ports_match(lay: KernelLayout, head: bytes, flow: FlowBytes) -> bool:
-    return _u16(head, lay.skc_num) == flow.lport and _u16(head, lay.skc_dport, ">H") == flow.rport
+    # Byte compares (no unpack): a chain's socks are mostly other flows' (ports differ).
+    num, dport = lay.skc_num, lay.skc_dport
+    return head[num : num + 2] == flow.num and head[dport : dport + 2] == flow.dport
 
 
 def _v4_view(lay: KernelLayout, head: bytes) -> tuple[bytes, bytes]:
@@ -646,7 +673,7 @@ _ANY6 = bytes(16)
 
 def _listener_score(lay: KernelLayout, head: bytes, flow: FlowBytes) -> int:
     """0 if the listener can't take `flow`, else higher for a better match (compute_score)."""
-    if _u16(head, lay.skc_num) != flow.lport:
+    if head[lay.skc_num : lay.skc_num + 2] != flow.num:
         return 0
     fam = _family(lay, head)
     if flow.family == 4:
@@ -679,7 +706,7 @@ UDP_BEST_SCORE = 2 + 4 + 4 + 4
 
 def _udp_score(lay: KernelLayout, head: bytes, flow: FlowBytes) -> int:
     """udp4/6 compute_score: bound local port, then each bound field must match and scores."""
-    if _u16(head, lay.skc_num) != flow.lport:
+    if head[lay.skc_num : lay.skc_num + 2] != flow.num:
         return 0
     fam = _family(lay, head)
     if flow.family == 4:

@@ -18,6 +18,7 @@ only at the edge (log lines, `xfgate ps` warnings).
 from __future__ import annotations
 
 import enum
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,3 +158,71 @@ def walk_list(
             return out
         pos, node = node, nxt
     raise AssertionError("unreachable: the loop returns at step max_steps")  # pragma: no cover
+
+
+def walk_hlist(
+    what: str,
+    origin: int,
+    first: int,
+    read: Callable[[int, int], bytes],
+    node_off: int,
+    span: int,
+    low: int,
+    deadline: Deadline,
+    max_steps: int,
+    stop: Callable[[bytes], bool] | None = None,
+) -> ListWalk[bytes]:
+    """`walk_list` for a socket hash chain (an `hlist_nulls` or `hlist` bucket), unrolled for
+    the packet path, with the same checks in the same order and the same answer: the chain
+    ends at NULL or an odd "nulls" marker; a node is followed only if it is a kernel pointer
+    (`low` <= node <= the last page: KERNEL_SPACE_START or its LA57 value), not seen before,
+    within `max_steps` and the deadline; each node is one read of `span` bytes at
+    `node - node_off` (its sock_common: the `hlist_(nulls_)node` lies inside it), whose
+    `pprev` must point back at the position the walk came from (`origin` for the first).
+    Payload: those bytes. `stop` as in walk_list. Never raises on guest data."""
+    out: ListWalk[bytes] = ListWalk()
+    nodes = out.nodes
+    seen: set[int] = set()
+    at, clock, unpack = deadline.at, time.monotonic, _HLIST_NODE.unpack_from
+    high = _LAST_KERNEL_PAGE
+    pos, node = origin, first
+    for step in range(max_steps + 1):
+        if node == 0 or node & 1:
+            return out
+        if step == max_steps:
+            out.issue = WalkIssue(
+                what, WalkReason.STEP_BOUND, node, step, f"longer than {max_steps}"
+            )
+            return out
+        if clock() > at:
+            detail = f"{deadline.seconds} s reached"
+            out.issue = WalkIssue(what, WalkReason.TIME_BOUND, node, step, detail)
+            return out
+        if not low <= node <= high:
+            detail = f"after {pos:#x}"
+            out.issue = WalkIssue(what, WalkReason.POINTER_OUT_OF_RANGE, node, step, detail)
+            return out
+        if node in seen:
+            out.issue = WalkIssue(what, WalkReason.CYCLE, node, step)
+            return out
+        seen.add(node)
+        try:
+            head = read(node - node_off, span)
+            nxt, back = unpack(head, node_off)
+        except (MemoryReadError, struct.error) as e:
+            reason = e.reason if isinstance(e, MemoryReadError) else f"short node: {e}"
+            out.issue = WalkIssue(what, WalkReason.UNREADABLE, node, step, reason)
+            return out
+        if back != pos:
+            detail = f"points back at {back:#x}, came from {pos:#x} (torn or corrupted)"
+            out.issue = WalkIssue(what, WalkReason.BAD_PREV, node, step, detail)
+            return out
+        nodes.append((node, head))
+        if stop is not None and stop(head):
+            return out
+        pos, node = node, nxt
+    raise AssertionError("unreachable: the loop returns at step max_steps")  # pragma: no cover
+
+
+_HLIST_NODE = struct.Struct("<QQ")  # struct hlist_(nulls_)node: next, pprev
+_LAST_KERNEL_PAGE = 0xFFFFFFFFFFFFF000  # linux.is_kernel_pointer's upper end
