@@ -60,10 +60,12 @@ from xfgate.verdict.blocksets import (
     set_names,
     set_type,
 )
+from xfgate.verdict.ipset_wire import SetChange
 from xfgate.verdict.listeners import LISTENER_SET, listener_set_name, listener_set_names
 from xfgate.verdict.nfnetlink import (
     PyrouteSets,
     SetAdapter,
+    SetLink,
     check_conntrack,
     delete_conntrack_marked,
     nft_tables,
@@ -537,6 +539,28 @@ class Firewall:
     def __init__(self, backend: RuleBackend, sets: SetAdapter | None = None) -> None:
         self.backend = backend
         self.sets: SetAdapter = sets if sets is not None else PyrouteSets()
+        # One kept netlink link per domain for the grant keeper's renewals (set_listeners).
+        self._links: dict[int, SetLink] = {}
+        self._links_lock = threading.Lock()
+
+    def _listener_link(self, domain: int) -> SetLink:
+        with self._links_lock:
+            link = self._links.get(domain)
+            if link is None:
+                link = self._links[domain] = self.sets.link()
+            return link
+
+    def listener_link_stats(self, domain: int) -> dict[str, int]:
+        """What the domain's renewal link did (``ipset_wire.LinkStats``); {} before any."""
+        with self._links_lock:
+            link = self._links.get(domain)
+        return link.stats.to_dict() if link is not None else {}
+
+    def close_listener_link(self, domain: int) -> None:
+        with self._links_lock:
+            link = self._links.pop(domain, None)
+        if link is not None:
+            link.close()
 
     def _create_sets(self, domain: int) -> None:
         with self.sets.session() as sets:
@@ -621,17 +645,16 @@ class Firewall:
         self, domain: int, entries: Iterable[BlockEntry], gone: Iterable[BlockEntry] = ()
     ) -> None:
         """Add or renew (the set's timeout starts again) the granted listeners' entries and
-        delete those in ``gone`` at once."""
+        delete those in ``gone`` at once: one send over the domain's kept link, one netlink
+        request per set and operation (``ipset_wire``), deletions before additions."""
         keep = set(entries)
-        with self.sets.session() as sets:
-            for family in FAMILIES:
-                name, kind = listener_set_name(domain, family), LISTENER_SET[family]
-                drop = [set_entry(e) for e in sorted(set(gone) - keep) if e.family == family]
-                add = [set_entry(e) for e in sorted(keep) if e.family == family]
-                if drop:
-                    sets.delete(name, kind, drop)
-                if add:
-                    sets.add(name, kind, add)
+        changes: list[SetChange] = []
+        for family in FAMILIES:
+            name = listener_set_name(domain, family)
+            drop = [set_entry(e) for e in sorted(set(gone) - keep) if e.family == family]
+            add = [set_entry(e) for e in sorted(keep) if e.family == family]
+            changes += [SetChange("del", name, tuple(drop)), SetChange("add", name, tuple(add))]
+        self._listener_link(domain).apply(changes)
 
     def revoke_listeners(self, domain: int) -> None:
         """Empty the granted-listener sets (a policy change, a stop)."""
@@ -689,6 +712,7 @@ class Firewall:
                 self.remove_poll(domain, family)
         self.remove_save(domain)
         self.reset_settled(domain)
+        self.close_listener_link(domain)
         with self.sets.session() as sets:
             for name in listener_set_names(domain):
                 sets.destroy(name)

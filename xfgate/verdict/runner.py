@@ -204,6 +204,7 @@ class Refresher(threading.Thread):
         self._grants_at = 0.0  # monotonic time of the complete view the grants come from
         self.grant_renewals = 0
         self.grant_refusals = 0
+        self.keep_rounds = 0  # keep_listeners calls that looked the grants up
         self.grants_carried = 0  # incomplete views that carried the last complete view's grants
         self.grant_unanswered = 0  # renewals whose lookup did not answer (left to lapse)
         self._misses: dict[BlockEntry, int] = {}  # consecutive unanswered renewals per entry
@@ -401,6 +402,11 @@ class Refresher(threading.Thread):
     def granted(self) -> set[BlockEntry]:
         return set(self._granted)
 
+    def keeper_work(self) -> dict[str, int]:
+        """The keeper's rounds and what its renewals cost the kernel link (`status`)."""
+        link = self._listeners.link_stats() if self._listeners is not None else {}
+        return {"rounds": self.keep_rounds, **{f"link_{k}": v for k, v in link.items()}}
+
     def _grants_of(self, facts: GuestFacts, policy: Policy) -> set[ListenerGrant]:
         """The grants after a view: a complete one's own; an incomplete one carries what it
         bears out of the last complete view's grants (same policy), for CARRY_SECONDS."""
@@ -443,6 +449,7 @@ class Refresher(threading.Thread):
             failed: set[Flow] = set()
             keep: set[BlockEntry] = set()
             unanswered: set[BlockEntry] = set()
+            self.keep_rounds += 1
             for grant in sorted(grants, key=lambda g: g.entry):
                 if grant.probe not in answers:
                     try:
@@ -535,12 +542,21 @@ def _takes_syn(s: GuestSocket) -> bool:
     return s.proto in (IPProto.TCP, IPPROTO_MPTCP) and not s.rport
 
 
+def _no_stats() -> dict[str, int]:
+    return {}
+
+
 @dataclass(frozen=True)
 class ListenerSets:
     """How the refresher reaches the domain's granted-listener sets."""
 
     renew: Callable[[set[BlockEntry], set[BlockEntry]], None]
     revoke: Callable[[], None]
+    # What the renewals cost the kernel link (sends, netlink requests, ...) for `status`.
+    stats: Callable[[], dict[str, int]] = _no_stats
+
+    def link_stats(self) -> dict[str, int]:
+        return self.stats()
 
 
 class ServeThread(threading.Thread):
@@ -813,6 +829,7 @@ class Gate:
             listeners = ListenerSets(
                 lambda keep, gone: fw.set_listeners(d, keep, gone),
                 lambda: fw.revoke_listeners(d),
+                lambda: fw.listener_link_stats(d),
             )
         dg.refresher = Refresher(
             d,
@@ -1084,6 +1101,7 @@ class Gate:
                 "grant_refusals": ref.grant_refusals,
                 "grants_carried": ref.grants_carried,
                 "grant_unanswered": ref.grant_unanswered,
+                "keeper": ref.keeper_work(),
                 "unchanged": ref.unchanged,
                 "last_walk_ms": ref.last_walk_ms,
                 "error": ref.last_error,
