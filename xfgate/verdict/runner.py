@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,6 +216,11 @@ class Refresher(threading.Thread):
         # so no other object can take their ids while they are in it.
         self._entry_cache: dict[int, tuple[GuestSocket, tuple[BlockEntry, ...]]] = {}
         self._entry_blocked: dict[int, tuple[BlockEntry, ...]] = {}  # the blocked ones
+        # The cached sockets that can take a SYN (_takes_syn): all that listener grants look
+        # at, kept with the cache so that a grant recompute does not pass over every socket
+        # (a crowd's 20,000); None when the last _entries did not keep the cache.
+        self._entry_syn: dict[int, GuestSocket] | None = None
+        self.grant_recomputes = 0  # refreshes that recomputed the listener grants
         self._entries_policy: Policy | None = None
         # Set by _entries: whether the last facts added or removed a socket that can take a
         # SYN (unconnected TCP/MPTCP), and the facts' tasks then: else the grants stand.
@@ -374,29 +379,42 @@ class Refresher(threading.Thread):
         the same GuestSocket objects for what did not change."""
         self._listeners_moved = True
         if policy.blocks_processes or policy is not self._entries_policy:
-            self._entry_cache, self._entry_blocked = {}, {}
+            self._entry_cache, self._entry_blocked, self._entry_syn = {}, {}, {}
             self._entries_policy = policy
             if policy.blocks_processes:
+                self._entry_syn = None
                 return blocked_entries(facts.sockets, policy, facts)
         out = {e for proto, port in policy.block_ports for e in port_entries(proto, port)}
         cache, blocked = self._entry_cache, self._entry_blocked
+        syn = self._entry_syn if self._entry_syn is not None else {}
         now = dict(zip(map(id, facts.sockets), facts.sockets, strict=True))  # at C speed
         moved = False
         for key in cache.keys() - now.keys():
             moved = moved or _takes_syn(cache[key][0])
             del cache[key]
             blocked.pop(key, None)
+            syn.pop(key, None)
         for key in now.keys() - cache.keys():
             s = now[key]
-            moved = moved or _takes_syn(s)
             found = tuple(socket_entries(s)) if socket_blocked(s, policy, facts) else ()
             cache[key] = (s, found)
             if found:
                 blocked[key] = found
+            if _takes_syn(s):  # after the cache: the two hold the same keys whatever raises
+                moved = True
+                syn[key] = s
         for found in blocked.values():
             out.update(found)
         self._listeners_moved = moved
+        self._entry_syn = syn
         return out
+
+    def _syn_sockets(self, facts: GuestFacts) -> Collection[GuestSocket]:
+        """The sockets listener grants look at: the cache's SYN-taking ones when the last
+        _entries kept the cache for these facts, else every socket of the facts."""
+        if self._entry_syn is None or len(self._entry_cache) != len(facts.sockets):
+            return facts.sockets
+        return tuple(self._entry_syn.values())
 
     @property
     def granted(self) -> set[BlockEntry]:
@@ -411,15 +429,17 @@ class Refresher(threading.Thread):
         """The grants after a view: a complete one's own; an incomplete one carries what it
         bears out of the last complete view's grants (same policy), for CARRY_SECONDS."""
         now = time.monotonic()
+        self.grant_recomputes += 1
+        sockets = self._syn_sockets(facts)
         if facts.complete:
             self._grants_at = now
-            return listener_grants(facts.sockets, policy, facts)
+            return listener_grants(sockets, policy, facts)
         with self._grant_lock:
             previous = self._grants if self._grant_policy is policy else set()
         if not previous or now - self._grants_at > CARRY_SECONDS:
             return set()
         self.grants_carried += 1
-        return carried_grants(previous, facts.sockets, policy, facts)
+        return carried_grants(previous, sockets, policy, facts)
 
     def _set_grants(self, grants: set[ListenerGrant], policy: Policy) -> None:
         with self._grant_lock:
@@ -1101,6 +1121,7 @@ class Gate:
                 "grant_refusals": ref.grant_refusals,
                 "grants_carried": ref.grants_carried,
                 "grant_unanswered": ref.grant_unanswered,
+                "grant_recomputes": ref.grant_recomputes,
                 "keeper": ref.keeper_work(),
                 "unchanged": ref.unchanged,
                 "last_walk_ms": ref.last_walk_ms,
