@@ -48,6 +48,7 @@ def refresh_counters(domain: int) -> dict[str, float]:
     except (subprocess.SubprocessError, ValueError, IndexError, AttributeError):
         return {}
     keeper = {f"keeper_{k}": v for k, v in (refresh.get("keeper") or {}).items()}
+    keeper |= {f"blocked_link_{k}": v for k, v in (refresh.get("blocked_link") or {}).items()}
     flat = {**refresh, **refresh.get("crosscheck", {}), **keeper}
     return {
         k: v for k, v in flat.items() if isinstance(v, int | float) and not k.startswith("last")

@@ -19,6 +19,7 @@ from xfgate.verdict.ipset_wire import (
     IPSET_CMD_DEL,
     NFNL_SUBSYS_IPSET,
     adt_message,
+    entry_data,
     netport_data,
     nla,
     parse_attrs,
@@ -128,3 +129,32 @@ def test_the_firewall_renews_over_one_kept_link_per_domain_in_one_send() -> None
     ]
     fw.remove(1)
     assert fw.listener_link_stats(1) == {}  # closed with the domain; the next one is new
+
+
+def test_flow_entries_carry_both_addresses() -> None:
+    datas = [entry_data(("198.18.1.1", (40000, TCP), "198.18.0.1"))]
+    datas.append(entry_data(("2001:2::1:1", (41000, 136), "2001:2::1")))
+    msg = _decoded(adt_message(IPSET_CMD_ADD, "xfgate-1-flow4", datas, 7, 3))
+    got = []
+    for data in msg.get_attr("IPSET_ATTR_ADT").get_attrs("IPSET_ATTR_DATA"):
+        ips = [data.get_attr(a) for a in ("IPSET_ATTR_IP_FROM", "IPSET_ATTR_IP2")]
+        version = "IPSET_ATTR_IPADDR_IPV4" if "." in str(ips[0]) else "IPSET_ATTR_IPADDR_IPV6"
+        addrs = [
+            ip.get_attr("IPSET_ATTR_IPADDR_IPV4") or ip.get_attr("IPSET_ATTR_IPADDR_IPV6")
+            for ip in ips
+        ]
+        got.append(
+            (
+                addrs[0],
+                data.get_attr("IPSET_ATTR_PORT_FROM"),
+                data.get_attr("IPSET_ATTR_PROTO"),
+                addrs[1],
+            )
+        )
+        assert data.get_attr("IPSET_ATTR_CIDR") is None, version
+    assert got == [
+        ("198.18.1.1", 40000, TCP, "198.18.0.1"),
+        ("2001:2::1:1", 41000, 136, "2001:2::1"),
+    ]
+    with pytest.raises(ValueError):
+        entry_data(("198.18.1.1", (40000, TCP), "2001:2::1"))  # two families

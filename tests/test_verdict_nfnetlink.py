@@ -377,6 +377,7 @@ def _probe() -> dict[str, Any]:
         for name in ("port4", "flow4", "port6", "flow6")
         for m in _cli("ipset", "list", f"xfgate-9-{name}").partition("Members:\n")[2].split()
     )
+    _probe_blocked_differences(fw, out)
     out["cli_types"] = [
         ln for ln in _cli("ipset", "list", "-t").splitlines() if ln.startswith(("Name", "Type"))
     ]
@@ -407,6 +408,35 @@ def _probe() -> dict[str, Any]:
 def _members(name: str) -> list[str]:
     listing = _cli("ipset", "list", name).partition("Members:\n")[2]
     return sorted(ln.split()[0] for ln in listing.splitlines() if ln.strip())
+
+
+def _probe_blocked_differences(fw: Firewall, out: dict[str, Any]) -> None:
+    """set_blocked with `applied` (the gate's refresher): after the first fill, changes go as
+    differences over the kept link (both set types, both families); a set changed behind
+    the gate's back makes the link refuse, and the next call swaps it whole."""
+    entries = [e for s in ORACLE_SOCKETS for e in socket_entries(s)]
+    more = socket_entries(CONN) + socket_entries(
+        GuestSocket(IPProto.TCP, A6, 443, A6, 0, "LISTEN", 1001, (), v6only=True)
+    )
+    applied: dict[str, frozenset[Any]] = {}
+    fw.set_blocked(9, entries, applied)
+    fw.set_blocked(9, entries[2:] + more, applied)  # 2 port entries out, a flow and 2 in
+    out["diff_blocked"] = fw.blocked(9)
+    out["diff_cli"] = sorted(
+        m
+        for name in ("port4", "flow4", "port6", "flow6")
+        for m in _cli("ipset", "list", f"xfgate-9-{name}").partition("Members:\n")[2].split()
+    )
+    out["diff_want"] = sorted(str(e) for e in set(entries[2:] + more))
+    out["diff_link"] = fw.link_stats(9, "blk")
+    subprocess.run(["ipset", "flush", "xfgate-9-flow4"], check=True)  # behind the gate's back
+    subprocess.run(["ipset", "flush", "xfgate-9-port6"], check=True)
+    fw.set_blocked(9, entries, applied)  # differences only: what was flushed stays out
+    out["diff_drifted"] = fw.blocked(9)
+    applied.clear()  # the refresher's periodic whole rewrite (RESWAP_SECONDS)
+    fw.set_blocked(9, entries, applied)
+    out["diff_repaired"] = fw.blocked(9)
+    fw.set_blocked(9, entries)  # as the rest of the probe expects
 
 
 def _probe_batched_renewals(fw: Firewall, out: dict[str, Any]) -> None:
@@ -531,6 +561,17 @@ class TestInAFreshNamespace:
         assert probed["leftovers"] == [9]
         assert probed["jumps_deleted"] == 2 and probed["jumps_deleted_again"] == 0
         assert probed["after_remove"] == [] and probed["chains_after"] == []
+
+    def test_blocked_set_differences_read_back_with_the_ipset_tool(
+        self, probed: dict[str, Any]
+    ) -> None:
+        assert sorted(probed["diff_blocked"]) == probed["diff_want"] == probed["diff_cli"]
+        assert "2001:2:0:9::2,udplite:41000,2001:2:0:9::1" in probed["diff_cli"]
+        assert "198.18.9.2,tcp:40000,198.18.9.1" in probed["diff_cli"]
+        # One send for the four changed sets: additions then deletions, a request each.
+        assert probed["diff_link"]["sends"] == 1 and probed["diff_link"]["errors"] == 0
+        assert sorted(probed["diff_drifted"]) != ORACLE_MEMBERS  # a difference does not repair
+        assert sorted(probed["diff_repaired"]) == ORACLE_MEMBERS  # a whole rewrite does
 
     def test_batched_renewals_read_back_with_the_ipset_tool(self, probed: dict[str, Any]) -> None:
         # One send, one request per family, every entry in it; `ipset list` as the oracle.

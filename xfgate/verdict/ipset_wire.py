@@ -26,7 +26,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network, ip_network
+from ipaddress import IPv4Network, ip_address, ip_network
 
 from xfgate.errors import FirewallError
 
@@ -56,6 +56,7 @@ IPSET_ATTR_IP = 1
 IPSET_ATTR_CIDR = 3
 IPSET_ATTR_PORT = 4
 IPSET_ATTR_PROTO = 7
+IPSET_ATTR_IP2 = 20  # IPSET_ATTR_CADT_MAX (16) + 4: ETHER, NAME, NAMEREF, IP2
 # inside IPSET_ATTR_IP
 IPSET_ATTR_IPADDR_IPV4 = 1
 IPSET_ATTR_IPADDR_IPV6 = 2
@@ -85,19 +86,10 @@ WireEntry = int | tuple[object, ...]
 def netport_data(entry: WireEntry) -> bytes:
     """One ``hash:net,port`` entry, ``("198.18.1.1" | "0.0.0.0/1", (port, proto))``, as the
     IPSET_ATTR_DATA nest the kernel's ``hash_netport{4,6}_uadt`` parses."""
-    if (
-        not isinstance(entry, tuple)
-        or len(entry) != 2
-        or not isinstance(entry[1], tuple)
-        or len(entry[1]) != 2
-    ):
+    if not isinstance(entry, tuple) or len(entry) != 2:
         raise ValueError(f"not a (net, (port, proto)) entry: {entry!r}")
     net = ip_network(str(entry[0]), strict=True)
-    port, proto = entry[1]
-    if not isinstance(port, int) or not isinstance(proto, int):
-        raise ValueError(f"port and protocol must be numbers: {entry!r}")
-    if not (0 <= port < 65536 and 0 <= proto < 256):
-        raise ValueError(f"port or protocol out of range: {entry!r}")
+    port, proto = _port_proto(entry[1], entry)
     kind = IPSET_ATTR_IPADDR_IPV4 if isinstance(net, IPv4Network) else IPSET_ATTR_IPADDR_IPV6
     address = nla(kind | NLA_F_NET_BYTEORDER, net.network_address.packed)
     return nla(
@@ -107,6 +99,43 @@ def netport_data(entry: WireEntry) -> bytes:
         + nla(IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack("!H", port))
         + nla(IPSET_ATTR_PROTO, bytes([proto])),
     )
+
+
+def ipportip_data(entry: WireEntry) -> bytes:
+    """One ``hash:ip,port,ip`` entry, ``("198.18.1.1", (port, proto), "198.18.0.1")``, as
+    the IPSET_ATTR_DATA nest ``hash_ipportip{4,6}_uadt`` parses (IPSET_ATTR_IP2 = 20)."""
+    if not isinstance(entry, tuple) or len(entry) != 3:
+        raise ValueError(f"not an (ip, (port, proto), ip) entry: {entry!r}")
+    local, remote = ip_address(str(entry[0])), ip_address(str(entry[2]))
+    if local.version != remote.version:
+        raise ValueError(f"addresses of two families: {entry!r}")
+    port, proto = _port_proto(entry[1], entry)
+    kind = IPSET_ATTR_IPADDR_IPV4 if local.version == 4 else IPSET_ATTR_IPADDR_IPV6
+    return nla(
+        IPSET_ATTR_DATA | NLA_F_NESTED,
+        nla(IPSET_ATTR_IP | NLA_F_NESTED, nla(kind | NLA_F_NET_BYTEORDER, local.packed))
+        + nla(IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack("!H", port))
+        + nla(IPSET_ATTR_PROTO, bytes([proto]))
+        + nla(IPSET_ATTR_IP2 | NLA_F_NESTED, nla(kind | NLA_F_NET_BYTEORDER, remote.packed)),
+    )
+
+
+def entry_data(entry: WireEntry) -> bytes:
+    """A ``net,port`` (2-tuple) or ``ip,port,ip`` (3-tuple) entry's IPSET_ATTR_DATA."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        return ipportip_data(entry)
+    return netport_data(entry)
+
+
+def _port_proto(value: object, entry: object) -> tuple[int, int]:
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise ValueError(f"not a (port, proto) pair: {entry!r}")
+    port, proto = value
+    if not isinstance(port, int) or not isinstance(proto, int):
+        raise ValueError(f"port and protocol must be numbers: {entry!r}")
+    if not (0 <= port < 65536 and 0 <= proto < 256):
+        raise ValueError(f"port or protocol out of range: {entry!r}")
+    return port, proto
 
 
 def nfnl_message(cmd: int, seq: int, attrs: bytes, family: int = socket.AF_INET) -> bytes:
@@ -162,7 +191,8 @@ def split_messages(data: bytes) -> list[tuple[int, int, bytes]]:
 
 @dataclass(frozen=True, slots=True)
 class SetChange:
-    """Add (or renew) or delete ``entries`` of the ``hash:net,port`` set ``name``."""
+    """Add (or renew) or delete ``entries`` of the set ``name`` (``hash:net,port`` entries
+    are 2-tuples, ``hash:ip,port,ip`` ones 3-tuples)."""
 
     op: str  # "add" | "del"
     name: str
@@ -268,7 +298,7 @@ class IpsetLink:
                 pending: set[int] = set()
                 for c in todo:
                     seq = self._next_seq()
-                    datas = [netport_data(e) for e in c.entries]
+                    datas = [entry_data(e) for e in c.entries]
                     messages.append(adt_message(COMMANDS[c.op], c.name, datas, self._protocol, seq))
                     pending.add(seq)
                 sock.send(b"".join(messages))

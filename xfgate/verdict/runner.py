@@ -88,6 +88,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DEFAULT_QUEUE_BASE = 100  # queue number = base + domain id unless --queue-num is given
 IDLE_TICK = 0.5
+# How often the blocked sets are rewritten whole rather than by differences (BlockedSetsWriter).
+RESWAP_SECONDS = 60.0
 
 
 # Builds a domain's owner source from its configuration and the gate's options.
@@ -562,6 +564,26 @@ def _takes_syn(s: GuestSocket) -> bool:
     return s.proto in (IPProto.TCP, IPPROTO_MPTCP) and not s.rport
 
 
+class BlockedSetsWriter:
+    """The refresher's writes of a domain's blocked sets: ``Firewall.set_blocked`` with what
+    this gate put in them, so that a refresh sends only the differences (one send over a kept
+    link); every RESWAP_SECONDS (at the next change) the sets are rewritten whole (staging
+    set + swap), which repairs a set changed behind the gate's back."""
+
+    def __init__(self, fw: Firewall, domain: int) -> None:
+        self._fw = fw
+        self._domain = domain
+        self.applied: dict[str, frozenset[BlockEntry]] = {}
+        self._whole_at = 0.0
+
+    def __call__(self, entries: set[BlockEntry]) -> None:
+        now = time.monotonic()
+        if now - self._whole_at >= RESWAP_SECONDS:
+            self.applied.clear()
+            self._whole_at = now
+        self._fw.set_blocked(self._domain, entries, self.applied)
+
+
 def _no_stats() -> dict[str, int]:
     return {}
 
@@ -845,6 +867,7 @@ class Gate:
         assert self.firewall is not None
         fw, d = self.firewall, dg.cfg.id
         listeners = None
+        blocked_sets = BlockedSetsWriter(fw, d)
         if dg.layout.fastpath:
             listeners = ListenerSets(
                 lambda keep, gone: fw.set_listeners(d, keep, gone),
@@ -855,7 +878,7 @@ class Gate:
             d,
             dg.source,
             dg.engine,
-            lambda entries: fw.set_blocked(d, entries),
+            blocked_sets,
             self.options.refresh_interval,
             listeners,
             lambda: fw.reset_settled(d),
@@ -1123,6 +1146,9 @@ class Gate:
                 "grant_unanswered": ref.grant_unanswered,
                 "grant_recomputes": ref.grant_recomputes,
                 "keeper": ref.keeper_work(),
+                "blocked_link": self.firewall.link_stats(dg.cfg.id, "blk")
+                if self.firewall is not None
+                else {},
                 "unchanged": ref.unchanged,
                 "last_walk_ms": ref.last_walk_ms,
                 "error": ref.last_error,
