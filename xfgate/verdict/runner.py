@@ -223,6 +223,7 @@ class Refresher(threading.Thread):
         # (a crowd's 20,000); None when the last _entries did not keep the cache.
         self._entry_syn: dict[int, GuestSocket] | None = None
         self.grant_recomputes = 0  # refreshes that recomputed the listener grants
+        self.sockets_judged = 0  # sockets _entries judged afresh (new objects of the views)
         self._entries_policy: Policy | None = None
         # Set by _entries: whether the last facts added or removed a socket that can take a
         # SYN (unconnected TCP/MPTCP), and the facts' tasks then: else the grants stand.
@@ -396,7 +397,9 @@ class Refresher(threading.Thread):
             del cache[key]
             blocked.pop(key, None)
             syn.pop(key, None)
-        for key in now.keys() - cache.keys():
+        fresh = now.keys() - cache.keys()
+        self.sockets_judged += len(fresh)
+        for key in fresh:
             s = now[key]
             found = tuple(socket_entries(s)) if socket_blocked(s, policy, facts) else ()
             cache[key] = (s, found)
@@ -1145,6 +1148,7 @@ class Gate:
                 "grants_carried": ref.grants_carried,
                 "grant_unanswered": ref.grant_unanswered,
                 "grant_recomputes": ref.grant_recomputes,
+                "sockets_judged": ref.sockets_judged,
                 "keeper": ref.keeper_work(),
                 "blocked_link": self.firewall.link_stats(dg.cfg.id, "blk")
                 if self.firewall is not None
