@@ -230,3 +230,22 @@ def test_a_refused_difference_makes_the_next_write_whole() -> None:
     sets.refuse = False
     fw.set_blocked(1, [], applied)
     assert sets.swapped == ["xfgate-1-flow4"] and applied["xfgate-1-flow4"] == frozenset()
+
+
+def test_a_difference_larger_than_one_message_is_swapped_whole() -> None:
+    from xfgate.verdict.blocksets import BlockEntry
+    from xfgate.verdict.ipset_wire import MAX_ENTRIES
+
+    sets = CountingSets()
+    fw = Firewall(NoMangleBackend(), sets)  # type: ignore[arg-type]
+    applied: dict[str, Any] = {}
+    fw.set_blocked(1, [], applied)
+    sets.swapped.clear()
+    burst = [
+        BlockEntry(4, IPProto.TCP, 20000 + i, "198.18.1.1", "198.18.0.1")
+        for i in range(MAX_ENTRIES + 1)
+    ]
+    fw.set_blocked(1, burst, applied)
+    assert sets.swapped == ["xfgate-1-flow4"] and sets.sent == []
+    fw.set_blocked(1, burst[1:], applied)  # a small difference again: over the link
+    assert sets.sent == [[("del", "xfgate-1-flow4", (("198.18.1.1", (20000, 6), "198.18.0.1"),))]]

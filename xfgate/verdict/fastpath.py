@@ -60,7 +60,7 @@ from xfgate.verdict.blocksets import (
     set_names,
     set_type,
 )
-from xfgate.verdict.ipset_wire import SetChange
+from xfgate.verdict.ipset_wire import MAX_ENTRIES, SetChange
 from xfgate.verdict.listeners import LISTENER_SET, listener_set_name, listener_set_names
 from xfgate.verdict.nfnetlink import (
     PyrouteSets,
@@ -642,9 +642,18 @@ class Firewall:
             live: frozenset(members) for live, members in set_contents(domain, entries).items()
         }
         known = {} if applied is None else applied
+        # A set whose difference is larger than one message takes (a policy change, a burst
+        # of new flows) is swapped whole, as the first time.
         changed = {
-            live: same for live, same in contents.items() if live in known and known[live] != same
+            live: same
+            for live, same in contents.items()
+            if live in known
+            and known[live] != same
+            and max(len(same - known[live]), len(known[live] - same)) <= MAX_ENTRIES
         }
+        for live, same in contents.items():
+            if live in known and known[live] != same and live not in changed:
+                del known[live]
         if changed:
             adds = [SetChange("add", n, _set_entries(s - known[n])) for n, s in changed.items()]
             dels = [SetChange("del", n, _set_entries(known[n] - s)) for n, s in changed.items()]

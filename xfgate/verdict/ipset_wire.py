@@ -24,6 +24,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, ip_address, ip_network
@@ -64,8 +65,11 @@ IPSET_ATTR_IPADDR_IPV6 = 2
 IPSET_PROTOCOL_MIN = 6
 IPSET_MAXNAMELEN = 32
 NFNETLINK_V0 = 0
-RECV_TIMEOUT = 1.0  # seconds a reply may take before the link is given up (and reopened)
-MAX_ENTRIES = 4096  # entries one message may carry (a keeper round has a handful)
+RECV_TIMEOUT = 1.0  # seconds all of a call's replies may take before the link is given up
+# Entries one message may carry (a keeper round has a handful; a refusal's echo of the
+# request must fit in one receive buffer: ~44 bytes an entry).
+MAX_ENTRIES = 1024
+RECV_BUFFER = 1 << 18
 
 COMMANDS = {"add": IPSET_CMD_ADD, "del": IPSET_CMD_DEL}
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -265,13 +269,15 @@ class IpsetLink:
     def _acks(self, sock: socket.socket, pending: set[int]) -> dict[int, bytes]:
         """Read until every sequence number in ``pending`` is acknowledged; the payloads of
         the replies other than acks by seq. A refusal raises FirewallError (after all acks
-        are read); bounded: each recv waits at most RECV_TIMEOUT, at most 64 datagrams."""
+        are read); bounded: RECV_TIMEOUT for all of them, at most 64 datagrams."""
         replies: dict[int, bytes] = {}
         refused: list[str] = []
+        deadline = time.monotonic() + RECV_TIMEOUT
         for _ in range(64):
             if not pending:
                 break
-            for kind, seq, payload in split_messages(sock.recv(65536)):
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            for kind, seq, payload in split_messages(sock.recv(RECV_BUFFER)):
                 if kind in (NLMSG_ERROR, NLMSG_DONE):
                     code = struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else -1
                     pending.discard(seq)
