@@ -7,7 +7,8 @@ CPU time (utime + stime of every thread, /proc/PID/stat) over `seconds`: percent
 The lab's workload keeps running (its attacker opens ~2 flows/s), so "rest" here means no
 flows beyond that. Bounded: warmup + seconds, then the gate is stopped by its pid.
 `refresh_work`: what the gate's refresher did in the measured window (`xfgate status` before
-and after: full walks, refreshes, quiet ones, grant renewals, ...).
+and after: full walks, refreshes, quiet ones, grant renewals, the keeper's rounds and its
+netlink sends and requests, ...).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def refresh_counters(domain: int) -> dict[str, float]:
         refresh = json.loads(out)[0].get("refresh", {})
     except (subprocess.SubprocessError, ValueError, IndexError, AttributeError):
         return {}
-    flat = {**refresh, **refresh.get("crosscheck", {})}
+    keeper = {f"keeper_{k}": v for k, v in (refresh.get("keeper") or {}).items()}
+    keeper |= {f"blocked_link_{k}": v for k, v in (refresh.get("blocked_link") or {}).items()}
+    flat = {**refresh, **refresh.get("crosscheck", {}), **keeper}
     return {
         k: v for k, v in flat.items() if isinstance(v, int | float) and not k.startswith("last")
     }

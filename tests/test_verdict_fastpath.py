@@ -149,10 +149,12 @@ def test_not_root_is_refused_before_anything_is_touched(monkeypatch: pytest.Monk
 
 
 class CountingSets:
-    """A SetAdapter that records which sets were swapped (filled)."""
+    """A SetAdapter that records which sets were swapped (filled) and what its kept link sent."""
 
     def __init__(self) -> None:
         self.swapped: list[str] = []
+        self.sent: list[list[tuple[str, str, tuple[Any, ...]]]] = []
+        self.refuse = False
 
     def session(self) -> Any:
         import contextlib
@@ -161,6 +163,24 @@ class CountingSets:
 
     def swap(self, a: str, b: str) -> None:
         self.swapped.append(b)
+
+    def link(self) -> Any:
+        from xfgate.verdict.ipset_wire import LinkStats
+
+        outer = self
+
+        class Link:
+            stats = LinkStats()
+
+            def apply(self, changes: Any) -> None:
+                if outer.refuse:
+                    raise FirewallError("ipset refused: seq 1: error 2")
+                outer.sent.append([(c.op, c.name, c.entries) for c in changes if c.entries])
+
+            def close(self) -> None:
+                pass
+
+        return Link()
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args: []
@@ -175,14 +195,57 @@ def test_set_blocked_fills_only_the_sets_whose_members_changed() -> None:
     port = BlockEntry(4, IPProto.UDP, 5353, "0.0.0.0/1")
     applied: dict[str, Any] = {}
     fw.set_blocked(1, [flow, port], applied)
-    assert len(sets.swapped) == 4  # the first time: every set
+    assert len(sets.swapped) == 4 and sets.sent == []  # the first time: every set swapped
     sets.swapped.clear()
     fw.set_blocked(1, [flow, port], applied)
-    assert sets.swapped == []  # nothing changed: no netlink request
-    fw.set_blocked(
-        1, [BlockEntry(4, IPProto.TCP, 33001, "198.18.1.1", "198.18.0.1"), port], applied
-    )
-    assert sets.swapped == ["xfgate-1-flow4"]  # only the flow set of that family
-    sets.swapped.clear()
-    fw.set_blocked(1, [flow, port])  # without `applied`: every set, as before
+    assert sets.swapped == [] and sets.sent == []  # nothing changed: no netlink request
+    new = BlockEntry(4, IPProto.TCP, 33001, "198.18.1.1", "198.18.0.1")
+    fw.set_blocked(1, [new, port], applied)
+    # Only the flow set of that family, as a difference in one send: the addition first.
+    assert sets.swapped == []
+    assert sets.sent == [
+        [
+            ("add", "xfgate-1-flow4", (("198.18.1.1", (33001, 6), "198.18.0.1"),)),
+            ("del", "xfgate-1-flow4", (("198.18.1.1", (33000, 6), "198.18.0.1"),)),
+        ]
+    ]
+    assert applied["xfgate-1-flow4"] == frozenset([new])
+    fw.set_blocked(1, [flow, port])  # without `applied`: every set swapped, as before
     assert len(sets.swapped) == 4
+
+
+def test_a_refused_difference_makes_the_next_write_whole() -> None:
+    from xfgate.verdict.blocksets import BlockEntry
+
+    sets = CountingSets()
+    fw = Firewall(NoMangleBackend(), sets)  # type: ignore[arg-type]
+    flow = BlockEntry(4, IPProto.TCP, 33000, "198.18.1.1", "198.18.0.1")
+    applied: dict[str, Any] = {}
+    fw.set_blocked(1, [flow], applied)
+    sets.swapped.clear()
+    sets.refuse = True
+    with pytest.raises(FirewallError):
+        fw.set_blocked(1, [], applied)
+    assert "xfgate-1-flow4" not in applied  # the kernel's content is not known any more
+    sets.refuse = False
+    fw.set_blocked(1, [], applied)
+    assert sets.swapped == ["xfgate-1-flow4"] and applied["xfgate-1-flow4"] == frozenset()
+
+
+def test_a_difference_larger_than_one_message_is_swapped_whole() -> None:
+    from xfgate.verdict.blocksets import BlockEntry
+    from xfgate.verdict.ipset_wire import MAX_ENTRIES
+
+    sets = CountingSets()
+    fw = Firewall(NoMangleBackend(), sets)  # type: ignore[arg-type]
+    applied: dict[str, Any] = {}
+    fw.set_blocked(1, [], applied)
+    sets.swapped.clear()
+    burst = [
+        BlockEntry(4, IPProto.TCP, 20000 + i, "198.18.1.1", "198.18.0.1")
+        for i in range(MAX_ENTRIES + 1)
+    ]
+    fw.set_blocked(1, burst, applied)
+    assert sets.swapped == ["xfgate-1-flow4"] and sets.sent == []
+    fw.set_blocked(1, burst[1:], applied)  # a small difference again: over the link
+    assert sets.sent == [[("del", "xfgate-1-flow4", (("198.18.1.1", (20000, 6), "198.18.0.1"),))]]

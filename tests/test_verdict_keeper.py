@@ -139,3 +139,69 @@ def test_a_renewal_that_does_not_answer_lets_the_grant_lapse_a_refusal_deletes_i
     source.answer = Ownership((WEB,), 1000, "LISTEN", Via.LISTENER, 0x2000)
     r.keep_listeners()
     assert kept[-1] == set() and gone[-1] == granted and r.granted == set()
+
+
+class ChangingSource(SlowSource):
+    """A source whose views are whatever the test sets (same objects for unchanged sockets,
+    as the incremental refreshes hand them back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sockets: tuple[GuestSocket, ...] = (LISTENER,)
+
+    def refresh(self, watch: Any = None) -> GuestView:
+        return GuestView(self.sockets, (WEB,), (), True, ())
+
+
+def test_grants_from_the_cached_syn_sockets_equal_grants_from_every_socket() -> None:
+    """The refresher recomputes grants over the SYN-taking sockets its entry cache keeps (not
+    every socket of a crowd); the result equals listener_grants over the whole view, through
+    listeners appearing, a blocked rival joining and leaving, and a policy change."""
+    from xfgate.verdict.listeners import listener_grants
+
+    source = ChangingSource()
+    engine = Engine(1, {}, cast(Any, source), compile_policy(uids=[1001]), OwnerCache())
+    r = Refresher(1, cast(Any, source), engine, lambda e: None, 60.0, ListenerSets(_no, _none))
+    evil = Owner(300, 1001, 1001, "evil", fd=4)
+    conns = tuple(
+        GuestSocket(
+            IPProto.TCP,
+            ANY4,
+            40000 + i,
+            IPv4Address(0x0A000001),
+            80,
+            "ESTABLISHED",
+            1000,
+            (WEB,),
+            0x9000 + i,
+        )
+        for i in range(50)
+    )
+    web2 = GuestSocket(IPProto.TCP, ANY4, 9000, ANY4, 0, "LISTEN", 1000, (WEB,), 0x2000)
+    rival = GuestSocket(IPProto.TCP, ANY4, 9000, ANY4, 0, "LISTEN", 1001, (evil,), 0x3000)
+    views = [
+        (LISTENER, *conns),
+        (LISTENER, web2, *conns),
+        (LISTENER, web2, rival, *conns[:10]),  # a blocked rival on :9000: no grant there
+        (LISTENER, web2, *conns[:10]),
+        (web2,),
+    ]
+    for sockets in views:
+        source.sockets = sockets
+        r.refresh_once(walk=True)
+        policy = engine.policy
+        want = listener_grants(sockets, policy, engine.facts)
+        assert r._grants == want, sockets
+        assert len(r._syn_sockets(engine.facts)) <= 3  # not the connections
+    assert {g.entry.port for g in r._grants} == {9000}
+    engine.set_policy(compile_policy(uids=[1001], ports=["tcp/9000"]))
+    r.refresh_once(walk=True)
+    assert r._grants == set()
+
+
+def _no(keep: set[BlockEntry], gone: set[BlockEntry]) -> None:
+    pass
+
+
+def _none() -> None:
+    pass

@@ -20,11 +20,11 @@ from typing import Any, ClassVar
 import pytest
 
 from tests.fresh_netns import probe_in_fresh_netns
-from xfgate.errors import ConfigError
+from xfgate.errors import ConfigError, FirewallError
 from xfgate.flow import GuestSocket
 from xfgate.inet import IPProto
 from xfgate.verdict import fastpath
-from xfgate.verdict.blocksets import socket_entries
+from xfgate.verdict.blocksets import PORT_SET, socket_entries
 from xfgate.verdict.fastpath import (
     MARK_MASK,
     Firewall,
@@ -41,6 +41,7 @@ from xfgate.verdict.fastpath import (
     render_rule,
     settle_mark,
 )
+from xfgate.verdict.ipset_wire import LinkStats, SetChange
 from xfgate.verdict.netns import enter_netns, ifindex
 from xfgate.verdict.nfnetlink import (
     BITMAP_PORT,
@@ -96,6 +97,35 @@ class FakeSets:
     def session(self) -> Iterator[FakeSets]:
         self.ops.append(("session", "", ()))
         yield self
+
+    def link(self) -> FakeLink:
+        self.ops.append(("link", "", ()))
+        return FakeLink(self)
+
+
+class FakeLink:
+    """A kept link over FakeSets: each apply is one send of every non-empty change."""
+
+    def __init__(self, sets: FakeSets) -> None:
+        self.sets = sets
+        self.stats = LinkStats()
+        self.closed = False
+
+    def apply(self, changes: Sequence[SetChange]) -> None:
+        todo = [c for c in changes if c.entries]
+        self.stats.calls += 1
+        if not todo:
+            return
+        self.stats.sends += 1
+        self.stats.requests += len(todo)
+        for c in todo:
+            if c.op == "add":
+                self.sets.add(c.name, PORT_SET[4], c.entries)
+            else:
+                self.sets.delete(c.name, PORT_SET[4], c.entries)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class ListingBackend:
@@ -347,6 +377,7 @@ def _probe() -> dict[str, Any]:
         for name in ("port4", "flow4", "port6", "flow6")
         for m in _cli("ipset", "list", f"xfgate-9-{name}").partition("Members:\n")[2].split()
     )
+    _probe_blocked_differences(fw, out)
     out["cli_types"] = [
         ln for ln in _cli("ipset", "list", "-t").splitlines() if ln.startswith(("Name", "Type"))
     ]
@@ -357,6 +388,7 @@ def _probe() -> dict[str, Any]:
     out["cli_granted"] = _cli("ipset", "list", "xfgate-9-lsn4")
     fw.revoke_listeners(9)
     out["revoked"] = fw.granted(9)
+    _probe_batched_renewals(fw, out)
     out["leftovers"] = sorted(fw.leftover_domains())
     out["jumps_deleted"] = backend.delete_jumps(4, "FORWARD", chain_name(9))
     out["jumps_deleted_again"] = backend.delete_jumps(4, "FORWARD", chain_name(9))
@@ -371,6 +403,71 @@ def _probe() -> dict[str, Any]:
     except ConfigError as e:
         out["missing_vif"] = str(e)
     return out
+
+
+def _members(name: str) -> list[str]:
+    listing = _cli("ipset", "list", name).partition("Members:\n")[2]
+    return sorted(ln.split()[0] for ln in listing.splitlines() if ln.strip())
+
+
+def _probe_blocked_differences(fw: Firewall, out: dict[str, Any]) -> None:
+    """set_blocked with `applied` (the gate's refresher): after the first fill, changes go as
+    differences over the kept link (both set types, both families); a set changed behind
+    the gate's back makes the link refuse, and the next call swaps it whole."""
+    entries = [e for s in ORACLE_SOCKETS for e in socket_entries(s)]
+    more = socket_entries(CONN) + socket_entries(
+        GuestSocket(IPProto.TCP, A6, 443, A6, 0, "LISTEN", 1001, (), v6only=True)
+    )
+    applied: dict[str, frozenset[Any]] = {}
+    fw.set_blocked(9, entries, applied)
+    fw.set_blocked(9, entries[2:] + more, applied)  # 2 port entries out, a flow and 2 in
+    out["diff_blocked"] = fw.blocked(9)
+    out["diff_cli"] = sorted(
+        m
+        for name in ("port4", "flow4", "port6", "flow6")
+        for m in _cli("ipset", "list", f"xfgate-9-{name}").partition("Members:\n")[2].split()
+    )
+    out["diff_want"] = sorted(str(e) for e in set(entries[2:] + more))
+    out["diff_link"] = fw.link_stats(9, "blk")
+    subprocess.run(["ipset", "flush", "xfgate-9-flow4"], check=True)  # behind the gate's back
+    subprocess.run(["ipset", "flush", "xfgate-9-port6"], check=True)
+    fw.set_blocked(9, entries, applied)  # differences only: what was flushed stays out
+    out["diff_drifted"] = fw.blocked(9)
+    applied.clear()  # the refresher's periodic whole rewrite (RESWAP_SECONDS)
+    fw.set_blocked(9, entries, applied)
+    out["diff_repaired"] = fw.blocked(9)
+    fw.set_blocked(9, entries)  # as the rest of the probe expects
+
+
+def _probe_batched_renewals(fw: Firewall, out: dict[str, Any]) -> None:
+    """The keeper's kept link (ipset_wire): several entries of both families per send, a
+    renewal restarts the 1 s timeout of the renewed entries only, a refusal reopens."""
+    import time
+
+    from xfgate.verdict.blocksets import BlockEntry
+
+    tcp = IPProto.TCP
+    v4 = [BlockEntry(4, tcp, p, n) for p in (22, 80) for n in ("0.0.0.0/1", "128.0.0.0/1")]
+    v4.append(BlockEntry(4, tcp, 9000, "198.18.9.2"))
+    v6 = [BlockEntry(6, tcp, 8080, "::/1"), BlockEntry(6, tcp, 9000, "2001:2:0:9::2")]
+    before = fw.listener_link_stats(9)
+    fw.set_listeners(9, v4 + v6)
+    out["batch_members"] = _members("xfgate-9-lsn4") + _members("xfgate-9-lsn6")
+    after = fw.listener_link_stats(9)
+    out["batch_cost"] = {k: after[k] - before.get(k, 0) for k in ("sends", "requests", "entries")}
+    time.sleep(0.5)
+    fw.set_listeners(9, v4[:2] + v6[:1], gone=v4[4:])  # renew 3, delete 1 at once, 3 lapse
+    out["after_delete"] = _members("xfgate-9-lsn4")
+    time.sleep(0.7)  # 1.2 s after the first add: the entries not renewed have timed out
+    out["renewed_only"] = _members("xfgate-9-lsn4") + _members("xfgate-9-lsn6")
+    try:
+        fw.set_listeners(8, v4[:1])  # domain 8 has no sets: refused
+        out["refused"] = "no error"
+    except FirewallError as e:
+        out["refused"] = str(e)
+    fw.set_listeners(9, v4[:1])
+    out["after_refusal"] = _members("xfgate-9-lsn4")
+    out["link_8"] = fw.listener_link_stats(8)
 
 
 ORACLE_SOCKETS = [
@@ -464,6 +561,31 @@ class TestInAFreshNamespace:
         assert probed["leftovers"] == [9]
         assert probed["jumps_deleted"] == 2 and probed["jumps_deleted_again"] == 0
         assert probed["after_remove"] == [] and probed["chains_after"] == []
+
+    def test_blocked_set_differences_read_back_with_the_ipset_tool(
+        self, probed: dict[str, Any]
+    ) -> None:
+        assert sorted(probed["diff_blocked"]) == probed["diff_want"] == probed["diff_cli"]
+        assert "2001:2:0:9::2,udplite:41000,2001:2:0:9::1" in probed["diff_cli"]
+        assert "198.18.9.2,tcp:40000,198.18.9.1" in probed["diff_cli"]
+        # One send for the four changed sets: additions then deletions, a request each.
+        assert probed["diff_link"]["sends"] == 1 and probed["diff_link"]["errors"] == 0
+        assert sorted(probed["diff_drifted"]) != ORACLE_MEMBERS  # a difference does not repair
+        assert sorted(probed["diff_repaired"]) == ORACLE_MEMBERS  # a whole rewrite does
+
+    def test_batched_renewals_read_back_with_the_ipset_tool(self, probed: dict[str, Any]) -> None:
+        # One send, one request per family, every entry in it; `ipset list` as the oracle.
+        assert probed["batch_cost"] == {"sends": 1, "requests": 2, "entries": 7}
+        v4 = ["0.0.0.0/1,tcp:22", "128.0.0.0/1,tcp:22", "0.0.0.0/1,tcp:80", "128.0.0.0/1,tcp:80"]
+        v4.append("198.18.9.2,tcp:9000")
+        v6 = ["::/1,tcp:8080", "2001:2:0:9::2,tcp:9000"]
+        assert probed["batch_members"] == sorted(v4) + sorted(v6)
+        assert "198.18.9.2,tcp:9000" not in probed["after_delete"]  # deleted at once
+        # Renewed entries live on; the others lapsed with their 1 s timeout.
+        assert probed["renewed_only"] == ["0.0.0.0/1,tcp:22", "128.0.0.0/1,tcp:22", "::/1,tcp:8080"]
+        assert "ipset refused" in probed["refused"] and "error 2" in probed["refused"]
+        assert probed["after_refusal"] == probed["renewed_only"][:2]
+        assert probed["link_8"]["errors"] == 1 and probed["link_8"]["opens"] == 1
 
     def test_nft_tables_and_links(self, probed: dict[str, Any]) -> None:
         assert probed["nft"] == []  # a fresh namespace has no nftables tables

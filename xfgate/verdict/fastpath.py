@@ -60,10 +60,13 @@ from xfgate.verdict.blocksets import (
     set_names,
     set_type,
 )
+from xfgate.verdict.ipset_wire import MAX_ENTRIES, SetChange
 from xfgate.verdict.listeners import LISTENER_SET, listener_set_name, listener_set_names
 from xfgate.verdict.nfnetlink import (
     PyrouteSets,
     SetAdapter,
+    SetEntry,
+    SetLink,
     check_conntrack,
     delete_conntrack_marked,
     nft_tables,
@@ -531,12 +534,43 @@ def check_prerequisites(backend: RuleBackend | None = None) -> list[str]:
     return warnings
 
 
+def _set_entries(entries: Iterable[BlockEntry]) -> tuple[SetEntry, ...]:
+    return tuple(set_entry(e) for e in sorted(entries))
+
+
 class Firewall:
     """Applies and removes one domain's layout. Every method is idempotent."""
 
     def __init__(self, backend: RuleBackend, sets: SetAdapter | None = None) -> None:
         self.backend = backend
         self.sets: SetAdapter = sets if sets is not None else PyrouteSets()
+        # Kept netlink links per domain: the grant keeper's renewals (set_listeners, "lsn")
+        # and the refresher's changes of the blocked sets (set_blocked, "blk"), each its own
+        # socket (two threads).
+        self._links: dict[tuple[int, str], SetLink] = {}
+        self._links_lock = threading.Lock()
+
+    def _link(self, domain: int, use: str) -> SetLink:
+        with self._links_lock:
+            link = self._links.get((domain, use))
+            if link is None:
+                link = self._links[(domain, use)] = self.sets.link()
+            return link
+
+    def link_stats(self, domain: int, use: str) -> dict[str, int]:
+        """What one of the domain's links did (``ipset_wire.LinkStats``); {} before any."""
+        with self._links_lock:
+            link = self._links.get((domain, use))
+        return link.stats.to_dict() if link is not None else {}
+
+    def listener_link_stats(self, domain: int) -> dict[str, int]:
+        return self.link_stats(domain, "lsn")
+
+    def close_links(self, domain: int) -> None:
+        with self._links_lock:
+            links = [self._links.pop(k) for k in list(self._links) if k[0] == domain]
+        for link in links:
+            link.close()
 
     def _create_sets(self, domain: int) -> None:
         with self.sets.session() as sets:
@@ -597,15 +631,45 @@ class Firewall:
         entries: Iterable[BlockEntry],
         applied: dict[str, frozenset[BlockEntry]] | None = None,
     ) -> None:
-        """Each set is filled in a staging set, then swapped in atomically: the live set never
-        goes through a state with fewer entries than either list. `applied`: what the caller
-        last put in each set with this call (updated here): a set with the same members is
-        not touched (a refresh usually changes one flow set of four: 5 netlink requests each)."""
+        """The live sets never go through a state with fewer entries than either list.
+        `applied`: what the caller last put in each set with this call (updated here): a set
+        with the same members is not touched; one whose members changed gets the difference,
+        additions before deletions, every changed set's in one send over the domain's kept
+        link (a refresh usually changes one flow set of four: through pyroute2 that was a
+        socket, 5 requests and one request per member). A set not in `applied` (the first
+        call, or after a failed one) is filled in a staging set, then swapped in atomically."""
+        contents = {
+            live: frozenset(members) for live, members in set_contents(domain, entries).items()
+        }
+        known = {} if applied is None else applied
+        # A set whose difference is larger than one message takes (a policy change, a burst
+        # of new flows) is swapped whole, as the first time.
+        changed = {
+            live: same
+            for live, same in contents.items()
+            if live in known
+            and known[live] != same
+            and max(len(same - known[live]), len(known[live] - same)) <= MAX_ENTRIES
+        }
+        for live, same in contents.items():
+            if live in known and known[live] != same and live not in changed:
+                del known[live]
+        if changed:
+            adds = [SetChange("add", n, _set_entries(s - known[n])) for n, s in changed.items()]
+            dels = [SetChange("del", n, _set_entries(known[n] - s)) for n, s in changed.items()]
+            try:
+                self._link(domain, "blk").apply(adds + dels)
+            except FirewallError:
+                for live in changed:  # the kernel's sets are not known now: swap them next
+                    known.pop(live, None)
+                raise
+            known.update(changed)
+        swaps = {live: same for live, same in contents.items() if live not in known}
+        if not swaps:
+            return
         with self.sets.session() as sets:
-            for live, members in set_contents(domain, entries).items():
-                same = frozenset(members)
-                if applied is not None and applied.get(live) == same:
-                    continue
+            for live, same in swaps.items():
+                members = sorted(same)
                 kind = set_type(live)
                 staging = staging_set_name(live)
                 sets.create(live, kind)
@@ -621,17 +685,16 @@ class Firewall:
         self, domain: int, entries: Iterable[BlockEntry], gone: Iterable[BlockEntry] = ()
     ) -> None:
         """Add or renew (the set's timeout starts again) the granted listeners' entries and
-        delete those in ``gone`` at once."""
+        delete those in ``gone`` at once: one send over the domain's kept link, one netlink
+        request per set and operation (``ipset_wire``), deletions before additions."""
         keep = set(entries)
-        with self.sets.session() as sets:
-            for family in FAMILIES:
-                name, kind = listener_set_name(domain, family), LISTENER_SET[family]
-                drop = [set_entry(e) for e in sorted(set(gone) - keep) if e.family == family]
-                add = [set_entry(e) for e in sorted(keep) if e.family == family]
-                if drop:
-                    sets.delete(name, kind, drop)
-                if add:
-                    sets.add(name, kind, add)
+        changes: list[SetChange] = []
+        for family in FAMILIES:
+            name = listener_set_name(domain, family)
+            drop = [set_entry(e) for e in sorted(set(gone) - keep) if e.family == family]
+            add = [set_entry(e) for e in sorted(keep) if e.family == family]
+            changes += [SetChange("del", name, tuple(drop)), SetChange("add", name, tuple(add))]
+        self._link(domain, "lsn").apply(changes)
 
     def revoke_listeners(self, domain: int) -> None:
         """Empty the granted-listener sets (a policy change, a stop)."""
@@ -689,6 +752,7 @@ class Firewall:
                 self.remove_poll(domain, family)
         self.remove_save(domain)
         self.reset_settled(domain)
+        self.close_links(domain)
         with self.sets.session() as sets:
             for name in listener_set_names(domain):
                 sets.destroy(name)

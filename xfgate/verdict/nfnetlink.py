@@ -3,6 +3,8 @@
 Each call opens its own netlink socket in the current network namespace and closes it: the
 gate's refresher thread and its main thread never share one (pyroute2's sockets carry an
 event loop each), and nothing is kept between calls. Kernel refusals become ``FirewallError``.
+The exception is ``SetAdapter.link``: one long-lived raw socket for the grant keeper's frequent
+small renewals (``ipset_wire``), each round one send.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from xfgate.errors import FirewallError, PrerequisiteError
+from xfgate.verdict.ipset_wire import IpsetLink, LinkStats, SetChange
 
 NFPROTO_UNSPEC = 0  # a set of this family serves IPv4 and IPv6 rules alike
 ENOENT = 2
@@ -64,11 +67,22 @@ class SetOps(Protocol):
     def names(self) -> list[str]: ...
 
 
+class SetLink(Protocol):
+    """A connection kept open for frequent small changes of ``hash:net,port`` sets: each
+    ``apply`` goes to the kernel in one send (``ipset_wire.IpsetLink``)."""
+
+    stats: LinkStats
+
+    def apply(self, changes: Sequence[SetChange]) -> None: ...
+    def close(self) -> None: ...
+
+
 class SetAdapter(SetOps, Protocol):
-    """`SetOps` one call at a time, or several over one connection (``session``).
-    `PyrouteSets` talks to the kernel; tests fake it."""
+    """`SetOps` one call at a time, or several over one connection (``session``), or a
+    long-lived ``link`` for frequent renewals. `PyrouteSets` talks to the kernel; tests fake it."""
 
     def session(self) -> AbstractContextManager[SetOps]: ...
+    def link(self) -> SetLink: ...
 
 
 def _load_pyroute2() -> Any:
@@ -214,7 +228,11 @@ def _member_text(data: Any, kind: SetType) -> str:
 
 
 class PyrouteSets:
-    """ipsets through pyroute2's IPSet: each call, or each ``session``, opens its own socket."""
+    """ipsets through pyroute2's IPSet: each call, or each ``session``, opens its own socket;
+    a ``link`` keeps one raw nfnetlink socket (no pyroute2) until it is closed."""
+
+    def link(self) -> SetLink:
+        return IpsetLink()
 
     @contextmanager
     def session(self) -> Iterator[IpsetSession]:

@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,6 +91,8 @@ IDLE_TICK = 0.5
 # Control requests answered on a thread of their own: `ps` may take its whole walk bound (5 s);
 # status/block/unblock must not wait behind it.
 SLOW_OPS = frozenset({"ps"})
+# How often the blocked sets are rewritten whole rather than by differences (BlockedSetsWriter).
+RESWAP_SECONDS = 60.0
 
 
 # Builds a domain's owner source from its configuration and the gate's options.
@@ -207,6 +209,7 @@ class Refresher(threading.Thread):
         self._grants_at = 0.0  # monotonic time of the complete view the grants come from
         self.grant_renewals = 0
         self.grant_refusals = 0
+        self.keep_rounds = 0  # keep_listeners calls that looked the grants up
         self.grants_carried = 0  # incomplete views that carried the last complete view's grants
         self.grant_unanswered = 0  # renewals whose lookup did not answer (left to lapse)
         self._misses: dict[BlockEntry, int] = {}  # consecutive unanswered renewals per entry
@@ -218,6 +221,12 @@ class Refresher(threading.Thread):
         # so no other object can take their ids while they are in it.
         self._entry_cache: dict[int, tuple[GuestSocket, tuple[BlockEntry, ...]]] = {}
         self._entry_blocked: dict[int, tuple[BlockEntry, ...]] = {}  # the blocked ones
+        # The cached sockets that can take a SYN (_takes_syn): all that listener grants look
+        # at, kept with the cache so that a grant recompute does not pass over every socket
+        # (a crowd's 20,000); None when the last _entries did not keep the cache.
+        self._entry_syn: dict[int, GuestSocket] | None = None
+        self.grant_recomputes = 0  # refreshes that recomputed the listener grants
+        self.sockets_judged = 0  # sockets _entries judged afresh (new objects of the views)
         self._entries_policy: Policy | None = None
         # Set by _entries: whether the last facts added or removed a socket that can take a
         # SYN (unconnected TCP/MPTCP), and the facts' tasks then: else the grants stand.
@@ -376,47 +385,69 @@ class Refresher(threading.Thread):
         the same GuestSocket objects for what did not change."""
         self._listeners_moved = True
         if policy.blocks_processes or policy is not self._entries_policy:
-            self._entry_cache, self._entry_blocked = {}, {}
+            self._entry_cache, self._entry_blocked, self._entry_syn = {}, {}, {}
             self._entries_policy = policy
             if policy.blocks_processes:
+                self._entry_syn = None
                 return blocked_entries(facts.sockets, policy, facts)
         out = {e for proto, port in policy.block_ports for e in port_entries(proto, port)}
         cache, blocked = self._entry_cache, self._entry_blocked
+        syn = self._entry_syn if self._entry_syn is not None else {}
         now = dict(zip(map(id, facts.sockets), facts.sockets, strict=True))  # at C speed
         moved = False
         for key in cache.keys() - now.keys():
             moved = moved or _takes_syn(cache[key][0])
             del cache[key]
             blocked.pop(key, None)
-        for key in now.keys() - cache.keys():
+            syn.pop(key, None)
+        fresh = now.keys() - cache.keys()
+        self.sockets_judged += len(fresh)
+        for key in fresh:
             s = now[key]
-            moved = moved or _takes_syn(s)
             found = tuple(socket_entries(s)) if socket_blocked(s, policy, facts) else ()
             cache[key] = (s, found)
             if found:
                 blocked[key] = found
+            if _takes_syn(s):  # after the cache: the two hold the same keys whatever raises
+                moved = True
+                syn[key] = s
         for found in blocked.values():
             out.update(found)
         self._listeners_moved = moved
+        self._entry_syn = syn
         return out
+
+    def _syn_sockets(self, facts: GuestFacts) -> Collection[GuestSocket]:
+        """The sockets listener grants look at: the cache's SYN-taking ones when the last
+        _entries kept the cache for these facts, else every socket of the facts."""
+        if self._entry_syn is None or len(self._entry_cache) != len(facts.sockets):
+            return facts.sockets
+        return tuple(self._entry_syn.values())
 
     @property
     def granted(self) -> set[BlockEntry]:
         return set(self._granted)
 
+    def keeper_work(self) -> dict[str, int]:
+        """The keeper's rounds and what its renewals cost the kernel link (`status`)."""
+        link = self._listeners.link_stats() if self._listeners is not None else {}
+        return {"rounds": self.keep_rounds, **{f"link_{k}": v for k, v in link.items()}}
+
     def _grants_of(self, facts: GuestFacts, policy: Policy) -> set[ListenerGrant]:
         """The grants after a view: a complete one's own; an incomplete one carries what it
         bears out of the last complete view's grants (same policy), for CARRY_SECONDS."""
         now = time.monotonic()
+        self.grant_recomputes += 1
+        sockets = self._syn_sockets(facts)
         if facts.complete:
             self._grants_at = now
-            return listener_grants(facts.sockets, policy, facts)
+            return listener_grants(sockets, policy, facts)
         with self._grant_lock:
             previous = self._grants if self._grant_policy is policy else set()
         if not previous or now - self._grants_at > CARRY_SECONDS:
             return set()
         self.grants_carried += 1
-        return carried_grants(previous, facts.sockets, policy, facts)
+        return carried_grants(previous, sockets, policy, facts)
 
     def _set_grants(self, grants: set[ListenerGrant], policy: Policy) -> None:
         with self._grant_lock:
@@ -446,6 +477,7 @@ class Refresher(threading.Thread):
             failed: set[Flow] = set()
             keep: set[BlockEntry] = set()
             unanswered: set[BlockEntry] = set()
+            self.keep_rounds += 1
             for grant in sorted(grants, key=lambda g: g.entry):
                 if grant.probe not in answers:
                     try:
@@ -538,12 +570,41 @@ def _takes_syn(s: GuestSocket) -> bool:
     return s.proto in (IPProto.TCP, IPPROTO_MPTCP) and not s.rport
 
 
+class BlockedSetsWriter:
+    """The refresher's writes of a domain's blocked sets: ``Firewall.set_blocked`` with what
+    this gate put in them, so that a refresh sends only the differences (one send over a kept
+    link); every RESWAP_SECONDS (at the next change) the sets are rewritten whole (staging
+    set + swap), which repairs a set changed behind the gate's back."""
+
+    def __init__(self, fw: Firewall, domain: int) -> None:
+        self._fw = fw
+        self._domain = domain
+        self.applied: dict[str, frozenset[BlockEntry]] = {}
+        self._whole_at = 0.0
+
+    def __call__(self, entries: set[BlockEntry]) -> None:
+        now = time.monotonic()
+        if now - self._whole_at >= RESWAP_SECONDS:
+            self.applied.clear()
+            self._whole_at = now
+        self._fw.set_blocked(self._domain, entries, self.applied)
+
+
+def _no_stats() -> dict[str, int]:
+    return {}
+
+
 @dataclass(frozen=True)
 class ListenerSets:
     """How the refresher reaches the domain's granted-listener sets."""
 
     renew: Callable[[set[BlockEntry], set[BlockEntry]], None]
     revoke: Callable[[], None]
+    # What the renewals cost the kernel link (sends, netlink requests, ...) for `status`.
+    stats: Callable[[], dict[str, int]] = _no_stats
+
+    def link_stats(self) -> dict[str, int]:
+        return self.stats()
 
 
 class ServeThread(threading.Thread):
@@ -813,16 +874,18 @@ class Gate:
         assert self.firewall is not None
         fw, d = self.firewall, dg.cfg.id
         listeners = None
+        blocked_sets = BlockedSetsWriter(fw, d)
         if dg.layout.fastpath:
             listeners = ListenerSets(
                 lambda keep, gone: fw.set_listeners(d, keep, gone),
                 lambda: fw.revoke_listeners(d),
+                lambda: fw.listener_link_stats(d),
             )
         dg.refresher = Refresher(
             d,
             dg.source,
             dg.engine,
-            lambda entries: fw.set_blocked(d, entries),
+            blocked_sets,
             self.options.refresh_interval,
             listeners,
             lambda: fw.reset_settled(d),
@@ -1095,6 +1158,12 @@ class Gate:
                 "grant_refusals": ref.grant_refusals,
                 "grants_carried": ref.grants_carried,
                 "grant_unanswered": ref.grant_unanswered,
+                "grant_recomputes": ref.grant_recomputes,
+                "sockets_judged": ref.sockets_judged,
+                "keeper": ref.keeper_work(),
+                "blocked_link": self.firewall.link_stats(dg.cfg.id, "blk")
+                if self.firewall is not None
+                else {},
                 "unchanged": ref.unchanged,
                 "last_walk_ms": ref.last_walk_ms,
                 "error": ref.last_error,
