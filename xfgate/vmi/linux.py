@@ -21,6 +21,9 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
+from itertools import compress
+from operator import attrgetter, not_
+from typing import TypeVar
 
 from xfgate.errors import MemoryReadError, ProfileError
 from xfgate.flow import IPAddress
@@ -668,10 +671,9 @@ class Walk:
         redo = [t for t in result.tasks if t.address not in self.trusted]
         pids = {t.tgid for t in redo}
         old_sockets, old_packets = prior.entries
-        result.sockets = (
-            [e for e in old_sockets if e.pid not in pids] if pids else list(old_sockets)
-        )
-        result.packets = [e for e in old_packets if e.pid not in pids]
+        # Every entry but the redone thread groups' (a crowd's 20,000: a pass at C speed).
+        result.sockets = _not_held_by(old_sockets, pids)
+        result.packets = _not_held_by(old_packets, pids)
         self.counts.files_reused += len(result.sockets) + len(result.packets)
         self.sockets(redo, result)
 
@@ -1227,6 +1229,17 @@ class Walk:
         result.packets += packets
         self.state.held[key] = cached
         return True
+
+
+_E = TypeVar("_E", FdSocket, FdPacket)
+_PID = attrgetter("pid")
+
+
+def _not_held_by(entries: list[_E], pids: set[int]) -> list[_E]:
+    """The entries whose thread group is not in `pids`, in order (at C speed)."""
+    if not pids:
+        return list(entries)
+    return list(compress(entries, map(not_, map(pids.__contains__, map(_PID, entries)))))
 
 
 MAX_INTERNED = 4096  # distinct addresses one interning dict keeps (hostile memory: bounded)
