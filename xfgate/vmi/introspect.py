@@ -175,6 +175,10 @@ class _Boot:
     index_at: float = -1e9
     walk_owners: dict[int, Owner] = field(default_factory=dict)  # task_owners(last_walk.tasks)
     raw_socks: frozenset[int] = frozenset()  # raw and packet socks of last_walk
+    # last_walk's entries by thread group and by sock (None: not kept): _install_delta finds
+    # what a change touches there, without a pass over every entry.
+    by_pid: dict[int, tuple[list[FdSocket], list[FdPacket]]] | None = None
+    by_sock: dict[int, list[FdSocket | FdPacket]] = field(default_factory=dict)
     # last_view's sockets by struct sock address (view_delta finds the replaced ones there).
     view_socks: dict[int, GuestSocket] = field(default_factory=dict)
 
@@ -439,11 +443,13 @@ class GuestIntrospector:
             boot.index_at = time.monotonic()
             boot.walk_owners = dict(boot.task_owners)
             boot.raw_socks = raw_socks(result.sockets, result.packets)
+            boot.by_pid, boot.by_sock = entry_index(result)
             if full:
                 boot.full_at = time.monotonic()
                 self.crosscheck.full_walks += 1
                 self.crosscheck.last_full_ms = round(result.seconds * 1000, 2)
         else:  # add what it read, keep what the last complete walk established
+            boot.by_pid = None
             boot.owners = {**boot.owners, **index}
             boot.identities = {**boot.identities, **identities}
             boot.ports = {**boot.ports, **ports}
@@ -467,14 +473,19 @@ class GuestIntrospector:
             was = boot.walk_owners
             pids |= {pid for pid, o in owners.items() if was.get(pid) != o}
             pids |= was.keys() - owners.keys()
-        # The passes over every entry (a crowd's 20,000) run at C speed (compress, map).
-        affected = {e.sock.address for e in _held_by(old.sockets, pids)}
-        affected |= {e.sock.address for e in _held_by(old.packets, pids)}
-        affected |= {e.sock.address for e in _held_by(new.sockets, pids)}
-        affected |= {e.sock.address for e in _held_by(new.packets, pids)}
-        # A sock also held by an unchanged thread group: its entries from there too.
-        fresh = _holding(new.sockets, affected)
-        fresh_packets = _holding(new.packets, affected)
+        if boot.by_pid is not None and new.changed_entries is not None:
+            affected, fresh, fresh_packets = _affected_entries(
+                boot.by_pid, boot.by_sock, new.changed_entries, pids, owners
+            )
+        else:  # no entry index: passes over every entry (at C speed: compress, map)
+            affected = {e.sock.address for e in _held_by(old.sockets, pids)}
+            affected |= {e.sock.address for e in _held_by(old.packets, pids)}
+            affected |= {e.sock.address for e in _held_by(new.sockets, pids)}
+            affected |= {e.sock.address for e in _held_by(new.packets, pids)}
+            # A sock also held by an unchanged thread group: its entries from there too.
+            fresh = _holding(new.sockets, affected)
+            fresh_packets = _holding(new.packets, affected)
+            boot.by_pid, boot.by_sock = entry_index(new)
         index = owners_index(new.tasks, fresh, fresh_packets, owners)
         identities = {s.sock.address: sock_identity(s.sock) for s in fresh}
         self._cross_check(boot, index, identities, affected)
@@ -1230,6 +1241,70 @@ def _view_order(g: GuestSocket) -> tuple[int, int]:
     return (g.owners[0].pid if g.owners else 0, g.sock_addr)
 
 
+def entry_index(
+    result: WalkResult,
+) -> tuple[dict[int, tuple[list[FdSocket], list[FdPacket]]], dict[int, list[FdSocket | FdPacket]]]:
+    """A walk's entries by thread group and by sock address."""
+    by_pid: dict[int, tuple[list[FdSocket], list[FdPacket]]] = {}
+    by_sock: dict[int, list[FdSocket | FdPacket]] = {}
+    for s in result.sockets:
+        by_pid.setdefault(s.pid, ([], []))[0].append(s)
+        by_sock.setdefault(s.sock.address, []).append(s)
+    for p in result.packets:
+        by_pid.setdefault(p.pid, ([], []))[1].append(p)
+        by_sock.setdefault(p.sock.address, []).append(p)
+    return by_pid, by_sock
+
+
+def _affected_entries(
+    by_pid: dict[int, tuple[list[FdSocket], list[FdPacket]]],
+    by_sock: dict[int, list[FdSocket | FdPacket]],
+    changed: Mapping[int, tuple[list[FdSocket], list[FdPacket]]],
+    pids: set[int],
+    owners: Mapping[int, Owner],
+) -> tuple[set[int], list[FdSocket], list[FdPacket]]:
+    """_install_delta's affected socks and their entries now, from the entry index (updated
+    in place to the new walk's): the thread groups in `pids` held before what `by_pid` says
+    and now what the walk redid (`changed`), or, not redone and still alive (an Owner that
+    changed), what they held; every other thread group's entries are the prior walk's."""
+    now: dict[int, tuple[list[FdSocket], list[FdPacket]]] = {}
+    for pid in pids:
+        entries = changed.get(pid)
+        if entries is None and pid in owners:
+            entries = by_pid.get(pid)
+        if entries is not None:
+            now[pid] = entries
+    affected: set[int] = set()
+    for pid in pids:
+        socks, packets = by_pid.pop(pid, ([], []))
+        held_before: list[FdSocket | FdPacket] = [*socks, *packets]
+        for e in held_before:
+            affected.add(e.sock.address)
+            held = by_sock.get(e.sock.address)
+            if held is not None:
+                held[:] = [h for h in held if h is not e]
+                if not held:
+                    del by_sock[e.sock.address]
+    for pid, (socks, packets) in now.items():
+        by_pid[pid] = (list(socks), list(packets))
+        held_now: list[FdSocket | FdPacket] = [*socks, *packets]
+        for e in held_now:
+            affected.add(e.sock.address)
+            by_sock.setdefault(e.sock.address, []).append(e)
+    fresh: list[FdSocket] = []
+    fresh_packets: list[FdPacket] = []
+    for addr in affected:
+        for e in by_sock.get(addr, ()):
+            if isinstance(e, FdSocket):
+                fresh.append(e)
+            else:
+                fresh_packets.append(e)
+    order = attrgetter("pid", "fd")
+    fresh.sort(key=order)
+    fresh_packets.sort(key=order)
+    return affected, fresh, fresh_packets
+
+
 def _held_by(entries: Sequence[_E], pids: set[int]) -> list[_E]:
     """The entries whose thread group is in `pids` (a pass at C speed)."""
     if not pids:
@@ -1282,11 +1357,18 @@ def view_delta(
     address) is updated in place to the new view's. Also says what changed (ViewDelta)."""
     affected = delta.affected
     sockets = list(old_view.sockets)  # a copy at C speed; removals and insertions by bisect
+    made = {g.sock_addr: g for g in guest_sockets(delta.fresh, delta.index)}
     removed: list[GuestSocket] = []
+    added: list[GuestSocket] = []
     for addr in affected:
-        g = old_socks.pop(addr, None)
+        g, new_g = old_socks.get(addr), made.get(addr)
+        if g is not None and new_g is not None and g == new_g:
+            continue  # decoded again (a watched owner's, ...) and the same: the old object
+        if new_g is not None:
+            added.append(new_g)
         if g is None:
             continue
+        del old_socks[addr]
         removed.append(g)
         key = _view_order(g)
         i = bisect.bisect_left(sockets, key, key=_view_order)
@@ -1296,7 +1378,7 @@ def view_delta(
             del sockets[i]
         else:  # not where its order puts it (never expected): a pass to find it
             sockets = [s for s in sockets if s is not g]
-    added = guest_sockets(delta.fresh, delta.index)
+    added.sort(key=_view_order)
     for g in added:
         bisect.insort(sockets, g, key=_view_order)
         old_socks[g.sock_addr] = g

@@ -440,6 +440,8 @@ class WalkResult:
     counts: RefreshCounts | None = None
     # tgids whose entries are not the prior walk's objects (None: a walk without a prior)
     changed_pids: set[int] | None = None
+    # The entries of each of those thread groups (its part of `sockets`, `packets`).
+    changed_entries: dict[int, tuple[list[FdSocket], list[FdPacket]]] | None = None
 
     @property
     def complete(self) -> bool:
@@ -565,6 +567,7 @@ class Walk:
         # Thread groups whose socket entries are not the prior walk's objects (decoded,
         # read afresh, or a task that changed): what a view built from the prior one redoes.
         self.changed_pids: set[int] = set()
+        self.changed_entries: dict[int, tuple[list[FdSocket], list[FdPacket]]] = {}
 
     def watched(self, task: Task) -> bool:
         """`watch(task)`, asked once per Task object per walk (a Task is immutable)."""
@@ -1172,9 +1175,18 @@ class Walk:
                             result.packets.append(FdPacket(task.tgid, fd, sock))
                         else:
                             result.sockets.append(FdSocket(task.tgid, fd, sock))
+            held = (result.sockets[mark[0] :], result.packets[mark[1] :])
             if len(task.file_tables) == 1:
-                held = (result.sockets[mark[0] :], result.packets[mark[1] :])
                 self.state.held[(task.tgid, task.file_tables[0])] = held
+            was = self.changed_entries.get(task.tgid)  # a thread group is walked once
+            self.changed_entries[task.tgid] = (
+                held
+                if was is None
+                else (
+                    was[0] + held[0],
+                    was[1] + held[1],
+                )
+            )
 
     def _served(self, task: Task, result: WalkResult) -> bool:
         """A quiet walk's fast path: a trusted task (QuietPlan: not read, or read and
@@ -1368,6 +1380,7 @@ def walk_once(
         walk.folded_fds,
     )
     result.changed_pids = walk.changed_pids
+    result.changed_entries = walk.changed_entries
     return result
 
 
