@@ -7,6 +7,7 @@ delta that lies. Fakes; tests/test_crowd_lab.py runs the gate on the crowded lab
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 
@@ -14,7 +15,7 @@ from tests.vmi_fakes import fake_domain, lports_of, spray_and_web, view_from_scr
 from xfgate.flow import GuestView, Owner, ViewDelta
 from xfgate.inet import IPProto
 from xfgate.verdict import runner
-from xfgate.verdict.blocksets import blocked_entries
+from xfgate.verdict.blocksets import BlockEntry, blocked_entries
 from xfgate.verdict.cache import OwnerCache
 from xfgate.verdict.engine import Engine, LockedOwnerSource
 from xfgate.verdict.policy import compile_policy
@@ -45,7 +46,7 @@ def test_a_views_delta_is_what_changed_and_unchanged_sockets_stay_the_same_objec
         view = gi.refresh_view(_blocked_1001)
         assert view.serial == 1 and view.delta is None  # the first: from nothing
         udp, tcp = IPProto.UDP, IPProto.TCP
-        steps = [
+        steps: list[Callable[[], object]] = [
             lambda: None,  # the watched spray read afresh: the same decode, no change
             lambda: g.add_fd(spray, 9, g.new_sock(udp, 7, "198.18.1.1", 40001, "198.18.0.1", 53)),
             lambda: g.add_fd(web, 7, g.new_sock(tcp, 10, "0.0.0.0", 8081, "0.0.0.0", 0)),
@@ -80,10 +81,10 @@ def test_a_views_delta_is_what_changed_and_unchanged_sockets_stay_the_same_objec
         assert d.added == d.removed == () and _ids(again) == _ids(new)
 
 
-def _refresher(gi: GuestIntrospector) -> tuple[Refresher, Engine, list[set[object]]]:
+def _refresher(gi: GuestIntrospector) -> tuple[Refresher, Engine, list[set[BlockEntry]]]:
     source = LockedOwnerSource(gi)
     engine = Engine(1, {}, source, compile_policy(uids=[1001]), OwnerCache())
-    applied: list[set[object]] = []
+    applied: list[set[BlockEntry]] = []
     return Refresher(1, source, engine, applied.append, 0.01), engine, applied
 
 
