@@ -132,3 +132,29 @@ def test_a_delta_that_lies_is_caught_by_the_whole_view_check(
         assert 40001 in {e.port for e in found}
         assert r.entries_disagreements == 1 and r.entries_rechecked == 1
         assert found == blocked_entries(facts.sockets, engine.policy, facts)
+
+
+def test_a_connection_handed_to_a_blocked_owner_resets_settled_flows_through_the_delta() -> None:
+    """uid 1000's web holds a connection (settled as accepted); it passes the fd to the
+    blocked spray and closes its own. The refresher, following the view's delta (its port
+    index and the removed sockets as the view before), sees the same connection blocked now
+    and has the settled flows decided again; as the whole-view comparison did."""
+    g, spray, web, _ = spray_and_web()
+    conn = g.new_sock(IPProto.TCP, 1, "198.18.1.1", 8080, "198.18.0.1", 45000, sk_uid=1000)
+    g.add_fd(web, 5, conn)
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory) as gi:
+        source = LockedOwnerSource(gi)
+        engine = Engine(1, {}, source, compile_policy(uids=[1001]), OwnerCache())
+        resets: list[int] = []
+        r = Refresher(
+            1, source, engine, lambda e: None, 0.01, reset_settled=lambda: resets.append(1)
+        )
+        r.refresh_once(walk=True)
+        g.add_fd(spray, 4, g.new_sock(IPProto.TCP, 1, "198.18.1.1", 33001, "198.18.0.1", 22))
+        r.refresh_once()
+        assert resets == [] and r.entries_by_delta == 1
+        g.add_fd(spray, 5, conn)
+        g.put_fd(g.task_at(web).fd_array, 5, 0)
+        r.refresh_once()
+        assert r.entries_by_delta == 2 and r._cache_prev is not None  # the delta's path
+        assert resets == [1] and any(e.port == 8080 and e.is_flow for e in r.entries or set())

@@ -235,6 +235,11 @@ class Refresher(threading.Thread):
         self._entry_ports: dict[int, dict[int, GuestSocket]] = {}
         self._entry_added: set[int] | None = None
         self._entry_removed: list[GuestSocket] = []
+        # The facts the cache holds the sockets of, and those it held before the last _entries
+        # (the port index answers for "the view before" only when that is the engine's facts
+        # before: no other view absorbed in between).
+        self._cache_facts: GuestFacts | None = None
+        self._cache_prev: GuestFacts | None = None
         # The serial (GuestView.serial) of the view the cache holds the sockets of: a view whose
         # delta starts there is followed at the cost of its delta (0: none; compare whole).
         self._entries_serial = 0
@@ -357,7 +362,11 @@ class Refresher(threading.Thread):
         # refresh: the entries of all 20,000 sockets of a crowd were computed each time).
         ports = {e.port for e in new_flows}
         added = self._entry_added
-        if added is not None and len(self._entry_cache) == len(facts.sockets):
+        if (
+            added is not None
+            and self._cache_prev is before
+            and len(self._entry_cache) == len(facts.sockets)
+        ):
             # The cache holds the facts' sockets: those on these ports from its port index,
             # the view before's being them but the ones just added, plus the ones removed.
             on_ports = [s for p in ports for s in self._entry_ports.get(p, {}).values()]
@@ -411,9 +420,10 @@ class Refresher(threading.Thread):
         the same GuestSocket objects for what did not change."""
         self._listeners_moved = True
         serial, self._entries_serial, self._entry_added = self._entries_serial, 0, None
+        prev_facts, self._cache_facts, self._cache_prev = self._cache_facts, None, None
         if policy.blocks_processes or policy is not self._entries_policy:
             self._entry_cache, self._entry_blocked, self._entry_syn = {}, {}, {}
-            self._entry_ports, serial = {}, 0
+            self._entry_ports, serial, prev_facts = {}, 0, None
             self._entries_policy = policy
             if policy.blocks_processes:
                 self._entry_syn = None
@@ -454,6 +464,7 @@ class Refresher(threading.Thread):
         self._listeners_moved = moved
         self._entry_syn = syn
         self._entry_added, self._entry_removed = added, removed
+        self._cache_facts, self._cache_prev = facts, prev_facts
         if view.complete and facts.sockets is view.sockets:
             self._entries_serial = view.serial
         return out
