@@ -11,13 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.vmi_fakes import (
-    counters_profile,
-    fake_domain,
-    lports_of,
-    spray_and_web,
-    view_from_scratch,
-)
+from tests.vmi_fakes import fake_domain, lports_of, spray_and_web, view_from_scratch
 from xfgate.flow import GuestView, Owner, ViewDelta
 from xfgate.inet import IPProto
 from xfgate.verdict import runner
@@ -164,24 +158,3 @@ def test_a_connection_handed_to_a_blocked_owner_resets_settled_flows_through_the
         r.refresh_once()
         assert r.entries_by_delta == 2 and r._cache_prev is not None  # the delta's path
         assert resets == [1] and any(e.port == 8080 and e.is_flow for e in r.entries or set())
-
-
-def test_quiet_walks_drop_the_redone_groups_by_key_and_keep_every_entry() -> None:
-    """A quiet refresh (kernel counters unchanged) builds its entry list from the prior walk's
-    groups (RefreshState.groups) without the redone thread groups, not by a pass over every
-    entry: the groups cover exactly the entries, and the views equal a walk from scratch."""
-    g, spray, _web, _ = spray_and_web(counters_profile())
-    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory) as gi:
-        gi.read_seconds = gi.check_seconds = 1e9  # no slices: only the watched spray redone
-        gi.refresh_view(_blocked_1001)
-        for n in range(4):
-            sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 41000 + n, "198.18.0.1", 53)
-            g.add_fd(spray, 20 + n, sk)
-            view = gi.refresh_view(_blocked_1001)
-            assert gi.crosscheck.quiet_refreshes == n + 1
-            assert view == view_from_scratch(gi) and 41000 + n in lports_of(view, 400)
-            assert gi._boot is not None and gi._boot.refresh_state is not None
-            state = gi._boot.refresh_state
-            joined = [e for socks, _packets in state.groups.values() for e in socks]
-            assert joined == state.entries[0] and set(state.groups) >= {400, 500}
-        assert lports_of(view, 500) == {8080}  # web's entries kept, not redone
