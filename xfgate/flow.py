@@ -140,6 +140,19 @@ class GuestSocket:
 
 
 @dataclass(frozen=True, slots=True)
+class ViewDelta:
+    """What a view changed since the view numbered `base` (its `serial`) of the same source:
+    the GuestSocket objects it added and those it no longer holds (every other socket is the
+    same object in both). Lets a consumer that kept the base view's sockets follow at the cost
+    of the change, not of the guest's size; without it (or from another base), compare
+    whole views."""
+
+    base: int
+    added: tuple[GuestSocket, ...]
+    removed: tuple[GuestSocket, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class GuestView:
     """One full walk of the guest: what the kernel-side sets and the policy's process rules
     are computed from. ``complete`` is False when the walk hit a bound or unreadable memory:
@@ -152,6 +165,11 @@ class GuestView:
     raw_holders: tuple[Owner, ...]
     complete: bool
     problems: tuple[str, ...] = ()
+    # A source that numbers its views (1, 2, ...; 0: not numbered) and, for a view it built
+    # from its last one, says what changed (ViewDelta.base: that view's serial). Neither takes
+    # part in equality: two views of the same guest compare equal whatever their history.
+    serial: int = field(default=0, compare=False)
+    delta: ViewDelta | None = field(default=None, compare=False)
 
 
 class OwnerSource(Protocol):

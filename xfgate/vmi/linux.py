@@ -21,6 +21,9 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
+from itertools import compress
+from operator import attrgetter, not_
+from typing import TypeVar
 
 from xfgate.errors import MemoryReadError, ProfileError
 from xfgate.flow import IPAddress
@@ -437,6 +440,8 @@ class WalkResult:
     counts: RefreshCounts | None = None
     # tgids whose entries are not the prior walk's objects (None: a walk without a prior)
     changed_pids: set[int] | None = None
+    # The entries of each of those thread groups (its part of `sockets`, `packets`).
+    changed_entries: dict[int, tuple[list[FdSocket], list[FdPacket]]] | None = None
 
     @property
     def complete(self) -> bool:
@@ -562,6 +567,7 @@ class Walk:
         # Thread groups whose socket entries are not the prior walk's objects (decoded,
         # read afresh, or a task that changed): what a view built from the prior one redoes.
         self.changed_pids: set[int] = set()
+        self.changed_entries: dict[int, tuple[list[FdSocket], list[FdPacket]]] = {}
 
     def watched(self, task: Task) -> bool:
         """`watch(task)`, asked once per Task object per walk (a Task is immutable)."""
@@ -668,10 +674,9 @@ class Walk:
         redo = [t for t in result.tasks if t.address not in self.trusted]
         pids = {t.tgid for t in redo}
         old_sockets, old_packets = prior.entries
-        result.sockets = (
-            [e for e in old_sockets if e.pid not in pids] if pids else list(old_sockets)
-        )
-        result.packets = [e for e in old_packets if e.pid not in pids]
+        # Every entry but the redone thread groups' (a crowd's 20,000: a pass at C speed).
+        result.sockets = _not_held_by(old_sockets, pids)
+        result.packets = _not_held_by(old_packets, pids)
         self.counts.files_reused += len(result.sockets) + len(result.packets)
         self.sockets(redo, result)
 
@@ -1170,9 +1175,18 @@ class Walk:
                             result.packets.append(FdPacket(task.tgid, fd, sock))
                         else:
                             result.sockets.append(FdSocket(task.tgid, fd, sock))
+            held = (result.sockets[mark[0] :], result.packets[mark[1] :])
             if len(task.file_tables) == 1:
-                held = (result.sockets[mark[0] :], result.packets[mark[1] :])
                 self.state.held[(task.tgid, task.file_tables[0])] = held
+            was = self.changed_entries.get(task.tgid)  # a thread group is walked once
+            self.changed_entries[task.tgid] = (
+                held
+                if was is None
+                else (
+                    was[0] + held[0],
+                    was[1] + held[1],
+                )
+            )
 
     def _served(self, task: Task, result: WalkResult) -> bool:
         """A quiet walk's fast path: a trusted task (QuietPlan: not read, or read and
@@ -1227,6 +1241,17 @@ class Walk:
         result.packets += packets
         self.state.held[key] = cached
         return True
+
+
+_E = TypeVar("_E", FdSocket, FdPacket)
+_PID = attrgetter("pid")
+
+
+def _not_held_by(entries: list[_E], pids: set[int]) -> list[_E]:
+    """The entries whose thread group is not in `pids`, in order (at C speed)."""
+    if not pids:
+        return list(entries)
+    return list(compress(entries, map(not_, map(pids.__contains__, map(_PID, entries)))))
 
 
 MAX_INTERNED = 4096  # distinct addresses one interning dict keeps (hostile memory: bounded)
@@ -1355,6 +1380,7 @@ def walk_once(
         walk.folded_fds,
     )
     result.changed_pids = walk.changed_pids
+    result.changed_entries = walk.changed_entries
     return result
 
 
