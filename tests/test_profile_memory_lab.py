@@ -130,7 +130,7 @@ def test_profile_from_memory_equals_the_package_profile(memory_lab: MemoryLab) -
     assert {k: v for k, v in ours.items() if k != "metadata"} == {
         k: v for k, v in theirs.items() if k != "metadata"
     }
-    assert seconds < 180  # measured 13-20 s with the 2 cores shared (REPORT-README.md)
+    assert seconds < 180  # measured 13-20 s with the 2 cores shared (README, "Kernels tried")
 
 
 def test_ps_with_the_memory_profile_equals_truth(memory_lab: MemoryLab) -> None:
@@ -152,7 +152,7 @@ def test_volatility_accepts_the_isf_built_from_memory(
     release = memory_lab.domain.kernel.release
     if memory_lab.la57 or not (release.startswith("6.12.") and release.endswith("+deb12-amd64")):
         # The other ISFs equal their package's (first test); Volatility accepted the cloud and
-        # rt ones too when tried (REPORT-README.md). It reads only 4-level page tables.
+        # rt ones too when tried (README, "Kernels tried"). It reads only 4-level page tables.
         pytest.skip("Volatility runs on the generic 6.12 guest only")
     built = domain_memory_profile(memory_lab.bare, memory_lab.cache)
     dump = tmp_path / "guest.elf"
