@@ -35,7 +35,6 @@ from typing import Any
 
 from xfgate.errors import MemoryReadError
 from xfgate.flow import IPAddress
-from xfgate.inet import proto_label
 from xfgate.vmi.linux import (
     FdPacket,
     FdSocket,
@@ -52,6 +51,7 @@ from xfgate.vmi.linux import (
 )
 from xfgate.vmi.memory import PhysicalMemory
 from xfgate.vmi.paging import AddressSpace
+from xfgate.vmi.ps_entries import process_entry, socket_entry
 from xfgate.vmi.walk import WalkIssue, WalkReason
 
 # A request's bound (the crowd's 2,000 tasks / 20,000 sockets: ~0.2 s of it). It runs on the
@@ -376,14 +376,7 @@ class PsRenderer:
         for t in sorted(current.result.tasks, key=lambda t: t.tgid):
             hit = procs_old.get(id(t))
             if hit is None or hit[0] is not t:
-                d = {
-                    "pid": t.tgid,
-                    "tgid": t.tgid,
-                    "ppid": t.ppid,
-                    "uid": t.uid,
-                    "euid": t.euid,
-                    "comm": t.name or t.comm,
-                }
+                d = process_entry(t)
                 hit = (t, d, json.dumps(d))
             procs[id(t)] = hit
             group = current.groups.get(t.tgid)
@@ -391,7 +384,7 @@ class PsRenderer:
             if group is not None:
                 ghit = groups_old.get(id(group))
                 if ghit is None or ghit[0] is not group:
-                    dicts = [_socket_dict(s, names) for s in group.sockets if s.sock.is_port_socket]
+                    dicts = [socket_entry(s, names) for s in group.sockets if s.sock.is_port_socket]
                     ghit = (group, dicts, ",\n  ".join(map(json.dumps, dicts)))
                 groups[id(group)] = ghit
             if (pid is None or t.tgid == pid) and (uid is None or t.uid == uid):
@@ -458,27 +451,6 @@ def _list_text(key: str, items: list[str]) -> str:
     if not items:
         return head + "[]"
     return head + "[\n  " + ",\n  ".join(items) + "\n ]"
-
-
-def _socket_dict(s: FdSocket, names: dict[IPAddress, str]) -> dict[str, Any]:
-    k = s.sock
-    local = names.get(k.local)
-    if local is None:
-        local = names[k.local] = str(k.local)
-    remote = names.get(k.remote)
-    if remote is None:
-        remote = names[k.remote] = str(k.remote)
-    return {
-        "pid": s.pid,
-        "fd": s.fd,
-        "proto": proto_label(k.proto),
-        "family": k.family,
-        "local": local,
-        "lport": k.lport,
-        "remote": remote,
-        "rport": k.rport,
-        "state": k.state_name,
-    }
 
 
 def _other_sockets(result: WalkResult, pids: Iterable[int]) -> list[dict[str, Any]]:

@@ -41,7 +41,7 @@ from xfgate.flow import (
     Via,
     ViewDelta,
 )
-from xfgate.inet import IPProto, proto_label
+from xfgate.inet import IPProto
 from xfgate.vmi.current import CURRENT_SECONDS, CurrentPlan
 from xfgate.vmi.holders import HolderLayout, HolderResolver, TaskIndex
 from xfgate.vmi.kaslr import KernelLocation, KernelLocator
@@ -63,6 +63,7 @@ from xfgate.vmi.memory import PhysicalMemory, open_domain_memory
 from xfgate.vmi.monitor import open_monitor
 from xfgate.vmi.paging import AddressSpace
 from xfgate.vmi.profile import Profile
+from xfgate.vmi.ps_entries import process_entry, socket_entry
 from xfgate.vmi.qemu_memory import QemuProcessMemory
 from xfgate.vmi.qmp import ControlRegisters, PauseRecord, paused
 from xfgate.vmi.sockets import FoundSock, HashLayout, HashTable, SocketTables
@@ -1442,50 +1443,15 @@ def guest_sockets(
     return sorted(seen.values(), key=lambda g: (g.owners[0].pid if g.owners else 0, g.sock_addr))
 
 
-def _socket_entry(s: FdSocket, names: dict[IPAddress, str] | None = None) -> dict[str, Any]:
-    """One held socket as `xfgate-lab truth --json` spells it (/proc/net/* fields). `names`:
-    addresses already spelled (an IPv6 address's str() is ~20 us, and a crowd's 20,000
-    sockets share a handful of addresses)."""
-    names = {} if names is None else names
-    local, remote = s.sock.local, s.sock.remote
-    local_text = names.get(local)
-    if local_text is None:
-        local_text = names[local] = str(local)
-    remote_text = names.get(remote)
-    if remote_text is None:
-        remote_text = names[remote] = str(remote)
-    return {
-        "pid": s.pid,
-        "fd": s.fd,
-        "proto": proto_label(s.sock.proto),
-        "family": s.sock.family,
-        "local": local_text,
-        "lport": s.sock.lport,
-        "remote": remote_text,
-        "rport": s.sock.rport,
-        "state": s.sock.state_name,
-    }
-
-
 def ps_document(result: WalkResult) -> dict[str, Any]:
     """The `xfgate-lab truth --json` shape from a walk."""
-    processes = [
-        {
-            "pid": t.tgid,
-            "tgid": t.tgid,
-            "ppid": t.ppid,
-            "uid": t.uid,
-            "euid": t.euid,
-            "comm": t.name or t.comm,
-        }
-        for t in sorted(result.tasks, key=lambda t: t.tgid)
-    ]
+    processes = [process_entry(t) for t in sorted(result.tasks, key=lambda t: t.tgid)]
     held = sorted(result.sockets, key=lambda s: (s.pid, s.fd))
     names: dict[IPAddress, str] = {}
-    sockets = [_socket_entry(s, names) for s in held if s.sock.is_port_socket]
+    sockets = [socket_entry(s, names) for s in held if s.sock.is_port_socket]
     doc: dict[str, Any] = {"processes": processes, "sockets": sockets}
     others = [
-        {**_socket_entry(s), "type": _sock_type_label(s.sock.sk_type)}
+        {**socket_entry(s), "type": _sock_type_label(s.sock.sk_type)}
         for s in held
         if not s.sock.is_port_socket
     ]
