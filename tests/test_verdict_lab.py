@@ -259,8 +259,16 @@ def test_block_uid_1001_not_one_attacker_packet_reaches_the_client(vlab: Lab, ga
             continue
         assert (r["verdict"], r["pid"], r["uid"], r["comm"]) == ("drop", spray_pid, 1001, "spray")
     # Named: by its holder, or (a socket of a uid the policy blocks, answered without a walk)
-    # by its creator.
-    assert all(r["pid"] == spray_pid or "sk_uid 1001" in r["reason"] for r in attack), attack
+    # by its creator, or (a lookup that did not answer in time on a loaded machine) dropped
+    # unsettled as a flow the last view does not show while a block is in force.
+    unnamed = [
+        r
+        for r in attack
+        if r["pid"] != spray_pid
+        and "sk_uid 1001" not in r["reason"]
+        and not (r["settled"] is False and "while a block is in force" in r["reason"])
+    ]
+    assert not unnamed, [(r["dport"], r["verdict"], r["reason"]) for r in unnamed]
     assert "tcp" in {r["proto"] for r in attack}  # each new connection: a new port
     # Whatever of :8080 still reached the engine (a connection before the first grant) is
     # uid 1000's and accepted.
