@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.httperf import HttperfResult, run_httperf
+from bench.placement import lab_qemu_pids, place, workload_on
 from xfgate.config import DomainConfig
 from xfgate_lab.gate_process import gate_process
 from xfgate_lab.layout import CLIENT_V4, layout_from_env
@@ -109,10 +111,12 @@ def run_pair(
     second: DomainConfig | None,
     gated: bool = True,
     tree: Path | None = None,
+    gate_cpus: frozenset[int] | None = None,
 ) -> list[FloodRun]:
     """One httperf run (two at once with a second domain) under the gate (or with no gate:
     what the flood costs the guest itself on its one TCG vCPU), flood or not; `tree`: the
-    gate of that source tree instead of this one."""
+    gate of that source tree instead of this one; `gate_cpus`: every thread of the gate on
+    those CPUs once it is ready (threads it starts later inherit them)."""
     doms = [dom, *([second] if second else [])]
     run_args = [a for d in doms for a in ("--domain", str(d.id))] + list(BLOCK)
     label = tree.name if tree else ""
@@ -129,7 +133,9 @@ def run_pair(
         if gated
         else contextlib.nullcontext()
     )
-    with gate:
+    with gate as g:
+        if g is not None and gate_cpus is not None:
+            place(g.pid, gate_cpus)
         for d in doms:  # warm-up: the listener's owner cached, the server's paths translated
             run_httperf(layout_from_env().client_netns, d.addresses[0], SERVER_PORT, RATE, 50)
         if flood:
@@ -174,10 +180,31 @@ def run_flood(
     raw: Path,
     second: DomainConfig | None = None,
     compare: Path | None = None,
+    gate_cpus: frozenset[int] | None = None,
 ) -> dict[str, Any]:
     """Interleaved runs: gate without flood, gate with flood, and the flood with no gate (the
     guest's own limit under it), and the same two gate runs with the `compare` tree's gate;
-    the summary with ratios per domain (and tree)."""
+    the summary with ratios per domain (and tree). With `gate_cpus`: the gate on those CPUs,
+    the lab's QEMUs, httperf and the flood's helpers on the others, in every run alike (the
+    no-gate runs too), so the ratios compare the same workload placement."""
+    if gate_cpus is None:
+        return _run_flood(dom, conns, repeats, raw, second, compare, None)
+    workload = os.sched_getaffinity(0) - gate_cpus
+    with workload_on(workload, lab_qemu_pids()):
+        summary = _run_flood(dom, conns, repeats, raw, second, compare, gate_cpus)
+    summary["placement"] = {"gate_cpus": sorted(gate_cpus), "workload_cpus": sorted(workload)}
+    return summary
+
+
+def _run_flood(
+    dom: DomainConfig,
+    conns: int,
+    repeats: int,
+    raw: Path,
+    second: DomainConfig | None,
+    compare: Path | None,
+    gate_cpus: frozenset[int] | None,
+) -> dict[str, Any]:
     runs: list[FloodRun] = []
     configs: list[tuple[bool, bool, Path | None]] = [
         (True, False, None),
@@ -189,7 +216,7 @@ def run_flood(
     for rep in range(repeats):
         order = configs if rep % 2 == 0 else configs[::-1]
         for gated, flood, tree in order:
-            pair = run_pair(dom, conns, flood, raw, rep, second, gated, tree)
+            pair = run_pair(dom, conns, flood, raw, rep, second, gated, tree, gate_cpus)
             for r in pair:
                 gate = f"gate {r.tree}" if r.tree else "gate"
                 print(
@@ -263,6 +290,30 @@ def per_repeat(runs: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def repeat_ratios(runs: list[dict[str, Any]]) -> dict[int, list[float]]:
+    """Per domain (this tree's gate), each repeat's gate / no-gate connection time under the
+    flood (repeats missing either run, or with no reply, left out)."""
+    out: dict[int, list[float]] = {}
+    for rep, d in sorted({(r["rep"], r["domain"]) for r in runs if not r["tree"]}):
+        pick = {
+            (r["gated"], r["flood"]): r
+            for r in runs
+            if (r["rep"], r["domain"]) == (rep, d) and not r["tree"]
+        }
+        on, bare = pick.get((True, True)), pick.get((False, True))
+        if on and bare and on["conn_time_avg"] > 0 and bare["conn_time_avg"] > 0:
+            out.setdefault(d, []).append(on["conn_time_avg"] / bare["conn_time_avg"])
+    return out
+
+
+def ratio_spread(runs: list[dict[str, Any]]) -> dict[int, tuple[float, float, float, int, int]]:
+    """Per domain: median, lowest, highest of the per-repeat ratios, how many, how many <= 1.5."""
+    return {
+        d: (statistics.median(xs), min(xs), max(xs), len(xs), sum(x <= 1.5 for x in xs))
+        for d, xs in repeat_ratios(runs).items()
+    }
+
+
 def _ratio(x: float) -> str:
     return f"{x:.2f}" if x >= 0 else "- (no reply)"
 
@@ -297,6 +348,21 @@ def render(summary: dict[str, Any], conns: int) -> str:
                 f"| {d} | {s['success_pct_nogate']:.1f} | {s['conn_time_nogate_ms']:.2f} "
                 f"| {_ratio(s['gate_vs_nogate_under_flood'])} |"
             )
+    placement = summary.get("placement")
+    if placement:
+        lines += [
+            "",
+            f"Placement: the gate on CPU {placement['gate_cpus']}, the lab's QEMUs, httperf and "
+            f"the bench on CPU {placement['workload_cpus']} in every run (the no-gate runs too).",
+        ]
+    spread = ratio_spread(summary.get("runs", []))
+    if spread:
+        lines += ["", "Gate / no gate under the flood, per repeat:", ""]
+        lines += [
+            f"- domain {d}: median {_ratio(med)} of {n} repeats (range {_ratio(lo)}-{_ratio(hi)}),"
+            f" {met} of {n} within 1.5x"
+            for d, (med, lo, hi, n, met) in spread.items()
+        ]
     rows = per_repeat(summary.get("runs", []))
     if rows:
         lines += [

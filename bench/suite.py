@@ -10,6 +10,7 @@ Writes raw outputs, summary.json, results.md and sweep.png under bench/results/<
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -28,6 +29,7 @@ from bench.gate import running_gate
 from bench.httperf import run_httperf
 from bench.leak import LeakResult, run_leak
 from bench.outgoing import client_server, run_connload
+from bench.placement import parse_cpus
 from bench.report import (
     RunRow,
     aggregate,
@@ -113,6 +115,13 @@ PROFILES = {
         flood_repeats=3,
     ),
 }
+
+
+def _cpu_list(text: str) -> frozenset[int]:
+    try:
+        return parse_cpus(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def loadavg() -> float:
@@ -248,6 +257,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run the flood benchmark's gate from this source tree (another revision),"
         " interleaved: before and after in one run",
     )
+    ap.add_argument(
+        "--flood-gate-cpus",
+        type=_cpu_list,
+        default=None,
+        help="the flood benchmark's gate on these CPUs (e.g. 1), the lab's QEMUs and httperf on"
+        " the others, in every run alike: the gate as a host with a dedicated core runs it",
+    )
+    ap.add_argument(
+        "--flood-repeats", type=int, default=0, help="flood repeats (default: the profile's)"
+    )
     ap.add_argument("--crowd", default=DEFAULT_CROWD, help="scale profile: TASKS,SOCKETS")
     args = ap.parse_args(argv)
     if args.profile == "scale":
@@ -325,11 +344,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(
             f"flood: uid 1001 floods while httperf runs {prof.flood_conns} connections at "
-            f"150 conn/s, x{prof.flood_repeats}",
+            f"150 conn/s, x{args.flood_repeats or prof.flood_repeats}",
             flush=True,
         )
         flood = run_flood(
-            dom, prof.flood_conns, prof.flood_repeats, raw, second, args.flood_compare_tree
+            dom,
+            prof.flood_conns,
+            args.flood_repeats or prof.flood_repeats,
+            raw,
+            second,
+            args.flood_compare_tree,
+            args.flood_gate_cpus,
         )
     summary.update(
         {
