@@ -43,7 +43,7 @@ from xfgate.flow import (
 )
 from xfgate.inet import IPProto
 from xfgate.vmi.current import CURRENT_SECONDS, CurrentPlan
-from xfgate.vmi.holders import HolderLayout, HolderResolver, TaskIndex
+from xfgate.vmi.holders import HolderLayout, HolderResolver, TableMap, TaskIndex
 from xfgate.vmi.kaslr import KernelLocation, KernelLocator
 from xfgate.vmi.kernel_constants import SockType, TCPState
 from xfgate.vmi.linux import (
@@ -149,6 +149,9 @@ class _Boot:
     task_owners: dict[int, Owner] = field(default_factory=dict)  # tgid -> Owner (fd -1)
     # `tasks` indexed for the resolver (by cred, uid, fd table), and the list it was built from.
     task_index: tuple[list[Task], TaskIndex] | None = None
+    # Where refresh_state's fd arrays are in physical memory (holders.TableMap), and the
+    # state it was built from: rebuilt (new arrays translated only) when the state changes.
+    table_map: tuple[RefreshState, TableMap] | None = None
     # The tasks the gate's watch (blocked owners) picks among `tasks`: (tasks, watch, picked).
     watched: tuple[list[Task], object, list[Task]] | None = None
     # sock -> {(tgid, fd)} the resolver answered since the last complete walk (cross-checked).
@@ -208,6 +211,9 @@ class CrossCheck:
     # read), and the fd tables the resolver read in all (xfgate.vmi.holders).
     by_count: int = 0
     tables_read: int = 0
+    # Resolutions where the last walk's fd-array locations (holders.TableMap) named a table
+    # holding the file (searched right after the new tasks).
+    located: int = 0
     # Incremental refreshes against the next full walk: tasks and fd tables the full walk found
     # unchanged (same fingerprint) are compared with what the refreshes reused; a difference is
     # a disagreement (logged, counted; the full walk's state replaces the refreshes').
@@ -635,7 +641,13 @@ class GuestIntrospector:
             watched = cached[2]
         sk_uid = current.sk_uid if current is not None else None
         res = resolver.resolve(
-            sock_addr, boot.tasks, seconds, sk_uid=sk_uid, index=index, watched=watched
+            sock_addr,
+            boot.tasks,
+            seconds,
+            sk_uid=sk_uid,
+            index=index,
+            watched=watched,
+            table_map=self._table_map(boot),
         )
         # The holders as they are now (uid, comm, exe re-read: see HolderResolver._as_now)
         # replace what the index knew of them, so that owners are never named by who a task
@@ -656,6 +668,7 @@ class GuestIntrospector:
         cc.resolutions += 1
         cc.by_count += res.by_count
         cc.tables_read += res.tables
+        cc.located += bool(res.located)
         owners = tuple(
             sorted(
                 (
@@ -681,6 +694,21 @@ class GuestIntrospector:
             frozenset((o.pid, o.fd) for o in owners),
         )
         return owners, True
+
+    @staticmethod
+    def _table_map(boot: _Boot) -> TableMap | None:
+        """The fd arrays of the last walk's state located in physical memory (built once per
+        state, the prior map's translations reused): see holders.TableMap."""
+        state = boot.refresh_state
+        if state is None:
+            return None
+        cached = boot.table_map
+        if cached is not None and cached[0] is state:
+            return cached[1]
+        arrays = ((files, fp[2], len(fp[3])) for files, (fp, _) in state.tables.items())
+        built = TableMap.build(arrays, boot.space, cached[1] if cached is not None else None)
+        boot.table_map = (state, built)
+        return built
 
     def view(self) -> GuestView:
         """One full walk as flow.GuestView: every inet socket (any protocol), every thread
