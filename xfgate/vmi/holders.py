@@ -128,6 +128,10 @@ MAX_SPAN = 1 << 18
 # ones), and how many of its hits are checked before the rest is left to the two-way search.
 PROBE_BYTE = 2
 PROBE_HITS = 256
+# The creator's groups (f_cred's) searched before the TableMap: a socket its creator holds
+# (most) is settled by one or two tables (~0.2 ms), cheaper than the map's search (~0.4 ms on
+# 1,200 tables); a cred shared by many groups (forked, never changed) is searched after it.
+FIRST_CREATORS = 4
 
 
 def find_all(blob: bytes, needle: bytes) -> Iterator[int]:
@@ -388,13 +392,19 @@ class HolderResolver:
                 return out
             # New tasks first, all of them (no Owner judged them yet), then the likely
             # holders, then the rest while the count is not accounted for.
-            likely: list[Task] = []
-            if table_map is not None:
-                out.located = table_map.holding(self.space.memory, needle, deadline)
-                likely += (t for f in out.located for t in index.by_table.get(f, ()))
-            likely += index.by_cred.get(ref.cred, ())
-            if sk_uid is not None:
-                likely += index.by_uid.get(sk_uid, ())
+            creators = index.by_cred.get(ref.cred, ())
+
+            def located() -> Iterator[Task]:  # run only when the creator's tables did not settle
+                if table_map is not None:
+                    out.located = table_map.holding(self.space.memory, needle, deadline)
+                    yield from (t for f in out.located for t in index.by_table.get(f, ()))
+
+            likely = chain(
+                creators[:FIRST_CREATORS],
+                located(),
+                creators[FIRST_CREATORS:],
+                index.by_uid.get(sk_uid, ()) if sk_uid is not None else (),
+            )
             counting = self.hl.refs is not None and ref.count > 0
             if not counting:
                 out.unsettled = "no reference count"
