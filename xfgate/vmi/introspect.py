@@ -445,8 +445,7 @@ class GuestIntrospector:
                 if full and boot.refresh_state is not None:
                     self._cross_check_refresh(boot.refresh_state, result.state)
                 boot.refresh_state, boot.state_at = result.state, time.monotonic()
-                if self.holder_layout is not None:
-                    self._table_map(boot)
+            self._prepare_resolver(boot)
             boot.last_view, boot.view_socks = None, {}  # built on demand (view, refresh_view)
             boot.task_addrs = tuple(t.address for t in result.tasks)
             boot.index_at = time.monotonic()
@@ -511,8 +510,6 @@ class GuestIntrospector:
         raw = (boot.raw_socks - affected) | raw_socks(fresh, fresh_packets)
         if new.state is not None:
             boot.refresh_state, boot.state_at = new.state, time.monotonic()
-            if self.holder_layout is not None:
-                self._table_map(boot)
         if not same_tasks:
             boot.tasks = list(new.tasks)
             boot.task_owners = owners
@@ -520,6 +517,7 @@ class GuestIntrospector:
             boot.task_addrs = tuple(t.address for t in new.tasks)
         boot.raw_socks = raw
         boot.last_walk = new
+        self._prepare_resolver(boot)
         return _Delta(affected, owners, index, fresh, same_tasks)
 
     def _cross_check_refresh(
@@ -625,11 +623,7 @@ class GuestIntrospector:
         resolver = HolderResolver(
             boot.space, self.layout, self.holder_layout, boot.location.virt_shift, self.bounds
         )
-        # Built once per task list (and watch), not per lookup: the packet path stays
-        # independent of the guest's size unless the reference count does not settle.
-        if boot.task_index is None or boot.task_index[0] is not boot.tasks:
-            boot.task_index = (boot.tasks, TaskIndex.build(boot.tasks))
-        index = boot.task_index[1]
+        index = self._task_index(boot)
         watch = self.watch
         watched: list[Task] = []
         if watch is not None:
@@ -698,6 +692,22 @@ class GuestIntrospector:
             frozenset((o.pid, o.fd) for o in owners),
         )
         return owners, True
+
+    def _prepare_resolver(self, boot: _Boot) -> None:
+        """What the holder resolver needs of a new task list and state, built when they are
+        installed (the walk's or refresh's thread) rather than by the next new flow's first
+        packet: the task index (~2 ms on 1,200 groups) and the TableMap."""
+        if self.holder_layout is not None:
+            self._task_index(boot)
+            self._table_map(boot)
+
+    @staticmethod
+    def _task_index(boot: _Boot) -> TaskIndex:
+        """boot.tasks indexed: built once per task list, not per lookup (the packet path stays
+        independent of the guest's size unless the reference count does not settle)."""
+        if boot.task_index is None or boot.task_index[0] is not boot.tasks:
+            boot.task_index = (boot.tasks, TaskIndex.build(boot.tasks))
+        return boot.task_index[1]
 
     @staticmethod
     def _table_map(boot: _Boot) -> TableMap | None:
@@ -887,8 +897,7 @@ class GuestIntrospector:
         if result.complete and unchanged and addrs == boot.task_addrs and boot.last_view:
             cc.refresh_unchanged += 1
             boot.refresh_state, boot.state_at = result.state, time.monotonic()
-            if self.holder_layout is not None:
-                self._table_map(boot)  # no array moved: the map kept (a tuple compared)
+            self._prepare_resolver(boot)  # no array moved: the map kept (a tuple compared)
             return boot.last_view
         old_view, old_socks = boot.last_view, boot.view_socks
         delta = self._install(boot, result, full=False)
