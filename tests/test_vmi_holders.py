@@ -11,7 +11,14 @@ from collections.abc import Callable
 from tests.vmi_fakes import FakeGuest, addr, fake_domain, standard_guest
 from xfgate.flow import Flow, Ownership
 from xfgate.inet import IPProto
-from xfgate.vmi.holders import PROBE_BYTE, PROBE_HITS, RefLayout, TableMap, find_all
+from xfgate.vmi.holders import (
+    MAP_ARRAY_BYTES,
+    PROBE_BYTE,
+    PROBE_HITS,
+    RefLayout,
+    TableMap,
+    find_all,
+)
 from xfgate.vmi.introspect import GuestIntrospector
 from xfgate.vmi.memory import BufferMemory
 from xfgate.vmi.walk import Deadline
@@ -385,3 +392,23 @@ def test_find_all_past_the_probe_bound_finds_every_needle() -> None:
     assert hits == [first, first + 8 + 5 + 8]
     assert list(find_all(needle + needle, needle)) == [0, 8]
     assert list(find_all(b"\0" * 64, needle)) == []
+
+
+def test_a_huge_fd_table_is_searched_only_in_its_first_part_by_the_map() -> None:
+    """An fd bomb's table (or any huge one) cannot make every new flow's map search long: the
+    map holds its first MAP_ARRAY_BYTES only; a holder past them is still found, by the whole
+    search (the count not accounted for by the map's tables)."""
+    g = _crowded()
+    slots = MAP_ARRAY_BYTES // 8 + 64
+    app = g.add_task(500, "app", uid=1000, max_fds=slots)
+    with GuestIntrospector(fake_domain(), g.profile, memory=g.memory, min_rewalk_seconds=60) as gi:
+        assert gi.walk().complete
+        fake = g.task_at(app)
+        tmap = TableMap.build([(fake.files, fake.fd_array, slots * 8)], gi.boot().space)
+        assert max(tmap.ends) - min(tmap.starts) <= MAP_ARRAY_BYTES
+        _, flow = _passed(g, app, slots - 1, 40025)
+        own, _, tables = _lookup(gi, flow)
+        assert _holders(own) == [(500, slots - 1)] and tables > CROWD
+        _, flow = _passed(g, app, 3, 40026)
+        own, by_count, tables = _lookup(gi, flow)
+        assert _holders(own) == [(500, 3)] and by_count == 1 and tables <= 2

@@ -123,6 +123,12 @@ class TaskIndex:
 # and no span is longer than MAX_SPAN (one read).
 SPAN_GAP = 1024
 MAX_SPAN = 1 << 18
+# What one map searches at most: an fd array's first MAP_ARRAY_BYTES (8,192 fds: a new fd takes
+# the lowest free slot), MAP_BYTES in all. A process that grows its table (an fd bomb, a blocked
+# one's or anyone's) cannot make every other new flow's map search long: past these bounds an
+# array is left out, and a holder there is found by the search through every table, as before.
+MAP_ARRAY_BYTES = 1 << 16
+MAP_BYTES = 1 << 23
 # find_all: the byte of a file pointer memchr() looks for first (bits 16-23 of a direct-map
 # address: spread over the guest's RAM, unlike the slab-aligned low byte or the constant high
 # ones), and how many of its hits are checked before the rest is left to the two-way search.
@@ -186,12 +192,18 @@ class TableMap:
         space: AddressSpace,
         prior: TableMap | None = None,
     ) -> TableMap:
-        """`arrays`: (files_struct, fd array virtual address, bytes) as the walk read them
-        (bounded by its fd-slot bound). An array that does not translate is left out."""
+        """`arrays`: (files_struct, fd array virtual address, bytes) as the walk read them.
+        An array that does not translate is left out; each is cut to MAP_ARRAY_BYTES, and
+        arrays past MAP_BYTES in all are left out."""
         reuse = prior.located if prior is not None else {}
         located: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
         pieces: list[tuple[int, int, int]] = []
+        total = 0
         for files, vaddr, length in arrays:
+            length = min(length, MAP_ARRAY_BYTES)
+            total += length
+            if total > MAP_BYTES:
+                break
             key = (vaddr, length)
             found = located.get(key) or reuse.get(key)
             if found is None:
