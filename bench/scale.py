@@ -183,6 +183,13 @@ def _flows(kind: str) -> Callable[[Mapping[str, Any]], str]:
     return read
 
 
+def _passed(d: Mapping[str, Any]) -> str:
+    p50 = _dig(d, "vmi_bench", "guest_passed_flows", "p50_ms")
+    p99 = _dig(d, "vmi_bench", "guest_passed_flows", "p99_ms")
+    right = _dig(d, "vmi_bench", "guest_passed_flows_attributed")
+    return f"{_fmt(p50)} / {_fmt(p99)} ms ({_fmt(right)} attributed)" if p50 else "-"
+
+
 def _loads(d: Mapping[str, Any]) -> str:
     before, after = d.get("loadavg_before") or [None], d.get("loadavg_after") or [None]
     return f"{_fmt(before[0])} / {_fmt(after[0])}"
@@ -237,6 +244,7 @@ ROWS: tuple[tuple[str, Reader, str], ...] = (
     ("first packet: SYN to a new listener (incoming)", _flows("tcp_listen"), "same"),
     ("first packet: accepted end of an incoming connection", _flows("tcp_in"), "same"),
     ("first packet: UDP datagram of a new socket", _flows("udp"), "same"),
+    ("first packet: UDP socket received by SCM_RIGHTS since the walk", _passed, "same"),
     ("blocked uid's new-sock lookup p50 / p99", lambda d: _pair(d, "blocked_new_sock_lookup"), "-"),
     (
         "first-packet decisions/s, owners from guest memory",

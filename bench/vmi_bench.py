@@ -17,6 +17,9 @@
   walked, then it opens N new listeners (the SYN of an incoming connection), N loopback TCP
   connections (the outgoing end and the accepted, incoming end) and N UDP sockets; each looked
   up once, as the gate's first packet of that flow would be, `--block-uid 1001` watched);
+- guest_passed_flows (`--guest-flows N`, a lab guest): first-packet lookups of N UDP sockets a
+  long-lived process received by SCM_RIGHTS after the last walk (`xfprobe passflows`), the
+  receiver their only holder, named neither by the file's f_cred nor by sk_uid;
 - decisions_per_s / decisions_per_cpu_s: Engine.evaluate() over the gate's LockedOwnerSource of
   the first packet of distinct flows (every one a cache miss): half sent by the guest's
   connected TCP/UDP sockets (IPv4 and IPv6), half sent to its listeners and bound UDP sockets
@@ -220,6 +223,63 @@ def guest_new_flows(
     }
 
 
+PASS_FLOWS_PORT = 27000  # xfprobe passflows: 127.0.0.1:PORT+1+i -> :PORT
+
+
+def guest_passed_flows(
+    guest: GuestIntrospector, n: int, layout: LabLayout | None = None
+) -> dict[str, Any]:
+    """First-packet lookups of UDP sockets a long-lived process RECEIVES by SCM_RIGHTS after
+    the last walk and connects (`xfprobe passflows`: a root sender opens and passes them, the
+    receiver, uid 1000, is their only holder: neither f_cred nor sk_uid names it, as for
+    systemd socket activation or a privilege-separated daemon): per lookup p50/p99, how many
+    answered with the receiver as the holder, all known; the resolver's tables read."""
+    layout = layout or layout_from_env()
+    domain = guest.domain.id
+    t = time.perf_counter()
+    guest.walk()
+    delay_ms = int((time.perf_counter() - t) * 3000) + 3000  # the next walk ends before it
+    start = (
+        f"setsid xfprobe passflows {PASS_FLOWS_PORT} {n} {delay_ms} 600"
+        " > /tmp/xfpassflows.log 2>&1 < /dev/null & sleep 1; cat /tmp/xfpassflows.log"
+    )
+    out = guest_exec(layout, domain, start, timeout=20).output.decode(errors="replace")
+    m = re.search(r"receiver (\d+) waiting", out)
+    if m is None:
+        return {"guest_passed_flows_error": out.strip()[-200:]}
+    pid = int(m.group(1))
+    try:
+        result = guest.walk()
+        if not any(t.pid == pid for t in result.tasks) or not result.complete:
+            return {"guest_passed_flows_error": "the walk did not see the receiver"}
+        for _ in range(int(delay_ms / 1000) + 60):
+            time.sleep(1.0)
+            log = guest_exec(layout, domain, "cat /tmp/xfpassflows.log", timeout=10).output
+            if b"ready" in log:
+                break
+        else:
+            return {"guest_passed_flows_error": "the probe did not get ready"}
+        lo, p = ip_address("127.0.0.1"), PASS_FLOWS_PORT
+        samples: list[float] = []
+        right = 0
+        cc = guest.crosscheck
+        tables, located = getattr(cc, "tables_read", 0), getattr(cc, "located", 0)
+        for i in range(n):
+            flow = Flow(IPProto.UDP, lo, p + 1 + i, lo, p)
+            t = time.perf_counter()
+            own = guest.lookup(flow)
+            samples.append(time.perf_counter() - t)
+            right += own is not None and own.holders_known and {o.pid for o in own.owners} == {pid}
+    finally:
+        guest_exec(layout, domain, f"kill {pid}", timeout=10)
+    return {
+        "guest_passed_flows": summary_ms(samples),
+        "guest_passed_flows_attributed": right,
+        "guest_passed_flows_tables_read": getattr(cc, "tables_read", 0) - tables,
+        "guest_passed_flows_located": getattr(cc, "located", 0) - located,
+    }
+
+
 def run(
     domain_id: int,
     rounds: int,
@@ -257,6 +317,7 @@ def run(
     with guest:
         if guest_flows:
             out.update(guest_new_flows(guest, guest_flows))
+            out.update(guest_passed_flows(guest, guest_flows))
         out.update(new_sock_lookups(guest, rounds))
         out.update(blocked_new_sock_lookups(guest, rounds))
         out.update(decisions_per_second(guest, rounds * 20))

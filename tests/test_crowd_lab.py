@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.vmi_bench import NEW_FLOWS_PORT, guest_new_flows, new_sock_lookups
+from bench.vmi_bench import (
+    NEW_FLOWS_PORT,
+    guest_new_flows,
+    guest_passed_flows,
+    new_sock_lookups,
+)
 from tests.conftest import require_lab_prerequisites
 from tests.test_vmi_lab import cli_ps_json, ps_against_truth
 from xfgate.config import DomainConfig
@@ -78,6 +83,11 @@ def test_new_socks_resolved_without_a_walk_agree_with_one(
         # Unknown (the lookup's budget spent) is allowed, rarely; a wrong answer never.
         assert found["new_sock_unknown"] <= 2
         assert found["new_sock_disagreements"] == 0
+        # Neither f_cred nor sk_uid names most of these socks' holders (crowd.c opens them as
+        # root, then setuid): found where the walk saw their tables (holders.TableMap), not by
+        # reading ~500 of the crowd's 1,200 tables per sock as before (52,000 for 100).
+        assert found["crosscheck"]["tables_read"] < 5 * 100
+        assert found["crosscheck"]["located"] > 0
         # A process started after the walk, holding a listener the index has never seen: found
         # at the task list's tail, its fd table searched; the next full walk cross-checks it.
         guest_exec(layout, 1, "nc -l -p 23456 >/dev/null 2>&1 </dev/null & sleep 0.5")
@@ -111,6 +121,26 @@ def test_real_new_flows_are_settled_by_the_reference_count_on_the_crowd(
         }
         assert found["guest_new_flows_by_count"] >= 4 * n - 2
         assert found["guest_new_flows_tables_read"] < 10 * 4 * n  # not 1,200 per lookup
+        assert guest.walk().complete and guest.crosscheck.disagreements == 0
+
+
+def test_sockets_received_by_scm_rights_after_the_walk_are_found_where_the_walk_saw_the_table(
+    crowd_lab: tuple[LabLayout, DomainConfig],
+) -> None:
+    """A long-lived process (uid 1000) receives UDP sockets a root sender opened and passed by
+    SCM_RIGHTS after the walk (`xfprobe passflows`): f_cred and sk_uid name the sender, the
+    receiver alone holds them. Each first lookup names the receiver, all holders known, from
+    its table (the TableMap's hint) and the sender's, not the crowd's 1,200."""
+    layout, domain = crowd_lab
+    profile = load_domain_profile(domain, None)
+    bounds = WalkBounds(seconds=30.0)
+    with GuestIntrospector(domain, profile, bounds=bounds, lookup_budget_seconds=2.0) as guest:
+        n = 10
+        found = guest_passed_flows(guest, n, layout)
+        assert "guest_passed_flows_error" not in found
+        assert found["guest_passed_flows_attributed"] == n
+        assert found["guest_passed_flows_located"] >= n - 1
+        assert found["guest_passed_flows_tables_read"] < 10 * n  # not 1,200 per lookup
         assert guest.walk().complete and guest.crosscheck.disagreements == 0
 
 

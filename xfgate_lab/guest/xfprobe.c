@@ -40,6 +40,14 @@
  *                                 UDP socket 127.0.0.1:PORT -> :PORT+1 (one datagram) and passes
  *                                 it to the child (SCM_RIGHTS): both hold it, the parent created
  *                                 it; prints "ready PARENT CHILD"
+ *   passflows PORT N DELAY_MS HOLD_S  (bench, root) forks a receiver that drops to uid 1000
+ *                                 and waits (a long-lived process the host's walk sees); after
+ *                                 DELAY_MS the parent, 20 ms apart, N times opens a UDP socket
+ *                                 bound to 127.0.0.1:PORT+i, passes it (SCM_RIGHTS) and closes
+ *                                 it; the receiver connects each to 127.0.0.1:PORT, sends one
+ *                                 datagram and holds it: f_cred and sk_uid name the sender,
+ *                                 the receiver alone holds it. Prints "passflows: receiver
+ *                                 PID waiting", then "passflows: ready: N passed"
  * Global option, first: --as-uid UID  the root-only probes (raw-tcp, frames) open their socket as
  *   root, then drop to UID (groups, gid and uid) before sending: the packets leave from a
  *   process of a blocked user holding a socket root created.
@@ -726,6 +734,64 @@ static int hold_passfd(int port, long delay_ms, long secs) {
     return 0;
 }
 
+/* passflows: sockets received by SCM_RIGHTS after the host's walk (systemd socket activation,
+ * privilege-separated daemons), the receiver their only holder. */
+static int passflows(int port, long n, long delay_ms, long hold_s) {
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_DGRAM, 0, pair) != 0) {
+        perror("socketpair");
+        return 1;
+    }
+    char byte = 'x';
+    char ctl[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    struct msghdr msg = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl, .msg_controllen = sizeof ctl};
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
+    pid_t child = fork();
+    if (child == 0) {
+        close(pair[0]);
+        if (setgid(1000) != 0 || setuid(1000) != 0) {
+            perror("setuid");
+            _exit(1);
+        }
+        long got = 0;
+        for (long i = 0; i < n; i++) {
+            msg.msg_controllen = sizeof ctl;
+            if (recvmsg(pair[1], &msg, 0) != 1) break;
+            struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+            int s = -1;
+            if (c && c->cmsg_type == SCM_RIGHTS) memcpy(&s, CMSG_DATA(c), sizeof s);
+            if (s >= 0 && connect(s, (struct sockaddr *)&to, sizeof to) == 0)
+                got += send(s, "x", 1, 0) == 1;
+        }
+        printf("xfprobe passflows: ready: %ld passed\n", got);
+        sleep_ms(hold_s * 1000); /* the sockets close at exit */
+        _exit(0);
+    }
+    if (child < 0) return 1;
+    close(pair[1]);
+    printf("xfprobe passflows: receiver %d waiting\n", child);
+    sleep_ms(delay_ms);
+    for (long i = 0; i < n; i++) {
+        int s = bound4(SOCK_DGRAM, "127.0.0.1", port + 1 + (int)i);
+        if (s < 0) continue;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &s, sizeof s);
+        msg.msg_controllen = sizeof ctl;
+        if (sendmsg(pair[0], &msg, 0) != 1) perror("sendmsg");
+        close(s);
+        sleep_ms(20);
+    }
+    close(pair[0]);
+    waitpid(child, NULL, 0);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc > 3 && !strcmp(argv[1], "--as-uid")) {
@@ -772,6 +838,9 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "hold-passfd") && argc == 5)
         return hold_passfd(atoi(argv[2]), arg_n(argv[3], 60000), arg_n(argv[4], 600));
     if (!strcmp(c, "hold") && argc == 5) return hold(argv[2], atoi(argv[3]), arg_n(argv[4], 600));
+    if (!strcmp(c, "passflows") && argc == 6)
+        return passflows(atoi(argv[2]), arg_n(argv[3], 300), arg_n(argv[4], 60000),
+                         arg_n(argv[5], 600));
     if (!strcmp(c, "newflows") && argc == 6)
         return newflows(atoi(argv[2]), arg_n(argv[3], 300), arg_n(argv[4], 60000),
                         arg_n(argv[5], 600));
