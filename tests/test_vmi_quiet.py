@@ -6,6 +6,8 @@ refreshes on the crowded lab guest."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.test_vmi_refresh import resetting_refresher
 from tests.vmi_fakes import (
     FakeGuest,
@@ -18,6 +20,7 @@ from tests.vmi_fakes import (
 from xfgate.flow import Owner
 from xfgate.inet import IPProto
 from xfgate.vmi.introspect import GuestIntrospector, rotating_slice
+from xfgate.vmi.linux import Task, Walk
 
 FOREVER = 1e9  # a slice period no test reaches: those refreshes read no slice at all
 ALWAYS = 1e-9  # a slice period every refresh exceeds: all tasks in the slice
@@ -185,3 +188,42 @@ def test_a_connection_made_unseen_then_its_holder_blocked_resets_the_settled_flo
     assert any(e.port == 8080 and e.is_flow for e in r.entries or set())
     assert resets == [1] and r.settled_resets == 1
     gi.close()
+
+
+def test_watched_tasks_are_taken_from_the_prior_refresh_and_a_newly_watched_one_stays_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the same watch function, a quiet refresh does not ask of every task whether it
+    is watched: the prior refresh's watched tasks are read, the others are its Task objects
+    (not watched). A task that becomes watched (a setuid seen by the read slice) is recorded
+    and read afresh on every later refresh: its new socket is in the next view."""
+    asked: list[int] = []
+    original = Walk.watched
+
+    def counting(self: Walk, task: Task) -> bool:
+        asked.append(task.pid)
+        return original(self, task)
+
+    monkeypatch.setattr(Walk, "watched", counting)
+    g, _spray, web, _ = spray_and_web(counters_profile())
+    with _introspector(g) as gi:
+        gi.refresh_view(_blocked_1001)  # the full walk
+        gi.refresh_view(_blocked_1001)  # the first quiet one asks of every task
+        tasks = len(gi.refresh_view(_blocked_1001).tasks)
+        asked.clear()
+        gi.refresh_view(_blocked_1001)
+        assert gi.crosscheck.quiet_refreshes == 3
+        assert 0 < len(set(asked)) < tasks and 500 not in asked  # web: not asked, not read
+        cred = g.alloc(0x60)  # web becomes uid 1001 without a fork
+        g.w(cred + g.off("cred", "uid"), "<I", 1001)
+        g.w(cred + g.off("cred", "euid"), "<I", 1001)
+        g.w(web + g.off("task_struct", "real_cred"), "<QQ", cred, cred)
+        gi.read_seconds = ALWAYS
+        gi.refresh_view(_blocked_1001)  # the read slice decodes it: watched
+        gi.read_seconds = FOREVER
+        gi.refresh_view(_blocked_1001)
+        sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40002, "198.18.0.1", 53, sk_uid=1001)
+        g.add_fd(web, 9, sk)  # no fork, no slice: only a watched task is read
+        view = gi.refresh_view(_blocked_1001)
+        assert 40002 in lports_of(view, 500) and view == view_from_scratch(gi)
+        assert gi.crosscheck.full_walks == 1

@@ -475,6 +475,13 @@ class RefreshState:
     # The walk's entries (WalkResult.sockets, .packets): a quiet walk keeps those of the
     # thread groups it trusts.
     entries: tuple[list[FdSocket], list[FdPacket]] = field(default_factory=lambda: ([], []))
+    # A quiet walk's watched tasks (addresses) and the watch token they were asked under
+    # (QuietPlan.watch_token; None: not recorded). A Task object's watch answer is fixed for a
+    # token, and a task not read keeps its prior Task object: with the same token the next
+    # quiet walk takes its watched tasks from here instead of asking of each of the
+    # thousands of tasks (a crowd's 2,000 calls per refresh).
+    watched: frozenset[int] = frozenset()
+    watched_for: object = None
 
 
 @dataclass(frozen=True)
@@ -489,11 +496,15 @@ class QuietPlan:
     tables are read again only if the task changed. `recheck`: those decoded afresh, fd tables
     and files included, and compared with the prior state (the sliced cross-check). Every
     other task, and its fd tables and sockets, is the prior walk's, with no read at all.
-    Watched tasks are always read afresh."""
+    Watched tasks are always read afresh. `watch_token`: what the walk's watch answers
+    depend on besides the Task object (the caller's watch function), or None when they may
+    change with each walk: with the prior state's token, the prior's watched tasks are the
+    only watched ones among those not read (`RefreshState.watched`)."""
 
     tasks: tuple[int, ...] | None  # None: the task list changed, walk it
     read: frozenset[int]
     recheck: frozenset[int]
+    watch_token: object = None
 
 
 @dataclass
@@ -564,6 +575,7 @@ class Walk:
         self.trusted: set[int] = set()
         self.trust_unchanged = False  # an unchanged task's tables are trusted (not read)
         self._watched: dict[int, bool] = {}  # id(Task) -> watch(Task), once per walk
+        self.watch_token: object = None  # QuietPlan.watch_token of a quiet walk
         # Thread groups whose socket entries are not the prior walk's objects (decoded,
         # read afresh, or a task that changed): what a view built from the prior one redoes.
         self.changed_pids: set[int] = set()
@@ -650,7 +662,14 @@ class Walk:
         self.state.held = dict(prior.held)
         look = read | self.recheck
         known = prior.tasks
-        todo = [a for a in tasks if a in look or a not in known or self.watched(known[a][1])]
+        token = self.watch_token
+        if token is not None and prior.watched_for is token:
+            # The prior's watched tasks are the watched ones among those not read: a task
+            # not read keeps its prior Task object, whose answer is fixed for the token.
+            pick = look | prior.watched
+            todo = [a for a in tasks if a in pick or a not in known]
+        else:
+            todo = [a for a in tasks if a in look or a not in known or self.watched(known[a][1])]
         self.trusted = set(tasks).difference(todo)
         self.counts.tasks_trusted = len(self.trusted)
         tgids: dict[int, int] = {lay.init_task + self.shift: 0}
@@ -679,6 +698,11 @@ class Walk:
         result.packets = _not_held_by(old_packets, pids)
         self.counts.files_reused += len(result.sockets) + len(result.packets)
         self.sockets(redo, result)
+        if token is not None:
+            # Every task not redone is the prior's Task and not watched (asked above, or
+            # not in the prior's watched set, or read unchanged and asked in _task).
+            self.state.watched = frozenset(t.address for t in redo if self.watched(t))
+            self.state.watched_for = token
 
     def _task_fingerprint(self, blob: bytes, tgids: Mapping[int, int]) -> bytes:
         """The task_struct fields a Task is decoded from (pid, tgid, parent, cred, comm, files,
@@ -1359,6 +1383,7 @@ def walk_once(
         quiet = None
     if quiet is not None:
         walk.recheck, walk.trust_unchanged = quiet.recheck, True
+        walk.watch_token = quiet.watch_token if watch is not None else None
     if prior is not None:  # files of tables served whole (_held_again) stay known; a full
         walk.state.socks = dict(prior.socks)  # walk starts afresh (no stale files kept)
     result = WalkResult(attempts=1, state=walk.state, counts=walk.counts)
