@@ -6,6 +6,9 @@ refreshes on the crowded lab guest."""
 
 from __future__ import annotations
 
+import random
+from ipaddress import IPv4Address
+
 import pytest
 
 from tests.test_vmi_refresh import resetting_refresher
@@ -20,7 +23,15 @@ from tests.vmi_fakes import (
 from xfgate.flow import Owner
 from xfgate.inet import IPProto
 from xfgate.vmi.introspect import GuestIntrospector, rotating_slice
-from xfgate.vmi.linux import Task, Walk
+from xfgate.vmi.linux import (
+    FdSocket,
+    InetSock,
+    Task,
+    Walk,
+    _not_held_by,
+    _not_held_by_column,
+    pid_column,
+)
 
 FOREVER = 1e9  # a slice period no test reaches: those refreshes read no slice at all
 ALWAYS = 1e-9  # a slice period every refresh exceeds: all tasks in the slice
@@ -227,3 +238,21 @@ def test_watched_tasks_are_taken_from_the_prior_refresh_and_a_newly_watched_one_
         view = gi.refresh_view(_blocked_1001)
         assert 40002 in lports_of(view, 500) and view == view_from_scratch(gi)
         assert gi.crosscheck.full_walks == 1
+
+
+def test_the_pid_column_drops_exactly_what_a_pass_over_every_entry_drops() -> None:
+    """A quiet walk drops the redone thread groups' entries by searching the packed pid
+    column: the same list, in the same order, as the pass over every entry, and the kept
+    entries' column; groups contiguous or not, ids that are another id's bytes shifted."""
+    rng = random.Random(10)
+    sock = InetSock(0x1000, 4, 6, 10, IPv4Address(0), 80, IPv4Address(0), 0, 0)
+    for n in range(300):
+        pool = [1, 2, 3, 256, 257, 65536, 1 << 21, rng.randrange(1, 4_000_000)]
+        entries = [FdSocket(rng.choice(pool), fd, sock) for fd in range(rng.randrange(0, 60))]
+        if n % 2:  # each group's entries contiguous, as walks append them
+            entries.sort(key=lambda e: e.pid)
+        redone = set(rng.sample(pool, k=rng.randrange(0, 4))) | {rng.randrange(1, 9)}
+        kept, column = _not_held_by_column(entries, pid_column(entries), redone)
+        assert kept == _not_held_by(entries, redone)
+        assert [id(e) for e in kept] == [id(e) for e in _not_held_by(entries, redone)]
+        assert column == pid_column(kept)

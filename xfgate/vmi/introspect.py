@@ -847,7 +847,7 @@ class GuestIntrospector:
         cc.last_refresh_ms = round(result.seconds * 1000, 2)
         if result.counts is not None:
             cc.last_refresh = dict(vars(result.counts))  # flat ints: asdict's deep copy cost
-        addrs = tuple(t.address for t in result.tasks)
+        addrs = tuple(map(attrgetter("address"), result.tasks))
         unchanged = result.counts is not None and result.counts.changes == 0
         if result.complete and unchanged and addrs == boot.task_addrs and boot.last_view:
             cc.refresh_unchanged += 1

@@ -17,12 +17,12 @@ import struct
 import sys
 import time
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from itertools import compress
-from operator import attrgetter, not_
+from operator import attrgetter, itemgetter, not_
 from typing import TypeVar
 
 from xfgate.errors import MemoryReadError, ProfileError
@@ -482,6 +482,9 @@ class RefreshState:
     # thousands of tasks (a crowd's 2,000 calls per refresh).
     watched: frozenset[int] = frozenset()
     watched_for: object = None
+    # `entries`' thread-group ids, packed (linux.pid_column of each list): the next quiet walk
+    # drops the redone groups' entries by searching these instead of passing over all.
+    entry_pids: tuple[bytes, bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -535,6 +538,33 @@ class WalkAborted(Exception):
         self.issue = issue
 
 
+class _PriorTgids(Mapping[int, int]):
+    """A quiet walk's task address -> tgid: init_task's 0 and the prior walk's tasks among
+    this walk's, looked up when asked (~250 times a refresh on the crowd) instead of a dict
+    built over every task each refresh."""
+
+    def __init__(
+        self, init_task: int, known: Mapping[int, tuple[bytes, Task]], members: set[int]
+    ) -> None:
+        self._init = init_task
+        self._known = known
+        self._members = members
+
+    def __getitem__(self, address: int) -> int:
+        if address == self._init:
+            return 0
+        if address not in self._members:
+            raise KeyError(address)
+        return self._known[address][1].tgid
+
+    def __iter__(self) -> Iterator[int]:
+        yield self._init
+        yield from (a for a in self._members if a in self._known and a != self._init)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class Walk:
     """One bounded walk over a consistent-looking snapshot of guest memory."""
 
@@ -576,6 +606,9 @@ class Walk:
         self.trust_unchanged = False  # an unchanged task's tables are trusted (not read)
         self._watched: dict[int, bool] = {}  # id(Task) -> watch(Task), once per walk
         self.watch_token: object = None  # QuietPlan.watch_token of a quiet walk
+        self._fields: Callable[[bytes], tuple[bytes, ...]] | None = None  # _fingerprint_fields
+        # A quiet walk's pid columns of the prior entries it kept (see RefreshState.entry_pids).
+        self.kept_columns: tuple[bytes, bytes] | None = None
         # Thread groups whose socket entries are not the prior walk's objects (decoded,
         # read afresh, or a task that changed): what a view built from the prior one redoes.
         self.changed_pids: set[int] = set()
@@ -670,11 +703,10 @@ class Walk:
             todo = [a for a in tasks if a in pick or a not in known]
         else:
             todo = [a for a in tasks if a in look or a not in known or self.watched(known[a][1])]
-        self.trusted = set(tasks).difference(todo)
+        members = set(tasks)
+        self.trusted = members.difference(todo)
         self.counts.tasks_trusted = len(self.trusted)
-        tgids: dict[int, int] = {lay.init_task + self.shift: 0}
-        if todo:
-            tgids.update((addr, known[addr][1].tgid) for addr in tasks if addr in known)
+        tgids = _PriorTgids(lay.init_task + self.shift, known, members)
         for n, addr in enumerate(todo):
             if not n & 0x3F:
                 self.check_time("task list")
@@ -689,13 +721,29 @@ class Walk:
                 )
             if self._task(addr, blob, tgids) is None:
                 self.state.tasks.pop(addr, None)
-        result.tasks = [self.state.tasks[a][1] for a in tasks if a in self.state.tasks]
-        redo = [t for t in result.tasks if t.address not in self.trusted]
+        state_tasks = self.state.tasks  # (at C speed: ~1,200 thread groups on the crowd)
+        result.tasks = list(
+            map(_SECOND, map(state_tasks.__getitem__, filter(state_tasks.__contains__, tasks)))
+        )
+        # The tasks not trusted are among those read (todo), in the same (list) order.
+        redo = [state_tasks[a][1] for a in todo if a in state_tasks and a not in self.trusted]
         pids = {t.tgid for t in redo}
         old_sockets, old_packets = prior.entries
-        # Every entry but the redone thread groups' (a crowd's 20,000: a pass at C speed).
-        result.sockets = _not_held_by(old_sockets, pids)
-        result.packets = _not_held_by(old_packets, pids)
+        # Every entry but the redone thread groups' (a crowd's 20,000): through the prior's
+        # pid columns when they are the prior's entries' (same lengths: the lists are only
+        # ever appended to while a walk builds them), else a pass at C speed.
+        columns = prior.entry_pids
+        if (
+            columns is not None
+            and len(columns[0]) == 4 * len(old_sockets)
+            and len(columns[1]) == 4 * len(old_packets)
+        ):
+            result.sockets, kept_sockets = _not_held_by_column(old_sockets, columns[0], pids)
+            result.packets, kept_packets = _not_held_by_column(old_packets, columns[1], pids)
+            self.kept_columns = (kept_sockets, kept_packets)
+        else:
+            result.sockets = _not_held_by(old_sockets, pids)
+            result.packets = _not_held_by(old_packets, pids)
         self.counts.files_reused += len(result.sockets) + len(result.packets)
         self.sockets(redo, result)
         if token is not None:
@@ -704,9 +752,9 @@ class Walk:
             self.state.watched = frozenset(t.address for t in redo if self.watched(t))
             self.state.watched_for = token
 
-    def _task_fingerprint(self, blob: bytes, tgids: Mapping[int, int]) -> bytes:
-        """The task_struct fields a Task is decoded from (pid, tgid, parent, cred, comm, files,
-        mm, signal, thread list head) and its parent's tgid: equal, the Task is the same."""
+    def _fingerprint_fields(self) -> Callable[[bytes], tuple[bytes, ...]]:
+        """The fingerprint's task_struct fields as one C-speed getter over the task span
+        (made once per walk: a quiet refresh fingerprints ~250 tasks on the crowd)."""
         lay = self.layout
         lo = lay.task_span[0]
         spans = [
@@ -721,9 +769,17 @@ class Walk:
             spans.append((lay.task_mm, 8))
         if lay.has_threads:
             spans += [(lay.task_signal, 8), (lay.task_thread_node, 8)]
-        parent = self._u64(blob, lay.task_real_parent - lo)
+        return itemgetter(*(slice(o - lo, o - lo + n) for o, n in spans))
+
+    def _task_fingerprint(self, blob: bytes, tgids: Mapping[int, int]) -> bytes:
+        """The task_struct fields a Task is decoded from (pid, tgid, parent, cred, comm, files,
+        mm, signal, thread list head) and its parent's tgid: equal, the Task is the same."""
+        if self._fields is None:
+            self._fields = self._fingerprint_fields()
+        lay = self.layout
+        parent = self._u64(blob, lay.task_real_parent - lay.task_span[0])
         tail = struct.pack("<q", tgids.get(parent, -1))
-        return b"".join(blob[o - lo : o - lo + n] for o, n in spans) + tail
+        return b"".join(self._fields(blob)) + tail
 
     def _task(self, address: int, blob: bytes, tgids: Mapping[int, int]) -> Task | None:
         """One thread group's Task; with a `prior` state, the prior Task when its fingerprint
@@ -734,8 +790,18 @@ class Walk:
         if fresh:
             self.state.rechecked_tasks.add(address)
             self.counts.tasks_rechecked += 1
-        seen = self.prior.tasks.get(address) if self.prior is not None else None
-        watched = seen is not None and self.watched(seen[1])
+        prior = self.prior
+        seen = prior.tasks.get(address) if prior is not None else None
+        if seen is None:
+            watched = False
+        elif (
+            prior is not None
+            and self.watch_token is not None
+            and prior.watched_for is self.watch_token
+        ):
+            watched = address in prior.watched  # the prior's Task, asked under this token
+        else:
+            watched = self.watched(seen[1])
         if seen is not None and seen[0] == key and not watched and not fresh:
             if self.trust_unchanged:  # read, unchanged: its tables are trusted too
                 self.trusted.add(address)
@@ -1268,7 +1334,9 @@ class Walk:
 
 
 _E = TypeVar("_E", FdSocket, FdPacket)
+_I32 = struct.Struct("=i")  # array("i")'s item (a tgid < PID_MAX_LIMIT, 2^22, fits)
 _PID = attrgetter("pid")
+_SECOND = itemgetter(1)
 
 
 def _not_held_by(entries: list[_E], pids: set[int]) -> list[_E]:
@@ -1276,6 +1344,52 @@ def _not_held_by(entries: list[_E], pids: set[int]) -> list[_E]:
     if not pids:
         return list(entries)
     return list(compress(entries, map(not_, map(pids.__contains__, map(_PID, entries)))))
+
+
+def pid_column(entries: list[_E]) -> bytes:
+    """The entries' thread-group ids packed as 4-byte integers, in order: what
+    `_not_held_by_column` searches instead of passing over every entry."""
+    return array("i", map(_PID, entries)).tobytes()
+
+
+def _not_held_by_column(entries: list[_E], column: bytes, pids: set[int]) -> tuple[list[_E], bytes]:
+    """`_not_held_by` through the entries' `pid_column`, and the kept entries' column: the
+    redone thread groups' entries found by searching the packed column (memchr speed, one
+    search per entry removed), the rest copied as slices. The same list as `_not_held_by`
+    (tested against it); a crowd's 20,000 entries: ~0.1 ms instead of ~2 ms per refresh."""
+    gone: list[int] = []
+    for pid in pids:
+        needle = _I32.pack(pid)
+        at = column.find(needle)
+        while at != -1:  # bounded: each turn moves past one position of the column
+            if at % 4 == 0:
+                gone.append(at // 4)
+            at = column.find(needle, at + 1)
+    if not gone:
+        return list(entries), column
+    gone.sort()
+    kept: list[_E] = []
+    parts: list[bytes] = []
+    start = 0
+    for i in gone:
+        kept += entries[start:i]
+        parts.append(column[4 * start : 4 * i])
+        start = i + 1
+    kept += entries[start:]
+    parts.append(column[4 * start :])
+    return kept, b"".join(parts)
+
+
+def _entry_pids(kept: tuple[bytes, bytes] | None, result: WalkResult) -> tuple[bytes, bytes]:
+    """The pid columns of a walk's entries: the kept prefix's (a quiet walk's) and the
+    appended entries' packed now."""
+    if kept is None:
+        return pid_column(result.sockets), pid_column(result.packets)
+    n_sockets, n_packets = len(kept[0]) // 4, len(kept[1]) // 4
+    return (
+        kept[0] + pid_column(result.sockets[n_sockets:]),
+        kept[1] + pid_column(result.packets[n_packets:]),
+    )
 
 
 MAX_INTERNED = 4096  # distinct addresses one interning dict keeps (hostile memory: bounded)
@@ -1394,9 +1508,10 @@ def walk_once(
             result.tasks = walk.for_each_task()
             walk.sockets(result.tasks, result)
         walk.state.entries = (result.sockets, result.packets)
+        walk.state.entry_pids = _entry_pids(walk.kept_columns, result)
     except WalkAborted as e:  # what was read before the bound is kept
         walk.errors.append(e.issue)
-    except (MemoryReadError, struct.error, ValueError) as e:  # belt and braces: bad guest data
+    except (MemoryReadError, struct.error, ValueError, OverflowError) as e:  # belt and braces
         walk.errors.append(WalkIssue("walk", WalkReason.IMPLAUSIBLE, detail=f"bad data: {e}"))
     result.errors = walk.errors
     result.fd_slots, result.files, result.folded_fds = (
