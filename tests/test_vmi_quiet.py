@@ -256,3 +256,30 @@ def test_the_pid_column_drops_exactly_what_a_pass_over_every_entry_drops() -> No
         assert kept == _not_held_by(entries, redone)
         assert [id(e) for e in kept] == [id(e) for e in _not_held_by(entries, redone)]
         assert column == pid_column(kept)
+
+
+def test_a_watched_owners_socket_is_decoded_again_only_when_its_bytes_changed() -> None:
+    """A blocked owner's files are read on every refresh; one whose file, sk pointer and
+    struct sock give the bytes of the last refresh is not decoded again. Any change shows
+    at once: a connect() in place (same file, same sock: its state and ports), a file whose
+    socket now points at another sock."""
+    g, spray, _web, _ = spray_and_web(counters_profile())
+    sk = _sock_at(g, spray, 3)
+    with _introspector(g) as gi:
+        gi.refresh_view(_blocked_1001)  # the full walk
+        gi.refresh_view(_blocked_1001)  # decoded afresh, bytes kept
+        view = gi.refresh_view(_blocked_1001)
+        assert gi.crosscheck.last_refresh["files_replayed"] >= 1
+        assert lports_of(view, 400) == {33000} and view == view_from_scratch(gi)
+        g.w(sk + g.off("sock_common", "skc_num"), "<H", 33001)  # in place, no fd change
+        view = gi.refresh_view(_blocked_1001)
+        assert lports_of(view, 400) == {33001} and view == view_from_scratch(gi)
+        other = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40003, "198.18.0.1", 53, sk_uid=1001)
+        file = g.read_q(g.task_at(spray).fd_array + 3 * 8)
+        socket = g.read_q(file + g.off("file", "private_data"))
+        g.w(socket + g.off("socket", "sk"), "<Q", other)  # the same file, another sock
+        view = gi.refresh_view(_blocked_1001)
+        assert lports_of(view, 400) == {40003} and view == view_from_scratch(gi)
+        view = gi.refresh_view(_blocked_1001)
+        assert gi.crosscheck.last_refresh["files_replayed"] >= 1 and lports_of(view, 400) == {40003}
+        assert gi.crosscheck.full_walks == 1

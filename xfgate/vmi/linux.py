@@ -485,6 +485,12 @@ class RefreshState:
     # `entries`' thread-group ids, packed (linux.pid_column of each list): the next quiet walk
     # drops the redone groups' entries by searching these instead of passing over all.
     entry_pids: tuple[bytes, bytes] | None = None
+    # A watched task's socket files as this walk read them (file, sk pointer and struct sock
+    # bytes) with their decode: the next walk gives the decode again while the same reads
+    # give the same bytes (Walk._replayed_file).
+    file_bytes: dict[int, tuple[bytes, bytes, bytes, InetSock | PacketSock]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass(frozen=True)
@@ -523,6 +529,7 @@ class RefreshCounts:
     changes: int = 0  # anything that differs from the prior state
     tasks_trusted: int = 0  # quiet walk: task_structs not read (nor their fd tables)
     tasks_rechecked: int = 0  # quiet walk: tasks decoded afresh for the sliced cross-check
+    files_replayed: int = 0  # watched tasks' files read again, the same bytes: not decoded
 
 
 # Decides whether a task is watched: its fd tables and sockets are decoded afresh on every
@@ -597,6 +604,7 @@ class Walk:
         self.state = RefreshState()
         self.counts = RefreshCounts()
         self._watching = False
+        self._replay = False  # the current task's files may be replayed (_replayed_file)
         self._fresh = False  # the current task's tables and files are read afresh
         self._reused_table = False  # the last fd_table came unchanged from the prior state
         # A quiet walk (QuietPlan): the task addresses decoded afresh and compared, and those
@@ -1174,6 +1182,12 @@ class Walk:
             self.counts.files_reused += 1
             sock = self._socks[file] = self.state.socks[file] = prior[file]
             return sock
+        if self._replay and prior is not None and file in prior:
+            again = self._replayed_file(file)
+            if again is not None:
+                self.counts.files_replayed += 1
+                self._socks[file] = self.state.socks[file] = again
+                return again
         sock = self._resolve_file(file, pid, fd)
         self.counts.files_resolved += 1
         if prior is not None and (file not in prior or prior[file] != sock):
@@ -1212,8 +1226,38 @@ class Walk:
         if not self.is_kernel_pointer(sk):
             self.wild(f"sock of pid {pid} fd {fd}", sk)
             return None
-        result = self.any_sock(sk)
+        sk_blob2 = self.read(sk, self.layout.sock_span, "struct sock")
+        result = None if sk_blob2 is None else decode_any_sock(lay, sk, sk_blob2, self.addresses)
         self._socks[file] = result
+        if self._replay and result is not None and sk_blob2 is not None:
+            self.state.file_bytes[file] = (blob, sk_blob, sk_blob2, result)
+        return result
+
+    def _replayed_file(self, file: int) -> InetSock | PacketSock | None:
+        """A watched task's socket file decoded at the last refresh from the same three reads
+        (the file, its socket's sk pointer, the struct sock) that give the same bytes now:
+        that decode, with no decode again (what a fresh read would decode from the same
+        bytes at the same addresses: the addresses follow from the bytes). None when anything
+        differs or is unreadable, or past the walk's file bound: then the file is resolved
+        afresh (`_resolve_file`). A crowd's blocked owner holds ~100 sockets, read every 2 s."""
+        prior = self.prior
+        seen = prior.file_bytes.get(file) if prior is not None else None
+        if seen is None or len(self._socks) >= self.bounds.max_files:
+            return None
+        file_blob, sk_ptr, sock_blob, result = seen
+        lay = self.layout
+        lo = lay.file_span[0]
+        try:
+            if self.space.read(file + lo, len(file_blob)) != file_blob:
+                return None
+            socket = self._u64(file_blob, lay.file_private_data - lo)
+            if self.space.read(socket + lay.socket_sk, 8) != sk_ptr:
+                return None
+            if self.space.read(self._u64(sk_ptr, 0), len(sock_blob)) != sock_blob:
+                return None
+        except MemoryReadError:
+            return None
+        self.state.file_bytes[file] = seen
         return result
 
     def any_sock(self, sk: int) -> InetSock | PacketSock | None:
@@ -1237,6 +1281,9 @@ class Walk:
                 self.check_time("fd tables")
             self._watching = id(task) in watched
             self._fresh = self._watching or task.address in self.recheck
+            # A watched task's files may be given again by their bytes (_replayed_file); a
+            # rechecked one's are decoded afresh: the cross-check compares real decodes.
+            self._replay = self._watching and task.address not in self.recheck
             if self._fresh:  # its tables and files read again, whoever read them before
                 for files in task.file_tables:
                     self._tables.pop(files, None)
