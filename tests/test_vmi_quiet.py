@@ -283,3 +283,24 @@ def test_a_watched_owners_socket_is_decoded_again_only_when_its_bytes_changed() 
         view = gi.refresh_view(_blocked_1001)
         assert gi.crosscheck.last_refresh["files_replayed"] >= 1 and lports_of(view, 400) == {40003}
         assert gi.crosscheck.full_walks == 1
+
+
+def test_a_watched_owner_holding_what_it_held_is_not_a_changed_thread_group() -> None:
+    """Read afresh every refresh, a blocked owner whose files gave the same socks keeps its
+    prior entry objects and is not redone downstream; a new socket of another watched owner
+    is (only that one)."""
+    g, spray, _web, _ = spray_and_web(counters_profile())
+    with _introspector(g) as gi:
+        gi.refresh_view(_blocked_1001)
+        gi.refresh_view(_blocked_1001)
+        first = gi.refresh_view(_blocked_1001)
+        resolver = next(t.address for t in g.tasks if t.pid == 300)
+        assert lports_of(first, 400) == {33000}
+        sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40004, "198.18.0.1", 53, sk_uid=1001)
+        g.add_fd(resolver, 9, sk)
+        view = gi.refresh_view(_blocked_1001)
+        assert 40004 in lports_of(view, 300) and view == view_from_scratch(gi)
+        walk = gi._boot.last_walk if gi._boot is not None else None
+        assert walk is not None and walk.changed_pids == {300}
+        assert view.delta is not None and [s.lport for s in view.delta.added] == [40004]
+        assert lports_of(view, 400) == {33000} and spray

@@ -1314,7 +1314,18 @@ class Walk:
                             result.sockets.append(FdSocket(task.tgid, fd, sock))
             held = (result.sockets[mark[0] :], result.packets[mark[1] :])
             if len(task.file_tables) == 1:
-                self.state.held[(task.tgid, task.file_tables[0])] = held
+                key = (task.tgid, task.file_tables[0])
+                before = self.prior.held.get(key) if self._replay and self.prior else None
+                if before is not None and _same_entries(before, held):
+                    # A watched task read afresh that holds what it held: the prior's entry
+                    # objects again, and not a changed thread group (nothing to redo for
+                    # the view, the index and the refresher downstream).
+                    result.sockets[mark[0] :] = before[0]
+                    result.packets[mark[1] :] = before[1]
+                    self.state.held[key] = before
+                    self.changed_pids.discard(task.tgid)
+                    continue
+                self.state.held[key] = held
             was = self.changed_entries.get(task.tgid)  # a thread group is walked once
             self.changed_entries[task.tgid] = (
                 held
@@ -1384,6 +1395,19 @@ _E = TypeVar("_E", FdSocket, FdPacket)
 _I32 = struct.Struct("=i")  # array("i")'s item (a tgid < PID_MAX_LIMIT, 2^22, fits)
 _PID = attrgetter("pid")
 _SECOND = itemgetter(1)
+
+
+def _same_entries(
+    a: tuple[list[FdSocket], list[FdPacket]], b: tuple[list[FdSocket], list[FdPacket]]
+) -> bool:
+    """The same (pid, fd) holding the very same sock object, in the same order."""
+    return _same_list(a[0], b[0]) and _same_list(a[1], b[1])
+
+
+def _same_list(x: list[_E], y: list[_E]) -> bool:
+    return len(x) == len(y) and all(
+        e.sock is f.sock and e.fd == f.fd and e.pid == f.pid for e, f in zip(x, y, strict=True)
+    )
 
 
 def _not_held_by(entries: list[_E], pids: set[int]) -> list[_E]:
