@@ -304,3 +304,14 @@ def test_a_watched_owner_holding_what_it_held_is_not_a_changed_thread_group() ->
         assert walk is not None and walk.changed_pids == {300}
         assert view.delta is not None and [s.lport for s in view.delta.added] == [40004]
         assert lports_of(view, 400) == {33000} and spray
+        # The cross-check slice decodes every task afresh: those whose socks decode the
+        # same are not changed thread groups either (their entries stay the objects).
+        gi.check_seconds = ALWAYS
+        sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40005, "198.18.0.1", 53, sk_uid=1001)
+        g.add_fd(resolver, 10, sk)
+        view = gi.refresh_view(_blocked_1001)
+        walk = gi._boot.last_walk if gi._boot is not None else None
+        # (kthreadd, pid 2, has no file table: no entries to keep, still redone)
+        assert walk is not None and walk.changed_pids == {2, 300}
+        assert gi.crosscheck.last_refresh["tasks_rechecked"] == len(g.tasks)
+        assert 40005 in lports_of(view, 300) and view == view_from_scratch(gi)

@@ -1192,6 +1192,15 @@ class Walk:
         self.counts.files_resolved += 1
         if prior is not None and (file not in prior or prior[file] != sock):
             self.counts.changes += 1
+        elif prior is not None and sock is not None:
+            # Decoded afresh and equal: the prior object, so that a thread group whose
+            # files all decode the same keeps its entries (see `sockets`).
+            known = prior[file]
+            if known is not None:
+                sock = self._socks[file] = known
+                replay = self.state.file_bytes.get(file)
+                if replay is not None:
+                    self.state.file_bytes[file] = (replay[0], replay[1], replay[2], known)
         self.state.socks[file] = sock
         return sock
 
@@ -1315,11 +1324,11 @@ class Walk:
             held = (result.sockets[mark[0] :], result.packets[mark[1] :])
             if len(task.file_tables) == 1:
                 key = (task.tgid, task.file_tables[0])
-                before = self.prior.held.get(key) if self._replay and self.prior else None
+                before = self.prior.held.get(key) if self._fresh and self.prior else None
                 if before is not None and _same_entries(before, held):
-                    # A watched task read afresh that holds what it held: the prior's entry
-                    # objects again, and not a changed thread group (nothing to redo for
-                    # the view, the index and the refresher downstream).
+                    # A task read afresh (watched, or in the cross-check slice) that holds
+                    # what it held: the prior's entry objects again, and not a changed thread
+                    # group (nothing to redo for the view, the index and the refresher).
                     result.sockets[mark[0] :] = before[0]
                     result.packets[mark[1] :] = before[1]
                     self.state.held[key] = before
