@@ -6,18 +6,23 @@ back with ``ipset list``) is in tests/test_verdict_nfnetlink.py."""
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import pytest
 
 from tests.test_verdict_nfnetlink import FakeSets, ListingBackend
 from xfgate.inet import IPProto
+from xfgate.verdict import ipset_wire
 from xfgate.verdict.blocksets import BlockEntry
 from xfgate.verdict.fastpath import Firewall
 from xfgate.verdict.ipset_wire import (
     IPSET_CMD_ADD,
     IPSET_CMD_DEL,
     NFNL_SUBSYS_IPSET,
+    NLMSG_ERROR,
+    IpsetLink,
+    SetChange,
     adt_message,
     entry_data,
     netport_data,
@@ -158,3 +163,47 @@ def test_flow_entries_carry_both_addresses() -> None:
     ]
     with pytest.raises(ValueError):
         entry_data(("198.18.1.1", (40000, TCP), "2001:2::1"))  # two families
+
+
+class _AckingSocket:
+    """A netlink socket that acknowledges every request it is sent (error 0)."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self._acks = b""
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(data)
+        for _kind, seq, _payload in split_messages(data):
+            self._acks += struct.pack("=IHHII", 20, NLMSG_ERROR, 0, seq, 0) + b"\0" * 4
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        out, self._acks = self._acks, b""
+        return out
+
+    def settimeout(self, seconds: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_link_encodes_each_entry_once_and_sends_the_same_bytes_as_a_fresh_encoding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The keeper sends the same entries four times a second: each entry's encoding is kept
+    (bounded by ENCODED_MAX, then forgotten at once) and every send carries exactly what
+    entry_data encodes, the entries a set holds or not."""
+    monkeypatch.setattr(ipset_wire, "ENCODED_MAX", 3)
+    link = IpsetLink()
+    fake = _AckingSocket()
+    monkeypatch.setattr(link, "_open", lambda: fake)
+    entries = [("198.18.1.1", (p, TCP)) for p in (80, 8080, 8000, 9000)]
+    for n in (2, 2, 4, 4):
+        link.apply([SetChange("add", "xfgate-1-lsn4", tuple(entries[:n]))])
+        [(_kind, seq, _payload)] = split_messages(fake.sent[-1])
+        fresh = [entry_data(e) for e in entries[:n]]
+        assert fake.sent[-1] == adt_message(IPSET_CMD_ADD, "xfgate-1-lsn4", fresh, 6, seq)
+        assert len(link._encoded) <= 3
+    assert link.stats.sends == 4 and link.stats.errors == 0

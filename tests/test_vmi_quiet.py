@@ -6,6 +6,11 @@ refreshes on the crowded lab guest."""
 
 from __future__ import annotations
 
+import random
+from ipaddress import IPv4Address
+
+import pytest
+
 from tests.test_vmi_refresh import resetting_refresher
 from tests.vmi_fakes import (
     FakeGuest,
@@ -18,6 +23,15 @@ from tests.vmi_fakes import (
 from xfgate.flow import Owner
 from xfgate.inet import IPProto
 from xfgate.vmi.introspect import GuestIntrospector, rotating_slice
+from xfgate.vmi.linux import (
+    FdSocket,
+    InetSock,
+    Task,
+    Walk,
+    _not_held_by,
+    _not_held_by_column,
+    pid_column,
+)
 
 FOREVER = 1e9  # a slice period no test reaches: those refreshes read no slice at all
 ALWAYS = 1e-9  # a slice period every refresh exceeds: all tasks in the slice
@@ -185,3 +199,119 @@ def test_a_connection_made_unseen_then_its_holder_blocked_resets_the_settled_flo
     assert any(e.port == 8080 and e.is_flow for e in r.entries or set())
     assert resets == [1] and r.settled_resets == 1
     gi.close()
+
+
+def test_watched_tasks_are_taken_from_the_prior_refresh_and_a_newly_watched_one_stays_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the same watch function, a quiet refresh does not ask of every task whether it
+    is watched: the prior refresh's watched tasks are read, the others are its Task objects
+    (not watched). A task that becomes watched (a setuid seen by the read slice) is recorded
+    and read afresh on every later refresh: its new socket is in the next view."""
+    asked: list[int] = []
+    original = Walk.watched
+
+    def counting(self: Walk, task: Task) -> bool:
+        asked.append(task.pid)
+        return original(self, task)
+
+    monkeypatch.setattr(Walk, "watched", counting)
+    g, _spray, web, _ = spray_and_web(counters_profile())
+    with _introspector(g) as gi:
+        gi.refresh_view(_blocked_1001)  # the full walk
+        gi.refresh_view(_blocked_1001)  # the first quiet one asks of every task
+        tasks = len(gi.refresh_view(_blocked_1001).tasks)
+        asked.clear()
+        gi.refresh_view(_blocked_1001)
+        assert gi.crosscheck.quiet_refreshes == 3
+        assert 0 < len(set(asked)) < tasks and 500 not in asked  # web: not asked, not read
+        cred = g.alloc(0x60)  # web becomes uid 1001 without a fork
+        g.w(cred + g.off("cred", "uid"), "<I", 1001)
+        g.w(cred + g.off("cred", "euid"), "<I", 1001)
+        g.w(web + g.off("task_struct", "real_cred"), "<QQ", cred, cred)
+        gi.read_seconds = ALWAYS
+        gi.refresh_view(_blocked_1001)  # the read slice decodes it: watched
+        gi.read_seconds = FOREVER
+        gi.refresh_view(_blocked_1001)
+        sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40002, "198.18.0.1", 53, sk_uid=1001)
+        g.add_fd(web, 9, sk)  # no fork, no slice: only a watched task is read
+        view = gi.refresh_view(_blocked_1001)
+        assert 40002 in lports_of(view, 500) and view == view_from_scratch(gi)
+        assert gi.crosscheck.full_walks == 1
+
+
+def test_the_pid_column_drops_exactly_what_a_pass_over_every_entry_drops() -> None:
+    """A quiet walk drops the redone thread groups' entries by searching the packed pid
+    column: the same list, in the same order, as the pass over every entry, and the kept
+    entries' column; groups contiguous or not, ids that are another id's bytes shifted."""
+    rng = random.Random(10)
+    sock = InetSock(0x1000, 4, 6, 10, IPv4Address(0), 80, IPv4Address(0), 0, 0)
+    for n in range(300):
+        pool = [1, 2, 3, 256, 257, 65536, 1 << 21, rng.randrange(1, 4_000_000)]
+        entries = [FdSocket(rng.choice(pool), fd, sock) for fd in range(rng.randrange(0, 60))]
+        if n % 2:  # each group's entries contiguous, as walks append them
+            entries.sort(key=lambda e: e.pid)
+        redone = set(rng.sample(pool, k=rng.randrange(0, 4))) | {rng.randrange(1, 9)}
+        kept, column = _not_held_by_column(entries, pid_column(entries), redone)
+        assert kept == _not_held_by(entries, redone)
+        assert [id(e) for e in kept] == [id(e) for e in _not_held_by(entries, redone)]
+        assert column == pid_column(kept)
+
+
+def test_a_watched_owners_socket_is_decoded_again_only_when_its_bytes_changed() -> None:
+    """A blocked owner's files are read on every refresh; one whose file, sk pointer and
+    struct sock give the bytes of the last refresh is not decoded again. Any change shows
+    at once: a connect() in place (same file, same sock: its state and ports), a file whose
+    socket now points at another sock."""
+    g, spray, _web, _ = spray_and_web(counters_profile())
+    sk = _sock_at(g, spray, 3)
+    with _introspector(g) as gi:
+        gi.refresh_view(_blocked_1001)  # the full walk
+        gi.refresh_view(_blocked_1001)  # decoded afresh, bytes kept
+        view = gi.refresh_view(_blocked_1001)
+        assert gi.crosscheck.last_refresh["files_replayed"] >= 1
+        assert lports_of(view, 400) == {33000} and view == view_from_scratch(gi)
+        g.w(sk + g.off("sock_common", "skc_num"), "<H", 33001)  # in place, no fd change
+        view = gi.refresh_view(_blocked_1001)
+        assert lports_of(view, 400) == {33001} and view == view_from_scratch(gi)
+        other = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40003, "198.18.0.1", 53, sk_uid=1001)
+        file = g.read_q(g.task_at(spray).fd_array + 3 * 8)
+        socket = g.read_q(file + g.off("file", "private_data"))
+        g.w(socket + g.off("socket", "sk"), "<Q", other)  # the same file, another sock
+        view = gi.refresh_view(_blocked_1001)
+        assert lports_of(view, 400) == {40003} and view == view_from_scratch(gi)
+        view = gi.refresh_view(_blocked_1001)
+        assert gi.crosscheck.last_refresh["files_replayed"] >= 1 and lports_of(view, 400) == {40003}
+        assert gi.crosscheck.full_walks == 1
+
+
+def test_a_watched_owner_holding_what_it_held_is_not_a_changed_thread_group() -> None:
+    """Read afresh every refresh, a blocked owner whose files gave the same socks keeps its
+    prior entry objects and is not redone downstream; a new socket of another watched owner
+    is (only that one)."""
+    g, spray, _web, _ = spray_and_web(counters_profile())
+    with _introspector(g) as gi:
+        gi.refresh_view(_blocked_1001)
+        gi.refresh_view(_blocked_1001)
+        first = gi.refresh_view(_blocked_1001)
+        resolver = next(t.address for t in g.tasks if t.pid == 300)
+        assert lports_of(first, 400) == {33000}
+        sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40004, "198.18.0.1", 53, sk_uid=1001)
+        g.add_fd(resolver, 9, sk)
+        view = gi.refresh_view(_blocked_1001)
+        assert 40004 in lports_of(view, 300) and view == view_from_scratch(gi)
+        walk = gi._boot.last_walk if gi._boot is not None else None
+        assert walk is not None and walk.changed_pids == {300}
+        assert view.delta is not None and [s.lport for s in view.delta.added] == [40004]
+        assert lports_of(view, 400) == {33000} and spray
+        # The cross-check slice decodes every task afresh: those whose socks decode the
+        # same are not changed thread groups either (their entries stay the objects).
+        gi.check_seconds = ALWAYS
+        sk = g.new_sock(IPProto.UDP, 7, "198.18.1.1", 40005, "198.18.0.1", 53, sk_uid=1001)
+        g.add_fd(resolver, 10, sk)
+        view = gi.refresh_view(_blocked_1001)
+        walk = gi._boot.last_walk if gi._boot is not None else None
+        # (kthreadd, pid 2, has no file table: no entries to keep, still redone)
+        assert walk is not None and walk.changed_pids == {2, 300}
+        assert gi.crosscheck.last_refresh["tasks_rechecked"] == len(g.tasks)
+        assert 40005 in lports_of(view, 300) and view == view_from_scratch(gi)

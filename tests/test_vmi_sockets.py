@@ -781,3 +781,33 @@ def test_decoded_addresses_are_interned_and_bounded() -> None:
         assert int(linux._address(i.to_bytes(4, "big"), interned)) == i
     assert len(interned) == linux.MAX_INTERNED
     assert str(linux._address(b"\x7f\x00\x00\x02", None)) == "127.0.0.2"
+
+
+def test_a_listener_lookup_is_given_again_only_while_every_byte_it_read_is_the_same() -> None:
+    """The grant keeper asks the same flows four times a second: find_listener answers
+    from its last lookup while every read it made gives the same bytes, and looks up afresh
+    on any difference: a blocked owner's listener bound beside the granted one (another
+    bucket's head), a listener closed in place (its state byte), a torn chain."""
+    g = standard_guest()
+    t = _tables(g)
+    flow = _flow(IPProto.TCP, "198.18.1.1", 80, "0.0.0.0", 0)
+    first = t.find_listener(flow)
+    assert first is not None and first.sock.lport == 80 and first.sock.sk_uid == 0
+    assert t.find_listener(flow) is first and (t.listener_lookups, t.listener_replays) == (2, 1)
+    # A specific-address listener on the same port, created by uid 1001: it wins the lookup.
+    rival = g.new_sock(IPProto.TCP, 10, "198.18.1.1", 80, "0.0.0.0", 0, sk_uid=1001)
+    g.hash_listener(rival, "198.18.1.1", 80)
+    found = t.find_listener(flow)
+    assert found is not None and found.sock.address == rival and found.sock.sk_uid == 1001
+    assert t.listener_replays == 1
+    assert t.find_listener(flow) is found and t.listener_replays == 2
+    # Closed in place (TCP_CLOSE): no longer a listener, the wildcard one answers again.
+    g.w(rival + g.off("sock_common", "skc_state"), "<B", 7)
+    again = t.find_listener(flow)
+    assert again is not None and again.sock.address == first.sock.address
+    assert t.listener_replays == 2
+    # A chain that cannot be read is an error, and such a lookup is never given again.
+    g.w(rival + g.off("sock_common", "skc_state"), "<B", 10)
+    g.w(rival + g.off("sock_common", "skc_nulls_node"), "<Q", 0xFFFF_FFFF_FFFF_0000)
+    t.find_listener(flow)
+    assert t.errors and flow not in t._listener_memo

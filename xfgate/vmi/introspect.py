@@ -869,6 +869,8 @@ class GuestIntrospector:
         bounds = dataclasses.replace(self.bounds, retries=1)
         counters = self._counters(boot)  # before the walk: a fork during it shows next time
         quiet = self._quiet_plan(boot, counters)
+        if quiet is not None and watch is not None:
+            quiet = dataclasses.replace(quiet, watch_token=watch)
         result = walk_guest(
             boot.space,
             self.layout,
@@ -891,8 +893,8 @@ class GuestIntrospector:
                 self._cross_check_refresh(prior, result.state, sliced=True)
         cc.last_refresh_ms = round(result.seconds * 1000, 2)
         if result.counts is not None:
-            cc.last_refresh = dataclasses.asdict(result.counts)
-        addrs = tuple(t.address for t in result.tasks)
+            cc.last_refresh = dict(vars(result.counts))  # flat ints: asdict's deep copy cost
+        addrs = tuple(map(attrgetter("address"), result.tasks))
         unchanged = result.counts is not None and result.counts.changes == 0
         if result.complete and unchanged and addrs == boot.task_addrs and boot.last_view:
             cc.refresh_unchanged += 1
