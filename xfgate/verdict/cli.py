@@ -153,6 +153,15 @@ def _add_queue_arguments(run: argparse.ArgumentParser) -> None:
         help="fail open: while no gate is bound, queued packets pass (default: they are dropped)",
     )
     g.add_argument(
+        "--flood-nice",
+        type=int,
+        default=10,
+        choices=range(20),
+        metavar="N",
+        help="a domain's packet thread that uses over 25 %% of a core (a flood) runs at nice N"
+        " until it calms down, so the guests' vCPUs are served first (0: off; default 10)",
+    )
+    g.add_argument(
         "--persist-blocks",
         action="store_true",
         help="with --release-on-exit: keep dropping the known ports of blocked owners (ipset)",
@@ -214,6 +223,7 @@ def gate_options(args: argparse.Namespace) -> GateOptions:
         persist_blocks=args.persist_blocks,
         release_on_exit=args.release_on_exit,
         fastpath=not args.no_fastpath,
+        flood_nice=args.flood_nice,
         refresh_interval=args.refresh,
         cache_ttl=args.cache_ttl,
         negative_ttl=args.negative_ttl,

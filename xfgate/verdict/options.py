@@ -32,6 +32,8 @@ class GateOptions:
     # False (default): a stopping gate leaves its chains, sets and queue rules in the kernel.
     release_on_exit: bool = False
     fastpath: bool = True
+    # A packet thread using > 25 % of a core (a flood) runs at this nice (0: never reniced).
+    flood_nice: int = 10
     refresh_interval: float = 2.0
     cache_ttl: float = 10.0
     negative_ttl: float = 1.0

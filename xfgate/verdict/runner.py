@@ -59,6 +59,7 @@ from xfgate.verdict.engine import (
     LockedOwnerSource,
     QueuedPacket,
 )
+from xfgate.verdict.fairness import CpuShare
 from xfgate.verdict.fastpath import (
     Firewall,
     GateLayout,
@@ -710,10 +711,18 @@ class ServeThread(threading.Thread):
     readable, never on a timeout: an idle gate's threads do not wake (at rest on the crowd the
     0.5 s ticks of two threads per domain were ~0.1 % of a core)."""
 
-    def __init__(self, name: str, fd: int, serve: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        fd: int,
+        serve: Callable[[], None],
+        after: Callable[[], None] | None = None,
+    ) -> None:
+        """`after`: called on this thread after each `serve` (the packet thread's CpuShare)."""
         super().__init__(name=name, daemon=True)
         self._fd = fd
         self._serve = serve
+        self._after = after
         self._stop_event = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._pipe_lock = threading.Lock()  # stop() never writes to a closed (reused) fd
@@ -740,6 +749,8 @@ class ServeThread(threading.Thread):
                     ready, _, _ = select.select([self._fd, self._wake_r], [], [])
                     if self._fd in ready and not self._stop_event.is_set():
                         self._serve()
+                        if self._after is not None:
+                            self._after()
                 except Exception as e:  # e.g. recv() failing on the queue socket: keep serving
                     self.errors += 1
                     log.error("%s: %s: %s", self.name, type(e).__name__, e)
@@ -763,6 +774,7 @@ class DomainGate:
     next_poll: float = 0.0
     polls: list[float] = field(default_factory=list)
     ps: Any = None  # its PsAnswerer (xfgate.verdict.ps_answer), made at the first `ps`
+    share: CpuShare | None = None  # the packet thread's CPU share (flood fairness)
 
 
 class Gate:
@@ -972,8 +984,10 @@ class Gate:
         d = dg.cfg.id
         if dg.queue is not None:
             q = dg.queue
+            name = f"xfgate-packets-{d}"
+            dg.share = CpuShare(name, nice=self.options.flood_nice)
             dg.threads.append(
-                ServeThread(f"xfgate-packets-{d}", q.get_fd(), lambda: q.run(block=False))
+                ServeThread(name, q.get_fd(), lambda: q.run(block=False), dg.share.after_serve)
             )
         if dg.control is not None:
             dg.threads.append(
@@ -1260,6 +1274,7 @@ class Gate:
             "stats": dg.engine.stats.to_dict(),
             "cache": dataclasses.asdict(dg.engine.cache.stats()),
             "queue": q,
+            "packet_thread": dg.share.stats() if dg.share else {},
             "kernel": self._kernel_counters(dg.cfg.id),
             "blocked_ports": ports_text(ref.entries or set())
             if ref

@@ -1,0 +1,102 @@
+"""Flood fairness: a packet thread that uses over a quarter of a core is reniced until it calms."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+
+import pytest
+
+from xfgate.verdict.cli import _add_queue_arguments
+from xfgate.verdict.fairness import CpuShare, set_thread_nice
+
+
+class Clocks:
+    def __init__(self) -> None:
+        self.wall = 100.0
+        self.cpu = 5.0
+        self.nices: list[int] = []
+
+    def share(self, **kw: object) -> CpuShare:
+        return CpuShare(
+            "xfgate-packets-1",
+            clock=lambda: self.wall,
+            cpu_clock=lambda: self.cpu,
+            set_nice=self.nices.append,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def run(self, share: CpuShare, seconds: float, busy: float) -> None:
+        """`seconds` of serving at `busy` of a core, after_serve every 0.1 s."""
+        for _ in range(round(seconds / 0.1)):
+            self.wall += 0.1
+            self.cpu += 0.1 * busy
+            share.after_serve()
+
+
+def test_a_flood_is_reniced_and_calm_restores_it() -> None:
+    c = Clocks()
+    s = c.share()
+    c.run(s, 3.0, 0.05)
+    assert c.nices == [] and not s.niced  # ordinary traffic: never touched
+    c.run(s, 2.0, 0.45)  # the flood: ~0.45 of a core
+    assert c.nices == [10] and s.niced and s.times_niced == 1
+    c.run(s, 2.0, 0.15)  # between calm and busy: stays niced (no flapping)
+    assert c.nices == [10]
+    c.run(s, 2.0, 0.02)
+    assert c.nices == [10, 0] and not s.niced
+    assert s.stats() == {"niced": False, "times_niced": 1, "disabled": ""}
+
+
+def test_a_long_idle_gap_counts_as_calm() -> None:
+    c = Clocks()
+    s = c.share()
+    c.run(s, 2.0, 0.5)
+    c.wall += 60.0  # no packet for a minute: the next drain sees a tiny share
+    c.cpu += 0.001
+    s.after_serve()
+    assert c.nices == [10, 0]
+
+
+def test_off_with_nice_zero() -> None:
+    c = Clocks()
+    s = c.share(nice=0)
+    c.run(s, 3.0, 0.9)
+    assert c.nices == []
+
+
+def test_a_nice_that_cannot_be_set_turns_it_off_without_raising() -> None:
+    c = Clocks()
+
+    def refuse(value: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    s = c.share()
+    s.set_nice = refuse
+    c.run(s, 3.0, 0.9)
+    assert s.disabled.startswith("cannot set nice 10") and not s.niced
+
+
+def test_set_thread_nice_changes_only_the_calling_thread() -> None:
+    got: dict[str, int] = {}
+
+    def body() -> None:
+        set_thread_nice(os.getpriority(os.PRIO_PROCESS, 0) + 1)
+        got["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(5)
+    assert got["thread"] == main_before + 1
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
+
+
+def test_cli_flood_nice() -> None:
+    ap = argparse.ArgumentParser()
+    _add_queue_arguments(ap)
+    assert ap.parse_args([]).flood_nice == 10
+    assert ap.parse_args(["--flood-nice", "0"]).flood_nice == 0
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--flood-nice", "25"])
