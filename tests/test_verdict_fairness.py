@@ -17,6 +17,8 @@ class Clocks:
         self.wall = 100.0
         self.cpu = 5.0
         self.nices: list[int] = []
+        self.packets = 0
+        self.dropped = 0
 
     def share(self, **kw: object) -> CpuShare:
         return CpuShare(
@@ -24,14 +26,18 @@ class Clocks:
             clock=lambda: self.wall,
             cpu_clock=lambda: self.cpu,
             set_nice=self.nices.append,
+            verdicts=lambda: (self.packets, self.dropped),
             **kw,  # type: ignore[arg-type]
         )
 
-    def run(self, share: CpuShare, seconds: float, busy: float) -> None:
-        """`seconds` of serving at `busy` of a core, after_serve every 0.1 s."""
+    def run(self, share: CpuShare, seconds: float, busy: float, drops: float = 1.0) -> None:
+        """`seconds` of serving at `busy` of a core (100 packets per 0.1 s, `drops` of them
+        dropped), after_serve every 0.1 s."""
         for _ in range(round(seconds / 0.1)):
             self.wall += 0.1
             self.cpu += 0.1 * busy
+            self.packets += 100
+            self.dropped += round(100 * drops)
             share.after_serve()
 
 
@@ -47,6 +53,14 @@ def test_a_flood_is_reniced_and_calm_restores_it() -> None:
     c.run(s, 2.0, 0.02)
     assert c.nices == [10, 0] and not s.niced
     assert s.stats() == {"niced": False, "times_niced": 1, "disabled": ""}
+
+
+def test_a_busy_good_service_is_never_reniced() -> None:
+    c = Clocks()
+    s = c.share()
+    c.run(s, 5.0, 0.6, drops=0.0)  # many new flows, all accepted (an outgoing sweep)
+    c.run(s, 5.0, 0.6, drops=0.4)  # a flood mixed with more good traffic than it
+    assert c.nices == [] and not s.niced
 
 
 def test_a_long_idle_gap_counts_as_calm() -> None:

@@ -158,8 +158,9 @@ def _add_queue_arguments(run: argparse.ArgumentParser) -> None:
         default=10,
         choices=range(20),
         metavar="N",
-        help="a domain's packet thread that uses over 25 %% of a core (a flood) runs at nice N"
-        " until it calms down, so the guests' vCPUs are served first (0: off; default 10)",
+        help="a domain's packet thread that uses over 25 %% of a core, most of it on drops (a"
+        " blocked owner's flood), runs at nice N until it calms down, so the guests' vCPUs are"
+        " served first (0: off; default 10)",
     )
     g.add_argument(
         "--persist-blocks",

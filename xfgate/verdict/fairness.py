@@ -5,11 +5,13 @@ gate's thread judging them (~120 us of Python each, thousands a second) takes CP
 guests' vCPUs need on the same cores: measured on this 2-core host, a second domain's httperf
 connections (accepted in the kernel, never queued) took 1.2-1.9x as long with the gate as without
 it under the first domain's flood. A packet thread that used more than `busy` of a core over the
-last `window` runs at nice `nice` until its share falls under `calm`: the scheduler then serves
-the guests' vCPUs first and the flooded domain's new flows wait in its own queue (a full queue
-drops, fail-closed: a good owner's SYN is sent again). Nice only orders who runs when the CPU is
-contended; an idle host still gives the thread all it asks. The thread's share is its own CPU
-clock (`time.thread_time`), read by the thread itself after each drain of its queue.
+last `window`, most of its packets drops (`drop_share`: a blocked owner's flood, not a busy good
+service, whose accepted new flows are never slowed by this), runs at nice `nice` until its share
+falls under `calm`: the scheduler then serves the guests' vCPUs first and the flooded domain's
+new flows wait in its own queue (a full queue drops, fail-closed: a good owner's SYN is sent
+again). Nice only orders who runs when the CPU is contended; an idle host still gives the thread
+all it asks. The thread's share is its own CPU clock (`time.thread_time`), read by the thread
+itself after each drain of its queue; the drops are the engine's counters.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 BUSY_SHARE = 0.25  # of one core, over WINDOW: a flood (the lab's is ~0.4 of a core)
 CALM_SHARE = 0.10
 WINDOW = 1.0  # seconds
+DROP_SHARE = 0.5  # of the window's packets: a flood of a blocked owner's packets
 FLOOD_NICE = 10  # CFS weight 110 against a vCPU's 1024: ~10 % of a contended core
 
 
@@ -43,6 +46,9 @@ class CpuShare:
     busy: float = BUSY_SHARE
     calm: float = CALM_SHARE
     window: float = WINDOW
+    drop_share: float = DROP_SHARE
+    # (packets judged, of them dropped) so far: the engine's counters
+    verdicts: Callable[[], tuple[int, int]] = lambda: (0, 0)
     clock: Callable[[], float] = time.monotonic
     cpu_clock: Callable[[], float] = time.thread_time
     set_nice: Callable[[int], None] = set_thread_nice
@@ -51,21 +57,23 @@ class CpuShare:
     disabled: str = ""  # why it stopped (the nice value could not be set)
     _start: float = field(default=-1.0, repr=False)
     _cpu: float = field(default=0.0, repr=False)
+    _verdicts: tuple[int, int] = field(default=(0, 0), repr=False)
 
     def after_serve(self) -> None:
         if self.nice <= 0 or self.disabled:
             return
         now = self.clock()
         if self._start < 0:
-            self._start, self._cpu = now, self.cpu_clock()
+            self._start, self._cpu, self._verdicts = now, self.cpu_clock(), self.verdicts()
             return
         elapsed = now - self._start
         if elapsed < self.window:
             return
-        cpu = self.cpu_clock()
+        cpu, verdicts = self.cpu_clock(), self.verdicts()
         share = (cpu - self._cpu) / elapsed
-        self._start, self._cpu = now, cpu
-        if not self.niced and share > self.busy:
+        packets, drops = (a - b for a, b in zip(verdicts, self._verdicts, strict=True))
+        self._start, self._cpu, self._verdicts = now, cpu, verdicts
+        if not self.niced and share > self.busy and drops > self.drop_share * packets:
             self._set(self.nice, share)
         elif self.niced and share < self.calm:
             self._set(0, share)
@@ -85,7 +93,7 @@ class CpuShare:
             100 * share,
             self.window,
             value,
-            " (the guests' vCPUs first while it floods)" if value else "",
+            " (mostly drops: the guests' vCPUs first while it floods)" if value else "",
         )
 
     def stats(self) -> dict[str, object]:

@@ -32,7 +32,7 @@ class GateOptions:
     # False (default): a stopping gate leaves its chains, sets and queue rules in the kernel.
     release_on_exit: bool = False
     fastpath: bool = True
-    # A packet thread using > 25 % of a core (a flood) runs at this nice (0: never reniced).
+    # A packet thread using > 25 % of a core, mostly on drops (a flood), runs at this nice (0: off).
     flood_nice: int = 10
     refresh_interval: float = 2.0
     cache_ttl: float = 10.0

@@ -985,7 +985,10 @@ class Gate:
         if dg.queue is not None:
             q = dg.queue
             name = f"xfgate-packets-{d}"
-            dg.share = CpuShare(name, nice=self.options.flood_nice)
+            stats = dg.engine.stats
+            dg.share = CpuShare(
+                name, nice=self.options.flood_nice, verdicts=lambda: (stats.packets, stats.dropped)
+            )
             dg.threads.append(
                 ServeThread(name, q.get_fd(), lambda: q.run(block=False), dg.share.after_serve)
             )
