@@ -158,6 +158,35 @@ def incremental_refreshes(guest: GuestIntrospector, rounds: int) -> dict[str, An
 NEW_FLOWS_PORT = 26000  # the crowd's ports are 20000 + worker (xfgate_lab/guest/crowd.c)
 
 
+def _launch_probe(
+    guest: GuestIntrospector, layout: LabLayout, args: str, log: str, started: str
+) -> tuple[int, int] | str:
+    """Walks, then starts `xfprobe ARGS DELAY_MS 600` in the guest (output in `log`) with a
+    delay that lets the next walk end before the probe acts: (its pid, read from the line
+    `started` matches, and the delay), or what went wrong."""
+    t = time.perf_counter()
+    guest.walk()
+    delay_ms = int((time.perf_counter() - t) * 3000) + 3000  # the next walk ends before it
+    start = f"setsid xfprobe {args} {delay_ms} 600 > {log} 2>&1 < /dev/null & sleep 1; cat {log}"
+    out = guest_exec(layout, guest.domain.id, start, timeout=20).output.decode(errors="replace")
+    m = re.search(started, out)
+    return (int(m.group(1)), delay_ms) if m else out.strip()[-200:]
+
+
+def _await_probe(
+    guest: GuestIntrospector, layout: LabLayout, pid: int, delay_ms: int, log: str
+) -> str:
+    """A complete walk sees `pid`, then the probe says `ready` in `log`: "" or what failed."""
+    result = guest.walk()
+    if not any(t.pid == pid for t in result.tasks) or not result.complete:
+        return f"the walk did not see the probe's pid {pid} (delay too short)"
+    for _ in range(int(delay_ms / 1000) + 60):
+        time.sleep(1.0)
+        if b"ready" in guest_exec(layout, guest.domain.id, f"cat {log}", timeout=10).output:
+            return ""
+    return "the probe did not get ready"
+
+
 def guest_new_flows(
     guest: GuestIntrospector, n: int, layout: LabLayout | None = None
 ) -> dict[str, Any]:
@@ -165,30 +194,16 @@ def guest_new_flows(
     doc): per kind p50/p99, how many answered with that process as a holder, all known. The
     guest is `layout`'s (default: $XFGATE_LAB_PREFIX's lab)."""
     layout = layout or layout_from_env()
-    domain = guest.domain.id
-    t = time.perf_counter()
-    guest.walk()
-    delay_ms = int((time.perf_counter() - t) * 3000) + 3000  # the next walk ends before it
-    start = (
-        f"setsid xfprobe newflows {NEW_FLOWS_PORT} {n} {delay_ms} 600"
-        " > /tmp/xfnewflows.log 2>&1 < /dev/null & sleep 1; cat /tmp/xfnewflows.log"
+    log = "/tmp/xfnewflows.log"
+    launched = _launch_probe(
+        guest, layout, f"newflows {NEW_FLOWS_PORT} {n}", log, r"pid (\d+) waiting"
     )
-    out = guest_exec(layout, domain, start, timeout=20).output.decode(errors="replace")
-    m = re.search(r"pid (\d+) waiting", out)
-    if m is None:
-        return {"guest_new_flows_error": out.strip()[-200:]}
-    pid = int(m.group(1))
+    if isinstance(launched, str):
+        return {"guest_new_flows_error": launched}
+    pid, delay_ms = launched
     try:
-        result = guest.walk()
-        if not any(t.pid == pid for t in result.tasks) or not result.complete:
-            return {"guest_new_flows_error": "the walk did not see the probe (delay too short)"}
-        for _ in range(int(delay_ms / 1000) + 60):
-            time.sleep(1.0)
-            log = guest_exec(layout, domain, "cat /tmp/xfnewflows.log", timeout=10).output
-            if b"ready" in log:
-                break
-        else:
-            return {"guest_new_flows_error": "the probe did not get ready"}
+        if problem := _await_probe(guest, layout, pid, delay_ms, log):
+            return {"guest_new_flows_error": problem}
         guest.watch = lambda o: 1001 in (o.uid, o.euid)
         here, lo = ip_address("198.18.1.1"), ip_address("127.0.0.1")
         out_side = ip_address("198.18.0.50")
@@ -214,7 +229,7 @@ def guest_new_flows(
         by_count = getattr(cc, "by_count", 0) - by_count
     finally:
         guest.watch = None
-        guest_exec(layout, domain, f"kill {pid}", timeout=10)
+        guest_exec(layout, guest.domain.id, f"kill {pid}", timeout=10)
     return {
         "guest_new_flows": {k: summary_ms(v) for k, v in samples.items()},
         "guest_new_flows_attributed": right,
@@ -235,30 +250,16 @@ def guest_passed_flows(
     systemd socket activation or a privilege-separated daemon): per lookup p50/p99, how many
     answered with the receiver as the holder, all known; the resolver's tables read."""
     layout = layout or layout_from_env()
-    domain = guest.domain.id
-    t = time.perf_counter()
-    guest.walk()
-    delay_ms = int((time.perf_counter() - t) * 3000) + 3000  # the next walk ends before it
-    start = (
-        f"setsid xfprobe passflows {PASS_FLOWS_PORT} {n} {delay_ms} 600"
-        " > /tmp/xfpassflows.log 2>&1 < /dev/null & sleep 1; cat /tmp/xfpassflows.log"
+    log = "/tmp/xfpassflows.log"
+    launched = _launch_probe(
+        guest, layout, f"passflows {PASS_FLOWS_PORT} {n}", log, r"receiver (\d+) waiting"
     )
-    out = guest_exec(layout, domain, start, timeout=20).output.decode(errors="replace")
-    m = re.search(r"receiver (\d+) waiting", out)
-    if m is None:
-        return {"guest_passed_flows_error": out.strip()[-200:]}
-    pid = int(m.group(1))
+    if isinstance(launched, str):
+        return {"guest_passed_flows_error": launched}
+    pid, delay_ms = launched
     try:
-        result = guest.walk()
-        if not any(t.pid == pid for t in result.tasks) or not result.complete:
-            return {"guest_passed_flows_error": "the walk did not see the receiver"}
-        for _ in range(int(delay_ms / 1000) + 60):
-            time.sleep(1.0)
-            log = guest_exec(layout, domain, "cat /tmp/xfpassflows.log", timeout=10).output
-            if b"ready" in log:
-                break
-        else:
-            return {"guest_passed_flows_error": "the probe did not get ready"}
+        if problem := _await_probe(guest, layout, pid, delay_ms, log):
+            return {"guest_passed_flows_error": problem}
         lo, p = ip_address("127.0.0.1"), PASS_FLOWS_PORT
         samples: list[float] = []
         right = 0
@@ -271,7 +272,7 @@ def guest_passed_flows(
             samples.append(time.perf_counter() - t)
             right += own is not None and own.holders_known and {o.pid for o in own.owners} == {pid}
     finally:
-        guest_exec(layout, domain, f"kill {pid}", timeout=10)
+        guest_exec(layout, guest.domain.id, f"kill {pid}", timeout=10)
     return {
         "guest_passed_flows": summary_ms(samples),
         "guest_passed_flows_attributed": right,
