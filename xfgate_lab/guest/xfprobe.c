@@ -678,6 +678,36 @@ static int hold_bomb(long procs, long dups, long secs) {
     return 0;
 }
 
+/* One fd over a unix socket (SCM_RIGHTS) with a one-byte message: 0 sent, -1 not. */
+static int send_fd(int sock, int fd) {
+    char byte = 'x';
+    char ctl[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    struct msghdr msg = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl, .msg_controllen = sizeof ctl};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    return sendmsg(sock, &msg, 0) == 1 ? 0 : -1;
+}
+
+/* The fd send_fd() passed: the received fd, -1 if no message or no fd came. */
+static int recv_fd(int sock) {
+    char byte;
+    char ctl[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    struct msghdr msg = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl, .msg_controllen = sizeof ctl};
+    if (recvmsg(sock, &msg, 0) != 1) return -1;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    int fd = -1;
+    if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+        memcpy(&fd, CMSG_DATA(c), sizeof fd);
+    return fd;
+}
+
 /* hold-passfd: a socket one task creates and passes (SCM_RIGHTS) to a task that became uid 1001
  * after the host's walk: the reference-count shortcut (xfgate.vmi.holders) must find both. */
 static int hold_passfd(int port, long delay_ms, long secs) {
@@ -686,11 +716,6 @@ static int hold_passfd(int port, long delay_ms, long secs) {
         perror("socketpair");
         return 1;
     }
-    char byte = 'x';
-    char ctl[CMSG_SPACE(sizeof(int))];
-    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
-    struct msghdr msg = {
-        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl, .msg_controllen = sizeof ctl};
     pid_t child = fork();
     if (child == 0) {
         sleep_ms(delay_ms);
@@ -698,7 +723,7 @@ static int hold_passfd(int port, long delay_ms, long secs) {
             perror("setuid");
             _exit(1);
         }
-        if (recvmsg(pair[1], &msg, 0) != 1) {
+        if (recv_fd(pair[1]) < 0) {
             perror("recvmsg");
             _exit(1);
         }
@@ -717,12 +742,7 @@ static int hold_passfd(int port, long delay_ms, long secs) {
         return 1;
     }
     if (send(s, "x", 1, 0) != 1) perror("send");
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &s, sizeof s);
-    if (sendmsg(pair[0], &msg, 0) != 1) {
+    if (send_fd(pair[0], s) != 0) {
         perror("sendmsg");
         return 1;
     }
@@ -742,11 +762,6 @@ static int passflows(int port, long n, long delay_ms, long hold_s) {
         perror("socketpair");
         return 1;
     }
-    char byte = 'x';
-    char ctl[CMSG_SPACE(sizeof(int))];
-    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
-    struct msghdr msg = {
-        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl, .msg_controllen = sizeof ctl};
     struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(port)};
     inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
     pid_t child = fork();
@@ -758,11 +773,7 @@ static int passflows(int port, long n, long delay_ms, long hold_s) {
         }
         long got = 0;
         for (long i = 0; i < n; i++) {
-            msg.msg_controllen = sizeof ctl;
-            if (recvmsg(pair[1], &msg, 0) != 1) break;
-            struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-            int s = -1;
-            if (c && c->cmsg_type == SCM_RIGHTS) memcpy(&s, CMSG_DATA(c), sizeof s);
+            int s = recv_fd(pair[1]);
             if (s >= 0 && connect(s, (struct sockaddr *)&to, sizeof to) == 0)
                 got += send(s, "x", 1, 0) == 1;
         }
@@ -777,13 +788,7 @@ static int passflows(int port, long n, long delay_ms, long hold_s) {
     for (long i = 0; i < n; i++) {
         int s = bound4(SOCK_DGRAM, "127.0.0.1", port + 1 + (int)i);
         if (s < 0) continue;
-        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &s, sizeof s);
-        msg.msg_controllen = sizeof ctl;
-        if (sendmsg(pair[0], &msg, 0) != 1) perror("sendmsg");
+        if (send_fd(pair[0], s) != 0) perror("sendmsg");
         close(s);
         sleep_ms(20);
     }
