@@ -1,4 +1,5 @@
-"""Flood fairness: a packet thread that uses over a quarter of a core is reniced until it calms."""
+"""Flood fairness: a packet thread that uses over a quarter of a core on drops is reniced and
+capped until it calms."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import threading
 import pytest
 
 from xfgate.verdict.cli import _add_queue_arguments
-from xfgate.verdict.fairness import CpuShare, set_thread_nice
+from xfgate.verdict.fairness import CpuShare, Stopping, set_thread_nice
 
 
 class Clocks:
@@ -19,6 +20,13 @@ class Clocks:
         self.nices: list[int] = []
         self.packets = 0
         self.dropped = 0
+        self.waits: list[float] = []
+        self.stop = False
+
+    def wait(self, seconds: float) -> bool:
+        self.wall += seconds
+        self.waits.append(seconds)
+        return self.stop
 
     def share(self, **kw: object) -> CpuShare:
         return CpuShare(
@@ -27,6 +35,7 @@ class Clocks:
             cpu_clock=lambda: self.cpu,
             set_nice=self.nices.append,
             verdicts=lambda: (self.packets, self.dropped),
+            wait=self.wait,
             **kw,  # type: ignore[arg-type]
         )
 
@@ -40,6 +49,69 @@ class Clocks:
             self.dropped += round(100 * drops)
             share.after_serve()
 
+    def judge(self, share: CpuShare, n: int, cost: float = 1e-4, gap: float = 0.0) -> None:
+        """`n` dropped packets of `cost` CPU each, `gap` of idle wall time after each, the
+        budget checked after every verdict (the queue never ran dry: no after_serve)."""
+        for _ in range(n):
+            self.wall += cost + gap
+            self.cpu += cost
+            self.packets += 1
+            self.dropped += 1
+            share.after_packet()
+
+
+def test_a_flooding_thread_uses_at_most_its_cap_until_the_flood_ends() -> None:
+    c = Clocks()
+    s = c.share(cap=0.05)
+    c.judge(s, 10_050)  # a queue that never runs dry: 1 s at a full core, all drops
+    assert s.flooding and c.nices == [10] and c.waits == []
+    wall, cpu = c.wall, c.cpu
+    c.judge(s, 2_000)  # 0.2 s of CPU: at 5 % of a core it takes ~4 s
+    share = (c.cpu - cpu) / (c.wall - wall)
+    assert 0.045 < share <= 0.052, share
+    assert all(w <= s.period for w in c.waits) and s.times_throttled == len(c.waits) >= 35
+    assert s.stats()["flooding"] is True and float(s.stats()["throttled_s"]) > 3.5  # type: ignore[arg-type]
+    c.judge(s, 300, gap=0.01)  # the flood is over: a packet every 10 ms, never a wait
+    assert not s.flooding and c.nices == [10, 0] and s.times_throttled == len(c.waits)
+
+
+def test_a_capped_flood_that_goes_on_stays_flooding() -> None:
+    c = Clocks()
+    s = c.share(cap=0.05)
+    c.judge(s, 10_050)
+    c.judge(s, 5_000)  # ~10 s: every window under `calm` but each one had to wait
+    assert s.flooding and c.nices == [10]
+
+
+def test_a_budget_wait_ends_the_drain_when_the_thread_stops() -> None:
+    c = Clocks()
+    s = c.share(cap=0.05)
+    c.judge(s, 10_050)
+    c.stop = True
+    with pytest.raises(Stopping):
+        c.judge(s, 1_000)
+
+
+def test_the_cap_holds_when_the_nice_cannot_be_set() -> None:
+    c = Clocks()
+
+    def refuse(value: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    s = c.share(cap=0.05)
+    s.set_nice = refuse
+    c.judge(s, 10_050)
+    c.judge(s, 1_000)
+    assert s.disabled and s.flooding and not s.niced and c.waits
+
+
+def test_ordinary_traffic_is_never_capped() -> None:
+    c = Clocks()
+    s = c.share(cap=0.05)
+    c.run(s, 3.0, 0.9, drops=0.0)  # a busy good service
+    c.judge(s, 0)
+    assert not s.flooding and c.waits == []
+
 
 def test_a_flood_is_reniced_and_calm_restores_it() -> None:
     c = Clocks()
@@ -52,7 +124,15 @@ def test_a_flood_is_reniced_and_calm_restores_it() -> None:
     assert c.nices == [10]
     c.run(s, 2.0, 0.02)
     assert c.nices == [10, 0] and not s.niced
-    assert s.stats() == {"niced": False, "times_niced": 1, "disabled": ""}
+    assert s.stats() == {
+        "flooding": False,
+        "niced": False,
+        "times_niced": 1,
+        "cap": 0.05,
+        "throttled_s": 0.0,
+        "times_throttled": 0,
+        "disabled": "",
+    }
 
 
 def test_a_busy_good_service_is_never_reniced() -> None:
@@ -114,3 +194,13 @@ def test_cli_flood_nice() -> None:
     assert ap.parse_args(["--flood-nice", "0"]).flood_nice == 0
     with pytest.raises(SystemExit):
         ap.parse_args(["--flood-nice", "25"])
+
+
+def test_cli_flood_cpu() -> None:
+    ap = argparse.ArgumentParser()
+    _add_queue_arguments(ap)
+    assert ap.parse_args([]).flood_cpu == 0.05
+    assert ap.parse_args(["--flood-cpu", "0"]).flood_cpu == 0.0
+    for bad in ("1.5", "-0.1", "lots"):
+        with pytest.raises(SystemExit):
+            ap.parse_args(["--flood-cpu", bad])

@@ -142,6 +142,17 @@ def _add_policy_arguments(run: argparse.ArgumentParser) -> None:
     )
 
 
+def _core_share(text: str) -> float:
+    """A share of one core, 0..1 (`--flood-cpu`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.05)") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: a share of one core, between 0 and 1")
+    return value
+
+
 def _add_queue_arguments(run: argparse.ArgumentParser) -> None:
     g = run.add_argument_group("interception")
     g.add_argument("--mode", choices=[m.value for m in GateMode], default=GateMode.QUEUE.value)
@@ -161,6 +172,14 @@ def _add_queue_arguments(run: argparse.ArgumentParser) -> None:
         help="a domain's packet thread that uses over 25 %% of a core, most of it on drops (a"
         " blocked owner's flood), runs at nice N until it calms down, so the guests' vCPUs are"
         " served first (0: off; default 10)",
+    )
+    g.add_argument(
+        "--flood-cpu",
+        type=_core_share,
+        default=0.05,
+        metavar="SHARE",
+        help="... and uses at most SHARE of one core while it floods; the rest of the flood"
+        " waits in the domain's own queue, a full queue drops (0: no cap; default 0.05)",
     )
     g.add_argument(
         "--persist-blocks",
@@ -225,6 +244,7 @@ def gate_options(args: argparse.Namespace) -> GateOptions:
         release_on_exit=args.release_on_exit,
         fastpath=not args.no_fastpath,
         flood_nice=args.flood_nice,
+        flood_cpu=args.flood_cpu,
         refresh_interval=args.refresh,
         cache_ttl=args.cache_ttl,
         negative_ttl=args.negative_ttl,

@@ -1,17 +1,25 @@
 """One domain's flood is paid by that domain: its packet thread yields the CPU to the guests.
 
 A blocked owner flooding new connections sends every SYN through its domain's queue, and the
-gate's thread judging them (~120 us of Python each, thousands a second) takes CPU that the other
+gate's thread judging them (~100 us of Python each, thousands a second) takes CPU that the other
 guests' vCPUs need on the same cores: measured on this 2-core host, a second domain's httperf
 connections (accepted in the kernel, never queued) took 1.2-1.9x as long with the gate as without
 it under the first domain's flood. A packet thread that used more than `busy` of a core over the
 last `window`, most of its packets drops (`drop_share`: a blocked owner's flood, not a busy good
-service, whose accepted new flows are never slowed by this), runs at nice `nice` until its share
-falls under `calm`: the scheduler then serves the guests' vCPUs first and the flooded domain's
-new flows wait in its own queue (a full queue drops, fail-closed: a good owner's SYN is sent
-again). Nice only orders who runs when the CPU is contended; an idle host still gives the thread
-all it asks. The thread's share is its own CPU clock (`time.thread_time`), read by the thread
-itself after each drain of its queue; the drops are the engine's counters.
+service, whose accepted new flows are never slowed by this), is *flooding* until the flood ends:
+
+- it runs at nice `nice`: the scheduler serves the guests' vCPUs first when the cores are
+  contended;
+- it uses at most `cap` of a core (`after_packet`): once a `period`'s budget is spent it waits
+  for the next period. Nice alone only orders who runs: an always-runnable niced thread still
+  took ~10 % of a contended core and sat in every wakeup's way. While it waits the flooded
+  domain's packets wait in its own queue, and a full queue drops in the kernel (fail-closed: a
+  good owner's SYN is sent again; good listeners' connections never queue, they are granted in
+  the kernel).
+
+The flood ends when a window passes in which the thread never had to wait for its budget and its
+share fell under `calm`. The thread's share is its own CPU clock (`time.thread_time`); the drops
+are the engine's counters.
 """
 
 from __future__ import annotations
@@ -25,11 +33,22 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-BUSY_SHARE = 0.25  # of one core, over WINDOW: a flood (the lab's is ~0.4 of a core)
+BUSY_SHARE = 0.25  # of one core, over WINDOW: a flood (the lab's is ~0.4-0.6 of a core)
 CALM_SHARE = 0.10
 WINDOW = 1.0  # seconds
 DROP_SHARE = 0.5  # of the window's packets: a flood of a blocked owner's packets
-FLOOD_NICE = 10  # CFS weight 110 against a vCPU's 1024: ~10 % of a contended core
+FLOOD_NICE = 10  # CFS weight 110 against a vCPU's 1024
+FLOOD_CPU = 0.05  # of one core: what a flooding packet thread may use (~450 verdicts/s)
+PERIOD = 0.1  # seconds: the budget's granularity (a wait is never longer)
+
+
+class Stopping(Exception):
+    """Raised out of a budget wait when the thread is told to stop: ends the queue's drain."""
+
+
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return False
 
 
 def set_thread_nice(value: int) -> None:
@@ -39,30 +58,69 @@ def set_thread_nice(value: int) -> None:
 
 @dataclass
 class CpuShare:
-    """Called by a packet thread after each drain of its queue (`after_serve`)."""
+    """Called by a packet thread after each verdict (`after_packet`) and after each drain of its
+    queue (`after_serve`)."""
 
     name: str
     nice: int = FLOOD_NICE
+    cap: float = FLOOD_CPU  # 0: no cap
     busy: float = BUSY_SHARE
     calm: float = CALM_SHARE
     window: float = WINDOW
+    period: float = PERIOD
     drop_share: float = DROP_SHARE
     # (packets judged, of them dropped) so far: the engine's counters
     verdicts: Callable[[], tuple[int, int]] = lambda: (0, 0)
     clock: Callable[[], float] = time.monotonic
     cpu_clock: Callable[[], float] = time.thread_time
     set_nice: Callable[[int], None] = set_thread_nice
+    # Waits out the rest of a period; True: the thread is told to stop (its stop event's wait).
+    wait: Callable[[float], bool] = lambda seconds: _sleep(seconds)
+    flooding: bool = False
     niced: bool = False
     times_niced: int = 0
-    disabled: str = ""  # why it stopped (the nice value could not be set)
+    throttled: float = 0.0  # seconds spent waiting for the budget
+    times_throttled: int = 0
+    disabled: str = ""  # why the nice stopped (the nice value could not be set)
     _start: float = field(default=-1.0, repr=False)
     _cpu: float = field(default=0.0, repr=False)
     _verdicts: tuple[int, int] = field(default=(0, 0), repr=False)
+    _period_start: float = field(default=-1.0, repr=False)
+    _period_cpu: float = field(default=0.0, repr=False)
+    _waited: bool = field(default=False, repr=False)  # in the current window
+
+    @property
+    def active(self) -> bool:
+        return self.nice > 0 or self.cap > 0
 
     def after_serve(self) -> None:
-        if self.nice <= 0 or self.disabled:
+        if self.active:
+            self._window(self.clock())
+
+    def after_packet(self) -> None:
+        """While flooding: once this period's budget is spent, wait for the next period."""
+        if not self.active:
             return
         now = self.clock()
+        self._window(now)  # here too: under a flood a drain may not end for a long time
+        if not self.flooding or self.cap <= 0:
+            return
+        cpu = self.cpu_clock()
+        if self._period_start < 0 or now - self._period_start >= self.period:
+            self._period_start, self._period_cpu = now, cpu
+            return
+        if cpu - self._period_cpu < self.cap * self.period:
+            return
+        rest = self._period_start + self.period - now
+        stopping = self.wait(rest)
+        self.throttled += rest
+        self.times_throttled += 1
+        self._waited = True
+        self._period_start, self._period_cpu = self.clock(), self.cpu_clock()
+        if stopping:
+            raise Stopping(self.name)
+
+    def _window(self, now: float) -> None:
         if self._start < 0:
             self._start, self._cpu, self._verdicts = now, self.cpu_clock(), self.verdicts()
             return
@@ -72,29 +130,46 @@ class CpuShare:
         cpu, verdicts = self.cpu_clock(), self.verdicts()
         share = (cpu - self._cpu) / elapsed
         packets, drops = (a - b for a, b in zip(verdicts, self._verdicts, strict=True))
+        waited, self._waited = self._waited, False
         self._start, self._cpu, self._verdicts = now, cpu, verdicts
-        if not self.niced and share > self.busy and drops > self.drop_share * packets:
-            self._set(self.nice, share)
-        elif self.niced and share < self.calm:
-            self._set(0, share)
+        if not self.flooding and share > self.busy and drops > self.drop_share * packets:
+            self._flood(True, share)
+        elif self.flooding and share < self.calm and not waited:
+            self._flood(False, share)
 
-    def _set(self, value: int, share: float) -> None:
+    def _flood(self, on: bool, share: float) -> None:
+        self.flooding = on
+        self._period_start = -1.0
+        log.info(
+            "%s used %.0f %% of a core over the last %.1f s%s",
+            self.name,
+            100 * share,
+            self.window,
+            f", mostly on drops: flooding (nice {self.nice}, at most {100 * self.cap:.0f} %"
+            " of a core; the guests' vCPUs first)"
+            if on
+            else ": the flood is over",
+        )
+        if self.nice > 0 and not self.disabled:
+            self._set_nice(self.nice if on else 0)
+
+    def _set_nice(self, value: int) -> None:
         try:
             self.set_nice(value)
         except OSError as e:
             self.disabled = f"cannot set nice {value}: {e}"
-            log.warning("%s: %s (flood fairness off)", self.name, self.disabled)
+            log.warning("%s: %s (the CPU cap still applies)", self.name, self.disabled)
             return
         self.niced = value > 0
         self.times_niced += value > 0
-        log.info(
-            "%s used %.0f %% of a core over the last %.1f s: nice %d%s",
-            self.name,
-            100 * share,
-            self.window,
-            value,
-            " (mostly drops: the guests' vCPUs first while it floods)" if value else "",
-        )
 
     def stats(self) -> dict[str, object]:
-        return {"niced": self.niced, "times_niced": self.times_niced, "disabled": self.disabled}
+        return {
+            "flooding": self.flooding,
+            "niced": self.niced,
+            "times_niced": self.times_niced,
+            "cap": self.cap,
+            "throttled_s": round(self.throttled, 3),
+            "times_throttled": self.times_throttled,
+            "disabled": self.disabled,
+        }

@@ -34,6 +34,8 @@ class GateOptions:
     fastpath: bool = True
     # A packet thread using > 25 % of a core, mostly on drops (a flood), runs at this nice (0: off).
     flood_nice: int = 10
+    # ... and uses at most this share of one core while it floods (0: no cap).
+    flood_cpu: float = 0.05
     refresh_interval: float = 2.0
     cache_ttl: float = 10.0
     negative_ttl: float = 1.0

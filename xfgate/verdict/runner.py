@@ -729,6 +729,10 @@ class ServeThread(threading.Thread):
         self._pipe_open = True
         self.errors = 0
 
+    def wait_stop(self, seconds: float) -> bool:
+        """Sleep up to `seconds` on this thread; True: told to stop meanwhile."""
+        return self._stop_event.wait(seconds)
+
     def stop(self) -> None:
         self._stop_event.set()
         with self._pipe_lock:
@@ -752,6 +756,8 @@ class ServeThread(threading.Thread):
                         if self._after is not None:
                             self._after()
                 except Exception as e:  # e.g. recv() failing on the queue socket: keep serving
+                    if self._stop_event.is_set():
+                        break  # a drain ended by stop (fairness.Stopping) or by the unbind
                     self.errors += 1
                     log.error("%s: %s: %s", self.name, type(e).__name__, e)
                     time.sleep(0.01)
@@ -919,7 +925,14 @@ class Gate:
             opts.run_dir, cfg.id, functools.partial(self._control, dg), slow_ops=SLOW_OPS
         )
         if opts.mode is GateMode.QUEUE:
-            dg.queue = bind_queue(queue_num, engine.handle)
+            stats = engine.stats
+            dg.share = CpuShare(
+                f"xfgate-packets-{cfg.id}",
+                nice=opts.flood_nice,
+                cap=opts.flood_cpu,
+                verdicts=lambda: (stats.packets, stats.dropped),
+            )
+            dg.queue = bind_queue(queue_num, _judged_then_shared(engine.handle, dg.share))
 
     def clean_leftovers(self, keep: set[int] | None = None) -> None:
         """`_clean_leftovers`, sparing the domains in `keep` too (a service spares every domain
@@ -982,16 +995,13 @@ class Gate:
 
     def _start_threads(self, dg: DomainGate) -> None:
         d = dg.cfg.id
-        if dg.queue is not None:
+        if dg.queue is not None and dg.share is not None:
             q = dg.queue
-            name = f"xfgate-packets-{d}"
-            stats = dg.engine.stats
-            dg.share = CpuShare(
-                name, nice=self.options.flood_nice, verdicts=lambda: (stats.packets, stats.dropped)
+            packets = ServeThread(
+                dg.share.name, q.get_fd(), lambda: q.run(block=False), dg.share.after_serve
             )
-            dg.threads.append(
-                ServeThread(name, q.get_fd(), lambda: q.run(block=False), dg.share.after_serve)
-            )
+            dg.share.wait = packets.wait_stop  # a budget wait ends at once when stopping
+            dg.threads.append(packets)
         if dg.control is not None:
             dg.threads.append(
                 ServeThread(f"xfgate-control-{d}", dg.control.fileno(), dg.control.serve_one)
@@ -1356,6 +1366,19 @@ def _append_rule_log(
                     )
     except OSError as e:
         log.warning("cannot write rule log %s: %s", path, e)
+
+
+def _judged_then_shared(
+    handle: Callable[[QueuedPacket], None], share: CpuShare
+) -> Callable[[QueuedPacket], None]:
+    """The queue's callback: the verdict first, then the packet thread's CPU budget (a flooding
+    thread waits there, its packet already answered)."""
+
+    def on_packet(pkt: QueuedPacket) -> None:
+        handle(pkt)
+        share.after_packet()
+
+    return on_packet
 
 
 def bind_queue(queue_num: int, callback: Callable[[QueuedPacket], None]) -> Any:
