@@ -122,6 +122,22 @@ def test_fd_bomb(rlab: RedteamLab) -> None:
     assert_held(result)
 
 
+def test_flood(rlab: RedteamLab) -> None:
+    """New connections as fast as the guest can: none out, uid 1000 answers, `status` within
+    1 s, and the gate's flooding packet thread held to its CPU cap (`--flood-cpu`, 5 % of a
+    core by default; at most twice that here, one verdict past a period's budget and the 1 s
+    windows of its clock allowed for)."""
+    result = run(rlab, "flood")
+    assert "connections opened" in result.output, f"the flood did not run: {result.output}"
+    assert result.status is not None
+    st = result.status
+    assert st.slow == 0, f"status slower than 1 s {st.slow}/{st.polls} times: {st.errors[:3]}"
+    share, seconds = st.flooding_cpu_share()
+    assert seconds >= 10, f"the packet thread said it was flooding for {seconds:.1f} s only"
+    assert share <= 0.10, f"the flooding packet thread used {100 * share:.0f} % of a core"
+    assert_held(result)
+
+
 def test_v6only_bind_does_not_cut_off_ipv4(rlab: RedteamLab) -> None:
     """[::]:8080 with IPV6_V6ONLY by the blocked user: uid 1000's IPv4 :8080 keeps answering."""
     assert_held(run(rlab, "bind6only"))

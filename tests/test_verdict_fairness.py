@@ -131,6 +131,7 @@ def test_a_flood_is_reniced_and_calm_restores_it() -> None:
         "cap": 0.05,
         "throttled_s": 0.0,
         "times_throttled": 0,
+        "cpu_s": pytest.approx(c.cpu, abs=0.01),
         "disabled": "",
     }
 

@@ -44,6 +44,7 @@ from xfgate_lab.gate_process import GateProcess, start_gate
 from xfgate_lab.guest_channel import run_in_guest
 from xfgate_lab.lab import python_env
 from xfgate_lab.layout import CLIENT_IFACE, CLIENT_V4, LabLayout, guest_mac, guest_v4, guest_v6
+from xfgate_lab.peers import SPRAY_TCP_PORT
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,17 @@ def probes(domain: int = 1) -> dict[str, Probe]:
             "ping-close",
             ("send-close", "ping", CLIENT, "0", "2000"),
             f"src host {g4} and icmp[icmptype] == icmp-echo",
+        ),
+        # Issue 9's flood: new connections to random client ports (1024-61023) as fast as one
+        # process can, every SYN a new flow for the queue. Every SYN from the guest is counted
+        # but those to the spray's port (its SYNs reach the client before the gate is up; a
+        # flood SYN goes there once in 60,000).
+        Probe(
+            "flood",
+            ("flood", CLIENT, "25", "500000"),
+            f"src host {g4} and tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn"
+            f" and not tcp dst port {SPRAY_TCP_PORT}",
+            poll_status=True,
         ),
         Probe(
             "restart",
@@ -353,6 +365,18 @@ class StatusTally:
     slow: int = 0  # no answer within STATUS_SLOW_S
     max_s: float = 0.0
     errors: list[str] = field(default_factory=list)
+    # (when, the packet thread's status) of every answer: its flood share and CPU clock
+    packet_thread: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+
+    def flooding_cpu_share(self) -> tuple[float, float]:
+        """(CPU share of one core, seconds) of the packet thread between the first and the
+        last answer that said it was flooding (its CPU clock as of its last 1 s window)."""
+        flooding = [(t, pt) for t, pt in self.packet_thread if pt.get("flooding")]
+        if len(flooding) < 2:
+            return 0.0, 0.0
+        (t0, a), (t1, b) = flooding[0], flooding[-1]
+        seconds = t1 - t0
+        return (float(b["cpu_s"]) - float(a["cpu_s"])) / seconds if seconds else 0.0, seconds
 
 
 class StatusPoller:
@@ -372,8 +396,9 @@ class StatusPoller:
                 return
             t0 = time.monotonic()
             try:
-                control.request(run_dir, domain, {"op": "status"}, timeout=5.0)
+                reply = control.request(run_dir, domain, {"op": "status"}, timeout=5.0)
                 failed = False
+                self.tally.packet_thread.append((time.monotonic(), reply.get("packet_thread", {})))
             except ControlError as e:
                 self.tally.errors.append(str(e)[:200])
                 failed = True
@@ -439,6 +464,8 @@ class ProbeResult:
                 "polls": self.status.polls,
                 "slow": self.status.slow,
                 "max_s": round(self.status.max_s, 3),
+                # the packet thread while it said it was flooding: share of a core, seconds
+                "flooding": [round(x, 3) for x in self.status.flooding_cpu_share()],
             },
             "gate_args": list(self.gate_args),
             "output": self.output.strip()[-600:],
@@ -574,6 +601,9 @@ def render_table(summaries: Sequence[Mapping[str, Any]]) -> str:
         st = s.get("status")
         if st:
             notes.append(f"status: {st['slow']}/{st['polls']} polls over 1 s, max {st['max_s']} s")
+            share, seconds = st.get("flooding") or (0.0, 0.0)
+            if seconds:
+                notes.append(f"packet thread flooding {seconds:.0f} s, {100 * share:.1f} % of a core")
         out = [ln for ln in s.get("output", "").splitlines() if ln.startswith("xfprobe")]
         if out:
             notes.append("probe: " + out[-1][:100])

@@ -171,5 +171,6 @@ class CpuShare:
             "cap": self.cap,
             "throttled_s": round(self.throttled, 3),
             "times_throttled": self.times_throttled,
+            "cpu_s": round(self._cpu, 4),  # the thread's CPU clock at its last window
             "disabled": self.disabled,
         }
