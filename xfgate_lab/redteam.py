@@ -603,7 +603,7 @@ def render_table(summaries: Sequence[Mapping[str, Any]]) -> str:
             notes.append(f"status: {st['slow']}/{st['polls']} polls over 1 s, max {st['max_s']} s")
             share, seconds = st.get("flooding") or (0.0, 0.0)
             if seconds:
-                notes.append(f"packet thread flooding {seconds:.0f} s, {100 * share:.1f} % of a core")
+                notes.append(f"flooding {seconds:.0f} s at {100 * share:.1f} % of a core")
         out = [ln for ln in s.get("output", "").splitlines() if ln.startswith("xfprobe")]
         if out:
             notes.append("probe: " + out[-1][:100])
