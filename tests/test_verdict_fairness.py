@@ -22,9 +22,15 @@ class Clocks:
         self.dropped = 0
         self.waits: list[float] = []
         self.stop = False
+        # The other guests' run-queue wait so far (None: none known), growing by `contention`
+        # seconds a second: a busy second guest under a flood waits 0.3-0.45.
+        self.others: float | None = 0.0
+        self.contention = 0.3
 
     def wait(self, seconds: float) -> bool:
         self.wall += seconds
+        if self.others is not None:
+            self.others += self.contention * seconds
         self.waits.append(seconds)
         return self.stop
 
@@ -36,6 +42,7 @@ class Clocks:
             set_nice=self.nices.append,
             verdicts=lambda: (self.packets, self.dropped),
             wait=self.wait,
+            others_wait=lambda: self.others,
             **kw,  # type: ignore[arg-type]
         )
 
@@ -55,6 +62,8 @@ class Clocks:
         for _ in range(n):
             self.wall += cost + gap
             self.cpu += cost
+            if self.others is not None:
+                self.others += self.contention * (cost + gap)
             self.packets += 1
             self.dropped += 1
             share.after_packet()
@@ -71,8 +80,42 @@ def test_a_flooding_thread_uses_at_most_its_cap_until_the_flood_ends() -> None:
     assert 0.045 < share <= 0.052, share
     assert all(w <= s.period for w in c.waits) and s.times_throttled == len(c.waits) >= 35
     assert s.stats()["flooding"] is True and float(s.stats()["throttled_s"]) > 3.5  # type: ignore[arg-type]
+    assert s.capped and s.times_capped == 1
     c.judge(s, 300, gap=0.01)  # the flood is over: a packet every 10 ms, never a wait
     assert not s.flooding and c.nices == [10, 0] and s.times_throttled == len(c.waits)
+
+
+def test_no_cap_while_no_other_guest_waits_for_the_cpu() -> None:
+    """The cap costs the flooded domain's other users their new connections (~450 verdicts a
+    second against thousands of flood SYNs): paid only while it protects another guest."""
+    c = Clocks()
+    c.others = None  # no other guest known (a one-domain gate)
+    s = c.share(cap=0.05)
+    c.judge(s, 10_050)  # 1 s of a flood at a full core: found
+    wall, cpu = c.wall, c.cpu
+    c.judge(s, 20_000)  # 2 s of CPU more: at the ceiling, half a core, not the cap
+    assert s.flooding and c.nices == [10] and not s.capped and s.times_capped == 0
+    assert 0.48 < (c.cpu - cpu) / (c.wall - wall) <= 0.51 and all(w <= 0.05 for w in c.waits)
+    c = Clocks()
+    c.contention = 0.0  # the other guests idle: capped from the flood's first window only,
+    s = c.share(cap=0.05)  # until their wait is measured
+    c.judge(s, 30_000)
+    capped_waits = [w for w in c.waits if w > 0.05]  # 95 ms each; at the ceiling 50 ms
+    assert s.flooding and not s.capped and s.times_capped == 1 and 0.8 < sum(capped_waits) < 1.0
+
+
+def test_the_cap_follows_the_other_guests_wait() -> None:
+    c = Clocks()
+    c.contention = 0.0
+    s = c.share(cap=0.05)
+    c.judge(s, 20_000)  # flooding, the other guest idle: no cap
+    assert s.flooding and not s.capped
+    c.contention = 0.3  # it gets busy and waits for the CPU: capped from the next window
+    c.judge(s, 12_000)
+    assert s.capped and c.waits
+    c.contention = 0.04  # under half the threshold: the cap ends (0.08 would keep it)
+    c.judge(s, 3_000)
+    assert s.flooding and not s.capped and s.times_capped == 2  # the first window, then this
 
 
 def test_a_capped_flood_that_goes_on_stays_flooding() -> None:
@@ -126,6 +169,8 @@ def test_a_flood_is_reniced_and_calm_restores_it() -> None:
     assert c.nices == [10, 0] and not s.niced
     assert s.stats() == {
         "flooding": False,
+        "capped": False,
+        "times_capped": 1,  # the flood's first window, until the others' wait was measured
         "niced": False,
         "times_niced": 1,
         "cap": 0.05,

@@ -82,6 +82,9 @@ class Probe:
     restart_gate_after: float | None = None  # SIGTERM the gate this long into the probe, restart
     poll_status: bool = False
     settle: float = 1.0  # after the probe: late packets still counted
+    # A guest command another user runs this long into the probe (its output and time kept)
+    during: str = ""
+    during_after: float = 5.0
 
     def __post_init__(self) -> None:
         pairs = zip(self.gate_args, self.gate_args[1:], strict=False)
@@ -117,6 +120,8 @@ def probes(domain: int = 1) -> dict[str, Probe]:
 
     def tcp_to(port: int) -> str:
         return f"src host {g4} and tcp dst port {port}"
+
+    connect_out = f"{PROBE} hold {CLIENT} {SPRAY_TCP_PORT} 0"
 
     table = [
         # The control: a plain TCP connection of the blocked user, which the gate has always
@@ -197,6 +202,10 @@ def probes(domain: int = 1) -> dict[str, Probe]:
             f"src host {g4} and tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn"
             f" and not tcp dst port {SPRAY_TCP_PORT}",
             poll_status=True,
+            # Another user of the flooded guest (ops, uid 1002) connects out meanwhile: its SYN
+            # is a new flow in the same queue as the flood's (the spray's peer port, which
+            # the count leaves out).
+            during=f"su -s /bin/sh ops -c {shlex.quote(connect_out)}",
         ),
         Probe(
             "restart",
@@ -451,11 +460,13 @@ class ProbeResult:
     gate_error: str = ""
     status: StatusTally | None = None
     gate_args: tuple[str, ...] = ()
+    during: tuple[float, str] | None = None  # the probe's `during` command: seconds, output
 
     def summary(self) -> dict[str, Any]:
         return {
             "probe": self.probe,
             "packets_out": self.packets_out,
+            "during": None if self.during is None else [round(self.during[0], 2), self.during[1]],
             "http": {p: [t.asked, t.answered] for p, t in self.http.items()},
             "gate_error": self.gate_error,
             "status": None
@@ -543,6 +554,7 @@ def run_probe(lab: RedteamLab, probe: Probe) -> ProbeResult:
     gate_error, gate_args, output = "", tuple(probe.gate_args), ""
     http: dict[int, HttpTally] = {}
     status: StatusTally | None = None
+    during: tuple[float, str] | None = None
     try:
         with _gates(lab) as started:
             if probe.waits_for_gate:
@@ -567,6 +579,11 @@ def run_probe(lab: RedteamLab, probe: Probe) -> ProbeResult:
                 time.sleep(probe.restart_gate_after)
                 started[-1].stop(signal.SIGTERM, timeout=30)
                 _start_one_gate(lab, gate_args, tag, started)
+            if probe.during:
+                time.sleep(probe.during_after)
+                t0 = time.monotonic()
+                said = lab.guest(probe.during, timeout=60)
+                during = (time.monotonic() - t0, said.strip()[-300:])
             output = _wait_probe(lab, probe)
             time.sleep(probe.settle)
             # Before the gates stop: a stopped gate answers no status, and while it stops the
@@ -581,7 +598,7 @@ def run_probe(lab: RedteamLab, probe: Probe) -> ProbeResult:
         if watcher is not None:
             http = watcher.stop()
         out = cap.stop()
-    result = ProbeResult(probe.name, out, output, http, gate_error, status, gate_args)
+    result = ProbeResult(probe.name, out, output, http, gate_error, status, gate_args, during)
     log.info("redteam %s: %s", probe.name, json.dumps(result.summary()))
     return result
 

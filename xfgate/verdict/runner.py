@@ -59,7 +59,7 @@ from xfgate.verdict.engine import (
     LockedOwnerSource,
     QueuedPacket,
 )
-from xfgate.verdict.fairness import CpuShare
+from xfgate.verdict.fairness import CpuShare, run_queue_wait
 from xfgate.verdict.fastpath import (
     Firewall,
     GateLayout,
@@ -82,6 +82,7 @@ from xfgate.verdict.netns import enter_netns, ifindex
 from xfgate.verdict.options import GateMode, GateOptions
 from xfgate.verdict.policy import GuestFacts, Policy, Verdict, blocked_ports, socket_blocked
 from xfgate.vmi.kernel_constants import IPPROTO_MPTCP
+from xfgate.vmi.monitor import qemu_pid
 
 if TYPE_CHECKING:
     from xfgate.vmi.profile import Profile
@@ -781,6 +782,7 @@ class DomainGate:
     polls: list[float] = field(default_factory=list)
     ps: Any = None  # its PsAnswerer (xfgate.verdict.ps_answer), made at the first `ps`
     share: CpuShare | None = None  # the packet thread's CPU share (flood fairness)
+    qemu_pid: int = 0  # its QEMU (0: unknown): whose run-queue wait other domains' floods watch
 
 
 class Gate:
@@ -924,6 +926,7 @@ class Gate:
         dg.control = control.ControlServer(
             opts.run_dir, cfg.id, functools.partial(self._control, dg), slow_ops=SLOW_OPS
         )
+        dg.qemu_pid = _qemu_pid_or_0(cfg)
         if opts.mode is GateMode.QUEUE:
             stats = engine.stats
             dg.share = CpuShare(
@@ -931,8 +934,13 @@ class Gate:
                 nice=opts.flood_nice,
                 cap=opts.flood_cpu,
                 verdicts=lambda: (stats.packets, stats.dropped),
+                others_wait=lambda: run_queue_wait(lambda: self._other_qemus(dg)),
             )
             dg.queue = bind_queue(queue_num, _judged_then_shared(engine.handle, dg.share))
+
+    def _other_qemus(self, dg: DomainGate) -> list[int]:
+        """The QEMU pids of this gate's other domains (list(): the service adds domains)."""
+        return [o.qemu_pid for o in list(self.domains.values()) if o is not dg and o.qemu_pid]
 
     def clean_leftovers(self, keep: set[int] | None = None) -> None:
         """`_clean_leftovers`, sparing the domains in `keep` too (a service spares every domain
@@ -1366,6 +1374,14 @@ def _append_rule_log(
                     )
     except OSError as e:
         log.warning("cannot write rule log %s: %s", path, e)
+
+
+def _qemu_pid_or_0(cfg: DomainConfig) -> int:
+    try:
+        return qemu_pid(cfg)
+    except (XfgateError, OSError) as e:  # no QMP socket, a raw dump: its vCPUs not watched
+        log.debug("domain %d: QEMU pid unknown (%s)", cfg.id, e)
+        return 0
 
 
 def _judged_then_shared(
