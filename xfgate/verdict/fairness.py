@@ -167,7 +167,7 @@ class CpuShare:
         others, before = (self.others_wait() if self.flooding else None), self._others
         self._others = others
         if not self.flooding or self.cap <= 0 or others is None:
-            self._cap(False, 0.0)
+            self._cap(False, -1.0)
         elif before is None:
             self._cap(True, -1.0)
         else:

@@ -1296,6 +1296,7 @@ class Gate:
             "cache": dataclasses.asdict(dg.engine.cache.stats()),
             "queue": q,
             "packet_thread": dg.share.stats() if dg.share else {},
+            "qemu_pid": dg.qemu_pid,
             "kernel": self._kernel_counters(dg.cfg.id),
             "blocked_ports": ports_text(ref.entries or set())
             if ref
@@ -1377,10 +1378,15 @@ def _append_rule_log(
 
 
 def _qemu_pid_or_0(cfg: DomainConfig) -> int:
+    """The domain's QEMU pid as configured (qmp.pid, libvirt's), else its QMP socket's peer
+    (which waits while another client holds QEMU's one monitor slot); 0: unknown."""
+    for pid in (cfg.qmp.pid if cfg.qmp else 0, cfg.libvirt.pid if cfg.libvirt else 0):
+        if pid and os.path.exists(f"/proc/{pid}"):
+            return pid
     try:
         return qemu_pid(cfg)
     except (XfgateError, OSError) as e:  # no QMP socket, a raw dump: its vCPUs not watched
-        log.debug("domain %d: QEMU pid unknown (%s)", cfg.id, e)
+        log.info("domain %d: QEMU pid unknown (%s): other domains' floods do not see it", cfg.id, e)
         return 0
 
 
