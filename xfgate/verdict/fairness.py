@@ -12,17 +12,18 @@ service, whose accepted new flows are never slowed by this), is *flooding* until
   contended;
 - it uses at most `ceiling` (half) of a core: in the rest of each `period` it holds no GIL,
   so the gate's control thread, listener keeper and other domains' threads are never starved;
-- while the other guests wait for the CPU (`others_wait`: the run-queue wait of the gate's other
-  domains' QEMU threads, from /proc/PID/task/*/schedstat, over `contended` of a second per
-  second; under half of it ends it), it uses at most `cap` of a core (`after_packet`): once a
-  `period`'s budget is spent it waits for the next period. Nice alone only orders who runs: an
-  always-runnable niced thread still took ~10 % of a contended core and sat in every wakeup's
-  way. While it waits the flooded domain's packets wait in its own queue, and a full queue
-  drops in the kernel (fail-closed: a good owner's SYN is sent again; good listeners'
-  connections never queue, they are granted in the kernel). Capped, the thread judges ~450
-  packets a second, far fewer than a flood sends: the flooded domain's other users' new
-  outgoing connections then wait (13-20 s measured), so the cap is only paid while it protects
-  someone: with no other guest waiting (or none known: a one-domain gate) the thread keeps up.
+- while another guest of the gate is active (`others_busy`: the CPU time plus run-queue wait
+  of the gate's other domains' QEMU threads, from /proc/PID/task/*/schedstat, over
+  `others_active` of a core; under half of it ends it), it uses at most `cap` of a core. Nice alone only orders who
+  runs: an always-runnable niced thread still took ~10 % of a contended core and sat in every
+  wakeup's way, and the other guests' run-queue wait alone stayed under 0.1 s a second while
+  their connections were 1.2x slower. While the thread waits the flooded domain's packets wait
+  in its own queue, and a full queue drops in the kernel (fail-closed: a good owner's SYN is
+  sent again; good listeners' connections never queue, they are granted in the kernel).
+  Capped, the thread judges ~450 packets a second, far fewer than a flood sends: the flooded
+  domain's other users' new outgoing connections then wait (13-20 s measured), so the cap is
+  only paid while it protects someone: with no other guest active (or none known: a
+  one-domain gate) the thread keeps judging at its ceiling.
 
 The flood ends when a window passes in which the thread never had to wait for its budget and its
 share fell under `calm`. The thread's share is its own CPU clock (`time.thread_time`); the drops
@@ -47,9 +48,10 @@ DROP_SHARE = 0.5  # of the window's packets: a flood of a blocked owner's packet
 FLOOD_NICE = 10  # CFS weight 110 against a vCPU's 1024
 FLOOD_CPU = 0.05  # of one core: what a flooding packet thread may use (~450 verdicts/s)
 PERIOD = 0.1  # seconds: the budget's granularity (a wait is never longer)
-# Other guests' QEMU threads waiting on a run queue, seconds per second: with a busy second guest
-# on this 2-core lab 0.06-0.07 without a flood, 0.3-0.45 under one; an idle one ~0.
-CONTENDED = 0.10
+# Another guest is active above this share of a core (its QEMU threads' CPU time plus run-queue
+# wait): on this 2-core lab an idle TCG guest uses ~0.013, one answering httperf at 30 conn/s
+# 0.16, at 150 conn/s 0.5.
+OTHERS_ACTIVE = 0.10
 # A flooding thread's share of a core when no other guest waits: half of each period it holds
 # no GIL, so the gate's control thread, listener keeper and other domains' threads run (at a
 # full core a flood made `status` take 1.6 s); measured enough to keep the flooded domain's
@@ -92,11 +94,11 @@ class CpuShare:
     set_nice: Callable[[int], None] = set_thread_nice
     # Waits out the rest of a period; True: the thread is told to stop (its stop event's wait).
     wait: Callable[[float], bool] = lambda seconds: _sleep(seconds)
-    # The other guests' run-queue wait so far, seconds; None: no other guest known.
-    others_wait: Callable[[], float | None] = lambda: None
-    contended: float = CONTENDED
+    # The other guests' CPU time and run-queue wait so far, seconds; None: no other guest known.
+    others_busy: Callable[[], float | None] = lambda: None
+    others_active: float = OTHERS_ACTIVE
     flooding: bool = False
-    capped: bool = False  # flooding while other guests wait for the CPU
+    capped: bool = False  # flooding while another guest is active
     times_capped: int = 0
     niced: bool = False
     times_niced: int = 0
@@ -109,7 +111,7 @@ class CpuShare:
     _period_start: float = field(default=-1.0, repr=False)
     _period_cpu: float = field(default=0.0, repr=False)
     _waited: bool = field(default=False, repr=False)  # in the current window
-    _others: float | None = field(default=None, repr=False)  # others_wait at the window's start
+    _others: float | None = field(default=None, repr=False)  # others_busy at the window's start
 
     @property
     def active(self) -> bool:
@@ -159,32 +161,32 @@ class CpuShare:
             self._flood(True, share)
         elif self.flooding and share < self.calm and not waited:
             self._flood(False, share)
-        self._contention(elapsed)
+        self._others_active(elapsed)
 
-    def _contention(self, elapsed: float) -> None:
-        """Capped while flooding and the other guests waited for the CPU in the last window
-        (from the window the flood is found in: capped until measured)."""
-        others, before = (self.others_wait() if self.flooding else None), self._others
+    def _others_active(self, elapsed: float) -> None:
+        """Capped while flooding and another guest was active in the last window (from the
+        window the flood is found in: capped until measured)."""
+        others, before = (self.others_busy() if self.flooding else None), self._others
         self._others = others
         if not self.flooding or self.cap <= 0 or others is None:
             self._cap(False, -1.0)
         elif before is None:
             self._cap(True, -1.0)
         else:
-            waits = (others - before) / elapsed
-            self._cap(waits > (self.contended / 2 if self.capped else self.contended), waits)
+            busy = (others - before) / elapsed
+            self._cap(busy > (self.others_active / (2 if self.capped else 1)), busy)
 
-    def _cap(self, on: bool, waits: float) -> None:
+    def _cap(self, on: bool, busy: float) -> None:
         if on == self.capped:
             return
         self.capped = on
         self._period_start = -1.0
         self.times_capped += on
-        if waits >= 0:
+        if busy >= 0:
             log.info(
-                "%s: the other guests waited %.2f s a second for the CPU: %s",
+                "%s: the other guests used %.2f of a core (CPU and run-queue wait): %s",
                 self.name,
-                waits,
+                busy,
                 f"at most {100 * self.cap:.0f} % of a core" if on else "no cap",
             )
 
@@ -196,7 +198,7 @@ class CpuShare:
             100 * share,
             self.window,
             f", mostly on drops: flooding (nice {self.nice}; at most {100 * self.cap:.0f} % of"
-            " a core while the other guests wait for the CPU)"
+            " a core while another guest is active)"
             if on
             else ": the flood is over",
         )
@@ -228,10 +230,10 @@ class CpuShare:
         }
 
 
-def run_queue_wait(pids: Callable[[], list[int]]) -> float | None:
-    """Seconds the threads of `pids()` have waited on a run queue (schedstat's second field,
-    ns; kernel >= 2.6.23 with schedstats, a field of every task's /proc/PID/task/TID/schedstat);
-    None: no pid, or none readable."""
+def cpu_and_wait(pids: Callable[[], list[int]]) -> float | None:
+    """Seconds the threads of `pids()` have run plus waited on a run queue (schedstat's first two
+    fields, ns, of every task's /proc/PID/task/TID/schedstat; CONFIG_SCHED_INFO, Debian's
+    kernels have it); None: no pid, or none readable."""
     total, seen = 0, False
     for pid in pids():
         try:
@@ -241,8 +243,9 @@ def run_queue_wait(pids: Callable[[], list[int]]) -> float | None:
         for tid in tids:
             try:
                 with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                    total += int(f.read().split()[1])
+                    ran, waited = f.read().split()[:2]
+                total += int(ran) + int(waited)
                 seen = True
-            except (OSError, IndexError, ValueError):
+            except (OSError, ValueError):
                 continue
     return total / 1e9 if seen else None

@@ -59,7 +59,7 @@ from xfgate.verdict.engine import (
     LockedOwnerSource,
     QueuedPacket,
 )
-from xfgate.verdict.fairness import CpuShare, run_queue_wait
+from xfgate.verdict.fairness import CpuShare, cpu_and_wait
 from xfgate.verdict.fastpath import (
     Firewall,
     GateLayout,
@@ -782,7 +782,7 @@ class DomainGate:
     polls: list[float] = field(default_factory=list)
     ps: Any = None  # its PsAnswerer (xfgate.verdict.ps_answer), made at the first `ps`
     share: CpuShare | None = None  # the packet thread's CPU share (flood fairness)
-    qemu_pid: int = 0  # its QEMU (0: unknown): whose run-queue wait other domains' floods watch
+    qemu_pid: int = 0  # its QEMU (0: unknown): whose activity other domains' floods watch
 
 
 class Gate:
@@ -934,7 +934,7 @@ class Gate:
                 nice=opts.flood_nice,
                 cap=opts.flood_cpu,
                 verdicts=lambda: (stats.packets, stats.dropped),
-                others_wait=lambda: run_queue_wait(lambda: self._other_qemus(dg)),
+                others_busy=lambda: cpu_and_wait(lambda: self._other_qemus(dg)),
             )
             dg.queue = bind_queue(queue_num, _judged_then_shared(engine.handle, dg.share))
 
