@@ -14,16 +14,17 @@ service, whose accepted new flows are never slowed by this), is *flooding* until
   so the gate's control thread, listener keeper and other domains' threads are never starved;
 - while another guest of the gate is active (`others_busy`: the CPU time plus run-queue wait
   of the gate's other domains' QEMU threads, from /proc/PID/task/*/schedstat, over
-  `others_active` of a core; under half of it ends it), it uses at most `cap` of a core. Nice alone only orders who
-  runs: an always-runnable niced thread still took ~10 % of a contended core and sat in every
-  wakeup's way, and the other guests' run-queue wait alone stayed under 0.1 s a second while
-  their connections were 1.2x slower. While the thread waits the flooded domain's packets wait
-  in its own queue, and a full queue drops in the kernel (fail-closed: a good owner's SYN is
-  sent again; good listeners' connections never queue, they are granted in the kernel).
-  Capped, the thread judges ~450 packets a second, far fewer than a flood sends: the flooded
-  domain's other users' new outgoing connections then wait (13-20 s measured), so the cap is
-  only paid while it protects someone: with no other guest active (or none known: a
-  one-domain gate) the thread keeps judging at its ceiling.
+  `others_active` of a core; under half of it ends it), it uses at most `cap` of a core.
+
+Nice alone only orders who runs: an always-runnable niced thread still took ~10 % of a contended
+core and sat in every wakeup's way; the other guests' run-queue wait alone stayed under 0.1 s a
+second while their connections were 1.2x slower, so the cap follows their activity. While the
+thread waits, the flooded domain's packets wait in its own queue, and a full queue drops in the
+kernel (fail-closed: a good owner's SYN is sent again; good listeners' connections never queue,
+they are granted in the kernel). Capped, the thread judges ~450 packets a second, far fewer than
+a flood sends: the flooded domain's other users' new outgoing connections then wait (13-20 s
+measured), so the cap is paid only while it protects someone: with no other guest active (or
+none known: a one-domain gate) the thread keeps judging at its ceiling.
 
 The flood ends when a window passes in which the thread never had to wait for its budget and its
 share fell under `calm`. The thread's share is its own CPU clock (`time.thread_time`); the drops
