@@ -183,7 +183,13 @@ class CpuShare:
         self.capped = on
         self._period_start = -1.0
         self.times_capped += on
-        if busy >= 0:
+        if busy < 0 and on:
+            log.info(
+                "%s: at most %.0f %% of a core until the other guests are measured",
+                self.name,
+                100 * self.cap,
+            )
+        elif busy >= 0:
             log.info(
                 "%s: the other guests used %.2f of a core (CPU and run-queue wait): %s",
                 self.name,
