@@ -53,10 +53,10 @@ PERIOD = 0.1  # seconds: the budget's granularity (a wait is never longer)
 # wait): on this 2-core lab an idle TCG guest uses ~0.013, one answering httperf at 30 conn/s
 # 0.16, at 150 conn/s 0.5.
 OTHERS_ACTIVE = 0.10
-# A flooding thread's share of a core when no other guest waits: half of each period it holds
-# no GIL, so the gate's control thread, listener keeper and other domains' threads run (at a
-# full core a flood made `status` take 1.6 s); measured enough to keep the flooded domain's
-# other users' new connections going (a connection out in 0.2 s during the red team's flood).
+# A flooding thread's share of a core when no other guest is active: half of each period it
+# holds no GIL, so the gate's control thread, listener keeper and other domains' threads run (at
+# a full core a flood made `status` take 1.6 s in one red-team run of three); enough to keep the
+# flooded domain's other users' new connections going (one out in 0.2-1.8 s during that flood).
 FLOOD_CEILING = 0.5
 
 
@@ -82,7 +82,7 @@ class CpuShare:
     name: str
     nice: int = FLOOD_NICE
     cap: float = FLOOD_CPU  # 0: no cap
-    ceiling: float = FLOOD_CEILING  # flooding with no other guest waiting (1: none)
+    ceiling: float = FLOOD_CEILING  # flooding with no other guest active (1: none)
     busy: float = BUSY_SHARE
     calm: float = CALM_SHARE
     window: float = WINDOW
