@@ -1378,11 +1378,8 @@ def _append_rule_log(
 
 
 def _qemu_pid_or_0(cfg: DomainConfig) -> int:
-    """The domain's QEMU pid as configured (qmp.pid, libvirt's), else its QMP socket's peer
-    (which waits while another client holds QEMU's one monitor slot); 0: unknown."""
-    for pid in (cfg.qmp.pid if cfg.qmp else 0, cfg.libvirt.pid if cfg.libvirt else 0):
-        if pid and os.path.exists(f"/proc/{pid}"):
-            return pid
+    """The domain's QEMU pid (`qemu_pid`: the QMP socket's peer, checked against qmp.pid, or
+    libvirt's); 0: unknown."""
     try:
         return qemu_pid(cfg)
     except (XfgateError, OSError) as e:  # no QMP socket, a raw dump: its vCPUs not watched
